@@ -1,0 +1,224 @@
+// pybind11 module gemmalens._core: thin bindings; conveniences live in python/gemmalens/.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "io/hf_checkpoint.h"
+#include "model/config.h"
+#include "model/gemma3.h"
+#include "model/kv_cache.h"
+#include "ops/kernels.h"
+#include "ops/linear.h"
+
+namespace py = pybind11;
+using namespace gemmalens;
+
+namespace {
+
+DType parse_dtype(const std::string& s) {
+  if (s == "float32" || s == "f32" || s == "fp32") return DType::F32;
+  if (s == "bfloat16" || s == "bf16") return DType::BF16;
+  throw ValueError("dtype must be 'float32' or 'bfloat16', got '" + s + "'");
+}
+
+py::object optional_cap(double v) { return v > 0 ? py::object(py::float_(v)) : py::object(py::none()); }
+
+template <class T>
+const T* checked_ptr(const py::array& a, const char* what, int ndim) {
+  if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style) || a.ndim() != ndim)
+    throw ValueError(std::string(what) + ": internal binding expects a C-contiguous " + std::to_string(ndim) + "-D array of the right dtype");
+  return static_cast<const T*>(a.data());
+}
+
+void register_config(py::module_& m) {
+  py::class_<Gemma3Config>(m, "Gemma3Config", "Gemma 3 text config with HF field names.")
+      .def(py::init<>())
+      .def_readwrite("hidden_size", &Gemma3Config::hidden_size)
+      .def_readwrite("intermediate_size", &Gemma3Config::intermediate_size)
+      .def_readwrite("num_hidden_layers", &Gemma3Config::num_hidden_layers)
+      .def_readwrite("num_attention_heads", &Gemma3Config::num_attention_heads)
+      .def_readwrite("num_key_value_heads", &Gemma3Config::num_key_value_heads)
+      .def_readwrite("head_dim", &Gemma3Config::head_dim)
+      .def_readwrite("vocab_size", &Gemma3Config::vocab_size)
+      .def_readwrite("sliding_window", &Gemma3Config::sliding_window)
+      .def_readwrite("layer_types", &Gemma3Config::layer_types)
+      .def_readwrite("rope_theta", &Gemma3Config::rope_theta)
+      .def_readwrite("rope_local_base_freq", &Gemma3Config::rope_local_base_freq)
+      .def_readwrite("rope_scaling_factor", &Gemma3Config::rope_scaling_factor)
+      .def_readwrite("query_pre_attn_scalar", &Gemma3Config::query_pre_attn_scalar)
+      .def_readwrite("rms_norm_eps", &Gemma3Config::rms_norm_eps)
+      .def_property("final_logit_softcapping", [](const Gemma3Config& c) { return optional_cap(c.final_logit_softcapping); },
+                    [](Gemma3Config& c, const py::object& v) { c.final_logit_softcapping = v.is_none() ? 0.0 : v.cast<double>(); })
+      .def_property("attn_logit_softcapping", [](const Gemma3Config& c) { return optional_cap(c.attn_logit_softcapping); },
+                    [](Gemma3Config& c, const py::object& v) { c.attn_logit_softcapping = v.is_none() ? 0.0 : v.cast<double>(); })
+      .def_property(
+          "rope_scaling",
+          [](const Gemma3Config& c) -> py::object {
+            if (c.rope_scaling_factor == 1.0) return py::none();
+            py::dict d;
+            d["rope_type"] = "linear";
+            d["factor"] = c.rope_scaling_factor;
+            return d;
+          },
+          [](Gemma3Config& c, const py::object& v) {
+            if (v.is_none()) { c.rope_scaling_factor = 1.0; return; }
+            py::dict d = v.cast<py::dict>();
+            std::string type = d.contains("rope_type") ? d["rope_type"].cast<std::string>() : "linear";
+            if (type == "default") { c.rope_scaling_factor = 1.0; return; }
+            if (type != "linear" || !d.contains("factor")) throw ValueError("rope_scaling must be None or {'rope_type': 'linear', 'factor': f}");
+            c.rope_scaling_factor = d["factor"].cast<double>();
+          })
+      .def_readwrite("max_position_embeddings", &Gemma3Config::max_position_embeddings)
+      .def_readwrite("bos_token_id", &Gemma3Config::bos_token_id)
+      .def_readwrite("eos_token_id", &Gemma3Config::eos_token_id)
+      .def_readwrite("pad_token_id", &Gemma3Config::pad_token_id)
+      .def("validate", &Gemma3Config::validate)
+      .def("to_json", &Gemma3Config::to_json)
+      .def_static("from_json", &Gemma3Config::from_json, py::arg("text"))
+      .def_static("preset", &Gemma3Config::preset, py::arg("size"))
+      .def_static("default_layer_types", &Gemma3Config::default_layer_types, py::arg("num_hidden_layers"), py::arg("pattern") = 6);
+}
+
+void register_cache(py::module_& m) {
+  py::class_<KVCache>(m, "KVCache")
+      .def_property_readonly("batch", &KVCache::batch)
+      .def_property_readonly("max_seq_len", &KVCache::max_seq_len)
+      .def_property_readonly("seq_len", &KVCache::seq_len)
+      .def_property_readonly("nbytes", &KVCache::nbytes)
+      .def_property_readonly("dtype", [](const KVCache& c) { return dtype_name(c.dtype()); })
+      .def_property_readonly("row_start", &KVCache::row_start)
+      .def("truncate", &KVCache::truncate, py::arg("n"))
+      .def("copy", [](const KVCache& c) { return c.copy(); });
+}
+
+void register_model(py::module_& m) {
+  py::class_<Gemma3Model>(m, "Model")
+      .def_property_readonly("config", &Gemma3Model::config)
+      .def_property_readonly("dtype", [](const Gemma3Model& g) { return dtype_name(g.dtype()); })
+      .def_property_readonly("weight_nbytes", &Gemma3Model::weight_nbytes)
+      .def_readwrite("threads", &Gemma3Model::threads)
+      .def(
+          "new_cache",
+          [](const Gemma3Model& g, int batch, int64_t max_seq_len) {
+            return std::make_unique<KVCache>(g.config(), batch, max_seq_len, g.dtype());
+          },
+          py::arg("batch"), py::arg("max_seq_len"))
+      .def(
+          "forward",
+          [](Gemma3Model& g, const py::array& tokens, const py::object& row_start, KVCache* cache, const std::string& logits) {
+            const int32_t* tok = checked_ptr<int32_t>(tokens, "tokens", 2);
+            const int B = static_cast<int>(tokens.shape(0)), T = static_cast<int>(tokens.shape(1));
+            const int32_t* rs = nullptr;
+            py::array rs_arr;
+            if (!row_start.is_none()) {
+              rs_arr = row_start.cast<py::array>();
+              rs = checked_ptr<int32_t>(rs_arr, "row_start", 1);
+              if (rs_arr.shape(0) != B) throw ValueError("row_start must have one entry per row");
+            }
+            ForwardArgs a;
+            a.tokens = tok; a.B = B; a.T = T; a.row_start = rs; a.cache = cache;
+            const int64_t V = g.config().vocab_size;
+            py::array_t<float> out;
+            if (logits == "all") {
+              a.logits_mode = LogitsMode::All;
+              out = py::array_t<float>({static_cast<int64_t>(B), static_cast<int64_t>(T), V});
+            } else if (logits == "last") {
+              a.logits_mode = LogitsMode::Last;
+              out = py::array_t<float>({static_cast<int64_t>(B), V});
+            } else if (logits == "none") {
+              a.logits_mode = LogitsMode::None;
+            } else {
+              throw ValueError("logits must be 'all', 'last' or 'none', got '" + logits + "'");
+            }
+            if (a.logits_mode != LogitsMode::None) a.logits = out.mutable_data();
+            {
+              py::gil_scoped_release release;
+              g.forward(a);
+            }
+            if (a.logits_mode == LogitsMode::None) return py::object(py::none());
+            return py::object(out);
+          },
+          py::arg("tokens"), py::arg("row_start") = py::none(), py::arg("cache") = nullptr, py::arg("logits") = "all",
+          "tokens: int32 [batch, pos] C-contiguous; row_start: int32 [batch] left-padding counts or None.");
+}
+
+void register_ops(py::module_& m) {
+  // Kernels exposed for tests against numpy references.
+  auto ops_m = m.def_submodule("ops", "Low-level kernels (for tests).");
+  ops_m.def("rmsnorm", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array_t<float, py::array::c_style | py::array::forcecast> w, float eps) {
+    if (x.ndim() != 2 || w.ndim() != 1 || w.shape(0) != x.shape(1)) throw ValueError("rmsnorm: x [M, D], w [D]");
+    py::array_t<float> y({x.shape(0), x.shape(1)});
+    ops::rmsnorm(x.data(), x.shape(1), w.data(), eps, x.shape(0), static_cast<int>(x.shape(1)), y.mutable_data(), x.shape(1));
+    return y;
+  });
+  ops_m.def("gelu_tanh_mul", [](py::array_t<float, py::array::c_style | py::array::forcecast> g, py::array_t<float, py::array::c_style | py::array::forcecast> u) {
+    if (g.ndim() != 2 || u.ndim() != 2 || g.shape(0) != u.shape(0) || g.shape(1) != u.shape(1)) throw ValueError("gelu_tanh_mul: gate, up [M, F]");
+    py::array_t<float> y({g.shape(0), g.shape(1)});
+    // gate and up in separate arrays: run row by row with ld = F.
+    ops::gelu_tanh_mul(g.data(), u.data(), g.shape(1), g.shape(0), static_cast<int>(g.shape(1)), y.mutable_data());
+    return y;
+  });
+  ops_m.def("rope", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos, double base, double scaling) {
+    if (x.ndim() != 3 || pos.ndim() != 1 || pos.shape(0) != x.shape(0)) throw ValueError("rope: x [M, heads, Hd], positions [M]");
+    const int64_t M = x.shape(0);
+    const int nh = static_cast<int>(x.shape(1)), Hd = static_cast<int>(x.shape(2));
+    std::vector<float> c(M * Hd / 2), s(M * Hd / 2);
+    ops::rope_tables(pos.data(), M, Hd, base, scaling, c.data(), s.data());
+    py::array_t<float> y({x.shape(0), x.shape(1), x.shape(2)});
+    std::copy(x.data(), x.data() + x.size(), y.mutable_data());
+    ops::rope_apply(y.mutable_data(), M, nh, Hd, c.data(), s.data());
+    return y;
+  });
+  ops_m.def("linear", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array_t<float, py::array::c_style | py::array::forcecast> w, const std::string& dtype) {
+    if (x.ndim() != 2 || w.ndim() != 2 || w.shape(1) != x.shape(1)) throw ValueError("linear: x [M, K], w [N, K]");
+    ops::Linear lin(w.data(), w.shape(0), w.shape(1), parse_dtype(dtype));
+    py::array_t<float> y({x.shape(0), w.shape(0)});
+    lin.forward(x.data(), x.shape(0), y.mutable_data());
+    return y;
+  }, py::arg("x"), py::arg("w"), py::arg("dtype") = "float32");
+  ops_m.def("attention", [](py::array_t<float, py::array::c_style | py::array::forcecast> q, py::array_t<float, py::array::c_style | py::array::forcecast> k,
+                            py::array_t<float, py::array::c_style | py::array::forcecast> v, int64_t window, float scale, float softcap) {
+    // q [B, T, H, Hd], k/v [B, T, KV, Hd], no cache, no padding.
+    if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) throw ValueError("attention: q [B, T, H, Hd], k/v [B, T, KV, Hd]");
+    ops::AttentionArgs a;
+    a.B = static_cast<int>(q.shape(0)); a.T = static_cast<int>(q.shape(1)); a.H = static_cast<int>(q.shape(2));
+    a.Hd = static_cast<int>(q.shape(3)); a.KV = static_cast<int>(k.shape(2));
+    if (k.shape(0) != a.B || k.shape(1) != a.T || k.shape(3) != a.Hd || a.H % a.KV != 0) throw ValueError("attention: shape mismatch");
+    py::array_t<float> z({q.shape(0), q.shape(1), q.shape(2), q.shape(3)});
+    a.q = q.data(); a.k_new = k.data(); a.v_new = v.data(); a.window = window; a.scale = scale; a.softcap = softcap; a.z = z.mutable_data();
+    ops::attention(a);
+    return z;
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "gemmalens native core (private; use the gemmalens package).";
+  static py::exception<CheckpointError> checkpoint_error(m, "CheckpointError", PyExc_ValueError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const CheckpointError& e) {
+      py::set_error(checkpoint_error, e.what());
+    } catch (const ValueError& e) {
+      py::set_error(PyExc_ValueError, e.what());
+    } catch (const IOError& e) {
+      py::set_error(PyExc_OSError, e.what());
+    }
+  });
+  register_config(m);
+  register_cache(m);
+  register_model(m);
+  register_ops(m);
+  m.def(
+      "load_hf",
+      [](const std::string& weights_path, const Gemma3Config& cfg, const std::string& dtype) {
+        DType d = parse_dtype(dtype);
+        py::gil_scoped_release release;
+        return load_hf_safetensors(weights_path, cfg, d);
+      },
+      py::arg("weights_path"), py::arg("config"), py::arg("dtype") = "float32");
+  m.def("dnnl_version", &ops::dnnl_version);
+  m.def("max_threads", &ops::get_max_threads);
+}

@@ -1,0 +1,65 @@
+// Shared basics: error types, dtypes, bf16/f16 conversion.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace gemmalens {
+
+// Library code throws, never exits. The bindings map these to Python exceptions:
+//   ValueError      -> ValueError         (bad arguments: shapes, ids, config values)
+//   CheckpointError -> gemmalens.CheckpointError (a ValueError: missing/corrupt/mis-shaped files)
+//   IOError         -> OSError            (cannot open/map a file)
+struct ValueError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct CheckpointError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct IOError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+enum class DType { F32, BF16 };
+
+inline const char* dtype_name(DType d) { return d == DType::F32 ? "float32" : "bfloat16"; }
+
+// bf16 <-> f32, round-to-nearest-even (as torch's .to(torch.bfloat16)); NaN stays NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+// IEEE half -> f32 (load time only).
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) { mant <<= 1; --exp; }
+      u = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+}  // namespace gemmalens

@@ -1,0 +1,63 @@
+#include "io/hf_checkpoint.h"
+
+#include <cstring>
+#include <set>
+
+#include "io/safetensors.h"
+
+namespace gemmalens {
+
+namespace {
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+}  // namespace
+
+std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path, const Gemma3Config& cfg, DType dtype) {
+  auto store = TensorStore::open(weights_path);
+  // Where the text model's "model.*" tensors live: Gemma3ForCausalLM ("model."), multimodal checkpoints
+  // written by transformers v4 ("language_model.model.") and v5 ("model.language_model.").
+  std::string root;
+  for (const char* r : {"model.", "language_model.model.", "model.language_model."})
+    if (store->find(std::string(r) + "embed_tokens.weight")) { root = r; break; }
+  if (root.empty())
+    throw CheckpointError("'" + weights_path + "' is not a Gemma 3 checkpoint: no 'model.embed_tokens.weight' (nor a multimodal "
+                          "'language_model.model.' / 'model.language_model.' variant) among its " + std::to_string(store->tensors().size()) + " tensors");
+  std::set<std::string> used;
+  TensorGetter get = [&](const std::string& hf_name, const std::vector<int64_t>& shape) {
+    const std::string name = root + hf_name.substr(std::strlen("model."));
+    const TensorInfo* t = store->find(name);
+    if (!t) throw CheckpointError("checkpoint '" + weights_path + "' is missing tensor '" + name + "' (expected shape " + shape_str(shape) + ")");
+    if (t->shape != shape)
+      throw CheckpointError("tensor '" + name + "' has shape " + shape_str(t->shape) + " but the config expects " + shape_str(shape) +
+                            "; does config.json belong to these weights?");
+    std::vector<float> out(static_cast<size_t>(t->numel()));
+    tensor_to_f32(*t, out.data());
+    used.insert(name);
+    return out;
+  };
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get);
+
+  for (const auto& kv : store->tensors()) {
+    const std::string& n = kv.first;
+    if (used.count(n)) continue;
+    // Multimodal checkpoints: the vision tower and projector are not part of the text model.
+    if (starts_with(n, "vision_tower.") || starts_with(n, "multi_modal_projector.") || starts_with(n, "model.vision_tower.") ||
+        starts_with(n, "model.multi_modal_projector."))
+      continue;
+    if (n == "lm_head.weight" || n == "language_model.lm_head.weight") {
+      // Gemma 3 ties the LM head to the embedding; accept an explicit copy only if it is identical.
+      const TensorInfo* e = store->find(root + "embed_tokens.weight");
+      if (kv.second.shape == e->shape && kv.second.dtype == e->dtype && std::memcmp(kv.second.data, e->data, e->nbytes) == 0) continue;
+      throw CheckpointError("tensor '" + n + "' differs from the embedding; Gemma 3 ties them (an untied LM head is not supported)");
+    }
+    throw CheckpointError("checkpoint '" + weights_path + "' has unexpected tensor '" + n + "' of shape " + kv.second.shape_str() +
+                          "; it does not belong to a Gemma 3 model with this config");
+  }
+  return model;
+}
+
+}  // namespace gemmalens

@@ -1,0 +1,14 @@
+// HF transformers checkpoints: config.json + safetensors (single or sharded), Gemma3ForCausalLM or the
+// text part of a multimodal Gemma3ForConditionalGeneration.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "model/gemma3.h"
+
+namespace gemmalens {
+
+// `weights_path`: a directory (model.safetensors or model.safetensors.index.json) or a .safetensors file.
+std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path, const Gemma3Config& cfg, DType dtype);
+
+}  // namespace gemmalens

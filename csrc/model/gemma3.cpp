@@ -1,0 +1,185 @@
+// The Gemma 3 forward pass, in the order of HF transformers' Gemma3ForCausalLM / Gemma3DecoderLayer.
+// Activations are f32 throughout. In bfloat16 mode the weights are bf16, matmul inputs are rounded to
+// bf16 (f32 accumulation) and K/V are rounded to bf16 (the cache's dtype); norms, RoPE, softmax and the
+// residual stream stay f32.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "model/gemma3.h"
+#include "ops/kernels.h"
+
+namespace gemmalens {
+
+void Gemma3Model::embed(const int32_t* tokens, int64_t M, float* x) const {
+  const int D = cfg_.hidden_size;
+  // HF Gemma3TextScaledWordEmbedding: embed(ids) * embed_scale.to(weight.dtype) -- the normalizer
+  // sqrt(D) is cast to the compute dtype (bf16: 25.25 for D = 640, 34.0 for D = 1152) and so is the product.
+  float normalizer = static_cast<float>(std::sqrt(static_cast<double>(D)));
+  if (dtype_ == DType::BF16) normalizer = round_bf16(normalizer);
+  const void* table = w_.embed.plain_data();
+#pragma omp parallel for if (M > 8)
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t row = static_cast<int64_t>(tokens[m]) * D;
+    float* xr = x + m * D;
+    if (dtype_ == DType::F32) {
+      const float* e = static_cast<const float*>(table) + row;
+      for (int d = 0; d < D; ++d) xr[d] = e[d] * normalizer;
+    } else {
+      const uint16_t* e = static_cast<const uint16_t*>(table) + row;
+      for (int d = 0; d < D; ++d) xr[d] = round_bf16(bf16_to_f32(e[d]) * normalizer);
+    }
+  }
+}
+
+void Gemma3Model::forward(const ForwardArgs& a) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (threads > 0) ops::set_num_threads(threads);
+  const Gemma3Config& c = cfg_;
+  const int B = a.B, T = a.T;
+  const int64_t M = static_cast<int64_t>(B) * T;
+  const int D = c.hidden_size, F = c.intermediate_size, H = c.num_attention_heads, KV = c.num_key_value_heads,
+            Hd = c.head_dim, V = c.vocab_size;
+  const int QKV = (H + 2 * KV) * Hd;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  KVCache* cache = a.cache;
+  const int64_t past = cache ? cache->seq_len() : 0;
+
+  // ---- validate everything before touching the cache ----
+  if (B <= 0 || T <= 0) throw ValueError("forward: empty input (batch " + std::to_string(B) + ", positions " + std::to_string(T) + ")");
+  for (int64_t m = 0; m < M; ++m)
+    if (a.tokens[m] < 0 || a.tokens[m] >= V)
+      throw ValueError("forward: token id " + std::to_string(a.tokens[m]) + " at flat index " + std::to_string(m) +
+                       " is out of range [0, vocab_size = " + std::to_string(V) + ")");
+  std::vector<int32_t> row_start(B, 0);
+  if (cache) {
+    if (cache->batch() != B)
+      throw ValueError("forward: the cache was made for batch " + std::to_string(cache->batch()) + ", input has batch " + std::to_string(B));
+    if (cache->dtype() != dtype_) throw ValueError("forward: the cache dtype differs from the model dtype");
+    if (past + T > cache->max_seq_len())
+      throw ValueError("forward: " + std::to_string(past) + " cached + " + std::to_string(T) + " new positions exceed the cache's max_seq_len = " +
+                       std::to_string(cache->max_seq_len()) + "; create a cache with a larger max_seq_len");
+    if (past > 0) row_start = cache->row_start();
+  }
+  if (a.row_start) {
+    for (int b = 0; b < B; ++b) {
+      if (a.row_start[b] < 0 || a.row_start[b] >= past + T)
+        throw ValueError("forward: row " + std::to_string(b) + " has no real token (padding count " + std::to_string(a.row_start[b]) + ")");
+      if (past > 0 && a.row_start[b] != row_start[b])
+        throw ValueError("forward: the attention mask's padding differs from the cached one (row " + std::to_string(b) + ")");
+      row_start[b] = a.row_start[b];
+    }
+  }
+
+  // ---- positions and RoPE tables (sliding: local base; full: rope_theta with linear scaling) ----
+  std::vector<int32_t> pos(M);
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T; ++t) pos[b * T + t] = static_cast<int32_t>(std::max<int64_t>(0, past + t - row_start[b]));
+  const int half = Hd / 2;
+  std::vector<float> cos_l(M * half), sin_l(M * half), cos_g(M * half), sin_g(M * half);
+  ops::rope_tables(pos.data(), M, Hd, c.rope_local_base_freq, 1.0, cos_l.data(), sin_l.data());
+  ops::rope_tables(pos.data(), M, Hd, c.rope_theta, c.rope_scaling_factor, cos_g.data(), sin_g.data());
+
+  // ---- activations (workspace buffers; contents are scratch) ----
+  auto grow = [](std::vector<float>& buf, int64_t n) {
+    if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+    return buf.data();
+  };
+  float* x = grow(ws_.x, M * D);                  // residual stream [M, D]
+  float* normed = grow(ws_.normed, M * D);        // a norm's output [M, D]
+  float* qkv = grow(ws_.qkv, M * QKV);            // [M, (H + 2 KV) Hd]
+  float* q = grow(ws_.q, M * H * Hd);             // [B, T, H, Hd]
+  float* k = grow(ws_.k, M * KV * Hd);            // [B, T, KV, Hd]
+  float* v = grow(ws_.v, M * KV * Hd);            // [B, T, KV, Hd]
+  float* z = grow(ws_.z, M * H * Hd);             // [B, T, H, Hd], attention output per head
+  float* out = grow(ws_.out, M * D);              // a block's output [M, D]
+  float* gate_up = grow(ws_.gate_up, M * 2 * F);  // [M, 2F]
+  float* act = grow(ws_.act, M * F);              // [M, F]
+  // Sliding layers' K/V reach the ring buffers only after the whole pass succeeded.
+  struct Pending { int layer; int64_t keep; std::vector<float> k, v; };
+  std::vector<Pending> pending;
+
+  embed(a.tokens, M, x);
+
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    LayerWeights& L = w_.layers[l];
+    const bool sliding = c.is_sliding(l);
+    const float* cs = sliding ? cos_l.data() : cos_g.data();
+    const float* sn = sliding ? sin_l.data() : sin_g.data();
+
+    // --- self-attention ---
+    ops::rmsnorm(x, D, L.input_layernorm.data(), eps, M, D, normed, D);
+    L.qkv.forward(normed, M, qkv);
+    ops::rmsnorm_heads(qkv, QKV, H, Hd, L.q_norm.data(), eps, M, q);            // q_norm before RoPE
+    ops::rmsnorm_heads(qkv + H * Hd, QKV, KV, Hd, L.k_norm.data(), eps, M, k);  // k_norm before RoPE
+    for (int64_t m = 0; m < M; ++m)
+      std::memcpy(v + m * KV * Hd, qkv + m * QKV + (H + KV) * Hd, sizeof(float) * KV * Hd);
+    ops::rope_apply(q, M, H, Hd, cs, sn);
+    ops::rope_apply(k, M, KV, Hd, cs, sn);
+    if (dtype_ == DType::BF16) {  // K/V as the bf16 cache will hold them: chunked == one pass
+      ops::round_bf16_inplace(k, M * KV * Hd);
+      ops::round_bf16_inplace(v, M * KV * Hd);
+    }
+    ops::AttentionArgs at;
+    at.B = B; at.T = T; at.H = H; at.KV = KV; at.Hd = Hd;
+    at.q = q; at.k_new = k; at.v_new = v;
+    if (cache && past > 0) {
+      const auto& cl = cache->layer(l);
+      at.k_past = cl.k.data(); at.v_past = cl.v.data(); at.past_dtype = cache->dtype(); at.cap = cl.cap;
+    }
+    at.past = past;
+    at.row_start = row_start.data();
+    at.window = sliding ? c.sliding_window : 0;          // window counts the current token
+    at.scale = static_cast<float>(std::pow(c.query_pre_attn_scalar, -0.5));
+    at.softcap = static_cast<float>(c.attn_logit_softcapping);
+    at.z = z;
+    ops::attention(at);
+    if (cache) {
+      if (sliding) {
+        const int64_t keep = std::min<int64_t>(T, cache->layer(l).cap);
+        Pending p{l, keep, std::vector<float>(static_cast<size_t>(B) * keep * KV * Hd), std::vector<float>(static_cast<size_t>(B) * keep * KV * Hd)};
+        for (int b = 0; b < B; ++b) {
+          const int64_t src = (static_cast<int64_t>(b) * T + (T - keep)) * KV * Hd, dst = static_cast<int64_t>(b) * keep * KV * Hd;
+          std::memcpy(p.k.data() + dst, k + src, sizeof(float) * keep * KV * Hd);
+          std::memcpy(p.v.data() + dst, v + src, sizeof(float) * keep * KV * Hd);
+        }
+        pending.push_back(std::move(p));
+      } else {
+        cache->write(l, k, v, T, past);  // slots past..past+T-1, beyond seq_len until advance()
+      }
+    }
+    L.o_proj.forward(z, M, out);
+    ops::rmsnorm(out, D, L.post_attention_layernorm.data(), eps, M, D, out, D);
+    ops::add_inplace(x, out, M * D);
+
+    // --- MLP: down(gelu_tanh(gate(m)) * up(m)) ---
+    ops::rmsnorm(x, D, L.pre_feedforward_layernorm.data(), eps, M, D, normed, D);
+    L.gate_up.forward(normed, M, gate_up);
+    ops::gelu_tanh_mul(gate_up, gate_up + F, 2 * F, M, F, act);
+    L.down_proj.forward(act, M, out);
+    ops::rmsnorm(out, D, L.post_feedforward_layernorm.data(), eps, M, D, out, D);
+    ops::add_inplace(x, out, M * D);
+  }
+
+  if (cache) {
+    for (auto& p : pending) cache->write(p.layer, p.k.data(), p.v.data(), p.keep, past + T - p.keep);
+    if (past == 0) cache->set_row_start(row_start);
+    cache->advance(T);
+  }
+
+  // ---- final norm and tied LM head ----
+  if (a.logits_mode == LogitsMode::None) return;
+  int64_t rows = M;
+  if (a.logits_mode == LogitsMode::Last) {
+    rows = B;
+    for (int b = 0; b < B; ++b)
+      ops::rmsnorm(x + (static_cast<int64_t>(b) * T + T - 1) * D, D, w_.final_norm.data(), eps, 1, D, normed + b * D, D);
+  } else {
+    ops::rmsnorm(x, D, w_.final_norm.data(), eps, M, D, normed, D);
+  }
+  w_.embed.forward(normed, rows, a.logits);
+  if (c.final_logit_softcapping > 0) ops::softcap_inplace(a.logits, rows * V, static_cast<float>(c.final_logit_softcapping));
+}
+
+}  // namespace gemmalens

@@ -1,0 +1,75 @@
+// The Gemma 3 text model: weights and the forward pass (gemma3.cpp reads top to bottom like HF's
+// Gemma3ForCausalLM). Loading formats live in io/, bindings in bindings.cpp.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "model/config.h"
+#include "model/kv_cache.h"
+#include "ops/linear.h"
+
+namespace gemmalens {
+
+// Shapes use D = hidden_size, F = intermediate_size, H/KV = heads, Hd = head_dim, V = vocab_size.
+struct LayerWeights {
+  std::vector<float> input_layernorm;             // [D]  raw w; applied as (1 + w)
+  ops::Linear qkv;                                // [(H + 2 KV) Hd, D] = q_proj | k_proj | v_proj
+  std::vector<float> q_norm, k_norm;              // [Hd]
+  ops::Linear o_proj;                             // [D, H Hd]
+  std::vector<float> post_attention_layernorm;    // [D]
+  std::vector<float> pre_feedforward_layernorm;   // [D]
+  ops::Linear gate_up;                            // [2 F, D] = gate_proj | up_proj
+  ops::Linear down_proj;                          // [D, F]
+  std::vector<float> post_feedforward_layernorm;  // [D]
+};
+
+struct Weights {
+  ops::Linear embed;               // [V, D] plain row-major: embedding lookup and tied LM head
+  std::vector<LayerWeights> layers;
+  std::vector<float> final_norm;   // [D]
+};
+
+// Supplies a tensor by its HF name (e.g. "model.layers.3.self_attn.q_proj.weight") as f32 of the
+// expected shape; each format (safetensors, GGUF, ...) implements one. Throws CheckpointError.
+using TensorGetter = std::function<std::vector<float>(const std::string& hf_name, const std::vector<int64_t>& shape)>;
+
+enum class LogitsMode { All, Last, None };
+
+struct ForwardArgs {
+  const int32_t* tokens = nullptr;     // [B, T]
+  int B = 0, T = 0;
+  const int32_t* row_start = nullptr;  // [B] left-padding count per row, or null (no padding)
+  KVCache* cache = nullptr;            // appends when set; positions continue from cache->seq_len()
+  LogitsMode logits_mode = LogitsMode::All;
+  float* logits = nullptr;             // [B, T, V] (All) or [B, V] (Last)
+};
+
+class Gemma3Model {
+ public:
+  Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get);
+  const Gemma3Config& config() const { return cfg_; }
+  DType dtype() const { return dtype_; }
+  size_t weight_nbytes() const;
+  int threads = 0;  // 0 = OpenMP default
+
+  // Thread-safe (one forward at a time per model).
+  void forward(const ForwardArgs& args);
+
+ private:
+  void embed(const int32_t* tokens, int64_t M, float* x) const;
+  // Activation buffers, grown on demand and reused across calls (no page faults in steady state).
+  struct Workspace {
+    std::vector<float> x, normed, qkv, q, k, v, z, out, gate_up, act;
+  };
+  Gemma3Config cfg_;
+  Workspace ws_;
+  DType dtype_;
+  Weights w_;
+  std::mutex mu_;
+};
+
+}  // namespace gemmalens

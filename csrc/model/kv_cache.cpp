@@ -1,0 +1,75 @@
+#include "model/kv_cache.h"
+
+#include <algorithm>
+#include <string>
+
+namespace gemmalens {
+
+KVCache::KVCache(const Gemma3Config& cfg, int batch, int64_t max_seq_len, DType dtype)
+    : batch_(batch), KV_(cfg.num_key_value_heads), Hd_(cfg.head_dim), max_seq_len_(max_seq_len), dtype_(dtype),
+      row_start_(batch, 0) {
+  if (batch <= 0) throw ValueError("KV cache: batch must be > 0, got " + std::to_string(batch));
+  if (max_seq_len <= 0) throw ValueError("KV cache: max_seq_len must be > 0, got " + std::to_string(max_seq_len));
+  const size_t es = dtype == DType::F32 ? 4 : 2;
+  for (int i = 0; i < cfg.num_hidden_layers; ++i) {
+    Layer l;
+    l.sliding = cfg.is_sliding(i);
+    l.cap = l.sliding ? std::min<int64_t>(cfg.sliding_window, max_seq_len) : max_seq_len;
+    const size_t n = static_cast<size_t>(batch) * KV_ * l.cap * Hd_ * es;
+    l.k.assign(n, 0);
+    l.v.assign(n, 0);
+    layers_.push_back(std::move(l));
+  }
+}
+
+size_t KVCache::nbytes() const {
+  size_t n = 0;
+  for (const auto& l : layers_) n += l.k.size() + l.v.size();
+  return n;
+}
+
+void KVCache::write(int layer, const float* k_new, const float* v_new, int64_t T, int64_t first_slot) {
+  Layer& l = layers_[layer];
+  if (!l.sliding && first_slot + T > l.cap)
+    throw ValueError("KV cache is full: " + std::to_string(first_slot) + " + " + std::to_string(T) + " positions exceed max_seq_len = " +
+                     std::to_string(max_seq_len_) + "; create the cache with a larger max_seq_len");
+  const int64_t first = std::max<int64_t>(0, T - l.cap);  // older chunk slots would be overwritten anyway
+  for (int b = 0; b < batch_; ++b)
+    for (int64_t t = first; t < T; ++t) {
+      const int64_t slot = (first_slot + t) % l.cap;
+      for (int h = 0; h < KV_; ++h) {
+        const float* ks = k_new + ((b * T + t) * KV_ + h) * Hd_;
+        const float* vs = v_new + ((b * T + t) * KV_ + h) * Hd_;
+        const int64_t off = ((static_cast<int64_t>(b) * KV_ + h) * l.cap + slot) * Hd_;
+        if (dtype_ == DType::F32) {
+          std::copy(ks, ks + Hd_, reinterpret_cast<float*>(l.k.data()) + off);
+          std::copy(vs, vs + Hd_, reinterpret_cast<float*>(l.v.data()) + off);
+        } else {
+          uint16_t* kd = reinterpret_cast<uint16_t*>(l.k.data()) + off;
+          uint16_t* vd = reinterpret_cast<uint16_t*>(l.v.data()) + off;
+          for (int d = 0; d < Hd_; ++d) {
+            kd[d] = f32_to_bf16(ks[d]);
+            vd[d] = f32_to_bf16(vs[d]);
+          }
+        }
+      }
+    }
+}
+
+void KVCache::truncate(int64_t n) {
+  if (n < 0 || n > seq_len_)
+    throw ValueError("KV cache truncate(" + std::to_string(n) + "): n must be in [0, seq_len = " + std::to_string(seq_len_) + "]");
+  for (const auto& l : layers_) {
+    // The ring holds slots [seq_len - cap, seq_len); the next query (slot n) needs [n - cap + 1, n).
+    const int64_t held_lo = std::max<int64_t>(0, seq_len_ - l.cap);
+    const int64_t need_lo = std::max<int64_t>(0, n - l.cap + 1);
+    if (l.sliding && need_lo < n && need_lo < held_lo)
+      throw ValueError("KV cache truncate(" + std::to_string(n) + "): the sliding-window ring buffers (" + std::to_string(l.cap) +
+                       " slots) no longer hold positions before " + std::to_string(held_lo) +
+                       "; copy() the cache at the point you want to return to instead");
+  }
+  seq_len_ = n;
+  if (n == 0) std::fill(row_start_.begin(), row_start_.end(), 0);
+}
+
+}  // namespace gemmalens

@@ -1,0 +1,69 @@
+// Building Weights from any format through a TensorGetter (HF names, HF layouts).
+#include <string>
+
+#include "model/gemma3.h"
+
+namespace gemmalens {
+
+namespace {
+
+std::vector<float> concat_rows(std::vector<std::vector<float>> parts) {
+  size_t n = 0;
+  for (auto& p : parts) n += p.size();
+  std::vector<float> out;
+  out.reserve(n);
+  for (auto& p : parts) out.insert(out.end(), p.begin(), p.end());
+  return out;
+}
+
+}  // namespace
+
+Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get) : cfg_(cfg), dtype_(dtype) {
+  cfg_.validate();
+  const int64_t D = cfg.hidden_size, F = cfg.intermediate_size, H = cfg.num_attention_heads, KV = cfg.num_key_value_heads,
+                Hd = cfg.head_dim, V = cfg.vocab_size;
+  {
+    auto e = get("model.embed_tokens.weight", {V, D});
+    w_.embed = ops::Linear(e.data(), V, D, dtype, /*plain=*/true);
+  }
+  for (int i = 0; i < cfg.num_hidden_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    LayerWeights L;
+    L.input_layernorm = get(p + "input_layernorm.weight", {D});
+    {
+      auto qkv = concat_rows({get(p + "self_attn.q_proj.weight", {H * Hd, D}), get(p + "self_attn.k_proj.weight", {KV * Hd, D}),
+                              get(p + "self_attn.v_proj.weight", {KV * Hd, D})});
+      L.qkv = ops::Linear(qkv.data(), (H + 2 * KV) * Hd, D, dtype);
+    }
+    L.q_norm = get(p + "self_attn.q_norm.weight", {Hd});
+    L.k_norm = get(p + "self_attn.k_norm.weight", {Hd});
+    {
+      auto o = get(p + "self_attn.o_proj.weight", {D, H * Hd});
+      L.o_proj = ops::Linear(o.data(), D, H * Hd, dtype);
+    }
+    L.post_attention_layernorm = get(p + "post_attention_layernorm.weight", {D});
+    L.pre_feedforward_layernorm = get(p + "pre_feedforward_layernorm.weight", {D});
+    {
+      auto gu = concat_rows({get(p + "mlp.gate_proj.weight", {F, D}), get(p + "mlp.up_proj.weight", {F, D})});
+      L.gate_up = ops::Linear(gu.data(), 2 * F, D, dtype);
+    }
+    {
+      auto d = get(p + "mlp.down_proj.weight", {D, F});
+      L.down_proj = ops::Linear(d.data(), D, F, dtype);
+    }
+    L.post_feedforward_layernorm = get(p + "post_feedforward_layernorm.weight", {D});
+    w_.layers.push_back(std::move(L));
+  }
+  w_.final_norm = get("model.norm.weight", {D});
+}
+
+size_t Gemma3Model::weight_nbytes() const {
+  size_t n = w_.embed.nbytes() + w_.final_norm.size() * 4;
+  for (const auto& L : w_.layers)
+    n += L.qkv.nbytes() + L.o_proj.nbytes() + L.gate_up.nbytes() + L.down_proj.nbytes() +
+         4 * (L.input_layernorm.size() + L.q_norm.size() + L.k_norm.size() + L.post_attention_layernorm.size() +
+              L.pre_feedforward_layernorm.size() + L.post_feedforward_layernorm.size());
+  return n;
+}
+
+}  // namespace gemmalens

@@ -1,0 +1,236 @@
+// Tiled attention with online softmax (the flash-attention recurrence), AVX-512.
+// For each (row b, KV head, block of queries) the block's query rows (all heads of the group) meet
+// tiles of 64 keys: S = Q K^T on a 4-row x 64-key register tile, masked online softmax per row,
+// Z += P V on 4-row x 64-dim register tiles. Numerically the same function as attention_reference
+// (f32 throughout, exact masking); only the summation order differs.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "ops/kernels.h"
+#include "ops/vmath.h"
+
+namespace gemmalens::ops {
+
+namespace {
+
+constexpr int NK = 64;  // keys per tile
+
+#define GL_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+
+// S[r][0..NK) = q_r . Kt[:, 0..NK) for `rows` rows (q_r at q[r] with Hd floats). Kt is [Hd][ldk].
+GL_AVX512 void scores_tile(const float* const* q, int rows, const float* Kt, int64_t ldk, int Hd, float* S) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    __m512 acc[4][4];
+    for (auto& a : acc)
+      for (auto& c : a) c = _mm512_setzero_ps();
+    const float *q0 = q[r], *q1 = q[r + 1], *q2 = q[r + 2], *q3 = q[r + 3];
+    for (int d = 0; d < Hd; ++d) {
+      const float* kt = Kt + d * ldk;
+      const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32), k3 = _mm512_loadu_ps(kt + 48);
+      const __m512 b0 = _mm512_set1_ps(q0[d]), b1 = _mm512_set1_ps(q1[d]), b2 = _mm512_set1_ps(q2[d]), b3 = _mm512_set1_ps(q3[d]);
+      acc[0][0] = _mm512_fmadd_ps(b0, k0, acc[0][0]); acc[0][1] = _mm512_fmadd_ps(b0, k1, acc[0][1]);
+      acc[0][2] = _mm512_fmadd_ps(b0, k2, acc[0][2]); acc[0][3] = _mm512_fmadd_ps(b0, k3, acc[0][3]);
+      acc[1][0] = _mm512_fmadd_ps(b1, k0, acc[1][0]); acc[1][1] = _mm512_fmadd_ps(b1, k1, acc[1][1]);
+      acc[1][2] = _mm512_fmadd_ps(b1, k2, acc[1][2]); acc[1][3] = _mm512_fmadd_ps(b1, k3, acc[1][3]);
+      acc[2][0] = _mm512_fmadd_ps(b2, k0, acc[2][0]); acc[2][1] = _mm512_fmadd_ps(b2, k1, acc[2][1]);
+      acc[2][2] = _mm512_fmadd_ps(b2, k2, acc[2][2]); acc[2][3] = _mm512_fmadd_ps(b2, k3, acc[2][3]);
+      acc[3][0] = _mm512_fmadd_ps(b3, k0, acc[3][0]); acc[3][1] = _mm512_fmadd_ps(b3, k1, acc[3][1]);
+      acc[3][2] = _mm512_fmadd_ps(b3, k2, acc[3][2]); acc[3][3] = _mm512_fmadd_ps(b3, k3, acc[3][3]);
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + (r + i) * NK + 16 * c, acc[i][c]);
+  }
+  for (; r < rows; ++r) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const float* qr = q[r];
+    for (int d = 0; d < Hd; ++d) {
+      const float* kt = Kt + d * ldk;
+      const __m512 b = _mm512_set1_ps(qr[d]);
+      a0 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt), a0);
+      a1 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 16), a1);
+      a2 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 32), a2);
+      a3 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 48), a3);
+    }
+    _mm512_storeu_ps(S + r * NK, a0); _mm512_storeu_ps(S + r * NK + 16, a1);
+    _mm512_storeu_ps(S + r * NK + 32, a2); _mm512_storeu_ps(S + r * NK + 48, a3);
+  }
+}
+
+// Z[r][:] = Z[r][:] * corr[r] + sum_j P[r][j] V[j][:] for `rows` rows, `nk` keys; V rows at v[j] (Hd floats).
+// Hd is a multiple of 16.
+GL_AVX512 void pv_tile(const float* P, const float* corr, int rows, const float* const* v, int nk, int Hd, float* Z) {
+  for (int c0 = 0; c0 < Hd; c0 += 64) {
+    const int nc = std::min(64, Hd - c0) / 16;
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      __m512 acc[4][4];
+      for (int i = 0; i < 4; ++i) {
+        const __m512 cr = _mm512_set1_ps(corr[r + i]);
+        for (int c = 0; c < nc; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + (r + i) * Hd + c0 + 16 * c));
+      }
+      for (int j = 0; j < nk; ++j) {
+        const float* vr = v[j] + c0;
+        __m512 vv[4];
+        for (int c = 0; c < nc; ++c) vv[c] = _mm512_loadu_ps(vr + 16 * c);
+        for (int i = 0; i < 4; ++i) {
+          const __m512 p = _mm512_set1_ps(P[(r + i) * NK + j]);
+          for (int c = 0; c < nc; ++c) acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
+        }
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(Z + (r + i) * Hd + c0 + 16 * c, acc[i][c]);
+    }
+    for (; r < rows; ++r) {
+      __m512 acc[4];
+      const __m512 cr = _mm512_set1_ps(corr[r]);
+      for (int c = 0; c < nc; ++c) acc[c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + r * Hd + c0 + 16 * c));
+      for (int j = 0; j < nk; ++j) {
+        const __m512 p = _mm512_set1_ps(P[r * NK + j]);
+        for (int c = 0; c < nc; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v[j] + c0 + 16 * c), acc[c]);
+      }
+      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(Z + r * Hd + c0 + 16 * c, acc[c]);
+    }
+  }
+}
+
+void attention_tiled(const AttentionArgs& a) {
+  const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd;
+  const int group = H / KV;
+  const int QB = std::max(1, std::min(T, 64 / group));  // query tokens per block: ~64 rows
+  const int nqb = (T + QB - 1) / QB;
+  const int R = QB * group;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  // Every key slot any query may see, gathered once: keys transposed (Kt [B][KV][Hd][ld]) and values
+  // in f32 (Vf [B][KV][n][Hd]), slot s_lo + c at column c. ld is padded so a tile never reads past the end.
+  int64_t s_lo = a.past;
+  for (int b = 0; b < B; ++b) {
+    const int64_t rs = std::max<int64_t>(a.row_start ? a.row_start[b] : 0, 0);
+    s_lo = std::min(s_lo, a.window > 0 ? std::max(rs, a.past - a.window + 1) : rs);
+  }
+  const int64_t n = a.past + T - s_lo;
+  const int64_t ld = (n + NK - 1) / NK * NK + NK;
+  std::vector<float> Kt(static_cast<size_t>(B) * KV * Hd * ld, 0.f), Vf(static_cast<size_t>(B) * KV * n * Hd);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int b = 0; b < B; ++b)
+    for (int kvh = 0; kvh < KV; ++kvh) {
+      float* kt = Kt.data() + (static_cast<size_t>(b) * KV + kvh) * Hd * ld;
+      float* vf = Vf.data() + (static_cast<size_t>(b) * KV + kvh) * n * Hd;
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t j = s_lo + c;
+        float* vd = vf + c * Hd;
+        if (j >= a.past) {
+          const int64_t off = ((static_cast<int64_t>(b) * T + (j - a.past)) * KV + kvh) * Hd;
+          for (int d = 0; d < Hd; ++d) kt[d * ld + c] = a.k_new[off + d];
+          std::copy(a.v_new + off, a.v_new + off + Hd, vd);
+        } else {
+          const int64_t off = ((static_cast<int64_t>(b) * KV + kvh) * a.cap + j % a.cap) * Hd;
+          if (a.past_dtype == DType::F32) {
+            const float* kr = static_cast<const float*>(a.k_past) + off;
+            const float* vr = static_cast<const float*>(a.v_past) + off;
+            for (int d = 0; d < Hd; ++d) kt[d * ld + c] = kr[d];
+            std::copy(vr, vr + Hd, vd);
+          } else {
+            const uint16_t* kr = static_cast<const uint16_t*>(a.k_past) + off;
+            const uint16_t* vr = static_cast<const uint16_t*>(a.v_past) + off;
+            for (int d = 0; d < Hd; ++d) {
+              kt[d * ld + c] = bf16_to_f32(kr[d]);
+              vd[d] = bf16_to_f32(vr[d]);
+            }
+          }
+        }
+      }
+    }
+
+#pragma omp parallel
+  {
+    std::vector<float> S(static_cast<size_t>(R) * NK), Z(static_cast<size_t>(R) * Hd), m(R), l(R), corr(R);
+    std::vector<const float*> qrow(R), vrow(NK);
+    std::vector<int64_t> lo(R), hi(R);
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int b = 0; b < B; ++b)
+      for (int kvh = 0; kvh < KV; ++kvh)
+        for (int qb = 0; qb < nqb; ++qb) {
+          const int t0 = qb * QB, nt = std::min(QB, T - t0), rows = nt * group;
+          const int64_t rs = std::max<int64_t>(a.row_start ? a.row_start[b] : 0, 0);
+          const float* kt = Kt.data() + (static_cast<size_t>(b) * KV + kvh) * Hd * ld;
+          const float* vf = Vf.data() + (static_cast<size_t>(b) * KV + kvh) * n * Hd;
+          for (int r = 0; r < rows; ++r) {
+            const int t = t0 + r / group, h = kvh * group + r % group;
+            qrow[r] = a.q + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+            const int64_t i = a.past + t;
+            lo[r] = a.window > 0 ? std::max(rs, i - a.window + 1) : rs;
+            hi[r] = i;
+            m[r] = neg_inf;
+            l[r] = 0.f;
+          }
+          std::fill(Z.begin(), Z.begin() + static_cast<size_t>(rows) * Hd, 0.f);
+          const int64_t j_begin = *std::min_element(lo.begin(), lo.begin() + rows);
+          const int64_t j_end = a.past + t0 + nt;  // exclusive
+          for (int64_t j0 = j_begin; j0 < j_end; j0 += NK) {
+            const int nk = static_cast<int>(std::min<int64_t>(NK, j_end - j0));
+            for (int jj = 0; jj < nk; ++jj) vrow[jj] = vf + (j0 - s_lo + jj) * Hd;
+            scores_tile(qrow.data(), rows, kt + (j0 - s_lo), ld, Hd, S.data());
+            // Masked online softmax, row by row.
+            for (int r = 0; r < rows; ++r) {
+              float* s = S.data() + static_cast<size_t>(r) * NK;
+              const int64_t a_lo = std::max<int64_t>(lo[r], j0), a_hi = std::min<int64_t>(hi[r], j0 + nk - 1);
+              if (a_lo > a_hi) {  // nothing visible in this tile
+                corr[r] = 1.f;
+                std::fill(s, s + NK, 0.f);
+                continue;
+              }
+              const int c_lo = static_cast<int>(a_lo - j0), c_hi = static_cast<int>(a_hi - j0);
+              float mx = m[r];
+              for (int c = c_lo; c <= c_hi; ++c) {
+                float x = s[c] * a.scale;
+                if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
+                s[c] = x;
+                mx = std::max(mx, x);
+              }
+              const float cr = m[r] == neg_inf ? 0.f : exp_f32(m[r] - mx);
+              float sum = 0.f;
+              for (int c = 0; c < c_lo; ++c) s[c] = 0.f;
+#pragma omp simd reduction(+ : sum)
+              for (int c = c_lo; c <= c_hi; ++c) {
+                s[c] = exp_f32(s[c] - mx);
+                sum += s[c];
+              }
+              for (int c = c_hi + 1; c < NK; ++c) s[c] = 0.f;
+              l[r] = l[r] * cr + sum;
+              m[r] = mx;
+              corr[r] = cr;
+            }
+            pv_tile(S.data(), corr.data(), rows, vrow.data(), nk, Hd, Z.data());
+          }
+          for (int r = 0; r < rows; ++r) {
+            const int t = t0 + r / group, h = kvh * group + r % group;
+            float* z = a.z + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+            const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // padding rows (no visible key): z = 0
+            for (int d = 0; d < Hd; ++d) z[d] = Z[static_cast<size_t>(r) * Hd + d] * inv;
+          }
+        }
+  }
+}
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+}  // namespace
+
+void attention(const AttentionArgs& a) {
+  if (has_avx512() && a.Hd % 16 == 0)
+    attention_tiled(a);
+  else
+    attention_reference(a);
+}
+
+}  // namespace gemmalens::ops

@@ -1,0 +1,191 @@
+#include "ops/kernels.h"
+#include "ops/vmath.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace gemmalens::ops {
+
+namespace {
+
+inline void rmsnorm_row(const float* xr, const float* w, float eps, int D, float* yr) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int d = 0; d < D; ++d) ss += xr[d] * xr[d];
+  // HF Gemma3RMSNorm: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), then * (1.0 + w), all in f32.
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+#pragma omp simd
+  for (int d = 0; d < D; ++d) yr[d] = (xr[d] * r) * (1.f + w[d]);
+}
+}  // namespace
+
+void rmsnorm(const float* x, int64_t ldx, const float* w, float eps, int64_t M, int D, float* y, int64_t ldy) {
+#pragma omp parallel for if (M > 4)
+  for (int64_t m = 0; m < M; ++m) rmsnorm_row(x + m * ldx, w, eps, D, y + m * ldy);
+}
+
+void rmsnorm_heads(const float* x, int64_t ldx, int nh, int Hd, const float* w, float eps, int64_t M, float* y) {
+#pragma omp parallel for if (M > 4)
+  for (int64_t m = 0; m < M; ++m)
+    for (int h = 0; h < nh; ++h) rmsnorm_row(x + m * ldx + static_cast<int64_t>(h) * Hd, w, eps, Hd, y + (m * nh + h) * Hd);
+}
+
+void add_inplace(float* x, const float* y, int64_t n) {
+#pragma omp parallel for simd if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+void round_bf16_inplace(float* x, int64_t n) {
+#pragma omp parallel for if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
+}
+
+void rope_tables(const int32_t* positions, int64_t M, int Hd, double base, double scaling, float* cos_out, float* sin_out) {
+  const int half = Hd / 2;
+  std::vector<float> inv(half);
+  for (int j = 0; j < half; ++j) {
+    // HF: 1.0 / (base ** (arange(0, dim, 2).float() / dim)), in f32; linear scaling divides inv_freq.
+    float e = static_cast<float>(2 * j) / static_cast<float>(Hd);
+    float f = 1.f / std::pow(static_cast<float>(base), e);
+    inv[j] = scaling != 1.0 ? f / static_cast<float>(scaling) : f;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float p = static_cast<float>(positions[m]);
+    for (int j = 0; j < half; ++j) {
+      const float ang = p * inv[j];
+      cos_out[m * half + j] = std::cos(ang);
+      sin_out[m * half + j] = std::sin(ang);
+    }
+  }
+}
+
+void rope_apply(float* x, int64_t M, int nh, int Hd, const float* cos, const float* sin) {
+  const int half = Hd / 2;
+#pragma omp parallel for if (M > 4)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* c = cos + m * half;
+    const float* s = sin + m * half;
+    for (int h = 0; h < nh; ++h) {
+      float* v = x + (m * nh + h) * Hd;
+#pragma omp simd
+      for (int j = 0; j < half; ++j) {
+        const float a = v[j], b = v[j + half];
+        v[j] = a * c[j] - b * s[j];
+        v[j + half] = b * c[j] + a * s[j];
+      }
+    }
+  }
+}
+
+void gelu_tanh_mul(const float* gate, const float* up, int64_t ld, int64_t M, int F, float* out) {
+  const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
+  const float k1 = 0.044715f;
+#pragma omp parallel for if (M > 1)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* g = gate + m * ld;
+    const float* u = up + m * ld;
+    float* o = out + m * static_cast<int64_t>(F);
+#pragma omp simd
+    for (int f = 0; f < F; ++f) {
+      const float x = g[f];
+      o[f] = 0.5f * x * (1.f + tanh_f32(k0 * (x + k1 * x * x * x))) * u[f];
+    }
+  }
+}
+
+void softcap_inplace(float* x, int64_t n, float cap) {
+#pragma omp parallel for simd if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) x[i] = cap * tanh_f32(x[i] / cap);
+}
+
+namespace {
+
+inline float dot_f32(const float* a, const float* b, int n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+inline float dot_bf16(const float* a, const uint16_t* b, int n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += a[i] * bf16_to_f32(b[i]);
+  return acc;
+}
+inline void axpy_f32(float p, const float* v, float* z, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) z[i] += p * v[i];
+}
+inline void axpy_bf16(float p, const uint16_t* v, float* z, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) z[i] += p * bf16_to_f32(v[i]);
+}
+
+}  // namespace
+
+void attention_reference(const AttentionArgs& a) {
+  const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd;
+  const int group = H / KV;
+  const int64_t S = a.past + T;  // slots after this chunk
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel
+  {
+    std::vector<float> p(static_cast<size_t>(S));
+#pragma omp for collapse(3) schedule(dynamic, 4)
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h)
+        for (int t = 0; t < T; ++t) {
+          const int kvh = h / group;
+          const int64_t i = a.past + t;
+          int64_t lo = std::max<int64_t>(a.row_start ? a.row_start[b] : 0, 0);
+          if (a.window > 0) lo = std::max<int64_t>(lo, i - a.window + 1);
+          const float* q = a.q + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+          float* z = a.z + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+          std::fill(z, z + Hd, 0.f);
+          if (lo > i) continue;  // a padding query: nothing to attend to
+          const int64_t n = i - lo + 1;
+          float mx = neg_inf;
+          for (int64_t j = lo; j <= i; ++j) {
+            float s;
+            if (j >= a.past) {
+              s = dot_f32(q, a.k_new + ((static_cast<int64_t>(b) * T + (j - a.past)) * KV + kvh) * Hd, Hd);
+            } else {
+              const int64_t off = ((static_cast<int64_t>(b) * KV + kvh) * a.cap + j % a.cap) * Hd;
+              s = a.past_dtype == DType::F32 ? dot_f32(q, static_cast<const float*>(a.k_past) + off, Hd)
+                                             : dot_bf16(q, static_cast<const uint16_t*>(a.k_past) + off, Hd);
+            }
+            s *= a.scale;
+            if (a.softcap > 0.f) s = a.softcap * tanh_f32(s / a.softcap);
+            p[j - lo] = s;
+            mx = std::max(mx, s);
+          }
+          float sum = 0.f;
+          float* pp = p.data();
+#pragma omp simd reduction(+ : sum)
+          for (int64_t r = 0; r < n; ++r) {
+            pp[r] = exp_f32(pp[r] - mx);
+            sum += pp[r];
+          }
+          const float inv = 1.f / sum;
+          for (int64_t j = lo; j <= i; ++j) {
+            const float w = p[j - lo] * inv;
+            if (j >= a.past) {
+              axpy_f32(w, a.v_new + ((static_cast<int64_t>(b) * T + (j - a.past)) * KV + kvh) * Hd, z, Hd);
+            } else {
+              const int64_t off = ((static_cast<int64_t>(b) * KV + kvh) * a.cap + j % a.cap) * Hd;
+              if (a.past_dtype == DType::F32)
+                axpy_f32(w, static_cast<const float*>(a.v_past) + off, z, Hd);
+              else
+                axpy_bf16(w, static_cast<const uint16_t*>(a.v_past) + off, z, Hd);
+            }
+          }
+        }
+  }
+}
+
+}  // namespace gemmalens::ops

@@ -1,0 +1,64 @@
+// Hand-written kernels: free functions over raw f32 buffers. Every signature carries its shapes.
+// Numerics follow HF transformers' Gemma 3 (fp32 RMSNorm with (1 + w), tanh GELU, fp32 softmax).
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+
+namespace gemmalens::ops {
+
+// x [M, D] (row stride ldx), w [D] raw weight -> y [M, D] (row stride ldy); y = x * rsqrt(mean(x^2) + eps) * (1 + w).
+void rmsnorm(const float* x, int64_t ldx, const float* w, float eps, int64_t M, int D, float* y, int64_t ldy);
+
+// Per-head RMSNorm: x token m, head h at x + m * ldx + h * Hd -> y [M, nh, Hd] contiguous; w [Hd].
+void rmsnorm_heads(const float* x, int64_t ldx, int nh, int Hd, const float* w, float eps, int64_t M, float* y);
+
+// x [M, D] += y [M, D]
+void add_inplace(float* x, const float* y, int64_t n);
+
+// Round every value to the nearest bf16 (keeps f32 storage): emulates a bf16 activation.
+void round_bf16_inplace(float* x, int64_t n);
+
+// RoPE tables for rotate-half RoPE: cos/sin [M, Hd/2] for positions [M], computed in f32 as HF does:
+// inv_freq[j] = 1 / base^(2j/Hd) / scaling, angle = pos * inv_freq[j].
+void rope_tables(const int32_t* positions, int64_t M, int Hd, double base, double scaling, float* cos_out, float* sin_out);
+
+// In place on x [M, nh, Hd]: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), pairs (j, j + Hd/2).
+void rope_apply(float* x, int64_t M, int nh, int Hd, const float* cos, const float* sin);
+
+// gate [M, F] (row stride ld), up [M, F] (row stride ld) -> out [M, F] = gelu_tanh(gate) * up.
+void gelu_tanh_mul(const float* gate, const float* up, int64_t ld, int64_t M, int F, float* out);
+
+// x = cap * tanh(x / cap), in place over n values.
+void softcap_inplace(float* x, int64_t n, float cap);
+
+// Causal (optionally sliding-window) GQA attention over a chunk of T new positions per row with
+// `past` earlier slots in a ring-buffer cache.
+//   q [B, T, H, Hd] (after q_norm + RoPE), k_new / v_new [B, T, KV, Hd];
+//   k_past / v_past [B, KV, cap, Hd] in `past_dtype` (slot s lives at s % cap), or null when past == 0;
+//   row_start [B]: first real slot of each row (left padding); slots before it are never attended.
+// Query slot i (= past + t) sees key slot j iff row_start <= j <= i and, if window > 0, i - j < window.
+// scores = q.k * scale (then softcap if > 0), softmax in f32, z [B, T, H, Hd] = sum p_j v_j.
+// Query rows with no visible key (padding) get z = 0.
+struct AttentionArgs {
+  int B = 0, T = 0, H = 0, KV = 0, Hd = 0;
+  const float* q = nullptr;
+  const float* k_new = nullptr;
+  const float* v_new = nullptr;
+  const void* k_past = nullptr;
+  const void* v_past = nullptr;
+  DType past_dtype = DType::F32;
+  int64_t cap = 0;
+  int64_t past = 0;
+  const int32_t* row_start = nullptr;
+  int64_t window = 0;
+  float scale = 1.f;
+  float softcap = 0.f;
+  float* z = nullptr;
+};
+// Tiled online-softmax (flash-attention style) kernel: AVX-512 when the CPU has it, else the reference.
+void attention(const AttentionArgs& a);
+// The direct kernel: one query at a time, full softmax. Simple and slow; the numerical reference.
+void attention_reference(const AttentionArgs& a);
+
+}  // namespace gemmalens::ops

@@ -1,0 +1,40 @@
+// Linear layer y = x W^T on oneDNN matmul. The only oneDNN user in the project is linear_dnnl.cpp.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+#include "common.h"
+
+namespace gemmalens::ops {
+
+class Linear {
+ public:
+  Linear() = default;
+  // w [N, K] row-major f32 (HF layout: out_features x in_features). Stored in `dtype`, reordered once
+  // into oneDNN's preferred blocked layout.
+  // plain = true keeps w row-major [N, K] (no reorder), so plain_data() can serve other uses
+  // (the tied embedding table is both the lookup table and the LM head).
+  Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain = false);
+  // x [M, K] f32 -> y [M, N] f32 with row stride ldy (0 = N). With bf16 weights x is rounded to bf16
+  // first (bf16 x bf16 products, f32 accumulation). Not thread-safe: one caller at a time.
+  void forward(const float* x, int64_t M, float* y, int64_t ldy = 0);
+  int64_t out_features() const { return N_; }
+  int64_t in_features() const { return K_; }
+  size_t nbytes() const;  // bytes of the stored weights
+  bool empty() const { return !impl_; }
+  // Row-major [N, K] weights in the stored dtype (f32 or bf16 bits); only for plain layers.
+  const void* plain_data() const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+  int64_t N_ = 0, K_ = 0;
+};
+
+// Library version string of the linked oneDNN ("3.2.0").
+const char* dnnl_version();
+// Number of threads oneDNN's OpenMP runtime will use for the calling thread.
+void set_num_threads(int n);
+int get_max_threads();
+
+}  // namespace gemmalens::ops

@@ -1,0 +1,123 @@
+// The oneDNN boundary: everything that touches dnnl.hpp lives here.
+#include <omp.h>
+
+#include <map>
+#include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "ops/linear.h"
+
+namespace gemmalens::ops {
+
+namespace {
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+dnnl::engine& engine() {
+  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
+  return e;
+}
+
+// Weights are reordered for this M; other Ms reuse the layout (oneDNN's brgemm handles any M).
+constexpr int64_t kLayoutM = 64;
+}  // namespace
+
+struct Linear::Impl {
+  dt wdt;
+  dnnl::memory::desc w_desc;  // blocked layout chosen by oneDNN
+  dnnl::memory weights;
+  std::map<std::pair<int64_t, int64_t>, dnnl::matmul> prims;  // (M, ldy) -> primitive
+  std::vector<uint16_t> xbf16;                                // bf16 copy of x
+  dnnl::stream stream{engine()};
+  bool plain = false;
+};
+
+Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain) : N_(N), K_(K) {
+  try {
+    auto impl = std::make_shared<Impl>();
+    impl->wdt = dtype == DType::F32 ? dt::f32 : dt::bf16;
+    auto& eng = engine();
+    if (plain) {
+      impl->w_desc = dnnl::memory::desc({K, N}, impl->wdt, tag::ba);
+    } else {
+      dnnl::memory::desc src_md({kLayoutM, K}, impl->wdt, tag::ab);
+      dnnl::memory::desc w_any({K, N}, impl->wdt, tag::any);
+      dnnl::memory::desc dst_md({kLayoutM, N}, dt::f32, tag::ab);
+      dnnl::matmul::primitive_desc pd(eng, src_md, w_any, dst_md);
+      impl->w_desc = pd.weights_desc();
+    }
+    impl->plain = plain;
+    impl->weights = dnnl::memory(impl->w_desc, eng);
+    // The stored [N, K] row-major matrix is W^T [K, N] in format "ba".
+    std::vector<uint16_t> wbf16;
+    void* src_ptr = const_cast<float*>(w);
+    if (dtype == DType::BF16) {
+      wbf16.resize(static_cast<size_t>(N) * K);
+      for (size_t i = 0; i < wbf16.size(); ++i) wbf16[i] = f32_to_bf16(w[i]);
+      src_ptr = wbf16.data();
+    }
+    dnnl::memory user(dnnl::memory::desc({K, N}, impl->wdt, tag::ba), eng, src_ptr);
+    dnnl::reorder(user, impl->weights).execute(impl->stream, user, impl->weights);
+    impl->stream.wait();
+    impl_ = std::move(impl);
+  } catch (const dnnl::error& e) {
+    throw std::runtime_error(std::string("oneDNN could not set up a matmul [") + std::to_string(N) + " x " + std::to_string(K) +
+                             "]: " + e.what());
+  }
+}
+
+void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
+  if (!impl_) throw std::runtime_error("Linear::forward on an empty layer");
+  if (ldy == 0) ldy = N_;
+  auto& eng = engine();
+  Impl& im = *impl_;
+  try {
+    dnnl::memory::desc src_md({M, K_}, im.wdt, tag::ab);
+    dnnl::memory::desc dst_md({M, N_}, dt::f32, dnnl::memory::dims{ldy, 1});
+    auto key = std::make_pair(M, ldy);
+    auto it = im.prims.find(key);
+    if (it == im.prims.end()) {
+      dnnl::matmul::primitive_desc pd(eng, src_md, im.w_desc, dst_md);
+      it = im.prims.emplace(key, dnnl::matmul(pd)).first;
+    }
+    void* src_ptr = const_cast<float*>(x);
+    if (im.wdt == dt::bf16) {
+      const int64_t n = M * K_;
+      if (static_cast<int64_t>(im.xbf16.size()) < n) im.xbf16.resize(n);
+      uint16_t* xb = im.xbf16.data();
+#pragma omp parallel for if (n > 65536)
+      for (int64_t i = 0; i < n; ++i) xb[i] = f32_to_bf16(x[i]);
+      src_ptr = xb;
+    }
+    dnnl::memory src(src_md, eng, src_ptr);
+    dnnl::memory dst(dst_md, eng, y);
+    it->second.execute(im.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, im.weights}, {DNNL_ARG_DST, dst}});
+    im.stream.wait();
+  } catch (const dnnl::error& e) {
+    throw std::runtime_error(std::string("oneDNN matmul failed (M=") + std::to_string(M) + ", K=" + std::to_string(K_) +
+                             ", N=" + std::to_string(N_) + "): " + e.what());
+  }
+}
+
+const void* Linear::plain_data() const {
+  if (!impl_ || !impl_->plain) throw std::runtime_error("Linear::plain_data on a blocked layer");
+  return impl_->weights.get_data_handle();
+}
+
+size_t Linear::nbytes() const { return impl_ ? impl_->w_desc.get_size() : 0; }
+
+const char* dnnl_version() {
+  static std::string v = [] {
+    const dnnl_version_t* ver = ::dnnl_version();
+    return std::to_string(ver->major) + "." + std::to_string(ver->minor) + "." + std::to_string(ver->patch);
+  }();
+  return v.c_str();
+}
+
+void set_num_threads(int n) { omp_set_num_threads(n); }
+int get_max_threads() { return omp_get_max_threads(); }
+
+}  // namespace gemmalens::ops

@@ -1,0 +1,34 @@
+"""gemmalens: Gemma 3 on the CPU with TransformerLens-style access to every activation.
+
+>>> import gemmalens as gl
+>>> model = gl.load("path/to/hf-checkpoint", dtype="float32")
+>>> logits = model.forward([2, 651, 6037])          # np.float32 [1, 3, vocab]
+"""
+import ctypes as _ctypes
+
+from . import _deps
+
+
+def _preload_dnnl():
+    # The extension's RPATH points at <prefix>/lib where the onednn-cpu-gomp wheel puts libdnnl.so.3.
+    # Loading it here by its absolute path also covers layouts the RPATH misses (e.g. --user installs).
+    lib = _deps.dnnl_library()
+    if lib:
+        try:
+            _ctypes.CDLL(lib, mode=_ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass
+
+
+_preload_dnnl()
+
+from . import _core  # noqa: E402
+from ._core import CheckpointError, Gemma3Config, KVCache  # noqa: E402
+from .config import _install_config_helpers  # noqa: E402
+
+_install_config_helpers(Gemma3Config)
+
+from .model import Model, load  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError"]

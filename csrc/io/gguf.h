@@ -1,0 +1,68 @@
+// Native GGUF reader (llama.cpp's format): header, every metadata value type (arrays included), tensor
+// infos, general.alignment; mmap; every read bounds-checked. Versions 2 and 3, little-endian.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/safetensors.h"
+#include "common.h"
+#include "model/config.h"
+
+namespace gemmalens {
+
+struct GGUFValue {
+  enum Type : uint32_t { U8 = 0, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 };
+  Type type = U8;
+  uint64_t u = 0;      // unsigned ints and bool
+  int64_t i = 0;       // signed ints
+  double f = 0;        // floats
+  std::string s;       // STRING
+  Type elem_type = U8; // ARRAY element type
+  std::vector<GGUFValue> arr;
+  int64_t as_int(const std::string& key) const;
+  double as_float(const std::string& key) const;
+};
+
+struct GGUFTensor {
+  std::string name;
+  std::vector<int64_t> ne;  // ne[0] is contiguous; the row-major shape is ne reversed
+  uint32_t type = 0;
+  uint64_t offset = 0;      // relative to the data section
+  uint64_t nbytes = 0;
+  const uint8_t* data = nullptr;
+  std::vector<int64_t> shape() const { return {ne.rbegin(), ne.rend()}; }
+  int64_t numel() const;
+};
+
+class GGUFFile {
+ public:
+  explicit GGUFFile(const std::string& path);  // throws IOError / CheckpointError
+  uint32_t version() const { return version_; }
+  const std::map<std::string, GGUFValue>& metadata() const { return kv_; }
+  const GGUFValue* find(const std::string& key) const;
+  const std::vector<GGUFTensor>& tensors() const { return tensors_; }
+  const GGUFTensor* tensor(const std::string& name) const;
+  std::vector<float> dequantize(const GGUFTensor& t) const;
+  const std::string& path() const { return file_->path(); }
+
+ private:
+  std::unique_ptr<MappedFile> file_;
+  uint32_t version_ = 0;
+  std::map<std::string, GGUFValue> kv_;
+  std::vector<GGUFTensor> tensors_;
+  std::map<std::string, size_t> index_;
+};
+
+// Gemma3Config from gemma3.* metadata, plus what GGUF does not store, derived as llama.cpp does:
+// sliding pattern 6 (layer i global iff i % 6 == 5), local RoPE base 10000, query scale 1/sqrt(D/H) for
+// the 62-layer 27b, else 1/sqrt(head_dim); vocab size from the token list / embedding.
+Gemma3Config config_from_gguf(const GGUFFile& f);
+
+class Gemma3Model;
+// GGUF weights dequantised into the compute dtype; norms (stored as 1 + w) are converted back to w.
+std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out = nullptr);
+
+}  // namespace gemmalens

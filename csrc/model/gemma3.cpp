@@ -72,6 +72,26 @@ void Gemma3Model::forward(const ForwardArgs& a) {
     }
   }
 
+  if (a.stop_at_layer >= 0 && cache)
+    throw ValueError("forward: stop_at_layer cannot be combined with a KV cache (the cache would hold only part of the layers)");
+  if (a.stop_at_layer > c.num_hidden_layers)
+    throw ValueError("forward: stop_at_layer = " + std::to_string(a.stop_at_layer) + " exceeds num_hidden_layers = " +
+                     std::to_string(c.num_hidden_layers));
+  if (a.hooks && a.hooks->n_layers() != c.num_hidden_layers) throw ValueError("forward: the hook set was made for another model");
+
+  // ---- hook views (TransformerLens shapes over the internal buffers; strides in floats) ----
+  HookSet* hk = a.hooks;
+  auto on = [&](Site st, int layer) { return hk && hk->active(st, layer); };
+  auto fire = [&](Site st, int layer, float* p, std::vector<int64_t> shape, std::vector<int64_t> strides, int pos_axis = 1) {
+    hk->run(st, layer, ActView{p, std::move(shape), std::move(strides), pos_axis});
+  };
+  auto resid_view = [&](Site st, int layer, float* p, int64_t width, int64_t ld) {  // [B, T, width], row stride ld
+    if (on(st, layer)) fire(st, layer, p, {B, T, width}, {T * ld, ld, 1});
+  };
+  auto heads_view = [&](Site st, int layer, float* p, int64_t nh, int64_t ld) {     // [B, T, nh, Hd]
+    if (on(st, layer)) fire(st, layer, p, {B, T, nh, Hd}, {T * ld, ld, Hd, 1});
+  };
+
   // ---- positions and RoPE tables (sliding: local base; full: rope_theta with linear scaling) ----
   std::vector<int32_t> pos(M);
   for (int b = 0; b < B; ++b)
@@ -101,22 +121,33 @@ void Gemma3Model::forward(const ForwardArgs& a) {
   std::vector<Pending> pending;
 
   embed(a.tokens, M, x);
+  resid_view(Site::Embed, -1, x, D, D);
 
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
+  const int n_run = a.stop_at_layer >= 0 ? a.stop_at_layer : c.num_hidden_layers;
+  for (int l = 0; l < n_run; ++l) {
     LayerWeights& L = w_.layers[l];
     const bool sliding = c.is_sliding(l);
     const float* cs = sliding ? cos_l.data() : cos_g.data();
     const float* sn = sliding ? sin_l.data() : sin_g.data();
 
+    resid_view(Site::ResidPre, l, x, D, D);
     // --- self-attention ---
     ops::rmsnorm(x, D, L.input_layernorm.data(), eps, M, D, normed, D);
+    resid_view(Site::Ln1, l, normed, D, D);
     L.qkv.forward(normed, M, qkv);
+    heads_view(Site::Q, l, qkv, H, QKV);
+    heads_view(Site::K, l, qkv + H * Hd, KV, QKV);
+    heads_view(Site::V, l, qkv + (H + KV) * Hd, KV, QKV);
     ops::rmsnorm_heads(qkv, QKV, H, Hd, L.q_norm.data(), eps, M, q);            // q_norm before RoPE
     ops::rmsnorm_heads(qkv + H * Hd, QKV, KV, Hd, L.k_norm.data(), eps, M, k);  // k_norm before RoPE
+    heads_view(Site::QNorm, l, q, H, H * Hd);
+    heads_view(Site::KNorm, l, k, KV, KV * Hd);
     for (int64_t m = 0; m < M; ++m)
       std::memcpy(v + m * KV * Hd, qkv + m * QKV + (H + KV) * Hd, sizeof(float) * KV * Hd);
     ops::rope_apply(q, M, H, Hd, cs, sn);
     ops::rope_apply(k, M, KV, Hd, cs, sn);
+    heads_view(Site::RotQ, l, q, H, H * Hd);
+    heads_view(Site::RotK, l, k, KV, KV * Hd);
     if (dtype_ == DType::BF16) {  // K/V as the bf16 cache will hold them: chunked == one pass
       ops::round_bf16_inplace(k, M * KV * Hd);
       ops::round_bf16_inplace(v, M * KV * Hd);
@@ -134,7 +165,19 @@ void Gemma3Model::forward(const ForwardArgs& a) {
     at.scale = static_cast<float>(std::pow(c.query_pre_attn_scalar, -0.5));
     at.softcap = static_cast<float>(c.attn_logit_softcapping);
     at.z = z;
-    ops::attention(at);
+    if (on(Site::AttnScores, l) || on(Site::Pattern, l)) {
+      // Materialised path: scores and pattern exist as tensors, hooks may read and edit them.
+      const int64_t S = past + T;
+      std::vector<float> scores(static_cast<size_t>(B) * H * T * S), pattern(scores.size());
+      ops::attention_scores(at, scores.data());
+      if (on(Site::AttnScores, l)) fire(Site::AttnScores, l, scores.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
+      ops::softmax_rows(scores.data(), static_cast<int64_t>(B) * H * T, S, pattern.data());
+      if (on(Site::Pattern, l)) fire(Site::Pattern, l, pattern.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
+      ops::attention_apply(at, pattern.data(), z);
+    } else {
+      ops::attention(at);
+    }
+    heads_view(Site::Z, l, z, H, H * Hd);
     if (cache) {
       if (sliding) {
         const int64_t keep = std::min<int64_t>(T, cache->layer(l).cap);
@@ -151,15 +194,30 @@ void Gemma3Model::forward(const ForwardArgs& a) {
     }
     L.o_proj.forward(z, M, out);
     ops::rmsnorm(out, D, L.post_attention_layernorm.data(), eps, M, D, out, D);
+    resid_view(Site::Ln1Post, l, out, D, D);
+    resid_view(Site::AttnOut, l, out, D, D);
     ops::add_inplace(x, out, M * D);
+    resid_view(Site::ResidMid, l, x, D, D);
 
     // --- MLP: down(gelu_tanh(gate(m)) * up(m)) ---
     ops::rmsnorm(x, D, L.pre_feedforward_layernorm.data(), eps, M, D, normed, D);
+    resid_view(Site::Ln2, l, normed, D, D);
     L.gate_up.forward(normed, M, gate_up);
+    resid_view(Site::MlpPre, l, gate_up, F, 2 * F);
+    resid_view(Site::MlpPreLinear, l, gate_up + F, F, 2 * F);
     ops::gelu_tanh_mul(gate_up, gate_up + F, 2 * F, M, F, act);
+    resid_view(Site::MlpPost, l, act, F, F);
     L.down_proj.forward(act, M, out);
     ops::rmsnorm(out, D, L.post_feedforward_layernorm.data(), eps, M, D, out, D);
+    resid_view(Site::Ln2Post, l, out, D, D);
+    resid_view(Site::MlpOut, l, out, D, D);
     ops::add_inplace(x, out, M * D);
+    resid_view(Site::ResidPost, l, x, D, D);
+  }
+
+  if (a.stop_at_layer >= 0) {  // TransformerLens: the residual stream before block stop_at_layer
+    if (a.resid_out) std::memcpy(a.resid_out, x, sizeof(float) * M * D);
+    return;
   }
 
   if (cache) {
@@ -169,15 +227,18 @@ void Gemma3Model::forward(const ForwardArgs& a) {
   }
 
   // ---- final norm and tied LM head ----
-  if (a.logits_mode == LogitsMode::None) return;
+  if (a.logits_mode == LogitsMode::None && !on(Site::LnFinal, -1)) return;
   int64_t rows = M;
   if (a.logits_mode == LogitsMode::Last) {
     rows = B;
     for (int b = 0; b < B; ++b)
       ops::rmsnorm(x + (static_cast<int64_t>(b) * T + T - 1) * D, D, w_.final_norm.data(), eps, 1, D, normed + b * D, D);
+    if (on(Site::LnFinal, -1)) fire(Site::LnFinal, -1, normed, {B, 1, D}, {D, D, 1});
   } else {
     ops::rmsnorm(x, D, w_.final_norm.data(), eps, M, D, normed, D);
+    resid_view(Site::LnFinal, -1, normed, D, D);
   }
+  if (a.logits_mode == LogitsMode::None) return;
   w_.embed.forward(normed, rows, a.logits);
   if (c.final_logit_softcapping > 0) ops::softcap_inplace(a.logits, rows * V, static_cast<float>(c.final_logit_softcapping));
 }

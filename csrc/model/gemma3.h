@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "model/config.h"
+#include "model/hooks.h"
 #include "model/kv_cache.h"
 #include "ops/linear.h"
 
@@ -46,6 +47,9 @@ struct ForwardArgs {
   KVCache* cache = nullptr;            // appends when set; positions continue from cache->seq_len()
   LogitsMode logits_mode = LogitsMode::All;
   float* logits = nullptr;             // [B, T, V] (All) or [B, V] (Last)
+  HookSet* hooks = nullptr;            // hook actions to run at the sites (null: none)
+  int stop_at_layer = -1;              // >= 0: run blocks [0, stop_at_layer) only, no logits
+  float* resid_out = nullptr;          // with stop_at_layer: the residual stream [B, T, D] there
 };
 
 class Gemma3Model {

@@ -128,6 +128,94 @@ inline void axpy_bf16(float p, const uint16_t* v, float* z, int n) {
 
 }  // namespace
 
+namespace {
+// Key / value row of slot j for (b, kvh): from the chunk or the ring; null if the ring no longer holds it.
+struct KVRow {
+  const float* f = nullptr;
+  const uint16_t* h = nullptr;
+};
+inline KVRow kv_row(const AttentionArgs& a, const float* chunk, const void* ring, int b, int kvh, int64_t j) {
+  KVRow r;
+  if (j >= a.past) {
+    r.f = chunk + ((static_cast<int64_t>(b) * a.T + (j - a.past)) * a.KV + kvh) * a.Hd;
+  } else if (j >= a.past - a.cap && ring) {
+    const int64_t off = ((static_cast<int64_t>(b) * a.KV + kvh) * a.cap + j % a.cap) * a.Hd;
+    if (a.past_dtype == DType::F32)
+      r.f = static_cast<const float*>(ring) + off;
+    else
+      r.h = static_cast<const uint16_t*>(ring) + off;
+  }
+  return r;
+}
+}  // namespace
+
+void attention_scores(const AttentionArgs& a, float* scores) {
+  const int64_t S = a.past + a.T;
+  const int group = a.H / a.KV;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel for collapse(3)
+  for (int b = 0; b < a.B; ++b)
+    for (int h = 0; h < a.H; ++h)
+      for (int t = 0; t < a.T; ++t) {
+        const int64_t i = a.past + t;
+        int64_t lo = std::max<int64_t>(a.row_start ? a.row_start[b] : 0, 0);
+        if (a.window > 0) lo = std::max<int64_t>(lo, i - a.window + 1);
+        const float* q = a.q + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
+        float* s = scores + ((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S;
+        for (int64_t j = 0; j < S; ++j) {
+          s[j] = neg_inf;
+          if (j < lo || j > i) continue;
+          KVRow k = kv_row(a, a.k_new, a.k_past, b, h / group, j);
+          if (!k.f && !k.h) continue;
+          float x = (k.f ? dot_f32(q, k.f, a.Hd) : dot_bf16(q, k.h, a.Hd)) * a.scale;
+          if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
+          s[j] = x;
+        }
+      }
+}
+
+void softmax_rows(const float* scores, int64_t rows, int64_t S, float* pattern) {
+#pragma omp parallel for if (rows > 4)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = scores + r * S;
+    float* p = pattern + r * S;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < S; ++j) mx = std::max(mx, s[j]);
+    if (!(mx > -std::numeric_limits<float>::infinity())) {
+      std::fill(p, p + S, 0.f);
+      continue;
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < S; ++j) {
+      p[j] = s[j] == -std::numeric_limits<float>::infinity() ? 0.f : exp_f32(s[j] - mx);
+      sum += p[j];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < S; ++j) p[j] *= inv;
+  }
+}
+
+void attention_apply(const AttentionArgs& a, const float* pattern, float* z) {
+  const int64_t S = a.past + a.T;
+  const int group = a.H / a.KV;
+#pragma omp parallel for collapse(3)
+  for (int b = 0; b < a.B; ++b)
+    for (int h = 0; h < a.H; ++h)
+      for (int t = 0; t < a.T; ++t) {
+        const float* p = pattern + ((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S;
+        float* zr = z + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
+        std::fill(zr, zr + a.Hd, 0.f);
+        for (int64_t j = 0; j < S; ++j) {
+          if (p[j] == 0.f) continue;
+          KVRow v = kv_row(a, a.v_new, a.v_past, b, h / group, j);
+          if (v.f)
+            axpy_f32(p[j], v.f, zr, a.Hd);
+          else if (v.h)
+            axpy_bf16(p[j], v.h, zr, a.Hd);
+        }
+      }
+}
+
 void attention_reference(const AttentionArgs& a) {
   const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd;
   const int group = H / KV;

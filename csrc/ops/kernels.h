@@ -56,6 +56,14 @@ struct AttentionArgs {
   float softcap = 0.f;
   float* z = nullptr;
 };
+// The attention with its intermediate tensors materialised (for the scores / pattern hooks), S = past + T:
+// scores [B, H, T, S] = q.k * scale (softcap), -inf where masked or no longer held by the ring;
+// pattern [B, H, T, S] = softmax over the last axis (rows with nothing visible: 0);
+// z [B, T, H, Hd] = pattern . V (keys the ring no longer holds contribute nothing).
+void attention_scores(const AttentionArgs& a, float* scores);
+void softmax_rows(const float* scores, int64_t rows, int64_t S, float* pattern);
+void attention_apply(const AttentionArgs& a, const float* pattern, float* z);
+
 // Tiled online-softmax (flash-attention style) kernel: AVX-512 when the CPU has it, else the reference.
 void attention(const AttentionArgs& a);
 // The direct kernel: one query at a time, full softmax. Simple and slow; the numerical reference.

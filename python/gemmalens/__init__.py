@@ -30,6 +30,9 @@ _install_config_helpers(Gemma3Config)
 
 from .model import Model, load  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
+from . import interventions  # noqa: E402
+from .hooks import ActivationCache, HookPoint  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError", "Tokenizer"]
+__all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError", "Tokenizer", "interventions",
+           "ActivationCache", "HookPoint"]

@@ -69,6 +69,113 @@ class Model:
         self.path = path
         cfg = core.config
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 8192))
+        from .hooks import HookTable
+
+        self._hook_table = HookTable(cfg.num_hidden_layers)
+        self._persistent_hooks = []  # [(name | filter, fn)] from model.hooks(...) / add_hook
+
+    # ---- hooks (TransformerLens idioms) ----
+
+    @property
+    def hook_names(self):
+        """Every hook point, in forward order (TransformerLens names)."""
+        return list(self._hook_table.names)
+
+    def _hookset(self, fwd_hooks=(), captures=()):
+        from .hooks import build_hookset
+
+        return build_hookset(self._hook_table, self.config.num_hidden_layers,
+                             list(self._persistent_hooks) + list(fwd_hooks), captures)
+
+    def add_hook(self, name, fn):
+        """Register a hook until reset_hooks() (prefer the `with model.hooks(...)` context manager)."""
+        self._check_hooks([(name, fn)])
+        self._persistent_hooks.append((name, fn))
+
+    def reset_hooks(self):
+        self._persistent_hooks = []
+
+    def _check_hooks(self, fwd_hooks):
+        for item in fwd_hooks:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise TypeError(f"fwd_hooks entries are (name or filter, fn) pairs, got {item!r}")
+            target, _ = item
+            if isinstance(target, str):
+                self._hook_table.resolve(target)
+            elif not callable(target):
+                raise TypeError(f"hook target must be a hook name or a filter function, got {target!r}")
+        self._hookset(fwd_hooks)  # validates the functions and interventions
+
+    def hooks(self, fwd_hooks=()):
+        """Context manager: the hooks apply to every forward and generate inside it, removed on exit
+        (also on exceptions).
+
+        >>> with model.hooks(fwd_hooks=[("blocks.3.hook_resid_post", gl.interventions.add(v, scale=4))]):
+        ...     model.generate("I think", max_new_tokens=20)
+        """
+        import contextlib
+
+        fwd_hooks = list(fwd_hooks)
+        self._check_hooks(fwd_hooks)
+
+        @contextlib.contextmanager
+        def ctx():
+            before = list(self._persistent_hooks)
+            self._persistent_hooks = before + fwd_hooks
+            try:
+                yield self
+            finally:
+                self._persistent_hooks = before
+
+        return ctx()
+
+    def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, return_type="logits", reset_hooks_end=True):
+        """Forward with hooks: fn(activation, hook) -> None | np.ndarray (a returned array replaces the
+        activation; in-place edits work too), or a gl.interventions object (applied natively)."""
+        fwd_hooks = list(fwd_hooks)
+        self._check_hooks(fwd_hooks)
+        try:
+            return self.forward(tokens, attention_mask=attention_mask, return_type=return_type, _fwd_hooks=fwd_hooks)
+        finally:
+            if reset_hooks_end:
+                self.reset_hooks()
+
+    def run_with_cache(self, tokens, names_filter=None, stop_at_layer=None, attention_mask=None, return_type="logits",
+                       fwd_hooks=()):
+        """Forward and capture activations: returns (logits, ActivationCache).
+
+        names_filter: a hook name, a list of them, or a predicate (None = all). Only those are materialised.
+        stop_at_layer: stop before block k (TransformerLens semantics): returns the residual stream there
+        ([batch, pos, d_model]) instead of logits, and skips the rest of the model.
+        """
+        from .hooks import ActivationCache
+
+        names = self._hook_table.select(names_filter)
+        if stop_at_layer is not None:
+            L = self.config.num_hidden_layers
+            if not isinstance(stop_at_layer, (int, np.integer)) or not -L <= stop_at_layer <= L:
+                raise ValueError(f"stop_at_layer must be an int in [{-L}, {L}], got {stop_at_layer!r}")
+            stop_at_layer = int(stop_at_layer) % (L + 1) if stop_at_layer < 0 else int(stop_at_layer)
+            names = [n for n in names if n.startswith("blocks.") and int(n.split(".")[1]) < stop_at_layer
+                     or n == "hook_embed"]
+        hs = self._hookset(list(fwd_hooks), captures=names)
+        toks = self.to_tokens(tokens)
+        row_start = None if attention_mask is None else _row_start(attention_mask, toks.shape)
+        if stop_at_layer is not None:
+            out = self._core.forward(toks, row_start, None, "none", hs, stop_at_layer)
+        else:
+            if return_type not in ("logits", "loss", None):
+                raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
+            out = self._core.forward(toks, row_start, None, "none" if return_type is None else "all", hs)
+            if return_type == "loss":
+                out = _next_token_loss(out, toks, row_start)
+        arrays = {}
+        if hs is not None:
+            ids = {v: k for k, v in self._hook_table.ids.items()}
+            for sid, layer, arr in hs.take_captures():
+                arrays[ids[(sid, layer)]] = arr
+        ordered = {n: arrays[n] for n in self._hook_table.names if n in arrays}
+        return out, ActivationCache(ordered, self._hook_table)
 
     @property
     def config(self):
@@ -116,7 +223,7 @@ class Model:
                              f"{self.config.max_position_embeddings}")
         return self._core.new_cache(int(batch), int(max_seq_len))
 
-    def forward(self, tokens, attention_mask=None, return_type="logits", cache=None):
+    def forward(self, tokens, attention_mask=None, return_type="logits", cache=None, _fwd_hooks=()):
         """Run the model.
 
         tokens: list[int], 1-D or 2-D integer array (1-D = batch 1).
@@ -148,10 +255,11 @@ class Model:
                                      "belongs to the first chunk)")
             else:
                 row_start = _row_start(mask, toks.shape)
+        hs = self._hookset(_fwd_hooks)
         if return_type is None:
-            self._core.forward(toks, row_start, cache, "none")
+            self._core.forward(toks, row_start, cache, "none", hs)
             return None
-        logits = self._core.forward(toks, row_start, cache, "all")
+        logits = self._core.forward(toks, row_start, cache, "all", hs)
         if return_type == "logits":
             return logits
         return _next_token_loss(logits, toks, row_start)

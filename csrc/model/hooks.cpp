@@ -1,0 +1,236 @@
+#include "model/hooks.h"
+
+#include <cmath>
+#include <string>
+
+#include "common.h"
+
+namespace gemmalens {
+
+const HookSiteInfo kHookSites[static_cast<int>(Site::Count)] = {
+    {Site::Embed, "hook_embed", false},
+    {Site::ResidPre, "hook_resid_pre", true},
+    {Site::Ln1, "ln1.hook_normalized", true},
+    {Site::Q, "attn.hook_q", true},
+    {Site::K, "attn.hook_k", true},
+    {Site::V, "attn.hook_v", true},
+    {Site::QNorm, "attn.q_norm.hook_normalized", true},
+    {Site::KNorm, "attn.k_norm.hook_normalized", true},
+    {Site::RotQ, "attn.hook_rot_q", true},
+    {Site::RotK, "attn.hook_rot_k", true},
+    {Site::AttnScores, "attn.hook_attn_scores", true},
+    {Site::Pattern, "attn.hook_pattern", true},
+    {Site::Z, "attn.hook_z", true},
+    {Site::Ln1Post, "ln1_post.hook_normalized", true},
+    {Site::AttnOut, "hook_attn_out", true},
+    {Site::ResidMid, "hook_resid_mid", true},
+    {Site::Ln2, "ln2.hook_normalized", true},
+    {Site::MlpPre, "mlp.hook_pre", true},
+    {Site::MlpPreLinear, "mlp.hook_pre_linear", true},
+    {Site::MlpPost, "mlp.hook_post", true},
+    {Site::Ln2Post, "ln2_post.hook_normalized", true},
+    {Site::MlpOut, "hook_mlp_out", true},
+    {Site::ResidPost, "hook_resid_post", true},
+    {Site::LnFinal, "ln_final.hook_normalized", false},
+};
+
+std::vector<std::string> hook_names(int n_layers) {
+  std::vector<std::string> out{"hook_embed"};
+  for (int i = 0; i < n_layers; ++i)
+    for (const auto& s : kHookSites)
+      if (s.per_layer) out.push_back("blocks." + std::to_string(i) + "." + s.suffix);
+  out.push_back("ln_final.hook_normalized");
+  return out;
+}
+
+int64_t ActView::numel() const {
+  int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+void ActView::copy_out(float* dst) const {
+  int64_t k = 0;
+  for_each([&](float& x, const int64_t*) { dst[k++] = x; });
+}
+
+void ActView::copy_in(const float* src) const {
+  int64_t k = 0;
+  for_each([&](float& x, const int64_t*) { x = src[k++]; });
+}
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+// positions -> mask over the position axis
+std::vector<char> position_mask(const std::vector<int64_t>& positions, int64_t T) {
+  std::vector<char> m(T, positions.empty() ? 1 : 0);
+  for (auto p : positions) {
+    const int64_t q = p < 0 ? p + T : p;
+    if (q >= 0 && q < T) m[q] = 1;
+  }
+  return m;
+}
+
+// Product of the dims after the position axis (the "inner" vector a position holds, heads included).
+int64_t inner_size(const ActView& v) {
+  int64_t n = 1;
+  for (size_t d = v.pos_axis + 1; d < v.shape.size(); ++d) n *= v.shape[d];
+  return n;
+}
+int64_t inner_index(const ActView& v, const int64_t* idx) {
+  int64_t k = 0;
+  for (size_t d = v.pos_axis + 1; d < v.shape.size(); ++d) k = k * v.shape[d] + idx[d];
+  return k;
+}
+
+void apply(HookAction& a, const ActView& v) {
+  const int64_t T = v.shape[v.pos_axis];
+  const auto pmask = position_mask(a.positions, T);
+  switch (a.kind) {
+    case HookAction::Capture: {
+      a.captured = std::make_shared<std::vector<float>>(v.numel());
+      a.captured_shape = v.shape;
+      v.copy_out(a.captured->data());
+      break;
+    }
+    case HookAction::Add: {
+      const int64_t inner = inner_size(v);
+      if (static_cast<int64_t>(a.values.size()) != inner)
+        throw ValueError("interventions.add: the vector has " + std::to_string(a.values.size()) + " values but the activation " +
+                         shape_str(v.shape) + " holds " + std::to_string(inner) + " per position");
+      v.for_each([&](float& x, const int64_t* idx) {
+        if (pmask[idx[v.pos_axis]]) x += a.scale * a.values[inner_index(v, idx)];
+      });
+      break;
+    }
+    case HookAction::Replace: {
+      // values: the full activation shape, or without the batch axis (broadcast over the batch).
+      const int64_t n = v.numel(), per_b = n / v.shape[0];
+      const bool full = static_cast<int64_t>(a.values.size()) == n;
+      if (!full && static_cast<int64_t>(a.values.size()) != per_b)
+        throw ValueError("interventions.replace: values of shape " + shape_str(a.values_shape) + " do not fit the activation " +
+                         shape_str(v.shape));
+      int64_t k = 0;
+      v.for_each([&](float& x, const int64_t* idx) {
+        if (pmask[idx[v.pos_axis]]) x = a.values[full ? k : k % per_b];
+        ++k;
+      });
+      break;
+    }
+    case HookAction::Scale:
+      v.for_each([&](float& x, const int64_t* idx) {
+        if (pmask[idx[v.pos_axis]]) x *= a.scale;
+      });
+      break;
+    case HookAction::Zero:
+      v.for_each([&](float& x, const int64_t* idx) {
+        if (pmask[idx[v.pos_axis]]) x = 0.f;
+      });
+      break;
+    case HookAction::AblateHeads: {
+      // [B, T, heads, Hd] activations (z, q, k, v, ...): head axis 2.
+      if (v.shape.size() != 4 || v.pos_axis != 1)
+        throw ValueError("interventions.ablate_heads applies to per-head activations [batch, pos, head, d_head] (e.g. attn.hook_z), "
+                         "not " + shape_str(v.shape));
+      const int64_t nh = v.shape[2], hd = v.shape[3];
+      std::vector<char> hm(nh, 0);
+      for (auto h : a.heads) {
+        if (h < 0 || h >= nh) throw ValueError("interventions.ablate_heads: head " + std::to_string(h) + " out of range [0, " + std::to_string(nh) + ")");
+        hm[h] = 1;
+      }
+      std::vector<double> mean(nh * hd, 0.0);
+      if (a.mean) {
+        int64_t cnt = 0;
+        for (int64_t b = 0; b < v.shape[0]; ++b)
+          for (int64_t t = 0; t < v.shape[1]; ++t) {
+            if (!pmask[t]) continue;
+            ++cnt;
+            for (int64_t h = 0; h < nh; ++h)
+              for (int64_t d = 0; d < hd; ++d) mean[h * hd + d] += v.data[b * v.strides[0] + t * v.strides[1] + h * v.strides[2] + d * v.strides[3]];
+          }
+        for (auto& m : mean) m /= std::max<int64_t>(cnt, 1);
+      }
+      v.for_each([&](float& x, const int64_t* idx) {
+        if (pmask[idx[1]] && hm[idx[2]]) x = static_cast<float>(mean[idx[2] * hd + idx[3]]);
+      });
+      break;
+    }
+    case HookAction::ProjectOut: {
+      const int64_t inner = inner_size(v);
+      if (static_cast<int64_t>(a.values.size()) != inner)
+        throw ValueError("interventions.project_out: the direction has " + std::to_string(a.values.size()) + " values but the activation " +
+                         shape_str(v.shape) + " holds " + std::to_string(inner) + " per position");
+      double nn = 0;
+      for (float d : a.values) nn += static_cast<double>(d) * d;
+      if (nn == 0) throw ValueError("interventions.project_out: the direction is zero");
+      // x <- x - (x . d) d / |d|^2, per position (contiguous inner block per position in every layout here)
+      const int nd = static_cast<int>(v.shape.size());
+      int64_t outer = 1;
+      for (int d = 0; d <= v.pos_axis; ++d) outer *= v.shape[d];
+      const int64_t inner_stride = v.strides[nd - 1];
+      for (int64_t o = 0; o < outer; ++o) {
+        int64_t rem = o, off = 0, t = 0;
+        for (int d = v.pos_axis; d >= 0; --d) {
+          const int64_t i = rem % v.shape[d];
+          rem /= v.shape[d];
+          off += i * v.strides[d];
+          if (d == v.pos_axis) t = i;
+        }
+        if (!pmask[t]) continue;
+        // inner dims are contiguous except possibly strided heads: walk them with for_each-like indexing
+        std::vector<float*> ptrs;
+        ptrs.reserve(inner);
+        std::vector<int64_t> sub(v.shape.begin() + v.pos_axis + 1, v.shape.end());
+        std::vector<int64_t> ix(sub.size(), 0);
+        for (int64_t k = 0; k < inner; ++k) {
+          int64_t so = 0;
+          for (size_t d = 0; d < sub.size(); ++d) so += ix[d] * v.strides[v.pos_axis + 1 + d];
+          ptrs.push_back(v.data + off + so);
+          for (int d = static_cast<int>(sub.size()) - 1; d >= 0; --d) {
+            if (++ix[d] < sub[d]) break;
+            ix[d] = 0;
+          }
+        }
+        double dot = 0;
+        for (int64_t k = 0; k < inner; ++k) dot += static_cast<double>(*ptrs[k]) * a.values[k];
+        const double c = dot / nn;
+        for (int64_t k = 0; k < inner; ++k) *ptrs[k] = static_cast<float>(*ptrs[k] - c * a.values[k]);
+      }
+      (void)inner_stride;
+      break;
+    }
+    case HookAction::Callback:
+      break;
+  }
+}
+
+}  // namespace
+
+void HookSet::run(Site s, int layer, const ActView& v) {
+  for (auto& a : actions_[index(s, layer)]) {
+    if (a.kind == HookAction::Callback) {
+      if (!call) throw std::runtime_error("a Python hook is registered but no bridge is set");
+      call(a.callback, s, layer, v);
+    } else {
+      apply(a, v);
+    }
+  }
+}
+
+void HookSet::clear() {
+  for (auto& v : actions_) v.clear();
+}
+
+bool HookSet::empty() const {
+  for (const auto& v : actions_)
+    if (!v.empty()) return false;
+  return true;
+}
+
+}  // namespace gemmalens

@@ -1,0 +1,109 @@
+// Hook points: TransformerLens names and placements for Gemma 3, one table (kHookSites) as the single source
+// of truth. The forward pass calls HookSet::run at every site; with nothing registered a site costs one branch.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace gemmalens {
+
+enum class Site : int {
+  Embed,           // hook_embed                      [B, T, D] (after the sqrt(D) scale)
+  ResidPre,        // blocks.i.hook_resid_pre         [B, T, D]
+  Ln1,             // blocks.i.ln1.hook_normalized    [B, T, D]
+  Q,               // blocks.i.attn.hook_q            [B, T, H, Hd]  (projection, before q_norm)
+  K,               // blocks.i.attn.hook_k            [B, T, KV, Hd]
+  V,               // blocks.i.attn.hook_v            [B, T, KV, Hd]
+  QNorm,           // blocks.i.attn.q_norm.hook_normalized [B, T, H, Hd]
+  KNorm,           // blocks.i.attn.k_norm.hook_normalized [B, T, KV, Hd]
+  RotQ,            // blocks.i.attn.hook_rot_q        [B, T, H, Hd]  (after RoPE)
+  RotK,            // blocks.i.attn.hook_rot_k        [B, T, KV, Hd]
+  AttnScores,      // blocks.i.attn.hook_attn_scores  [B, H, T, S]   (S = cached + new keys; masked: -inf)
+  Pattern,         // blocks.i.attn.hook_pattern      [B, H, T, S]   (masked: 0)
+  Z,               // blocks.i.attn.hook_z            [B, T, H, Hd]  (input of o_proj)
+  Ln1Post,         // blocks.i.ln1_post.hook_normalized [B, T, D]
+  AttnOut,         // blocks.i.hook_attn_out          [B, T, D]      (what is added to the residual)
+  ResidMid,        // blocks.i.hook_resid_mid         [B, T, D]
+  Ln2,             // blocks.i.ln2.hook_normalized    [B, T, D]
+  MlpPre,          // blocks.i.mlp.hook_pre           [B, T, F]      (gate pre-activation)
+  MlpPreLinear,    // blocks.i.mlp.hook_pre_linear    [B, T, F]      (up projection)
+  MlpPost,         // blocks.i.mlp.hook_post          [B, T, F]      (gelu(gate) * up)
+  Ln2Post,         // blocks.i.ln2_post.hook_normalized [B, T, D]
+  MlpOut,          // blocks.i.hook_mlp_out           [B, T, D]
+  ResidPost,       // blocks.i.hook_resid_post        [B, T, D]
+  LnFinal,         // ln_final.hook_normalized        [B, T, D]
+  Count
+};
+
+struct HookSiteInfo {
+  Site site;
+  const char* suffix;  // full name = suffix (model-level) or "blocks.{i}." + suffix
+  bool per_layer;
+};
+extern const HookSiteInfo kHookSites[static_cast<int>(Site::Count)];
+
+// All hook names in forward order for a model with n_layers blocks.
+std::vector<std::string> hook_names(int n_layers);
+
+// A strided float32 view of an activation (strides in elements).
+struct ActView {
+  float* data = nullptr;
+  std::vector<int64_t> shape, strides;
+  int pos_axis = 1;  // the position axis (2 for scores/pattern)
+  int64_t numel() const;
+  template <class F>
+  void for_each(F&& f) const {  // f(float&, const int64_t* index), row-major order
+    const int nd = static_cast<int>(shape.size());
+    int64_t idx[4] = {0, 0, 0, 0};
+    const int64_t n = numel();
+    for (int64_t k = 0; k < n; ++k) {
+      int64_t off = 0;
+      for (int d = 0; d < nd; ++d) off += idx[d] * strides[d];
+      f(data[off], idx);
+      for (int d = nd - 1; d >= 0; --d) {
+        if (++idx[d] < shape[d]) break;
+        idx[d] = 0;
+      }
+    }
+  }
+  void copy_out(float* dst) const;      // to a contiguous buffer
+  void copy_in(const float* src) const; // from a contiguous buffer
+};
+
+// One thing to do at a site.
+struct HookAction {
+  enum Kind { Capture, Callback, Add, Replace, Scale, Zero, AblateHeads, ProjectOut } kind = Capture;
+  std::vector<float> values;       // Add: [inner]; Replace: the activation (or [T, ...]); ProjectOut: direction
+  std::vector<int64_t> values_shape;
+  std::vector<int64_t> positions;  // indices on the position axis (negative from the end); empty = all
+  float scale = 1.f;
+  std::vector<int64_t> heads;      // AblateHeads
+  bool mean = false;               // AblateHeads: mean over batch and positions instead of zero
+  int callback = -1;               // Callback: index into HookSet::callbacks
+  // Capture: filled by the forward pass.
+  std::shared_ptr<std::vector<float>> captured;
+  std::vector<int64_t> captured_shape;
+};
+
+class HookSet {
+ public:
+  HookSet(int n_layers) : n_layers_(n_layers), actions_((n_layers + 1) * static_cast<int>(Site::Count)) {}
+  // layer: block index, or -1 for model-level sites.
+  bool active(Site s, int layer) const { return !actions_[index(s, layer)].empty(); }
+  std::vector<HookAction>& at(Site s, int layer) { return actions_[index(s, layer)]; }
+  void run(Site s, int layer, const ActView& v);
+  void clear();
+  bool empty() const;
+  int n_layers() const { return n_layers_; }
+  // Bridge to Python callbacks (set by the bindings): (callback index, site, layer, view).
+  std::function<void(int, Site, int, const ActView&)> call;
+
+ private:
+  size_t index(Site s, int layer) const { return static_cast<size_t>(layer + 1) * static_cast<int>(Site::Count) + static_cast<int>(s); }
+  int n_layers_;
+  std::vector<std::vector<HookAction>> actions_;
+};
+
+}  // namespace gemmalens

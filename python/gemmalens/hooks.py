@@ -1,0 +1,169 @@
+"""TransformerLens-style hooks over the native forward pass: names, ActivationCache, hook registration."""
+import difflib
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import _core
+
+
+class HookPoint:
+    """What a hook function receives as its second argument: ``hook.name``, ``hook.layer`` (None for
+    model-level hooks)."""
+
+    __slots__ = ("name", "layer")
+
+    def __init__(self, name, layer):
+        self.name, self.layer = name, layer
+
+    def __repr__(self):
+        return f"HookPoint({self.name!r})"
+
+
+def family(name):
+    """'blocks.3.attn.hook_pattern' -> 'pattern'; 'blocks.3.ln1.hook_normalized' -> 'ln1'; 'hook_embed' -> 'embed'."""
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        parts = parts[2:]
+    if parts[-1] == "hook_normalized":
+        return parts[-2]
+    return parts[-1][len("hook_"):]
+
+
+class HookTable:
+    """Hook names for one model, in forward order, with their native (site, layer) ids."""
+
+    def __init__(self, n_layers):
+        self.names = list(_core.hook_names(n_layers))
+        sites = {suffix: sid for sid, suffix, _ in _core.hook_sites()}
+        self.ids = {}
+        for n in self.names:
+            if n.startswith("blocks."):
+                _, layer, suffix = n.split(".", 2)
+                self.ids[n] = (sites[suffix], int(layer))
+            else:
+                self.ids[n] = (sites[n], -1)
+        self.by_family = {}
+        for n in self.names:
+            sid, layer = self.ids[n]
+            self.by_family[(family(n), None if layer < 0 else layer)] = n
+
+    def resolve(self, name):
+        if name in self.ids:
+            return self.ids[name]
+        close = difflib.get_close_matches(name, self.names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see model.hook_names"
+        raise ValueError(f"unknown hook name {name!r}{hint}")
+
+    def select(self, names_filter):
+        """str | list[str] | callable | None -> list of names (forward order)."""
+        if names_filter is None:
+            return list(self.names)
+        if isinstance(names_filter, str):
+            self.resolve(names_filter)
+            return [names_filter]
+        if callable(names_filter):
+            return [n for n in self.names if names_filter(n)]
+        names = list(names_filter)
+        for n in names:
+            if not isinstance(n, str):
+                raise TypeError(f"names_filter entries must be hook names, got {n!r}")
+            self.resolve(n)
+        wanted = set(names)
+        return [n for n in self.names if n in wanted]
+
+
+class ActivationCache(Mapping):
+    """name -> np.ndarray (float32), in forward order. The arrays own their buffers (no second copy).
+
+    ``cache["blocks.3.hook_resid_post"]``, ``cache["resid_post", 3]``, ``cache["pattern", 5]``, ``cache["embed"]``.
+    """
+
+    def __init__(self, arrays, table):
+        self._arrays = arrays
+        self._table = table
+
+    def _key(self, key):
+        if isinstance(key, tuple):
+            fam, layer = key
+            name = self._table.by_family.get((fam, int(layer) if layer is not None else None))
+            if name is None:
+                raise KeyError(f"no hook {fam!r} at layer {layer}")
+            return name
+        if key not in self._arrays and (key, None) in self._table.by_family:
+            return self._table.by_family[(key, None)]
+        return key
+
+    def __getitem__(self, key):
+        name = self._key(key)
+        if name not in self._arrays:
+            if name in self._table.ids:
+                raise KeyError(f"{name!r} was not captured (see names_filter / stop_at_layer)")
+            try:
+                self._table.resolve(name)
+            except ValueError as e:
+                raise KeyError(str(e)) from None
+        return self._arrays[name]
+
+    def __contains__(self, key):
+        try:
+            return self._key(key) in self._arrays
+        except KeyError:
+            return False
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self):
+        return len(self._arrays)
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self._arrays.values())
+
+    def __repr__(self):
+        return f"ActivationCache({len(self)} activations, {self.nbytes / 2**20:.1f} MiB)"
+
+
+def _wrap_callable(fn, hook):
+    def call(act):
+        out = fn(act, hook)
+        if out is None:
+            return act  # in-place edits (if any) are written back
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"hook {hook.name!r} returned {type(out).__name__}; return None or an np.ndarray")
+        if out.shape != act.shape:
+            raise ValueError(f"hook {hook.name!r} returned shape {tuple(out.shape)} but the activation has shape "
+                             f"{tuple(act.shape)}")
+        if not np.issubdtype(out.dtype, np.floating):
+            raise TypeError(f"hook {hook.name!r} returned dtype {out.dtype}; return a floating-point array")
+        return out
+    return call
+
+
+def build_hookset(table, n_layers, fwd_hooks, captures=()):
+    """fwd_hooks: [(name | filter callable, fn | Intervention | list of them)] -> _core.HookSet (or None)."""
+    from .interventions import Intervention
+
+    if not fwd_hooks and not captures:
+        return None
+    hs = _core.HookSet(n_layers)
+    for name in captures:
+        sid, layer = table.ids[name]
+        hs.add_capture(sid, layer)
+    for target, fn in fwd_hooks:
+        names = [n for n in table.names if target(n)] if callable(target) and not isinstance(target, str) else [target]
+        for name in names:
+            sid, layer = table.resolve(name)
+            hook = HookPoint(name, None if layer < 0 else layer)
+            fns = fn if isinstance(fn, (list, tuple)) else [fn]
+            for f in fns:
+                if isinstance(f, Intervention):
+                    f._register(hs, sid, layer, hook)
+                elif callable(f) and hasattr(f, "_register_native"):
+                    f._register_native(hs, sid, layer, hook)
+                elif callable(f):
+                    hs.add_callback(sid, layer, _wrap_callable(f, hook))
+                else:
+                    raise TypeError(f"hook for {name!r} must be a callable or a gl.interventions object, got {f!r}")
+    return hs

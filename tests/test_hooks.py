@@ -1,0 +1,241 @@
+"""Hooks: every site against HF (torch hooks on the corresponding modules), patching equivalence, API."""
+import numpy as np
+import pytest
+import torch
+
+import gemmalens as gl
+from conftest import hf_logits, rel_err
+from hf_hooks import hf_activations
+
+EXPECTED_BLOCK = [
+    "hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+    "attn.q_norm.hook_normalized", "attn.k_norm.hook_normalized", "attn.hook_rot_q", "attn.hook_rot_k",
+    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "ln1_post.hook_normalized", "hook_attn_out",
+    "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
+    "ln2_post.hook_normalized", "hook_mlp_out", "hook_resid_post",
+]
+
+
+def test_exact_ordered_hook_names(tiny_dir):
+    model = gl.load(tiny_dir)
+    L = model.config.num_hidden_layers
+    expected = ["hook_embed"] + [f"blocks.{i}.{s}" for i in range(L) for s in EXPECTED_BLOCK] + ["ln_final.hook_normalized"]
+    assert model.hook_names == expected
+
+
+@pytest.mark.parametrize("name", ["mqa_scaled_softcap", "gqa4_hd24", "attn_softcap"])
+def test_capture_every_site_matches_hf(hf_models, name):
+    hf, path = hf_models[name]
+    model = gl.load(path)
+    ids = np.random.default_rng(0).integers(0, 320, (2, 13))
+    logits, cache = model.run_with_cache(ids)
+    ref, ref_logits = hf_activations(hf, ids)
+    assert rel_err(logits, ref_logits) <= 1e-5
+    assert list(cache) == model.hook_names
+    for n in model.hook_names:
+        ours, theirs = cache[n], ref[n]
+        assert ours.shape == theirs.shape, n
+        assert ours.dtype == np.float32
+        if n.endswith("hook_attn_scores"):
+            fin = np.isfinite(theirs)
+            assert (np.isfinite(ours) == fin).all(), n  # masked: -inf, as in TransformerLens
+            assert rel_err(ours[fin], theirs[fin]) <= 1e-5, n
+        else:
+            assert rel_err(ours, theirs) <= 1e-5, n
+
+
+def test_cache_api(tiny_dir):
+    model = gl.load(tiny_dir)
+    ids = np.arange(1, 11)
+    logits, cache = model.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_post"))
+    assert len(cache) == model.config.num_hidden_layers
+    np.testing.assert_array_equal(cache["resid_post", 3], cache["blocks.3.hook_resid_post"])
+    assert cache["resid_post", 3].shape == (1, 10, model.config.hidden_size)
+    assert cache.nbytes == sum(a.nbytes for a in cache.values())
+    assert cache["blocks.3.hook_resid_post"].base is not None or cache["blocks.3.hook_resid_post"].flags.owndata
+    with pytest.raises(KeyError, match="not captured"):
+        cache["blocks.3.attn.hook_z"]
+    with pytest.raises(KeyError, match="did you mean"):
+        cache["blocks.3.hook_z"]
+    assert "blocks.3.hook_resid_post" in cache and ("resid_post", 3) in cache and "blocks.3.attn.hook_z" not in cache
+    _, c1 = model.run_with_cache(ids, names_filter="blocks.2.attn.hook_pattern")
+    assert list(c1) == ["blocks.2.attn.hook_pattern"] and c1["pattern", 2].shape == (1, 4, 10, 10)
+    _, c2 = model.run_with_cache(ids, names_filter=["hook_embed", "ln_final.hook_normalized"])
+    assert c2["embed"].shape == (1, 10, 64)
+    with pytest.raises(ValueError, match="did you mean"):
+        model.run_with_cache(ids, names_filter=["blocks.2.hook_resid_pots"])
+
+
+def test_stop_at_layer(tiny_dir):
+    model = gl.load(tiny_dir)
+    ids = np.arange(1, 11)
+    _, full = model.run_with_cache(ids)
+    resid, cache = model.run_with_cache(ids, stop_at_layer=3)
+    np.testing.assert_allclose(resid, full["blocks.3.hook_resid_pre"], rtol=0, atol=1e-6)
+    assert all(not n.startswith(("blocks.3.", "blocks.4.", "ln_final")) for n in cache)
+    assert "blocks.2.hook_resid_post" in cache
+
+
+def test_patching_zero_mlp_out_matches_hf(hf_models):
+    hf, path = hf_models["gqa2"]
+    model = gl.load(path)
+    ids = np.random.default_rng(1).integers(0, 320, (1, 12))
+    ours = model.run_with_hooks(ids, fwd_hooks=[("blocks.3.hook_mlp_out", gl.interventions.zero())])
+    py = model.run_with_hooks(ids, fwd_hooks=[("blocks.3.hook_mlp_out", lambda a, hook: np.zeros_like(a))])
+    h = hf.model.layers[3].post_feedforward_layernorm.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    try:
+        ref = hf_logits(hf, ids)
+    finally:
+        h.remove()
+    assert rel_err(ours, ref) <= 1e-5 and rel_err(py, ref) <= 1e-5
+    assert rel_err(model.forward(ids), ref) > 1e-3  # the ablation mattered, and no hook was left behind
+
+
+def test_steering_during_generation_matches_hf(hf_models):
+    hf, path = hf_models["mqa_scaled_softcap"]
+    model = gl.load(path)
+    vec = np.random.default_rng(2).standard_normal(64).astype(np.float32)
+    ids = [5, 17, 33, 2]
+    with model.hooks(fwd_hooks=[("blocks.4.hook_resid_post", gl.interventions.add(vec, scale=3.0))]):
+        ours = model.generate(ids, max_new_tokens=16, ignore_eos=True).tolist()
+    plain = model.generate(ids, max_new_tokens=16, ignore_eos=True).tolist()
+    h = hf.model.layers[4].register_forward_hook(lambda m, i, o: o + 3.0 * torch.as_tensor(vec))
+    try:
+        with torch.no_grad():
+            ref = hf.generate(torch.as_tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(ids):].tolist()
+    finally:
+        h.remove()
+    assert ours == ref
+    assert ours != plain
+
+
+def test_replace_one_head_of_z_matches_hf(hf_models):
+    hf, path = hf_models["gqa4_hd24"]
+    model = gl.load(path)
+    rng = np.random.default_rng(3)
+    clean, corrupt = rng.integers(0, 320, (1, 10)), rng.integers(0, 320, (1, 10))
+    _, cache = model.run_with_cache(clean, names_filter="blocks.2.attn.hook_z")
+    zc = cache["z", 2]
+    head = 5
+
+    def patch(a, hook):
+        a[:, :, head] = zc[:, :, head]
+
+    ours = model.run_with_hooks(corrupt, fwd_hooks=[("blocks.2.attn.hook_z", patch)])
+    H, Hd = 8, 24
+
+    def hf_patch(mod, args):
+        x = args[0].clone().reshape(1, 10, H, Hd)
+        x[:, :, head] = torch.as_tensor(zc[:, :, head])
+        return (x.reshape(1, 10, H * Hd),)
+
+    h = hf.model.layers[2].self_attn.o_proj.register_forward_pre_hook(hf_patch)
+    try:
+        ref = hf_logits(hf, corrupt)
+    finally:
+        h.remove()
+    assert rel_err(ours, ref) <= 1e-5
+    # native replace of the whole z equals running the clean z through the rest of the model
+    full = model.run_with_hooks(corrupt, fwd_hooks=[("blocks.2.attn.hook_z", gl.interventions.replace(zc))])
+    h = hf.model.layers[2].self_attn.o_proj.register_forward_pre_hook(lambda m, a: (torch.as_tensor(zc.reshape(1, 10, -1)),))
+    try:
+        ref_full = hf_logits(hf, corrupt)
+    finally:
+        h.remove()
+    assert rel_err(full, ref_full) <= 1e-5
+
+
+def test_native_interventions_against_numpy(tiny_dir):
+    model = gl.load(tiny_dir)
+    ids = np.arange(3, 15)
+    name = "blocks.2.hook_resid_mid"
+    _, c = model.run_with_cache(ids, names_filter=name)
+    x = c[name]
+    rng = np.random.default_rng(4)
+    v = rng.standard_normal(64).astype(np.float32)
+    d = rng.standard_normal(64).astype(np.float32)
+
+    def via_python(f):
+        return model.run_with_hooks(ids, fwd_hooks=[(name, lambda a, hook: f(a.copy()).astype(np.float32))])
+
+    def proj(a):
+        return a - (a @ d)[..., None] * d / (d @ d)
+
+    def add_pos(a):
+        a[:, [1, -1]] += 2.0 * v
+        return a
+
+    cases = [
+        (gl.interventions.add(v, scale=2.0, positions=[1, -1]), add_pos),
+        (gl.interventions.scale(0.5), lambda a: a * 0.5),
+        (gl.interventions.zero(positions=3), lambda a: np.where(np.arange(12)[None, :, None] == 3, 0, a)),
+        (gl.interventions.project_out(d), proj),
+        (gl.interventions.replace(x * 2), lambda a: x * 2),
+    ]
+    for native, ref in cases:
+        np.testing.assert_allclose(model.run_with_hooks(ids, fwd_hooks=[(name, native)]), via_python(ref), rtol=0,
+                                   atol=1e-4, err_msg=repr(native))
+    # composition: two at one site apply in order
+    both = model.run_with_hooks(ids, fwd_hooks=[(name, [gl.interventions.scale(0.5), gl.interventions.add(v)])])
+    np.testing.assert_allclose(both, via_python(lambda a: a * 0.5 + v), rtol=0, atol=1e-4)
+    # head ablation on hook_z, zero and mean
+    zname = "blocks.1.attn.hook_z"
+    for mode in ("zero", "mean"):
+        def ref_ab(a, mode=mode):
+            a[:, :, [0, 2]] = 0 if mode == "zero" else a[:, :, [0, 2]].mean(axis=(0, 1), keepdims=True)
+            return a
+        np.testing.assert_allclose(
+            model.run_with_hooks(ids, fwd_hooks=[(zname, gl.interventions.ablate_heads([0, 2], mode=mode))]),
+            model.run_with_hooks(ids, fwd_hooks=[(zname, lambda a, hook, f=ref_ab: f(a.copy()))]), rtol=0, atol=1e-4)
+
+
+def test_hook_errors_leave_model_usable(tiny_dir):
+    model = gl.load(tiny_dir)
+    ids = np.arange(1, 8)
+    clean = model.forward(ids)
+
+    def boom(a, hook):
+        raise RuntimeError("boom at " + hook.name)
+
+    with pytest.raises(RuntimeError, match="boom at blocks.2.hook_resid_post"):
+        model.run_with_hooks(ids, fwd_hooks=[("blocks.2.hook_resid_post", boom)])
+    with pytest.raises(ValueError, match=r"returned shape \(1, 7\).*\(1, 7, 64\)"):
+        model.run_with_hooks(ids, fwd_hooks=[("blocks.2.hook_resid_post", lambda a, h: a[..., 0])])
+    with pytest.raises(TypeError, match="dtype"):
+        model.run_with_hooks(ids, fwd_hooks=[("blocks.2.hook_resid_post", lambda a, h: a.astype(np.int32))])
+    with pytest.raises(ValueError, match="did you mean"):
+        model.run_with_hooks(ids, fwd_hooks=[("blocks.2.hook_resid_post_", lambda a, h: None)])
+    with pytest.raises(ValueError, match="holds 64 per position"):
+        model.run_with_hooks(ids, fwd_hooks=[("blocks.2.hook_resid_post", gl.interventions.add(np.ones(5)))])
+    with pytest.raises(RuntimeError):
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", boom)]):
+            model.forward(ids)
+    np.testing.assert_array_equal(model.forward(ids), clean)
+    # a generate that fails in a hook leaves the model usable too
+    with pytest.raises(RuntimeError):
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", boom)]):
+            model.generate([1, 2, 3], max_new_tokens=3)
+    np.testing.assert_array_equal(model.forward(ids), clean)
+
+
+def test_hooks_during_generation_see_new_positions(tiny_dir):
+    model = gl.load(tiny_dir)
+    shapes = []
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda a, h: shapes.append(a.shape)),
+                                ("blocks.1.hook_resid_post", lambda a, h: shapes.append(a.shape))]):
+        model.generate([1, 2, 3, 4], max_new_tokens=3, ignore_eos=True)
+    assert shapes[:2] == [(1, 4, 4, 4), (1, 4, 64)]          # the prompt
+    assert shapes[2:4] == [(1, 4, 1, 5), (1, 1, 64)]         # step 1: one new position, keys seen so far
+    assert shapes[4:6] == [(1, 4, 1, 6), (1, 1, 64)]
+    assert model._persistent_hooks == []
+
+
+def test_filter_hooks_and_kept_arrays(tiny_dir):
+    model = gl.load(tiny_dir)
+    seen = []
+    model.run_with_hooks(np.arange(1, 6), fwd_hooks=[(lambda n: n.endswith("hook_z"), lambda a, h: seen.append((h.name, h.layer, a)))])
+    assert [s[0] for s in seen] == [f"blocks.{i}.attn.hook_z" for i in range(model.config.num_hidden_layers)]
+    assert seen[3][1] == 3
+    # arrays handed to hooks are the hook's to keep: later layers do not overwrite them
+    assert not np.array_equal(seen[0][2], seen[1][2])

@@ -1,12 +1,13 @@
-"""gemmalens benchmark: prefill beside HF transformers on the same weights, in one run.
+"""gemmalens benchmark: the machine's limits, then gemmalens beside its peers on the same weights, in one run.
 
-    python bench/run.py            # full: 270m and 1b shapes, fp32 and bf16, 128 and 512 tokens
+    python bench/run.py            # full: 270m and 1b shapes
     python bench/run.py --quick    # 270m only, fewer repeats
 
-Writes the table to bench/README.md (between the BENCH markers) with the date and machine.
+Writes the tables to bench/README.md (between the BENCH markers) with the date and machine.
 Random-weight checkpoints of the real shapes are generated once under bench/_work/ (git-ignored).
-HF transformers (torch 2.13 CPU) runs with its default attention, `logits_to_keep=1` (last-position
-logits only, as gemmalens' "last" mode) and the same thread count.
+Peers: HF transformers (torch 2.13 CPU; default attention; prefill with `logits_to_keep=1`, as gemmalens'
+last-position mode; decode with `generate`), TransformerLens 4 (TransformerBridge over the same HF model).
+All at the same thread count.
 """
 import argparse
 import datetime
@@ -80,6 +81,107 @@ def bench_hf(path, dtype, lengths, threads, repeats):
     return out
 
 
+def machine_limits(threads):
+    from gemmalens import _core
+
+    bw = _core.ops.read_bandwidth(1 << 30, 5)
+    x = np.random.default_rng(0).standard_normal((512, 2048)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((2048, 2048)).astype(np.float32)
+    flops = {}
+    for dt in ("float32", "bfloat16"):
+        # includes the weight reorder once per call: a lower bound on the matmul rate
+        t = timeit(lambda: _core.ops.linear(x, w, dt), 3)
+        flops[dt] = 2 * 512 * 2048 * 2048 / t
+    return bw, flops
+
+
+def bench_decode(path, dtype, batch, prompt_len, n_new, threads, repeats):
+    """Decode tok/s (per sequence step x batch) after a prompt_len prefill: gemmalens and HF generate."""
+    import gemmalens as gl
+
+    model = gl.load(path, dtype=dtype, threads=threads)
+    rng = np.random.default_rng(0)
+    toks = model.to_tokens(rng.integers(0, model.config.vocab_size, (batch, prompt_len)))
+
+    def run():
+        cache = model.new_cache(batch=batch, max_seq_len=prompt_len + n_new + 1)
+        model._core.forward(toks, None, cache, "last")
+        step = toks[:, -1:].copy()
+        t0 = time.perf_counter()
+        for _ in range(n_new):
+            model._core.forward(step, None, cache, "last")
+        return time.perf_counter() - t0
+
+    run()
+    ours = batch * n_new / min(run() for _ in range(repeats))
+    wbytes = model.weight_nbytes
+    del model
+    gc.collect()
+
+    import torch
+    from transformers import Gemma3ForCausalLM
+
+    torch.set_num_threads(threads)
+    hf = Gemma3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    ids = torch.as_tensor(np.asarray(toks, dtype=np.int64))
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=0)
+
+    def hf_time(n):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, **kw)
+        return time.perf_counter() - t0
+
+    hf_time(2)
+    hf_n = max(4, n_new // 2)
+    theirs = batch * (hf_n - 1) / max(1e-9, min(hf_time(hf_n) for _ in range(max(1, repeats - 1))) - hf_time(1))
+    del hf
+    gc.collect()
+    return ours, theirs, wbytes
+
+
+def bench_hooks(path, threads, repeats, T=256):
+    """270m f32, T tokens: plain forward vs run_with_cache (all resid_post / every hook), and TransformerLens."""
+    import gemmalens as gl
+
+    model = gl.load(path, threads=threads)
+    toks = model.to_tokens(np.random.default_rng(0).integers(0, model.config.vocab_size, T))
+    plain = timeit(lambda: model.forward(toks), repeats)
+    resid = timeit(lambda: model.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_resid_post")), repeats)
+    every = timeit(lambda: model.run_with_cache(toks), repeats)
+    del model
+    gc.collect()
+    tl_time = None
+    try:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformers import Gemma3ForCausalLM, PreTrainedTokenizerFast
+        from tokenizers import Tokenizer, models
+
+        torch.set_num_threads(threads)
+        hf = Gemma3ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+        # TransformerLens wants a tokenizer object; the random-weight model has none, so give it a stub.
+        stub = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                       unk_token="<unk>", pad_token="<unk>", bos_token="<unk>", eos_token="<unk>")
+        stub_dir = os.path.join(WORK, "stub-tokenizer")
+        stub.save_pretrained(stub_dir)
+        tok = PreTrainedTokenizerFast.from_pretrained(stub_dir)
+        bridge = TransformerBridge.boot_transformers(path, hf_model=hf, tokenizer=tok, device="cpu")
+        ids = torch.as_tensor(np.asarray(toks, dtype=np.int64))
+
+        def tl_run():
+            with torch.no_grad():
+                bridge.run_with_cache(ids)
+
+        tl_time = timeit(tl_run, repeats)
+        del bridge, hf
+        gc.collect()
+    except Exception as e:  # report, do not hide: the table says why the cell is empty
+        print(f"TransformerLens run failed: {type(e).__name__}: {e}", flush=True)
+    return plain, resid, every, tl_time
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -89,36 +191,71 @@ def main():
 
     from make_models import make
 
-    sizes = ["270m"] if args.quick else ["270m", "1b"]
-    lengths = [128, 512]
-    repeats = 2 if args.quick else 3
-    rows = []
-    for size in sizes:
-        path = os.path.join(WORK, f"random-{size}")
-        if not os.path.exists(os.path.join(path, "model.safetensors")):
-            print(f"writing {path} ...", flush=True)
-            make(size, path)
-        for dtype in ("float32", "bfloat16"):
-            ours = bench_gemmalens(path, dtype, lengths, args.threads, repeats)
-            hf = bench_hf(path, dtype, lengths, args.threads, repeats)
-            for T in lengths:
-                rows.append((size, dtype, T, ours[T], hf[T]))
-                print(f"{size:5s} {dtype:9s} prefill {T:4d}: gemmalens {ours[T]:8.1f} tok/s  HF {hf[T]:8.1f} tok/s  "
-                      f"x{ours[T] / hf[T]:.2f}", flush=True)
-
     import gemmalens
     import torch
     import transformers
 
+    sizes = ["270m"] if args.quick else ["270m", "1b"]
+    lengths = [128, 512]
+    repeats = 2 if args.quick else 3
+    paths = {}
+    for size in sizes:
+        paths[size] = os.path.join(WORK, f"random-{size}")
+        if not os.path.exists(os.path.join(paths[size], "model.safetensors")):
+            print(f"writing {paths[size]} ...", flush=True)
+            make(size, paths[size])
+
+    bw, flops = machine_limits(args.threads)
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s; matmul f32 {flops['float32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {flops['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
+
+    prefill = []
+    for size in sizes:
+        for dtype in ("float32", "bfloat16"):
+            ours = bench_gemmalens(paths[size], dtype, lengths, args.threads, repeats)
+            hf = bench_hf(paths[size], dtype, lengths, args.threads, repeats)
+            for T in lengths:
+                prefill.append((size, dtype, T, ours[T], hf[T]))
+                print(f"{size:5s} {dtype:9s} prefill {T:4d}: gemmalens {ours[T]:8.1f} tok/s  HF {hf[T]:8.1f} tok/s  "
+                      f"x{ours[T] / hf[T]:.2f}", flush=True)
+
+    decode = []
+    for size in sizes:
+        for batch in (1, 8):
+            o, h, wbytes = bench_decode(paths[size], "bfloat16", batch, 128, 16 if args.quick else 32, args.threads, repeats)
+            bound = bw / wbytes * batch  # every step reads all weights once
+            decode.append((size, "bfloat16", batch, o, h, o / bound))
+            print(f"{size:5s} bf16 decode batch {batch}: gemmalens {o:7.1f} tok/s  HF {h:7.1f} tok/s  x{o / h:.2f}  "
+                  f"{o / bound:.2f} of the bandwidth bound", flush=True)
+
+    plain, resid, every, tl_time = bench_hooks(paths["270m"], args.threads, repeats)
+    print(f"hooks: plain {plain * 1e3:.0f} ms, cache resid_post {resid * 1e3:.0f} ms, cache all {every * 1e3:.0f} ms, "
+          f"TL {tl_time * 1e3 if tl_time else float('nan'):.0f} ms", flush=True)
+
     head = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "
             f"({os.cpu_count()} cores visible); gemmalens {gemmalens.__version__} (oneDNN {gemmalens._core.dnnl_version()}), "
             f"transformers {transformers.__version__}, torch {torch.__version__}. Command: `python bench/run.py"
-            f"{' --quick' if args.quick else ''}`.\n\n")
-    table = ("| model | dtype | prefill tokens | gemmalens tok/s | HF tok/s | ratio |\n"
-             "|---|---|---|---|---|---|\n")
-    for size, dtype, T, o, h in rows:
-        table += f"| {size} (random weights) | {dtype} | {T} | {o:.1f} | {h:.1f} | **{o / h:.2f}x** |\n"
-    text = head + table
+            f"{' --quick' if args.quick else ''}`. Random weights of the real shapes.\n\n"
+            f"Machine, measured in the same run: streaming read bandwidth **{bw / 1e9:.1f} GB/s**; oneDNN matmul "
+            f"512x2048x2048 f32 **{flops['float32'] / 1e9:.0f} GFLOP/s**, bf16 **{flops['bfloat16'] / 1e9:.0f} GFLOP/s**.\n\n")
+    text = head + "### Prefill (batch 1, last-position logits)\n\n"
+    text += "| model | dtype | tokens | gemmalens tok/s | HF tok/s | ratio |\n|---|---|---|---|---|---|\n"
+    for size, dtype, T, o, h in prefill:
+        text += f"| {size} | {dtype} | {T} | {o:.1f} | {h:.1f} | **{o / h:.2f}x** |\n"
+    text += ("\n### Decode (context 128, greedy; tok/s over all sequences)\n\n"
+             "| model | dtype | batch | gemmalens tok/s | HF generate tok/s | ratio | fraction of bandwidth bound |\n"
+             "|---|---|---|---|---|---|---|\n")
+    for size, dtype, batch, o, h, frac in decode:
+        text += f"| {size} | {dtype} | {batch} | {o:.1f} | {h:.1f} | **{o / h:.2f}x** | {frac:.2f} |\n"
+    text += ("\nThe bandwidth bound is `bandwidth / bytes of weights read per step` (the tied 262144-row embedding is "
+             "read for the LM head every step).\n\n### Hooks (270m, float32, 256 tokens, all-position logits)\n\n"
+             "| run | ms | vs plain forward |\n|---|---|---|\n"
+             f"| plain forward | {plain * 1e3:.0f} | 1.00 |\n"
+             f"| run_with_cache, all 18 hook_resid_post | {resid * 1e3:.0f} | {resid / plain:.2f} |\n"
+             f"| run_with_cache, every hook (398) | {every * 1e3:.0f} | {every / plain:.2f} |\n")
+    if tl_time:
+        text += (f"| TransformerLens 4 run_with_cache, every hook | {tl_time * 1e3:.0f} | {tl_time / plain:.2f} |\n\n"
+                 f"TransformerLens time / gemmalens time for `run_with_cache` of every hook: **{tl_time / every:.2f}**.\n")
     print("\n" + text)
     if not args.no_write:
         readme = os.path.join(HERE, "README.md")

@@ -5,12 +5,15 @@
 
 #include "io/gguf.h"
 #include "io/hf_checkpoint.h"
+#include "io/safetensors.h"
 #include "ops/dequant.h"
 #include "model/config.h"
 #include "model/gemma3.h"
 #include "model/hooks.h"
 #include "model/kv_cache.h"
+#include "model/sae.h"
 #include <map>
+#include <set>
 #include "ops/kernels.h"
 #include "ops/linear.h"
 
@@ -172,6 +175,27 @@ void register_hooks(py::module_& m) {
           },
           py::arg("site"), py::arg("layer"), py::arg("kind"), py::arg("values") = py::none(), py::arg("positions") = std::vector<int64_t>{},
           py::arg("scale") = 1.f, py::arg("heads") = std::vector<int64_t>{}, py::arg("mean") = false)
+      .def(
+          "add_ablate_features",
+          [](PyHookSet& hs, int site, int layer, py::array_t<float, py::array::c_style | py::array::forcecast> enc,
+             py::array_t<float, py::array::c_style | py::array::forcecast> b_enc, py::object threshold,
+             py::array_t<float, py::array::c_style | py::array::forcecast> dec, py::object b_dec, std::vector<int64_t> positions) {
+            HookAction a;
+            a.kind = HookAction::AblateFeatures;
+            a.f_enc.assign(enc.data(), enc.data() + enc.size());
+            a.f_b_enc.assign(b_enc.data(), b_enc.data() + b_enc.size());
+            a.f_dec.assign(dec.data(), dec.data() + dec.size());
+            if (!threshold.is_none()) {
+              auto t = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(threshold);
+              a.f_threshold.assign(t.data(), t.data() + t.size());
+            }
+            if (!b_dec.is_none()) {
+              auto t = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(b_dec);
+              a.f_b_dec.assign(t.data(), t.data() + t.size());
+            }
+            a.positions = std::move(positions);
+            hs.at(site_from_int(site), layer).push_back(std::move(a));
+          })
       .def("take_captures",
            [](PyHookSet& hs) {
              // [(site, layer, array)] in registration order; arrays own their buffers (no copy).
@@ -206,12 +230,108 @@ void register_hooks(py::module_& m) {
   });
 }
 
+void register_sae(py::module_& m) {
+  using F = py::array_t<float, py::array::c_style | py::array::forcecast>;
+  py::class_<SAE>(m, "SAE")
+      .def(py::init([](F W_enc, F b_enc, py::object threshold, F W_dec, F b_dec, py::object W_skip, const std::string& arch, int k,
+                       bool apply_b_dec, const std::string& dtype) {
+             if (W_enc.ndim() != 2 || W_dec.ndim() != 2) throw ValueError("SAE: W_enc [d_in, d_sae] and W_dec [d_sae, d_out] must be 2-D");
+             const int d_in = static_cast<int>(W_enc.shape(0)), d_sae = static_cast<int>(W_enc.shape(1)), d_out = static_cast<int>(W_dec.shape(1));
+             if (W_dec.shape(0) != d_sae) throw ValueError("SAE: W_dec has " + std::to_string(W_dec.shape(0)) + " rows, W_enc " + std::to_string(d_sae) + " columns");
+             if (b_enc.size() != d_sae || b_dec.size() != d_out) throw ValueError("SAE: b_enc must be [d_sae], b_dec [d_out]");
+             F thr, skip;
+             const float* tp = nullptr;
+             const float* sp = nullptr;
+             if (!threshold.is_none()) {
+               thr = F::ensure(threshold);
+               if (thr.size() != d_sae) throw ValueError("SAE: threshold must be [d_sae]");
+               tp = thr.data();
+             }
+             if (!W_skip.is_none()) {
+               skip = F::ensure(W_skip);
+               if (skip.ndim() != 2 || skip.shape(0) != d_in || skip.shape(1) != d_out) throw ValueError("SAE: affine_skip_connection must be [d_in, d_out]");
+               sp = skip.data();
+             }
+             SAE::Arch a = arch == "jumprelu" ? SAE::Arch::JumpReLU : arch == "relu" ? SAE::Arch::ReLU : arch == "topk" ? SAE::Arch::TopK
+                         : throw ValueError("SAE: unknown architecture '" + arch + "'");
+             py::gil_scoped_release r;
+             return std::make_unique<SAE>(W_enc.data(), b_enc.data(), tp, W_dec.data(), b_dec.data(), sp, d_in, d_sae, d_out, a, k, apply_b_dec,
+                                          parse_dtype(dtype));
+           }),
+           py::arg("W_enc"), py::arg("b_enc"), py::arg("threshold"), py::arg("W_dec"), py::arg("b_dec"), py::arg("W_skip"),
+           py::arg("architecture"), py::arg("k"), py::arg("apply_b_dec_to_input"), py::arg("dtype"))
+      .def("encode",
+           [](SAE& s, F x) {
+             if (x.ndim() != 2 || x.shape(1) != s.d_in) throw ValueError("SAE.encode: x must be [n, d_in = " + std::to_string(s.d_in) + "]");
+             py::array_t<float> out({x.shape(0), static_cast<py::ssize_t>(s.d_sae)});
+             py::gil_scoped_release r;
+             s.encode(x.data(), x.shape(0), out.mutable_data());
+             return out;
+           })
+      .def("decode",
+           [](SAE& s, F acts, py::object x) {
+             if (acts.ndim() != 2 || acts.shape(1) != s.d_sae) throw ValueError("SAE.decode: acts must be [n, d_sae = " + std::to_string(s.d_sae) + "]");
+             F xin;
+             const float* xp = nullptr;
+             if (!x.is_none()) {
+               xin = F::ensure(x);
+               if (xin.ndim() != 2 || xin.shape(0) != acts.shape(0) || xin.shape(1) != s.d_in) throw ValueError("SAE.decode: x must be [n, d_in]");
+               xp = xin.data();
+             }
+             py::array_t<float> out({acts.shape(0), static_cast<py::ssize_t>(s.d_out)});
+             py::gil_scoped_release r;
+             s.decode(acts.data(), acts.shape(0), xp, out.mutable_data());
+             return out;
+           }, py::arg("acts"), py::arg("x") = py::none())
+      .def("encode_topk", [](SAE& s, F x, int k) {
+        if (x.ndim() != 2 || x.shape(1) != s.d_in) throw ValueError("SAE.encode_topk: x must be [n, d_in = " + std::to_string(s.d_in) + "]");
+        py::array_t<int32_t> idx({x.shape(0), static_cast<py::ssize_t>(k)});
+        py::array_t<float> val({x.shape(0), static_cast<py::ssize_t>(k)});
+        {
+          py::gil_scoped_release r;
+          s.encode_topk(x.data(), x.shape(0), k, idx.mutable_data(), val.mutable_data());
+        }
+        return py::make_tuple(idx, val);
+      });
+}
+
 void register_model(py::module_& m) {
   py::class_<Gemma3Model>(m, "Model")
       .def_property_readonly("config", &Gemma3Model::config)
       .def_property_readonly("dtype", [](const Gemma3Model& g) { return dtype_name(g.dtype()); })
       .def_property_readonly("weight_nbytes", &Gemma3Model::weight_nbytes)
       .def_readwrite("threads", &Gemma3Model::threads)
+      .def(
+          "export_tensors",
+          [](const Gemma3Model& g) {
+            // {HF name: float32 array in HF layout}
+            py::dict d;
+            g.export_tensors([&](const std::string& name, const std::vector<int64_t>& shape, const float* data) {
+              py::array_t<float> a(shape);
+              int64_t n = 1;
+              for (auto x : shape) n *= x;
+              std::copy(data, data + n, a.mutable_data());
+              d[py::str(name)] = a;
+            });
+            return d;
+          })
+      .def(
+          "unembed",
+          [](Gemma3Model& g, py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+            const int64_t D = g.config().hidden_size;
+            if (x.ndim() < 1 || x.shape(x.ndim() - 1) != D)
+              throw ValueError("unembed: the last axis must be d_model = " + std::to_string(D));
+            const int64_t M = x.size() / D;
+            std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+            shape.back() = g.config().vocab_size;
+            py::array_t<float> out(shape);
+            {
+              py::gil_scoped_release r;
+              g.unembed(x.data(), M, out.mutable_data());
+            }
+            return out;
+          },
+          py::arg("x"))
       .def(
           "new_cache",
           [](const Gemma3Model& g, int batch, int64_t max_seq_len) {
@@ -332,6 +452,10 @@ void register_ops(py::module_& m) {
     ops::rmsnorm(x.data(), x.shape(1), w.data(), eps, x.shape(0), static_cast<int>(x.shape(1)), y.mutable_data(), x.shape(1));
     return y;
   });
+  ops_m.def("read_bandwidth", [](int64_t nbytes, int reps) {
+    py::gil_scoped_release r;
+    return ops::measure_read_bandwidth(nbytes, reps);
+  }, py::arg("nbytes") = int64_t(1) << 30, py::arg("reps") = 5, "Streaming read bandwidth (bytes/s), all threads.");
   ops_m.def("gelu_tanh_mul", [](py::array_t<float, py::array::c_style | py::array::forcecast> g, py::array_t<float, py::array::c_style | py::array::forcecast> u) {
     if (g.ndim() != 2 || u.ndim() != 2 || g.shape(0) != u.shape(0) || g.shape(1) != u.shape(1)) throw ValueError("gelu_tanh_mul: gate, up [M, F]");
     py::array_t<float> y({g.shape(0), g.shape(1)});
@@ -394,6 +518,37 @@ PYBIND11_MODULE(_core, m) {
   register_ops(m);
   register_gguf(m);
   register_hooks(m);
+  register_sae(m);
+  m.def(
+      "load_arrays",
+      [](py::dict arrays, const Gemma3Config& cfg, const std::string& dtype) {
+        // A model from {HF name: array in HF layout} (formats read in Python: Orbax, gemma_pytorch). The GIL is
+        // held: the getter reads Python objects.
+        DType d = parse_dtype(dtype);
+        std::set<std::string> used;
+        TensorGetter get = [&](const std::string& name, const std::vector<int64_t>& shape) {
+          if (!arrays.contains(name)) throw CheckpointError("checkpoint is missing tensor '" + name + "'");
+          auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(arrays[py::str(name)]);
+          if (!a) throw CheckpointError("tensor '" + name + "' is not a numeric array");
+          std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
+          if (got != shape) {
+            std::string gs, ws;
+            for (auto x : got) gs += std::to_string(x) + ",";
+            for (auto x : shape) ws += std::to_string(x) + ",";
+            throw CheckpointError("tensor '" + name + "' has shape [" + gs.substr(0, gs.size() - 1) + "] but the config expects [" +
+                                  ws.substr(0, ws.size() - 1) + "]");
+          }
+          used.insert(name);
+          return std::vector<float>(a.data(), a.data() + a.size());
+        };
+        auto model = std::make_unique<Gemma3Model>(cfg, d, get);
+        for (auto item : arrays) {
+          std::string n = py::str(item.first);
+          if (!used.count(n)) throw CheckpointError("checkpoint has unexpected tensor '" + n + "'");
+        }
+        return model;
+      },
+      py::arg("arrays"), py::arg("config"), py::arg("dtype") = "float32");
   m.def(
       "load_gguf",
       [](const std::string& path, const std::string& dtype) {
@@ -410,6 +565,19 @@ PYBIND11_MODULE(_core, m) {
         return load_hf_safetensors(weights_path, cfg, d);
       },
       py::arg("weights_path"), py::arg("config"), py::arg("dtype") = "float32");
+  m.def(
+      "read_safetensors",
+      [](const std::string& path) {
+        auto store = TensorStore::open(path);
+        py::dict d;
+        for (const auto& kv : store->tensors()) {
+          py::array_t<float> a(kv.second.shape);
+          tensor_to_f32(kv.second, a.mutable_data());
+          d[py::str(kv.first)] = a;
+        }
+        return d;
+      },
+      py::arg("path"), "Read every tensor of a .safetensors file as float32 (F32/F16/BF16 on disk).");
   m.def("dnnl_version", &ops::dnnl_version);
   m.def("max_threads", &ops::get_max_threads);
 }

@@ -198,3 +198,35 @@ def test_ioi_activation_patching_sweep_matches_reference(model, reference):
     assert abs(m_clean - m_corrupt) > 1.0
     assert ours[0, diff[0]] == pytest.approx(m_clean, abs=1e-3)
     assert np.allclose(np.delete(ours[0], diff[0]), m_corrupt, atol=1e-3)
+
+
+def test_mean_difference_steering_shifts_sentiment(model):
+    pos = ["I love this, it is wonderful and makes me happy.", "What a fantastic, delightful day.",
+           "This is excellent, I am thrilled."]
+    neg = ["I hate this, it is awful and makes me sad.", "What a terrible, miserable day.",
+           "This is horrible, I am furious."]
+    hook = "blocks.6.hook_resid_post"
+    vec = gl.steering.mean_difference(model, pos, neg, hook)
+    assert vec.shape == (model.config.hidden_size,)
+    prompt = model.tokenizer.encode("I think the movie was")
+    good, bad = (model.tokenizer.encode(w, add_bos=False)[0] for w in (" good", " bad"))
+
+    def margin(logits):  # log p(" good") - log p(" bad") for the next token
+        return float(logits[0, -1, good] - logits[0, -1, bad])
+
+    base = margin(model.forward(prompt))
+    up = margin(model.run_with_hooks(prompt, fwd_hooks=[(hook, gl.interventions.add(vec, scale=2.0))]))
+    down = margin(model.run_with_hooks(prompt, fwd_hooks=[(hook, gl.interventions.add(vec, scale=-2.0))]))
+    assert up > base + 0.5 and down < base - 0.5, (down, base, up)
+    with model.hooks(fwd_hooks=[(hook, gl.interventions.add(vec, scale=2.0))]):
+        steered = model.generate("I think the movie was", max_new_tokens=12)
+    assert steered != model.generate("I think the movie was", max_new_tokens=12)
+
+
+def test_sae_for_another_size_refused(model, tmp_path):
+    from test_sae import random_sae, save_gemma_scope
+
+    p = random_sae(np.random.default_rng(0), 640, 32)
+    sae = gl.SAE.load(save_gemma_scope(str(tmp_path / "s"), p, "model.layers.3.output", model_name="gemma-v3-4b-pt"))
+    with pytest.raises(ValueError, match="4b"):
+        model.run_with_saes([2, 100], saes=[sae])

@@ -243,4 +243,15 @@ void Gemma3Model::forward(const ForwardArgs& a) {
   if (c.final_logit_softcapping > 0) ops::softcap_inplace(a.logits, rows * V, static_cast<float>(c.final_logit_softcapping));
 }
 
+void Gemma3Model::unembed(const float* x, int64_t M, float* logits) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (threads > 0) ops::set_num_threads(threads);
+  const int D = cfg_.hidden_size;
+  std::vector<float> normed(static_cast<size_t>(M) * D);
+  ops::rmsnorm(x, D, w_.final_norm.data(), static_cast<float>(cfg_.rms_norm_eps), M, D, normed.data(), D);
+  w_.embed.forward(normed.data(), M, logits);
+  if (cfg_.final_logit_softcapping > 0)
+    ops::softcap_inplace(logits, M * cfg_.vocab_size, static_cast<float>(cfg_.final_logit_softcapping));
+}
+
 }  // namespace gemmalens

@@ -62,6 +62,10 @@ class Gemma3Model {
 
   // Thread-safe (one forward at a time per model).
   void forward(const ForwardArgs& args);
+  // Every weight under its HF name, HF layout, as f32 (q/k/v and gate/up split again): fn(name, shape, data).
+  void export_tensors(const std::function<void(const std::string&, const std::vector<int64_t>&, const float*)>& fn) const;
+  // Final norm and tied LM head on residual vectors: x [M, D] -> logits [M, V] (logit lens).
+  void unembed(const float* x, int64_t M, float* logits);
 
  private:
   void embed(const int32_t* tokens, int64_t M, float* x) const;

@@ -1,6 +1,7 @@
 #include "model/hooks.h"
 
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include "common.h"
@@ -49,12 +50,39 @@ int64_t ActView::numel() const {
   return n;
 }
 
+// Row-wise copies: the innermost axis is contiguous in every view the forward pass makes.
+template <class F>
+static void for_rows(const ActView& v, F&& f) {  // f(float* row, int64_t row_index), row length shape.back()
+  const int nd = static_cast<int>(v.shape.size());
+  int64_t rows = 1;
+  for (int d = 0; d < nd - 1; ++d) rows *= v.shape[d];
+#pragma omp parallel for if (rows * v.shape[nd - 1] > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t rem = r, off = 0;
+    for (int d = nd - 2; d >= 0; --d) {
+      off += (rem % v.shape[d]) * v.strides[d];
+      rem /= v.shape[d];
+    }
+    f(v.data + off, r);
+  }
+}
+
 void ActView::copy_out(float* dst) const {
+  const int64_t w = shape.back();
+  if (strides.back() == 1) {
+    for_rows(*this, [&](float* row, int64_t r) { std::memcpy(dst + r * w, row, sizeof(float) * w); });
+    return;
+  }
   int64_t k = 0;
   for_each([&](float& x, const int64_t*) { dst[k++] = x; });
 }
 
 void ActView::copy_in(const float* src) const {
+  const int64_t w = shape.back();
+  if (strides.back() == 1) {
+    for_rows(*this, [&](float* row, int64_t r) { std::memcpy(row, src + r * w, sizeof(float) * w); });
+    return;
+  }
   int64_t k = 0;
   for_each([&](float& x, const int64_t*) { x = src[k++]; });
 }
@@ -203,6 +231,34 @@ void apply(HookAction& a, const ActView& v) {
         for (int64_t k = 0; k < inner; ++k) *ptrs[k] = static_cast<float>(*ptrs[k] - c * a.values[k]);
       }
       (void)inner_stride;
+      break;
+    }
+    case HookAction::AblateFeatures: {
+      // x <- x - sum_f act_f(x) W_dec[f]: the features' contributions removed, everything else (the SAE's
+      // reconstruction of other features and its error) kept.
+      const int64_t inner = inner_size(v);
+      const int64_t nf = static_cast<int64_t>(a.f_b_enc.size());
+      if (static_cast<int64_t>(a.f_enc.size()) != nf * inner)
+        throw ValueError("interventions.ablate_features: the SAE's d_in (" + std::to_string(a.f_enc.size() / std::max<int64_t>(nf, 1)) +
+                         ") does not match the activation " + shape_str(v.shape) + " (" + std::to_string(inner) + " per position)");
+      if (v.strides.back() != 1 || v.pos_axis != 1) throw ValueError("interventions.ablate_features: unsupported hook layout");
+      // each position's vector is contiguous here (resid, mlp_out, z)
+      const int64_t outer = v.shape[0] * v.shape[1];
+      std::vector<double> act(nf);
+      for (int64_t o = 0; o < outer; ++o) {
+        const int64_t b = o / v.shape[1], t = o % v.shape[1];
+        if (!pmask[t]) continue;
+        float* x = v.data + b * v.strides[0] + t * v.strides[1];
+        for (int64_t f = 0; f < nf; ++f) {
+          double pre = a.f_b_enc[f];
+          for (int64_t j = 0; j < inner; ++j) pre += (static_cast<double>(x[j]) - (a.f_b_dec.empty() ? 0.0 : a.f_b_dec[j])) * a.f_enc[f * inner + j];
+          const bool on = pre > 0 && (a.f_threshold.empty() || pre > a.f_threshold[f]);
+          act[f] = on ? pre : 0.0;
+        }
+        for (int64_t f = 0; f < nf; ++f)
+          if (act[f] != 0.0)
+            for (int64_t j = 0; j < inner; ++j) x[j] = static_cast<float>(x[j] - act[f] * a.f_dec[f * inner + j]);
+      }
       break;
     }
     case HookAction::Callback:

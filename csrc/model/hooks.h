@@ -74,7 +74,7 @@ struct ActView {
 
 // One thing to do at a site.
 struct HookAction {
-  enum Kind { Capture, Callback, Add, Replace, Scale, Zero, AblateHeads, ProjectOut } kind = Capture;
+  enum Kind { Capture, Callback, Add, Replace, Scale, Zero, AblateHeads, ProjectOut, AblateFeatures } kind = Capture;
   std::vector<float> values;       // Add: [inner]; Replace: the activation (or [T, ...]); ProjectOut: direction
   std::vector<int64_t> values_shape;
   std::vector<int64_t> positions;  // indices on the position axis (negative from the end); empty = all
@@ -82,6 +82,9 @@ struct HookAction {
   std::vector<int64_t> heads;      // AblateHeads
   bool mean = false;               // AblateHeads: mean over batch and positions instead of zero
   int callback = -1;               // Callback: index into HookSet::callbacks
+  // AblateFeatures (an SAE's features f at its own site): enc [n_f, d] (W_enc columns), b_enc / threshold [n_f],
+  // dec [n_f, d] (W_dec rows), b_dec [d] subtracted from the input when set; relu_only: no threshold.
+  std::vector<float> f_enc, f_b_enc, f_threshold, f_dec, f_b_dec;
   // Capture: filled by the forward pass.
   std::shared_ptr<std::vector<float>> captured;
   std::vector<int64_t> captured_shape;

@@ -66,4 +66,41 @@ size_t Gemma3Model::weight_nbytes() const {
   return n;
 }
 
+void Gemma3Model::export_tensors(
+    const std::function<void(const std::string&, const std::vector<int64_t>&, const float*)>& fn) const {
+  const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads,
+                Hd = cfg_.head_dim, V = cfg_.vocab_size;
+  {
+    std::vector<float> e(static_cast<size_t>(V) * D);
+    w_.embed.to_rowmajor(e.data());
+    fn("model.embed_tokens.weight", {V, D}, e.data());
+  }
+  for (int i = 0; i < cfg_.num_hidden_layers; ++i) {
+    const LayerWeights& L = w_.layers[i];
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    fn(p + "input_layernorm.weight", {D}, L.input_layernorm.data());
+    std::vector<float> qkv(static_cast<size_t>((H + 2 * KV) * Hd) * D);
+    L.qkv.to_rowmajor(qkv.data());
+    fn(p + "self_attn.q_proj.weight", {H * Hd, D}, qkv.data());
+    fn(p + "self_attn.k_proj.weight", {KV * Hd, D}, qkv.data() + H * Hd * D);
+    fn(p + "self_attn.v_proj.weight", {KV * Hd, D}, qkv.data() + (H + KV) * Hd * D);
+    fn(p + "self_attn.q_norm.weight", {Hd}, L.q_norm.data());
+    fn(p + "self_attn.k_norm.weight", {Hd}, L.k_norm.data());
+    std::vector<float> o(static_cast<size_t>(D) * H * Hd);
+    L.o_proj.to_rowmajor(o.data());
+    fn(p + "self_attn.o_proj.weight", {D, H * Hd}, o.data());
+    fn(p + "post_attention_layernorm.weight", {D}, L.post_attention_layernorm.data());
+    fn(p + "pre_feedforward_layernorm.weight", {D}, L.pre_feedforward_layernorm.data());
+    std::vector<float> gu(static_cast<size_t>(2 * F) * D);
+    L.gate_up.to_rowmajor(gu.data());
+    fn(p + "mlp.gate_proj.weight", {F, D}, gu.data());
+    fn(p + "mlp.up_proj.weight", {F, D}, gu.data() + F * D);
+    std::vector<float> dn(static_cast<size_t>(D) * F);
+    L.down_proj.to_rowmajor(dn.data());
+    fn(p + "mlp.down_proj.weight", {D, F}, dn.data());
+    fn(p + "post_feedforward_layernorm.weight", {D}, L.post_feedforward_layernorm.data());
+  }
+  fn("model.norm.weight", {D}, w_.final_norm.data());
+}
+
 }  // namespace gemmalens

@@ -45,6 +45,35 @@ void round_bf16_inplace(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
 }
 
+double measure_read_bandwidth(int64_t nbytes, int reps) {
+  const int64_t n = nbytes / 4;
+  std::vector<float> buf(n);
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(i & 1023);
+  double best = 0;
+  volatile float sink = 0;
+  for (int r = 0; r < reps; ++r) {
+    const double t0 = omp_get_wtime();
+    float total = 0.f;
+#pragma omp parallel reduction(+ : total)
+    {
+      // 64 independent partial sums: vectorised and not bound by the add latency.
+      float acc[64] = {0};
+      const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+      const int64_t chunk = (n / 64 + nt - 1) / nt * 64;
+      const int64_t lo = std::min<int64_t>(n, id * chunk), hi = std::min<int64_t>(n, lo + chunk);
+      for (int64_t i = lo; i + 64 <= hi; i += 64)
+        for (int k = 0; k < 64; ++k) acc[k] += buf[i + k];
+      for (int k = 0; k < 64; ++k) total += acc[k];
+    }
+    const double dt = omp_get_wtime() - t0;
+    sink = sink + total;
+    best = std::max(best, static_cast<double>(n) * 4 / dt);
+  }
+  (void)sink;
+  return best;
+}
+
 void rope_tables(const int32_t* positions, int64_t M, int Hd, double base, double scaling, float* cos_out, float* sin_out) {
   const int half = Hd / 2;
   std::vector<float> inv(half);

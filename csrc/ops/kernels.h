@@ -19,6 +19,9 @@ void add_inplace(float* x, const float* y, int64_t n);
 // Round every value to the nearest bf16 (keeps f32 storage): emulates a bf16 activation.
 void round_bf16_inplace(float* x, int64_t n);
 
+// Streaming read bandwidth in bytes/s: sums an nbytes buffer with all OpenMP threads (best of `reps`).
+double measure_read_bandwidth(int64_t nbytes, int reps);
+
 // RoPE tables for rotate-half RoPE: cos/sin [M, Hd/2] for positions [M], computed in f32 as HF does:
 // inv_freq[j] = 1 / base^(2j/Hd) / scaling, angle = pos * inv_freq[j].
 void rope_tables(const int32_t* positions, int64_t M, int Hd, double base, double scaling, float* cos_out, float* sin_out);

@@ -24,6 +24,8 @@ class Linear {
   bool empty() const { return !impl_; }
   // Row-major [N, K] weights in the stored dtype (f32 or bf16 bits); only for plain layers.
   const void* plain_data() const;
+  // The weights back as row-major f32 [N, K] (reordered out of the blocked layout): out holds N * K floats.
+  void to_rowmajor(float* out) const;
 
  private:
   struct Impl;

@@ -107,6 +107,19 @@ const void* Linear::plain_data() const {
   return impl_->weights.get_data_handle();
 }
 
+void Linear::to_rowmajor(float* out) const {
+  if (!impl_) throw std::runtime_error("Linear::to_rowmajor on an empty layer");
+  try {
+    auto& eng = engine();
+    dnnl::memory user(dnnl::memory::desc({K_, N_}, dt::f32, tag::ba), eng, out);
+    dnnl::stream st(eng);
+    dnnl::reorder(impl_->weights, user).execute(st, impl_->weights, user);
+    st.wait();
+  } catch (const dnnl::error& e) {
+    throw std::runtime_error(std::string("oneDNN could not reorder weights back: ") + e.what());
+  }
+}
+
 size_t Linear::nbytes() const { return impl_ ? impl_->w_desc.get_size() : 0; }
 
 const char* dnnl_version() {

@@ -32,7 +32,9 @@ from .model import Model, load  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 from . import interventions  # noqa: E402
 from .hooks import ActivationCache, HookPoint  # noqa: E402
+from .sae import SAE  # noqa: E402
+from . import steering  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError", "Tokenizer", "interventions",
-           "ActivationCache", "HookPoint"]
+           "ActivationCache", "HookPoint", "SAE", "steering"]

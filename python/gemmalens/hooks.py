@@ -145,6 +145,7 @@ def build_hookset(table, n_layers, fwd_hooks, captures=()):
     """fwd_hooks: [(name | filter callable, fn | Intervention | list of them)] -> _core.HookSet (or None)."""
     from .interventions import Intervention
 
+    fwd_hooks = [(f.site, f) if isinstance(f, Intervention) else f for f in fwd_hooks]
     if not fwd_hooks and not captures:
         return None
     hs = _core.HookSet(n_layers)

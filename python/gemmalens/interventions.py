@@ -7,6 +7,8 @@ import numpy as np
 
 
 class Intervention:
+    site = None  # a default hook name (steer / ablate_features know theirs)
+
     def __init__(self, kind, values=None, positions=None, scale=1.0, heads=(), mean=False):
         self.kind = kind
         self.values = None if values is None else np.ascontiguousarray(values, dtype=np.float32)
@@ -29,6 +31,48 @@ class Intervention:
 
     def __repr__(self):
         return f"gl.interventions.{self.kind}(...)"
+
+    def apply_numpy(self, a):
+        """The same operation on a numpy array [batch, pos, ...] (used on SAE feature tensors)."""
+        a = np.array(a, dtype=np.float32, copy=True)
+        sel = slice(None) if not self.positions else self.positions
+        if self.kind == "add":
+            a[:, sel] += self.scale * self.values.reshape(a.shape[2:])
+        elif self.kind == "scale":
+            a[:, sel] *= self.scale
+        elif self.kind == "zero":
+            a[:, sel] = 0
+        elif self.kind == "replace":
+            v = np.broadcast_to(self.values.reshape(self.values.shape if self.values.ndim == a.ndim else a.shape[1:]), a.shape)
+            a[:, sel] = v[:, sel]
+        else:
+            raise ValueError(f"interventions.{self.kind} does not apply to SAE tensors")
+        return a
+
+
+class _AblateFeatures(Intervention):
+    def __init__(self, sae, features, positions=None):
+        super().__init__("ablate_features", positions=positions)
+        if sae.is_transcoder:
+            raise ValueError("ablate_features: transcoders read and write different sites; splice them with run_with_saes")
+        if sae.architecture == "topk":
+            raise ValueError("ablate_features: a TopK SAE's features depend on each other; use run_with_saes with a hook on "
+                             "hook_sae_acts_post")
+        feats = np.atleast_1d(np.asarray(features, dtype=np.int64))
+        if feats.size == 0 or feats.min() < 0 or feats.max() >= sae.d_sae:
+            raise ValueError(f"ablate_features: features must be in [0, {sae.d_sae})")
+        self.site = sae.hook_name
+        self.enc = np.ascontiguousarray(sae.W_enc[:, feats].T)
+        self.b_enc = sae.b_enc[feats]
+        self.threshold = None if sae.threshold is None or sae.architecture != "jumprelu" else sae.threshold[feats]
+        self.dec = np.ascontiguousarray(sae.W_dec[feats])
+        self.b_dec_in = sae.b_dec if sae.apply_b_dec_to_input else None
+
+    def _register(self, hs, site, layer, hook):
+        try:
+            hs.add_ablate_features(site, layer, self.enc, self.b_enc, self.threshold, self.dec, self.b_dec_in, self.positions)
+        except ValueError as e:
+            raise ValueError(f"{hook.name}: {e}") from None
 
 
 def add(vector, scale=1.0, positions=None):
@@ -72,3 +116,18 @@ def project_out(direction, positions=None):
     if not np.any(d):
         raise ValueError("project_out: the direction is zero")
     return Intervention("project_out", d, positions)
+
+
+def steer(sae, feature, scale=1.0, positions=None):
+    """Add scale * W_dec[feature] at the SAE's output site (its ``hook_name_out``)."""
+    if not 0 <= int(feature) < sae.d_sae:
+        raise ValueError(f"steer: feature {feature} is out of range [0, {sae.d_sae})")
+    it = add(sae.W_dec[int(feature)], scale=scale, positions=positions)
+    it.site = sae.hook_name_out
+    return it
+
+
+def ablate_features(sae, features, positions=None):
+    """Remove the features' contributions act_f(x) * W_dec[f] at the SAE's site, natively; the rest of the
+    activation (other features and the SAE's error) is kept."""
+    return _AblateFeatures(sae, features, positions)

@@ -73,19 +73,78 @@ class Model:
 
         self._hook_table = HookTable(cfg.num_hidden_layers)
         self._persistent_hooks = []  # [(name | filter, fn)] from model.hooks(...) / add_hook
+        self._saes = []  # [(SAE, use_error_term)] spliced into every forward (model.saes(...) / run_with_saes)
 
     # ---- hooks (TransformerLens idioms) ----
+
+    def unembed(self, resid):
+        """Final norm + tied unembedding of residual-stream vectors [..., d_model] -> logits [..., vocab]
+        (the logit lens; applied to the last residual it reproduces the model's logits)."""
+        return self._core.unembed(np.asarray(resid, dtype=np.float32))
 
     @property
     def hook_names(self):
         """Every hook point, in forward order (TransformerLens names)."""
         return list(self._hook_table.names)
 
-    def _hookset(self, fwd_hooks=(), captures=()):
+    def _hookset(self, fwd_hooks=(), captures=(), _sae_captured=None):
         from .hooks import build_hookset
+        from .interventions import Intervention
+        from .sae import sae_hook_names, splice_hooks
 
-        return build_hookset(self._hook_table, self.config.num_hidden_layers,
-                             list(self._persistent_hooks) + list(fwd_hooks), captures)
+        hooks = [(f.site, f) if isinstance(f, Intervention) else f for f in list(self._persistent_hooks) + list(fwd_hooks)]
+        captures = list(captures)
+        if self._saes:
+            sae_names = set(sae_hook_names([s for s, _ in self._saes]))
+            normal, sae_hooks = [], {}
+            for target, fn in hooks:
+                if isinstance(target, str) and target in sae_names:
+                    sae_hooks.setdefault(target, []).extend(fn if isinstance(fn, (list, tuple)) else [fn])
+                    continue
+                if callable(target) and not isinstance(target, str):
+                    for n in sae_names:
+                        if target(n):
+                            sae_hooks.setdefault(n, []).extend(fn if isinstance(fn, (list, tuple)) else [fn])
+                normal.append((target, fn))
+            sae_caps = {n for n in captures if n in sae_names}
+            captures = [n for n in captures if n not in sae_names]
+            for flag in (False, True):
+                group = [s for s, e in self._saes if e == flag]
+                if group:
+                    fwd, captured = splice_hooks(self, group, flag, sae_hooks, sae_caps)
+                    normal += fwd
+                    if _sae_captured is not None:
+                        _sae_captured.append(captured)
+            hooks = normal
+        return build_hookset(self._hook_table, self.config.num_hidden_layers, hooks, captures)
+
+    def saes(self, saes, use_error_term=False):
+        """Context manager: splice SAEs / transcoders into every forward and generate inside it. Their feature
+        activations are hooks named ``{hook_name}.hook_sae_acts_post`` (also ``.hook_sae_recon`` and, with the
+        error term, ``.hook_sae_error``), visible to run_with_cache and run_with_hooks."""
+        import contextlib
+
+        saes = list(saes) if isinstance(saes, (list, tuple)) else [saes]
+        for s in saes:
+            s.check_model(self)
+
+        @contextlib.contextmanager
+        def ctx():
+            before = list(self._saes)
+            self._saes = before + [(s, bool(use_error_term)) for s in saes]
+            try:
+                yield self
+            finally:
+                self._saes = before
+
+        return ctx()
+
+    def run_with_saes(self, tokens, saes, use_error_term=False, fwd_hooks=(), attention_mask=None, return_type="logits"):
+        """Forward with SAEs spliced at their sites (transcoders replace the MLP output from its input). With
+        use_error_term=True the output equals the plain model's, while features stay observable and editable."""
+        with self.saes(saes, use_error_term=use_error_term):
+            return self.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=attention_mask,
+                                       return_type=return_type, reset_hooks_end=False)
 
     def add_hook(self, name, fn):
         """Register a hook until reset_hooks() (prefer the `with model.hooks(...)` context manager)."""
@@ -96,10 +155,20 @@ class Model:
         self._persistent_hooks = []
 
     def _check_hooks(self, fwd_hooks):
+        from .interventions import Intervention
+        from .sae import sae_hook_names
+
+        sae_names = set(sae_hook_names([s for s, _ in self._saes]))
         for item in fwd_hooks:
+            if isinstance(item, Intervention):
+                if item.site is None:
+                    raise TypeError(f"{item!r} has no site of its own: pass (hook_name, intervention)")
+                continue
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise TypeError(f"fwd_hooks entries are (name or filter, fn) pairs, got {item!r}")
             target, _ = item
+            if isinstance(target, str) and target in sae_names:
+                continue
             if isinstance(target, str):
                 self._hook_table.resolve(target)
             elif not callable(target):
@@ -150,7 +219,18 @@ class Model:
         """
         from .hooks import ActivationCache
 
-        names = self._hook_table.select(names_filter)
+        from .sae import sae_hook_names
+
+        sae_names = sae_hook_names([s for s, _ in self._saes])
+        if self._saes and names_filter is not None and not callable(names_filter):
+            wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+            sae_wanted = [n for n in wanted if n in sae_names]
+            rest = [n for n in wanted if n not in sae_names]
+            names = self._hook_table.select(rest) + sae_wanted
+        else:
+            names = self._hook_table.select(names_filter)
+            if self._saes:
+                names += [n for n in sae_names if names_filter is None or names_filter(n)]
         if stop_at_layer is not None:
             L = self.config.num_hidden_layers
             if not isinstance(stop_at_layer, (int, np.integer)) or not -L <= stop_at_layer <= L:
@@ -158,7 +238,8 @@ class Model:
             stop_at_layer = int(stop_at_layer) % (L + 1) if stop_at_layer < 0 else int(stop_at_layer)
             names = [n for n in names if n.startswith("blocks.") and int(n.split(".")[1]) < stop_at_layer
                      or n == "hook_embed"]
-        hs = self._hookset(list(fwd_hooks), captures=names)
+        sae_captured = []
+        hs = self._hookset(list(fwd_hooks), captures=names, _sae_captured=sae_captured)
         toks = self.to_tokens(tokens)
         row_start = None if attention_mask is None else _row_start(attention_mask, toks.shape)
         if stop_at_layer is not None:
@@ -174,7 +255,13 @@ class Model:
             ids = {v: k for k, v in self._hook_table.ids.items()}
             for sid, layer, arr in hs.take_captures():
                 arrays[ids[(sid, layer)]] = arr
-        ordered = {n: arrays[n] for n in self._hook_table.names if n in arrays}
+        for d in sae_captured:
+            arrays.update(d)
+        order = []
+        for n in self._hook_table.names:
+            order.append(n)
+            order += [m for m in sae_names if m.startswith(n + ".")]
+        ordered = {n: arrays[n] for n in order if n in arrays}
         return out, ActivationCache(ordered, self._hook_table)
 
     @property
@@ -202,7 +289,7 @@ class Model:
     def __repr__(self):
         c = self.config
         return (f"gemmalens.Model(layers={c.num_hidden_layers}, d_model={c.hidden_size}, heads={c.num_attention_heads}/"
-                f"{c.num_key_value_heads}, vocab={c.vocab_size}, dtype={self.dtype}, path={self.path!r})")
+                f"{c.num_key_value_heads}, vocab={c.vocab_size}, dtype={self.dtype}, file={os.path.basename(str(self.path)) if self.path else None!r})")
 
     def to_tokens(self, tokens):
         """Validate token ids and return them as int32 [batch, pos]."""

@@ -1,0 +1,101 @@
+#include "model/sae.h"
+
+#include <algorithm>
+#include <numeric>
+
+namespace gemmalens {
+
+namespace {
+std::vector<float> transpose(const float* a, int64_t rows, int64_t cols) {  // [rows, cols] -> [cols, rows]
+  std::vector<float> t(static_cast<size_t>(rows) * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = a[r * cols + c];
+  return t;
+}
+}  // namespace
+
+SAE::SAE(const float* W_enc, const float* b_enc, const float* threshold, const float* W_dec, const float* b_dec,
+         const float* W_skip, int d_in_, int d_sae_, int d_out_, Arch arch_, int k_, bool apply_b_dec, DType dtype)
+    : d_in(d_in_), d_sae(d_sae_), d_out(d_out_), k(k_), arch(arch_), apply_b_dec_to_input(apply_b_dec) {
+  if (apply_b_dec && d_in != d_out) throw ValueError("SAE: apply_b_dec_to_input needs d_in == d_out");
+  if (arch == Arch::TopK && (k <= 0 || k > d_sae)) throw ValueError("SAE: topk needs 0 < k <= d_sae, got k = " + std::to_string(k));
+  auto we = transpose(W_enc, d_in, d_sae);  // Linear wants [out, in]
+  enc_ = ops::Linear(we.data(), d_sae, d_in, dtype);
+  auto wd = transpose(W_dec, d_sae, d_out);
+  dec_ = ops::Linear(wd.data(), d_out, d_sae, dtype);
+  if (W_skip) {
+    auto ws = transpose(W_skip, d_in, d_out);
+    skip_ = ops::Linear(ws.data(), d_out, d_in, dtype);
+    has_skip_ = true;
+  }
+  b_enc_.assign(b_enc, b_enc + d_sae);
+  b_dec_.assign(b_dec, b_dec + d_out);
+  if (threshold) threshold_.assign(threshold, threshold + d_sae);
+  if (arch == Arch::JumpReLU && threshold_.empty()) throw ValueError("SAE: jumprelu needs a threshold");
+}
+
+void SAE::activate(float* pre, int64_t M) {
+#pragma omp parallel for if (M > 1)
+  for (int64_t m = 0; m < M; ++m) {
+    float* p = pre + m * d_sae;
+    for (int j = 0; j < d_sae; ++j) p[j] += b_enc_[j];
+    if (arch == Arch::JumpReLU) {
+      for (int j = 0; j < d_sae; ++j) p[j] = (p[j] > threshold_[j] && p[j] > 0.f) ? p[j] : 0.f;
+    } else if (arch == Arch::ReLU) {
+      for (int j = 0; j < d_sae; ++j) p[j] = p[j] > 0.f ? p[j] : 0.f;
+    } else {  // TopK: the k largest pre-activations, then ReLU; the rest 0
+      std::vector<int> order(d_sae);
+      std::iota(order.begin(), order.end(), 0);
+      std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](int a, int b) { return p[a] > p[b]; });
+      std::vector<float> keep(d_sae, 0.f);
+      for (int i = 0; i < k; ++i) keep[order[i]] = std::max(p[order[i]], 0.f);
+      std::copy(keep.begin(), keep.end(), p);
+    }
+  }
+}
+
+void SAE::encode(const float* x, int64_t M, float* acts) {
+  if (apply_b_dec_to_input) {
+    std::vector<float> xc(x, x + M * d_in);
+    for (int64_t m = 0; m < M; ++m)
+      for (int j = 0; j < d_in; ++j) xc[m * d_in + j] -= b_dec_[j];
+    enc_.forward(xc.data(), M, acts);
+  } else {
+    enc_.forward(x, M, acts);
+  }
+  activate(acts, M);
+}
+
+void SAE::decode(const float* acts, int64_t M, const float* x, float* out) {
+  dec_.forward(acts, M, out);
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < d_out; ++j) out[m * d_out + j] += b_dec_[j];
+  if (has_skip_) {
+    if (!x) throw ValueError("SAE.decode: this transcoder has an affine skip connection and needs its input x");
+    std::vector<float> s(static_cast<size_t>(M) * d_out);
+    skip_.forward(x, M, s.data());
+    for (size_t i = 0; i < s.size(); ++i) out[i] += s[i];
+  }
+}
+
+void SAE::encode_topk(const float* x, int64_t M, int kk, int32_t* idx, float* val) {
+  if (kk <= 0 || kk > d_sae) throw ValueError("encode_topk: k must be in [1, d_sae = " + std::to_string(d_sae) + "]");
+  const int64_t chunk = 64;  // rows encoded at a time: only [chunk, d_sae] is ever dense
+  std::vector<float> acts(static_cast<size_t>(chunk) * d_sae);
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t n = std::min(chunk, M - m0);
+    encode(x + m0 * d_in, n, acts.data());
+    for (int64_t r = 0; r < n; ++r) {
+      const float* a = acts.data() + r * d_sae;
+      std::vector<int> order(d_sae);
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + kk, order.end(), [&](int p, int q) { return a[p] > a[q] || (a[p] == a[q] && p < q); });
+      for (int i = 0; i < kk; ++i) {
+        idx[(m0 + r) * kk + i] = order[i];
+        val[(m0 + r) * kk + i] = a[order[i]];
+      }
+    }
+  }
+}
+
+}  // namespace gemmalens

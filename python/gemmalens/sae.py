@@ -1,0 +1,255 @@
+"""Sparse autoencoders and transcoders: Gemma Scope 2 and SAELens folders, native encode/decode, splicing into
+the forward pass (with or without the error term), feature hooks (SAELens names)."""
+import json
+import os
+import re
+
+import numpy as np
+
+from . import _core
+
+_SIZES = {640: "270m", 1152: "1b", 2560: "4b", 3840: "12b", 5376: "27b"}
+_SUFFIXES = ("hook_sae_acts_post", "hook_sae_recon", "hook_sae_error")
+
+
+def _hf_point_to_tl(point):
+    """Gemma Scope 2 hf_hook_point -> (TransformerLens hook name, flatten heads)."""
+    m = re.fullmatch(r"(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\.(.+)", point or "")
+    if not m:
+        raise ValueError(f"SAE hook point {point!r} is not a Gemma 3 layer site (model.layers.L....)")
+    layer, rest = int(m.group(1)), m.group(2)
+    table = {
+        "output": ("hook_resid_post", False),
+        "self_attn.o_proj.input": ("attn.hook_z", True),
+        "post_feedforward_layernorm.output": ("hook_mlp_out", False),
+        "pre_feedforward_layernorm.output": ("ln2.hook_normalized", False),
+        "post_attention_layernorm.output": ("hook_attn_out", False),
+        "input_layernorm.output": ("ln1.hook_normalized", False),
+        "mlp.down_proj.input": ("mlp.hook_post", False),
+    }
+    if rest not in table:
+        raise ValueError(f"SAE hook point {point!r}: site '{rest}' has no gemmalens hook")
+    name, flat = table[rest]
+    return f"blocks.{layer}.{name}", flat
+
+
+class SAE:
+    """A JumpReLU / ReLU / TopK SAE or (affine) transcoder. ``gl.SAE.load(path)`` reads Gemma Scope 2 and SAELens
+    folders. hook_name is where it reads (TransformerLens name), hook_name_out where it writes."""
+
+    def __init__(self, W_enc, b_enc, W_dec, b_dec, threshold=None, W_skip=None, architecture="jumprelu", k=0,
+                 apply_b_dec_to_input=False, hook_name=None, hook_name_out=None, model_name=None, dtype="float32",
+                 cfg=None):
+        self.W_enc = np.ascontiguousarray(W_enc, np.float32)
+        self.W_dec = np.ascontiguousarray(W_dec, np.float32)
+        self.b_enc = np.ascontiguousarray(b_enc, np.float32).reshape(-1)
+        self.b_dec = np.ascontiguousarray(b_dec, np.float32).reshape(-1)
+        self.threshold = None if threshold is None else np.ascontiguousarray(threshold, np.float32).reshape(-1)
+        self.W_skip = None if W_skip is None else np.ascontiguousarray(W_skip, np.float32)
+        self.architecture, self.k = architecture, int(k or 0)
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.hook_name = hook_name
+        self.hook_name_out = hook_name_out or hook_name
+        self.model_name = model_name
+        self.cfg = cfg or {}
+        self.d_in, self.d_sae = self.W_enc.shape
+        self.d_out = self.W_dec.shape[1]
+        self._core = _core.SAE(self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec, self.W_skip,
+                               self.architecture, self.k, self.apply_b_dec_to_input, dtype)
+
+    @property
+    def is_transcoder(self):
+        return self.hook_name_out != self.hook_name
+
+    def __repr__(self):
+        kind = "transcoder" if self.is_transcoder else "SAE"
+        return (f"gemmalens.SAE({kind}, {self.architecture}, d_in={self.d_in}, d_sae={self.d_sae}, "
+                f"hook={self.hook_name!r}" + (f" -> {self.hook_name_out!r}" if self.is_transcoder else "") + ")")
+
+    # ---- loading ----
+    @classmethod
+    def load(cls, path, dtype="float32"):
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"SAE.load: no such directory '{path}'")
+        if os.path.isfile(os.path.join(path, "params.safetensors")) and os.path.isfile(os.path.join(path, "config.json")):
+            return cls._load_gemma_scope(path, dtype)
+        if os.path.isfile(os.path.join(path, "cfg.json")) and os.path.isfile(os.path.join(path, "sae_weights.safetensors")):
+            return cls._load_saelens(path, dtype)
+        raise ValueError(f"SAE.load: '{path}' is neither a Gemma Scope 2 folder (params.safetensors + config.json) nor a "
+                         "SAELens folder (cfg.json + sae_weights.safetensors)")
+
+    @staticmethod
+    def _tensors(path, names, required):
+        t = _core.read_safetensors(path)
+        for n in required:
+            if n not in t:
+                raise ValueError(f"SAE file '{path}' lacks tensor '{n}' (has: {', '.join(sorted(t))})")
+        return {n: t.get(n) for n in names}
+
+    @classmethod
+    def _load_gemma_scope(cls, path, dtype):
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        t = cls._tensors(os.path.join(path, "params.safetensors"),
+                         ["w_enc", "b_enc", "threshold", "w_dec", "b_dec", "affine_skip_connection"],
+                         ["w_enc", "b_enc", "w_dec", "b_dec"])
+        arch = str(cfg.get("architecture", "jump_relu")).lower().replace("_", "")
+        arch = {"jumprelu": "jumprelu", "relu": "relu", "standard": "relu", "topk": "topk"}.get(arch)
+        if arch is None:
+            raise ValueError(f"SAE config architecture {cfg.get('architecture')!r} is not supported")
+        hook_in, flat = _hf_point_to_tl(cfg.get("hf_hook_point_in"))
+        hook_out, _ = _hf_point_to_tl(cfg.get("hf_hook_point_out", cfg.get("hf_hook_point_in")))
+        sae = cls(t["w_enc"], t["b_enc"], t["w_dec"], t["b_dec"], threshold=t["threshold"],
+                  W_skip=t["affine_skip_connection"], architecture=arch, k=cfg.get("k", 0), apply_b_dec_to_input=False,
+                  hook_name=hook_in, hook_name_out=hook_out, model_name=cfg.get("model_name"), dtype=dtype, cfg=cfg)
+        sae._flatten = flat
+        return sae
+
+    @classmethod
+    def _load_saelens(cls, path, dtype):
+        cfg = json.load(open(os.path.join(path, "cfg.json")))
+        t = cls._tensors(os.path.join(path, "sae_weights.safetensors"), ["W_enc", "b_enc", "threshold", "W_dec", "b_dec"],
+                         ["W_enc", "b_enc", "W_dec", "b_dec"])
+        arch = {"jumprelu": "jumprelu", "standard": "relu", "relu": "relu", "topk": "topk"}.get(str(cfg.get("architecture", "standard")).lower())
+        if arch is None:
+            raise ValueError(f"SAELens architecture {cfg.get('architecture')!r} is not supported")
+        norm = cfg.get("normalize_activations", "none") or "none"
+        if norm != "none":
+            raise ValueError(f"SAELens normalize_activations={norm!r} is not supported (only 'none')")
+        for key in ("d_in", "d_sae"):
+            if key in cfg:
+                want = t["W_enc"].shape[0 if key == "d_in" else 1]
+                if int(cfg[key]) != want:
+                    raise ValueError(f"SAELens cfg {key}={cfg[key]} but W_enc has shape {tuple(t['W_enc'].shape)}")
+        hook = cfg.get("hook_name") or cfg.get("metadata", {}).get("hook_name")
+        if not hook:
+            raise ValueError("SAELens cfg.json has no hook_name")
+        k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k", 0)
+        sae = cls(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], threshold=t["threshold"], architecture=arch, k=k,
+                  apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", False), hook_name=hook,
+                  model_name=cfg.get("model_name") or cfg.get("metadata", {}).get("model_name"), dtype=dtype, cfg=cfg)
+        sae._flatten = hook.endswith("attn.hook_z")
+        return sae
+
+    # ---- computation (native) ----
+    def _2d(self, x, width, what):
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape[-1] != width:
+            raise ValueError(f"SAE.{what}: the last axis must be {width}, got shape {x.shape}")
+        return x.reshape(-1, width), x.shape[:-1]
+
+    def encode(self, x):
+        """x [..., d_in] -> feature activations [..., d_sae]."""
+        x2, lead = self._2d(x, self.d_in, "encode")
+        return self._core.encode(x2).reshape(*lead, self.d_sae)
+
+    def decode(self, acts, x=None):
+        """acts [..., d_sae] -> [..., d_out] (transcoders with a skip connection also need their input x)."""
+        a2, lead = self._2d(acts, self.d_sae, "decode")
+        x2 = None if x is None else self._2d(x, self.d_in, "decode")[0]
+        return self._core.decode(a2, x2).reshape(*lead, self.d_out)
+
+    def __call__(self, x):
+        """Reconstruction decode(encode(x))."""
+        x2, lead = self._2d(x, self.d_in, "forward")
+        return self._core.decode(self._core.encode(x2), x2 if self.W_skip is not None else None).reshape(*lead, self.d_out)
+
+    def encode_topk(self, x, k):
+        """The k most active features per position, without a dense [tokens, d_sae] array:
+        (indices int32 [..., k], values [..., k]), by descending activation."""
+        x2, lead = self._2d(x, self.d_in, "encode_topk")
+        idx, val = self._core.encode_topk(x2, int(k))
+        return idx.reshape(*lead, k), val.reshape(*lead, k)
+
+    # ---- checks against a model ----
+    def check_model(self, model):
+        from .hooks import family  # noqa: F401
+
+        cfg = model.config
+        model._hook_table.resolve(self.hook_name)
+        model._hook_table.resolve(self.hook_name_out)
+        width = {"attn.hook_z": cfg.num_attention_heads * cfg.head_dim, "mlp.hook_post": cfg.intermediate_size}
+        site = self.hook_name.split(".", 2)[2]
+        want = width.get(site, cfg.hidden_size)
+        if self.model_name:
+            size = _SIZES.get(cfg.hidden_size)
+            m = re.search(r"(270m|1b|4b|12b|27b)", str(self.model_name).lower())
+            if size and m and m.group(1) != size:
+                raise ValueError(f"SAE was made for {self.model_name!r} ({m.group(1)}) but the model is Gemma 3 {size}")
+        if self.d_in != want:
+            raise ValueError(f"SAE d_in = {self.d_in} does not match {self.hook_name} of this model (width {want})")
+
+
+def _as_list(fns):
+    return fns if isinstance(fns, (list, tuple)) else [fns]
+
+
+def _apply_py(fn, arr, name, layer):
+    """A hook on an SAE tensor: a Python callable or an intervention, applied in numpy."""
+    from .hooks import HookPoint, _wrap_callable
+    from .interventions import Intervention
+
+    if isinstance(fn, Intervention):
+        return fn.apply_numpy(arr)
+    return _wrap_callable(fn, HookPoint(name, layer))(arr)
+
+
+def splice_hooks(model, saes, use_error_term, sae_hooks, captures):
+    """Python callbacks implementing the SAEs at their sites.
+
+    sae_hooks: {sae hook name: [fn, ...]}; captures: set of sae hook names to record into `captured`.
+    Returns (fwd_hooks, captured dict)."""
+    captured = {}
+    fwd = []
+    for sae in saes:
+        sae.check_model(model)
+        base = sae.hook_name
+        layer = int(base.split(".")[1])
+        stash = {}
+
+        def run(x_in, x_out, sae=sae, base=base, layer=layer):
+            lead = x_in.shape[:2]
+            xi = x_in.reshape(lead[0] * lead[1], -1)
+            acts = sae._core.encode(xi)
+            acts_orig = acts
+            name = f"{base}.hook_sae_acts_post"
+            a3 = acts.reshape(*lead, sae.d_sae)
+            if sae_hooks.get(name):
+                a3 = a3.copy()  # hooks may edit in place; the error term needs the unedited features
+            for fn in sae_hooks.get(name, []):
+                a3 = _apply_py(fn, a3, name, layer)
+            if name in captures:
+                captured[name] = np.array(a3, copy=True)
+            acts = np.ascontiguousarray(a3.reshape(-1, sae.d_sae), dtype=np.float32)
+            skip_in = xi if sae.W_skip is not None else None
+            recon = sae._core.decode(acts, skip_in).reshape(*lead, sae.d_out)
+            rname = f"{base}.hook_sae_recon"
+            for fn in sae_hooks.get(rname, []):
+                recon = _apply_py(fn, recon, rname, layer)
+            if rname in captures:
+                captured[rname] = np.array(recon, copy=True)
+            if use_error_term:
+                edited = bool(sae_hooks.get(name)) or bool(sae_hooks.get(rname))
+                clean = sae._core.decode(acts_orig, skip_in).reshape(*lead, sae.d_out) if edited else recon
+                err = x_out.reshape(*lead, sae.d_out) - clean
+                ename = f"{base}.hook_sae_error"
+                for fn in sae_hooks.get(ename, []):
+                    err = _apply_py(fn, err, ename, layer)
+                if ename in captures:
+                    captured[ename] = np.array(err, copy=True)
+                recon = recon + err
+            return recon.reshape(x_out.shape).astype(np.float32)
+
+        if not sae.is_transcoder:
+            fwd.append((base, lambda a, hook, run=run: run(a, a)))
+        else:
+            def keep(a, hook, stash=stash):
+                stash["x"] = a.copy()
+
+            fwd.append((sae.hook_name, keep))
+            fwd.append((sae.hook_name_out, lambda a, hook, run=run, stash=stash: run(stash.pop("x"), a)))
+    return fwd, captured
+
+
+def sae_hook_names(saes):
+    return [f"{s.hook_name}.{suf}" for s in saes for suf in _SUFFIXES]

@@ -1,0 +1,213 @@
+"""SAEs and transcoders: Gemma Scope 2 and SAELens folders, native math against numpy (and SAELens itself),
+splicing against numpy-on-captured-activations, feature hooks, steering and ablation."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import gemmalens as gl
+from conftest import rel_err
+
+
+def np_encode(x, W_enc, b_enc, threshold=None, b_dec=None, arch="jumprelu", k=0):
+    xin = x - b_dec if b_dec is not None else x
+    pre = xin.astype(np.float64) @ W_enc + b_enc
+    if arch == "jumprelu":
+        return np.where((pre > threshold) & (pre > 0), pre, 0.0)
+    if arch == "relu":
+        return np.maximum(pre, 0)
+    out = np.zeros_like(pre)
+    idx = np.argsort(-pre, axis=-1)[..., :k]
+    np.put_along_axis(out, idx, np.maximum(np.take_along_axis(pre, idx, -1), 0), -1)
+    return out
+
+
+def random_sae(rng, d_in, d_sae, d_out=None, skip=False):
+    d_out = d_out or d_in
+    return dict(W_enc=(rng.standard_normal((d_in, d_sae)) * 0.2).astype(np.float32),
+                b_enc=(rng.standard_normal(d_sae) * 0.1).astype(np.float32),
+                threshold=np.abs(rng.standard_normal(d_sae) * 0.2).astype(np.float32),
+                W_dec=(rng.standard_normal((d_sae, d_out)) * 0.2).astype(np.float32),
+                b_dec=(rng.standard_normal(d_out) * 0.1).astype(np.float32),
+                W_skip=(rng.standard_normal((d_in, d_out)) * 0.1).astype(np.float32) if skip else None)
+
+
+def save_gemma_scope(d, p, hook_in, hook_out=None, model_name="gemma-v3-270m-pt", arch="jump_relu"):
+    from safetensors.numpy import save_file
+
+    os.makedirs(d, exist_ok=True)
+    t = {"w_enc": p["W_enc"], "b_enc": p["b_enc"], "threshold": p["threshold"], "w_dec": p["W_dec"], "b_dec": p["b_dec"]}
+    if p.get("W_skip") is not None:
+        t["affine_skip_connection"] = p["W_skip"]
+    save_file(t, os.path.join(d, "params.safetensors"))
+    json.dump({"architecture": arch, "hf_hook_point_in": hook_in, "hf_hook_point_out": hook_out or hook_in,
+               "width": p["W_enc"].shape[1], "l0": 10, "model_name": model_name}, open(os.path.join(d, "config.json"), "w"))
+    return d
+
+
+def save_saelens(d, p, hook_name, arch="jumprelu", apply_b_dec=False, k=None, model_name="gemma-3-270m"):
+    from safetensors.numpy import save_file
+
+    os.makedirs(d, exist_ok=True)
+    t = {"W_enc": p["W_enc"], "b_enc": p["b_enc"], "W_dec": p["W_dec"], "b_dec": p["b_dec"]}
+    if arch == "jumprelu":
+        t["threshold"] = p["threshold"]
+    save_file(t, os.path.join(d, "sae_weights.safetensors"))
+    cfg = {"architecture": arch, "d_in": p["W_enc"].shape[0], "d_sae": p["W_enc"].shape[1], "hook_name": hook_name,
+           "apply_b_dec_to_input": apply_b_dec, "normalize_activations": "none", "dtype": "float32", "device": "cpu",
+           "model_name": model_name, "metadata": {"hook_name": hook_name, "model_name": model_name}}
+    if k:
+        cfg["k"] = k
+    json.dump(cfg, open(os.path.join(d, "cfg.json"), "w"))
+    return d
+
+
+@pytest.mark.parametrize("fmt,arch", [("scope", "jumprelu"), ("saelens", "jumprelu"), ("saelens", "standard"),
+                                      ("saelens", "topk")])
+def test_encode_decode_topk_against_numpy(tmp_path, fmt, arch):
+    rng = np.random.default_rng(0)
+    p = random_sae(rng, 64, 300)
+    if fmt == "scope":
+        sae = gl.SAE.load(save_gemma_scope(str(tmp_path / "s"), p, "model.layers.3.output"))
+        assert sae.hook_name == "blocks.3.hook_resid_post"
+        b_dec_in = None
+    else:
+        sae = gl.SAE.load(save_saelens(str(tmp_path / "s"), p, "blocks.3.hook_resid_post", arch=arch,
+                                       apply_b_dec=True, k=7 if arch == "topk" else None))
+        b_dec_in = p["b_dec"]
+    x = rng.standard_normal((2, 9, 64)).astype(np.float32)
+    ref_arch = {"jumprelu": "jumprelu", "standard": "relu", "topk": "topk"}[arch]
+    ref = np_encode(x, p["W_enc"], p["b_enc"], p["threshold"], b_dec_in, ref_arch, 7)
+    acts = sae.encode(x)
+    assert acts.shape == (2, 9, 300)
+    np.testing.assert_allclose(acts, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sae.decode(acts), acts @ p["W_dec"] + p["b_dec"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sae(x), ref @ p["W_dec"] + p["b_dec"], rtol=1e-4, atol=1e-3)
+    idx, val = sae.encode_topk(x, 5)
+    assert idx.shape == (2, 9, 5) and idx.dtype == np.int32
+    np.testing.assert_allclose(val, -np.sort(-ref, -1)[..., :5], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.take_along_axis(ref, idx.astype(np.int64), -1), val, rtol=1e-4, atol=1e-4)
+    # bf16 weights: values to bf16 precision (TopK excluded: a near-tie may pick another feature)
+    if arch != "topk":
+        a16 = gl.SAE.load(str(tmp_path / "s"), dtype="bfloat16").encode(x)
+        assert rel_err(a16, ref) < 0.05
+
+
+def test_against_saelens_itself(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    import torch
+
+    rng = np.random.default_rng(1)
+    p = random_sae(rng, 64, 128)
+    d = save_saelens(str(tmp_path / "sl"), p, "blocks.2.hook_resid_post", arch="jumprelu", apply_b_dec=True)
+    theirs = sae_lens.SAE.load_from_disk(d, device="cpu")
+    ours = gl.SAE.load(d)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    with torch.no_grad():
+        ta = theirs.encode(torch.as_tensor(x)).numpy()
+        tr = theirs.decode(torch.as_tensor(ta)).numpy()
+    np.testing.assert_allclose(ours.encode(x), ta, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours.decode(ta), tr, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small(hf_models):
+    return gl.load(hf_models["mqa_scaled_softcap"][1])
+
+
+def test_splice_with_and_without_error_term(small, tmp_path):
+    model = small
+    rng = np.random.default_rng(2)
+    p = random_sae(rng, 64, 200)
+    sae = gl.SAE.load(save_gemma_scope(str(tmp_path / "s"), p, "model.layers.4.output"))
+    ids = rng.integers(0, 320, (2, 11))
+    plain, cache = model.run_with_cache(ids, names_filter="blocks.4.hook_resid_post")
+    x = cache["blocks.4.hook_resid_post"]
+    recon = (np_encode(x, p["W_enc"], p["b_enc"], p["threshold"]) @ p["W_dec"] + p["b_dec"]).astype(np.float32)
+    ref = model.run_with_hooks(ids, fwd_hooks=[("blocks.4.hook_resid_post", lambda a, h: recon)])
+    spliced = model.run_with_saes(ids, saes=[sae])
+    assert rel_err(spliced, ref) <= 1e-4
+    with_err = model.run_with_saes(ids, saes=[sae], use_error_term=True)
+    assert rel_err(with_err, plain) <= 1e-5
+    # feature activations are hooks of the SAE, capturable
+    with model.saes([sae], use_error_term=True):
+        logits, c2 = model.run_with_cache(ids, names_filter=["blocks.4.hook_resid_post.hook_sae_acts_post",
+                                                              "blocks.4.hook_resid_post"])
+    acts = c2["blocks.4.hook_resid_post.hook_sae_acts_post"]
+    np.testing.assert_allclose(acts, np_encode(x, p["W_enc"], p["b_enc"], p["threshold"]), rtol=1e-4, atol=1e-4)
+    assert rel_err(logits, plain) <= 1e-5
+    assert model._saes == []
+
+
+def test_feature_edit_ablate_and_steer(small, tmp_path):
+    model = small
+    rng = np.random.default_rng(3)
+    p = random_sae(rng, 64, 200)
+    sae = gl.SAE.load(save_gemma_scope(str(tmp_path / "s"), p, "model.layers.2.output"))
+    ids = rng.integers(0, 320, (1, 12))
+    _, cache = model.run_with_cache(ids, names_filter="blocks.2.hook_resid_post")
+    x = cache["blocks.2.hook_resid_post"]
+    acts = np_encode(x, p["W_enc"], p["b_enc"], p["threshold"])
+    feats = [int(f) for f in np.argsort(-(acts > 0).sum((0, 1)))[:3]]
+    assert (acts[..., feats] > 0).any()
+    expected_x = (x - acts[..., feats] @ p["W_dec"][feats]).astype(np.float32)
+    ref = model.run_with_hooks(ids, fwd_hooks=[("blocks.2.hook_resid_post", lambda a, h: expected_x)])
+
+    def zero_feats(a, hook):
+        a[..., feats] = 0
+
+    edited = model.run_with_saes(ids, saes=[sae], use_error_term=True,
+                                 fwd_hooks=[("blocks.2.hook_resid_post.hook_sae_acts_post", zero_feats)])
+    assert rel_err(edited, ref) <= 1e-4
+    native = model.run_with_hooks(ids, fwd_hooks=[gl.interventions.ablate_features(sae, feats)])
+    assert rel_err(native, ref) <= 1e-4
+    # steering: + scale * W_dec[f] at the site; the next-token distribution moves exactly as computed
+    f, s = feats[0], 6.0
+    steered = model.run_with_hooks(ids, fwd_hooks=[gl.interventions.steer(sae, f, s)])
+    ref_s = model.run_with_hooks(ids, fwd_hooks=[("blocks.2.hook_resid_post", lambda a, h: a + s * p["W_dec"][f])])
+    assert rel_err(steered, ref_s) <= 1e-5
+    with model.hooks(fwd_hooks=[gl.interventions.steer(sae, f, s)]):
+        gen = model.generate(list(ids[0]), max_new_tokens=6, ignore_eos=True)
+    assert gen[0] == int(ref_s[0, -1].argmax())
+
+
+def test_transcoder_and_attention_sae(small, tmp_path):
+    model = small
+    cfg = model.config
+    rng = np.random.default_rng(4)
+    p = random_sae(rng, 64, 150, skip=True)
+    tc = gl.SAE.load(save_gemma_scope(str(tmp_path / "tc"), p, "model.layers.3.pre_feedforward_layernorm.output",
+                                      "model.layers.3.post_feedforward_layernorm.output"))
+    assert (tc.hook_name, tc.hook_name_out) == ("blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out")
+    ids = rng.integers(0, 320, (1, 10))
+    _, cache = model.run_with_cache(ids, names_filter="blocks.3.ln2.hook_normalized")
+    x = cache["blocks.3.ln2.hook_normalized"]
+    out = (np_encode(x, p["W_enc"], p["b_enc"], p["threshold"]) @ p["W_dec"] + p["b_dec"] + x @ p["W_skip"]).astype(np.float32)
+    ref = model.run_with_hooks(ids, fwd_hooks=[("blocks.3.hook_mlp_out", lambda a, h: out)])
+    assert rel_err(model.run_with_saes(ids, saes=[tc]), ref) <= 1e-4
+    assert rel_err(model.run_with_saes(ids, saes=[tc], use_error_term=True), model.forward(ids)) <= 1e-5
+    # attention-output SAE (Gemma Scope 2 attn_out): reads o_proj's input = hook_z flattened
+    width = cfg.num_attention_heads * cfg.head_dim
+    pa = random_sae(rng, width, 100)
+    asae = gl.SAE.load(save_gemma_scope(str(tmp_path / "att"), pa, "model.layers.1.self_attn.o_proj.input"))
+    assert asae.hook_name == "blocks.1.attn.hook_z"
+    _, cz = model.run_with_cache(ids, names_filter="blocks.1.attn.hook_z")
+    z = cz["blocks.1.attn.hook_z"]
+    zf = z.reshape(1, 10, width)
+    rz = (np_encode(zf, pa["W_enc"], pa["b_enc"], pa["threshold"]) @ pa["W_dec"] + pa["b_dec"]).astype(np.float32)
+    ref_z = model.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_z", lambda a, h: rz.reshape(z.shape))])
+    assert rel_err(model.run_with_saes(ids, saes=[asae]), ref_z) <= 1e-4
+
+
+def test_mismatches_raise(small, tmp_path):
+    rng = np.random.default_rng(5)
+    bad = gl.SAE.load(save_gemma_scope(str(tmp_path / "b"), random_sae(rng, 32, 40), "model.layers.1.output"))
+    with pytest.raises(ValueError, match="d_in = 32"):
+        small.run_with_saes([1, 2, 3], saes=[bad])
+    with pytest.raises(ValueError, match="blocks.99"):
+        small.run_with_saes([1, 2], saes=[gl.SAE.load(save_gemma_scope(str(tmp_path / "x"), random_sae(rng, 64, 8),
+                                                                       "model.layers.99.output"))])
+    with pytest.raises(ValueError, match="neither"):
+        gl.SAE.load(str(tmp_path))
+    assert small.forward([1, 2, 3]).shape == (1, 3, 320)

@@ -77,6 +77,14 @@ class Model:
 
     # ---- hooks (TransformerLens idioms) ----
 
+    def save_pretrained(self, directory, dtype=None):
+        """Write HF safetensors + config.json (+ tokenizer.model) in the HF layout, whatever format this model
+        was loaded from (GGUF weights are written dequantised). dtype: "float32" or "bfloat16" (default: the
+        model's)."""
+        from .formats import save_pretrained
+
+        return save_pretrained(self, os.fspath(directory), dtype)
+
     def unembed(self, resid):
         """Final norm + tied unembedding of residual-stream vectors [..., d_model] -> logits [..., vocab]
         (the logit lens; applied to the last residual it reproduces the model's logits)."""
@@ -416,11 +424,24 @@ def _is_gguf(path):
         return False
 
 
+def zipfile_with_pickle(path):
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load(path, dtype="float32", threads=None, max_seq_len=None):
     """Load a Gemma 3 checkpoint; the format is detected from the path.
 
     path: an HF directory (config.json + model.safetensors or a sharded index), a .safetensors file with
-      config.json beside it, a .gguf file, or "gemma3-270m" (the real model from the gemmalens[demo] extra).
+      config.json beside it, a .gguf file, a Kaggle Flax/Orbax checkpoint directory (needs tensorstore:
+      gemmalens[orbax]), a gemma_pytorch model.ckpt, or "gemma3-270m" (the real model, gemmalens[demo]).
+      Orbax and gemma_pytorch checkpoints carry no config: it is inferred from the tensor shapes (the published
+      sizes), or read from a config.json beside them.
     dtype: "float32" or "bfloat16" (weights and matmul inputs; activations stay float32).
     threads: worker threads (default: all cores available to the process).
     max_seq_len: longest sequence for caches and generation (default min(max_position_embeddings, 8192)).
@@ -442,7 +463,17 @@ def load(path, dtype="float32", threads=None, max_seq_len=None):
         raise FileNotFoundError(f"gemmalens.load: no such file or directory: '{path}'")
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     tokenizer = None
-    if os.path.isfile(path) and _is_gguf(path):
+    from . import formats
+
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "_METADATA")):
+        core = formats.load_orbax(path, dtype)
+        tok_path = os.path.join(path, "tokenizer.model")
+        tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    elif os.path.isfile(path) and (path.endswith((".ckpt", ".pt", ".pth")) or zipfile_with_pickle(path)):
+        core = formats.load_gemma_pytorch(path, dtype)
+        tok_path = os.path.join(directory, "tokenizer.model")
+        tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    elif os.path.isfile(path) and _is_gguf(path):
         core = _core.load_gguf(path, dtype)
         meta = _core.GGUFFile(path).metadata
         if "tokenizer.ggml.tokens" in meta:

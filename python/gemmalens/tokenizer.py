@@ -92,6 +92,10 @@ class Tokenizer:
             out.append(self._sp.DecodeIds(run))
         return "".join(out)
 
+    def serialized_proto(self):
+        """The SentencePiece ModelProto bytes (what a tokenizer.model file holds)."""
+        return self._sp.serialized_model_proto()
+
     def id_to_piece(self, i):
         return self._sp.IdToPiece(int(i))
 

@@ -1,0 +1,288 @@
+"""Checkpoint formats read in Python and handed to the native core as arrays under HF names:
+gemma_pytorch's ``model.ckpt`` (a torch zip archive, read without torch) and Kaggle Flax/Orbax checkpoints
+(read with tensorstore). Also ``save_pretrained``: any loaded model back to HF safetensors + config.json."""
+import collections
+import json
+import os
+import pickle
+import re
+import zipfile
+
+import numpy as np
+
+from . import _core
+from ._core import CheckpointError, Gemma3Config
+
+# ---------------------------------------------------------------- shapes -> config
+
+
+def infer_config(shapes, vocab_size=None, where="checkpoint"):
+    """Gemma3Config from HF-named tensor shapes: a published size when the shapes match one (its window, RoPE
+    scaling and query scale), else an error asking for a config.json."""
+    try:
+        V, D = shapes["model.embed_tokens.weight"]
+        L = 1 + max(int(m.group(1)) for n in shapes for m in [re.match(r"model\.layers\.(\d+)\.", n)] if m)
+        Hd = shapes["model.layers.0.self_attn.q_norm.weight"][0]
+        H = shapes["model.layers.0.self_attn.q_proj.weight"][0] // Hd
+        KV = shapes["model.layers.0.self_attn.k_proj.weight"][0] // Hd
+        F = shapes["model.layers.0.mlp.gate_proj.weight"][0]
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{where}: cannot read the model shape from its tensors ({e})") from None
+    for size in ("270m", "1b", "4b", "12b", "27b"):
+        c = Gemma3Config.preset(size)
+        if (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                c.intermediate_size) == (L, D, H, KV, Hd, F):
+            c.vocab_size = int(vocab_size or V)
+            c.validate()
+            return c
+    raise CheckpointError(f"{where}: shapes (layers={L}, hidden={D}, heads={H}/{KV}, head_dim={Hd}, ffn={F}) match no Gemma 3 "
+                          "size; put an HF config.json beside the checkpoint")
+
+
+def _config_beside(path, shapes, where):
+    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    cfg_path = os.path.join(d, "config.json")
+    if os.path.isfile(cfg_path):
+        return Gemma3Config.from_pretrained(cfg_path)
+    return infer_config(shapes, where=where)
+
+
+# ---------------------------------------------------------------- torch zip archives, without torch
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16, "BFloat16Storage": "bf16",
+    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16, "CharStorage": np.int8,
+    "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+
+
+class _StorageType:
+    def __init__(self, name):
+        self.name, self.dtype = name, _STORAGE_DTYPES[name]
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):
+    """torch._utils._rebuild_tensor_v2's data part: a strided view of the storage, copied contiguous."""
+    arr, itemsize = storage
+    if not size:
+        return np.array(arr[offset], copy=True)
+    end = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
+    if offset < 0 or end > arr.size:
+        raise CheckpointError("torch checkpoint: a tensor's view runs past its storage (file corrupt?)")
+    view = np.lib.stride_tricks.as_strided(arr[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride))
+    return np.ascontiguousarray(view)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds tensors and dicts, nothing else: any other global is refused before anything runs."""
+
+    def __init__(self, f, zf, prefix):
+        super().__init__(f)
+        self._zf, self._prefix, self._storages = zf, prefix, {}
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        raise pickle.UnpicklingError(f"refused to load '{module}.{name}': only tensors and dicts may be rebuilt from a "
+                                     "checkpoint (nothing was executed)")
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage" or not isinstance(pid[1], _StorageType):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        st, key, numel = pid[1], str(pid[2]), int(pid[4])
+        if key not in self._storages:
+            try:
+                raw = self._zf.read(f"{self._prefix}data/{key}")
+            except KeyError:
+                raise CheckpointError(f"torch checkpoint: storage '{key}' is missing from the archive") from None
+            if st.dtype == "bf16":
+                u = np.frombuffer(raw, dtype=np.uint16)
+                arr, itemsize = (u.astype(np.uint32) << 16).view(np.float32), 4
+                arr = arr.copy()
+            else:
+                arr = np.frombuffer(raw, dtype=st.dtype)
+                itemsize = arr.itemsize
+            if arr.size < numel:
+                raise CheckpointError(f"torch checkpoint: storage '{key}' holds {arr.size} elements, {numel} expected")
+            self._storages[key] = (arr, itemsize)
+        return self._storages[key]
+
+
+def read_torch_zip(path):
+    """torch.save output (zip format) -> the unpickled object with tensors as numpy arrays; torch not needed."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"'{path}' is not a torch zip checkpoint ({e}); legacy (non-zip) torch.save files are "
+                              "not supported") from None
+    with zf:
+        pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
+        if len(pkl) != 1:
+            raise CheckpointError(f"'{path}': expected one data.pkl in the archive, found {len(pkl)}")
+        prefix = pkl[0][: -len("data.pkl")]
+        bo = prefix + "byteorder"
+        if bo in zf.namelist() and zf.read(bo).strip() not in (b"little", b""):
+            raise CheckpointError(f"'{path}': big-endian checkpoints are not supported")
+        import io
+
+        return _RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), zf, prefix).load()
+
+
+def gemma_pytorch_arrays(state, cfg_like=None):
+    """gemma_pytorch names -> HF names; the fused qkv_proj is split [q | k | v]."""
+    if "model_state_dict" in state:
+        state = state["model_state_dict"]
+    out = {}
+    hd = state.get("model.layers.0.self_attn.query_norm.weight")
+    o = state.get("model.layers.0.self_attn.o_proj.weight")
+    if hd is None or o is None:
+        raise CheckpointError("not a gemma_pytorch Gemma 3 state dict (no model.layers.0.self_attn.query_norm / o_proj)")
+    Hd = hd.shape[0]
+    H = o.shape[1] // Hd
+    for name, a in state.items():
+        a = np.asarray(a, dtype=np.float32)
+        if name == "embedder.weight":
+            out["model.embed_tokens.weight"] = a
+        elif name.endswith("self_attn.qkv_proj.weight"):
+            p = name[: -len("qkv_proj.weight")]
+            KV = (a.shape[0] // Hd - H) // 2
+            if (H + 2 * KV) * Hd != a.shape[0]:
+                raise CheckpointError(f"'{name}' has {a.shape[0]} rows, not (heads + 2 kv_heads) * head_dim")
+            out[p + "q_proj.weight"] = a[: H * Hd]
+            out[p + "k_proj.weight"] = a[H * Hd:(H + KV) * Hd]
+            out[p + "v_proj.weight"] = a[(H + KV) * Hd:]
+        elif name.endswith("self_attn.query_norm.weight"):
+            out[name.replace("query_norm", "q_norm")] = a
+        elif name.endswith("self_attn.key_norm.weight"):
+            out[name.replace("key_norm", "k_norm")] = a
+        else:
+            out[name] = a
+    return out
+
+
+def load_gemma_pytorch(path, dtype):
+    arrays = gemma_pytorch_arrays(read_torch_zip(path))
+    cfg = _config_beside(path, {k: v.shape for k, v in arrays.items()}, f"gemma_pytorch checkpoint '{path}'")
+    return _core.load_arrays(arrays, cfg, dtype)
+
+
+# ---------------------------------------------------------------- Kaggle Flax / Orbax (tensorstore)
+
+
+def _orbax_names(path):
+    meta_path = os.path.join(path, "_METADATA")
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"'{path}' is not an Orbax checkpoint (no _METADATA)")
+    try:
+        meta = json.load(open(meta_path))
+    except ValueError as e:
+        raise CheckpointError(f"'{meta_path}' is not valid JSON: {e}") from None
+    tree = meta.get("tree_metadata", {})
+    names = []
+    for key, info in tree.items():
+        parts = info.get("key_metadata") if isinstance(info, dict) else None
+        if parts:
+            keys = [str(p.get("key")) for p in parts]
+        else:
+            keys = [k.strip(" '\"") for k in key.strip("()").split(",") if k.strip()]
+        names.append(".".join(keys))
+    return names, bool(meta.get("use_zarr3", False))
+
+
+def orbax_arrays(path):
+    """Kaggle Flax checkpoint (FLAT layout) -> {HF name: array} via tensorstore (no JAX)."""
+    try:
+        import tensorstore as ts
+    except ImportError:
+        raise ImportError("reading Orbax checkpoints needs tensorstore: pip install 'gemmalens[orbax]'") from None
+    names, zarr3 = _orbax_names(path)
+    base = "file://" + os.path.abspath(path).rstrip("/") + "/"
+    raw = {}
+    for n in names:
+        spec = {"driver": "zarr3" if zarr3 else "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": n}}
+        try:
+            raw[n] = np.asarray(ts.open(spec, open=True).result().read().result(), dtype=np.float32)
+        except Exception as e:  # tensorstore raises ValueError and others with its own messages
+            raise CheckpointError(f"Orbax checkpoint '{path}': cannot read array '{n}': {e}") from None
+    out = {}
+
+    def take(key):
+        if key not in raw:
+            raise CheckpointError(f"Orbax checkpoint '{path}' is missing array '{key}'")
+        return raw.pop(key)
+
+    out["model.embed_tokens.weight"] = take("transformer/embedder.input_embedding")
+    out["model.norm.weight"] = take("transformer/final_norm.scale")
+    i = 0
+    while f"transformer/layer_{i}/attn/q_einsum.w" in raw:
+        p, hp = f"transformer/layer_{i}/", f"model.layers.{i}."
+        q = take(p + "attn/q_einsum.w")                       # [H, D, Hd]
+        H, D, Hd = q.shape
+        out[hp + "self_attn.q_proj.weight"] = q.transpose(0, 2, 1).reshape(H * Hd, D)
+        kv = take(p + "attn/kv_einsum.w")                     # [2, KV, D, Hd]
+        KV = kv.shape[1]
+        out[hp + "self_attn.k_proj.weight"] = kv[0].transpose(0, 2, 1).reshape(KV * Hd, D)
+        out[hp + "self_attn.v_proj.weight"] = kv[1].transpose(0, 2, 1).reshape(KV * Hd, D)
+        out[hp + "self_attn.o_proj.weight"] = take(p + "attn/attn_vec_einsum.w").transpose(2, 0, 1).reshape(D, H * Hd)
+        out[hp + "self_attn.q_norm.weight"] = take(p + "attn/_query_norm.scale")
+        out[hp + "self_attn.k_norm.weight"] = take(p + "attn/_key_norm.scale")
+        gate = take(p + "mlp/gating_einsum.w")                # [2, F, D]
+        out[hp + "mlp.gate_proj.weight"], out[hp + "mlp.up_proj.weight"] = gate[0], gate[1]
+        out[hp + "mlp.down_proj.weight"] = take(p + "mlp/linear.w").T  # [F, D] -> [D, F]
+        for src, dst in (("pre_attention_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+                         ("pre_ffw_norm", "pre_feedforward_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")):
+            out[hp + dst + ".weight"] = take(p + src + ".scale")
+        i += 1
+    if i == 0:
+        raise CheckpointError(f"Orbax checkpoint '{path}' has no transformer/layer_0 arrays")
+    if raw:
+        raise CheckpointError(f"Orbax checkpoint '{path}' has unexpected arrays: {', '.join(sorted(raw)[:5])}")
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def load_orbax(path, dtype):
+    arrays = orbax_arrays(path)
+    cfg = _config_beside(path, {k: v.shape for k, v in arrays.items()}, f"Orbax checkpoint '{path}'")
+    return _core.load_arrays(arrays, cfg, dtype)
+
+
+# ---------------------------------------------------------------- export
+
+
+def write_safetensors(path, tensors, dtype="float32"):
+    """{name: float32 array} -> a .safetensors file (F32 or BF16, round-to-nearest-even)."""
+    header, blobs, off = {}, [], 0
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if dtype == "bfloat16":
+            u = a.view(np.uint32).astype(np.uint64)
+            b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+            dt = "BF16"
+        else:
+            b, dt = a.tobytes(), "F32"
+        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little"))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
+def save_pretrained(model, directory, dtype=None):
+    """HF layout: model.safetensors + config.json (+ tokenizer.model when the model has a tokenizer)."""
+    dtype = dtype or model.dtype
+    os.makedirs(directory, exist_ok=True)
+    write_safetensors(os.path.join(directory, "model.safetensors"), model._core.export_tensors(), dtype)
+    model.config.save_pretrained(directory)
+    if model.tokenizer is not None:
+        with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+            f.write(model.tokenizer.serialized_proto())
+    return directory

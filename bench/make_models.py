@@ -67,6 +67,60 @@ def make(size, out_dir, seed=0):
     return out_dir
 
 
+def write_bf16_gguf(hf_dir, out_path):
+    """The same random weights as a llama.cpp gemma3 GGUF (BF16 projections; norms F32 stored as 1 + w), written
+    with the `gguf` package, so llama.cpp runs exactly the weights gemmalens and HF run."""
+    import gguf
+
+    import gemmalens as gl
+    from gemmalens import _core
+
+    cfg = gl.Gemma3Config.from_pretrained(hf_dir)
+    t = _core.read_safetensors(os.path.join(hf_dir, "model.safetensors"))
+    w = gguf.GGUFWriter(out_path, "gemma3")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_rope_freq_base(cfg.rope_theta)
+    # a minimal SentencePiece vocabulary so llama.cpp accepts the file (ids only are used in the benchmark)
+    n = cfg.vocab_size
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<t{i}>" for i in range(4, n)])
+    w.add_token_scores([0.0] * n)
+    w.add_token_types([3, 3, 3, 2] + [1] * (n - 4))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "post_attention_norm",
+             "pre_feedforward_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "post_feedforward_layernorm": "post_ffw_norm"}
+    for name, a in t.items():
+        if name == "model.embed_tokens.weight":
+            g = "token_embd.weight"
+        elif name == "model.norm.weight":
+            g = "output_norm.weight"
+        else:
+            _, _, i, rest = name.split(".", 3)
+            g = f"blk.{i}.{names[rest[:-len('.weight')]]}.weight"
+        if a.ndim == 1:
+            w.add_tensor(g, (a + 1.0).astype(np.float32))
+        else:
+            w.add_tensor(g, _bf16_bytes(a).view(np.uint8).reshape(a.shape[0], -1), raw_dtype=gguf.GGMLQuantizationType.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_path
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
     for s in sys.argv[2:] or ["270m", "1b"]:

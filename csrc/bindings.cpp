@@ -204,15 +204,15 @@ void register_hooks(py::module_& m) {
                for (int s = 0; s < static_cast<int>(Site::Count); ++s)
                  for (auto& a : hs.at(static_cast<Site>(s), layer)) {
                    if (a.kind != HookAction::Capture || !a.captured) continue;
-                   auto holder = new std::shared_ptr<std::vector<float>>(a.captured);
-                   py::capsule owner(holder, [](void* p) { delete static_cast<std::shared_ptr<std::vector<float>>*>(p); });
+                   auto holder = new std::shared_ptr<float[]>(a.captured);
+                   py::capsule owner(holder, [](void* p) { delete static_cast<std::shared_ptr<float[]>*>(p); });
                    std::vector<int64_t> strides(a.captured_shape.size());
                    int64_t st = sizeof(float);
                    for (int d = static_cast<int>(strides.size()) - 1; d >= 0; --d) {
                      strides[d] = st;
                      st *= a.captured_shape[d];
                    }
-                   out.append(py::make_tuple(s, layer, py::array_t<float>(a.captured_shape, strides, a.captured->data(), owner)));
+                   out.append(py::make_tuple(s, layer, py::array_t<float>(a.captured_shape, strides, a.captured.get(), owner)));
                    a.captured.reset();
                  }
              return out;

@@ -122,9 +122,9 @@ void apply(HookAction& a, const ActView& v) {
   const auto pmask = position_mask(a.positions, T);
   switch (a.kind) {
     case HookAction::Capture: {
-      a.captured = std::make_shared<std::vector<float>>(v.numel());
+      a.captured = std::shared_ptr<float[]>(new float[static_cast<size_t>(v.numel())]);
       a.captured_shape = v.shape;
-      v.copy_out(a.captured->data());
+      v.copy_out(a.captured.get());
       break;
     }
     case HookAction::Add: {

@@ -86,7 +86,7 @@ struct HookAction {
   // dec [n_f, d] (W_dec rows), b_dec [d] subtracted from the input when set; relu_only: no threshold.
   std::vector<float> f_enc, f_b_enc, f_threshold, f_dec, f_b_dec;
   // Capture: filled by the forward pass.
-  std::shared_ptr<std::vector<float>> captured;
+  std::shared_ptr<float[]> captured;  // uninitialised storage, filled by the copy
   std::vector<int64_t> captured_shape;
 };
 

@@ -182,25 +182,47 @@ void attention_scores(const AttentionArgs& a, float* scores) {
   const int64_t S = a.past + a.T;
   const int group = a.H / a.KV;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-#pragma omp parallel for collapse(3)
+  // Per (row, KV head): keys transposed once (Kt [Hd][S], f32; slots the ring no longer holds stay absent), then
+  // each query row is an axpy over the visible key range: s[j] += q[d] * Kt[d][j] (vectorises over j).
+  std::vector<float> Kt(static_cast<size_t>(a.Hd) * S);
+  std::vector<char> held(S);
   for (int b = 0; b < a.B; ++b)
-    for (int h = 0; h < a.H; ++h)
-      for (int t = 0; t < a.T; ++t) {
-        const int64_t i = a.past + t;
-        int64_t lo = std::max<int64_t>(a.row_start ? a.row_start[b] : 0, 0);
-        if (a.window > 0) lo = std::max<int64_t>(lo, i - a.window + 1);
-        const float* q = a.q + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
-        float* s = scores + ((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S;
-        for (int64_t j = 0; j < S; ++j) {
-          s[j] = neg_inf;
-          if (j < lo || j > i) continue;
-          KVRow k = kv_row(a, a.k_new, a.k_past, b, h / group, j);
-          if (!k.f && !k.h) continue;
-          float x = (k.f ? dot_f32(q, k.f, a.Hd) : dot_bf16(q, k.h, a.Hd)) * a.scale;
-          if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
-          s[j] = x;
-        }
+    for (int kvh = 0; kvh < a.KV; ++kvh) {
+#pragma omp parallel for
+      for (int64_t j = 0; j < S; ++j) {
+        KVRow k = kv_row(a, a.k_new, a.k_past, b, kvh, j);
+        held[j] = (k.f || k.h) ? 1 : 0;
+        for (int d = 0; d < a.Hd; ++d) Kt[d * S + j] = k.f ? k.f[d] : (k.h ? bf16_to_f32(k.h[d]) : 0.f);
       }
+#pragma omp parallel for collapse(2)
+      for (int g = 0; g < group; ++g)
+        for (int t = 0; t < a.T; ++t) {
+          const int h = kvh * group + g;
+          const int64_t i = a.past + t;
+          int64_t lo = std::max<int64_t>(a.row_start ? a.row_start[b] : 0, 0);
+          if (a.window > 0) lo = std::max<int64_t>(lo, i - a.window + 1);
+          const float* q = a.q + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
+          float* s = scores + ((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S;
+          std::fill(s, s + S, 0.f);
+          if (lo <= i) {
+            for (int d = 0; d < a.Hd; ++d) {
+              const float qd = q[d];
+              const float* kr = Kt.data() + static_cast<int64_t>(d) * S;
+#pragma omp simd
+              for (int64_t j = lo; j <= i; ++j) s[j] += qd * kr[j];
+            }
+          }
+          for (int64_t j = 0; j < S; ++j) {
+            if (j < lo || j > i || !held[j]) {
+              s[j] = neg_inf;
+              continue;
+            }
+            float x = s[j] * a.scale;
+            if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
+            s[j] = x;
+          }
+        }
+    }
 }
 
 void softmax_rows(const float* scores, int64_t rows, int64_t S, float* pattern) {

@@ -1,6 +1,6 @@
 """Write random-weight Gemma 3 checkpoints of real shapes (270m, 1b) as HF safetensors directories.
 
-Weights are N(0, 0.02) (norms N(0, 0.1)) stored in bf16, so every engine reads the same values.
+Weights are N(0, 0.02) (norms N(0, 0.1)) stored in bf16, so every engine reads the same values (as a BF16 GGUF too).
 Usage: python bench/make_models.py OUT_DIR [270m 1b]
 """
 import json
@@ -17,24 +17,6 @@ def _bf16_bytes(a):
     return (u >> 16).astype(np.uint16)
 
 
-def write_safetensors(path, tensors):
-    """tensors: name -> (np.uint16 bf16 bits | np.float32 array, shape)."""
-    header, offset, blobs = {}, 0, []
-    for name, arr in tensors.items():
-        dt = "BF16" if arr.dtype == np.uint16 else "F32"
-        b = arr.tobytes()
-        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [offset, offset + len(b)]}
-        offset += len(b)
-        blobs.append(b)
-    h = json.dumps(header).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(len(h).to_bytes(8, "little"))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-
-
 def make(size, out_dir, seed=0):
     import gemmalens as gl
 
@@ -45,7 +27,7 @@ def make(size, out_dir, seed=0):
                           cfg.head_dim, cfg.vocab_size)
 
     def w(*shape, std=0.02):
-        return _bf16_bytes(rng.standard_normal(shape, dtype=np.float32) * std)
+        return rng.standard_normal(shape, dtype=np.float32) * std
 
     t = {"model.embed_tokens.weight": w(V, D), "model.norm.weight": w(D, std=0.1)}
     for i in range(cfg.num_hidden_layers):
@@ -61,8 +43,10 @@ def make(size, out_dir, seed=0):
         t[p + "mlp.down_proj.weight"] = w(D, F)
         for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
             t[p + n + ".weight"] = w(D, std=0.1)
+    from gemmalens.formats import write_safetensors
+
     os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), t)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), t, dtype="bfloat16")
     cfg.save_pretrained(out_dir)
     return out_dir
 
@@ -92,9 +76,10 @@ def write_bf16_gguf(hf_dir, out_path):
     # a minimal SentencePiece vocabulary so llama.cpp accepts the file (ids only are used in the benchmark)
     n = cfg.vocab_size
     w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<t{i}>" for i in range(4, n)])
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    w.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>"] + byte_pieces + [f"t{i}" for i in range(260, n)])
     w.add_token_scores([0.0] * n)
-    w.add_token_types([3, 3, 3, 2] + [1] * (n - 4))
+    w.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * (n - 260))
     w.add_bos_token_id(2)
     w.add_eos_token_id(1)
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",

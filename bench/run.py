@@ -182,13 +182,14 @@ def bench_hooks(path, threads, repeats, T=256):
     return plain, resid, every, tl_time
 
 
-def bench_llama_cpp(gguf_path, dtype, threads, repeats, prompt_len=128, n_new=32, T_prefill=512):
+def bench_llama_cpp(gguf_path, dtype, threads, repeats, prompt_len=128, n_new=32, T_prefill=512, weights="native",
+                    with_llama=True):
     """gemmalens vs llama.cpp (llama-cpp-python) on the same GGUF: prefill tok/s at T_prefill, decode tok/s at context
     prompt_len."""
     import gemmalens as gl
 
     rng = np.random.default_rng(0)
-    model = gl.load(gguf_path, dtype=dtype, threads=threads)
+    model = gl.load(gguf_path, dtype=dtype, threads=threads, weights=weights)
     V = model.config.vocab_size
     toks = rng.integers(4, min(V, 200000), T_prefill).tolist()
     t = model.to_tokens(toks)
@@ -210,6 +211,8 @@ def bench_llama_cpp(gguf_path, dtype, threads, repeats, prompt_len=128, n_new=32
     try:
         from llama_cpp import Llama
     except ImportError:
+        with_llama = False
+    if not with_llama:
         return pf_ours, dec_ours, None, None
     llm = Llama(model_path=gguf_path, n_ctx=T_prefill + 64, n_batch=T_prefill, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
@@ -315,9 +318,15 @@ def main():
             write_bf16_gguf(paths["1b"], g1b)
         gguf_models.append(("1b BF16 (random)", g1b))
     for label, gpath in gguf_models:
-        for dtype in ("bfloat16",):
-            r = bench_llama_cpp(gpath, dtype, args.threads, repeats)
-            llama_rows.append((label, dtype) + r)
+        last = None
+        for dtype, weights in (("bfloat16", "native"), ("float32", "int8")):
+            r = bench_llama_cpp(gpath, dtype, args.threads, repeats, weights=weights, with_llama=last is None)
+            if last is None:
+                last = r
+            else:
+                r = r[:2] + last[2:]  # the same llama.cpp run
+            tag = "bf16" if weights == "native" else "int8 (f32 compute)"
+            llama_rows.append((label, tag) + r)
             print(f"{label} gemmalens({dtype}) prefill {r[0]:.1f} decode {r[1]:.1f} | llama.cpp prefill "
                   f"{r[2] or float('nan'):.1f} decode {r[3] or float('nan'):.1f}", flush=True)
 

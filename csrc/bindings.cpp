@@ -22,6 +22,12 @@ using namespace gemmalens;
 
 namespace {
 
+bool parse_weights(const std::string& w) {
+  if (w == "native" || w == "auto") return false;
+  if (w == "int8") return true;
+  throw ValueError("weights must be 'native' (the compute dtype) or 'int8', got '" + w + "'");
+}
+
 DType parse_dtype(const std::string& s) {
   if (s == "float32" || s == "f32" || s == "fp32") return DType::F32;
   if (s == "bfloat16" || s == "bf16") return DType::BF16;
@@ -300,6 +306,7 @@ void register_model(py::module_& m) {
       .def_property_readonly("config", &Gemma3Model::config)
       .def_property_readonly("dtype", [](const Gemma3Model& g) { return dtype_name(g.dtype()); })
       .def_property_readonly("weight_nbytes", &Gemma3Model::weight_nbytes)
+      .def_property_readonly("int8_weights", &Gemma3Model::int8_weights)
       .def_readwrite("threads", &Gemma3Model::threads)
       .def(
           "export_tensors",
@@ -474,13 +481,14 @@ void register_ops(py::module_& m) {
     ops::rope_apply(y.mutable_data(), M, nh, Hd, c.data(), s.data());
     return y;
   });
-  ops_m.def("linear", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array_t<float, py::array::c_style | py::array::forcecast> w, const std::string& dtype) {
+  ops_m.def("linear", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array_t<float, py::array::c_style | py::array::forcecast> w, const std::string& dtype, bool int8) {
     if (x.ndim() != 2 || w.ndim() != 2 || w.shape(1) != x.shape(1)) throw ValueError("linear: x [M, K], w [N, K]");
-    ops::Linear lin(w.data(), w.shape(0), w.shape(1), parse_dtype(dtype));
+    ops::Linear lin(w.data(), w.shape(0), w.shape(1), parse_dtype(dtype), false, int8);
+    if (int8 && !lin.is_int8()) throw ValueError("linear: int8 needs AVX-512 VNNI and K % 64 == 0");
     py::array_t<float> y({x.shape(0), w.shape(0)});
     lin.forward(x.data(), x.shape(0), y.mutable_data());
     return y;
-  }, py::arg("x"), py::arg("w"), py::arg("dtype") = "float32");
+  }, py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("int8") = false);
   ops_m.def("attention", [](py::array_t<float, py::array::c_style | py::array::forcecast> q, py::array_t<float, py::array::c_style | py::array::forcecast> k,
                             py::array_t<float, py::array::c_style | py::array::forcecast> v, int64_t window, float scale, float softcap) {
     // q [B, T, H, Hd], k/v [B, T, KV, Hd], no cache, no padding.
@@ -521,7 +529,7 @@ PYBIND11_MODULE(_core, m) {
   register_sae(m);
   m.def(
       "load_arrays",
-      [](py::dict arrays, const Gemma3Config& cfg, const std::string& dtype) {
+      [](py::dict arrays, const Gemma3Config& cfg, const std::string& dtype, const std::string& weights) {
         // A model from {HF name: array in HF layout} (formats read in Python: Orbax, gemma_pytorch). The GIL is
         // held: the getter reads Python objects.
         DType d = parse_dtype(dtype);
@@ -541,30 +549,32 @@ PYBIND11_MODULE(_core, m) {
           used.insert(name);
           return std::vector<float>(a.data(), a.data() + a.size());
         };
-        auto model = std::make_unique<Gemma3Model>(cfg, d, get);
+        auto model = std::make_unique<Gemma3Model>(cfg, d, get, parse_weights(weights));
         for (auto item : arrays) {
           std::string n = py::str(item.first);
           if (!used.count(n)) throw CheckpointError("checkpoint has unexpected tensor '" + n + "'");
         }
         return model;
       },
-      py::arg("arrays"), py::arg("config"), py::arg("dtype") = "float32");
+      py::arg("arrays"), py::arg("config"), py::arg("dtype") = "float32", py::arg("weights") = "native");
   m.def(
       "load_gguf",
-      [](const std::string& path, const std::string& dtype) {
+      [](const std::string& path, const std::string& dtype, const std::string& weights) {
         DType d = parse_dtype(dtype);
+        bool q8 = parse_weights(weights);
         py::gil_scoped_release release;
-        return load_gguf(path, d);
+        return load_gguf(path, d, nullptr, q8);
       },
-      py::arg("path"), py::arg("dtype") = "float32");
+      py::arg("path"), py::arg("dtype") = "float32", py::arg("weights") = "native");
   m.def(
       "load_hf",
-      [](const std::string& weights_path, const Gemma3Config& cfg, const std::string& dtype) {
+      [](const std::string& weights_path, const Gemma3Config& cfg, const std::string& dtype, const std::string& weights) {
         DType d = parse_dtype(dtype);
+        bool q8 = parse_weights(weights);
         py::gil_scoped_release release;
-        return load_hf_safetensors(weights_path, cfg, d);
+        return load_hf_safetensors(weights_path, cfg, d, q8);
       },
-      py::arg("weights_path"), py::arg("config"), py::arg("dtype") = "float32");
+      py::arg("weights_path"), py::arg("config"), py::arg("dtype") = "float32", py::arg("weights") = "native");
   m.def(
       "read_safetensors",
       [](const std::string& path) {

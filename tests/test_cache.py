@@ -22,8 +22,9 @@ def test_chunked_equals_full(hf_models, name, chunks):
     assert rel_err(np.concatenate(outs, 1), full) <= 1e-5
 
 
-def test_bf16_chunked_equals_full(tiny_dir):
-    model = gl.load(tiny_dir, dtype="bfloat16")
+@pytest.mark.parametrize("weights", ["native", "int8"])
+def test_bf16_chunked_equals_full(tiny_dir, weights):
+    model = gl.load(tiny_dir, dtype="bfloat16", weights=weights)
     ids = np.arange(40, 70)
     full = model.forward(ids)
     cache = model.new_cache(max_seq_len=64)

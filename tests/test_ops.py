@@ -80,3 +80,27 @@ def test_attention(H, KV, Hd, window, softcap):
     v = rng.standard_normal((B, T, KV, Hd)).astype(np.float32)
     ref = attention_ref(q, k, v, window, 0.3, softcap)
     np.testing.assert_allclose(ops.attention(q, k, v, window, 0.3, softcap), ref, rtol=0, atol=2e-5)
+
+
+def q8_blocks(a):
+    """ggml Q8_0-style: blocks of 32 along the last axis, d = max|a| / 127, q = round(a / d)."""
+    b = a.reshape(*a.shape[:-1], -1, 32).astype(np.float64)
+    d = np.abs(b).max(-1, keepdims=True) / 127
+    q = np.clip(np.rint(np.divide(b, d, out=np.zeros_like(b), where=d > 0)), -127, 127)
+    return q, d
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 9, 37])
+def test_linear_int8_against_numpy(M):
+    x = rng.standard_normal((M, 192)).astype(np.float32)
+    w = rng.standard_normal((70, 192)).astype(np.float32)
+    qx, dx = q8_blocks(x)
+    qw, dw = q8_blocks(w)
+    # integer block dot products scaled by both block scales: what the VNNI kernel computes
+    ref = np.einsum("mbk,nbk,mb,nb->mn", qx, qw, dx[..., 0], dw[..., 0])
+    out = ops.linear(x, w, "float32", True)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+    # and against the exact product: int8 weights and activations cost ~1% here
+    assert np.abs(out - x @ w.T).max() <= 0.02 * np.abs(x @ w.T).max()
+    with pytest.raises(ValueError, match="K % 64"):
+        ops.linear(x[:, :96], w[:, :96], "float32", True)

@@ -230,3 +230,20 @@ def test_sae_for_another_size_refused(model, tmp_path):
     sae = gl.SAE.load(save_gemma_scope(str(tmp_path / "s"), p, "model.layers.3.output", model_name="gemma-v3-4b-pt"))
     with pytest.raises(ValueError, match="4b"):
         model.run_with_saes([2, 100], saes=[sae])
+
+
+@pytest.mark.parametrize("dtype,weights,tol", [("bfloat16", "native", 0.005), ("float32", "int8", 0.03),
+                                               ("bfloat16", "int8", 0.03)])
+def test_weight_modes_perplexity(model, real_gguf_path, dtype, weights, tol):
+    """Each weight mode against the fp32 reference, within its stated tolerance (README): bf16 0.5%, int8 3%."""
+    ids = model.tokenizer.encode(PARAGRAPHS)
+    ref = float(np.exp(model.forward(ids, return_type="loss")))
+    m = gl.load(real_gguf_path, dtype=dtype, weights=weights)
+    assert m._core.int8_weights == (weights == "int8")
+    ppl = float(np.exp(m.forward(ids, return_type="loss")))
+    assert abs(ppl - ref) <= tol * ref, (ppl, ref)
+    for text in PROMPTS[:3]:
+        p = model.tokenizer.encode(text)
+        assert (m.forward(p)[0].argmax(-1) == model.forward(p)[0].argmax(-1)).mean() >= 0.8
+    if weights == "int8":
+        assert m.weight_nbytes < 0.35 * model.weight_nbytes

@@ -217,7 +217,7 @@ Gemma3Config config_from_gguf(const GGUFFile& f) {
   return c;
 }
 
-std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out) {
+std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out, bool int8_weights) {
   GGUFFile f(path);
   Gemma3Config cfg = config_from_gguf(f);
   if (cfg_out) *cfg_out = cfg;
@@ -266,7 +266,7 @@ std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gem
     used.insert(name);
     return w;
   };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get);
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, int8_weights);
   for (const auto& t : f.tensors()) {
     if (used.count(t.name)) continue;
     if (t.name == "output.weight")

@@ -16,7 +16,8 @@ std::string shape_str(const std::vector<int64_t>& s) {
 bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 }  // namespace
 
-std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path, const Gemma3Config& cfg, DType dtype) {
+std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path, const Gemma3Config& cfg, DType dtype,
+                                                 bool int8_weights) {
   auto store = TensorStore::open(weights_path);
   // Where the text model's "model.*" tensors live: Gemma3ForCausalLM ("model."), multimodal checkpoints
   // written by transformers v4 ("language_model.model.") and v5 ("model.language_model.").
@@ -39,7 +40,7 @@ std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path
     used.insert(name);
     return out;
   };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get);
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, int8_weights);
 
   for (const auto& kv : store->tensors()) {
     const std::string& n = kv.first;

@@ -54,7 +54,9 @@ struct ForwardArgs {
 
 class Gemma3Model {
  public:
-  Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get);
+  // int8_weights: keep every matmul weight (embedding/LM head included) as int8 blocks of 32 (ops/q8.h).
+  Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, bool int8_weights = false);
+  bool int8_weights() const { return w_.embed.is_int8(); }
   const Gemma3Config& config() const { return cfg_; }
   DType dtype() const { return dtype_; }
   size_t weight_nbytes() const;

@@ -18,13 +18,13 @@ std::vector<float> concat_rows(std::vector<std::vector<float>> parts) {
 
 }  // namespace
 
-Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get) : cfg_(cfg), dtype_(dtype) {
+Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, bool q8) : cfg_(cfg), dtype_(dtype) {
   cfg_.validate();
   const int64_t D = cfg.hidden_size, F = cfg.intermediate_size, H = cfg.num_attention_heads, KV = cfg.num_key_value_heads,
                 Hd = cfg.head_dim, V = cfg.vocab_size;
   {
     auto e = get("model.embed_tokens.weight", {V, D});
-    w_.embed = ops::Linear(e.data(), V, D, dtype, /*plain=*/true);
+    w_.embed = ops::Linear(e.data(), V, D, dtype, /*plain=*/true, q8);
   }
   for (int i = 0; i < cfg.num_hidden_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
@@ -33,23 +33,23 @@ Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGette
     {
       auto qkv = concat_rows({get(p + "self_attn.q_proj.weight", {H * Hd, D}), get(p + "self_attn.k_proj.weight", {KV * Hd, D}),
                               get(p + "self_attn.v_proj.weight", {KV * Hd, D})});
-      L.qkv = ops::Linear(qkv.data(), (H + 2 * KV) * Hd, D, dtype);
+      L.qkv = ops::Linear(qkv.data(), (H + 2 * KV) * Hd, D, dtype, false, q8);
     }
     L.q_norm = get(p + "self_attn.q_norm.weight", {Hd});
     L.k_norm = get(p + "self_attn.k_norm.weight", {Hd});
     {
       auto o = get(p + "self_attn.o_proj.weight", {D, H * Hd});
-      L.o_proj = ops::Linear(o.data(), D, H * Hd, dtype);
+      L.o_proj = ops::Linear(o.data(), D, H * Hd, dtype, false, q8);
     }
     L.post_attention_layernorm = get(p + "post_attention_layernorm.weight", {D});
     L.pre_feedforward_layernorm = get(p + "pre_feedforward_layernorm.weight", {D});
     {
       auto gu = concat_rows({get(p + "mlp.gate_proj.weight", {F, D}), get(p + "mlp.up_proj.weight", {F, D})});
-      L.gate_up = ops::Linear(gu.data(), 2 * F, D, dtype);
+      L.gate_up = ops::Linear(gu.data(), 2 * F, D, dtype, false, q8);
     }
     {
       auto d = get(p + "mlp.down_proj.weight", {D, F});
-      L.down_proj = ops::Linear(d.data(), D, F, dtype);
+      L.down_proj = ops::Linear(d.data(), D, F, dtype, false, q8);
     }
     L.post_feedforward_layernorm = get(p + "post_feedforward_layernorm.weight", {D});
     w_.layers.push_back(std::move(L));

@@ -14,7 +14,8 @@ class Linear {
   // into oneDNN's preferred blocked layout.
   // plain = true keeps w row-major [N, K] (no reorder), so plain_data() can serve other uses
   // (the tied embedding table is both the lookup table and the LM head).
-  Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain = false);
+  // int8 = true keeps the weights as int8 blocks (ops/q8.h) when the CPU and K allow it, else as `dtype`.
+  Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain = false, bool int8 = false);
   // x [M, K] f32 -> y [M, N] f32 with row stride ldy (0 = N). With bf16 weights x is rounded to bf16
   // first (bf16 x bf16 products, f32 accumulation). Not thread-safe: one caller at a time.
   void forward(const float* x, int64_t M, float* y, int64_t ldy = 0);
@@ -24,6 +25,9 @@ class Linear {
   bool empty() const { return !impl_; }
   // Row-major [N, K] weights in the stored dtype (f32 or bf16 bits); only for plain layers.
   const void* plain_data() const;
+  // Row n of the weights as f32 (plain or int8 layers): the embedding lookup.
+  void row(int64_t n, float* out) const;
+  bool is_int8() const;
   // The weights back as row-major f32 [N, K] (reordered out of the blocked layout): out holds N * K floats.
   void to_rowmajor(float* out) const;
 

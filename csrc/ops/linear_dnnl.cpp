@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "ops/linear.h"
+#include "ops/q8.h"
 
 namespace gemmalens::ops {
 
@@ -33,9 +34,19 @@ struct Linear::Impl {
   std::vector<uint16_t> xbf16;                                // bf16 copy of x
   dnnl::stream stream{engine()};
   bool plain = false;
+  bool int8 = false;
+  Q8Weights q8;
 };
 
-Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain) : N_(N), K_(K) {
+Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, bool int8) : N_(N), K_(K) {
+  if (int8 && q8_supported(K)) {
+    auto impl = std::make_shared<Impl>();
+    impl->int8 = true;
+    impl->plain = plain;
+    impl->q8 = q8_quantize(w, N, K);
+    impl_ = std::move(impl);
+    return;
+  }
   try {
     auto impl = std::make_shared<Impl>();
     impl->wdt = dtype == DType::F32 ? dt::f32 : dt::bf16;
@@ -72,6 +83,10 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain) : 
 void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   if (!impl_) throw std::runtime_error("Linear::forward on an empty layer");
   if (ldy == 0) ldy = N_;
+  if (impl_->int8) {
+    q8_matmul(impl_->q8, x, M, y, ldy);
+    return;
+  }
   auto& eng = engine();
   Impl& im = *impl_;
   try {
@@ -103,12 +118,34 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
 }
 
 const void* Linear::plain_data() const {
-  if (!impl_ || !impl_->plain) throw std::runtime_error("Linear::plain_data on a blocked layer");
+  if (!impl_ || !impl_->plain || impl_->int8) throw std::runtime_error("Linear::plain_data on a blocked or int8 layer");
   return impl_->weights.get_data_handle();
+}
+
+bool Linear::is_int8() const { return impl_ && impl_->int8; }
+
+void Linear::row(int64_t n, float* out) const {
+  if (!impl_) throw std::runtime_error("Linear::row on an empty layer");
+  if (impl_->int8) {
+    q8_row(impl_->q8, n, out);
+    return;
+  }
+  if (!impl_->plain) throw std::runtime_error("Linear::row on a blocked layer");
+  if (impl_->wdt == dt::f32) {
+    const float* p = static_cast<const float*>(impl_->weights.get_data_handle()) + n * K_;
+    std::copy(p, p + K_, out);
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(impl_->weights.get_data_handle()) + n * K_;
+    for (int64_t k = 0; k < K_; ++k) out[k] = bf16_to_f32(p[k]);
+  }
 }
 
 void Linear::to_rowmajor(float* out) const {
   if (!impl_) throw std::runtime_error("Linear::to_rowmajor on an empty layer");
+  if (impl_->int8) {
+    for (int64_t n = 0; n < N_; ++n) q8_row(impl_->q8, n, out + n * K_);
+    return;
+  }
   try {
     auto& eng = engine();
     dnnl::memory user(dnnl::memory::desc({K_, N_}, dt::f32, tag::ba), eng, out);
@@ -120,7 +157,7 @@ void Linear::to_rowmajor(float* out) const {
   }
 }
 
-size_t Linear::nbytes() const { return impl_ ? impl_->w_desc.get_size() : 0; }
+size_t Linear::nbytes() const { return impl_ ? (impl_->int8 ? impl_->q8.nbytes() : impl_->w_desc.get_size()) : 0; }
 
 const char* dnnl_version() {
   static std::string v = [] {

@@ -164,10 +164,10 @@ def gemma_pytorch_arrays(state, cfg_like=None):
     return out
 
 
-def load_gemma_pytorch(path, dtype):
+def load_gemma_pytorch(path, dtype, weights="native"):
     arrays = gemma_pytorch_arrays(read_torch_zip(path))
     cfg = _config_beside(path, {k: v.shape for k, v in arrays.items()}, f"gemma_pytorch checkpoint '{path}'")
-    return _core.load_arrays(arrays, cfg, dtype)
+    return _core.load_arrays(arrays, cfg, dtype, weights)
 
 
 # ---------------------------------------------------------------- Kaggle Flax / Orbax (tensorstore)
@@ -244,10 +244,10 @@ def orbax_arrays(path):
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def load_orbax(path, dtype):
+def load_orbax(path, dtype, weights="native"):
     arrays = orbax_arrays(path)
     cfg = _config_beside(path, {k: v.shape for k, v in arrays.items()}, f"Orbax checkpoint '{path}'")
-    return _core.load_arrays(arrays, cfg, dtype)
+    return _core.load_arrays(arrays, cfg, dtype, weights)
 
 
 # ---------------------------------------------------------------- export

@@ -238,6 +238,54 @@ def bench_llama_cpp(gguf_path, dtype, threads, repeats, prompt_len=128, n_new=32
     return pf_ours, dec_ours, pf_theirs, dec_theirs
 
 
+def decode_only(path, dtype, ctx, threads, n_new=16, weights="native"):
+    """gemmalens decode tok/s (batch 1) after a ctx-token prefill."""
+    import gemmalens as gl
+
+    model = gl.load(path, dtype=dtype, threads=threads, weights=weights)
+    toks = model.to_tokens(np.random.default_rng(0).integers(0, model.config.vocab_size, ctx))
+    cache = model.new_cache(max_seq_len=ctx + n_new + 2)
+    model._core.forward(toks, None, cache, "last")
+    step = toks[:, -1:].copy()
+    model._core.forward(step, None, cache, "last")
+    t0 = time.perf_counter()
+    for _ in range(n_new):
+        model._core.forward(step, None, cache, "last")
+    dt = time.perf_counter() - t0
+    del model
+    gc.collect()
+    return n_new / dt
+
+
+_RSS_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+import gemmalens as gl
+path, dtype, weights = sys.argv[1], sys.argv[2], sys.argv[3]
+t0 = time.perf_counter(); m = gl.load(path, dtype=dtype, weights=weights); t_load = time.perf_counter() - t0
+cache = m.new_cache(max_seq_len=1024)
+toks = m.to_tokens(np.random.default_rng(0).integers(0, m.config.vocab_size, 512))
+m._core.forward(toks, None, cache, "last")
+for _ in range(16):
+    m._core.forward(toks[:, -1:], None, cache, "last")
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]  # peak RSS, kB (reset at exec)
+print(json.dumps({"load_s": t_load, "weights": m.weight_nbytes, "cache": cache.nbytes, "rss": int(hwm) * 1024}))
+"""
+
+
+def rss_and_load(path, dtype, weights="native"):
+    """Peak RSS of a fresh process that loads, prefills 512 and decodes 16 (cache 1024), and its load time
+    (warm page cache: the file was just read)."""
+    import json as _json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, path, dtype, weights], capture_output=True, text=True,
+                         timeout=1200)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return _json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def bench_sae(path, threads, repeats, T=128, width=16384):
     """One 16k-wide JumpReLU SAE spliced at one site (resid_post of the middle layer) vs the plain forward."""
     import gemmalens as gl
@@ -330,6 +378,18 @@ def main():
             print(f"{label} gemmalens({dtype}) prefill {r[0]:.1f} decode {r[1]:.1f} | llama.cpp prefill "
                   f"{r[2] or float('nan'):.1f} decode {r[3] or float('nan'):.1f}", flush=True)
 
+    extra = []
+    for size in sizes:
+        d128 = decode_only(paths[size], "bfloat16", 128, args.threads)
+        d4k = decode_only(paths[size], "bfloat16", 4096, args.threads)
+        t1 = decode_only(paths[size], "bfloat16", 128, 1)
+        i8 = decode_only(paths[size], "float32", 128, args.threads, weights="int8")
+        r = rss_and_load(paths[size], "bfloat16")
+        extra.append((size, d128, d4k, t1, i8, r))
+        print(f"{size}: decode bf16 ctx128 {d128:.1f}, ctx4096 {d4k:.1f}, 1 thread {t1:.1f}, int8 {i8:.1f} tok/s; "
+              f"rss {r['rss'] / 1e6:.0f} MB vs weights+cache {(r['weights'] + r['cache']) / 1e6:.0f} MB; "
+              f"load {r['load_s']:.2f} s", flush=True)
+
     sae_rows = []
     for size in sizes:
         p_, s_ = bench_sae(paths[size], args.threads, repeats)
@@ -366,8 +426,18 @@ def main():
     for label, dtype, po, do, pt, dt in llama_rows:
         if pt:
             text += f"| {label} | {dtype} | {po:.1f} | {pt:.1f} | **{po / pt:.2f}x** | {do:.1f} | {dt:.1f} | **{do / dt:.2f}x** |\n"
-    text += ("\ngemmalens dequantises GGUF weights at load (here to bf16); llama.cpp computes on the quantised blocks, so on "
-             "the Q4_K_M file it reads ~4x fewer bytes per decoded token.\n")
+    text += ("\nbf16 rows: gemmalens dequantises the GGUF at load to bf16; llama.cpp computes on the file's own blocks "
+             "(Q4_K/Q5_0/Q8_0/Q6_K: ~3-4x fewer bytes per decoded token). int8 rows: gemmalens re-quantises the weights at "
+             "load to int8 blocks of 32 (`weights=\"int8\"`); on the BF16 file that is lossier than llama.cpp's BF16 "
+             "arithmetic, so that row compares speed at different precision.\n")
+    text += ("\n### Decode scaling, threads, memory (gemmalens, batch 1)\n\n| model | bf16 ctx 128 | bf16 ctx 4096 | "
+             "4096 / 128 | bf16 1 thread | int8 weights (f32 compute) | peak RSS / (weights + cache) | load (warm) |\n"
+             "|---|---|---|---|---|---|---|---|\n")
+    for size, d128, d4k, t1, i8, r in extra:
+        text += (f"| {size} | {d128:.1f} | {d4k:.1f} | {d4k / d128:.2f} | {t1:.1f} | {i8:.1f} | "
+                 f"{r['rss'] / (r['weights'] + r['cache']):.2f} ({r['rss'] / 1e6:.0f} MB) | {r['load_s']:.2f} s |\n")
+    text += ("\nPeak RSS includes the Python interpreter, numpy and the extension; the process prefills 512 tokens and "
+             "decodes 16 with a 1024-position bf16 cache.\n")
     text += ("\n### SAE splice (one 16384-wide JumpReLU SAE at the middle layer's hook_resid_post, error term on, 128 tokens, "
              "float32)\n\n| model | plain forward ms | with the SAE ms | cost |\n|---|---|---|---|\n")
     for size, p_, s_ in sae_rows:

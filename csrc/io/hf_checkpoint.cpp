@@ -37,6 +37,7 @@ std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path
                             "; does config.json belong to these weights?");
     std::vector<float> out(static_cast<size_t>(t->numel()));
     tensor_to_f32(*t, out.data());
+    TensorStore::release(*t);
     used.insert(name);
     return out;
   };

@@ -46,6 +46,9 @@ class TensorStore {
   void add_file(const std::string& path);
   const TensorInfo* find(const std::string& name) const;
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
+  // Drop the tensor's pages from this process (they are file-backed and read-only): keeps peak RSS near the
+  // size of the converted weights while loading.
+  static void release(const TensorInfo& t);
 
  private:
   std::vector<std::unique_ptr<MappedFile>> files_;

@@ -62,6 +62,17 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, bo
     }
     impl->plain = plain;
     impl->weights = dnnl::memory(impl->w_desc, eng);
+    if (plain) {  // no reorder: write the stored dtype straight into the buffer (no temporary copy)
+      if (dtype == DType::F32) {
+        std::copy(w, w + N * K, static_cast<float*>(impl->weights.get_data_handle()));
+      } else {
+        uint16_t* dst = static_cast<uint16_t*>(impl->weights.get_data_handle());
+#pragma omp parallel for if (N * K > (1 << 20))
+        for (int64_t i = 0; i < N * K; ++i) dst[i] = f32_to_bf16(w[i]);
+      }
+      impl_ = std::move(impl);
+      return;
+    }
     // The stored [N, K] row-major matrix is W^T [K, N] in format "ba".
     std::vector<uint16_t> wbf16;
     void* src_ptr = const_cast<float*>(w);

@@ -108,9 +108,11 @@ def _finish(model, req, out):
 def _stream(model, req, gen):
     sent = 0
     emitted_ids = 0
+    text = None
     for outs in gen:
         ids, text = outs[0]
         if req.text:
+            # hold back a piece that ends inside a multi-byte character (byte-fallback tokens)
             if text is not None and len(text) > sent and not text.endswith("\ufffd"):
                 yield text[sent:]
                 sent = len(text)
@@ -118,6 +120,8 @@ def _stream(model, req, gen):
             for t in ids[emitted_ids:]:
                 yield t
             emitted_ids = len(ids)
+    if req.text and text is not None and len(text) > sent:
+        yield text[sent:]
 
 
 def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):

@@ -243,7 +243,7 @@ class Model:
             L = self.config.num_hidden_layers
             if not isinstance(stop_at_layer, (int, np.integer)) or not -L <= stop_at_layer <= L:
                 raise ValueError(f"stop_at_layer must be an int in [{-L}, {L}], got {stop_at_layer!r}")
-            stop_at_layer = int(stop_at_layer) % (L + 1) if stop_at_layer < 0 else int(stop_at_layer)
+            stop_at_layer = L + int(stop_at_layer) if stop_at_layer < 0 else int(stop_at_layer)  # -1: before the last block
             names = [n for n in names if n.startswith("blocks.") and int(n.split(".")[1]) < stop_at_layer
                      or n == "hook_embed"]
         sae_captured = []

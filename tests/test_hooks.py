@@ -71,12 +71,13 @@ def test_stop_at_layer(tiny_dir):
     ids = np.arange(1, 11)
     _, full = model.run_with_cache(ids)
     resid, cache = model.run_with_cache(ids, stop_at_layer=3)
-    np.testing.assert_allclose(resid, full["blocks.3.hook_resid_pre"], rtol=0, atol=1e-6)
+    assert rel_err(resid, full["blocks.3.hook_resid_pre"]) <= 1e-5
     assert all(not n.startswith(("blocks.3.", "blocks.4.", "ln_final")) for n in cache)
     assert "blocks.2.hook_resid_post" in cache
     last, _ = model.run_with_cache(ids, stop_at_layer=-1, names_filter=[])
     L = model.config.num_hidden_layers
-    np.testing.assert_allclose(last, full[f"blocks.{L - 1}.hook_resid_pre"], rtol=0, atol=1e-6)
+    # the full run materialised every attention pattern (another summation order): f32 noise only
+    assert rel_err(last, full[f"blocks.{L - 1}.hook_resid_pre"]) <= 1e-5
 
 
 def test_patching_zero_mlp_out_matches_hf(hf_models):

@@ -14,6 +14,23 @@ bool q8_supported(int64_t K) {
   return cpu && K % 64 == 0 && K > 0;
 }
 
+namespace {
+// One block of 32: d = max|x| / 127, q = round(x / d) in [-127, 127]; returns d and the sum of q.
+inline float quant_block32(const float* src, int* q, int* sum) {
+  float amax = 0.f;
+  for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(src[j]));
+  const float d = amax / 127.f;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  int s = 0;
+  for (int j = 0; j < 32; ++j) {
+    q[j] = std::min(127, std::max(-127, static_cast<int>(std::nearbyint(src[j] * id))));
+    s += q[j];
+  }
+  *sum = s;
+  return d;
+}
+}  // namespace
+
 Q8Weights q8_quantize(const float* w, int64_t N, int64_t K) {
   if (K % 64 != 0) throw std::runtime_error("q8_quantize: K must be a multiple of 64");
   Q8Weights r;
@@ -24,17 +41,10 @@ Q8Weights q8_quantize(const float* w, int64_t N, int64_t K) {
 #pragma omp parallel for if (N > 64)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t b = 0; b < K / 32; ++b) {
-      const float* src = w + n * K + b * 32;
-      float amax = 0.f;
-      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(src[j]));
-      const float d = amax / 127.f;
-      const float id = d > 0.f ? 1.f / d : 0.f;
-      r.d[n * (K / 32) + b] = d;
+      int q[32], sum;
+      r.d[n * (K / 32) + b] = quant_block32(w + n * K + b * 32, q, &sum);
       uint8_t* dst = r.q.data() + n * K + b * 32;
-      for (int j = 0; j < 32; ++j) {
-        const int v = static_cast<int>(std::nearbyint(src[j] * id));
-        dst[j] = static_cast<uint8_t>(std::min(127, std::max(-127, v)) + 128);
-      }
+      for (int j = 0; j < 32; ++j) dst[j] = static_cast<uint8_t>(q[j] + 128);
     }
   return r;
 }
@@ -68,18 +78,10 @@ void quantize_x(const float* x, int64_t M, int64_t K, XQ& o) {
 #pragma omp parallel for if (M > 4)
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < K / 32; ++b) {
-      const float* src = x + m * K + b * 32;
-      float amax = 0.f;
-      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(src[j]));
-      const float d = amax / 127.f;
-      const float id = d > 0.f ? 1.f / d : 0.f;
-      int sum = 0;
+      int q[32], sum;
+      const float d = quant_block32(x + m * K + b * 32, q, &sum);
       int8_t* dst = o.q.data() + m * K + b * 32;
-      for (int j = 0; j < 32; ++j) {
-        const int v = std::min(127, std::max(-127, static_cast<int>(std::nearbyint(src[j] * id))));
-        dst[j] = static_cast<int8_t>(v);
-        sum += v;
-      }
+      for (int j = 0; j < 32; ++j) dst[j] = static_cast<int8_t>(q[j]);
       const int64_t p = b / 2, half = (b % 2) * 8;
       for (int l = 0; l < 8; ++l) {
         o.corr[(m * P + p) * 16 + half + l] = 16 * sum;

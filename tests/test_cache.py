@@ -85,3 +85,18 @@ def test_cache_errors(tiny_dir):
         model.forward([1, 2], cache=object())
     model.forward([1, 2, 3], cache=cache)
     assert cache.seq_len == 3 and cache.nbytes > 0
+
+
+@pytest.mark.parametrize("name,dtype", [("mqa_scaled_softcap", "float32"), ("gqa4_hd24", "float32"),
+                                        ("attn_softcap", "bfloat16")])
+def test_long_context_decode_steps(hf_models, name, dtype):
+    """Decode steps after a long prefix take the split-K attention path (keys read straight from the cache)."""
+    _, path = hf_models[name]
+    model = gl.load(path, dtype=dtype)
+    ids = np.random.default_rng(7).integers(0, 320, (2, 306))
+    full = model.forward(ids)
+    cache = model.new_cache(batch=2, max_seq_len=320)
+    model.forward(ids[:, :300], cache=cache)
+    steps = np.concatenate([model.forward(ids[:, i:i + 1], cache=cache) for i in range(300, 304)]
+                           + [model.forward(ids[:, 304:306], cache=cache)], 1)
+    assert rel_err(steps, full[:, 300:]) <= 1e-5

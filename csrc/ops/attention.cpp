@@ -19,6 +19,27 @@ namespace {
 
 constexpr int NK = 64;  // keys per tile
 
+inline float dot_f32(const float* a, const float* b, int n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+inline float dot_bf16(const float* a, const uint16_t* b, int n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += a[i] * bf16_to_f32(b[i]);
+  return acc;
+}
+inline void axpy_f32(float p, const float* v, float* z, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) z[i] += p * v[i];
+}
+inline void axpy_bf16(float p, const uint16_t* v, float* z, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) z[i] += p * bf16_to_f32(v[i]);
+}
+
 #define GL_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 
 // S[r][0..NK) = q_r . Kt[:, 0..NK) for `rows` rows (q_r at q[r] with Hd floats). Kt is [Hd][ldk].
@@ -218,6 +239,97 @@ void attention_tiled(const AttentionArgs& a) {
   }
 }
 
+// Decode (a few query positions, many keys): split each (row, KV head)'s key range into chunks that run in
+// parallel, each producing online-softmax partials (max, sum, unnormalised Z) over its keys, read straight from the
+// cache (no transposed copy); the partials are merged with the usual rescaling. Same function as the reference.
+void attention_decode_splitk(const AttentionArgs& a) {
+  const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd;
+  const int group = H / KV;
+  const int rows = group * T;  // query rows per (b, kvh)
+  const int64_t S = a.past + T;
+  const int nthr = omp_get_max_threads();
+  const int64_t chunk = std::max<int64_t>(64, (S + 2 * nthr - 1) / (2 * nthr));
+  const int64_t nchunk = (S + chunk - 1) / chunk;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> pm(static_cast<size_t>(B) * KV * nchunk * rows, neg_inf), pl(pm.size(), 0.f),
+      pz(pm.size() * Hd, 0.f);
+#pragma omp parallel
+  {
+    std::vector<float> s(static_cast<size_t>(chunk));
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int b = 0; b < B; ++b)
+      for (int kvh = 0; kvh < KV; ++kvh)
+        for (int64_t c = 0; c < nchunk; ++c) {
+          const int64_t j0 = c * chunk, j1 = std::min<int64_t>(S, j0 + chunk);
+          const int64_t rs = std::max<int64_t>(a.row_start ? a.row_start[b] : 0, 0);
+          for (int r = 0; r < rows; ++r) {
+            const int t = r / group, h = kvh * group + r % group;
+            const int64_t i = a.past + t;
+            int64_t lo = a.window > 0 ? std::max(rs, i - a.window + 1) : rs;
+            lo = std::max(lo, j0);
+            const int64_t hi = std::min<int64_t>(i, j1 - 1);
+            const size_t slot = ((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r;
+            if (lo > hi) continue;
+            const float* q = a.q + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+            float mx = neg_inf;
+            for (int64_t j = lo; j <= hi; ++j) {
+              float x;
+              if (j >= a.past) {
+                x = dot_f32(q, a.k_new + ((static_cast<int64_t>(b) * T + (j - a.past)) * KV + kvh) * Hd, Hd);
+              } else {
+                const int64_t off = ((static_cast<int64_t>(b) * KV + kvh) * a.cap + j % a.cap) * Hd;
+                x = a.past_dtype == DType::F32 ? dot_f32(q, static_cast<const float*>(a.k_past) + off, Hd)
+                                               : dot_bf16(q, static_cast<const uint16_t*>(a.k_past) + off, Hd);
+              }
+              x *= a.scale;
+              if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
+              s[j - lo] = x;
+              mx = std::max(mx, x);
+            }
+            float sum = 0.f;
+            float* z = pz.data() + slot * Hd;
+            for (int64_t j = lo; j <= hi; ++j) {
+              const float p = exp_f32(s[j - lo] - mx);
+              sum += p;
+              if (j >= a.past) {
+                axpy_f32(p, a.v_new + ((static_cast<int64_t>(b) * T + (j - a.past)) * KV + kvh) * Hd, z, Hd);
+              } else {
+                const int64_t off = ((static_cast<int64_t>(b) * KV + kvh) * a.cap + j % a.cap) * Hd;
+                if (a.past_dtype == DType::F32)
+                  axpy_f32(p, static_cast<const float*>(a.v_past) + off, z, Hd);
+                else
+                  axpy_bf16(p, static_cast<const uint16_t*>(a.v_past) + off, z, Hd);
+              }
+            }
+            pm[slot] = mx;
+            pl[slot] = sum;
+          }
+        }
+  }
+  // merge the chunks
+#pragma omp parallel for collapse(3)
+  for (int b = 0; b < B; ++b)
+    for (int kvh = 0; kvh < KV; ++kvh)
+      for (int r = 0; r < rows; ++r) {
+        const int t = r / group, h = kvh * group + r % group;
+        float* z = a.z + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+        std::fill(z, z + Hd, 0.f);
+        float m = neg_inf;
+        for (int64_t c = 0; c < nchunk; ++c) m = std::max(m, pm[((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r]);
+        if (m == neg_inf) continue;  // nothing visible (padding)
+        float l = 0.f;
+        for (int64_t c = 0; c < nchunk; ++c) {
+          const size_t slot = ((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r;
+          if (pm[slot] == neg_inf) continue;
+          const float w = exp_f32(pm[slot] - m);
+          l += w * pl[slot];
+          axpy_f32(w, pz.data() + slot * Hd, z, Hd);
+        }
+        const float inv = 1.f / l;
+        for (int d = 0; d < Hd; ++d) z[d] *= inv;
+      }
+}
+
 bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
@@ -227,6 +339,11 @@ bool has_avx512() {
 }  // namespace
 
 void attention(const AttentionArgs& a) {
+  // Decode steps (a few new positions) over a long context: split-K over the keys, straight from the cache.
+  if (a.T <= 4 && a.past + a.T > 256 && static_cast<int64_t>(a.B) * a.KV < 2 * omp_get_max_threads() * 4) {
+    attention_decode_splitk(a);
+    return;
+  }
   if (has_avx512() && a.Hd % 16 == 0)
     attention_tiled(a);
   else

@@ -117,6 +117,21 @@ int64_t inner_index(const ActView& v, const int64_t* idx) {
   return k;
 }
 
+// f(x) for every selected position's vector x[inner] of a [batch, pos, ...] view. Every view the forward pass
+// makes keeps a position's values contiguous (heads then d_head), which this checks.
+template <class F>
+void for_each_position(const ActView& v, const std::vector<char>& pmask, const char* what, F&& f) {
+  int64_t expect = 1;
+  for (int d = static_cast<int>(v.shape.size()) - 1; d > v.pos_axis; --d) {
+    if (v.strides[d] != expect || v.pos_axis != 1)
+      throw ValueError(std::string(what) + " applies to [batch, pos, ...] activations, not " + shape_str(v.shape));
+    expect *= v.shape[d];
+  }
+  for (int64_t b = 0; b < v.shape[0]; ++b)
+    for (int64_t t = 0; t < v.shape[1]; ++t)
+      if (pmask[t]) f(v.data + b * v.strides[0] + t * v.strides[1]);
+}
+
 void apply(HookAction& a, const ActView& v) {
   const int64_t T = v.shape[v.pos_axis];
   const auto pmask = position_mask(a.positions, T);
@@ -197,40 +212,13 @@ void apply(HookAction& a, const ActView& v) {
       double nn = 0;
       for (float d : a.values) nn += static_cast<double>(d) * d;
       if (nn == 0) throw ValueError("interventions.project_out: the direction is zero");
-      // x <- x - (x . d) d / |d|^2, per position (contiguous inner block per position in every layout here)
-      const int nd = static_cast<int>(v.shape.size());
-      int64_t outer = 1;
-      for (int d = 0; d <= v.pos_axis; ++d) outer *= v.shape[d];
-      const int64_t inner_stride = v.strides[nd - 1];
-      for (int64_t o = 0; o < outer; ++o) {
-        int64_t rem = o, off = 0, t = 0;
-        for (int d = v.pos_axis; d >= 0; --d) {
-          const int64_t i = rem % v.shape[d];
-          rem /= v.shape[d];
-          off += i * v.strides[d];
-          if (d == v.pos_axis) t = i;
-        }
-        if (!pmask[t]) continue;
-        // inner dims are contiguous except possibly strided heads: walk them with for_each-like indexing
-        std::vector<float*> ptrs;
-        ptrs.reserve(inner);
-        std::vector<int64_t> sub(v.shape.begin() + v.pos_axis + 1, v.shape.end());
-        std::vector<int64_t> ix(sub.size(), 0);
-        for (int64_t k = 0; k < inner; ++k) {
-          int64_t so = 0;
-          for (size_t d = 0; d < sub.size(); ++d) so += ix[d] * v.strides[v.pos_axis + 1 + d];
-          ptrs.push_back(v.data + off + so);
-          for (int d = static_cast<int>(sub.size()) - 1; d >= 0; --d) {
-            if (++ix[d] < sub[d]) break;
-            ix[d] = 0;
-          }
-        }
+      // x <- x - (x . d) d / |d|^2, per position
+      for_each_position(v, pmask, "interventions.project_out", [&](float* x) {
         double dot = 0;
-        for (int64_t k = 0; k < inner; ++k) dot += static_cast<double>(*ptrs[k]) * a.values[k];
+        for (int64_t k = 0; k < inner; ++k) dot += static_cast<double>(x[k]) * a.values[k];
         const double c = dot / nn;
-        for (int64_t k = 0; k < inner; ++k) *ptrs[k] = static_cast<float>(*ptrs[k] - c * a.values[k]);
-      }
-      (void)inner_stride;
+        for (int64_t k = 0; k < inner; ++k) x[k] = static_cast<float>(x[k] - c * a.values[k]);
+      });
       break;
     }
     case HookAction::AblateFeatures: {
@@ -241,14 +229,8 @@ void apply(HookAction& a, const ActView& v) {
       if (static_cast<int64_t>(a.f_enc.size()) != nf * inner)
         throw ValueError("interventions.ablate_features: the SAE's d_in (" + std::to_string(a.f_enc.size() / std::max<int64_t>(nf, 1)) +
                          ") does not match the activation " + shape_str(v.shape) + " (" + std::to_string(inner) + " per position)");
-      if (v.strides.back() != 1 || v.pos_axis != 1) throw ValueError("interventions.ablate_features: unsupported hook layout");
-      // each position's vector is contiguous here (resid, mlp_out, z)
-      const int64_t outer = v.shape[0] * v.shape[1];
       std::vector<double> act(nf);
-      for (int64_t o = 0; o < outer; ++o) {
-        const int64_t b = o / v.shape[1], t = o % v.shape[1];
-        if (!pmask[t]) continue;
-        float* x = v.data + b * v.strides[0] + t * v.strides[1];
+      for_each_position(v, pmask, "interventions.ablate_features", [&](float* x) {
         for (int64_t f = 0; f < nf; ++f) {
           double pre = a.f_b_enc[f];
           for (int64_t j = 0; j < inner; ++j) pre += (static_cast<double>(x[j]) - (a.f_b_dec.empty() ? 0.0 : a.f_b_dec[j])) * a.f_enc[f * inner + j];
@@ -258,7 +240,7 @@ void apply(HookAction& a, const ActView& v) {
         for (int64_t f = 0; f < nf; ++f)
           if (act[f] != 0.0)
             for (int64_t j = 0; j < inner; ++j) x[j] = static_cast<float>(x[j] - act[f] * a.f_dec[f * inner + j]);
-      }
+      });
       break;
     }
     case HookAction::Callback:

@@ -19,26 +19,6 @@ namespace {
 
 constexpr int NK = 64;  // keys per tile
 
-inline float dot_f32(const float* a, const float* b, int n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-inline float dot_bf16(const float* a, const uint16_t* b, int n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int i = 0; i < n; ++i) acc += a[i] * bf16_to_f32(b[i]);
-  return acc;
-}
-inline void axpy_f32(float p, const float* v, float* z, int n) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) z[i] += p * v[i];
-}
-inline void axpy_bf16(float p, const uint16_t* v, float* z, int n) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) z[i] += p * bf16_to_f32(v[i]);
-}
 
 #define GL_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 

@@ -133,31 +133,6 @@ void softcap_inplace(float* x, int64_t n, float cap) {
 }
 
 namespace {
-
-inline float dot_f32(const float* a, const float* b, int n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-inline float dot_bf16(const float* a, const uint16_t* b, int n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int i = 0; i < n; ++i) acc += a[i] * bf16_to_f32(b[i]);
-  return acc;
-}
-inline void axpy_f32(float p, const float* v, float* z, int n) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) z[i] += p * v[i];
-}
-inline void axpy_bf16(float p, const uint16_t* v, float* z, int n) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) z[i] += p * bf16_to_f32(v[i]);
-}
-
-}  // namespace
-
-namespace {
 // Key / value row of slot j for (b, kvh): from the chunk or the ring; null if the ring no longer holds it.
 struct KVRow {
   const float* f = nullptr;

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common.h"
+
 namespace gemmalens::ops {
 
 // exp(x) in f32, written so that `omp simd` loops vectorise it (libm's expf does not).
@@ -35,6 +37,28 @@ inline float tanh_f32(float x) {
   const float a = std::fabs(x);
   const float t = 1.f - 2.f / (exp_f32(2.f * a) + 1.f);
   return std::copysign(t, x);
+}
+
+// Dot products and axpy over one head (n = head_dim) with f32 or bf16 (cache) operands.
+inline float dot_f32(const float* a, const float* b, int n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+inline float dot_bf16(const float* a, const uint16_t* b, int n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += a[i] * bf16_to_f32(b[i]);
+  return acc;
+}
+inline void axpy_f32(float p, const float* v, float* z, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) z[i] += p * v[i];
+}
+inline void axpy_bf16(float p, const uint16_t* v, float* z, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) z[i] += p * bf16_to_f32(v[i]);
 }
 
 }  // namespace gemmalens::ops

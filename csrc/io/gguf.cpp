@@ -164,12 +164,31 @@ const GGUFTensor* GGUFFile::tensor(const std::string& name) const {
   return it == index_.end() ? nullptr : &tensors_[it->second];
 }
 
-std::vector<float> GGUFFile::dequantize(const GGUFTensor& t) const {
+namespace {
+void check_dequantizable(const GGUFTensor& t) {
   if (!t.data) throw CheckpointError("GGUF tensor '" + t.name + "' has type " + ops::ggml_type_name(t.type) +
                                      ", which gemmalens cannot dequantise (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)");
+}
+}  // namespace
+
+std::vector<float> GGUFFile::dequantize(const GGUFTensor& t) const {
+  check_dequantizable(t);
   std::vector<float> out(static_cast<size_t>(t.numel()));
   ops::dequantize(t.type, t.data, t.numel(), out.data());
+  TensorStore::release(t.data, t.nbytes);  // the file's pages leave this process's RSS once converted
   return out;
+}
+
+void GGUFFile::dequantize_rows(const GGUFTensor& t, int64_t r0, int64_t n, float* out) const {
+  check_dequantizable(t);
+  const int64_t rows = t.numel() / t.ne[0];
+  if (t.ne.size() != 2 || r0 < 0 || n < 0 || r0 + n > rows)
+    throw CheckpointError("GGUF tensor '" + t.name + "': rows [" + std::to_string(r0) + ", " + std::to_string(r0 + n) +
+                          ") out of range");
+  const ops::BlockInfo b = ops::ggml_block_info(t.type);
+  const int64_t row_bytes = t.ne[0] / b.elems * b.bytes;  // the reader checked ne[0] % elems == 0
+  ops::dequantize(t.type, t.data + r0 * row_bytes, n * t.ne[0], out);
+  TensorStore::release(t.data + r0 * row_bytes, n * row_bytes);
 }
 
 Gemma3Config config_from_gguf(const GGUFFile& f) {
@@ -248,7 +267,7 @@ std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gem
     if (it == m.end()) throw CheckpointError("no GGUF name for '" + hf + "'");
     return {"blk." + n + "." + it->second.first + ".weight", it->second.second};
   };
-  TensorGetter get = [&](const std::string& hf_name, const std::vector<int64_t>& shape) {
+  auto checked = [&](const std::string& hf_name, const std::vector<int64_t>& shape) -> std::pair<const GGUFTensor*, bool> {
     auto [name, is_norm] = to_gguf(hf_name);
     const GGUFTensor* t = f.tensor(name);
     if (!t) throw CheckpointError("GGUF file '" + path + "' is missing tensor '" + name + "' (HF '" + hf_name + "')");
@@ -260,13 +279,22 @@ std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gem
       b.back() = ']';
       throw CheckpointError("GGUF tensor '" + name + "' has shape " + a + " but the config expects " + b);
     }
+    used.insert(name);
+    return {t, is_norm};
+  };
+  TensorGetter get = [&](const std::string& hf_name, const std::vector<int64_t>& shape) {
+    auto [t, is_norm] = checked(hf_name, shape);
     std::vector<float> w = f.dequantize(*t);
     if (is_norm)  // GGUF stores Gemma norms as 1 + w (llama.cpp's converter adds the 1)
       for (auto& x : w) x -= 1.f;
-    used.insert(name);
     return w;
   };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, int8_weights);
+  RowGetter rows = [&](const std::string& hf_name, const std::vector<int64_t>& shape, int64_t r0, int64_t n, float* out) {
+    auto [t, is_norm] = checked(hf_name, shape);
+    if (is_norm) throw CheckpointError("row access to a norm weight");
+    f.dequantize_rows(*t, r0, n, out);
+  };
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, int8_weights, rows);
   for (const auto& t : f.tensors()) {
     if (used.count(t.name)) continue;
     if (t.name == "output.weight")

@@ -46,6 +46,8 @@ class GGUFFile {
   const std::vector<GGUFTensor>& tensors() const { return tensors_; }
   const GGUFTensor* tensor(const std::string& name) const;
   std::vector<float> dequantize(const GGUFTensor& t) const;
+  // Rows [r0, r0 + n) of a 2-D tensor (ne[0] values each) into out.
+  void dequantize_rows(const GGUFTensor& t, int64_t r0, int64_t n, float* out) const;
   const std::string& path() const { return file_->path(); }
 
  private:

@@ -28,20 +28,34 @@ std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path
     throw CheckpointError("'" + weights_path + "' is not a Gemma 3 checkpoint: no 'model.embed_tokens.weight' (nor a multimodal "
                           "'language_model.model.' / 'model.language_model.' variant) among its " + std::to_string(store->tensors().size()) + " tensors");
   std::set<std::string> used;
-  TensorGetter get = [&](const std::string& hf_name, const std::vector<int64_t>& shape) {
+  auto checked = [&](const std::string& hf_name, const std::vector<int64_t>& shape) -> const TensorInfo* {
     const std::string name = root + hf_name.substr(std::strlen("model."));
     const TensorInfo* t = store->find(name);
     if (!t) throw CheckpointError("checkpoint '" + weights_path + "' is missing tensor '" + name + "' (expected shape " + shape_str(shape) + ")");
     if (t->shape != shape)
       throw CheckpointError("tensor '" + name + "' has shape " + shape_str(t->shape) + " but the config expects " + shape_str(shape) +
                             "; does config.json belong to these weights?");
+    used.insert(name);
+    return t;
+  };
+  TensorGetter get = [&](const std::string& hf_name, const std::vector<int64_t>& shape) {
+    const TensorInfo* t = checked(hf_name, shape);
     std::vector<float> out(static_cast<size_t>(t->numel()));
     tensor_to_f32(*t, out.data());
     TensorStore::release(*t);
-    used.insert(name);
     return out;
   };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, int8_weights);
+  RowGetter rows = [&](const std::string& hf_name, const std::vector<int64_t>& shape, int64_t r0, int64_t n, float* out) {
+    const TensorInfo* t = checked(hf_name, shape);
+    TensorInfo part = *t;  // a view of rows [r0, r0 + n): same dtype, rows of shape[1] elements
+    const size_t row_bytes = t->nbytes / static_cast<size_t>(shape[0]);
+    part.shape = {n, shape[1]};
+    part.data = t->data + r0 * row_bytes;
+    part.nbytes = n * row_bytes;
+    tensor_to_f32(part, out);
+    TensorStore::release(part);
+  };
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, int8_weights, rows);
 
   for (const auto& kv : store->tensors()) {
     const std::string& n = kv.first;

@@ -165,10 +165,12 @@ std::shared_ptr<TensorStore> TensorStore::open(const std::string& path) {
   throw CheckpointError("directory '" + path + "' holds no weights: expected model.safetensors or model.safetensors.index.json");
 }
 
-void TensorStore::release(const TensorInfo& t) {
+void TensorStore::release(const TensorInfo& t) { release(t.data, t.nbytes); }
+
+void TensorStore::release(const uint8_t* data, size_t nbytes) {
   const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t lo = (reinterpret_cast<uintptr_t>(t.data) + page - 1) / page * page;
-  const uintptr_t hi = (reinterpret_cast<uintptr_t>(t.data) + t.nbytes) / page * page;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(data) + page - 1) / page * page;
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(data) + nbytes) / page * page;
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 

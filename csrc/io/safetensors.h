@@ -49,6 +49,7 @@ class TensorStore {
   // Drop the tensor's pages from this process (they are file-backed and read-only): keeps peak RSS near the
   // size of the converted weights while loading.
   static void release(const TensorInfo& t);
+  static void release(const uint8_t* data, size_t nbytes);  // the same for any range of a read-only mapping
 
  private:
   std::vector<std::unique_ptr<MappedFile>> files_;

@@ -37,6 +37,11 @@ struct Weights {
 // Supplies a tensor by its HF name (e.g. "model.layers.3.self_attn.q_proj.weight") as f32 of the
 // expected shape; each format (safetensors, GGUF, ...) implements one. Throws CheckpointError.
 using TensorGetter = std::function<std::vector<float>(const std::string& hf_name, const std::vector<int64_t>& shape)>;
+// Optional: rows [r0, r0 + n) of a 2-D tensor as f32 into out (n * shape[1] floats), same checks as the getter.
+// Formats that can slice (safetensors, GGUF) supply one so the large embedding is converted in chunks, never
+// held whole as f32 (that temporary was most of the load's peak memory).
+using RowGetter = std::function<void(const std::string& hf_name, const std::vector<int64_t>& shape, int64_t r0, int64_t n,
+                                     float* out)>;
 
 enum class LogitsMode { All, Last, None };
 
@@ -55,7 +60,8 @@ struct ForwardArgs {
 class Gemma3Model {
  public:
   // int8_weights: keep every matmul weight (embedding/LM head included) as int8 blocks of 32 (ops/q8.h).
-  Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, bool int8_weights = false);
+  Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, bool int8_weights = false,
+              const RowGetter& rows = nullptr);
   bool int8_weights() const { return w_.embed.is_int8(); }
   const Gemma3Config& config() const { return cfg_; }
   DType dtype() const { return dtype_; }

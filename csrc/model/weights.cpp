@@ -18,11 +18,16 @@ std::vector<float> concat_rows(std::vector<std::vector<float>> parts) {
 
 }  // namespace
 
-Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, bool q8) : cfg_(cfg), dtype_(dtype) {
+Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, bool q8, const RowGetter& rows)
+    : cfg_(cfg), dtype_(dtype) {
   cfg_.validate();
   const int64_t D = cfg.hidden_size, F = cfg.intermediate_size, H = cfg.num_attention_heads, KV = cfg.num_key_value_heads,
                 Hd = cfg.head_dim, V = cfg.vocab_size;
-  {
+  if (rows) {
+    w_.embed = ops::Linear::plain_from_rows(V, D, dtype, q8, [&](int64_t r0, int64_t n, float* out) {
+      rows("model.embed_tokens.weight", {V, D}, r0, n, out);
+    });
+  } else {
     auto e = get("model.embed_tokens.weight", {V, D});
     w_.embed = ops::Linear(e.data(), V, D, dtype, /*plain=*/true, q8);
   }

@@ -1,6 +1,7 @@
 // Linear layer y = x W^T on oneDNN matmul. The only oneDNN user in the project is linear_dnnl.cpp.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "common.h"
@@ -16,6 +17,10 @@ class Linear {
   // (the tied embedding table is both the lookup table and the LM head).
   // int8 = true keeps the weights as int8 blocks (ops/q8.h) when the CPU and K allow it, else as `dtype`.
   Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain = false, bool int8 = false);
+  // A plain layer filled a block of rows at a time: fill(r0, n, out) writes rows [r0, r0 + n) as f32 into out.
+  // Peak memory is the stored weights plus one block, not a whole f32 copy.
+  static Linear plain_from_rows(int64_t N, int64_t K, DType dtype, bool int8,
+                                const std::function<void(int64_t r0, int64_t n, float* out)>& fill);
   // x [M, K] f32 -> y [M, N] f32 with row stride ldy (0 = N). With bf16 weights x is rounded to bf16
   // first (bf16 x bf16 products, f32 accumulation). Not thread-safe: one caller at a time.
   void forward(const float* x, int64_t M, float* y, int64_t ldy = 0);

@@ -1,6 +1,8 @@
 // The oneDNN boundary: everything that touches dnnl.hpp lives here.
 #include <omp.h>
 
+#include <algorithm>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
@@ -31,7 +33,6 @@ struct Linear::Impl {
   dnnl::memory::desc w_desc;  // blocked layout chosen by oneDNN
   dnnl::memory weights;
   std::map<std::pair<int64_t, int64_t>, dnnl::matmul> prims;  // (M, ldy) -> primitive
-  std::vector<uint16_t> xbf16;                                // bf16 copy of x
   dnnl::stream stream{engine()};
   bool plain = false;
   bool int8 = false;
@@ -91,6 +92,51 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, bo
   }
 }
 
+Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, bool int8,
+                               const std::function<void(int64_t r0, int64_t n, float* out)>& fill) {
+  constexpr int64_t kBlockBytes = 16 << 20;  // f32 rows converted per block
+  const int64_t block = std::max<int64_t>(1, kBlockBytes / (4 * std::max<int64_t>(K, 1)));
+  std::vector<float> buf(static_cast<size_t>(std::min(block, N) * K));
+  Linear L;
+  L.N_ = N;
+  L.K_ = K;
+  auto impl = std::make_shared<Impl>();
+  impl->plain = true;
+  if (int8 && q8_supported(K)) {
+    impl->int8 = true;
+    impl->q8 = q8_alloc(N, K);
+    for (int64_t r0 = 0; r0 < N; r0 += block) {
+      const int64_t n = std::min(block, N - r0);
+      fill(r0, n, buf.data());
+      q8_quantize_rows(impl->q8, buf.data(), r0, n);
+    }
+    L.impl_ = std::move(impl);
+    return L;
+  }
+  try {
+    impl->wdt = dtype == DType::F32 ? dt::f32 : dt::bf16;
+    impl->w_desc = dnnl::memory::desc({K, N}, impl->wdt, tag::ba);
+    impl->weights = dnnl::memory(impl->w_desc, engine());
+  } catch (const dnnl::error& e) {
+    throw std::runtime_error(std::string("oneDNN could not allocate a [") + std::to_string(N) + " x " + std::to_string(K) +
+                             "] weight: " + e.what());
+  }
+  for (int64_t r0 = 0; r0 < N; r0 += block) {
+    const int64_t n = std::min(block, N - r0);
+    fill(r0, n, buf.data());
+    if (dtype == DType::F32) {
+      std::copy(buf.data(), buf.data() + n * K, static_cast<float*>(impl->weights.get_data_handle()) + r0 * K);
+    } else {
+      uint16_t* dst = static_cast<uint16_t*>(impl->weights.get_data_handle()) + r0 * K;
+      const float* src = buf.data();
+#pragma omp parallel for if (n * K > (1 << 20))
+      for (int64_t i = 0; i < n * K; ++i) dst[i] = f32_to_bf16(src[i]);
+    }
+  }
+  L.impl_ = std::move(impl);
+  return L;
+}
+
 void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   if (!impl_) throw std::runtime_error("Linear::forward on an empty layer");
   if (ldy == 0) ldy = N_;
@@ -112,8 +158,10 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
     void* src_ptr = const_cast<float*>(x);
     if (im.wdt == dt::bf16) {
       const int64_t n = M * K_;
-      if (static_cast<int64_t>(im.xbf16.size()) < n) im.xbf16.resize(n);
-      uint16_t* xb = im.xbf16.data();
+      // One bf16 copy of x per thread, shared by every layer (a buffer per layer cost ~80 MB at 512 tokens).
+      thread_local std::vector<uint16_t> xbf16;
+      if (static_cast<int64_t>(xbf16.size()) < n) xbf16.resize(n);
+      uint16_t* xb = xbf16.data();
 #pragma omp parallel for if (n > 65536)
       for (int64_t i = 0; i < n; ++i) xb[i] = f32_to_bf16(x[i]);
       src_ptr = xb;

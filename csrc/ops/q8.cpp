@@ -31,21 +31,31 @@ inline float quant_block32(const float* src, int* q, int* sum) {
 }
 }  // namespace
 
-Q8Weights q8_quantize(const float* w, int64_t N, int64_t K) {
+Q8Weights q8_alloc(int64_t N, int64_t K) {
   if (K % 64 != 0) throw std::runtime_error("q8_quantize: K must be a multiple of 64");
   Q8Weights r;
   r.N = N;
   r.K = K;
   r.q.resize(static_cast<size_t>(N) * K);
   r.d.resize(static_cast<size_t>(N) * (K / 32));
-#pragma omp parallel for if (N > 64)
-  for (int64_t n = 0; n < N; ++n)
+  return r;
+}
+
+void q8_quantize_rows(Q8Weights& r, const float* w, int64_t r0, int64_t n) {
+  const int64_t K = r.K;
+#pragma omp parallel for if (n > 64)
+  for (int64_t i = 0; i < n; ++i)
     for (int64_t b = 0; b < K / 32; ++b) {
       int q[32], sum;
-      r.d[n * (K / 32) + b] = quant_block32(w + n * K + b * 32, q, &sum);
-      uint8_t* dst = r.q.data() + n * K + b * 32;
+      r.d[(r0 + i) * (K / 32) + b] = quant_block32(w + i * K + b * 32, q, &sum);
+      uint8_t* dst = r.q.data() + (r0 + i) * K + b * 32;
       for (int j = 0; j < 32; ++j) dst[j] = static_cast<uint8_t>(q[j] + 128);
     }
+}
+
+Q8Weights q8_quantize(const float* w, int64_t N, int64_t K) {
+  Q8Weights r = q8_alloc(N, K);
+  q8_quantize_rows(r, w, 0, N);
   return r;
 }
 

@@ -17,6 +17,9 @@ struct Q8Weights {
 bool q8_supported(int64_t K);  // the CPU has AVX-512 VNNI and K is a multiple of 64
 // w [N, K] row-major f32 -> blocks: d = max|w| / 127, q = round(w / d).
 Q8Weights q8_quantize(const float* w, int64_t N, int64_t K);
+// Storage for [N, K] (uninitialised values) and quantisation of rows [r0, r0 + n) from w (n x K f32).
+Q8Weights q8_alloc(int64_t N, int64_t K);
+void q8_quantize_rows(Q8Weights& r, const float* w, int64_t r0, int64_t n);
 // y [M, N] (row stride ldy) = x [M, K] W^T, x quantised per row and block of 32 (d = max|x| / 127).
 void q8_matmul(const Q8Weights& w, const float* x, int64_t M, float* y, int64_t ldy);
 // Row n dequantised into out [K].

@@ -85,14 +85,28 @@ def machine_limits(threads):
     from gemmalens import _core
 
     bw = _core.ops.read_bandwidth(1 << 30, 5)
-    x = np.random.default_rng(0).standard_normal((512, 2048)).astype(np.float32)
-    w = np.random.default_rng(1).standard_normal((2048, 2048)).astype(np.float32)
-    flops = {}
-    for dt in ("float32", "bfloat16"):
-        # includes the weight reorder once per call: a lower bound on the matmul rate
-        t = timeit(lambda: _core.ops.linear(x, w, dt), 3)
-        flops[dt] = 2 * 512 * 2048 * 2048 / t
+    # oneDNN matmul with the weights prepared once, as a model layer holds them (best of 5 calls)
+    flops = {dt: _core.ops.matmul_rate(512, 2048, 2048, dt, 5) for dt in ("float32", "bfloat16")}
     return bw, flops
+
+
+def prefill_flops_per_token(path, T):
+    """Matmul FLOPs per token of a T-token prefill (last-position logits): 2 x layer weights, plus attention
+    (QK^T and PV over each position's visible keys, causal, sliding layers capped at the window)."""
+    import json as _json
+
+    c = _json.load(open(os.path.join(path, "config.json")))
+    c = c.get("text_config", c)
+    D, F, H, KV, Hd, L = (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"],
+                          c["head_dim"], c["num_hidden_layers"])
+    per_layer = 2 * (D * (H + 2 * KV) * Hd + H * Hd * D + 3 * D * F)
+    pattern = c.get("sliding_window_pattern", 6)
+    types = c.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(L)]
+    attn = 0.0
+    for t in types:
+        w = c["sliding_window"] if t == "sliding_attention" else T
+        attn += 4 * H * Hd * np.mean([min(p + 1, w) for p in range(T)])
+    return L * per_layer + attn
 
 
 def bench_decode(path, dtype, batch, prompt_len, n_new, threads, repeats):
@@ -365,18 +379,20 @@ def main():
         if not os.path.exists(g1b):
             write_bf16_gguf(paths["1b"], g1b)
         gguf_models.append(("1b BF16 (random)", g1b))
+    thread_counts = [args.threads] + ([1] if args.threads != 1 else [])
     for label, gpath in gguf_models:
-        last = None
-        for dtype, weights in (("bfloat16", "native"), ("float32", "int8")):
-            r = bench_llama_cpp(gpath, dtype, args.threads, repeats, weights=weights, with_llama=last is None)
-            if last is None:
-                last = r
-            else:
-                r = r[:2] + last[2:]  # the same llama.cpp run
-            tag = "bf16" if weights == "native" else "int8 (f32 compute)"
-            llama_rows.append((label, tag) + r)
-            print(f"{label} gemmalens({dtype}) prefill {r[0]:.1f} decode {r[1]:.1f} | llama.cpp prefill "
-                  f"{r[2] or float('nan'):.1f} decode {r[3] or float('nan'):.1f}", flush=True)
+        for th in thread_counts:
+            last = None
+            for dtype, weights in (("bfloat16", "native"), ("float32", "int8")):
+                r = bench_llama_cpp(gpath, dtype, th, repeats, weights=weights, with_llama=last is None)
+                if last is None:
+                    last = r
+                else:
+                    r = r[:2] + last[2:]  # the same llama.cpp run
+                tag = "bf16" if weights == "native" else "int8 (f32 compute)"
+                llama_rows.append((label, th, tag) + r)
+                print(f"{label} {th} threads gemmalens({dtype}) prefill {r[0]:.1f} decode {r[1]:.1f} | llama.cpp prefill "
+                      f"{r[2] or float('nan'):.1f} decode {r[3] or float('nan'):.1f}", flush=True)
 
     extra = []
     for size in sizes:
@@ -403,9 +419,14 @@ def main():
             f"Machine, measured in the same run: streaming read bandwidth **{bw / 1e9:.1f} GB/s**; oneDNN matmul "
             f"512x2048x2048 f32 **{flops['float32'] / 1e9:.0f} GFLOP/s**, bf16 **{flops['bfloat16'] / 1e9:.0f} GFLOP/s**.\n\n")
     text = head + "### Prefill (batch 1, last-position logits)\n\n"
-    text += "| model | dtype | tokens | gemmalens tok/s | HF tok/s | ratio |\n|---|---|---|---|---|---|\n"
+    text += ("| model | dtype | tokens | gemmalens tok/s | HF tok/s | ratio | gemmalens GFLOP/s | fraction of the matmul "
+             "rate |\n|---|---|---|---|---|---|---|---|\n")
     for size, dtype, T, o, h in prefill:
-        text += f"| {size} | {dtype} | {T} | {o:.1f} | {h:.1f} | **{o / h:.2f}x** |\n"
+        gf = o * prefill_flops_per_token(paths[size], T)
+        text += (f"| {size} | {dtype} | {T} | {o:.1f} | {h:.1f} | **{o / h:.2f}x** | {gf / 1e9:.0f} | "
+                 f"{gf / flops[dtype]:.2f} |\n")
+    text += ("\nGFLOP/s counts the layers' matmuls and attention (QK^T, PV over the visible keys); the fraction divides it "
+             "by the oneDNN matmul rate of the same dtype measured above.\n")
     text += ("\n### Decode (context 128, greedy; tok/s over all sequences)\n\n"
              "| model | dtype | batch | gemmalens tok/s | HF generate tok/s | ratio | fraction of bandwidth bound |\n"
              "|---|---|---|---|---|---|---|\n")
@@ -421,11 +442,12 @@ def main():
         text += (f"| TransformerLens 4 run_with_cache, every hook | {tl_time * 1e3:.0f} | {tl_time / plain:.2f} |\n\n"
                  f"TransformerLens time / gemmalens time for `run_with_cache` of every hook: **{tl_time / every:.2f}**.\n")
     text += ("\n### Against llama.cpp on the same GGUF file (llama-cpp-python; prefill 512 tokens, decode at context 128, "
-             "batch 1)\n\n| file | gemmalens weights | gemmalens prefill | llama.cpp prefill | ratio | gemmalens decode | "
-             "llama.cpp decode | ratio |\n|---|---|---|---|---|---|---|---|\n")
-    for label, dtype, po, do, pt, dt in llama_rows:
+             "batch 1)\n\n| file | threads | gemmalens weights | gemmalens prefill | llama.cpp prefill | ratio | gemmalens decode | "
+             "llama.cpp decode | ratio |\n|---|---|---|---|---|---|---|---|---|\n")
+    for label, th, dtype, po, do, pt, dt in llama_rows:
         if pt:
-            text += f"| {label} | {dtype} | {po:.1f} | {pt:.1f} | **{po / pt:.2f}x** | {do:.1f} | {dt:.1f} | **{do / dt:.2f}x** |\n"
+            text += (f"| {label} | {th} | {dtype} | {po:.1f} | {pt:.1f} | **{po / pt:.2f}x** | {do:.1f} | {dt:.1f} | "
+                     f"**{do / dt:.2f}x** |\n")
     text += ("\nbf16 rows: gemmalens dequantises the GGUF at load to bf16; llama.cpp computes on the file's own blocks "
              "(Q4_K/Q5_0/Q8_0/Q6_K: ~3-4x fewer bytes per decoded token). int8 rows: gemmalens re-quantises the weights at "
              "load to int8 blocks of 32 (`weights=\"int8\"`); on the BF16 file that is lossier than llama.cpp's BF16 "

@@ -1,4 +1,5 @@
 // pybind11 module gemmalens._core: thin bindings; conveniences live in python/gemmalens/.
+#include <chrono>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -481,14 +482,33 @@ void register_ops(py::module_& m) {
     ops::rope_apply(y.mutable_data(), M, nh, Hd, c.data(), s.data());
     return y;
   });
-  ops_m.def("linear", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array_t<float, py::array::c_style | py::array::forcecast> w, const std::string& dtype, bool int8) {
+  ops_m.def("linear", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array_t<float, py::array::c_style | py::array::forcecast> w, const std::string& dtype, bool int8, bool plain) {
     if (x.ndim() != 2 || w.ndim() != 2 || w.shape(1) != x.shape(1)) throw ValueError("linear: x [M, K], w [N, K]");
-    ops::Linear lin(w.data(), w.shape(0), w.shape(1), parse_dtype(dtype), false, int8);
+    ops::Linear lin(w.data(), w.shape(0), w.shape(1), parse_dtype(dtype), plain, int8);
     if (int8 && !lin.is_int8()) throw ValueError("linear: int8 needs AVX-512 VNNI and K % 64 == 0");
     py::array_t<float> y({x.shape(0), w.shape(0)});
     lin.forward(x.data(), x.shape(0), y.mutable_data());
     return y;
-  }, py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("int8") = false);
+  }, py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("int8") = false, py::arg("plain") = false);
+  ops_m.def("matmul_rate", [](int64_t M, int64_t K, int64_t N, const std::string& dtype, int reps) {
+    // Attainable matmul rate: weights prepared once (as a model layer holds them), then `reps` timed calls.
+    if (M < 1 || K < 1 || N < 1 || reps < 1) throw ValueError("matmul_rate: M, K, N and reps must be positive");
+    std::vector<float> w(static_cast<size_t>(N) * K), x(static_cast<size_t>(M) * K), y(static_cast<size_t>(M) * N);
+    uint32_t s = 12345;
+    for (auto& v : w) v = static_cast<float>((s = s * 1664525u + 1013904223u) >> 8) / 16777216.f - 0.5f;
+    for (auto& v : x) v = static_cast<float>((s = s * 1664525u + 1013904223u) >> 8) / 16777216.f - 0.5f;
+    py::gil_scoped_release r;
+    ops::Linear lin(w.data(), N, K, parse_dtype(dtype));
+    lin.forward(x.data(), M, y.data());
+    double best = 1e30;
+    for (int i = 0; i < reps; ++i) {
+      auto t0 = std::chrono::steady_clock::now();
+      lin.forward(x.data(), M, y.data());
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return 2.0 * M * K * N / best;
+  }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("dtype") = "bfloat16", py::arg("reps") = 5,
+     "FLOP/s of x [M, K] @ W^T [K, N] through the model's Linear (best of reps).");
   ops_m.def("attention", [](py::array_t<float, py::array::c_style | py::array::forcecast> q, py::array_t<float, py::array::c_style | py::array::forcecast> k,
                             py::array_t<float, py::array::c_style | py::array::forcecast> v, int64_t window, float scale, float softcap) {
     // q [B, T, H, Hd], k/v [B, T, KV, Hd], no cache, no padding.

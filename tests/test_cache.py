@@ -30,7 +30,14 @@ def test_bf16_chunked_equals_full(tiny_dir, weights):
     cache = model.new_cache(max_seq_len=64)
     parts = [model.forward(ids[:9], cache=cache)] + [model.forward(ids[i:i + 1], cache=cache) for i in range(9, 30)]
     assert cache.dtype == "bfloat16"
-    assert rel_err(np.concatenate(parts, 1), full) <= 1e-5
+    got = np.concatenate(parts, 1)
+    # bf16 single-token steps take the decode kernel (ops/gemv_bf16.cpp), the 30-token pass oneDNN's (int8 mode keeps
+    # bf16 for the layers whose K is not a multiple of 64, as in this tiny model): f32 sums in another order, so an
+    # activation now and then rounds to the neighbouring bf16 value. Bound that by half of what bf16 itself costs
+    # against the f32 model, and ask for the same greedy tokens.
+    ref32 = gl.load(tiny_dir).forward(ids)
+    assert rel_err(got, full) <= 0.5 * rel_err(full, ref32)
+    assert (got.argmax(-1) == full.argmax(-1)).all()
 
 
 def test_padded_batch_with_cache(hf_models):
@@ -99,4 +106,9 @@ def test_long_context_decode_steps(hf_models, name, dtype):
     model.forward(ids[:, :300], cache=cache)
     steps = np.concatenate([model.forward(ids[:, i:i + 1], cache=cache) for i in range(300, 304)]
                            + [model.forward(ids[:, 304:306], cache=cache)], 1)
-    assert rel_err(steps, full[:, 300:]) <= 1e-5
+    if dtype == "float32":
+        assert rel_err(steps, full[:, 300:]) <= 1e-5
+    else:  # decode kernel vs oneDNN: see test_bf16_chunked_equals_full
+        ref32 = gl.load(path).forward(ids)[:, 300:]
+        assert rel_err(steps, full[:, 300:]) <= 0.5 * rel_err(full[:, 300:], ref32)
+        assert (steps.argmax(-1) == full[:, 300:].argmax(-1)).all()

@@ -52,6 +52,20 @@ def test_linear_f32_and_bf16(M):
     np.testing.assert_allclose(ops.linear(x, w, "bfloat16"), ref, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("plain", [False, True])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9])
+def test_linear_bf16_decode_kernel(M, plain):
+    """M <= 8 takes the vdpbf16ps kernels (ops/gemv_bf16.cpp: oneDNN's blocked layout, or row-major for the LM
+    head), M = 9 oneDNN; every one is bf16 products summed in f32."""
+    x = rng.standard_normal((M, 320)).astype(np.float32)
+    w = rng.standard_normal((192, 320)).astype(np.float32)
+    ref = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T
+    out = ops.linear(x, w, "bfloat16", plain=plain)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+    # a row count that is not a multiple of the kernels' 4 / 64 (row tail, or oneDNN's own layout)
+    np.testing.assert_allclose(ops.linear(x, w[:131], "bfloat16", plain=plain), ref[:, :131], rtol=1e-5, atol=1e-4)
+
+
 def attention_ref(q, k, v, window, scale, softcap):
     B, T, H, Hd = q.shape
     KV = k.shape[2]

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "ops/gemv_bf16.h"
 #include "ops/linear.h"
 #include "ops/q8.h"
 
@@ -36,6 +37,7 @@ struct Linear::Impl {
   dnnl::stream stream{engine()};
   bool plain = false;
   bool int8 = false;
+  bool blocked64 = false;  // bf16 weights in "BA16a64b2a": small M runs gemv_bf16_blocked64
   Q8Weights q8;
 };
 
@@ -60,6 +62,21 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, bo
       dnnl::memory::desc dst_md({kLayoutM, N}, dt::f32, tag::ab);
       dnnl::matmul::primitive_desc pd(eng, src_md, w_any, dst_md);
       impl->w_desc = pd.weights_desc();
+      if (impl->wdt == dt::bf16 && bf16_gemv_supported() && N % 64 == 0 && K % 32 == 0) {
+        // The layout our small-M kernel reads. It is oneDNN's own choice for bf16 brgemm on AVX-512/AMX; where
+        // oneDNN picked another, ask for this one (and keep oneDNN's choice if it cannot take it).
+        dnnl::memory::desc b64({K, N}, dt::bf16, tag::BA16a64b2a);
+        if (impl->w_desc == b64) {
+          impl->blocked64 = true;
+        } else {
+          try {
+            dnnl::matmul::primitive_desc pd64(eng, src_md, b64, dst_md);
+            impl->w_desc = b64;
+            impl->blocked64 = true;
+          } catch (const dnnl::error&) {
+          }
+        }
+      }
     }
     impl->plain = plain;
     impl->weights = dnnl::memory(impl->w_desc, eng);
@@ -146,6 +163,17 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   }
   auto& eng = engine();
   Impl& im = *impl_;
+  if (im.wdt == dt::bf16 && M <= kGemvMaxM && (im.blocked64 || (im.plain && K_ % 32 == 0 && bf16_gemv_supported()))) {
+    thread_local std::vector<uint16_t> xb;
+    if (static_cast<int64_t>(xb.size()) < M * K_) xb.resize(M * K_);
+    for (int64_t i = 0; i < M * K_; ++i) xb[i] = f32_to_bf16(x[i]);
+    const uint16_t* w = static_cast<const uint16_t*>(im.weights.get_data_handle());
+    if (im.blocked64)
+      gemv_bf16_blocked64(w, N_, K_, xb.data(), M, y, ldy);
+    else
+      gemv_bf16_rows(w, N_, K_, xb.data(), M, y, ldy);
+    return;
+  }
   try {
     dnnl::memory::desc src_md({M, K_}, im.wdt, tag::ab);
     dnnl::memory::desc dst_md({M, N_}, dt::f32, dnnl::memory::dims{ldy, 1});

@@ -23,43 +23,105 @@ constexpr int NK = 64;  // keys per tile
 #define GL_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 
 // S[r][0..NK) = q_r . Kt[:, 0..NK) for `rows` rows (q_r at q[r] with Hd floats). Kt is [Hd][ldk].
+// The head dimension is walked in chunks of KD so the chunk of Kt (KD x NK floats, 16 KB) stays in L1 while every
+// block of 4 rows passes over it; partial sums wait in S between chunks.
+constexpr int KD = 64;
+
 GL_AVX512 void scores_tile(const float* const* q, int rows, const float* Kt, int64_t ldk, int Hd, float* S) {
-  int r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    __m512 acc[4][4];
-    for (auto& a : acc)
-      for (auto& c : a) c = _mm512_setzero_ps();
-    const float *q0 = q[r], *q1 = q[r + 1], *q2 = q[r + 2], *q3 = q[r + 3];
-    for (int d = 0; d < Hd; ++d) {
-      const float* kt = Kt + d * ldk;
-      const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32), k3 = _mm512_loadu_ps(kt + 48);
-      const __m512 b0 = _mm512_set1_ps(q0[d]), b1 = _mm512_set1_ps(q1[d]), b2 = _mm512_set1_ps(q2[d]), b3 = _mm512_set1_ps(q3[d]);
-      acc[0][0] = _mm512_fmadd_ps(b0, k0, acc[0][0]); acc[0][1] = _mm512_fmadd_ps(b0, k1, acc[0][1]);
-      acc[0][2] = _mm512_fmadd_ps(b0, k2, acc[0][2]); acc[0][3] = _mm512_fmadd_ps(b0, k3, acc[0][3]);
-      acc[1][0] = _mm512_fmadd_ps(b1, k0, acc[1][0]); acc[1][1] = _mm512_fmadd_ps(b1, k1, acc[1][1]);
-      acc[1][2] = _mm512_fmadd_ps(b1, k2, acc[1][2]); acc[1][3] = _mm512_fmadd_ps(b1, k3, acc[1][3]);
-      acc[2][0] = _mm512_fmadd_ps(b2, k0, acc[2][0]); acc[2][1] = _mm512_fmadd_ps(b2, k1, acc[2][1]);
-      acc[2][2] = _mm512_fmadd_ps(b2, k2, acc[2][2]); acc[2][3] = _mm512_fmadd_ps(b2, k3, acc[2][3]);
-      acc[3][0] = _mm512_fmadd_ps(b3, k0, acc[3][0]); acc[3][1] = _mm512_fmadd_ps(b3, k1, acc[3][1]);
-      acc[3][2] = _mm512_fmadd_ps(b3, k2, acc[3][2]); acc[3][3] = _mm512_fmadd_ps(b3, k3, acc[3][3]);
+  for (int d0 = 0; d0 < Hd; d0 += KD) {
+    const int d1 = std::min(Hd, d0 + KD);
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      __m512 acc[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int c = 0; c < 4; ++c) acc[i][c] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + (r + i) * NK + 16 * c);
+      const float *q0 = q[r], *q1 = q[r + 1], *q2 = q[r + 2], *q3 = q[r + 3];
+      for (int d = d0; d < d1; ++d) {
+        const float* kt = Kt + d * ldk;
+        const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32), k3 = _mm512_loadu_ps(kt + 48);
+        const __m512 b0 = _mm512_set1_ps(q0[d]), b1 = _mm512_set1_ps(q1[d]), b2 = _mm512_set1_ps(q2[d]), b3 = _mm512_set1_ps(q3[d]);
+        acc[0][0] = _mm512_fmadd_ps(b0, k0, acc[0][0]); acc[0][1] = _mm512_fmadd_ps(b0, k1, acc[0][1]);
+        acc[0][2] = _mm512_fmadd_ps(b0, k2, acc[0][2]); acc[0][3] = _mm512_fmadd_ps(b0, k3, acc[0][3]);
+        acc[1][0] = _mm512_fmadd_ps(b1, k0, acc[1][0]); acc[1][1] = _mm512_fmadd_ps(b1, k1, acc[1][1]);
+        acc[1][2] = _mm512_fmadd_ps(b1, k2, acc[1][2]); acc[1][3] = _mm512_fmadd_ps(b1, k3, acc[1][3]);
+        acc[2][0] = _mm512_fmadd_ps(b2, k0, acc[2][0]); acc[2][1] = _mm512_fmadd_ps(b2, k1, acc[2][1]);
+        acc[2][2] = _mm512_fmadd_ps(b2, k2, acc[2][2]); acc[2][3] = _mm512_fmadd_ps(b2, k3, acc[2][3]);
+        acc[3][0] = _mm512_fmadd_ps(b3, k0, acc[3][0]); acc[3][1] = _mm512_fmadd_ps(b3, k1, acc[3][1]);
+        acc[3][2] = _mm512_fmadd_ps(b3, k2, acc[3][2]); acc[3][3] = _mm512_fmadd_ps(b3, k3, acc[3][3]);
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + (r + i) * NK + 16 * c, acc[i][c]);
     }
-    for (int i = 0; i < 4; ++i)
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + (r + i) * NK + 16 * c, acc[i][c]);
-  }
-  for (; r < rows; ++r) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const float* qr = q[r];
-    for (int d = 0; d < Hd; ++d) {
-      const float* kt = Kt + d * ldk;
-      const __m512 b = _mm512_set1_ps(qr[d]);
-      a0 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt), a0);
-      a1 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 16), a1);
-      a2 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 32), a2);
-      a3 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 48), a3);
+    for (; r < rows; ++r) {
+      __m512 a[4];
+      for (int c = 0; c < 4; ++c) a[c] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + r * NK + 16 * c);
+      const float* qr = q[r];
+      for (int d = d0; d < d1; ++d) {
+        const float* kt = Kt + d * ldk;
+        const __m512 b = _mm512_set1_ps(qr[d]);
+        for (int c = 0; c < 4; ++c) a[c] = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 16 * c), a[c]);
+      }
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + r * NK + 16 * c, a[c]);
     }
-    _mm512_storeu_ps(S + r * NK, a0); _mm512_storeu_ps(S + r * NK + 16, a1);
-    _mm512_storeu_ps(S + r * NK + 32, a2); _mm512_storeu_ps(S + r * NK + 48, a3);
   }
+}
+
+// One row of a score tile, in place: s[c] = exp(x_c - mx) for the visible columns [c_lo, c_hi] (x_c = s[c] * scale,
+// soft-capped when softcap > 0), 0 elsewhere; mx = max(m_prev, max x_c). Returns mx, *sum = sum of the exps.
+// The same polynomial as exp_f32 in 16 lanes.
+GL_AVX512 inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+GL_AVX512 float softmax_tile_row(float* s, int c_lo, int c_hi, float scale, float softcap, float m_prev, float* sum) {
+  if (softcap > 0.f) {  // rare (no released Gemma 3 sets it): scalar
+    float mx = m_prev;
+    for (int c = c_lo; c <= c_hi; ++c) {
+      s[c] = softcap * tanh_f32(s[c] * scale / softcap);
+      mx = std::max(mx, s[c]);
+    }
+    float acc = 0.f;
+    for (int c = 0; c < NK; ++c) {
+      s[c] = (c < c_lo || c > c_hi) ? 0.f : exp_f32(s[c] - mx);
+      acc += s[c];
+    }
+    *sum = acc;
+    return mx;
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 vmx = _mm512_set1_ps(m_prev);
+  __mmask16 vis[NK / 16];
+  for (int v = 0; v < NK / 16; ++v) {
+    const int c0 = 16 * v;
+    const int lo = std::max(c_lo - c0, 0), hi = std::min(c_hi - c0, 15);  // visible lanes [lo, hi]
+    vis[v] = lo > hi ? 0 : static_cast<__mmask16>(((1u << (hi + 1)) - 1) & ~((1u << lo) - 1));
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + c0), sc);
+    _mm512_storeu_ps(s + c0, x);
+    vmx = _mm512_mask_max_ps(vmx, vis[v], vmx, x);
+  }
+  const float mx = _mm512_reduce_max_ps(vmx);
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (int v = 0; v < NK / 16; ++v) {
+    const __m512 e = _mm512_maskz_mov_ps(vis[v], exp512(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * v), m)));
+    _mm512_storeu_ps(s + 16 * v, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  *sum = _mm512_reduce_add_ps(acc);
+  return mx;
 }
 
 // Z[r][:] = Z[r][:] * corr[r] + sum_j P[r][j] V[j][:] for `rows` rows, `nk` keys; V rows at v[j] (Hd floats).
@@ -117,12 +179,15 @@ void attention_tiled(const AttentionArgs& a) {
   const int64_t n = a.past + T - s_lo;
   const int64_t ld = (n + NK - 1) / NK * NK + NK;
   std::vector<float> Kt(static_cast<size_t>(B) * KV * Hd * ld, 0.f), Vf(static_cast<size_t>(B) * KV * n * Hd);
-#pragma omp parallel for collapse(2) schedule(static)
+  // In blocks of NK keys, so every thread takes part even with one row and one KV head.
+  const int64_t nblk = (n + NK - 1) / NK;
+#pragma omp parallel for collapse(3) schedule(static)
   for (int b = 0; b < B; ++b)
-    for (int kvh = 0; kvh < KV; ++kvh) {
+    for (int kvh = 0; kvh < KV; ++kvh)
+      for (int64_t blk = 0; blk < nblk; ++blk) {
       float* kt = Kt.data() + (static_cast<size_t>(b) * KV + kvh) * Hd * ld;
       float* vf = Vf.data() + (static_cast<size_t>(b) * KV + kvh) * n * Hd;
-      for (int64_t c = 0; c < n; ++c) {
+      for (int64_t c = blk * NK; c < std::min(n, (blk + 1) * NK); ++c) {
         const int64_t j = s_lo + c;
         float* vd = vf + c * Hd;
         if (j >= a.past) {
@@ -187,22 +252,9 @@ void attention_tiled(const AttentionArgs& a) {
                 continue;
               }
               const int c_lo = static_cast<int>(a_lo - j0), c_hi = static_cast<int>(a_hi - j0);
-              float mx = m[r];
-              for (int c = c_lo; c <= c_hi; ++c) {
-                float x = s[c] * a.scale;
-                if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
-                s[c] = x;
-                mx = std::max(mx, x);
-              }
+              float sum;
+              const float mx = softmax_tile_row(s, c_lo, c_hi, a.scale, a.softcap, m[r], &sum);
               const float cr = m[r] == neg_inf ? 0.f : exp_f32(m[r] - mx);
-              float sum = 0.f;
-              for (int c = 0; c < c_lo; ++c) s[c] = 0.f;
-#pragma omp simd reduction(+ : sum)
-              for (int c = c_lo; c <= c_hi; ++c) {
-                s[c] = exp_f32(s[c] - mx);
-                sum += s[c];
-              }
-              for (int c = c_hi + 1; c < NK; ++c) s[c] = 0.f;
               l[r] = l[r] * cr + sum;
               m[r] = mx;
               corr[r] = cr;

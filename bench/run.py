@@ -196,6 +196,36 @@ def bench_hooks(path, threads, repeats, T=256):
     return plain, resid, every, tl_time
 
 
+_LLAMA_SCRIPT = r"""
+import json, statistics, sys, time
+from llama_cpp import Llama
+path, threads, repeats, prompt_len, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+toks = json.loads(sys.argv[6])
+llm = Llama(model_path=path, n_ctx=len(toks) + 64, n_batch=len(toks), n_threads=threads, n_threads_batch=threads,
+            verbose=False)
+
+def lpf():
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(toks)
+    return time.perf_counter() - t0
+
+def ldec():
+    llm.reset()
+    llm.eval(toks[:prompt_len])
+    t0 = time.perf_counter()
+    for i in range(n_new):
+        llm.eval([toks[i]])
+    return time.perf_counter() - t0
+
+lpf()
+pf = len(toks) / statistics.median(lpf() for _ in range(repeats))  # median, as timeit() for gemmalens
+ldec()
+dec = n_new / min(ldec() for _ in range(repeats))
+print(json.dumps([pf, dec]))
+"""
+
+
 def bench_llama_cpp(gguf_path, dtype, threads, repeats, prompt_len=128, n_new=32, T_prefill=512, weights="native",
                     with_llama=True):
     """gemmalens vs llama.cpp (llama-cpp-python) on the same GGUF: prefill tok/s at T_prefill, decode tok/s at context
@@ -222,33 +252,18 @@ def bench_llama_cpp(gguf_path, dtype, threads, repeats, prompt_len=128, n_new=32
     dec_ours = n_new / min(dec() for _ in range(repeats))
     del model
     gc.collect()
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        with_llama = False
     if not with_llama:
         return pf_ours, dec_ours, None, None
-    llm = Llama(model_path=gguf_path, n_ctx=T_prefill + 64, n_batch=T_prefill, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+    # llama.cpp runs in a child process: a crash there (see README: ggml's AMX backend) costs its cells, not the run.
+    import json as _json
+    import subprocess
 
-    def lpf():
-        llm.reset()
-        llm.eval(toks)
-
-    pf_theirs = T_prefill / timeit(lpf, repeats)
-
-    def ldec():
-        llm.reset()
-        llm.eval(toks[:prompt_len])
-        t0 = time.perf_counter()
-        for i in range(n_new):
-            llm.eval([toks[i]])
-        return time.perf_counter() - t0
-
-    ldec()
-    dec_theirs = n_new / min(ldec() for _ in range(repeats))
-    del llm
-    gc.collect()
+    out = subprocess.run([sys.executable, "-c", _LLAMA_SCRIPT, gguf_path, str(threads), str(repeats), str(prompt_len),
+                          str(n_new), _json.dumps(toks)], capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        print(f"llama.cpp failed (exit {out.returncode}): {out.stderr.strip()[-300:]}", flush=True)
+        return pf_ours, dec_ours, None, None
+    pf_theirs, dec_theirs = _json.loads(out.stdout.strip().splitlines()[-1])
     return pf_ours, dec_ours, pf_theirs, dec_theirs
 
 

@@ -53,10 +53,10 @@ def test_linear_f32_and_bf16(M):
 
 
 @pytest.mark.parametrize("plain", [False, True])
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
 def test_linear_bf16_decode_kernel(M, plain):
-    """M <= 8 takes the vdpbf16ps kernels (ops/gemv_bf16.cpp: oneDNN's blocked layout, or row-major for the LM
-    head), M = 9 oneDNN; every one is bf16 products summed in f32."""
+    """M <= 4 takes the vdpbf16ps kernels (ops/gemv_bf16.cpp: oneDNN's blocked layout, or row-major for the LM
+    head), larger M oneDNN; every one is bf16 products summed in f32."""
     x = rng.standard_normal((M, 320)).astype(np.float32)
     w = rng.standard_normal((192, 320)).astype(np.float32)
     ref = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T

@@ -398,13 +398,13 @@ def main():
     for label, gpath in gguf_models:
         for th in thread_counts:
             last = None
-            for dtype, weights in (("bfloat16", "native"), ("float32", "int8")):
+            for dtype, weights in (("bfloat16", "native"), ("float32", "int8"), ("float32", "int4")):
                 r = bench_llama_cpp(gpath, dtype, th, repeats, weights=weights, with_llama=last is None)
                 if last is None:
                     last = r
                 else:
                     r = r[:2] + last[2:]  # the same llama.cpp run
-                tag = "bf16" if weights == "native" else "int8 (f32 compute)"
+                tag = "bf16" if weights == "native" else f"{weights} (f32 compute)"
                 llama_rows.append((label, th, tag) + r)
                 print(f"{label} {th} threads gemmalens({dtype}) prefill {r[0]:.1f} decode {r[1]:.1f} | llama.cpp prefill "
                       f"{r[2] or float('nan'):.1f} decode {r[3] or float('nan'):.1f}", flush=True)
@@ -415,9 +415,10 @@ def main():
         d4k = decode_only(paths[size], "bfloat16", 4096, args.threads)
         t1 = decode_only(paths[size], "bfloat16", 128, 1)
         i8 = decode_only(paths[size], "float32", 128, args.threads, weights="int8")
+        i4 = decode_only(paths[size], "float32", 128, args.threads, weights="int4")
         r = rss_and_load(paths[size], "bfloat16")
-        extra.append((size, d128, d4k, t1, i8, r))
-        print(f"{size}: decode bf16 ctx128 {d128:.1f}, ctx4096 {d4k:.1f}, 1 thread {t1:.1f}, int8 {i8:.1f} tok/s; "
+        extra.append((size, d128, d4k, t1, i8, i4, r))
+        print(f"{size}: decode bf16 ctx128 {d128:.1f}, ctx4096 {d4k:.1f}, 1 thread {t1:.1f}, int8 {i8:.1f}, int4 {i4:.1f} tok/s; "
               f"rss {r['rss'] / 1e6:.0f} MB vs weights+cache {(r['weights'] + r['cache']) / 1e6:.0f} MB; "
               f"load {r['load_s']:.2f} s", flush=True)
 
@@ -465,13 +466,14 @@ def main():
                      f"**{do / dt:.2f}x** |\n")
     text += ("\nbf16 rows: gemmalens dequantises the GGUF at load to bf16; llama.cpp computes on the file's own blocks "
              "(Q4_K/Q5_0/Q8_0/Q6_K: ~3-4x fewer bytes per decoded token). int8 rows: gemmalens re-quantises the weights at "
-             "load to int8 blocks of 32 (`weights=\"int8\"`); on the BF16 file that is lossier than llama.cpp's BF16 "
-             "arithmetic, so that row compares speed at different precision.\n")
+             "load to int8 blocks of 32 (`weights=\"int8\"`), int4 rows to 4-bit layer blocks with an int8 LM head "
+             "(`weights=\"int4\"`, accuracy in the top-level README); on the BF16 file both are lossier than llama.cpp's "
+             "BF16 arithmetic, so those rows compare speed at different precision.\n")
     text += ("\n### Decode scaling, threads, memory (gemmalens, batch 1)\n\n| model | bf16 ctx 128 | bf16 ctx 4096 | "
-             "4096 / 128 | bf16 1 thread | int8 weights (f32 compute) | peak RSS / (weights + cache) | load (warm) |\n"
-             "|---|---|---|---|---|---|---|---|\n")
-    for size, d128, d4k, t1, i8, r in extra:
-        text += (f"| {size} | {d128:.1f} | {d4k:.1f} | {d4k / d128:.2f} | {t1:.1f} | {i8:.1f} | "
+             "4096 / 128 | bf16 1 thread | int8 weights (f32 compute) | int4 weights (f32 compute) | "
+             "peak RSS / (weights + cache) | load (warm) |\n|---|---|---|---|---|---|---|---|---|\n")
+    for size, d128, d4k, t1, i8, i4, r in extra:
+        text += (f"| {size} | {d128:.1f} | {d4k:.1f} | {d4k / d128:.2f} | {t1:.1f} | {i8:.1f} | {i4:.1f} | "
                  f"{r['rss'] / (r['weights'] + r['cache']):.2f} ({r['rss'] / 1e6:.0f} MB) | {r['load_s']:.2f} s |\n")
     text += ("\nPeak RSS includes the Python interpreter, numpy and the extension; the process prefills 512 tokens and "
              "decodes 16 with a 1024-position bf16 cache.\n")

@@ -17,16 +17,18 @@
 #include <set>
 #include "ops/kernels.h"
 #include "ops/linear.h"
+#include "ops/quant.h"
 
 namespace py = pybind11;
 using namespace gemmalens;
 
 namespace {
 
-bool parse_weights(const std::string& w) {
-  if (w == "native" || w == "auto") return false;
-  if (w == "int8") return true;
-  throw ValueError("weights must be 'native' (the compute dtype) or 'int8', got '" + w + "'");
+WeightQuant parse_weights(const std::string& w) {
+  if (w == "native") return WeightQuant::None;
+  if (w == "int8") return WeightQuant::Int8;
+  if (w == "int4") return WeightQuant::Int4;
+  throw ValueError("weights must be 'native' (the compute dtype), 'int8' or 'int4', got '" + w + "'");
 }
 
 DType parse_dtype(const std::string& s) {
@@ -307,7 +309,11 @@ void register_model(py::module_& m) {
       .def_property_readonly("config", &Gemma3Model::config)
       .def_property_readonly("dtype", [](const Gemma3Model& g) { return dtype_name(g.dtype()); })
       .def_property_readonly("weight_nbytes", &Gemma3Model::weight_nbytes)
-      .def_property_readonly("int8_weights", &Gemma3Model::int8_weights)
+      .def_property_readonly("int8_weights", [](const Gemma3Model& m) { return m.weight_bits() == 8; })
+      .def_property_readonly("weights", [](const Gemma3Model& m) {
+        const int b = m.weight_bits();
+        return std::string(b == 8 ? "int8" : b == 4 ? "int4" : "native");
+      })
       .def_readwrite("threads", &Gemma3Model::threads)
       .def(
           "export_tensors",
@@ -482,14 +488,24 @@ void register_ops(py::module_& m) {
     ops::rope_apply(y.mutable_data(), M, nh, Hd, c.data(), s.data());
     return y;
   });
-  ops_m.def("linear", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array_t<float, py::array::c_style | py::array::forcecast> w, const std::string& dtype, bool int8, bool plain) {
+  ops_m.def("linear", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array_t<float, py::array::c_style | py::array::forcecast> w, const std::string& dtype, bool int8, bool plain, bool int4) {
     if (x.ndim() != 2 || w.ndim() != 2 || w.shape(1) != x.shape(1)) throw ValueError("linear: x [M, K], w [N, K]");
-    ops::Linear lin(w.data(), w.shape(0), w.shape(1), parse_dtype(dtype), plain, int8);
-    if (int8 && !lin.is_int8()) throw ValueError("linear: int8 needs AVX-512 VNNI and K % 64 == 0");
+    const WeightQuant q = int4 ? WeightQuant::Int4 : int8 ? WeightQuant::Int8 : WeightQuant::None;
+    ops::Linear lin(w.data(), w.shape(0), w.shape(1), parse_dtype(dtype), plain, q);
+    if (q != WeightQuant::None && !lin.is_quantized()) throw ValueError("linear: int8/int4 need AVX-512 VNNI and K % 64 == 0");
     py::array_t<float> y({x.shape(0), w.shape(0)});
     lin.forward(x.data(), x.shape(0), y.mutable_data());
     return y;
-  }, py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("int8") = false, py::arg("plain") = false);
+  }, py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("int8") = false, py::arg("plain") = false, py::arg("int4") = false);
+  ops_m.def("quantize", [](py::array_t<float, py::array::c_style | py::array::forcecast> w, int bits) {
+    // The weights as the int8 / int4 mode stores them, dequantised back to f32.
+    if (w.ndim() != 2 || w.shape(1) % 64 != 0) throw ValueError("quantize: w [N, K] with K % 64 == 0");
+    if (bits != 8 && bits != 4) throw ValueError("quantize: bits must be 8 or 4");
+    ops::QuantWeights q = ops::quant_weights(w.data(), w.shape(0), w.shape(1), bits);
+    py::array_t<float> out({w.shape(0), w.shape(1)});
+    for (int64_t n = 0; n < w.shape(0); ++n) ops::quant_row(q, n, out.mutable_data() + n * w.shape(1));
+    return out;
+  }, py::arg("w"), py::arg("bits"));
   ops_m.def("matmul_rate", [](int64_t M, int64_t K, int64_t N, const std::string& dtype, int reps) {
     // Attainable matmul rate: weights prepared once (as a model layer holds them), then `reps` timed calls.
     if (M < 1 || K < 1 || N < 1 || reps < 1) throw ValueError("matmul_rate: M, K, N and reps must be positive");
@@ -581,18 +597,18 @@ PYBIND11_MODULE(_core, m) {
       "load_gguf",
       [](const std::string& path, const std::string& dtype, const std::string& weights) {
         DType d = parse_dtype(dtype);
-        bool q8 = parse_weights(weights);
+        const WeightQuant q = parse_weights(weights);
         py::gil_scoped_release release;
-        return load_gguf(path, d, nullptr, q8);
+        return load_gguf(path, d, nullptr, q);
       },
       py::arg("path"), py::arg("dtype") = "float32", py::arg("weights") = "native");
   m.def(
       "load_hf",
       [](const std::string& weights_path, const Gemma3Config& cfg, const std::string& dtype, const std::string& weights) {
         DType d = parse_dtype(dtype);
-        bool q8 = parse_weights(weights);
+        const WeightQuant q = parse_weights(weights);
         py::gil_scoped_release release;
-        return load_hf_safetensors(weights_path, cfg, d, q8);
+        return load_hf_safetensors(weights_path, cfg, d, q);
       },
       py::arg("weights_path"), py::arg("config"), py::arg("dtype") = "float32", py::arg("weights") = "native");
   m.def(

@@ -22,6 +22,8 @@ struct IOError : std::runtime_error {
 };
 
 enum class DType { F32, BF16 };
+// How matmul weights are stored: in the compute dtype, or quantised in blocks of 32 (ops/quant.h).
+enum class WeightQuant { None, Int8, Int4 };
 
 inline const char* dtype_name(DType d) { return d == DType::F32 ? "float32" : "bfloat16"; }
 

@@ -22,7 +22,7 @@ def test_chunked_equals_full(hf_models, name, chunks):
     assert rel_err(np.concatenate(outs, 1), full) <= 1e-5
 
 
-@pytest.mark.parametrize("weights", ["native", "int8"])
+@pytest.mark.parametrize("weights", ["native", "int8", "int4"])
 def test_bf16_chunked_equals_full(tiny_dir, weights):
     model = gl.load(tiny_dir, dtype="bfloat16", weights=weights)
     ids = np.arange(40, 70)

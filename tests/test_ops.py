@@ -97,11 +97,35 @@ def test_attention(H, KV, Hd, window, softcap):
 
 
 def q8_blocks(a):
-    """ggml Q8_0-style: blocks of 32 along the last axis, d = max|a| / 127, q = round(a / d)."""
-    b = a.reshape(*a.shape[:-1], -1, 32).astype(np.float64)
-    d = np.abs(b).max(-1, keepdims=True) / 127
-    q = np.clip(np.rint(np.divide(b, d, out=np.zeros_like(b), where=d > 0)), -127, 127)
-    return q, d
+    """ggml Q8_0-style: blocks of 32 along the last axis, d = max|a| / 127, q = round(a * (1 / d)), in float32 as the
+    C++ computes it (a float64 division rounds a value near a half step the other way now and then)."""
+    b = a.reshape(*a.shape[:-1], -1, 32).astype(np.float32)
+    d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
+    q = np.clip(np.rint(b * inv), -127, 127)
+    return q.astype(np.float64), d.astype(np.float64)
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 9, 37])
+def test_linear_int4_against_numpy(M):
+    x = rng.standard_normal((M, 192)).astype(np.float32)
+    w = rng.standard_normal((70, 192)).astype(np.float32)
+    # the stored 4-bit blocks: at most 16 levels per block of 32, and never a worse fit than d = max|w| / 7
+    wq = ops.quantize(w, 4).reshape(70, 6, 32).astype(np.float64)
+    assert max(len(np.unique(b)) for b in wq.reshape(-1, 32)) <= 16
+    wb = w.reshape(70, 6, 32).astype(np.float64)
+    naive_d = np.abs(wb).max(-1, keepdims=True) / 7
+    naive = np.clip(np.rint(wb / naive_d), -8, 7) * naive_d
+    assert (((wb - wq) ** 2).sum(-1) <= ((wb - naive) ** 2).sum(-1) * (1 + 1e-5)).all()
+    qx, dx = q8_blocks(x)
+    # integer block dot products scaled by both block scales = the int8 activations against the stored weights
+    ref = np.einsum("mbk,nbk,mb->mn", qx, wq, dx[..., 0])
+    out = ops.linear(x, w, "float32", int4=True)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+    # against the exact product: 4-bit weights cost up to ~10% of the output scale on Gaussian weights
+    assert np.abs(out - x @ w.T).max() <= 0.15 * np.abs(x @ w.T).max()
+    with pytest.raises(ValueError, match="K % 64"):
+        ops.linear(x[:, :96], w[:, :96], "float32", int4=True)
 
 
 @pytest.mark.parametrize("M", [1, 3, 4, 9, 37])

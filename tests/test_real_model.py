@@ -233,17 +233,28 @@ def test_sae_for_another_size_refused(model, tmp_path):
 
 
 @pytest.mark.parametrize("dtype,weights,tol", [("bfloat16", "native", 0.005), ("float32", "int8", 0.03),
-                                               ("bfloat16", "int8", 0.03)])
+                                               ("bfloat16", "int8", 0.03), ("float32", "int4", 0.06),
+                                               ("bfloat16", "int4", 0.06)])
 def test_weight_modes_perplexity(model, real_gguf_path, dtype, weights, tol):
-    """Each weight mode against the fp32 reference, within its stated tolerance (README): bf16 0.5%, int8 3%."""
+    """Each weight mode against the fp32 reference, within its stated tolerance (README): bf16 0.5%, int8 3%,
+    int4 6%."""
     ids = model.tokenizer.encode(PARAGRAPHS)
     ref = float(np.exp(model.forward(ids, return_type="loss")))
     m = gl.load(real_gguf_path, dtype=dtype, weights=weights)
-    assert m._core.int8_weights == (weights == "int8")
+    assert m.weights == weights
     ppl = float(np.exp(m.forward(ids, return_type="loss")))
     assert abs(ppl - ref) <= tol * ref, (ppl, ref)
-    for text in PROMPTS[:3]:
-        p = model.tokenizer.encode(text)
-        assert (m.forward(p)[0].argmax(-1) == model.forward(p)[0].argmax(-1)).mean() >= 0.8
+    # greedy next-token agreement with fp32 over the paragraphs' 111 positions (measured: bf16 1.00, int8 0.93-0.96,
+    # int4 0.69-0.71)
+    agree = (m.forward(ids)[0].argmax(-1) == model.forward(ids)[0].argmax(-1)).mean()
+    assert agree >= {"native": 0.95, "int8": 0.85, "int4": 0.6}[weights], agree
     if weights == "int8":
         assert m.weight_nbytes < 0.35 * model.weight_nbytes
+    if weights == "int4":  # 4-bit layers, int8 embedding (168M of the 268M parameters)
+        assert m.weight_nbytes < 0.25 * model.weight_nbytes
+
+
+def test_auto_weights(real_gguf_path, tiny_dir):
+    """"auto" keeps a quantised GGUF (Q4_K_M) quantised (int8) and loads unquantised weights as they are."""
+    assert gl.load(real_gguf_path, weights="auto").weights == "int8"
+    assert gl.load(tiny_dir, weights="auto").weights == "native"

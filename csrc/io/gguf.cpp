@@ -236,7 +236,7 @@ Gemma3Config config_from_gguf(const GGUFFile& f) {
   return c;
 }
 
-std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out, bool int8_weights) {
+std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out, WeightQuant quant) {
   GGUFFile f(path);
   Gemma3Config cfg = config_from_gguf(f);
   if (cfg_out) *cfg_out = cfg;
@@ -294,7 +294,7 @@ std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gem
     if (is_norm) throw CheckpointError("row access to a norm weight");
     f.dequantize_rows(*t, r0, n, out);
   };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, int8_weights, rows);
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows);
   for (const auto& t : f.tensors()) {
     if (used.count(t.name)) continue;
     if (t.name == "output.weight")

@@ -66,6 +66,6 @@ Gemma3Config config_from_gguf(const GGUFFile& f);
 class Gemma3Model;
 // GGUF weights dequantised into the compute dtype; norms (stored as 1 + w) are converted back to w.
 std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out = nullptr,
-                                       bool int8_weights = false);
+                                       WeightQuant quant = WeightQuant::None);
 
 }  // namespace gemmalens

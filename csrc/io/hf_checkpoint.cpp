@@ -17,7 +17,7 @@ bool starts_with(const std::string& s, const std::string& p) { return s.compare(
 }  // namespace
 
 std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path, const Gemma3Config& cfg, DType dtype,
-                                                 bool int8_weights) {
+                                                 WeightQuant quant) {
   auto store = TensorStore::open(weights_path);
   // Where the text model's "model.*" tensors live: Gemma3ForCausalLM ("model."), multimodal checkpoints
   // written by transformers v4 ("language_model.model.") and v5 ("model.language_model.").
@@ -55,7 +55,7 @@ std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path
     tensor_to_f32(part, out);
     TensorStore::release(part);
   };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, int8_weights, rows);
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows);
 
   for (const auto& kv : store->tensors()) {
     const std::string& n = kv.first;

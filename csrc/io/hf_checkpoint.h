@@ -10,6 +10,6 @@ namespace gemmalens {
 
 // `weights_path`: a directory (model.safetensors or model.safetensors.index.json) or a .safetensors file.
 std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path, const Gemma3Config& cfg, DType dtype,
-                                                 bool int8_weights = false);
+                                                 WeightQuant quant = WeightQuant::None);
 
 }  // namespace gemmalens

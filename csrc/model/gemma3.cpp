@@ -18,7 +18,7 @@ void Gemma3Model::embed(const int32_t* tokens, int64_t M, float* x) const {
   // sqrt(D) is cast to the compute dtype (bf16: 25.25 for D = 640, 34.0 for D = 1152) and so is the product.
   float normalizer = static_cast<float>(std::sqrt(static_cast<double>(D)));
   if (dtype_ == DType::BF16) normalizer = round_bf16(normalizer);
-  if (w_.embed.is_int8()) {
+  if (w_.embed.is_quantized()) {
 #pragma omp parallel for if (M > 8)
     for (int64_t m = 0; m < M; ++m) {
       float* xr = x + m * D;

@@ -59,10 +59,12 @@ struct ForwardArgs {
 
 class Gemma3Model {
  public:
-  // int8_weights: keep every matmul weight (embedding/LM head included) as int8 blocks of 32 (ops/q8.h).
-  Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, bool int8_weights = false,
+  // quant: keep every matmul weight as int8 or int4 blocks of 32 (ops/quant.h); with int4 the embedding / LM head
+  // is int8.
+  Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, WeightQuant quant = WeightQuant::None,
               const RowGetter& rows = nullptr);
-  bool int8_weights() const { return w_.embed.is_int8(); }
+  // 8, 4 (layers; the embedding / LM head stays int8), or 0 (weights in the compute dtype).
+  int weight_bits() const { return w_.layers.empty() ? w_.embed.quant_bits() : w_.layers[0].gate_up.quant_bits(); }
   const Gemma3Config& config() const { return cfg_; }
   DType dtype() const { return dtype_; }
   size_t weight_nbytes() const;

@@ -15,11 +15,12 @@ class Linear {
   // into oneDNN's preferred blocked layout.
   // plain = true keeps w row-major [N, K] (no reorder), so plain_data() can serve other uses
   // (the tied embedding table is both the lookup table and the LM head).
-  // int8 = true keeps the weights as int8 blocks (ops/q8.h) when the CPU and K allow it, else as `dtype`.
-  Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain = false, bool int8 = false);
+  // quant = Int8 / Int4 keeps the weights as quantised blocks (ops/quant.h) when the CPU and K allow it, else as
+  // `dtype`.
+  Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain = false, WeightQuant quant = WeightQuant::None);
   // A plain layer filled a block of rows at a time: fill(r0, n, out) writes rows [r0, r0 + n) as f32 into out.
   // Peak memory is the stored weights plus one block, not a whole f32 copy.
-  static Linear plain_from_rows(int64_t N, int64_t K, DType dtype, bool int8,
+  static Linear plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant quant,
                                 const std::function<void(int64_t r0, int64_t n, float* out)>& fill);
   // x [M, K] f32 -> y [M, N] f32 with row stride ldy (0 = N). With bf16 weights x is rounded to bf16
   // first (bf16 x bf16 products, f32 accumulation). Not thread-safe: one caller at a time.
@@ -30,9 +31,10 @@ class Linear {
   bool empty() const { return !impl_; }
   // Row-major [N, K] weights in the stored dtype (f32 or bf16 bits); only for plain layers.
   const void* plain_data() const;
-  // Row n of the weights as f32 (plain or int8 layers): the embedding lookup.
+  // Row n of the weights as f32 (plain or quantised layers): the embedding lookup.
   void row(int64_t n, float* out) const;
-  bool is_int8() const;
+  bool is_quantized() const;  // int8 or int4 blocks
+  int quant_bits() const;     // 8, 4, or 0 (stored in the compute dtype)
   // The weights back as row-major f32 [N, K] (reordered out of the blocked layout): out holds N * K floats.
   void to_rowmajor(float* out) const;
 

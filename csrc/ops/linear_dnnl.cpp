@@ -12,7 +12,7 @@
 
 #include "ops/gemv_bf16.h"
 #include "ops/linear.h"
-#include "ops/q8.h"
+#include "ops/quant.h"
 
 namespace gemmalens::ops {
 
@@ -36,17 +36,17 @@ struct Linear::Impl {
   std::map<std::pair<int64_t, int64_t>, dnnl::matmul> prims;  // (M, ldy) -> primitive
   dnnl::stream stream{engine()};
   bool plain = false;
-  bool int8 = false;
+  bool quantized = false;
   bool blocked64 = false;  // bf16 weights in "BA16a64b2a": small M runs gemv_bf16_blocked64
-  Q8Weights q8;
+  QuantWeights qw;
 };
 
-Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, bool int8) : N_(N), K_(K) {
-  if (int8 && q8_supported(K)) {
+Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, WeightQuant quant) : N_(N), K_(K) {
+  if (quant != WeightQuant::None && quant_supported(K)) {
     auto impl = std::make_shared<Impl>();
-    impl->int8 = true;
+    impl->quantized = true;
     impl->plain = plain;
-    impl->q8 = q8_quantize(w, N, K);
+    impl->qw = quant_weights(w, N, K, ops::quant_bits(quant));
     impl_ = std::move(impl);
     return;
   }
@@ -109,7 +109,7 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, bo
   }
 }
 
-Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, bool int8,
+Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant quant,
                                const std::function<void(int64_t r0, int64_t n, float* out)>& fill) {
   constexpr int64_t kBlockBytes = 16 << 20;  // f32 rows converted per block
   const int64_t block = std::max<int64_t>(1, kBlockBytes / (4 * std::max<int64_t>(K, 1)));
@@ -119,13 +119,13 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, bool int8,
   L.K_ = K;
   auto impl = std::make_shared<Impl>();
   impl->plain = true;
-  if (int8 && q8_supported(K)) {
-    impl->int8 = true;
-    impl->q8 = q8_alloc(N, K);
+  if (quant != WeightQuant::None && quant_supported(K)) {
+    impl->quantized = true;
+    impl->qw = quant_alloc(N, K, ops::quant_bits(quant));
     for (int64_t r0 = 0; r0 < N; r0 += block) {
       const int64_t n = std::min(block, N - r0);
       fill(r0, n, buf.data());
-      q8_quantize_rows(impl->q8, buf.data(), r0, n);
+      quant_rows(impl->qw, buf.data(), r0, n);
     }
     L.impl_ = std::move(impl);
     return L;
@@ -157,8 +157,8 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, bool int8,
 void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   if (!impl_) throw std::runtime_error("Linear::forward on an empty layer");
   if (ldy == 0) ldy = N_;
-  if (impl_->int8) {
-    q8_matmul(impl_->q8, x, M, y, ldy);
+  if (impl_->quantized) {
+    quant_matmul(impl_->qw, x, M, y, ldy);
     return;
   }
   auto& eng = engine();
@@ -205,16 +205,18 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
 }
 
 const void* Linear::plain_data() const {
-  if (!impl_ || !impl_->plain || impl_->int8) throw std::runtime_error("Linear::plain_data on a blocked or int8 layer");
+  if (!impl_ || !impl_->plain || impl_->quantized)
+    throw std::runtime_error("Linear::plain_data on a blocked or quantised layer");
   return impl_->weights.get_data_handle();
 }
 
-bool Linear::is_int8() const { return impl_ && impl_->int8; }
+bool Linear::is_quantized() const { return impl_ && impl_->quantized; }
+int Linear::quant_bits() const { return is_quantized() ? impl_->qw.bits : 0; }
 
 void Linear::row(int64_t n, float* out) const {
   if (!impl_) throw std::runtime_error("Linear::row on an empty layer");
-  if (impl_->int8) {
-    q8_row(impl_->q8, n, out);
+  if (impl_->quantized) {
+    quant_row(impl_->qw, n, out);
     return;
   }
   if (!impl_->plain) throw std::runtime_error("Linear::row on a blocked layer");
@@ -229,8 +231,8 @@ void Linear::row(int64_t n, float* out) const {
 
 void Linear::to_rowmajor(float* out) const {
   if (!impl_) throw std::runtime_error("Linear::to_rowmajor on an empty layer");
-  if (impl_->int8) {
-    for (int64_t n = 0; n < N_; ++n) q8_row(impl_->q8, n, out + n * K_);
+  if (impl_->quantized) {
+    for (int64_t n = 0; n < N_; ++n) quant_row(impl_->qw, n, out + n * K_);
     return;
   }
   try {
@@ -244,7 +246,7 @@ void Linear::to_rowmajor(float* out) const {
   }
 }
 
-size_t Linear::nbytes() const { return impl_ ? (impl_->int8 ? impl_->q8.nbytes() : impl_->w_desc.get_size()) : 0; }
+size_t Linear::nbytes() const { return impl_ ? (impl_->quantized ? impl_->qw.nbytes() : impl_->w_desc.get_size()) : 0; }
 
 const char* dnnl_version() {
   static std::string v = [] {

@@ -18,8 +18,9 @@ def _parser():
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--weights", default="native", choices=["native", "int8"],
-                   help="int8: keep weights as int8 blocks (about 4x less memory traffic than float32)")
+    g.add_argument("--weights", default="native", choices=["native", "auto", "int8", "int4"],
+                   help="int8 / int4: keep weights as quantised blocks of 32 (about 4x / 7x less memory traffic than "
+                        "float32); auto: int8 for a quantised GGUF, else native")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--verbose", action="store_true", help="print load time and prefill/decode speed to stderr")
     return p

@@ -294,6 +294,11 @@ class Model:
     def weight_nbytes(self):
         return self._core.weight_nbytes
 
+    @property
+    def weights(self):
+        """How the matmul weights are held: "native" (the compute dtype), "int8" or "int4"."""
+        return self._core.weights
+
     def __repr__(self):
         c = self.config
         return (f"gemmalens.Model(layers={c.num_hidden_layers}, d_model={c.hidden_size}, heads={c.num_attention_heads}/"
@@ -434,6 +439,12 @@ def zipfile_with_pickle(path):
         return False
 
 
+def _gguf_is_quantized(path):
+    """Whether a GGUF's layer matmul weights are in a block-quantised type (Q4_K, Q8_0, ...)."""
+    types = {t for name, _, t in _core.GGUFFile(path).tensors if name.startswith("blk.") and not name.endswith("norm.weight")}
+    return bool(types - {"F32", "F16", "BF16"})
+
+
 def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"):
     """Load a Gemma 3 checkpoint; the format is detected from the path.
 
@@ -445,9 +456,11 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
     dtype: "float32" or "bfloat16" (weights and matmul inputs; activations stay float32).
     threads: worker threads (default: all cores available to the process).
     max_seq_len: longest sequence for caches and generation (default min(max_position_embeddings, 8192)).
-    weights: "native" (stored in `dtype`) or "int8" (kept as int8 blocks of 32 with one scale each, like ggml's
-      Q8_0, multiplied with int8-quantised activations on AVX-512 VNNI: ~4x fewer bytes than float32 per token;
-      accuracy cost in README). Needs a CPU with AVX-512 VNNI; layers whose width is not a multiple of 64 stay native.
+    weights: "native" (stored in `dtype`), "int8" (kept as int8 blocks of 32 with one scale each, like ggml's Q8_0,
+      multiplied with int8-quantised activations on AVX-512 VNNI: ~4x fewer bytes than float32 per token), "int4"
+      (4-bit blocks of 32, ~7x fewer), or "auto" (int8 for a GGUF whose layer weights are quantised, such as
+      Q4_K_M, else native). Accuracy cost of each in README. int8/int4 need a CPU with AVX-512 VNNI; layers whose
+      width is not a multiple of 64 stay native.
     A tokenizer.model beside the weights (or the GGUF's own tokenizer) becomes model.tokenizer.
     """
     from .tokenizer import Tokenizer
@@ -458,14 +471,16 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
     dtype = _DTYPES[dtype]
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    if weights not in ("native", "auto", "int8"):
-        raise ValueError(f"weights must be 'native' or 'int8', got {weights!r}")
+    if weights not in ("native", "auto", "int8", "int4"):
+        raise ValueError(f"weights must be 'native', 'auto', 'int8' or 'int4', got {weights!r}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
         raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
     if path in DEMO_MODELS and not os.path.exists(path):
         path = _resolve_demo(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"gemmalens.load: no such file or directory: '{path}'")
+    if weights == "auto":
+        weights = "int8" if os.path.isfile(path) and _is_gguf(path) and _gguf_is_quantized(path) else "native"
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     tokenizer = None
     from . import formats

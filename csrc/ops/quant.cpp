@@ -1,0 +1,232 @@
+#include "ops/quant.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace gemmalens::ops {
+
+int quant_bits(WeightQuant w) { return w == WeightQuant::Int8 ? 8 : w == WeightQuant::Int4 ? 4 : 0; }
+
+bool quant_supported(int64_t K) {
+  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return cpu && K % 64 == 0 && K > 0;
+}
+
+namespace {
+// One block of 32 at `qmax` (127 or 7): d = max|x| / qmax, q = round(x / d) clamped to [qmin, qmax]; returns d
+// and the sum of q.
+inline float quant_block32(const float* src, int qmin, int qmax, int* q, int* sum) {
+  float amax = 0.f;
+  for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(src[j]));
+  const float d = amax / static_cast<float>(qmax);
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  int s = 0;
+  for (int j = 0; j < 32; ++j) {
+    q[j] = std::min(qmax, std::max(qmin, static_cast<int>(std::nearbyint(src[j] * id))));
+    s += q[j];
+  }
+  *sum = s;
+  return d;
+}
+// A 4-bit block: the scale that minimises the squared error among d = v / t for the block's extreme value v (signed,
+// so it can take the extra negative level -8) and t in [-8, -6.5] u [6.5, 7.5] (a small grid in the spirit of ggml's
+// make_qx_quants), q = round(x / d) clamped to [-8, 7]. Returns d.
+inline float quant_block32_q4(const float* src, int* q) {
+  float amax = 0.f, vmax = 0.f;
+  for (int j = 0; j < 32; ++j)
+    if (std::fabs(src[j]) > amax) {
+      amax = std::fabs(src[j]);
+      vmax = src[j];
+    }
+  if (amax == 0.f) {
+    for (int j = 0; j < 32; ++j) q[j] = 0;
+    return 0.f;
+  }
+  float best_d = 0.f, best_err = INFINITY;
+  for (int step = 0; step <= 12; ++step) {
+    const float t = step <= 6 ? -8.f + 0.25f * step : 6.5f + 0.25f * (step - 7);  // -8..-6.5, 6.5..7.75
+    const float d = vmax / t, id = 1.f / d;
+    float err = 0.f;
+    for (int j = 0; j < 32; ++j) {
+      const int qj = std::min(7, std::max(-8, static_cast<int>(std::nearbyint(src[j] * id))));
+      const float e = src[j] - d * static_cast<float>(qj);
+      err += e * e;
+    }
+    if (err < best_err) {
+      best_err = err;
+      best_d = d;
+    }
+  }
+  const float id = 1.f / best_d;
+  for (int j = 0; j < 32; ++j) q[j] = std::min(7, std::max(-8, static_cast<int>(std::nearbyint(src[j] * id))));
+  return best_d;
+}
+}  // namespace
+
+QuantWeights quant_alloc(int64_t N, int64_t K, int bits) {
+  if (K % 64 != 0) throw std::runtime_error("quantised weights: K must be a multiple of 64");
+  if (bits != 8 && bits != 4) throw std::runtime_error("quantised weights: bits must be 8 or 4");
+  QuantWeights r;
+  r.N = N;
+  r.K = K;
+  r.bits = bits;
+  r.q.resize(static_cast<size_t>(N) * K * bits / 8);
+  r.d.resize(static_cast<size_t>(N) * (K / 32));
+  return r;
+}
+
+void quant_rows(QuantWeights& r, const float* w, int64_t r0, int64_t n) {
+  const int64_t K = r.K, row_bytes = K * r.bits / 8;
+#pragma omp parallel for if (n > 64)
+  for (int64_t i = 0; i < n; ++i) {
+    uint8_t* dst = r.q.data() + (r0 + i) * row_bytes;
+    float* d = r.d.data() + (r0 + i) * (K / 32);
+    const float* src = w + i * K;
+    if (r.bits == 8) {
+      for (int64_t b = 0; b < K / 32; ++b) {
+        int q[32], sum;
+        d[b] = quant_block32(src + b * 32, -127, 127, q, &sum);
+        for (int j = 0; j < 32; ++j) dst[b * 32 + j] = static_cast<uint8_t>(q[j] + 128);
+      }
+    } else {
+      for (int64_t p = 0; p < K / 64; ++p) {  // two blocks -> 32 bytes
+        int lo[32], hi[32];
+        d[2 * p] = quant_block32_q4(src + p * 64, lo);
+        d[2 * p + 1] = quant_block32_q4(src + p * 64 + 32, hi);
+        for (int j = 0; j < 32; ++j) dst[p * 32 + j] = static_cast<uint8_t>((lo[j] + 8) | ((hi[j] + 8) << 4));
+      }
+    }
+  }
+}
+
+QuantWeights quant_weights(const float* w, int64_t N, int64_t K, int bits) {
+  QuantWeights r = quant_alloc(N, K, bits);
+  quant_rows(r, w, 0, N);
+  return r;
+}
+
+void quant_row(const QuantWeights& w, int64_t n, float* out) {
+  const int64_t K = w.K;
+  const float* d = w.d.data() + n * (K / 32);
+  if (w.bits == 8) {
+    const uint8_t* q = w.q.data() + n * K;
+    for (int64_t k = 0; k < K; ++k) out[k] = d[k / 32] * static_cast<float>(static_cast<int>(q[k]) - 128);
+  } else {
+    const uint8_t* q = w.q.data() + n * (K / 2);
+    for (int64_t p = 0; p < K / 64; ++p)
+      for (int j = 0; j < 32; ++j) {
+        const uint8_t byte = q[p * 32 + j];
+        out[p * 64 + j] = d[2 * p] * static_cast<float>((byte & 15) - 8);
+        out[p * 64 + 32 + j] = d[2 * p + 1] * static_cast<float>((byte >> 4) - 8);
+      }
+  }
+}
+
+namespace {
+
+#define GL_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")))
+
+// Activation rows quantised: xq [M, K] int8, per pair of blocks (64 values) the lane vectors the kernel needs:
+// sum = sum(xq of the block) in the 8 lanes of each block (vpdpbusd sums (q + offset) * x, offset 128 for int8
+// weights and 8 for int4: the kernel subtracts offset * sum spread over 8 lanes, i.e. (offset / 8) * sum per lane),
+// and dx = the two block scales, 8 lanes each.
+struct XQ {
+  std::vector<int8_t> q;
+  std::vector<int32_t> sum;  // [M, K/64, 16]
+  std::vector<float> dx;     // [M, K/64, 16]
+};
+
+void quantize_x(const float* x, int64_t M, int64_t K, XQ& o) {
+  const int64_t P = K / 64;
+  o.q.resize(static_cast<size_t>(M) * K);
+  o.sum.resize(static_cast<size_t>(M) * P * 16);
+  o.dx.resize(static_cast<size_t>(M) * P * 16);
+#pragma omp parallel for if (M > 4)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < K / 32; ++b) {
+      int q[32], sum;
+      const float d = quant_block32(x + m * K + b * 32, -127, 127, q, &sum);
+      int8_t* dst = o.q.data() + m * K + b * 32;
+      for (int j = 0; j < 32; ++j) dst[j] = static_cast<int8_t>(q[j]);
+      const int64_t p = b / 2, half = (b % 2) * 8;
+      for (int l = 0; l < 8; ++l) {
+        o.sum[(m * P + p) * 16 + half + l] = sum;
+        o.dx[(m * P + p) * 16 + half + l] = d;
+      }
+    }
+}
+
+// The 64 unsigned weight bytes (value + offset) of pair-of-blocks p in row n.
+template <int BITS>
+GL_VNNI inline __m512i load_w(const uint8_t* row, int64_t p) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512(row + p * 64);
+  } else {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32));
+    const __m256i m = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+}
+
+// Weight row n against MB activation rows from m0: y[m0 + i, n].
+template <int MB, int BITS>
+GL_VNNI inline void row_kernel(const QuantWeights& w, const XQ& xq, int64_t n, int64_t m0, float* y, int64_t ldy) {
+  const int64_t K = w.K, P = K / 64, row_bytes = K * BITS / 8;
+  constexpr int kShift = BITS == 8 ? 4 : 0;  // offset / 8 lanes: 128 / 8 = 16 = 1 << 4; 8 / 8 = 1
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  const uint8_t* wq = w.q.data() + n * row_bytes;
+  const float* wd = w.d.data() + n * (K / 32);
+  for (int64_t p = 0; p < P; ++p) {
+    const __m512i wv = load_w<BITS>(wq, p);
+    const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(wd[2 * p]), _mm256_set1_ps(wd[2 * p + 1]), 1);
+    for (int i = 0; i < MB; ++i) {
+      const int64_t m = m0 + i;
+      const __m512i xv = _mm512_loadu_si512(xq.q.data() + m * K + p * 64);
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+      dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_loadu_si512(xq.sum.data() + (m * P + p) * 16), kShift));
+      const __m512 s = _mm512_mul_ps(dw, _mm512_loadu_ps(xq.dx.data() + (m * P + p) * 16));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) y[(m0 + i) * ldy + n] = _mm512_reduce_add_ps(acc[i]);
+}
+
+// Blocks of kRowsPerBlock weight rows in parallel; each block meets every activation row (in groups of 8 / 4 / 1)
+// while it sits in L1/L2, so a prefill reads the weights from memory once instead of once per group of rows.
+constexpr int64_t kRowsPerBlock = 16;
+
+template <int BITS>
+GL_VNNI void matmul_bits(const QuantWeights& w, const XQ& xq, int64_t M, float* y, int64_t ldy) {
+  const int64_t N = w.N, nblocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t nb = 0; nb < nblocks; ++nb) {
+    const int64_t n0 = nb * kRowsPerBlock, n1 = std::min(N, n0 + kRowsPerBlock);
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8)
+      for (int64_t n = n0; n < n1; ++n) row_kernel<8, BITS>(w, xq, n, m, y, ldy);
+    for (; m + 4 <= M; m += 4)
+      for (int64_t n = n0; n < n1; ++n) row_kernel<4, BITS>(w, xq, n, m, y, ldy);
+    for (; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) row_kernel<1, BITS>(w, xq, n, m, y, ldy);
+  }
+}
+
+}  // namespace
+
+void quant_matmul(const QuantWeights& w, const float* x, int64_t M, float* y, int64_t ldy) {
+  if (!quant_supported(w.K)) throw std::runtime_error("quantised weights need AVX-512 VNNI and K % 64 == 0");
+  thread_local XQ xq;
+  quantize_x(x, M, w.K, xq);
+  if (w.bits == 8)
+    matmul_bits<8>(w, xq, M, y, ldy);
+  else
+    matmul_bits<4>(w, xq, M, y, ldy);
+}
+
+}  // namespace gemmalens::ops

@@ -68,24 +68,7 @@ GL_AVX512 void scores_tile(const float* const* q, int rows, const float* Kt, int
 
 // One row of a score tile, in place: s[c] = exp(x_c - mx) for the visible columns [c_lo, c_hi] (x_c = s[c] * scale,
 // soft-capped when softcap > 0), 0 elsewhere; mx = max(m_prev, max x_c). Returns mx, *sum = sum of the exps.
-// The same polynomial as exp_f32 in 16 lanes.
-GL_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
+// exp512 (ops/vmath.h) is exp_f32's polynomial in 16 lanes.
 GL_AVX512 float softmax_tile_row(float* s, int c_lo, int c_hi, float scale, float softcap, float m_prev, float* sum) {
   if (softcap > 0.f) {  // rare (no released Gemma 3 sets it): scalar
     float mx = m_prev;

@@ -1,5 +1,7 @@
 #include "ops/gemv_bf16.h"
 
+#include "common.h"
+
 #include <immintrin.h>
 
 #include <cstring>
@@ -91,7 +93,25 @@ GL_BF16 void rows_impl(const uint16_t* w, int64_t N, int64_t K, const uint16_t* 
     for (int64_t m = 0; m < M; ++m) rows_dot<1>(w + n * K, K, x + m * K, y + m * ldy + n);
 }
 
+GL_BF16 void cvt_bf16_avx512(const float* x, uint16_t* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(y + i, k, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, x + i)));
+  }
+}
+
 }  // namespace
+
+void f32_to_bf16_n(const float* x, uint16_t* y, int64_t n) {
+  if (bf16_gemv_supported()) {
+    cvt_bf16_avx512(x, y, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] = f32_to_bf16(x[i]);
+  }
+}
 
 void gemv_bf16_blocked64(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy) {
   if (!bf16_gemv_supported() || N % 64 != 0 || K % 32 != 0 || M < 1 || M > kGemvMaxM)

@@ -11,6 +11,10 @@ constexpr int64_t kGemvMaxM = 4;  // above it oneDNN wins where AMX is usable (b
 // The CPU has AVX512F/BW and AVX512_BF16.
 bool bf16_gemv_supported();
 
+// y[i] = bf16(x[i]), round to nearest even (vcvtneps2bf16 where the CPU has it; like it, the scalar fallback
+// quietens NaNs). Runs on the calling thread.
+void f32_to_bf16_n(const float* x, uint16_t* y, int64_t n);
+
 // y[m, n] (row stride ldy) = sum_k x[m, k] * W[k, n] for W in oneDNN's "BA16a64b2a" layout of a {K, N} matrix:
 // blocks of 64 columns (outer) by 32 rows of K (inner), each block [16 k-pairs][64 n][2 k] (the VNNI pairing
 // `vdpbf16ps` multiplies). Needs N % 64 == 0, K % 32 == 0, M <= kGemvMaxM. x is [M, K] bf16 bits.

@@ -166,7 +166,7 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   if (im.wdt == dt::bf16 && M <= kGemvMaxM && (im.blocked64 || (im.plain && K_ % 32 == 0 && bf16_gemv_supported()))) {
     thread_local std::vector<uint16_t> xb;
     if (static_cast<int64_t>(xb.size()) < M * K_) xb.resize(M * K_);
-    for (int64_t i = 0; i < M * K_; ++i) xb[i] = f32_to_bf16(x[i]);
+    f32_to_bf16_n(x, xb.data(), M * K_);
     const uint16_t* w = static_cast<const uint16_t*>(im.weights.get_data_handle());
     if (im.blocked64)
       gemv_bf16_blocked64(w, N_, K_, xb.data(), M, y, ldy);
@@ -190,8 +190,13 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
       thread_local std::vector<uint16_t> xbf16;
       if (static_cast<int64_t>(xbf16.size()) < n) xbf16.resize(n);
       uint16_t* xb = xbf16.data();
-#pragma omp parallel for if (n > 65536)
-      for (int64_t i = 0; i < n; ++i) xb[i] = f32_to_bf16(x[i]);
+      if (n > 65536) {
+        const int64_t chunk = (n / omp_get_max_threads() + 15) / 16 * 16;
+#pragma omp parallel for
+        for (int64_t i0 = 0; i0 < n; i0 += chunk) f32_to_bf16_n(x + i0, xb + i0, std::min(chunk, n - i0));
+      } else {
+        f32_to_bf16_n(x, xb, n);
+      }
       src_ptr = xb;
     }
     dnnl::memory src(src_md, eng, src_ptr);

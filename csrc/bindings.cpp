@@ -526,8 +526,10 @@ void register_ops(py::module_& m) {
   }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("dtype") = "bfloat16", py::arg("reps") = 5,
      "FLOP/s of x [M, K] @ W^T [K, N] through the model's Linear (best of reps).");
   ops_m.def("attention", [](py::array_t<float, py::array::c_style | py::array::forcecast> q, py::array_t<float, py::array::c_style | py::array::forcecast> k,
-                            py::array_t<float, py::array::c_style | py::array::forcecast> v, int64_t window, float scale, float softcap) {
-    // q [B, T, H, Hd], k/v [B, T, KV, Hd], no cache, no padding.
+                            py::array_t<float, py::array::c_style | py::array::forcecast> v, int64_t window, float scale, float softcap,
+                            bool bf16) {
+    // q [B, T, H, Hd], k/v [B, T, KV, Hd], no cache, no padding. bf16: as in a bf16 model (bf16 cache), which takes
+    // the oneDNN bf16 path for prefill chunks where oneDNN runs bf16 on AMX.
     if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) throw ValueError("attention: q [B, T, H, Hd], k/v [B, T, KV, Hd]");
     ops::AttentionArgs a;
     a.B = static_cast<int>(q.shape(0)); a.T = static_cast<int>(q.shape(1)); a.H = static_cast<int>(q.shape(2));
@@ -535,9 +537,10 @@ void register_ops(py::module_& m) {
     if (k.shape(0) != a.B || k.shape(1) != a.T || k.shape(3) != a.Hd || a.H % a.KV != 0) throw ValueError("attention: shape mismatch");
     py::array_t<float> z({q.shape(0), q.shape(1), q.shape(2), q.shape(3)});
     a.q = q.data(); a.k_new = k.data(); a.v_new = v.data(); a.window = window; a.scale = scale; a.softcap = softcap; a.z = z.mutable_data();
+    if (bf16) a.compute = DType::BF16;
     ops::attention(a);
     return z;
-  });
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("bf16") = false);
 }
 
 }  // namespace

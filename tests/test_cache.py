@@ -31,12 +31,13 @@ def test_bf16_chunked_equals_full(tiny_dir, weights):
     parts = [model.forward(ids[:9], cache=cache)] + [model.forward(ids[i:i + 1], cache=cache) for i in range(9, 30)]
     assert cache.dtype == "bfloat16"
     got = np.concatenate(parts, 1)
-    # bf16 single-token steps take the decode kernel (ops/gemv_bf16.cpp), the 30-token pass oneDNN's (int8 mode keeps
-    # bf16 for the layers whose K is not a multiple of 64, as in this tiny model): f32 sums in another order, so an
-    # activation now and then rounds to the neighbouring bf16 value. Bound that by half of what bf16 itself costs
-    # against the f32 model, and ask for the same greedy tokens.
+    # bf16 single-token steps take the decode kernels (ops/gemv_bf16.cpp, f32 attention over the bf16 cache), a long
+    # pass oneDNN's matmuls (and, from 64 positions on an AMX machine, bf16 attention with bf16 probabilities); int8 /
+    # int4 modes keep bf16 for the layers whose K is not a multiple of 64, as in this tiny model. The sums run in
+    # another order, so an activation now and then rounds to the neighbouring bf16 value. Bound that by what bf16
+    # itself costs against the f32 model (a cache bug costs O(1)), and ask for the same greedy tokens.
     ref32 = gl.load(tiny_dir).forward(ids)
-    assert rel_err(got, full) <= 0.5 * rel_err(full, ref32)
+    assert rel_err(got, full) <= rel_err(full, ref32)
     assert (got.argmax(-1) == full.argmax(-1)).all()
 
 
@@ -110,5 +111,5 @@ def test_long_context_decode_steps(hf_models, name, dtype):
         assert rel_err(steps, full[:, 300:]) <= 1e-5
     else:  # decode kernel vs oneDNN: see test_bf16_chunked_equals_full
         ref32 = gl.load(path).forward(ids)[:, 300:]
-        assert rel_err(steps, full[:, 300:]) <= 0.5 * rel_err(full[:, 300:], ref32)
+        assert rel_err(steps, full[:, 300:]) <= rel_err(full[:, 300:], ref32)
         assert (steps.argmax(-1) == full[:, 300:].argmax(-1)).all()

@@ -96,6 +96,22 @@ def test_attention(H, KV, Hd, window, softcap):
     np.testing.assert_allclose(ops.attention(q, k, v, window, 0.3, softcap), ref, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("H,KV,Hd", [(4, 1, 32), (8, 2, 24), (2, 2, 64)])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (37, 0.0), (300, 2.0)])
+def test_attention_bf16_model(H, KV, Hd, window, softcap):
+    """A bf16 model's prefill attention (on an AMX machine: two oneDNN bf16 matmuls with the probabilities rounded to
+    bf16; elsewhere the f32 tiled kernel): the reference on bf16-rounded q, k, v, within bf16's rounding of the
+    probabilities. T = 600 spans three 256-query blocks, B = 2 rows."""
+    B, T = 2, 600
+    q = rng.standard_normal((B, T, H, Hd)).astype(np.float32)
+    k = rng.standard_normal((B, T, KV, Hd)).astype(np.float32)
+    v = rng.standard_normal((B, T, KV, Hd)).astype(np.float32)
+    ref = attention_ref(bf16(q), bf16(k), bf16(v), window, 0.3, softcap)
+    out = ops.attention(q, k, v, window, 0.3, softcap, bf16=True)
+    assert np.abs(out - ref).max() <= 2e-2 * np.abs(ref).max()
+    assert np.abs(out - ref).mean() <= 2e-3 * np.abs(ref).mean()
+
+
 def q8_blocks(a):
     """ggml Q8_0-style: blocks of 32 along the last axis, d = max|a| / 127, q = round(a * (1 / d)), in float32 as the
     C++ computes it (a float64 division rounds a value near a half step the other way now and then)."""

@@ -174,6 +174,7 @@ void Gemma3Model::forward(const ForwardArgs& a) {
     at.scale = static_cast<float>(std::pow(c.query_pre_attn_scalar, -0.5));
     at.softcap = static_cast<float>(c.attn_logit_softcapping);
     at.z = z;
+    at.compute = dtype_;
     if (on(Site::AttnScores, l) || on(Site::Pattern, l)) {
       // Materialised path: scores and pattern exist as tensors, hooks may read and edit them.
       const int64_t S = past + T;

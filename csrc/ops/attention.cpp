@@ -359,6 +359,7 @@ void attention(const AttentionArgs& a) {
     attention_decode_splitk(a);
     return;
   }
+  if (a.compute == DType::BF16 && a.T >= 64 && attention_bf16_matmul(a)) return;
   if (has_avx512() && a.Hd % 16 == 0)
     attention_tiled(a);
   else

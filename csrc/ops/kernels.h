@@ -58,6 +58,7 @@ struct AttentionArgs {
   float scale = 1.f;
   float softcap = 0.f;
   float* z = nullptr;
+  DType compute = DType::F32;  // the model's dtype: bf16 models may round q, k, v and probabilities to bf16
 };
 // The attention with its intermediate tensors materialised (for the scores / pattern hooks), S = past + T:
 // scores [B, H, T, S] = q.k * scale (softcap), -inf where masked or no longer held by the ring;
@@ -68,7 +69,12 @@ void softmax_rows(const float* scores, int64_t rows, int64_t S, float* pattern);
 void attention_apply(const AttentionArgs& a, const float* pattern, float* z);
 
 // Tiled online-softmax (flash-attention style) kernel: AVX-512 when the CPU has it, else the reference.
+// Prefill chunks of a bf16 model (bf16 cache) on a CPU with AMX take attention_bf16_matmul instead.
 void attention(const AttentionArgs& a);
+// Prefill attention as two oneDNN bf16 matmuls per block of queries (QK^T, then PV), f32 softmax between them:
+// q, k, v and the probabilities rounded to bf16 (as every matmul input of a bf16 model), f32 accumulation.
+// Returns false (and does nothing) unless oneDNN runs bf16 on AMX here (elsewhere the f32 tiled kernel is faster).
+bool attention_bf16_matmul(const AttentionArgs& a);
 // The direct kernel: one query at a time, full softmax. Simple and slow; the numerical reference.
 void attention_reference(const AttentionArgs& a);
 

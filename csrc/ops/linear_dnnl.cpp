@@ -30,6 +30,30 @@ dnnl::engine& engine() {
 
 // Weights are reordered for this M; other Ms reuse the layout (oneDNN's brgemm handles any M).
 constexpr int64_t kLayoutM = 64;
+
+// oneDNN runs bf16 matmuls on AMX tiles here (Sapphire Rapids and later, with the kernel's permission).
+bool amx_bf16() {
+  static const bool amx = dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core_amx;
+  return amx;
+}
+
+// Quantised layers run prefill-sized matmuls (M >= this) as bf16 on AMX: the weights dequantised to bf16 for the
+// call, then oneDNN. The VNNI kernel's per-block scaling costs more than AMX's bf16 tiles at this size.
+constexpr int64_t kDequantMinM = 64;
+
+// C [M, N] f32 (row stride ldc) = A [M, K] bf16 (row-major) x B, with B given row-major as [N, K] (b_nk) or [K, N].
+void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int64_t N, bool b_nk, float* C, int64_t ldc) {
+  auto& eng = engine();
+  dnnl::memory::desc a_md({M, K}, dt::bf16, tag::ab), b_md({K, N}, dt::bf16, b_nk ? tag::ba : tag::ab),
+      c_md({M, N}, dt::f32, dnnl::memory::dims{ldc, 1});
+  dnnl::matmul::primitive_desc pd(eng, a_md, b_md, c_md);  // primitives come from oneDNN's cache after the first
+  dnnl::matmul prim(pd);
+  dnnl::stream st(eng);
+  dnnl::memory a(a_md, eng, const_cast<uint16_t*>(A)), b(b_md, eng, const_cast<uint16_t*>(B)), c(c_md, eng, C);
+  prim.execute(st, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+  st.wait();
+}
+
 }  // namespace
 
 struct Linear::Impl {
@@ -161,6 +185,37 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   if (!impl_) throw std::runtime_error("Linear::forward on an empty layer");
   if (ldy == 0) ldy = N_;
   if (impl_->quantized) {
+    if (M >= kDequantMinM && !impl_->plain && amx_bf16()) {
+      // In chunks of output rows, so the bf16 copy stays small (a chunk, not the layer).
+      constexpr int64_t kChunk = 4096;
+      const QuantWeights& qw = impl_->qw;
+      thread_local std::vector<uint16_t> wbuf, xbuf;  // this thread's; the parallel loops get plain pointers
+      wbuf.resize(static_cast<size_t>(std::min(N_, kChunk)) * K_);
+      xbuf.resize(static_cast<size_t>(M) * K_);
+      uint16_t* const wb = wbuf.data();
+      uint16_t* const xb = xbuf.data();
+      const int64_t K = K_;
+#pragma omp parallel for schedule(static)
+      for (int64_t m = 0; m < M; ++m) f32_to_bf16_n(x + m * K, xb + m * K, K);
+      for (int64_t n0 = 0; n0 < N_; n0 += kChunk) {
+        const int64_t nn = std::min(kChunk, N_ - n0);
+#pragma omp parallel
+        {
+          std::vector<float> row(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+          for (int64_t n = 0; n < nn; ++n) {
+            quant_row(qw, n0 + n, row.data());
+            f32_to_bf16_n(row.data(), wb + n * K, K);
+          }
+        }
+        try {
+          matmul_bf16(xb, M, K, wb, nn, /*b_nk=*/true, y + n0, ldy);
+        } catch (const dnnl::error& e) {
+          throw std::runtime_error(std::string("oneDNN matmul failed (M=") + std::to_string(M) + "): " + e.what());
+        }
+      }
+      return;
+    }
     quant_matmul(impl_->qw, x, M, y, ldy);
     return;
   }
@@ -256,24 +311,8 @@ void Linear::to_rowmajor(float* out) const {
 
 size_t Linear::nbytes() const { return impl_ ? (impl_->quantized ? impl_->qw.nbytes() : impl_->w_desc.get_size()) : 0; }
 
-namespace {
-// C [M, N] f32 (row stride ldc) = A [M, K] bf16 (row-major) x B, with B given row-major as [N, K] (b_nk) or [K, N].
-void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int64_t N, bool b_nk, float* C, int64_t ldc) {
-  auto& eng = engine();
-  dnnl::memory::desc a_md({M, K}, dt::bf16, tag::ab), b_md({K, N}, dt::bf16, b_nk ? tag::ba : tag::ab),
-      c_md({M, N}, dt::f32, dnnl::memory::dims{ldc, 1});
-  dnnl::matmul::primitive_desc pd(eng, a_md, b_md, c_md);  // primitives come from oneDNN's cache after the first
-  dnnl::matmul prim(pd);
-  dnnl::stream st(eng);
-  dnnl::memory a(a_md, eng, const_cast<uint16_t*>(A)), b(b_md, eng, const_cast<uint16_t*>(B)), c(c_md, eng, C);
-  prim.execute(st, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
-  st.wait();
-}
-}  // namespace
-
 bool attention_bf16_matmul(const AttentionArgs& a) {
-  static const bool amx = dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core_amx;
-  if (!amx || a.compute != DType::BF16 || (a.past > 0 && a.past_dtype != DType::BF16)) return false;
+  if (!amx_bf16() || a.compute != DType::BF16 || (a.past > 0 && a.past_dtype != DType::BF16)) return false;
   const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd, group = H / KV;
   constexpr int kQB = 256;  // query positions per block: scores [kQB * group, keys] f32
   std::vector<uint16_t> Qb, Kb, Vb, Pb;

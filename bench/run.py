@@ -467,8 +467,9 @@ def main():
     text += ("\nbf16 rows: gemmalens dequantises the GGUF at load to bf16; llama.cpp computes on the file's own blocks "
              "(Q4_K/Q5_0/Q8_0/Q6_K: ~3-4x fewer bytes per decoded token). int8 rows: gemmalens re-quantises the weights at "
              "load to int8 blocks of 32 (`weights=\"int8\"`), int4 rows to 4-bit layer blocks with an int8 LM head "
-             "(`weights=\"int4\"`, accuracy in the top-level README); on the BF16 file both are lossier than llama.cpp's "
-             "BF16 arithmetic, so those rows compare speed at different precision.\n")
+             "(`weights=\"int4\"`, accuracy in the top-level README); decode runs them on VNNI with int8 activations, "
+             "prefill on a machine with AMX dequantises them a chunk at a time to bf16 for oneDNN's AMX matmul. On the BF16 "
+             "file both are lossier than llama.cpp's BF16 arithmetic, so those rows compare speed at different precision.\n")
     text += ("\n### Decode scaling, threads, memory (gemmalens, batch 1)\n\n| model | bf16 ctx 128 | bf16 ctx 4096 | "
              "4096 / 128 | bf16 1 thread | int8 weights (f32 compute) | int4 weights (f32 compute) | "
              "peak RSS / (weights + cache) | load (warm) |\n|---|---|---|---|---|---|---|---|---|\n")

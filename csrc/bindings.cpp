@@ -497,6 +497,7 @@ void register_ops(py::module_& m) {
     lin.forward(x.data(), x.shape(0), y.mutable_data());
     return y;
   }, py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("int8") = false, py::arg("plain") = false, py::arg("int4") = false);
+  ops_m.def("amx_bf16", &ops::amx_bf16, "Whether oneDNN runs bf16 on AMX here (the AMX prefill paths run).");
   ops_m.def("quantize", [](py::array_t<float, py::array::c_style | py::array::forcecast> w, int bits) {
     // The weights as the int8 / int4 mode stores them, dequantised back to f32.
     if (w.ndim() != 2 || w.shape(1) % 64 != 0) throw ValueError("quantize: w [N, K] with K % 64 == 0");

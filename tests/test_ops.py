@@ -106,10 +106,13 @@ def test_attention_bf16_model(H, KV, Hd, window, softcap):
     q = rng.standard_normal((B, T, H, Hd)).astype(np.float32)
     k = rng.standard_normal((B, T, KV, Hd)).astype(np.float32)
     v = rng.standard_normal((B, T, KV, Hd)).astype(np.float32)
-    ref = attention_ref(bf16(q), bf16(k), bf16(v), window, 0.3, softcap)
     out = ops.attention(q, k, v, window, 0.3, softcap, bf16=True)
-    assert np.abs(out - ref).max() <= 2e-2 * np.abs(ref).max()
-    assert np.abs(out - ref).mean() <= 2e-3 * np.abs(ref).mean()
+    if ops.amx_bf16():  # measured: max 0.2%, mean 0.16% of the scale (the bf16 probabilities)
+        ref = attention_ref(bf16(q), bf16(k), bf16(v), window, 0.3, softcap)
+        assert np.abs(out - ref).max() <= 1e-2 * np.abs(ref).max()
+        assert np.abs(out - ref).mean() <= 3e-3 * np.abs(ref).mean()
+    else:  # the f32 tiled kernel
+        np.testing.assert_allclose(out, attention_ref(q, k, v, window, 0.3, softcap), rtol=0, atol=2e-5)
 
 
 def q8_blocks(a):

@@ -44,6 +44,8 @@ class Linear {
   int64_t N_ = 0, K_ = 0;
 };
 
+// oneDNN runs bf16 matmuls on AMX tiles on this machine (picks the AMX prefill paths).
+bool amx_bf16();
 // Library version string of the linked oneDNN ("3.2.0").
 const char* dnnl_version();
 // Number of threads oneDNN's OpenMP runtime will use for the calling thread.

@@ -31,12 +31,6 @@ dnnl::engine& engine() {
 // Weights are reordered for this M; other Ms reuse the layout (oneDNN's brgemm handles any M).
 constexpr int64_t kLayoutM = 64;
 
-// oneDNN runs bf16 matmuls on AMX tiles here (Sapphire Rapids and later, with the kernel's permission).
-bool amx_bf16() {
-  static const bool amx = dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core_amx;
-  return amx;
-}
-
 // Quantised layers run prefill-sized matmuls (M >= this) as bf16 on AMX: the weights dequantised to bf16 for the
 // call, then oneDNN. The VNNI kernel's per-block scaling costs more than AMX's bf16 tiles at this size.
 constexpr int64_t kDequantMinM = 64;
@@ -134,6 +128,12 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
     throw std::runtime_error(std::string("oneDNN could not set up a matmul [") + std::to_string(N) + " x " + std::to_string(K) +
                              "]: " + e.what());
   }
+}
+
+// Sapphire Rapids and later, where the kernel grants the AMX state.
+bool amx_bf16() {
+  static const bool amx = dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core_amx;
+  return amx;
 }
 
 Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant quant,

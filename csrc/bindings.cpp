@@ -309,10 +309,10 @@ void register_model(py::module_& m) {
       .def_property_readonly("config", &Gemma3Model::config)
       .def_property_readonly("dtype", [](const Gemma3Model& g) { return dtype_name(g.dtype()); })
       .def_property_readonly("weight_nbytes", &Gemma3Model::weight_nbytes)
-      .def_property_readonly("int8_weights", [](const Gemma3Model& m) { return m.weight_bits() == 8; })
+      .def_property_readonly("int8_weights", [](const Gemma3Model& m) { return m.weight_quant() == WeightQuant::Int8; })
       .def_property_readonly("weights", [](const Gemma3Model& m) {
-        const int b = m.weight_bits();
-        return std::string(b == 8 ? "int8" : b == 4 ? "int4" : "native");
+        const WeightQuant q = m.weight_quant();
+        return std::string(q == WeightQuant::Int8 ? "int8" : q == WeightQuant::Int4 ? "int4" : "native");
       })
       .def_readwrite("threads", &Gemma3Model::threads)
       .def(

@@ -63,8 +63,9 @@ class Gemma3Model {
   // is int8.
   Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, WeightQuant quant = WeightQuant::None,
               const RowGetter& rows = nullptr);
-  // 8, 4 (layers; the embedding / LM head stays int8), or 0 (weights in the compute dtype).
-  int weight_bits() const { return w_.layers.empty() ? w_.embed.quant_bits() : w_.layers[0].gate_up.quant_bits(); }
+  // How the weights are held: the requested quantisation where the CPU took it (int4: the embedding / LM head is
+  // int8), else None.
+  WeightQuant weight_quant() const { return quant_; }
   const Gemma3Config& config() const { return cfg_; }
   DType dtype() const { return dtype_; }
   size_t weight_nbytes() const;
@@ -86,6 +87,7 @@ class Gemma3Model {
   Gemma3Config cfg_;
   Workspace ws_;
   DType dtype_;
+  WeightQuant quant_ = WeightQuant::None;
   Weights w_;
   std::mutex mu_;
 };

@@ -63,6 +63,7 @@ Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGette
     w_.layers.push_back(std::move(L));
   }
   w_.final_norm = get("model.norm.weight", {D});
+  quant_ = w_.embed.is_quantized() ? quant : WeightQuant::None;
 }
 
 size_t Gemma3Model::weight_nbytes() const {

@@ -152,26 +152,6 @@ void softcap_inplace(float* x, int64_t n, float cap) {
   for (int64_t i = 0; i < n; ++i) x[i] = cap * tanh_f32(x[i] / cap);
 }
 
-namespace {
-// Key / value row of slot j for (b, kvh): from the chunk or the ring; null if the ring no longer holds it.
-struct KVRow {
-  const float* f = nullptr;
-  const uint16_t* h = nullptr;
-};
-inline KVRow kv_row(const AttentionArgs& a, const float* chunk, const void* ring, int b, int kvh, int64_t j) {
-  KVRow r;
-  if (j >= a.past) {
-    r.f = chunk + ((static_cast<int64_t>(b) * a.T + (j - a.past)) * a.KV + kvh) * a.Hd;
-  } else if (j >= a.past - a.cap && ring) {
-    const int64_t off = ((static_cast<int64_t>(b) * a.KV + kvh) * a.cap + j % a.cap) * a.Hd;
-    if (a.past_dtype == DType::F32)
-      r.f = static_cast<const float*>(ring) + off;
-    else
-      r.h = static_cast<const uint16_t*>(ring) + off;
-  }
-  return r;
-}
-}  // namespace
 
 void attention_scores(const AttentionArgs& a, float* scores) {
   const int64_t S = a.past + a.T;

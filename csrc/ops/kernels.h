@@ -60,6 +60,25 @@ struct AttentionArgs {
   float* z = nullptr;
   DType compute = DType::F32;  // the model's dtype: bf16 models may round q, k, v and probabilities to bf16
 };
+// Key / value row of slot j for (b, kvh): from the chunk (f32) or the ring (f32 or bf16); both null if the ring no
+// longer holds it.
+struct KVRow {
+  const float* f = nullptr;
+  const uint16_t* h = nullptr;
+};
+inline KVRow kv_row(const AttentionArgs& a, const float* chunk, const void* ring, int b, int kvh, int64_t j) {
+  KVRow r;
+  if (j >= a.past) {
+    r.f = chunk + ((static_cast<int64_t>(b) * a.T + (j - a.past)) * a.KV + kvh) * a.Hd;
+  } else if (j >= a.past - a.cap && ring) {
+    const int64_t off = ((static_cast<int64_t>(b) * a.KV + kvh) * a.cap + j % a.cap) * a.Hd;
+    if (a.past_dtype == DType::F32)
+      r.f = static_cast<const float*>(ring) + off;
+    else
+      r.h = static_cast<const uint16_t*>(ring) + off;
+  }
+  return r;
+}
 // The attention with its intermediate tensors materialised (for the scores / pattern hooks), S = past + T:
 // scores [B, H, T, S] = q.k * scale (softcap), -inf where masked or no longer held by the ring;
 // pattern [B, H, T, S] = softmax over the last axis (rows with nothing visible: 0);

@@ -34,7 +34,6 @@ class Linear {
   // Row n of the weights as f32 (plain or quantised layers): the embedding lookup.
   void row(int64_t n, float* out) const;
   bool is_quantized() const;  // int8 or int4 blocks
-  int quant_bits() const;     // 8, 4, or 0 (stored in the compute dtype)
   // The weights back as row-major f32 [N, K] (reordered out of the blocked layout): out holds N * K floats.
   void to_rowmajor(float* out) const;
 

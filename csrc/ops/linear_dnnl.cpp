@@ -35,6 +35,33 @@ constexpr int64_t kLayoutM = 64;
 // call, then oneDNN. The VNNI kernel's per-block scaling costs more than AMX's bf16 tiles at this size.
 constexpr int64_t kDequantMinM = 64;
 
+// x [n] f32 as bf16 in this thread's buffer (one buffer shared by every layer: a buffer per layer cost ~80 MB at
+// 512 tokens), converted in parallel when large.
+const uint16_t* bf16_activations(const float* x, int64_t n) {
+  thread_local std::vector<uint16_t> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  uint16_t* const b = buf.data();  // the parallel loop takes the pointer (thread_local is per thread)
+  if (n > 65536) {
+    const int64_t chunk = (n / omp_get_max_threads() + 15) / 16 * 16;
+#pragma omp parallel for
+    for (int64_t i0 = 0; i0 < n; i0 += chunk) f32_to_bf16_n(x + i0, b + i0, std::min(chunk, n - i0));
+  } else {
+    f32_to_bf16_n(x, b, n);
+  }
+  return b;
+}
+
+// Rows [r0, r0 + n) of a plain (row-major [N, K]) weight buffer from f32 rows, in the buffer's dtype.
+void store_plain_rows(const dnnl::memory& m, dt wdt, const float* src, int64_t r0, int64_t n, int64_t K) {
+  if (wdt == dt::f32) {
+    std::copy(src, src + n * K, static_cast<float*>(m.get_data_handle()) + r0 * K);
+  } else {
+    uint16_t* dst = static_cast<uint16_t*>(m.get_data_handle()) + r0 * K;
+#pragma omp parallel for if (n * K > (1 << 20))
+    for (int64_t i = 0; i < n * K; ++i) dst[i] = f32_to_bf16(src[i]);
+  }
+}
+
 // C [M, N] f32 (row stride ldc) = A [M, K] bf16 (row-major) x B, with B given row-major as [N, K] (b_nk) or [K, N].
 void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int64_t N, bool b_nk, float* C, int64_t ldc) {
   auto& eng = engine();
@@ -67,7 +94,7 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
     auto impl = std::make_shared<Impl>();
     impl->quantized = true;
     impl->plain = plain;
-    impl->qw = quant_weights(w, N, K, ops::quant_bits(quant));
+    impl->qw = quant_weights(w, N, K, quant_bits(quant));
     impl_ = std::move(impl);
     return;
   }
@@ -102,13 +129,7 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
     impl->plain = plain;
     impl->weights = dnnl::memory(impl->w_desc, eng);
     if (plain) {  // no reorder: write the stored dtype straight into the buffer (no temporary copy)
-      if (dtype == DType::F32) {
-        std::copy(w, w + N * K, static_cast<float*>(impl->weights.get_data_handle()));
-      } else {
-        uint16_t* dst = static_cast<uint16_t*>(impl->weights.get_data_handle());
-#pragma omp parallel for if (N * K > (1 << 20))
-        for (int64_t i = 0; i < N * K; ++i) dst[i] = f32_to_bf16(w[i]);
-      }
+      store_plain_rows(impl->weights, impl->wdt, w, 0, N, K);
       impl_ = std::move(impl);
       return;
     }
@@ -148,7 +169,7 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
   impl->plain = true;
   if (quant != WeightQuant::None && quant_supported(K)) {
     impl->quantized = true;
-    impl->qw = quant_alloc(N, K, ops::quant_bits(quant));
+    impl->qw = quant_alloc(N, K, quant_bits(quant));
     for (int64_t r0 = 0; r0 < N; r0 += block) {
       const int64_t n = std::min(block, N - r0);
       fill(r0, n, buf.data());
@@ -168,14 +189,7 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
   for (int64_t r0 = 0; r0 < N; r0 += block) {
     const int64_t n = std::min(block, N - r0);
     fill(r0, n, buf.data());
-    if (dtype == DType::F32) {
-      std::copy(buf.data(), buf.data() + n * K, static_cast<float*>(impl->weights.get_data_handle()) + r0 * K);
-    } else {
-      uint16_t* dst = static_cast<uint16_t*>(impl->weights.get_data_handle()) + r0 * K;
-      const float* src = buf.data();
-#pragma omp parallel for if (n * K > (1 << 20))
-      for (int64_t i = 0; i < n * K; ++i) dst[i] = f32_to_bf16(src[i]);
-    }
+    store_plain_rows(impl->weights, impl->wdt, buf.data(), r0, n, K);
   }
   L.impl_ = std::move(impl);
   return L;
@@ -189,14 +203,11 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
       // In chunks of output rows, so the bf16 copy stays small (a chunk, not the layer).
       constexpr int64_t kChunk = 4096;
       const QuantWeights& qw = impl_->qw;
-      thread_local std::vector<uint16_t> wbuf, xbuf;  // this thread's; the parallel loops get plain pointers
+      thread_local std::vector<uint16_t> wbuf;  // this thread's; the parallel loop gets the plain pointer
       wbuf.resize(static_cast<size_t>(std::min(N_, kChunk)) * K_);
-      xbuf.resize(static_cast<size_t>(M) * K_);
       uint16_t* const wb = wbuf.data();
-      uint16_t* const xb = xbuf.data();
+      const uint16_t* xb = bf16_activations(x, M * K_);
       const int64_t K = K_;
-#pragma omp parallel for schedule(static)
-      for (int64_t m = 0; m < M; ++m) f32_to_bf16_n(x + m * K, xb + m * K, K);
       for (int64_t n0 = 0; n0 < N_; n0 += kChunk) {
         const int64_t nn = std::min(kChunk, N_ - n0);
 #pragma omp parallel
@@ -222,14 +233,12 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   auto& eng = engine();
   Impl& im = *impl_;
   if (im.wdt == dt::bf16 && M <= kGemvMaxM && (im.blocked64 || (im.plain && K_ % 32 == 0 && bf16_gemv_supported()))) {
-    thread_local std::vector<uint16_t> xb;
-    if (static_cast<int64_t>(xb.size()) < M * K_) xb.resize(M * K_);
-    f32_to_bf16_n(x, xb.data(), M * K_);
+    const uint16_t* xb = bf16_activations(x, M * K_);
     const uint16_t* w = static_cast<const uint16_t*>(im.weights.get_data_handle());
     if (im.blocked64)
-      gemv_bf16_blocked64(w, N_, K_, xb.data(), M, y, ldy);
+      gemv_bf16_blocked64(w, N_, K_, xb, M, y, ldy);
     else
-      gemv_bf16_rows(w, N_, K_, xb.data(), M, y, ldy);
+      gemv_bf16_rows(w, N_, K_, xb, M, y, ldy);
     return;
   }
   try {
@@ -242,21 +251,7 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
       it = im.prims.emplace(key, dnnl::matmul(pd)).first;
     }
     void* src_ptr = const_cast<float*>(x);
-    if (im.wdt == dt::bf16) {
-      const int64_t n = M * K_;
-      // One bf16 copy of x per thread, shared by every layer (a buffer per layer cost ~80 MB at 512 tokens).
-      thread_local std::vector<uint16_t> xbf16;
-      if (static_cast<int64_t>(xbf16.size()) < n) xbf16.resize(n);
-      uint16_t* xb = xbf16.data();
-      if (n > 65536) {
-        const int64_t chunk = (n / omp_get_max_threads() + 15) / 16 * 16;
-#pragma omp parallel for
-        for (int64_t i0 = 0; i0 < n; i0 += chunk) f32_to_bf16_n(x + i0, xb + i0, std::min(chunk, n - i0));
-      } else {
-        f32_to_bf16_n(x, xb, n);
-      }
-      src_ptr = xb;
-    }
+    if (im.wdt == dt::bf16) src_ptr = const_cast<uint16_t*>(bf16_activations(x, M * K_));
     dnnl::memory src(src_md, eng, src_ptr);
     dnnl::memory dst(dst_md, eng, y);
     it->second.execute(im.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, im.weights}, {DNNL_ARG_DST, dst}});
@@ -274,7 +269,6 @@ const void* Linear::plain_data() const {
 }
 
 bool Linear::is_quantized() const { return impl_ && impl_->quantized; }
-int Linear::quant_bits() const { return is_quantized() ? impl_->qw.bits : 0; }
 
 void Linear::row(int64_t n, float* out) const {
   if (!impl_) throw std::runtime_error("Linear::row on an empty layer");
@@ -338,45 +332,36 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
                           Qb.data() + static_cast<size_t>(r) * Hd, Hd);
 #pragma omp parallel for schedule(static)
           for (int64_t c = 0; c < S; ++c) {
-            const int64_t j = j_lo + c;
             uint16_t* kd = Kb.data() + c * Hd;
             uint16_t* vd = Vb.data() + c * Hd;
-            if (j >= a.past) {
-              const int64_t off = ((static_cast<int64_t>(b) * T + (j - a.past)) * KV + kvh) * Hd;
-              f32_to_bf16_n(a.k_new + off, kd, Hd);
-              f32_to_bf16_n(a.v_new + off, vd, Hd);
-            } else {
-              const int64_t off = ((static_cast<int64_t>(b) * KV + kvh) * a.cap + j % a.cap) * Hd;
-              std::copy_n(static_cast<const uint16_t*>(a.k_past) + off, Hd, kd);
-              std::copy_n(static_cast<const uint16_t*>(a.v_past) + off, Hd, vd);
+            const KVRow k = kv_row(a, a.k_new, a.k_past, b, kvh, j_lo + c), v = kv_row(a, a.v_new, a.v_past, b, kvh, j_lo + c);
+            if (k.f) {  // this chunk's keys (f32)
+              f32_to_bf16_n(k.f, kd, Hd);
+              f32_to_bf16_n(v.f, vd, Hd);
+            } else if (k.h) {  // the bf16 cache
+              std::copy_n(k.h, Hd, kd);
+              std::copy_n(v.h, Hd, vd);
+            } else {  // the ring no longer holds it (never visible: the window fits the ring)
+              std::fill_n(kd, Hd, uint16_t(0));
+              std::fill_n(vd, Hd, uint16_t(0));
             }
           }
           matmul_bf16(Qb.data(), rows, Hd, Kb.data(), S, /*b_nk=*/true, Sc.data(), S);
 #pragma omp parallel for schedule(static)
-          for (int r = 0; r < rows; ++r) {  // masked softmax in f32, probabilities to bf16
+          for (int r = 0; r < rows; ++r) {  // scaled (soft-capped) scores, -inf where masked
             const int64_t i = a.past + t0 + r / group;
             const int64_t c_lo = lo_of(i) - j_lo, c_hi = i - j_lo;  // visible columns [c_lo, c_hi]
             float* s = Sc.data() + static_cast<size_t>(r) * S;
-            uint16_t* p = Pb.data() + static_cast<size_t>(r) * S;
-            std::fill(p, p + S, uint16_t(0));
-            if (c_lo > c_hi) continue;  // padding row: z = 0
-            float mx = -std::numeric_limits<float>::infinity();
-            for (int64_t c = c_lo; c <= c_hi; ++c) {
+            for (int64_t c = 0; c < S; ++c) {
               float x = s[c] * a.scale;
               if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
-              s[c] = x;
-              mx = std::max(mx, x);
+              s[c] = c < c_lo || c > c_hi ? -std::numeric_limits<float>::infinity() : x;
             }
-            float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t c = c_lo; c <= c_hi; ++c) {
-              s[c] = exp_f32(s[c] - mx);
-              sum += s[c];
-            }
-            const float inv = 1.f / sum;
-            for (int64_t c = c_lo; c <= c_hi; ++c) s[c] *= inv;
-            f32_to_bf16_n(s + c_lo, p + c_lo, c_hi - c_lo + 1);
           }
+          softmax_rows(Sc.data(), rows, S, Sc.data());  // the materialised path's softmax, in place; padding rows: 0
+#pragma omp parallel for schedule(static)
+          for (int r = 0; r < rows; ++r)
+            f32_to_bf16_n(Sc.data() + static_cast<size_t>(r) * S, Pb.data() + static_cast<size_t>(r) * S, S);
           matmul_bf16(Pb.data(), rows, S, Vb.data(), Hd, /*b_nk=*/false, Zf.data(), Hd);
 #pragma omp parallel for schedule(static)
           for (int r = 0; r < rows; ++r)

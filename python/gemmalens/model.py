@@ -439,9 +439,9 @@ def zipfile_with_pickle(path):
         return False
 
 
-def _gguf_is_quantized(path):
+def _gguf_is_quantized(gguf_file):
     """Whether a GGUF's layer matmul weights are in a block-quantised type (Q4_K, Q8_0, ...)."""
-    types = {t for name, _, t in _core.GGUFFile(path).tensors if name.startswith("blk.") and not name.endswith("norm.weight")}
+    types = {t for name, _, t in gguf_file.tensors if name.startswith("blk.") and not name.endswith("norm.weight")}
     return bool(types - {"F32", "F16", "BF16"})
 
 
@@ -479,8 +479,9 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
         path = _resolve_demo(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"gemmalens.load: no such file or directory: '{path}'")
-    if weights == "auto":
-        weights = "int8" if os.path.isfile(path) and _is_gguf(path) and _gguf_is_quantized(path) else "native"
+    is_gguf = os.path.isfile(path) and _is_gguf(path)
+    if weights == "auto" and not is_gguf:  # only a block-quantised GGUF has quantised weights to keep
+        weights = "native"
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     tokenizer = None
     from . import formats
@@ -493,9 +494,12 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
         core = formats.load_gemma_pytorch(path, dtype, weights)
         tok_path = os.path.join(directory, "tokenizer.model")
         tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
-    elif os.path.isfile(path) and _is_gguf(path):
+    elif is_gguf:
+        gguf_file = _core.GGUFFile(path)  # read once: the weights mode (auto) and the tokenizer
+        if weights == "auto":
+            weights = "int8" if _gguf_is_quantized(gguf_file) else "native"
         core = _core.load_gguf(path, dtype, weights)
-        meta = _core.GGUFFile(path).metadata
+        meta = gguf_file.metadata
         if "tokenizer.ggml.tokens" in meta:
             try:
                 tokenizer = Tokenizer.from_gguf_metadata(meta)

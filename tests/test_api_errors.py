@@ -1,5 +1,9 @@
 """Wrong input to the Python API surfaces (SAEs, interventions, caches, tokenizer, load options) raises a clear
 exception naming the problem, and the model keeps working."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -25,6 +29,16 @@ def test_load_options(tiny_dir):
         gl.load(tiny_dir, max_seq_len=10**7)
     with pytest.raises(ValueError, match="weights"):
         gl.load(tiny_dir, weights="fp8")
+    # the message lists every mode, the new ones included
+    with pytest.raises(ValueError, match="'native', 'auto', 'int8' or 'int4', got 'int3'"):
+        gl.load(tiny_dir, weights="int3")
+    # the native loaders take no "auto" (gl.load resolves it first) and say which modes they take
+    cfg = gl._core.Gemma3Config.from_pretrained(os.path.join(tiny_dir, "config.json"))
+    with pytest.raises(ValueError, match="'native' .*'int8' or 'int4', got 'auto'"):
+        gl._core.load_hf(os.path.join(tiny_dir, "model.safetensors"), cfg, "float32", "auto")
+    bad = subprocess.run([sys.executable, "-m", "gemmalens", "generate", "--weights", "int3", "hi"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid choice: 'int3'" in bad.stderr
 
 
 def test_cache_and_unembed_arguments(model):

@@ -147,6 +147,18 @@ def test_linear_int4_against_numpy(M):
         ops.linear(x[:, :96], w[:, :96], "float32", int4=True)
 
 
+def test_quantize_and_matmul_rate_arguments():
+    w = rng.standard_normal((8, 128)).astype(np.float32)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        ops.quantize(w, 3)
+    with pytest.raises(ValueError, match="K % 64"):
+        ops.quantize(w[:, :96], 4)
+    with pytest.raises(ValueError, match="must be positive"):
+        ops.matmul_rate(0, 64, 64, "bfloat16", 1)
+    with pytest.raises(ValueError, match="dtype"):
+        ops.matmul_rate(4, 64, 64, "float16", 1)
+
+
 @pytest.mark.parametrize("M", [1, 3, 4, 9, 37])
 def test_linear_int8_against_numpy(M):
     x = rng.standard_normal((M, 192)).astype(np.float32)

@@ -1,5 +1,8 @@
 // pybind11 module gemmalens._core: thin bindings; conveniences live in python/gemmalens/.
 #include <chrono>
+#include <cstring>
+#include <functional>
+#include <memory>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -44,6 +47,23 @@ const T* checked_ptr(const py::array& a, const char* what, int ndim) {
   if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style) || a.ndim() != ndim)
     throw ValueError(std::string(what) + ": internal binding expects a C-contiguous " + std::to_string(ndim) + "-D array of the right dtype");
   return static_cast<const T*>(a.data());
+}
+
+// Ctrl-C during a long native call: between layers, Python's pending signal handlers run (KeyboardInterrupt is
+// raised into the forward, which unwinds before the cache is advanced). Only the main thread receives signals in
+// Python; the GIL is taken at most every 20 ms, so decode steps of small models never take it and a thread that
+// holds the GIL elsewhere is not waited on per layer.
+std::function<void()> interrupt_check() {
+  static const unsigned long main_ident = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+  if (PyThread_get_thread_ident() != main_ident) return nullptr;
+  auto last = std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now());
+  return [last] {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - *last < std::chrono::milliseconds(20)) return;
+    *last = now;
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+  };
 }
 
 void register_config(py::module_& m) {
@@ -355,7 +375,7 @@ void register_model(py::module_& m) {
       .def(
           "forward",
           [](Gemma3Model& g, const py::array& tokens, const py::object& row_start, KVCache* cache, const std::string& logits,
-             PyHookSet* hooks, int stop_at_layer) {
+             PyHookSet* hooks, int stop_at_layer, bool allow_longer) {
             const int32_t* tok = checked_ptr<int32_t>(tokens, "tokens", 2);
             const int B = static_cast<int>(tokens.shape(0)), T = static_cast<int>(tokens.shape(1));
             const int32_t* rs = nullptr;
@@ -369,6 +389,8 @@ void register_model(py::module_& m) {
             a.tokens = tok; a.B = B; a.T = T; a.row_start = rs; a.cache = cache;
             a.hooks = (hooks && !hooks->empty()) ? hooks : nullptr;
             a.stop_at_layer = stop_at_layer;
+            a.allow_longer = allow_longer;
+            a.interrupt_check = interrupt_check();
             if (stop_at_layer >= 0) {
               py::array_t<float> resid({static_cast<int64_t>(B), static_cast<int64_t>(T), static_cast<int64_t>(g.config().hidden_size)});
               a.resid_out = resid.mutable_data();
@@ -401,8 +423,13 @@ void register_model(py::module_& m) {
             return py::object(out);
           },
           py::arg("tokens"), py::arg("row_start") = py::none(), py::arg("cache") = nullptr, py::arg("logits") = "all",
-          py::arg("hooks") = nullptr, py::arg("stop_at_layer") = -1,
+          py::arg("hooks") = nullptr, py::arg("stop_at_layer") = -1, py::arg("allow_longer") = false,
           "tokens: int32 [batch, pos] C-contiguous; row_start: int32 [batch] left-padding counts or None.");
+}
+
+// Text from a file that may not be UTF-8: undecodable bytes become lone surrogates (Python's surrogateescape).
+py::str file_str(const std::string& s) {
+  return py::reinterpret_steal<py::str>(PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "surrogateescape"));
 }
 
 py::object gguf_value(const GGUFValue& v) {
@@ -411,10 +438,10 @@ py::object gguf_value(const GGUFValue& v) {
     case GGUFValue::I8: case GGUFValue::I16: case GGUFValue::I32: case GGUFValue::I64: return py::int_(v.i);
     case GGUFValue::F32: case GGUFValue::F64: return py::float_(v.f);
     case GGUFValue::BOOL: return py::bool_(v.u != 0);
-    case GGUFValue::STRING: return py::reinterpret_steal<py::object>(PyUnicode_DecodeUTF8(v.s.data(), v.s.size(), "surrogateescape"));
+    case GGUFValue::STRING: return file_str(v.s);
     case GGUFValue::ARRAY: {
-      py::list l(v.arr.size());
-      for (size_t k = 0; k < v.arr.size(); ++k) l[k] = gguf_value(v.arr[k]);
+      py::list l(v.size());
+      for (size_t k = 0; k < v.size(); ++k) l[k] = gguf_value(v.at(k));
       return l;
     }
   }
@@ -431,14 +458,26 @@ void register_gguf(py::module_& m) {
       .def_property_readonly("version", &GGUFFile::version)
       .def_property_readonly("metadata", [](const GGUFFile& f) {
         py::dict d;
-        for (const auto& kv : f.metadata()) d[py::str(kv.first)] = gguf_value(kv.second);
+        for (const auto& kv : f.metadata()) d[file_str(kv.first)] = gguf_value(kv.second);
         return d;
       })
       .def_property_readonly("tensors", [](const GGUFFile& f) {
         py::list l;
-        for (const auto& t : f.tensors()) l.append(py::make_tuple(t.name, t.shape(), ops::ggml_type_name(t.type)));
+        for (const auto& t : f.tensors()) l.append(py::make_tuple(file_str(t.name), t.shape(), ops::ggml_type_name(t.type)));
         return l;
       })
+      .def(
+          "get",
+          [](const GGUFFile& f, const std::string& key, const py::object& dflt, int64_t max_len) -> py::object {
+            const GGUFValue* v = f.find(key);
+            if (!v) return dflt;
+            if (max_len >= 0 && v->type == GGUFValue::ARRAY && v->size() > static_cast<size_t>(max_len))
+              throw CheckpointError("GGUF metadata '" + key + "' holds " + std::to_string(v->size()) + " values, more than the " +
+                                    std::to_string(max_len) + " expected");
+            return gguf_value(*v);
+          },
+          py::arg("key"), py::arg("default") = py::none(), py::arg("max_len") = -1,
+          "One metadata value (arrays as lists); max_len >= 0 refuses longer arrays before converting them.")
       .def("config", &config_from_gguf)
       .def(
           "dequantize",
@@ -549,15 +588,26 @@ void register_ops(py::module_& m) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "gemmalens native core (private; use the gemmalens package).";
   static py::exception<CheckpointError> checkpoint_error(m, "CheckpointError", PyExc_ValueError);
+  // Messages can quote bytes from a file (tensor names, metadata strings): decode them leniently so that the
+  // error is the typed one, not a UnicodeDecodeError raised while reporting it.
   py::register_exception_translator([](std::exception_ptr p) {
+    auto set = [](PyObject* type, const char* what) {
+      PyObject* msg = PyUnicode_DecodeUTF8(what, static_cast<Py_ssize_t>(std::strlen(what)), "backslashreplace");
+      if (!msg) {
+        PyErr_Clear();
+        msg = PyUnicode_FromString("(unprintable message)");
+      }
+      PyErr_SetObject(type, msg);
+      Py_XDECREF(msg);
+    };
     try {
       if (p) std::rethrow_exception(p);
     } catch (const CheckpointError& e) {
-      py::set_error(checkpoint_error, e.what());
+      set(checkpoint_error.ptr(), e.what());
     } catch (const ValueError& e) {
-      py::set_error(PyExc_ValueError, e.what());
+      set(PyExc_ValueError, e.what());
     } catch (const IOError& e) {
-      py::set_error(PyExc_OSError, e.what());
+      set(PyExc_OSError, e.what());
     }
   });
   register_config(m);
@@ -589,7 +639,21 @@ PYBIND11_MODULE(_core, m) {
           used.insert(name);
           return std::vector<float>(a.data(), a.data() + a.size());
         };
-        auto model = std::make_unique<Gemma3Model>(cfg, d, get, parse_weights(weights));
+        TensorChecker check = [&](const std::string& name, const std::vector<int64_t>& shape) {
+          if (!arrays.contains(name)) throw CheckpointError("checkpoint is missing tensor '" + name + "'");
+          py::object a = arrays[py::str(name)];
+          py::tuple sh = py::getattr(a, "shape", py::tuple()).cast<py::tuple>();
+          std::vector<int64_t> got;
+          for (auto x : sh) got.push_back(x.cast<int64_t>());
+          if (got != shape) {
+            std::string gs, ws;
+            for (auto x : got) gs += std::to_string(x) + ",";
+            for (auto x : shape) ws += std::to_string(x) + ",";
+            throw CheckpointError("tensor '" + name + "' has shape [" + gs.substr(0, gs.size() - 1) + "] but the config expects [" +
+                                  ws.substr(0, ws.size() - 1) + "]");
+          }
+        };
+        auto model = std::make_unique<Gemma3Model>(cfg, d, get, parse_weights(weights), nullptr, check);
         for (auto item : arrays) {
           std::string n = py::str(item.first);
           if (!used.count(n)) throw CheckpointError("checkpoint has unexpected tensor '" + n + "'");
@@ -606,6 +670,15 @@ PYBIND11_MODULE(_core, m) {
         return load_gguf(path, d, nullptr, q);
       },
       py::arg("path"), py::arg("dtype") = "float32", py::arg("weights") = "native");
+  m.def(
+      "load_gguf",
+      [](const GGUFFile& f, const std::string& dtype, const std::string& weights) {
+        DType d = parse_dtype(dtype);
+        const WeightQuant q = parse_weights(weights);
+        py::gil_scoped_release release;
+        return load_gguf(f, d, nullptr, q);
+      },
+      py::arg("file"), py::arg("dtype") = "float32", py::arg("weights") = "native", "The model from an already parsed GGUFFile.");
   m.def(
       "load_hf",
       [](const std::string& weights_path, const Gemma3Config& cfg, const std::string& dtype, const std::string& weights) {

@@ -13,6 +13,9 @@
 
 namespace gemmalens {
 
+// One metadata value. Arrays are not expanded into one GGUFValue per element (that cost ~100 bytes per file byte
+// of a crafted array): scalar elements are read in place from the mapping, string elements are found through one
+// offset each, and only nested arrays (rare; capped per file) are parsed into `arr`.
 struct GGUFValue {
   enum Type : uint32_t { U8 = 0, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 };
   Type type = U8;
@@ -20,10 +23,18 @@ struct GGUFValue {
   int64_t i = 0;       // signed ints
   double f = 0;        // floats
   std::string s;       // STRING
-  Type elem_type = U8; // ARRAY element type
-  std::vector<GGUFValue> arr;
+  // ARRAY
+  Type elem_type = U8;
+  uint64_t count = 0;               // elements
+  const uint8_t* raw = nullptr;     // scalar elements, packed little-endian (into the mapping)
+  std::vector<uint64_t> str_pos;    // STRING elements: where each one's length field is, relative to raw
+  std::vector<GGUFValue> arr;       // nested ARRAY elements only
+  size_t size() const { return static_cast<size_t>(count); }
+  GGUFValue at(size_t k) const;     // element k (scalar or string; nested: a copy of the sub-array)
   int64_t as_int(const std::string& key) const;
   double as_float(const std::string& key) const;
+  // An integer metadata value that must lie in [lo, hi]; throws CheckpointError naming the key otherwise.
+  int as_int_in(const std::string& key, int64_t lo, int64_t hi) const;
 };
 
 struct GGUFTensor {
@@ -40,6 +51,8 @@ struct GGUFTensor {
 class GGUFFile {
  public:
   explicit GGUFFile(const std::string& path);  // throws IOError / CheckpointError
+  // Limits on a file's table sizes (real Gemma 3 files: ~40 metadata keys, <= 810 tensors).
+  static constexpr uint64_t kMaxKeys = 1 << 16, kMaxTensors = 1 << 16, kMaxNestedValues = 1 << 16;
   uint32_t version() const { return version_; }
   const std::map<std::string, GGUFValue>& metadata() const { return kv_; }
   const GGUFValue* find(const std::string& key) const;
@@ -66,6 +79,9 @@ Gemma3Config config_from_gguf(const GGUFFile& f);
 class Gemma3Model;
 // GGUF weights dequantised into the compute dtype; norms (stored as 1 + w) are converted back to w.
 std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out = nullptr,
+                                       WeightQuant quant = WeightQuant::None);
+// The same from a file already parsed (gl.load reads the GGUF once for the weights mode, tokenizer and model).
+std::unique_ptr<Gemma3Model> load_gguf(const GGUFFile& f, DType dtype, Gemma3Config* cfg_out = nullptr,
                                        WeightQuant quant = WeightQuant::None);
 
 }  // namespace gemmalens

@@ -55,7 +55,8 @@ std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path
     tensor_to_f32(part, out);
     TensorStore::release(part);
   };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows);
+  TensorChecker check = [&](const std::string& hf_name, const std::vector<int64_t>& shape) { checked(hf_name, shape); };
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows, check);
 
   for (const auto& kv : store->tensors()) {
     const std::string& n = kv.first;

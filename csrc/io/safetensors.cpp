@@ -42,8 +42,11 @@ MappedFile::~MappedFile() {
 }
 
 int64_t TensorInfo::numel() const {
+  // Dimensions come from the file: their product can overflow (a tensor "of 2^128 elements" with 16 bytes).
   int64_t n = 1;
-  for (auto d : shape) n *= d;
+  for (auto d : shape)
+    if (d < 0 || __builtin_mul_overflow(n, d, &n))
+      throw CheckpointError("tensor '" + name + "' has shape " + shape_str() + ", whose element count overflows (file corrupt?)");
   return n;
 }
 
@@ -69,6 +72,9 @@ void TensorStore::add_file(const std::string& path) {
   if (f->size() < 8) throw CheckpointError(where + " is truncated: " + std::to_string(f->size()) + " bytes, the 8-byte header length alone is missing");
   uint64_t hlen = 0;
   std::memcpy(&hlen, f->data(), 8);  // little-endian on x86
+  // The safetensors format caps its JSON header at 100 MB (a parsed header costs several times its size).
+  if (hlen > (100u << 20))
+    throw CheckpointError(where + " is corrupt: header length " + std::to_string(hlen) + " exceeds the format's 100 MB limit");
   if (hlen > f->size() - 8)
     throw CheckpointError(where + " is truncated or corrupt: header length " + std::to_string(hlen) + " runs past the end of the file (" +
                           std::to_string(f->size()) + " bytes)");
@@ -100,7 +106,9 @@ void TensorStore::add_file(const std::string& path) {
       size_t es = dtype_size(t.dtype);
       if (es == 0) throw CheckpointError(where + ": tensor '" + t.name + "' has unknown dtype '" + t.dtype + "'");
       t.nbytes = off[1] - off[0];
-      if (static_cast<uint64_t>(t.numel()) * es != t.nbytes)
+      if (t.shape.size() > 8) throw CheckpointError(where + ": tensor '" + t.name + "' has " + std::to_string(t.shape.size()) + " dimensions");
+      uint64_t want = 0;
+      if (__builtin_mul_overflow(static_cast<uint64_t>(t.numel()), static_cast<uint64_t>(es), &want) || want != t.nbytes)
         throw CheckpointError(where + ": tensor '" + t.name + "' of shape " + t.shape_str() + " and dtype " + t.dtype + " needs " +
                               std::to_string(t.numel() * es) + " bytes but data_offsets give " + std::to_string(t.nbytes));
       t.data = base + off[0];

@@ -1,6 +1,8 @@
 #include "model/config.h"
 
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -21,12 +23,56 @@ void check(bool ok, const std::string& field, const std::string& value, const st
   if (!ok) throw ValueError("Gemma3Config." + field + " = " + value + ": " + rule);
 }
 
+// Integers from config.json must be integral and fit an int (2**40 + 2 must not load as 2 layers); floats must be
+// finite (JSON has no NaN/inf, but a value beyond double's range parses as inf).
 template <class T>
 T get_num(const json& j, const char* key, T fallback) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return fallback;
   if (!it->is_number()) throw ValueError(std::string("config.json: field '") + key + "' must be a number, got " + it->dump());
-  return it->get<T>();
+  if constexpr (std::is_integral_v<T>) {
+    bool ok = false;
+    long double v = 0;
+    if (it->is_number_unsigned()) {
+      const uint64_t u = it->get<uint64_t>();
+      ok = u <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+      v = static_cast<long double>(u);
+    } else if (it->is_number_integer()) {
+      const int64_t i = it->get<int64_t>();
+      ok = i >= static_cast<int64_t>(std::numeric_limits<T>::min()) && i <= static_cast<int64_t>(std::numeric_limits<T>::max());
+      v = static_cast<long double>(i);
+    } else {
+      const double d = it->get<double>();
+      ok = std::isfinite(d) && d == std::floor(d) && d >= static_cast<double>(std::numeric_limits<T>::min()) &&
+           d <= static_cast<double>(std::numeric_limits<T>::max());
+      v = static_cast<long double>(d);
+    }
+    if (!ok)
+      throw ValueError(std::string("config.json: field '") + key + "' = " + it->dump() + " is not an integer in [" +
+                       std::to_string(std::numeric_limits<T>::min()) + ", " + std::to_string(std::numeric_limits<T>::max()) + "]");
+    return static_cast<T>(v);
+  } else {
+    const double d = it->get<double>();
+    if (!std::isfinite(d)) throw ValueError(std::string("config.json: field '") + key + "' = " + it->dump() + " is not finite");
+    return static_cast<T>(d);
+  }
+}
+
+// An id or a list of ids (eos_token_id), each an int.
+std::vector<int> int_list(const json& e, const char* key) {
+  json wrap = json::object();
+  std::vector<int> out;
+  if (!e.is_array()) {
+    wrap[key] = e;
+    out.push_back(get_num<int>(wrap, key, 0));
+    return out;
+  }
+  if (e.size() > 64) throw ValueError(std::string("config.json: ") + key + " lists " + std::to_string(e.size()) + " ids (at most 64)");
+  for (const auto& x : e) {
+    wrap[key] = x;
+    out.push_back(get_num<int>(wrap, key, 0));
+  }
+  return out;
 }
 
 // Parse an HF rope dict ({"rope_type": "linear", "factor": 8.0}); only "default" and "linear" exist in Gemma 3.
@@ -40,29 +86,40 @@ double rope_factor(const json& rs, const char* where) {
                      "' is not supported (Gemma 3 uses 'default' or 'linear')");
   auto f = rs.find("factor");
   if (f == rs.end() || !f->is_number()) throw ValueError(std::string("config.json: ") + where + " is linear but has no numeric 'factor'");
-  return f->get<double>();
+  const double v = f->get<double>();
+  if (!std::isfinite(v)) throw ValueError(std::string("config.json: ") + where + ".factor = " + f->dump() + " is not finite");
+  return v;
 }
 
 }  // namespace
 
 std::vector<std::string> Gemma3Config::default_layer_types(int n_layers, int pattern) {
+  // Bounded before anything is built: a corrupt layer count must not make billions of strings.
+  check(n_layers > 0 && n_layers <= kMaxLayers, "num_hidden_layers", std::to_string(n_layers),
+        "must be in [1, " + std::to_string(kMaxLayers) + "]");
   std::vector<std::string> t;
+  t.reserve(n_layers);
   for (int i = 0; i < n_layers; ++i)
     t.push_back((pattern > 0 && (i + 1) % pattern == 0) ? "full_attention" : "sliding_attention");
   return t;
 }
 
 void Gemma3Config::validate() const {
-  auto pos = [&](int v, const char* f) { check(v > 0, f, std::to_string(v), "must be > 0"); };
-  pos(hidden_size, "hidden_size");
-  pos(intermediate_size, "intermediate_size");
-  pos(num_hidden_layers, "num_hidden_layers");
-  pos(num_attention_heads, "num_attention_heads");
-  pos(num_key_value_heads, "num_key_value_heads");
-  pos(head_dim, "head_dim");
-  pos(vocab_size, "vocab_size");
-  pos(sliding_window, "sliding_window");
-  pos(max_position_embeddings, "max_position_embeddings");
+  // Every size is bounded before anything is sized from it. The limits admit every published Gemma 3 (27b: 62
+  // layers, D 5376, F 21504, 32 heads, head_dim 128, vocab 262208, context 131072) with wide headroom, and keep
+  // every product the model forms (V * D, (H + 2 KV) * Hd * D, ...) far inside int64.
+  auto in = [&](int v, int lo, int hi, const char* f) {
+    check(v >= lo && v <= hi, f, std::to_string(v), "must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  };
+  in(hidden_size, 1, kMaxHidden, "hidden_size");
+  in(intermediate_size, 1, kMaxIntermediate, "intermediate_size");
+  in(num_hidden_layers, 1, kMaxLayers, "num_hidden_layers");
+  in(num_attention_heads, 1, kMaxHeads, "num_attention_heads");
+  in(num_key_value_heads, 1, num_attention_heads, "num_key_value_heads");
+  in(head_dim, 2, kMaxHeadDim, "head_dim");
+  in(vocab_size, 1, kMaxVocab, "vocab_size");
+  in(sliding_window, 1, kMaxPositions, "sliding_window");
+  in(max_position_embeddings, 1, kMaxPositions, "max_position_embeddings");
   check(num_attention_heads % num_key_value_heads == 0, "num_key_value_heads", std::to_string(num_key_value_heads),
         "must divide num_attention_heads = " + std::to_string(num_attention_heads));
   check(head_dim % 2 == 0, "head_dim", std::to_string(head_dim), "must be even (rotate-half RoPE)");
@@ -71,6 +128,13 @@ void Gemma3Config::validate() const {
   for (size_t i = 0; i < layer_types.size(); ++i)
     check(layer_types[i] == "sliding_attention" || layer_types[i] == "full_attention", "layer_types[" + std::to_string(i) + "]",
           "'" + layer_types[i] + "'", "must be 'sliding_attention' or 'full_attention'");
+  auto finite = [&](double v, const char* f) { check(std::isfinite(v), f, fmt(v), "must be finite"); };
+  finite(rope_theta, "rope_theta");
+  finite(rope_local_base_freq, "rope_local_base_freq");
+  finite(rope_scaling_factor, "rope_scaling.factor");
+  finite(query_pre_attn_scalar, "query_pre_attn_scalar");
+  finite(final_logit_softcapping, "final_logit_softcapping");
+  finite(attn_logit_softcapping, "attn_logit_softcapping");
   check(rope_theta > 0, "rope_theta", fmt(rope_theta), "must be > 0");
   check(rope_local_base_freq > 0, "rope_local_base_freq", fmt(rope_local_base_freq), "must be > 0");
   check(rope_scaling_factor >= 1.0, "rope_scaling.factor", fmt(rope_scaling_factor), "must be >= 1");
@@ -83,6 +147,7 @@ void Gemma3Config::validate() const {
   };
   id(bos_token_id, "bos_token_id");
   id(pad_token_id, "pad_token_id");
+  check(eos_token_id.size() <= 64, "eos_token_id", "[" + std::to_string(eos_token_id.size()) + " ids]", "must hold at most 64 ids");
   for (int e : eos_token_id) id(e, "eos_token_id");
 }
 
@@ -94,27 +159,28 @@ Gemma3Config Gemma3Config::from_json(const std::string& text) {
     throw CheckpointError(std::string("config.json is not valid JSON: ") + e.what());
   }
   if (!root.is_object()) throw CheckpointError("config.json must hold a JSON object");
-  const json* j = &root;
-  // Multimodal Gemma3Config: the language model's fields sit under text_config.
-  if (root.contains("text_config") && root["text_config"].is_object()) j = &root["text_config"];
-  std::string model_type = j->value("model_type", std::string("gemma3_text"));
-  if (model_type != "gemma3_text" && model_type != "gemma3")
-    throw ValueError("config.json: model_type = '" + model_type + "' is not Gemma 3 ('gemma3_text' or 'gemma3')");
-  if (j->value("use_bidirectional_attention", false))
-    throw ValueError("config.json: use_bidirectional_attention = true (EmbeddingGemma) is not supported");
-  if (j->contains("hidden_activation") && (*j)["hidden_activation"].is_string() &&
-      (*j)["hidden_activation"] != "gelu_pytorch_tanh")
-    throw ValueError("config.json: hidden_activation = " + (*j)["hidden_activation"].dump() + " is not supported (Gemma 3 uses gelu_pytorch_tanh)");
-  if (j->value("attention_bias", false)) throw ValueError("config.json: attention_bias = true is not supported by Gemma 3");
-
   Gemma3Config c;
   try {
+    const json* j = &root;
+    // Multimodal Gemma3Config: the language model's fields sit under text_config.
+    if (root.contains("text_config") && root["text_config"].is_object()) j = &root["text_config"];
+    std::string model_type = j->value("model_type", std::string("gemma3_text"));
+    if (model_type != "gemma3_text" && model_type != "gemma3")
+      throw ValueError("config.json: model_type = '" + model_type + "' is not Gemma 3 ('gemma3_text' or 'gemma3')");
+    if (j->value("use_bidirectional_attention", false))
+      throw ValueError("config.json: use_bidirectional_attention = true (EmbeddingGemma) is not supported");
+    if (j->contains("hidden_activation") && (*j)["hidden_activation"].is_string() &&
+        (*j)["hidden_activation"] != "gelu_pytorch_tanh")
+      throw ValueError("config.json: hidden_activation = " + (*j)["hidden_activation"].dump() + " is not supported (Gemma 3 uses gelu_pytorch_tanh)");
+    if (j->value("attention_bias", false)) throw ValueError("config.json: attention_bias = true is not supported by Gemma 3");
+
     c.hidden_size = get_num<int>(*j, "hidden_size", 0);
     c.intermediate_size = get_num<int>(*j, "intermediate_size", 0);
     c.num_hidden_layers = get_num<int>(*j, "num_hidden_layers", 0);
     c.num_attention_heads = get_num<int>(*j, "num_attention_heads", 0);
     c.num_key_value_heads = get_num<int>(*j, "num_key_value_heads", c.num_attention_heads);
-    c.head_dim = get_num<int>(*j, "head_dim", c.num_attention_heads ? c.hidden_size / c.num_attention_heads : 0);
+    // Default head_dim = D / H, divided only when both are valid (INT_MIN / -1 traps).
+    c.head_dim = get_num<int>(*j, "head_dim", c.num_attention_heads > 0 && c.hidden_size > 0 ? c.hidden_size / c.num_attention_heads : 0);
     c.vocab_size = get_num<int>(*j, "vocab_size", 0);
     c.sliding_window = get_num<int>(*j, "sliding_window", 4096);
     c.query_pre_attn_scalar = get_num<double>(*j, "query_pre_attn_scalar", 256.0);
@@ -126,9 +192,9 @@ Gemma3Config Gemma3Config::from_json(const std::string& text) {
     c.pad_token_id = get_num<int>(*j, "pad_token_id", 0);
     if (j->contains("eos_token_id") && !(*j)["eos_token_id"].is_null()) {
       const json& e = (*j)["eos_token_id"];
-      c.eos_token_id = e.is_array() ? e.get<std::vector<int>>() : std::vector<int>{e.get<int>()};
+      c.eos_token_id = int_list(e, "eos_token_id");
     } else if (root.contains("eos_token_id") && root["eos_token_id"].is_array()) {
-      c.eos_token_id = root["eos_token_id"].get<std::vector<int>>();
+      c.eos_token_id = int_list(root["eos_token_id"], "eos_token_id");
     }
     // RoPE: transformers v5 writes rope_parameters per layer type; v4 writes three flat fields.
     if (j->contains("rope_parameters") && (*j)["rope_parameters"].is_object() &&
@@ -147,6 +213,9 @@ Gemma3Config Gemma3Config::from_json(const std::string& text) {
       c.rope_scaling_factor = j->contains("rope_scaling") ? rope_factor((*j)["rope_scaling"], "rope_scaling") : 1.0;
     }
     if (j->contains("layer_types") && (*j)["layer_types"].is_array()) {
+      if ((*j)["layer_types"].size() > static_cast<size_t>(kMaxLayers))
+        throw ValueError("config.json: layer_types has " + std::to_string((*j)["layer_types"].size()) + " entries (at most " +
+                         std::to_string(kMaxLayers) + " layers)");
       c.layer_types = (*j)["layer_types"].get<std::vector<std::string>>();
     } else {
       int pattern = get_num<int>(*j, "sliding_window_pattern", get_num<int>(*j, "_sliding_window_pattern", 6));

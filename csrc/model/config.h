@@ -7,6 +7,17 @@
 
 namespace gemmalens {
 
+// Upper bounds checked by validate() before anything is sized from a config (files from the internet). Every
+// published Gemma 3 is far inside them (27b: 62 layers, D 5376, F 21504, 32 heads, head_dim 128, vocab 262208,
+// context 131072).
+constexpr int kMaxLayers = 512;
+constexpr int kMaxHidden = 65536;
+constexpr int kMaxIntermediate = 1 << 20;
+constexpr int kMaxHeads = 1024;
+constexpr int kMaxHeadDim = 4096;
+constexpr int kMaxVocab = 1 << 24;
+constexpr int kMaxPositions = 1 << 24;
+
 struct Gemma3Config {
   int hidden_size = 0;           // D
   int intermediate_size = 0;     // F

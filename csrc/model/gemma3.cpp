@@ -62,7 +62,14 @@ void Gemma3Model::forward(const ForwardArgs& a) {
       throw ValueError("forward: token id " + std::to_string(a.tokens[m]) + " at flat index " + std::to_string(m) +
                        " is out of range [0, vocab_size = " + std::to_string(V) + ")");
   std::vector<int32_t> row_start(B, 0);
+  if (!a.allow_longer && past + T > c.max_position_embeddings)
+    throw ValueError("forward: " + std::to_string(past + T) + " positions exceed the model's max_position_embeddings = " +
+                     std::to_string(c.max_position_embeddings) + " (RoPE was never trained there); shorten the input, or pass "
+                     "allow_longer=True to run anyway");
   if (cache) {
+    if (!cache->made_for(c))
+      throw ValueError("forward: the KV cache was made for another model (its layers, heads, head_dim or window differ); "
+                       "make one with this model's new_cache()");
     if (cache->batch() != B)
       throw ValueError("forward: the cache was made for batch " + std::to_string(cache->batch()) + ", input has batch " + std::to_string(B));
     if (cache->dtype() != dtype_) throw ValueError("forward: the cache dtype differs from the model dtype");
@@ -134,6 +141,7 @@ void Gemma3Model::forward(const ForwardArgs& a) {
 
   const int n_run = a.stop_at_layer >= 0 ? a.stop_at_layer : c.num_hidden_layers;
   for (int l = 0; l < n_run; ++l) {
+    if (a.interrupt_check) a.interrupt_check();
     LayerWeights& L = w_.layers[l];
     const bool sliding = c.is_sliding(l);
     const float* cs = sliding ? cos_l.data() : cos_g.data();
@@ -188,6 +196,7 @@ void Gemma3Model::forward(const ForwardArgs& a) {
       ops::attention(at);
     }
     heads_view(Site::Z, l, z, H, H * Hd);
+    if (a.interrupt_check) a.interrupt_check();  // attention of a long prefill can take a while: check again
     if (cache) {
       if (sliding) {
         const int64_t keep = std::min<int64_t>(T, cache->layer(l).cap);
@@ -210,6 +219,7 @@ void Gemma3Model::forward(const ForwardArgs& a) {
     resid_view(Site::ResidMid, l, x, D, D);
 
     // --- MLP: down(gelu_tanh(gate(m)) * up(m)) ---
+    if (a.interrupt_check) a.interrupt_check();
     ops::rmsnorm(x, D, L.pre_feedforward_layernorm.data(), eps, M, D, normed, D);
     resid_view(Site::Ln2, l, normed, D, D);
     L.gate_up.forward(normed, M, gate_up);

@@ -43,6 +43,14 @@ using TensorGetter = std::function<std::vector<float>(const std::string& hf_name
 using RowGetter = std::function<void(const std::string& hf_name, const std::vector<int64_t>& shape, int64_t r0, int64_t n,
                                      float* out)>;
 
+// Checks that a tensor exists with this shape (throws CheckpointError otherwise) without reading it. The model
+// runs it over every weight before allocating anything, so a config that does not match the file fails before
+// gigabytes are sized from it.
+using TensorChecker = std::function<void(const std::string& hf_name, const std::vector<int64_t>& shape)>;
+
+// Every weight of a model with this config, by HF name and HF shape, in load order.
+void for_each_weight(const Gemma3Config& cfg, const TensorChecker& fn);
+
 enum class LogitsMode { All, Last, None };
 
 struct ForwardArgs {
@@ -55,14 +63,18 @@ struct ForwardArgs {
   HookSet* hooks = nullptr;            // hook actions to run at the sites (null: none)
   int stop_at_layer = -1;              // >= 0: run blocks [0, stop_at_layer) only, no logits
   float* resid_out = nullptr;          // with stop_at_layer: the residual stream [B, T, D] there
+  bool allow_longer = false;           // positions past max_position_embeddings (RoPE never trained there)
+  // Called between layers; throws to abandon the pass (Ctrl-C). The cache is left as it was before the call.
+  std::function<void()> interrupt_check;
 };
 
 class Gemma3Model {
  public:
   // quant: keep every matmul weight as int8 or int4 blocks of 32 (ops/quant.h); with int4 the embedding / LM head
   // is int8.
+  // check: when given, run over every weight (for_each_weight) before anything is allocated.
   Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, WeightQuant quant = WeightQuant::None,
-              const RowGetter& rows = nullptr);
+              const RowGetter& rows = nullptr, const TensorChecker& check = nullptr);
   // How the weights are held: the requested quantisation where the CPU took it (int4: the embedding / LM head is
   // int8), else None.
   WeightQuant weight_quant() const { return quant_; }

@@ -2,15 +2,34 @@
 
 #include <algorithm>
 #include <string>
+#include <unistd.h>
 
 namespace gemmalens {
 
 KVCache::KVCache(const Gemma3Config& cfg, int batch, int64_t max_seq_len, DType dtype)
-    : batch_(batch), KV_(cfg.num_key_value_heads), Hd_(cfg.head_dim), max_seq_len_(max_seq_len), dtype_(dtype),
-      row_start_(batch, 0) {
+    : batch_(batch), KV_(cfg.num_key_value_heads), Hd_(cfg.head_dim), window_(cfg.sliding_window), max_seq_len_(max_seq_len),
+      dtype_(dtype) {
+  cfg.validate();
   if (batch <= 0) throw ValueError("KV cache: batch must be > 0, got " + std::to_string(batch));
   if (max_seq_len <= 0) throw ValueError("KV cache: max_seq_len must be > 0, got " + std::to_string(max_seq_len));
   const size_t es = dtype == DType::F32 ? 4 : 2;
+  // The whole size first, overflow-checked, and refused when it exceeds the machine's memory (the alternative is
+  // the OOM killer, or minutes of swapping, after a typo in batch or max_seq_len).
+  uint64_t total = 0;
+  for (int i = 0; i < cfg.num_hidden_layers; ++i) {
+    const uint64_t cap = cfg.is_sliding(i) ? std::min<int64_t>(cfg.sliding_window, max_seq_len) : max_seq_len;
+    uint64_t n = 2 * es;
+    if (__builtin_mul_overflow(n, static_cast<uint64_t>(batch), &n) || __builtin_mul_overflow(n, static_cast<uint64_t>(KV_), &n) ||
+        __builtin_mul_overflow(n, cap, &n) || __builtin_mul_overflow(n, static_cast<uint64_t>(Hd_), &n) ||
+        __builtin_add_overflow(total, n, &total))
+      total = UINT64_MAX;
+  }
+  const uint64_t phys = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  if (total > phys)
+    throw ValueError("KV cache for batch " + std::to_string(batch) + " and max_seq_len " + std::to_string(max_seq_len) + " needs " +
+                     (total == UINT64_MAX ? std::string("more than 2^64") : std::to_string(total >> 20) + " MiB") + ", more than this machine's " +
+                     std::to_string(phys >> 20) + " MiB of memory; use a smaller batch or max_seq_len");
+  row_start_.assign(batch, 0);
   for (int i = 0; i < cfg.num_hidden_layers; ++i) {
     Layer l;
     l.sliding = cfg.is_sliding(i);
@@ -20,6 +39,15 @@ KVCache::KVCache(const Gemma3Config& cfg, int batch, int64_t max_seq_len, DType 
     l.v.assign(n, 0);
     layers_.push_back(std::move(l));
   }
+}
+
+bool KVCache::made_for(const Gemma3Config& c) const {
+  if (static_cast<int>(layers_.size()) != c.num_hidden_layers || KV_ != c.num_key_value_heads || Hd_ != c.head_dim ||
+      window_ != c.sliding_window)
+    return false;
+  for (int i = 0; i < c.num_hidden_layers; ++i)
+    if (layers_[i].sliding != c.is_sliding(i)) return false;
+  return true;
 }
 
 size_t KVCache::nbytes() const {

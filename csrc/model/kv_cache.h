@@ -28,6 +28,9 @@ class KVCache {
   const std::vector<int32_t>& row_start() const { return row_start_; }
   size_t nbytes() const;
   const Layer& layer(int i) const { return layers_[i]; }
+  // Whether this cache has the geometry of a model with config c (layer count, sliding pattern, window, KV heads,
+  // head_dim): a cache from another model would be read out of bounds.
+  bool made_for(const Gemma3Config& c) const;
 
   // Store k/v [B, T, KV, Hd] (f32) for slots first_slot .. first_slot+T-1 of `layer` (a ring keeps
   // only the last `cap` of them). The model writes every layer, then calls advance().
@@ -39,7 +42,7 @@ class KVCache {
   std::unique_ptr<KVCache> copy() const { return std::make_unique<KVCache>(*this); }
 
  private:
-  int batch_, KV_, Hd_;
+  int batch_, KV_, Hd_, window_;
   int64_t max_seq_len_, seq_len_ = 0;
   DType dtype_;
   std::vector<int32_t> row_start_;  // [B] first real slot of each row (left padding)

@@ -18,9 +18,34 @@ std::vector<float> concat_rows(std::vector<std::vector<float>> parts) {
 
 }  // namespace
 
-Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, WeightQuant quant, const RowGetter& rows)
+void for_each_weight(const Gemma3Config& cfg, const TensorChecker& fn) {
+  const int64_t D = cfg.hidden_size, F = cfg.intermediate_size, H = cfg.num_attention_heads, KV = cfg.num_key_value_heads,
+                Hd = cfg.head_dim, V = cfg.vocab_size;
+  fn("model.embed_tokens.weight", {V, D});
+  for (int i = 0; i < cfg.num_hidden_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    fn(p + "input_layernorm.weight", {D});
+    fn(p + "self_attn.q_proj.weight", {H * Hd, D});
+    fn(p + "self_attn.k_proj.weight", {KV * Hd, D});
+    fn(p + "self_attn.v_proj.weight", {KV * Hd, D});
+    fn(p + "self_attn.q_norm.weight", {Hd});
+    fn(p + "self_attn.k_norm.weight", {Hd});
+    fn(p + "self_attn.o_proj.weight", {D, H * Hd});
+    fn(p + "post_attention_layernorm.weight", {D});
+    fn(p + "pre_feedforward_layernorm.weight", {D});
+    fn(p + "mlp.gate_proj.weight", {F, D});
+    fn(p + "mlp.up_proj.weight", {F, D});
+    fn(p + "mlp.down_proj.weight", {D, F});
+    fn(p + "post_feedforward_layernorm.weight", {D});
+  }
+  fn("model.norm.weight", {D});
+}
+
+Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, WeightQuant quant, const RowGetter& rows,
+                         const TensorChecker& check)
     : cfg_(cfg), dtype_(dtype) {
   cfg_.validate();
+  if (check) for_each_weight(cfg_, check);  // every tensor present and shaped as the config says, before any allocation
   const int64_t D = cfg.hidden_size, F = cfg.intermediate_size, H = cfg.num_attention_heads, KV = cfg.num_key_value_heads,
                 Hd = cfg.head_dim, V = cfg.vocab_size;
   // int4 keeps the tied embedding / LM head at int8: 4-bit logits cost far more than 4-bit layers (+40% perplexity

@@ -17,9 +17,14 @@ def _from_pretrained(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json at '{path}'")
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
-    from ._core import Gemma3Config
+    with open(path, "rb") as f:
+        raw = f.read()
+    from ._core import CheckpointError, Gemma3Config
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}); is it really a config.json?") from None
 
     return Gemma3Config.from_json(text)
 

@@ -57,20 +57,78 @@ _STORAGE_DTYPES = {
 
 
 class _StorageType:
+    __slots__ = ("name", "dtype")
+
     def __init__(self, name):
         self.name, self.dtype = name, _STORAGE_DTYPES[name]
 
 
+class _Storage:
+    """A storage read from the archive. Only persistent_load makes one (find_class never returns this class), so a
+    pickle cannot forge the array or its item size that a tensor view is checked against."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array):
+        self.array = array
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _rebuild_tensor(storage, offset, size, stride, *unused):
-    """torch._utils._rebuild_tensor_v2's data part: a strided view of the storage, copied contiguous."""
-    arr, itemsize = storage
+    """torch._utils._rebuild_tensor_v2's data part: a strided view of the storage, copied contiguous. The view must
+    lie inside the storage and may not repeat elements (non-negative offset and strides, no more elements than the
+    storage holds): a crafted pickle must not read outside the buffer or blow a small storage up."""
+    if not isinstance(storage, _Storage):
+        raise CheckpointError("torch checkpoint: a tensor is not backed by a storage from the archive (file corrupt?)")
+    arr = storage.array
+    if (not _is_int(offset) or not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) != len(stride)
+            or len(size) > 8 or not all(_is_int(v) for v in size + stride)):
+        raise CheckpointError("torch checkpoint: a tensor has a malformed offset, size or stride (file corrupt?)")
+    if offset < 0 or any(v < 0 for v in size + stride):
+        raise CheckpointError(f"torch checkpoint: a tensor has a negative offset, size or stride ({offset}, {size}, {stride})")
+    numel = 1
+    for v in size:
+        numel *= v
+    if numel == 0:
+        return np.zeros(size, dtype=arr.dtype)
+    end = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
+    if end > arr.size or numel > arr.size - offset:
+        raise CheckpointError(f"torch checkpoint: a tensor's view (offset {offset}, size {size}, stride {stride}) runs past "
+                              f"its storage of {arr.size} elements or repeats its elements (file corrupt?)")
     if not size:
         return np.array(arr[offset], copy=True)
-    end = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
-    if offset < 0 or end > arr.size:
-        raise CheckpointError("torch checkpoint: a tensor's view runs past its storage (file corrupt?)")
-    view = np.lib.stride_tricks.as_strided(arr[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride))
+    view = np.lib.stride_tricks.as_strided(arr[offset:], shape=size, strides=tuple(st * arr.itemsize for st in stride))
     return np.ascontiguousarray(view)
+
+
+# torch.save writes archive members uncompressed. A compressed member may inflate at most this much: real weights
+# barely compress, and a small member declaring gigabytes is a decompression bomb.
+_MAX_INFLATION = 64
+_MAX_PICKLE_BYTES = 256 << 20
+
+
+def _read_member(zf, name, max_bytes, what):
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise CheckpointError(f"torch checkpoint: {what} '{name}' is missing from the archive") from None
+    if info.file_size > max_bytes:
+        raise CheckpointError(f"torch checkpoint: {what} '{name}' declares {info.file_size} bytes, more than the "
+                              f"{max_bytes} it should hold (file corrupt?)")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_INFLATION * info.compress_size + (1 << 20):
+        raise CheckpointError(f"torch checkpoint: {what} '{name}' would inflate {info.compress_size} bytes to "
+                              f"{info.file_size} (torch.save does not compress; refusing a decompression bomb)")
+    try:
+        return zf.read(info)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
+        raise CheckpointError(f"torch checkpoint: cannot read {what} '{name}' ({e})") from None
+
+
+class RefusedPickle(CheckpointError, pickle.UnpicklingError):
+    """A checkpoint's pickle asked for something other than tensors and dicts (nothing was executed)."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -87,28 +145,29 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
-        raise pickle.UnpicklingError(f"refused to load '{module}.{name}': only tensors and dicts may be rebuilt from a "
+        raise RefusedPickle(f"refused to load '{module}.{name}'"[:300] + ": only tensors and dicts may be rebuilt from a "
                                      "checkpoint (nothing was executed)")
 
     def persistent_load(self, pid):
-        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage" or not isinstance(pid[1], _StorageType):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        st, key, numel = pid[1], str(pid[2]), int(pid[4])
+        if (not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage" or not isinstance(pid[1], _StorageType)
+                or not _is_int(pid[4]) or pid[4] < 0):
+            raise RefusedPickle(f"torch checkpoint: unsupported persistent id {pid!r}"[:200])
+        name, key, numel = pid[1].name, str(pid[2])[:200], pid[4]
+        if not isinstance(name, str) or name not in _STORAGE_DTYPES:  # re-derived: the pickle may have edited the object
+            raise RefusedPickle("torch checkpoint: unknown storage type")
+        dtype = _STORAGE_DTYPES[name]
         if key not in self._storages:
-            try:
-                raw = self._zf.read(f"{self._prefix}data/{key}")
-            except KeyError:
-                raise CheckpointError(f"torch checkpoint: storage '{key}' is missing from the archive") from None
-            if st.dtype == "bf16":
+            item = 2 if dtype == "bf16" else np.dtype(dtype).itemsize
+            raw = _read_member(self._zf, f"{self._prefix}data/{key}", numel * item, "storage")
+            if len(raw) < numel * item:
+                raise CheckpointError(f"torch checkpoint: storage '{key}' holds {len(raw) // item} elements, {numel} expected")
+            raw = raw[: numel * item]
+            if dtype == "bf16":
                 u = np.frombuffer(raw, dtype=np.uint16)
-                arr, itemsize = (u.astype(np.uint32) << 16).view(np.float32), 4
-                arr = arr.copy()
+                arr = (u.astype(np.uint32) << 16).view(np.float32)
             else:
-                arr = np.frombuffer(raw, dtype=st.dtype)
-                itemsize = arr.itemsize
-            if arr.size < numel:
-                raise CheckpointError(f"torch checkpoint: storage '{key}' holds {arr.size} elements, {numel} expected")
-            self._storages[key] = (arr, itemsize)
+                arr = np.frombuffer(raw, dtype=dtype)
+            self._storages[key] = _Storage(arr)
         return self._storages[key]
 
 
@@ -116,7 +175,7 @@ def read_torch_zip(path):
     """torch.save output (zip format) -> the unpickled object with tensors as numpy arrays; torch not needed."""
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
         raise CheckpointError(f"'{path}' is not a torch zip checkpoint ({e}); legacy (non-zip) torch.save files are "
                               "not supported") from None
     with zf:
@@ -125,22 +184,36 @@ def read_torch_zip(path):
             raise CheckpointError(f"'{path}': expected one data.pkl in the archive, found {len(pkl)}")
         prefix = pkl[0][: -len("data.pkl")]
         bo = prefix + "byteorder"
-        if bo in zf.namelist() and zf.read(bo).strip() not in (b"little", b""):
+        if bo in zf.namelist() and _read_member(zf, bo, 64, "member").strip() not in (b"little", b""):
             raise CheckpointError(f"'{path}': big-endian checkpoints are not supported")
         import io
 
-        return _RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), zf, prefix).load()
+        data = _read_member(zf, pkl[0], _MAX_PICKLE_BYTES, "pickle")
+        try:
+            return _RestrictedUnpickler(io.BytesIO(data), zf, prefix).load()
+        except pickle.UnpicklingError:
+            raise
+        except CheckpointError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, EOFError, OverflowError, RecursionError,
+                MemoryError, UnicodeDecodeError) as e:
+            # A corrupt pickle stream (bad opcode arguments, truncated data): refused, never partly used.
+            raise CheckpointError(f"'{path}': the checkpoint's pickle is corrupt ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def gemma_pytorch_arrays(state, cfg_like=None):
     """gemma_pytorch names -> HF names; the fused qkv_proj is split [q | k | v]."""
-    if "model_state_dict" in state:
+    if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
+        raise CheckpointError("not a gemma_pytorch state dict (expected a dict of tensor names to tensors)")
     out = {}
     hd = state.get("model.layers.0.self_attn.query_norm.weight")
     o = state.get("model.layers.0.self_attn.o_proj.weight")
     if hd is None or o is None:
         raise CheckpointError("not a gemma_pytorch Gemma 3 state dict (no model.layers.0.self_attn.query_norm / o_proj)")
+    if hd.ndim != 1 or hd.shape[0] == 0 or o.ndim != 2 or o.shape[1] % hd.shape[0] != 0:
+        raise CheckpointError(f"gemma_pytorch state dict: query_norm {hd.shape} and o_proj {o.shape} do not give a head size")
     Hd = hd.shape[0]
     H = o.shape[1] // Hd
     for name, a in state.items():
@@ -149,6 +222,8 @@ def gemma_pytorch_arrays(state, cfg_like=None):
             out["model.embed_tokens.weight"] = a
         elif name.endswith("self_attn.qkv_proj.weight"):
             p = name[: -len("qkv_proj.weight")]
+            if a.ndim != 2:
+                raise CheckpointError(f"'{name}' has shape {a.shape}, expected 2-D")
             KV = (a.shape[0] // Hd - H) // 2
             if (H + 2 * KV) * Hd != a.shape[0]:
                 raise CheckpointError(f"'{name}' has {a.shape[0]} rows, not (heads + 2 kv_heads) * head_dim")
@@ -178,19 +253,38 @@ def _orbax_names(path):
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"'{path}' is not an Orbax checkpoint (no _METADATA)")
     try:
-        meta = json.load(open(meta_path))
-    except ValueError as e:
-        raise CheckpointError(f"'{meta_path}' is not valid JSON: {e}") from None
-    tree = meta.get("tree_metadata", {})
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"'{meta_path}' is not valid UTF-8 JSON: {e}") from None
+    tree = meta.get("tree_metadata", {}) if isinstance(meta, dict) else None
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"'{meta_path}' has no 'tree_metadata' object")
     names = []
     for key, info in tree.items():
         parts = info.get("key_metadata") if isinstance(info, dict) else None
         if parts:
+            if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+                raise CheckpointError(f"'{meta_path}': key_metadata of '{key}' is not a list of objects")
             keys = [str(p.get("key")) for p in parts]
         else:
             keys = [k.strip(" '\"") for k in key.strip("()").split(",") if k.strip()]
         names.append(".".join(keys))
     return names, bool(meta.get("use_zarr3", False))
+
+
+def _dir_bytes(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+_ORBAX_INFLATION = 16
 
 
 def orbax_arrays(path):
@@ -201,12 +295,25 @@ def orbax_arrays(path):
         raise ImportError("reading Orbax checkpoints needs tensorstore: pip install 'gemmalens[orbax]'") from None
     names, zarr3 = _orbax_names(path)
     base = "file://" + os.path.abspath(path).rstrip("/") + "/"
-    raw = {}
+    # Arrays are declared by metadata, and missing chunks read as the fill value: a few bytes could declare
+    # terabytes. Their total size must stay within what the directory's files can hold (compression allowed).
+    budget = _ORBAX_INFLATION * _dir_bytes(path) + (64 << 20)
+    stores = {}
     for n in names:
         spec = {"driver": "zarr3" if zarr3 else "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": n}}
         try:
-            raw[n] = np.asarray(ts.open(spec, open=True).result().read().result(), dtype=np.float32)
+            stores[n] = ts.open(spec, open=True).result()
         except Exception as e:  # tensorstore raises ValueError and others with its own messages
+            raise CheckpointError(f"Orbax checkpoint '{path}': cannot open array '{n}': {e}") from None
+        budget -= 4 * int(np.prod(stores[n].shape, dtype=object))
+        if budget < 0:
+            raise CheckpointError(f"Orbax checkpoint '{path}': its arrays declare more data than its files can hold "
+                                  f"(array '{n}' of shape {tuple(stores[n].shape)}; file corrupt?)")
+    raw = {}
+    for n, store in stores.items():
+        try:
+            raw[n] = np.asarray(store.read().result(), dtype=np.float32)
+        except Exception as e:
             raise CheckpointError(f"Orbax checkpoint '{path}': cannot read array '{n}': {e}") from None
     out = {}
 
@@ -245,7 +352,13 @@ def orbax_arrays(path):
 
 
 def load_orbax(path, dtype, weights="native"):
-    arrays = orbax_arrays(path)
+    try:
+        arrays = orbax_arrays(path)
+    except (ValueError, IndexError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        # an array of the wrong rank or size for its Flax role (the einsum layouts above)
+        raise CheckpointError(f"Orbax checkpoint '{path}': an array has the wrong shape for its role ({e})") from None
     cfg = _config_beside(path, {k: v.shape for k, v in arrays.items()}, f"Orbax checkpoint '{path}'")
     return _core.load_arrays(arrays, cfg, dtype, weights)
 

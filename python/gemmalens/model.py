@@ -206,24 +206,27 @@ class Model:
 
         return ctx()
 
-    def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, return_type="logits", reset_hooks_end=True):
+    def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, return_type="logits", reset_hooks_end=True,
+                       allow_longer=False):
         """Forward with hooks: fn(activation, hook) -> None | np.ndarray (a returned array replaces the
         activation; in-place edits work too), or a gl.interventions object (applied natively)."""
         fwd_hooks = list(fwd_hooks)
         self._check_hooks(fwd_hooks)
         try:
-            return self.forward(tokens, attention_mask=attention_mask, return_type=return_type, _fwd_hooks=fwd_hooks)
+            return self.forward(tokens, attention_mask=attention_mask, return_type=return_type, _fwd_hooks=fwd_hooks,
+                                allow_longer=allow_longer)
         finally:
             if reset_hooks_end:
                 self.reset_hooks()
 
     def run_with_cache(self, tokens, names_filter=None, stop_at_layer=None, attention_mask=None, return_type="logits",
-                       fwd_hooks=()):
+                       fwd_hooks=(), allow_longer=False):
         """Forward and capture activations: returns (logits, ActivationCache).
 
         names_filter: a hook name, a list of them, or a predicate (None = all). Only those are materialised.
         stop_at_layer: stop before block k (TransformerLens semantics): returns the residual stream there
         ([batch, pos, d_model]) instead of logits, and skips the rest of the model.
+        allow_longer: run sequences longer than max_position_embeddings (refused by default).
         """
         from .hooks import ActivationCache
 
@@ -251,11 +254,12 @@ class Model:
         toks = self.to_tokens(tokens)
         row_start = None if attention_mask is None else _row_start(attention_mask, toks.shape)
         if stop_at_layer is not None:
-            out = self._core.forward(toks, row_start, None, "none", hs, stop_at_layer)
+            out = self._core.forward(toks, row_start, None, "none", hs, stop_at_layer, allow_longer=allow_longer)
         else:
             if return_type not in ("logits", "loss", None):
                 raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
-            out = self._core.forward(toks, row_start, None, "none" if return_type is None else "all", hs)
+            out = self._core.forward(toks, row_start, None, "none" if return_type is None else "all", hs,
+                                     allow_longer=allow_longer)
             if return_type == "loss":
                 out = _next_token_loss(out, toks, row_start)
         arrays = {}
@@ -323,7 +327,7 @@ class Model:
                              f"{self.config.max_position_embeddings}")
         return self._core.new_cache(int(batch), int(max_seq_len))
 
-    def forward(self, tokens, attention_mask=None, return_type="logits", cache=None, _fwd_hooks=()):
+    def forward(self, tokens, attention_mask=None, return_type="logits", cache=None, allow_longer=False, _fwd_hooks=()):
         """Run the model.
 
         tokens: list[int], 1-D or 2-D integer array (1-D = batch 1).
@@ -332,6 +336,8 @@ class Model:
         return_type: "logits" -> np.float32 [batch, pos, vocab]; "loss" -> mean next-token cross-entropy
           (float) over real tokens; None -> nothing.
         cache: a KVCache from new_cache(); the tokens are appended and positions continue from cache.seq_len.
+        allow_longer: run past max_position_embeddings (RoPE was never trained there; refused by default).
+        Ctrl-C (KeyboardInterrupt) is honoured between layers; a cache passed in is then left as it was.
         """
         if return_type not in ("logits", "loss", None):
             raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
@@ -357,9 +363,9 @@ class Model:
                 row_start = _row_start(mask, toks.shape)
         hs = self._hookset(_fwd_hooks)
         if return_type is None:
-            self._core.forward(toks, row_start, cache, "none", hs)
+            self._core.forward(toks, row_start, cache, "none", hs, allow_longer=allow_longer)
             return None
-        logits = self._core.forward(toks, row_start, cache, "all", hs)
+        logits = self._core.forward(toks, row_start, cache, "all", hs, allow_longer=allow_longer)
         if return_type == "logits":
             return logits
         return _next_token_loss(logits, toks, row_start)
@@ -435,7 +441,7 @@ def zipfile_with_pickle(path):
     try:
         with zipfile.ZipFile(path) as z:
             return any(n.endswith("data.pkl") for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # a probe: any unreadable zip (BadZipFile, EOFError, ValueError, ...) is "not a checkpoint"
         return False
 
 
@@ -443,6 +449,13 @@ def _gguf_is_quantized(gguf_file):
     """Whether a GGUF's layer matmul weights are in a block-quantised type (Q4_K, Q8_0, ...)."""
     types = {t for name, _, t in gguf_file.tensors if name.startswith("blk.") and not name.endswith("norm.weight")}
     return bool(types - {"F32", "F16", "BF16"})
+
+
+_GGUF_TOKENIZER_KEYS = (
+    "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+    "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_space_prefix",
+)
 
 
 def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"):
@@ -498,8 +511,20 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
         gguf_file = _core.GGUFFile(path)  # read once: the weights mode (auto) and the tokenizer
         if weights == "auto":
             weights = "int8" if _gguf_is_quantized(gguf_file) else "native"
-        core = _core.load_gguf(path, dtype, weights)
-        meta = gguf_file.metadata
+        core = _core.load_gguf(gguf_file, dtype, weights)
+        # Only the tokenizer's keys are converted, and no array longer than the embedding table (a crafted
+        # metadata array must not cost gigabytes of Python objects).
+        meta = {}
+        try:
+            for key in _GGUF_TOKENIZER_KEYS:
+                v = gguf_file.get(key, None, core.config.vocab_size)
+                if v is not None:
+                    meta[key] = v
+        except ValueError as e:
+            meta = {}
+            import warnings
+
+            warnings.warn(f"gemmalens.load: the GGUF's tokenizer metadata is unusable ({e}); model.tokenizer is None")
         if "tokenizer.ggml.tokens" in meta:
             try:
                 tokenizer = Tokenizer.from_gguf_metadata(meta)

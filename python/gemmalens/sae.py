@@ -73,9 +73,18 @@ class SAE:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"SAE.load: no such directory '{path}'")
         if os.path.isfile(os.path.join(path, "params.safetensors")) and os.path.isfile(os.path.join(path, "config.json")):
-            return cls._load_gemma_scope(path, dtype)
-        if os.path.isfile(os.path.join(path, "cfg.json")) and os.path.isfile(os.path.join(path, "sae_weights.safetensors")):
-            return cls._load_saelens(path, dtype)
+            loader = cls._load_gemma_scope
+        elif os.path.isfile(os.path.join(path, "cfg.json")) and os.path.isfile(os.path.join(path, "sae_weights.safetensors")):
+            loader = cls._load_saelens
+        else:
+            loader = None
+        if loader is not None:
+            try:
+                return loader(path, dtype)
+            except (TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+                # Interpreting a downloaded config: a field of the wrong JSON type (a list where a dict belongs, ...).
+                raise _core.CheckpointError(f"SAE.load: '{path}': its config has a field of the wrong type or shape "
+                                            f"({type(e).__name__}: {e})") from None
         raise ValueError(f"SAE.load: '{path}' is neither a Gemma Scope 2 folder (params.safetensors + config.json) nor a "
                          "SAELens folder (cfg.json + sae_weights.safetensors)")
 
@@ -85,11 +94,26 @@ class SAE:
         for n in required:
             if n not in t:
                 raise ValueError(f"SAE file '{path}' lacks tensor '{n}' (has: {', '.join(sorted(t))})")
+        for n, want in (("w_enc", 2), ("W_enc", 2), ("w_dec", 2), ("W_dec", 2)):
+            if n in t and t[n].ndim != want:
+                raise _core.CheckpointError(f"SAE file '{path}': tensor '{n}' has shape {t[n].shape}, expected 2-D")
         return {n: t.get(n) for n in names}
+
+    @staticmethod
+    def _config(path):
+        """A JSON object from a config file, or CheckpointError naming the file."""
+        try:
+            with open(path, "rb") as f:
+                cfg = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise _core.CheckpointError(f"SAE config '{path}' is not valid UTF-8 JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise _core.CheckpointError(f"SAE config '{path}' must hold a JSON object, got {type(cfg).__name__}")
+        return cfg
 
     @classmethod
     def _load_gemma_scope(cls, path, dtype):
-        cfg = json.load(open(os.path.join(path, "config.json")))
+        cfg = cls._config(os.path.join(path, "config.json"))
         t = cls._tensors(os.path.join(path, "params.safetensors"),
                          ["w_enc", "b_enc", "threshold", "w_dec", "b_dec", "affine_skip_connection"],
                          ["w_enc", "b_enc", "w_dec", "b_dec"])
@@ -107,7 +131,7 @@ class SAE:
 
     @classmethod
     def _load_saelens(cls, path, dtype):
-        cfg = json.load(open(os.path.join(path, "cfg.json")))
+        cfg = cls._config(os.path.join(path, "cfg.json"))
         t = cls._tensors(os.path.join(path, "sae_weights.safetensors"), ["W_enc", "b_enc", "threshold", "W_dec", "b_dec"],
                          ["W_enc", "b_enc", "W_dec", "b_dec"])
         arch = {"jumprelu": "jumprelu", "standard": "relu", "relu": "relu", "topk": "topk"}.get(str(cfg.get("architecture", "standard")).lower())

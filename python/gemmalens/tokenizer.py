@@ -1,4 +1,5 @@
 """SentencePiece tokenizer with Gemma's conventions (BOS once, special tokens parsed in text, chat turns)."""
+import math
 import os
 import re
 
@@ -19,7 +20,10 @@ class Tokenizer:
 
         self._sp = spm.SentencePieceProcessor()
         if model_proto is not None:
-            self._sp.LoadFromSerializedProto(model_proto)
+            try:
+                self._sp.LoadFromSerializedProto(model_proto)
+            except (OSError, RuntimeError) as e:
+                raise ValueError(f"not a valid SentencePiece model: {e}") from None
             self.path = None
         else:
             path = os.fspath(path)
@@ -156,8 +160,23 @@ class Tokenizer:
         tokens = meta.get("tokenizer.ggml.tokens")
         scores = meta.get("tokenizer.ggml.scores")
         types = meta.get("tokenizer.ggml.token_type")
-        if not tokens or scores is None or types is None or not (len(tokens) == len(scores) == len(types)):
-            raise ValueError("GGUF tokenizer metadata is incomplete (tokens, scores and token_type must have equal lengths)")
+        if (not isinstance(tokens, list) or not tokens or not isinstance(scores, list) or not isinstance(types, list)
+                or not (len(tokens) == len(scores) == len(types))):
+            raise ValueError("GGUF tokenizer metadata is incomplete (tokens, scores and token_type must be arrays of equal "
+                             "lengths)")
+        if not all(isinstance(t, str) for t in tokens):
+            raise ValueError("GGUF tokenizer.ggml.tokens must be an array of strings")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores):
+            raise ValueError("GGUF tokenizer.ggml.scores must be an array of finite numbers")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in types):
+            raise ValueError("GGUF tokenizer.ggml.token_type must be an array of integers")
+
+        def special(key, default):
+            v = meta.get(key, default)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < len(tokens):
+                raise ValueError(f"GGUF {key} = {v!r} is not a token id in [0, {len(tokens)})")
+            return v
+
         m = pb.ModelProto()
         for piece, score, typ in zip(tokens, scores, types):
             p = m.pieces.add()
@@ -174,10 +193,10 @@ class Tokenizer:
         ts.byte_fallback = True
         ts.split_digits = True
         ts.allow_whitespace_only_pieces = True
-        ts.unk_id = int(meta.get("tokenizer.ggml.unknown_token_id", 3))
-        ts.bos_id = int(meta.get("tokenizer.ggml.bos_token_id", 2))
-        ts.eos_id = int(meta.get("tokenizer.ggml.eos_token_id", 1))
-        ts.pad_id = int(meta.get("tokenizer.ggml.padding_token_id", 0))
+        ts.unk_id = special("tokenizer.ggml.unknown_token_id", 3)
+        ts.bos_id = special("tokenizer.ggml.bos_token_id", 2)
+        ts.eos_id = special("tokenizer.ggml.eos_token_id", 1)
+        ts.pad_id = special("tokenizer.ggml.padding_token_id", 0)
         ts.unk_piece, ts.bos_piece = tokens[ts.unk_id], tokens[ts.bos_id]
         ts.eos_piece, ts.pad_piece = tokens[ts.eos_id], tokens[ts.pad_id]
         ns = m.normalizer_spec

@@ -265,6 +265,10 @@ void register_sae(py::module_& m) {
       .def(py::init([](F W_enc, F b_enc, py::object threshold, F W_dec, F b_dec, py::object W_skip, const std::string& arch, int k,
                        bool apply_b_dec, const std::string& dtype) {
              if (W_enc.ndim() != 2 || W_dec.ndim() != 2) throw ValueError("SAE: W_enc [d_in, d_sae] and W_dec [d_sae, d_out] must be 2-D");
+             for (py::ssize_t n : {W_enc.shape(0), W_enc.shape(1), W_dec.shape(1)})
+               if (n < 1 || n > (1 << 24)) throw ValueError("SAE: d_in, d_sae and d_out must be in [1, 2^24], got W_enc " +
+                                                            std::to_string(W_enc.shape(0)) + " x " + std::to_string(W_enc.shape(1)) +
+                                                            ", W_dec ... x " + std::to_string(W_dec.shape(1)));
              const int d_in = static_cast<int>(W_enc.shape(0)), d_sae = static_cast<int>(W_enc.shape(1)), d_out = static_cast<int>(W_dec.shape(1));
              if (W_dec.shape(0) != d_sae) throw ValueError("SAE: W_dec has " + std::to_string(W_dec.shape(0)) + " rows, W_enc " + std::to_string(d_sae) + " columns");
              if (b_enc.size() != d_sae || b_dec.size() != d_out) throw ValueError("SAE: b_enc must be [d_sae], b_dec [d_out]");

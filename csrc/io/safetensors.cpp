@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "common.h"
+#include "json_limits.h"
 
 namespace gemmalens {
 using json = nlohmann::json;
@@ -80,7 +81,7 @@ void TensorStore::add_file(const std::string& path) {
                           std::to_string(f->size()) + " bytes)");
   json header;
   try {
-    header = json::parse(reinterpret_cast<const char*>(f->data()) + 8, reinterpret_cast<const char*>(f->data()) + 8 + hlen);
+    header = parse_json_limited(reinterpret_cast<const char*>(f->data()) + 8, reinterpret_cast<const char*>(f->data()) + 8 + hlen, where);
   } catch (const json::exception& e) {
     throw CheckpointError(where + " has a corrupt header (bad JSON): " + e.what());
   }
@@ -144,7 +145,8 @@ std::shared_ptr<TensorStore> TensorStore::open(const std::string& path) {
     ss << in.rdbuf();
     json j;
     try {
-      j = json::parse(ss.str());
+      const std::string text = ss.str();
+      j = parse_json_limited(text.begin(), text.end(), "'" + index + "'");
     } catch (const json::exception& e) {
       throw CheckpointError("'" + index + "' is not valid JSON: " + e.what());
     }

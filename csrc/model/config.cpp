@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "common.h"
+#include "json_limits.h"
 
 namespace gemmalens {
 using json = nlohmann::json;
@@ -154,7 +155,7 @@ void Gemma3Config::validate() const {
 Gemma3Config Gemma3Config::from_json(const std::string& text) {
   json root;
   try {
-    root = json::parse(text);
+    root = parse_json_limited(text.begin(), text.end(), "config.json");
   } catch (const json::exception& e) {
     throw CheckpointError(std::string("config.json is not valid JSON: ") + e.what());
   }

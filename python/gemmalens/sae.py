@@ -105,8 +105,8 @@ class SAE:
         try:
             with open(path, "rb") as f:
                 cfg = json.loads(f.read().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise _core.CheckpointError(f"SAE config '{path}' is not valid UTF-8 JSON ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise _core.CheckpointError(f"SAE config '{path}' is not valid UTF-8 JSON ({type(e).__name__}: {e})") from None
         if not isinstance(cfg, dict):
             raise _core.CheckpointError(f"SAE config '{path}' must hold a JSON object, got {type(cfg).__name__}")
         return cfg

@@ -166,6 +166,11 @@ class Tokenizer:
                              "lengths)")
         if not all(isinstance(t, str) for t in tokens):
             raise ValueError("GGUF tokenizer.ggml.tokens must be an array of strings")
+        for i, t in enumerate(tokens):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable bytes in the file arrive as lone surrogates
+                raise ValueError(f"GGUF tokenizer.ggml.tokens[{i}] is not valid UTF-8") from None
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores):
             raise ValueError("GGUF tokenizer.ggml.scores must be an array of finite numbers")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in types):

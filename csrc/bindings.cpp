@@ -333,7 +333,6 @@ void register_model(py::module_& m) {
       .def_property_readonly("config", &Gemma3Model::config)
       .def_property_readonly("dtype", [](const Gemma3Model& g) { return dtype_name(g.dtype()); })
       .def_property_readonly("weight_nbytes", &Gemma3Model::weight_nbytes)
-      .def_property_readonly("int8_weights", [](const Gemma3Model& m) { return m.weight_quant() == WeightQuant::Int8; })
       .def_property_readonly("weights", [](const Gemma3Model& m) {
         const WeightQuant q = m.weight_quant();
         return std::string(q == WeightQuant::Int8 ? "int8" : q == WeightQuant::Int4 ? "int4" : "native");
@@ -612,6 +611,10 @@ PYBIND11_MODULE(_core, m) {
       set(PyExc_ValueError, e.what());
     } catch (const IOError& e) {
       set(PyExc_OSError, e.what());
+    } catch (const ResourceError& e) {
+      set(PyExc_MemoryError, e.what());
+    } catch (const InternalError& e) {
+      set(PyExc_RuntimeError, (std::string("gemmalens internal error (please report it): ") + e.what()).c_str());
     }
   });
   register_config(m);

@@ -20,6 +20,14 @@ struct CheckpointError : std::runtime_error {
 struct IOError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+//   ResourceError   -> MemoryError        (oneDNN or the OS could not provide memory for a buffer)
+//   InternalError   -> RuntimeError       (a broken invariant inside gemmalens: a bug to report)
+struct ResourceError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct InternalError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 enum class DType { F32, BF16 };
 // How matmul weights are stored: in the compute dtype, or quantised in blocks of 32 (ops/quant.h).

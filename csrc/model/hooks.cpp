@@ -253,7 +253,7 @@ void apply(HookAction& a, const ActView& v) {
 void HookSet::run(Site s, int layer, const ActView& v) {
   for (auto& a : actions_[index(s, layer)]) {
     if (a.kind == HookAction::Callback) {
-      if (!call) throw std::runtime_error("a Python hook is registered but no bridge is set");
+      if (!call) throw InternalError("a Python hook is registered but no bridge is set");
       call(a.callback, s, layer, v);
     } else {
       apply(a, v);

@@ -115,13 +115,13 @@ void f32_to_bf16_n(const float* x, uint16_t* y, int64_t n) {
 
 void gemv_bf16_blocked64(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy) {
   if (!bf16_gemv_supported() || N % 64 != 0 || K % 32 != 0 || M < 1 || M > kGemvMaxM)
-    throw std::runtime_error("gemv_bf16_blocked64: unsupported CPU or shape");
+    throw InternalError("gemv_bf16_blocked64: unsupported CPU or shape");
   blocked64_impl(w, N, K, x, M, y, ldy);
 }
 
 void gemv_bf16_rows(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy) {
   if (!bf16_gemv_supported() || K % 32 != 0 || M < 1 || M > kGemvMaxM)
-    throw std::runtime_error("gemv_bf16_rows: unsupported CPU or shape");
+    throw InternalError("gemv_bf16_rows: unsupported CPU or shape");
   rows_impl(w, N, K, x, M, y, ldy);
 }
 

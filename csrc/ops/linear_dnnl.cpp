@@ -146,7 +146,7 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
     impl->stream.wait();
     impl_ = std::move(impl);
   } catch (const dnnl::error& e) {
-    throw std::runtime_error(std::string("oneDNN could not set up a matmul [") + std::to_string(N) + " x " + std::to_string(K) +
+    throw InternalError(std::string("oneDNN could not set up a matmul [") + std::to_string(N) + " x " + std::to_string(K) +
                              "]: " + e.what());
   }
 }
@@ -183,7 +183,7 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
     impl->w_desc = dnnl::memory::desc({K, N}, impl->wdt, tag::ba);
     impl->weights = dnnl::memory(impl->w_desc, engine());
   } catch (const dnnl::error& e) {
-    throw std::runtime_error(std::string("oneDNN could not allocate a [") + std::to_string(N) + " x " + std::to_string(K) +
+    throw ResourceError(std::string("oneDNN could not allocate a [") + std::to_string(N) + " x " + std::to_string(K) +
                              "] weight: " + e.what());
   }
   for (int64_t r0 = 0; r0 < N; r0 += block) {
@@ -196,7 +196,7 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
 }
 
 void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
-  if (!impl_) throw std::runtime_error("Linear::forward on an empty layer");
+  if (!impl_) throw InternalError("Linear::forward on an empty layer");
   if (ldy == 0) ldy = N_;
   if (impl_->quantized) {
     if (M >= kDequantMinM && !impl_->plain && amx_bf16()) {
@@ -222,7 +222,7 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
         try {
           matmul_bf16(xb, M, K, wb, nn, /*b_nk=*/true, y + n0, ldy);
         } catch (const dnnl::error& e) {
-          throw std::runtime_error(std::string("oneDNN matmul failed (M=") + std::to_string(M) + "): " + e.what());
+          throw InternalError(std::string("oneDNN matmul failed (M=") + std::to_string(M) + "): " + e.what());
         }
       }
       return;
@@ -257,26 +257,26 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
     it->second.execute(im.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, im.weights}, {DNNL_ARG_DST, dst}});
     im.stream.wait();
   } catch (const dnnl::error& e) {
-    throw std::runtime_error(std::string("oneDNN matmul failed (M=") + std::to_string(M) + ", K=" + std::to_string(K_) +
+    throw InternalError(std::string("oneDNN matmul failed (M=") + std::to_string(M) + ", K=" + std::to_string(K_) +
                              ", N=" + std::to_string(N_) + "): " + e.what());
   }
 }
 
 const void* Linear::plain_data() const {
   if (!impl_ || !impl_->plain || impl_->quantized)
-    throw std::runtime_error("Linear::plain_data on a blocked or quantised layer");
+    throw InternalError("Linear::plain_data on a blocked or quantised layer");
   return impl_->weights.get_data_handle();
 }
 
 bool Linear::is_quantized() const { return impl_ && impl_->quantized; }
 
 void Linear::row(int64_t n, float* out) const {
-  if (!impl_) throw std::runtime_error("Linear::row on an empty layer");
+  if (!impl_) throw InternalError("Linear::row on an empty layer");
   if (impl_->quantized) {
     quant_row(impl_->qw, n, out);
     return;
   }
-  if (!impl_->plain) throw std::runtime_error("Linear::row on a blocked layer");
+  if (!impl_->plain) throw InternalError("Linear::row on a blocked layer");
   if (impl_->wdt == dt::f32) {
     const float* p = static_cast<const float*>(impl_->weights.get_data_handle()) + n * K_;
     std::copy(p, p + K_, out);
@@ -287,7 +287,7 @@ void Linear::row(int64_t n, float* out) const {
 }
 
 void Linear::to_rowmajor(float* out) const {
-  if (!impl_) throw std::runtime_error("Linear::to_rowmajor on an empty layer");
+  if (!impl_) throw InternalError("Linear::to_rowmajor on an empty layer");
   if (impl_->quantized) {
     for (int64_t n = 0; n < N_; ++n) quant_row(impl_->qw, n, out + n * K_);
     return;
@@ -299,7 +299,7 @@ void Linear::to_rowmajor(float* out) const {
     dnnl::reorder(impl_->weights, user).execute(st, impl_->weights, user);
     st.wait();
   } catch (const dnnl::error& e) {
-    throw std::runtime_error(std::string("oneDNN could not reorder weights back: ") + e.what());
+    throw InternalError(std::string("oneDNN could not reorder weights back: ") + e.what());
   }
 }
 
@@ -370,7 +370,7 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
         }
     }
   } catch (const dnnl::error& e) {
-    throw std::runtime_error(std::string("oneDNN attention matmul failed: ") + e.what());
+    throw InternalError(std::string("oneDNN attention matmul failed: ") + e.what());
   }
   return true;
 }

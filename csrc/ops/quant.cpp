@@ -68,8 +68,8 @@ inline float quant_block32_q4(const float* src, int* q) {
 }  // namespace
 
 QuantWeights quant_alloc(int64_t N, int64_t K, int bits) {
-  if (K % 64 != 0) throw std::runtime_error("quantised weights: K must be a multiple of 64");
-  if (bits != 8 && bits != 4) throw std::runtime_error("quantised weights: bits must be 8 or 4");
+  if (K % 64 != 0) throw InternalError("quantised weights: K must be a multiple of 64");
+  if (bits != 8 && bits != 4) throw InternalError("quantised weights: bits must be 8 or 4");
   QuantWeights r;
   r.N = N;
   r.K = K;
@@ -220,7 +220,7 @@ GL_VNNI void matmul_bits(const QuantWeights& w, const XQ& xq, int64_t M, float* 
 }  // namespace
 
 void quant_matmul(const QuantWeights& w, const float* x, int64_t M, float* y, int64_t ldy) {
-  if (!quant_supported(w.K)) throw std::runtime_error("quantised weights need AVX-512 VNNI and K % 64 == 0");
+  if (!quant_supported(w.K)) throw InternalError("quantised weights need AVX-512 VNNI and K % 64 == 0");
   thread_local XQ xq;
   quantize_x(x, M, w.K, xq);
   if (w.bits == 8)

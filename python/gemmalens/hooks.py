@@ -161,8 +161,6 @@ def build_hookset(table, n_layers, fwd_hooks, captures=()):
             for f in fns:
                 if isinstance(f, Intervention):
                     f._register(hs, sid, layer, hook)
-                elif callable(f) and hasattr(f, "_register_native"):
-                    f._register_native(hs, sid, layer, hook)
                 elif callable(f):
                     hs.add_callback(sid, layer, _wrap_callable(f, hook))
                 else:

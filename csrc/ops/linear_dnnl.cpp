@@ -89,7 +89,14 @@ struct Linear::Impl {
   QuantWeights qw;
 };
 
+namespace {
+void check_dims(int64_t N, int64_t K) {  // a zero dimension reaches a division inside oneDNN's reorder (SIGFPE)
+  if (N < 1 || K < 1) throw ValueError("a linear layer needs both dimensions >= 1, got [" + std::to_string(N) + " x " + std::to_string(K) + "]");
+}
+}  // namespace
+
 Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, WeightQuant quant) : N_(N), K_(K) {
+  check_dims(N, K);
   if (quant != WeightQuant::None && quant_supported(K)) {
     auto impl = std::make_shared<Impl>();
     impl->quantized = true;
@@ -159,6 +166,7 @@ bool amx_bf16() {
 
 Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant quant,
                                const std::function<void(int64_t r0, int64_t n, float* out)>& fill) {
+  check_dims(N, K);
   constexpr int64_t kBlockBytes = 16 << 20;  // f32 rows converted per block
   const int64_t block = std::max<int64_t>(1, kBlockBytes / (4 * std::max<int64_t>(K, 1)));
   std::vector<float> buf(static_cast<size_t>(std::min(block, N) * K));

@@ -123,7 +123,9 @@ def _read_member(zf, name, max_bytes, what):
                               f"{info.file_size} (torch.save does not compress; refusing a decompression bomb)")
     try:
         return zf.read(info)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
+    except Exception as e:  # zlib.error, lzma.LZMAError, BadZipFile (CRC), EOFError, ...: the member is unreadable
+        if isinstance(e, MemoryError):
+            raise
         raise CheckpointError(f"torch checkpoint: cannot read {what} '{name}' ({e})") from None
 
 
@@ -171,6 +173,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
+def _check_memo_indices(data, path):
+    """CPython's unpickler sizes its memo by the largest index a PUT names: a 5-byte opcode can cost gigabytes.
+    Scan the opcodes first (nothing is built) and refuse indices no real checkpoint uses."""
+    import pickletools
+
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET") and int(arg) > _MAX_MEMO_INDEX:
+                raise CheckpointError(f"'{path}': the checkpoint's pickle names memo slot {arg} (at most {_MAX_MEMO_INDEX} "
+                                      "are accepted; file corrupt?)")
+    except CheckpointError:
+        raise
+    except Exception as e:  # ValueError for a bad opcode, ...
+        raise CheckpointError(f"'{path}': the checkpoint's pickle is corrupt ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+_MAX_MEMO_INDEX = 1 << 20
+
+
 def read_torch_zip(path):
     """torch.save output (zip format) -> the unpickled object with tensors as numpy arrays; torch not needed."""
     try:
@@ -189,6 +210,7 @@ def read_torch_zip(path):
         import io
 
         data = _read_member(zf, pkl[0], _MAX_PICKLE_BYTES, "pickle")
+        _check_memo_indices(data, path)
         try:
             return _RestrictedUnpickler(io.BytesIO(data), zf, prefix).load()
         except pickle.UnpicklingError:

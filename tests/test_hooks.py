@@ -243,3 +243,24 @@ def test_filter_hooks_and_kept_arrays(tiny_dir):
     assert seen[3][1] == 3
     # arrays handed to hooks are the hook's to keep: later layers do not overwrite them
     assert not np.array_equal(seen[0][2], seen[1][2])
+
+
+def test_transformer_lens_idioms_layer_method_and_negative_layers(tiny_dir):
+    """TransformerLens: hook.layer() is a method; cache["resid_post", -1] is the last block's."""
+    model = gl.load(tiny_dir)
+    L = model.config.num_hidden_layers
+    layers = []
+    model.run_with_hooks(np.arange(1, 6), fwd_hooks=[
+        (lambda n: n.endswith("hook_resid_post"), lambda a, h: layers.append((h.layer(), h.layer))),
+        ("hook_embed", lambda a, h: layers.append(h.layer)),
+    ])
+    assert layers[0] is None and [x[0] for x in layers[1:]] == list(range(L))
+    assert all(type(m) is int and m == a for m, a in layers[1:])
+    _, cache = model.run_with_cache(np.arange(1, 6), names_filter=lambda n: "resid_post" in n or "pattern" in n)
+    np.testing.assert_array_equal(cache["resid_post", -1], cache[f"blocks.{L - 1}.hook_resid_post"])
+    np.testing.assert_array_equal(cache["pattern", -L], cache["blocks.0.attn.hook_pattern"])
+    assert ("resid_post", -1) in cache
+    with pytest.raises(KeyError):
+        cache["resid_post", -L - 1]
+    with pytest.raises(KeyError):
+        cache["resid_post", L]

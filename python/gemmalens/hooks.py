@@ -7,14 +7,21 @@ import numpy as np
 from . import _core
 
 
+class _Layer(int):
+    """A block index that is also callable: ``hook.layer()`` as in TransformerLens, ``hook.layer`` as before."""
+
+    def __call__(self):
+        return int(self)
+
+
 class HookPoint:
-    """What a hook function receives as its second argument: ``hook.name``, ``hook.layer`` (None for
-    model-level hooks)."""
+    """What a hook function receives as its second argument: ``hook.name``, ``hook.layer()`` (TransformerLens's
+    method; ``hook.layer`` also reads as the int) -- None for model-level hooks."""
 
     __slots__ = ("name", "layer")
 
     def __init__(self, name, layer):
-        self.name, self.layer = name, layer
+        self.name, self.layer = name, None if layer is None else _Layer(layer)
 
     def __repr__(self):
         return f"HookPoint({self.name!r})"
@@ -34,6 +41,7 @@ class HookTable:
     """Hook names for one model, in forward order, with their native (site, layer) ids."""
 
     def __init__(self, n_layers):
+        self.n_layers = n_layers
         self.names = list(_core.hook_names(n_layers))
         sites = {suffix: sid for sid, suffix, _ in _core.hook_sites()}
         self.ids = {}
@@ -76,7 +84,8 @@ class HookTable:
 class ActivationCache(Mapping):
     """name -> np.ndarray (float32), in forward order. The arrays own their buffers (no second copy).
 
-    ``cache["blocks.3.hook_resid_post"]``, ``cache["resid_post", 3]``, ``cache["pattern", 5]``, ``cache["embed"]``.
+    ``cache["blocks.3.hook_resid_post"]``, ``cache["resid_post", 3]``, ``cache["pattern", 5]``, ``cache["embed"]``;
+    negative layers count from the end (``cache["resid_post", -1]``), as in TransformerLens.
     """
 
     def __init__(self, arrays, table):
@@ -86,7 +95,11 @@ class ActivationCache(Mapping):
     def _key(self, key):
         if isinstance(key, tuple):
             fam, layer = key
-            name = self._table.by_family.get((fam, int(layer) if layer is not None else None))
+            if layer is not None:
+                layer = int(layer)
+                if -self._table.n_layers <= layer < 0:
+                    layer += self._table.n_layers
+            name = self._table.by_family.get((fam, layer))
             if name is None:
                 raise KeyError(f"no hook {fam!r} at layer {layer}")
             return name

@@ -636,13 +636,7 @@ PYBIND11_MODULE(_core, m) {
           auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(arrays[py::str(name)]);
           if (!a) throw CheckpointError("tensor '" + name + "' is not a numeric array");
           std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
-          if (got != shape) {
-            std::string gs, ws;
-            for (auto x : got) gs += std::to_string(x) + ",";
-            for (auto x : shape) ws += std::to_string(x) + ",";
-            throw CheckpointError("tensor '" + name + "' has shape [" + gs.substr(0, gs.size() - 1) + "] but the config expects [" +
-                                  ws.substr(0, ws.size() - 1) + "]");
-          }
+          if (got != shape) throw shape_mismatch(name, got, shape);
           used.insert(name);
           return std::vector<float>(a.data(), a.data() + a.size());
         };
@@ -652,13 +646,7 @@ PYBIND11_MODULE(_core, m) {
           py::tuple sh = py::getattr(a, "shape", py::tuple()).cast<py::tuple>();
           std::vector<int64_t> got;
           for (auto x : sh) got.push_back(x.cast<int64_t>());
-          if (got != shape) {
-            std::string gs, ws;
-            for (auto x : got) gs += std::to_string(x) + ",";
-            for (auto x : shape) ws += std::to_string(x) + ",";
-            throw CheckpointError("tensor '" + name + "' has shape [" + gs.substr(0, gs.size() - 1) + "] but the config expects [" +
-                                  ws.substr(0, ws.size() - 1) + "]");
-          }
+          if (got != shape) throw shape_mismatch(name, got, shape);
         };
         auto model = std::make_unique<Gemma3Model>(cfg, d, get, parse_weights(weights), nullptr, check);
         for (auto item : arrays) {

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace gemmalens {
 
@@ -28,6 +29,19 @@ struct ResourceError : std::runtime_error {
 struct InternalError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// "[a, b, c]": how every error message writes a shape.
+inline std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+// The shape-mismatch error every loader raises: tensor `name` has `got` where the config implies `want`.
+inline CheckpointError shape_mismatch(const std::string& name, const std::vector<int64_t>& got, const std::vector<int64_t>& want,
+                                      const std::string& hint = "") {
+  return CheckpointError("tensor '" + name + "' has shape " + shape_str(got) + " but the config expects " + shape_str(want) + hint);
+}
 
 enum class DType { F32, BF16 };
 // How matmul weights are stored: in the compute dtype, or quantised in blocks of 32 (ops/quant.h).

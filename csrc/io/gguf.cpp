@@ -365,14 +365,7 @@ std::unique_ptr<Gemma3Model> load_gguf(const GGUFFile& f, DType dtype, Gemma3Con
     auto [name, is_norm] = to_gguf(hf_name);
     const GGUFTensor* t = f.tensor(name);
     if (!t) throw CheckpointError("GGUF file '" + path + "' is missing tensor '" + name + "' (HF '" + hf_name + "')");
-    if (t->shape() != shape) {
-      std::string a = "[", b = "[";
-      for (auto d : t->shape()) a += std::to_string(d) + ",";
-      for (auto d : shape) b += std::to_string(d) + ",";
-      a.back() = ']';
-      b.back() = ']';
-      throw CheckpointError("GGUF tensor '" + name + "' has shape " + a + " but the config expects " + b);
-    }
+    if (t->shape() != shape) throw shape_mismatch(name, t->shape(), shape, " (GGUF file '" + path + "')");
     used.insert(name);
     return {t, is_norm};
   };

@@ -8,11 +8,6 @@
 namespace gemmalens {
 
 namespace {
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string r = "[";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
-}
 bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 }  // namespace
 
@@ -32,9 +27,7 @@ std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path
     const std::string name = root + hf_name.substr(std::strlen("model."));
     const TensorInfo* t = store->find(name);
     if (!t) throw CheckpointError("checkpoint '" + weights_path + "' is missing tensor '" + name + "' (expected shape " + shape_str(shape) + ")");
-    if (t->shape != shape)
-      throw CheckpointError("tensor '" + name + "' has shape " + shape_str(t->shape) + " but the config expects " + shape_str(shape) +
-                            "; does config.json belong to these weights?");
+    if (t->shape != shape) throw shape_mismatch(name, t->shape, shape, "; does config.json belong to these weights?");
     used.insert(name);
     return t;
   };
@@ -71,7 +64,7 @@ std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path
       if (kv.second.shape == e->shape && kv.second.dtype == e->dtype && std::memcmp(kv.second.data, e->data, e->nbytes) == 0) continue;
       throw CheckpointError("tensor '" + n + "' differs from the embedding; Gemma 3 ties them (an untied LM head is not supported)");
     }
-    throw CheckpointError("checkpoint '" + weights_path + "' has unexpected tensor '" + n + "' of shape " + kv.second.shape_str() +
+    throw CheckpointError("checkpoint '" + weights_path + "' has unexpected tensor '" + n + "' of shape " + shape_str(kv.second.shape) +
                           "; it does not belong to a Gemma 3 model with this config");
   }
   return model;

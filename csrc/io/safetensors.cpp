@@ -47,17 +47,10 @@ int64_t TensorInfo::numel() const {
   int64_t n = 1;
   for (auto d : shape)
     if (d < 0 || __builtin_mul_overflow(n, d, &n))
-      throw CheckpointError("tensor '" + name + "' has shape " + shape_str() + ", whose element count overflows (file corrupt?)");
+      throw CheckpointError("tensor '" + name + "' has shape " + shape_str(shape) + ", whose element count overflows (file corrupt?)");
   return n;
 }
 
-std::string TensorInfo::shape_str() const {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
-  s << "]";
-  return s.str();
-}
 
 static size_t dtype_size(const std::string& dt) {
   if (dt == "F64" || dt == "I64" || dt == "U64") return 8;
@@ -110,7 +103,7 @@ void TensorStore::add_file(const std::string& path) {
       if (t.shape.size() > 8) throw CheckpointError(where + ": tensor '" + t.name + "' has " + std::to_string(t.shape.size()) + " dimensions");
       uint64_t want = 0;
       if (__builtin_mul_overflow(static_cast<uint64_t>(t.numel()), static_cast<uint64_t>(es), &want) || want != t.nbytes)
-        throw CheckpointError(where + ": tensor '" + t.name + "' of shape " + t.shape_str() + " and dtype " + t.dtype + " needs " +
+        throw CheckpointError(where + ": tensor '" + t.name + "' of shape " + shape_str(t.shape) + " and dtype " + t.dtype + " needs " +
                               std::to_string(t.numel() * es) + " bytes but data_offsets give " + std::to_string(t.nbytes));
       t.data = base + off[0];
     } catch (const json::exception& e) {

@@ -35,7 +35,6 @@ struct TensorInfo {
   size_t nbytes = 0;
   std::string file;
   int64_t numel() const;
-  std::string shape_str() const;
 };
 
 // All tensors of a checkpoint (one or several files), kept mapped for the store's lifetime.

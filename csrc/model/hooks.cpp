@@ -89,12 +89,6 @@ void ActView::copy_in(const float* src) const {
 
 namespace {
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string r = "[";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
-}
-
 // positions -> mask over the position axis
 std::vector<char> position_mask(const std::vector<int64_t>& positions, int64_t T) {
   std::vector<char> m(T, positions.empty() ? 1 : 0);

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import gemmalens as gl
+import layouts  # noqa: E402
 from conftest import build_hf, hf_logits, rel_err
 
 IDS = np.arange(4, 30)
@@ -79,27 +80,8 @@ def test_pickle_calling_anything_else_is_refused(tmp_path):
 
 
 def kaggle_params(hf):
-    """The HF weights in the Kaggle Flax FLAT layout (seed 000 / reference table), as numpy."""
-    c = hf.config
-    H, KV, Hd, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
-    p = {"transformer/embedder": {"input_embedding": sd["model.embed_tokens.weight"]},
-         "transformer/final_norm": {"scale": sd["model.norm.weight"]}}
-    for i in range(c.num_hidden_layers):
-        h, k = f"model.layers.{i}.", f"transformer/layer_{i}/"
-        p[k + "attn/q_einsum"] = {"w": sd[h + "self_attn.q_proj.weight"].reshape(H, Hd, D).transpose(0, 2, 1)}
-        kk = sd[h + "self_attn.k_proj.weight"].reshape(KV, Hd, D).transpose(0, 2, 1)
-        vv = sd[h + "self_attn.v_proj.weight"].reshape(KV, Hd, D).transpose(0, 2, 1)
-        p[k + "attn/kv_einsum"] = {"w": np.stack([kk, vv])}
-        p[k + "attn/attn_vec_einsum"] = {"w": sd[h + "self_attn.o_proj.weight"].reshape(D, H, Hd).transpose(1, 2, 0)}
-        p[k + "attn/_query_norm"] = {"scale": sd[h + "self_attn.q_norm.weight"]}
-        p[k + "attn/_key_norm"] = {"scale": sd[h + "self_attn.k_norm.weight"]}
-        p[k + "mlp/gating_einsum"] = {"w": np.stack([sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]])}
-        p[k + "mlp/linear"] = {"w": sd[h + "mlp.down_proj.weight"].T.copy()}
-        for hn, kn in (("input_layernorm", "pre_attention_norm"), ("post_attention_layernorm", "post_attention_norm"),
-                       ("pre_feedforward_layernorm", "pre_ffw_norm"), ("post_feedforward_layernorm", "post_ffw_norm")):
-            p[k + kn] = {"scale": sd[h + hn + ".weight"]}
-    return p
+    """The HF weights in the Kaggle Flax FLAT layout, as numpy."""
+    return layouts.kaggle_params({k: v.detach().float().numpy() for k, v in hf.state_dict().items()})
 
 
 def test_orbax_kaggle_checkpoint(src, tmp_path):

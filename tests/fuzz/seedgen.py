@@ -17,6 +17,11 @@ import sys
 
 import numpy as np
 
+# tests/ holds the layouts the tests write too (this file runs as a script: tests/fuzz is sys.path[0])
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import layouts  # noqa: E402
+from gguf_util import gguf_name  # noqa: E402
+
 D, F, L, H, KV, HD, V = 64, 96, 2, 4, 1, 16, 300
 SEED_IDS = {
     "gguf": ["gguf/f32", "gguf/q8_0", "gguf/f16"],
@@ -149,13 +154,6 @@ def tokenizer_meta():
 
 # ---------------------------------------------------------------- GGUF
 
-_GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-               "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "post_attention_norm",
-               "pre_feedforward_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "post_feedforward_layernorm": "post_ffw_norm"}
-
-
 def write_gguf(path, tensors, kind="f32", tokenizer=None, rope_linear=False):
     import gguf
 
@@ -186,13 +184,7 @@ def write_gguf(path, tensors, kind="f32", tokenizer=None, rope_linear=False):
         w.add_add_space_prefix(False)
         w.add_add_bos_token(True)
     for name, a in tensors.items():
-        if name == "model.embed_tokens.weight":
-            g = "token_embd.weight"
-        elif name == "model.norm.weight":
-            g = "output_norm.weight"
-        else:
-            _, _, n, rest = name.split(".", 3)
-            g = f"blk.{n}.{_GGUF_NAMES[rest[: -len('.weight')]]}.weight"
+        g = gguf_name(name)
         if "norm" in name:
             a = a + 1.0  # llama.cpp's converter stores Gemma norms as 1 + w
         if kind == "q8_0" and a.ndim == 2:
@@ -257,23 +249,7 @@ ocp.PyTreeCheckpointer().save(sys.argv[1], params)
 
 
 def kaggle_params(t):
-    p = {"transformer/embedder": {"input_embedding": t["model.embed_tokens.weight"]},
-         "transformer/final_norm": {"scale": t["model.norm.weight"]}}
-    for i in range(L):
-        h, k = f"model.layers.{i}.", f"transformer/layer_{i}/"
-        p[k + "attn/q_einsum"] = {"w": t[h + "self_attn.q_proj.weight"].reshape(H, HD, D).transpose(0, 2, 1)}
-        kk = t[h + "self_attn.k_proj.weight"].reshape(KV, HD, D).transpose(0, 2, 1)
-        vv = t[h + "self_attn.v_proj.weight"].reshape(KV, HD, D).transpose(0, 2, 1)
-        p[k + "attn/kv_einsum"] = {"w": np.stack([kk, vv])}
-        p[k + "attn/attn_vec_einsum"] = {"w": t[h + "self_attn.o_proj.weight"].reshape(D, H, HD).transpose(1, 2, 0)}
-        p[k + "attn/_query_norm"] = {"scale": t[h + "self_attn.q_norm.weight"]}
-        p[k + "attn/_key_norm"] = {"scale": t[h + "self_attn.k_norm.weight"]}
-        p[k + "mlp/gating_einsum"] = {"w": np.stack([t[h + "mlp.gate_proj.weight"], t[h + "mlp.up_proj.weight"]])}
-        p[k + "mlp/linear"] = {"w": t[h + "mlp.down_proj.weight"].T.copy()}
-        for hn, kn in (("input_layernorm", "pre_attention_norm"), ("post_attention_layernorm", "post_attention_norm"),
-                       ("pre_feedforward_layernorm", "pre_ffw_norm"), ("post_feedforward_layernorm", "post_ffw_norm")):
-            p[k + kn] = {"scale": t[h + hn + ".weight"]}
-    return p
+    return layouts.kaggle_params(t)
 
 
 def orbax_metadata(params):

@@ -630,30 +630,28 @@ PYBIND11_MODULE(_core, m) {
         // A model from {HF name: array in HF layout} (formats read in Python: Orbax, gemma_pytorch). The GIL is
         // held: the getter reads Python objects.
         DType d = parse_dtype(dtype);
-        std::set<std::string> used;
-        TensorGetter get = [&](const std::string& name, const std::vector<int64_t>& shape) {
-          if (!arrays.contains(name)) throw CheckpointError("checkpoint is missing tensor '" + name + "'");
-          auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(arrays[py::str(name)]);
-          if (!a) throw CheckpointError("tensor '" + name + "' is not a numeric array");
-          std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
-          if (got != shape) throw shape_mismatch(name, got, shape);
-          used.insert(name);
-          return std::vector<float>(a.data(), a.data() + a.size());
-        };
-        TensorChecker check = [&](const std::string& name, const std::vector<int64_t>& shape) {
+        const WeightQuant q = parse_weights(weights);
+        cfg.validate();
+        // Every expected tensor present with its shape, and nothing else, before anything is allocated or converted.
+        std::set<std::string> expected;
+        for_each_weight(cfg, [&](const std::string& name, const std::vector<int64_t>& shape) {
           if (!arrays.contains(name)) throw CheckpointError("checkpoint is missing tensor '" + name + "'");
           py::object a = arrays[py::str(name)];
-          py::tuple sh = py::getattr(a, "shape", py::tuple()).cast<py::tuple>();
           std::vector<int64_t> got;
-          for (auto x : sh) got.push_back(x.cast<int64_t>());
+          for (auto x : py::getattr(a, "shape", py::tuple()).cast<py::tuple>()) got.push_back(x.cast<int64_t>());
           if (got != shape) throw shape_mismatch(name, got, shape);
-        };
-        auto model = std::make_unique<Gemma3Model>(cfg, d, get, parse_weights(weights), nullptr, check);
+          expected.insert(name);
+        });
         for (auto item : arrays) {
           std::string n = py::str(item.first);
-          if (!used.count(n)) throw CheckpointError("checkpoint has unexpected tensor '" + n + "'");
+          if (!expected.count(n)) throw CheckpointError("checkpoint has unexpected tensor '" + n + "'");
         }
-        return model;
+        TensorGetter get = [&](const std::string& name, const std::vector<int64_t>&) {
+          auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(arrays[py::str(name)]);
+          if (!a) throw CheckpointError("tensor '" + name + "' is not a numeric array");
+          return std::vector<float>(a.data(), a.data() + a.size());
+        };
+        return std::make_unique<Gemma3Model>(cfg, d, get, q);
       },
       py::arg("arrays"), py::arg("config"), py::arg("dtype") = "float32", py::arg("weights") = "native");
   m.def(

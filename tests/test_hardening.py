@@ -390,6 +390,8 @@ def test_positions_past_max_position_embeddings(hf_models):
         model.forward(ids)
     with pytest.raises(ValueError, match="allow_longer"):
         model.run_with_cache(ids, names_filter="blocks.0.hook_resid_post")
+    with pytest.raises(TypeError, match="allow_longer must be True or False"):
+        model.forward(ids[:10], allow_longer="yes")
     logits = model.forward(ids, allow_longer=True)
     assert logits.shape == (1, 600, V) and np.isfinite(logits).all()
     np.testing.assert_allclose(logits[:, :100], model.forward(ids[:100]), rtol=1e-5, atol=1e-5)
@@ -437,3 +439,21 @@ def test_ctrl_c_interrupts_generate_and_the_model_still_works(real_gguf_path, tm
     assert "SAME True" in rest, rest  # the same greedy text as before any interrupt
     print("interrupt delays (s):", delays)
     assert max(delays) < 0.5, delays
+
+
+def test_load_arrays_checks_names_and_shapes_before_loading(tiny_dir):
+    """The array loader (Orbax, gemma_pytorch) refuses missing, mis-shaped and unexpected tensors up front."""
+    model = gl.load(tiny_dir)
+    arrays = model._core.export_tensors()
+    cfg = model.config
+    ok = _core.load_arrays(dict(arrays), cfg)
+    np.testing.assert_array_equal(ok.forward(np.array([[1, 2, 3]], np.int32)), model._core.forward(np.array([[1, 2, 3]], np.int32)))
+    extra = dict(arrays, **{"model.layers.0.self_attn.q_proj.bias": np.zeros(4, np.float32)})
+    with pytest.raises(gl.CheckpointError, match="unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"):
+        _core.load_arrays(extra, cfg)
+    missing = {k: v for k, v in arrays.items() if k != "model.norm.weight"}
+    with pytest.raises(gl.CheckpointError, match="missing tensor 'model.norm.weight'"):
+        _core.load_arrays(missing, cfg)
+    bad = dict(arrays, **{"model.norm.weight": np.zeros(3, np.float32)})
+    with pytest.raises(gl.CheckpointError, match=r"has shape \[3\] but the config expects"):
+        _core.load_arrays(bad, cfg)

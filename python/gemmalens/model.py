@@ -60,6 +60,11 @@ def _row_start(attention_mask, shape):
     return np.ascontiguousarray(starts, dtype=np.int32)
 
 
+def _check_allow_longer(v):
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"allow_longer must be True or False, got {v!r}")
+
+
 class Model:
     """A loaded Gemma 3 text model. Use :func:`gemmalens.load` to make one."""
 
@@ -232,6 +237,8 @@ class Model:
 
         from .sae import sae_hook_names
 
+        _check_allow_longer(allow_longer)
+
         sae_names = sae_hook_names([s for s, _ in self._saes])
         if self._saes and names_filter is not None and not callable(names_filter):
             wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)
@@ -341,6 +348,7 @@ class Model:
         """
         if return_type not in ("logits", "loss", None):
             raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
+        _check_allow_longer(allow_longer)
         toks = self.to_tokens(tokens)
         row_start = None
         if cache is not None:

@@ -18,6 +18,7 @@
 #include "model/sae.h"
 #include <map>
 #include <set>
+#include "ops/attention.h"
 #include "ops/kernels.h"
 #include "ops/linear.h"
 #include "ops/quant.h"

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "model/gemma3.h"
+#include "ops/attention.h"
 #include "ops/kernels.h"
 
 namespace gemmalens {
@@ -42,25 +43,54 @@ void Gemma3Model::embed(const int32_t* tokens, int64_t M, float* x) const {
   }
 }
 
-void Gemma3Model::forward(const ForwardArgs& a) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (threads > 0) ops::set_num_threads(threads);
+// One forward call: its shapes and positions, the RoPE tables, the hook set and the workspace's buffers.
+struct Gemma3Model::Pass {
+  const ForwardArgs& a;
+  int B = 0, T = 0, Hd = 0;
+  int64_t M = 0, past = 0;
+  int n_layers = 0;                  // blocks to run (stop_at_layer, else all)
+  std::vector<int32_t> row_start;    // [B] first real slot of each row
+  std::vector<float> cos_local, sin_local, cos_global, sin_global;  // [M, Hd / 2] per RoPE base
+  // Activations (workspace buffers; contents are scratch).
+  float* x = nullptr;        // residual stream [M, D]
+  float* normed = nullptr;   // a norm's output [M, D]
+  float* qkv = nullptr;      // [M, (H + 2 KV) Hd]
+  float* q = nullptr;        // [B, T, H, Hd]
+  float* k = nullptr;        // [B, T, KV, Hd]
+  float* v = nullptr;        // [B, T, KV, Hd]
+  float* z = nullptr;        // [B, T, H, Hd], attention output per head
+  float* out = nullptr;      // a block's output [M, D]
+  float* gate_up = nullptr;  // [M, 2F]
+  float* act = nullptr;      // [M, F]
+
+  explicit Pass(const ForwardArgs& args) : a(args) {}
+  void interrupt() const {
+    if (a.interrupt_check) a.interrupt_check();
+  }
+  // Hook sites: TransformerLens shapes as views over the internal buffers (strides in floats).
+  bool on(Site st, int layer) const { return a.hooks && a.hooks->active(st, layer); }
+  void fire(Site st, int layer, float* p, std::vector<int64_t> shape, std::vector<int64_t> strides, int pos_axis = 1) const {
+    a.hooks->run(st, layer, ActView{p, std::move(shape), std::move(strides), pos_axis});
+  }
+  void resid(Site st, int layer, float* p, int64_t width, int64_t ld) const {  // [B, T, width], row stride ld
+    if (on(st, layer)) fire(st, layer, p, {B, T, width}, {T * ld, ld, 1});
+  }
+  void heads(Site st, int layer, float* p, int64_t nh, int64_t ld) const {  // [B, T, nh, Hd], row stride ld
+    if (on(st, layer)) fire(st, layer, p, {B, T, nh, Hd}, {T * ld, ld, Hd, 1});
+  }
+};
+
+std::vector<int32_t> Gemma3Model::validate(const ForwardArgs& a) const {
   const Gemma3Config& c = cfg_;
   const int B = a.B, T = a.T;
   const int64_t M = static_cast<int64_t>(B) * T;
-  const int D = c.hidden_size, F = c.intermediate_size, H = c.num_attention_heads, KV = c.num_key_value_heads,
-            Hd = c.head_dim, V = c.vocab_size;
-  const int QKV = (H + 2 * KV) * Hd;
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  KVCache* cache = a.cache;
+  const KVCache* cache = a.cache;
   const int64_t past = cache ? cache->seq_len() : 0;
-
-  // ---- validate everything before touching the cache ----
   if (B <= 0 || T <= 0) throw ValueError("forward: empty input (batch " + std::to_string(B) + ", positions " + std::to_string(T) + ")");
   for (int64_t m = 0; m < M; ++m)
-    if (a.tokens[m] < 0 || a.tokens[m] >= V)
+    if (a.tokens[m] < 0 || a.tokens[m] >= c.vocab_size)
       throw ValueError("forward: token id " + std::to_string(a.tokens[m]) + " at flat index " + std::to_string(m) +
-                       " is out of range [0, vocab_size = " + std::to_string(V) + ")");
+                       " is out of range [0, vocab_size = " + std::to_string(c.vocab_size) + ")");
   std::vector<int32_t> row_start(B, 0);
   if (!a.allow_longer && past + T > c.max_position_embeddings)
     throw ValueError("forward: " + std::to_string(past + T) + " positions exceed the model's max_position_embeddings = " +
@@ -87,180 +117,186 @@ void Gemma3Model::forward(const ForwardArgs& a) {
       row_start[b] = a.row_start[b];
     }
   }
-
   if (a.stop_at_layer >= 0 && cache)
     throw ValueError("forward: stop_at_layer cannot be combined with a KV cache (the cache would hold only part of the layers)");
   if (a.stop_at_layer > c.num_hidden_layers)
     throw ValueError("forward: stop_at_layer = " + std::to_string(a.stop_at_layer) + " exceeds num_hidden_layers = " +
                      std::to_string(c.num_hidden_layers));
   if (a.hooks && a.hooks->n_layers() != c.num_hidden_layers) throw ValueError("forward: the hook set was made for another model");
+  return row_start;
+}
 
-  // ---- hook views (TransformerLens shapes over the internal buffers; strides in floats) ----
-  HookSet* hk = a.hooks;
-  auto on = [&](Site st, int layer) { return hk && hk->active(st, layer); };
-  auto fire = [&](Site st, int layer, float* p, std::vector<int64_t> shape, std::vector<int64_t> strides, int pos_axis = 1) {
-    hk->run(st, layer, ActView{p, std::move(shape), std::move(strides), pos_axis});
-  };
-  auto resid_view = [&](Site st, int layer, float* p, int64_t width, int64_t ld) {  // [B, T, width], row stride ld
-    if (on(st, layer)) fire(st, layer, p, {B, T, width}, {T * ld, ld, 1});
-  };
-  auto heads_view = [&](Site st, int layer, float* p, int64_t nh, int64_t ld) {     // [B, T, nh, Hd]
-    if (on(st, layer)) fire(st, layer, p, {B, T, nh, Hd}, {T * ld, ld, Hd, 1});
-  };
+Gemma3Model::Pass Gemma3Model::prepare(const ForwardArgs& a) {
+  const Gemma3Config& c = cfg_;
+  Pass p(a);
+  p.row_start = validate(a);  // everything checked before the cache or a buffer is touched
+  p.B = a.B;
+  p.T = a.T;
+  p.Hd = c.head_dim;
+  p.M = static_cast<int64_t>(a.B) * a.T;
+  p.past = a.cache ? a.cache->seq_len() : 0;
+  p.n_layers = a.stop_at_layer >= 0 ? a.stop_at_layer : c.num_hidden_layers;
 
-  // ---- positions and RoPE tables (sliding: local base; full: rope_theta with linear scaling) ----
-  std::vector<int32_t> pos(M);
-  for (int b = 0; b < B; ++b)
-    for (int t = 0; t < T; ++t) pos[b * T + t] = static_cast<int32_t>(std::max<int64_t>(0, past + t - row_start[b]));
-  const int half = Hd / 2;
-  std::vector<float> cos_l(M * half), sin_l(M * half), cos_g(M * half), sin_g(M * half);
-  ops::rope_tables(pos.data(), M, Hd, c.rope_local_base_freq, 1.0, cos_l.data(), sin_l.data());
-  ops::rope_tables(pos.data(), M, Hd, c.rope_theta, c.rope_scaling_factor, cos_g.data(), sin_g.data());
+  // Positions (left padding shifts a row's first real token to 0) and RoPE tables: sliding layers use the local
+  // base, full layers rope_theta with linear scaling.
+  std::vector<int32_t> pos(p.M);
+  for (int b = 0; b < p.B; ++b)
+    for (int t = 0; t < p.T; ++t) pos[b * p.T + t] = static_cast<int32_t>(std::max<int64_t>(0, p.past + t - p.row_start[b]));
+  const int64_t half = c.head_dim / 2;
+  for (auto* t : {&p.cos_local, &p.sin_local, &p.cos_global, &p.sin_global}) t->resize(p.M * half);
+  ops::rope_tables(pos.data(), p.M, c.head_dim, c.rope_local_base_freq, 1.0, p.cos_local.data(), p.sin_local.data());
+  ops::rope_tables(pos.data(), p.M, c.head_dim, c.rope_theta, c.rope_scaling_factor, p.cos_global.data(), p.sin_global.data());
 
-  // ---- activations (workspace buffers; contents are scratch) ----
   auto grow = [](std::vector<float>& buf, int64_t n) {
     if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
     return buf.data();
   };
-  float* x = grow(ws_.x, M * D);                  // residual stream [M, D]
-  float* normed = grow(ws_.normed, M * D);        // a norm's output [M, D]
-  float* qkv = grow(ws_.qkv, M * QKV);            // [M, (H + 2 KV) Hd]
-  float* q = grow(ws_.q, M * H * Hd);             // [B, T, H, Hd]
-  float* k = grow(ws_.k, M * KV * Hd);            // [B, T, KV, Hd]
-  float* v = grow(ws_.v, M * KV * Hd);            // [B, T, KV, Hd]
-  float* z = grow(ws_.z, M * H * Hd);             // [B, T, H, Hd], attention output per head
-  float* out = grow(ws_.out, M * D);              // a block's output [M, D]
-  float* gate_up = grow(ws_.gate_up, M * 2 * F);  // [M, 2F]
-  float* act = grow(ws_.act, M * F);              // [M, F]
-  // Sliding layers' K/V reach the ring buffers only after the whole pass succeeded.
-  struct Pending { int layer; int64_t keep; std::vector<float> k, v; };
-  std::vector<Pending> pending;
+  const int64_t M = p.M, D = c.hidden_size, F = c.intermediate_size, H = c.num_attention_heads, KV = c.num_key_value_heads;
+  p.x = grow(ws_.x, M * D);
+  p.normed = grow(ws_.normed, M * D);
+  p.qkv = grow(ws_.qkv, M * (H + 2 * KV) * p.Hd);
+  p.q = grow(ws_.q, M * H * p.Hd);
+  p.k = grow(ws_.k, M * KV * p.Hd);
+  p.v = grow(ws_.v, M * KV * p.Hd);
+  p.z = grow(ws_.z, M * H * p.Hd);
+  p.out = grow(ws_.out, M * D);
+  p.gate_up = grow(ws_.gate_up, M * 2 * F);
+  p.act = grow(ws_.act, M * F);
+  return p;
+}
 
-  embed(a.tokens, M, x);
-  resid_view(Site::Embed, -1, x, D, D);
+void Gemma3Model::forward(const ForwardArgs& a) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (threads > 0) ops::set_num_threads(threads);
+  Pass p = prepare(a);  // validation, positions, RoPE tables, buffers
+  const int D = cfg_.hidden_size;
 
-  const int n_run = a.stop_at_layer >= 0 ? a.stop_at_layer : c.num_hidden_layers;
-  for (int l = 0; l < n_run; ++l) {
-    if (a.interrupt_check) a.interrupt_check();
-    LayerWeights& L = w_.layers[l];
-    const bool sliding = c.is_sliding(l);
-    const float* cs = sliding ? cos_l.data() : cos_g.data();
-    const float* sn = sliding ? sin_l.data() : sin_g.data();
-
-    resid_view(Site::ResidPre, l, x, D, D);
-    // --- self-attention ---
-    ops::rmsnorm(x, D, L.input_layernorm.data(), eps, M, D, normed, D);
-    resid_view(Site::Ln1, l, normed, D, D);
-    L.qkv.forward(normed, M, qkv);
-    heads_view(Site::Q, l, qkv, H, QKV);
-    heads_view(Site::K, l, qkv + H * Hd, KV, QKV);
-    heads_view(Site::V, l, qkv + (H + KV) * Hd, KV, QKV);
-    ops::rmsnorm_heads(qkv, QKV, H, Hd, L.q_norm.data(), eps, M, q);            // q_norm before RoPE
-    ops::rmsnorm_heads(qkv + H * Hd, QKV, KV, Hd, L.k_norm.data(), eps, M, k);  // k_norm before RoPE
-    heads_view(Site::QNorm, l, q, H, H * Hd);
-    heads_view(Site::KNorm, l, k, KV, KV * Hd);
-    for (int64_t m = 0; m < M; ++m)
-      std::memcpy(v + m * KV * Hd, qkv + m * QKV + (H + KV) * Hd, sizeof(float) * KV * Hd);
-    ops::rope_apply(q, M, H, Hd, cs, sn);
-    ops::rope_apply(k, M, KV, Hd, cs, sn);
-    heads_view(Site::RotQ, l, q, H, H * Hd);
-    heads_view(Site::RotK, l, k, KV, KV * Hd);
-    if (dtype_ == DType::BF16) {  // K/V as the bf16 cache will hold them: chunked == one pass
-      ops::round_bf16_inplace(k, M * KV * Hd);
-      ops::round_bf16_inplace(v, M * KV * Hd);
-    }
-    ops::AttentionArgs at;
-    at.B = B; at.T = T; at.H = H; at.KV = KV; at.Hd = Hd;
-    at.q = q; at.k_new = k; at.v_new = v;
-    if (cache && past > 0) {
-      const auto& cl = cache->layer(l);
-      at.k_past = cl.k.data(); at.v_past = cl.v.data(); at.past_dtype = cache->dtype(); at.cap = cl.cap;
-    }
-    at.past = past;
-    at.row_start = row_start.data();
-    at.window = sliding ? c.sliding_window : 0;          // window counts the current token
-    at.scale = static_cast<float>(std::pow(c.query_pre_attn_scalar, -0.5));
-    at.softcap = static_cast<float>(c.attn_logit_softcapping);
-    at.z = z;
-    at.compute = dtype_;
-    if (on(Site::AttnScores, l) || on(Site::Pattern, l)) {
-      // Materialised path: scores and pattern exist as tensors, hooks may read and edit them.
-      const int64_t S = past + T;
-      std::vector<float> scores(static_cast<size_t>(B) * H * T * S), pattern(scores.size());
-      ops::attention_scores(at, scores.data());
-      if (on(Site::AttnScores, l)) fire(Site::AttnScores, l, scores.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
-      ops::softmax_rows(scores.data(), static_cast<int64_t>(B) * H * T, S, pattern.data());
-      if (on(Site::Pattern, l)) fire(Site::Pattern, l, pattern.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
-      ops::attention_apply(at, pattern.data(), z);
-    } else {
-      ops::attention(at);
-    }
-    heads_view(Site::Z, l, z, H, H * Hd);
-    if (a.interrupt_check) a.interrupt_check();  // attention of a long prefill can take a while: check again
-    if (cache) {
-      if (sliding) {
-        const int64_t keep = std::min<int64_t>(T, cache->layer(l).cap);
-        Pending p{l, keep, std::vector<float>(static_cast<size_t>(B) * keep * KV * Hd), std::vector<float>(static_cast<size_t>(B) * keep * KV * Hd)};
-        for (int b = 0; b < B; ++b) {
-          const int64_t src = (static_cast<int64_t>(b) * T + (T - keep)) * KV * Hd, dst = static_cast<int64_t>(b) * keep * KV * Hd;
-          std::memcpy(p.k.data() + dst, k + src, sizeof(float) * keep * KV * Hd);
-          std::memcpy(p.v.data() + dst, v + src, sizeof(float) * keep * KV * Hd);
-        }
-        pending.push_back(std::move(p));
-      } else {
-        cache->write(l, k, v, T, past);  // slots past..past+T-1, beyond seq_len until advance()
-      }
-    }
-    L.o_proj.forward(z, M, out);
-    ops::rmsnorm(out, D, L.post_attention_layernorm.data(), eps, M, D, out, D);
-    resid_view(Site::Ln1Post, l, out, D, D);
-    resid_view(Site::AttnOut, l, out, D, D);
-    ops::add_inplace(x, out, M * D);
-    resid_view(Site::ResidMid, l, x, D, D);
-
-    // --- MLP: down(gelu_tanh(gate(m)) * up(m)) ---
-    if (a.interrupt_check) a.interrupt_check();
-    ops::rmsnorm(x, D, L.pre_feedforward_layernorm.data(), eps, M, D, normed, D);
-    resid_view(Site::Ln2, l, normed, D, D);
-    L.gate_up.forward(normed, M, gate_up);
-    resid_view(Site::MlpPre, l, gate_up, F, 2 * F);
-    resid_view(Site::MlpPreLinear, l, gate_up + F, F, 2 * F);
-    ops::gelu_tanh_mul(gate_up, gate_up + F, 2 * F, M, F, act);
-    resid_view(Site::MlpPost, l, act, F, F);
-    L.down_proj.forward(act, M, out);
-    ops::rmsnorm(out, D, L.post_feedforward_layernorm.data(), eps, M, D, out, D);
-    resid_view(Site::Ln2Post, l, out, D, D);
-    resid_view(Site::MlpOut, l, out, D, D);
-    ops::add_inplace(x, out, M * D);
-    resid_view(Site::ResidPost, l, x, D, D);
+  embed(a.tokens, p.M, p.x);
+  p.resid(Site::Embed, -1, p.x, D, D);
+  for (int l = 0; l < p.n_layers; ++l) {
+    p.interrupt();
+    p.resid(Site::ResidPre, l, p.x, D, D);
+    attention_block(l, p);  // x += post_attention_norm(o_proj(attention(input_norm(x))))
+    p.interrupt();
+    mlp_block(l, p);        // x += post_feedforward_norm(down(gelu_tanh(gate(m)) * up(m))), m = pre_feedforward_norm(x)
   }
-
   if (a.stop_at_layer >= 0) {  // TransformerLens: the residual stream before block stop_at_layer
-    if (a.resid_out) std::memcpy(a.resid_out, x, sizeof(float) * M * D);
+    if (a.resid_out) std::memcpy(a.resid_out, p.x, sizeof(float) * p.M * D);
     return;
   }
+  if (a.cache) a.cache->commit(p.T, p.row_start);  // every layer ran: the new positions join the cache
+  final(p);
+}
 
-  if (cache) {
-    for (auto& p : pending) cache->write(p.layer, p.k.data(), p.v.data(), p.keep, past + T - p.keep);
-    if (past == 0) cache->set_row_start(row_start);
-    cache->advance(T);
+void Gemma3Model::attention_block(int l, Pass& p) {
+  const Gemma3Config& c = cfg_;
+  LayerWeights& L = w_.layers[l];
+  const int D = c.hidden_size, H = c.num_attention_heads, KV = c.num_key_value_heads, Hd = c.head_dim, QKV = (H + 2 * KV) * Hd;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const int64_t M = p.M;
+  const bool sliding = c.is_sliding(l);
+
+  ops::rmsnorm(p.x, D, L.input_layernorm.data(), eps, M, D, p.normed, D);
+  p.resid(Site::Ln1, l, p.normed, D, D);
+  L.qkv.forward(p.normed, M, p.qkv);
+  p.heads(Site::Q, l, p.qkv, H, QKV);
+  p.heads(Site::K, l, p.qkv + H * Hd, KV, QKV);
+  p.heads(Site::V, l, p.qkv + (H + KV) * Hd, KV, QKV);
+  ops::rmsnorm_heads(p.qkv, QKV, H, Hd, L.q_norm.data(), eps, M, p.q);            // q_norm before RoPE
+  ops::rmsnorm_heads(p.qkv + H * Hd, QKV, KV, Hd, L.k_norm.data(), eps, M, p.k);  // k_norm before RoPE
+  p.heads(Site::QNorm, l, p.q, H, H * Hd);
+  p.heads(Site::KNorm, l, p.k, KV, KV * Hd);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(p.v + m * KV * Hd, p.qkv + m * QKV + (H + KV) * Hd, sizeof(float) * KV * Hd);
+  const float* cs = sliding ? p.cos_local.data() : p.cos_global.data();
+  const float* sn = sliding ? p.sin_local.data() : p.sin_global.data();
+  ops::rope_apply(p.q, M, H, Hd, cs, sn);
+  ops::rope_apply(p.k, M, KV, Hd, cs, sn);
+  p.heads(Site::RotQ, l, p.q, H, H * Hd);
+  p.heads(Site::RotK, l, p.k, KV, KV * Hd);
+  if (dtype_ == DType::BF16) {  // K/V as the bf16 cache will hold them: chunked == one pass
+    ops::round_bf16_inplace(p.k, M * KV * Hd);
+    ops::round_bf16_inplace(p.v, M * KV * Hd);
   }
+  attend(l, p);
+  p.heads(Site::Z, l, p.z, H, H * Hd);
+  p.interrupt();  // attention of a long prefill can take a while: check again
+  if (p.a.cache) p.a.cache->stage(l, p.k, p.v, p.T);
 
-  // ---- final norm and tied LM head ----
-  if (a.logits_mode == LogitsMode::None && !on(Site::LnFinal, -1)) return;
-  int64_t rows = M;
-  if (a.logits_mode == LogitsMode::Last) {
-    rows = B;
-    for (int b = 0; b < B; ++b)
-      ops::rmsnorm(x + (static_cast<int64_t>(b) * T + T - 1) * D, D, w_.final_norm.data(), eps, 1, D, normed + b * D, D);
-    if (on(Site::LnFinal, -1)) fire(Site::LnFinal, -1, normed, {B, 1, D}, {D, D, 1});
+  L.o_proj.forward(p.z, M, p.out);
+  ops::rmsnorm(p.out, D, L.post_attention_layernorm.data(), eps, M, D, p.out, D);
+  p.resid(Site::Ln1Post, l, p.out, D, D);
+  p.resid(Site::AttnOut, l, p.out, D, D);
+  ops::add_inplace(p.x, p.out, M * D);
+  p.resid(Site::ResidMid, l, p.x, D, D);
+}
+
+void Gemma3Model::attend(int l, Pass& p) {
+  const Gemma3Config& c = cfg_;
+  ops::AttentionArgs at;
+  at.B = p.B; at.T = p.T; at.H = c.num_attention_heads; at.KV = c.num_key_value_heads; at.Hd = c.head_dim;
+  at.q = p.q; at.k_new = p.k; at.v_new = p.v;
+  if (p.a.cache && p.past > 0) at.cache = p.a.cache->view(l);
+  at.past = p.past;
+  at.row_start = p.row_start.data();
+  at.window = c.is_sliding(l) ? c.sliding_window : 0;  // the window counts the current token
+  at.scale = static_cast<float>(std::pow(c.query_pre_attn_scalar, -0.5));
+  at.softcap = static_cast<float>(c.attn_logit_softcapping);
+  at.z = p.z;
+  at.compute = dtype_;
+  if (!p.on(Site::AttnScores, l) && !p.on(Site::Pattern, l)) {
+    ops::attention(at);
+    return;
+  }
+  // Materialised path: scores and pattern exist as tensors [B, H, T, S], hooks may read and edit them.
+  const int64_t B = p.B, H = at.H, T = p.T, S = p.past + p.T;
+  std::vector<float> scores(static_cast<size_t>(B * H * T * S)), pattern(scores.size());
+  ops::attention_scores(at, scores.data());
+  if (p.on(Site::AttnScores, l)) p.fire(Site::AttnScores, l, scores.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
+  ops::softmax_rows(scores.data(), B * H * T, S, pattern.data());
+  if (p.on(Site::Pattern, l)) p.fire(Site::Pattern, l, pattern.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
+  ops::attention_apply(at, pattern.data(), p.z);
+}
+
+void Gemma3Model::mlp_block(int l, Pass& p) {
+  const Gemma3Config& c = cfg_;
+  LayerWeights& L = w_.layers[l];
+  const int D = c.hidden_size, F = c.intermediate_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const int64_t M = p.M;
+  ops::rmsnorm(p.x, D, L.pre_feedforward_layernorm.data(), eps, M, D, p.normed, D);
+  p.resid(Site::Ln2, l, p.normed, D, D);
+  L.gate_up.forward(p.normed, M, p.gate_up);
+  p.resid(Site::MlpPre, l, p.gate_up, F, 2 * F);
+  p.resid(Site::MlpPreLinear, l, p.gate_up + F, F, 2 * F);
+  ops::gelu_tanh_mul(p.gate_up, p.gate_up + F, 2 * F, M, F, p.act);
+  p.resid(Site::MlpPost, l, p.act, F, F);
+  L.down_proj.forward(p.act, M, p.out);
+  ops::rmsnorm(p.out, D, L.post_feedforward_layernorm.data(), eps, M, D, p.out, D);
+  p.resid(Site::Ln2Post, l, p.out, D, D);
+  p.resid(Site::MlpOut, l, p.out, D, D);
+  ops::add_inplace(p.x, p.out, M * D);
+  p.resid(Site::ResidPost, l, p.x, D, D);
+}
+
+void Gemma3Model::final(Pass& p) {
+  const Gemma3Config& c = cfg_;
+  const ForwardArgs& a = p.a;
+  const int D = c.hidden_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  if (a.logits_mode == LogitsMode::None && !p.on(Site::LnFinal, -1)) return;
+  int64_t rows = p.M;
+  if (a.logits_mode == LogitsMode::Last) {  // each row's last position only
+    rows = p.B;
+    for (int b = 0; b < p.B; ++b)
+      ops::rmsnorm(p.x + (static_cast<int64_t>(b) * p.T + p.T - 1) * D, D, w_.final_norm.data(), eps, 1, D, p.normed + b * D, D);
+    if (p.on(Site::LnFinal, -1)) p.fire(Site::LnFinal, -1, p.normed, {p.B, 1, D}, {D, D, 1});
   } else {
-    ops::rmsnorm(x, D, w_.final_norm.data(), eps, M, D, normed, D);
-    resid_view(Site::LnFinal, -1, normed, D, D);
+    ops::rmsnorm(p.x, D, w_.final_norm.data(), eps, p.M, D, p.normed, D);
+    p.resid(Site::LnFinal, -1, p.normed, D, D);
   }
   if (a.logits_mode == LogitsMode::None) return;
-  w_.embed.forward(normed, rows, a.logits);
-  if (c.final_logit_softcapping > 0) ops::softcap_inplace(a.logits, rows * V, static_cast<float>(c.final_logit_softcapping));
+  w_.embed.forward(p.normed, rows, a.logits);  // the tied LM head
+  if (c.final_logit_softcapping > 0) ops::softcap_inplace(a.logits, rows * c.vocab_size, static_cast<float>(c.final_logit_softcapping));
 }
 
 void Gemma3Model::unembed(const float* x, int64_t M, float* logits) {

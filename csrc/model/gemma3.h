@@ -91,7 +91,15 @@ class Gemma3Model {
   void unembed(const float* x, int64_t M, float* logits);
 
  private:
+  // The forward, block by block (gemma3.cpp); a Pass carries one call's shapes, positions and buffers.
+  struct Pass;
+  std::vector<int32_t> validate(const ForwardArgs& a) const;  // throws before anything is touched; row starts
+  Pass prepare(const ForwardArgs& a);
   void embed(const int32_t* tokens, int64_t M, float* x) const;
+  void attention_block(int l, Pass& p);  // x += post_attention_norm(o_proj(attention(input_norm(x))))
+  void attend(int l, Pass& p);           // z from q, k, v (and the cache): fast kernel or materialised for hooks
+  void mlp_block(int l, Pass& p);        // x += post_feedforward_norm(down(gelu_tanh(gate) * up))
+  void final(Pass& p);                   // final norm and the tied LM head
   // Activation buffers, grown on demand and reused across calls (no page faults in steady state).
   struct Workspace {
     std::vector<float> x, normed, qkv, q, k, v, z, out, gate_up, act;

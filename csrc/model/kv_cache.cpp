@@ -56,32 +56,78 @@ size_t KVCache::nbytes() const {
   return n;
 }
 
-void KVCache::write(int layer, const float* k_new, const float* v_new, int64_t T, int64_t first_slot) {
-  Layer& l = layers_[layer];
-  if (!l.sliding && first_slot + T > l.cap)
-    throw ValueError("KV cache is full: " + std::to_string(first_slot) + " + " + std::to_string(T) + " positions exceed max_seq_len = " +
-                     std::to_string(max_seq_len_) + "; create the cache with a larger max_seq_len");
-  const int64_t first = std::max<int64_t>(0, T - l.cap);  // older chunk slots would be overwritten anyway
+ops::KVRing KVCache::view(int l) const {
+  const Layer& L = layers_[l];
+  ops::KVRing r;
+  r.k = L.k.data();
+  r.v = L.v.data();
+  r.dtype = dtype_;
+  r.KV = KV_;
+  r.Hd = Hd_;
+  r.cap = L.cap;
+  return r;
+}
+
+void KVCache::write(Layer& L, const ops::KVRing& ring, const float* k, const float* v, int64_t T, int64_t t0, int64_t n,
+                    int64_t first_slot) {
   for (int b = 0; b < batch_; ++b)
-    for (int64_t t = first; t < T; ++t) {
-      const int64_t slot = (first_slot + t) % l.cap;
+    for (int64_t t = t0; t < t0 + n; ++t)
       for (int h = 0; h < KV_; ++h) {
-        const float* ks = k_new + ((b * T + t) * KV_ + h) * Hd_;
-        const float* vs = v_new + ((b * T + t) * KV_ + h) * Hd_;
-        const int64_t off = ((static_cast<int64_t>(b) * KV_ + h) * l.cap + slot) * Hd_;
+        const float* ks = k + ((b * T + t) * KV_ + h) * Hd_;
+        const float* vs = v + ((b * T + t) * KV_ + h) * Hd_;
+        const int64_t off = ring.offset(b, h, first_slot + (t - t0));
         if (dtype_ == DType::F32) {
-          std::copy(ks, ks + Hd_, reinterpret_cast<float*>(l.k.data()) + off);
-          std::copy(vs, vs + Hd_, reinterpret_cast<float*>(l.v.data()) + off);
+          std::copy(ks, ks + Hd_, reinterpret_cast<float*>(L.k.data()) + off);
+          std::copy(vs, vs + Hd_, reinterpret_cast<float*>(L.v.data()) + off);
         } else {
-          uint16_t* kd = reinterpret_cast<uint16_t*>(l.k.data()) + off;
-          uint16_t* vd = reinterpret_cast<uint16_t*>(l.v.data()) + off;
+          uint16_t* kd = reinterpret_cast<uint16_t*>(L.k.data()) + off;
+          uint16_t* vd = reinterpret_cast<uint16_t*>(L.v.data()) + off;
           for (int d = 0; d < Hd_; ++d) {
             kd[d] = f32_to_bf16(ks[d]);
             vd[d] = f32_to_bf16(vs[d]);
           }
         }
       }
+}
+
+void KVCache::stage(int l, const float* k, const float* v, int64_t T) {
+  if (l < 0 || l >= static_cast<int>(layers_.size())) throw InternalError("KV cache: stage() for a layer it does not have");
+  Layer& L = layers_[l];
+  if (seq_len_ + T > max_seq_len_)
+    throw ValueError("KV cache is full: " + std::to_string(seq_len_) + " + " + std::to_string(T) + " positions exceed max_seq_len = " +
+                     std::to_string(max_seq_len_) + "; create the cache with a larger max_seq_len");
+  L.staged_T = T;
+  if (!L.sliding) {  // slots past seq_len are not read before commit(): write them in place
+    write(L, view(l), k, v, T, 0, T, seq_len_);
+    L.staged = 0;
+    return;
+  }
+  const int64_t keep = std::min<int64_t>(T, L.cap);  // older rows of the chunk would be overwritten anyway
+  const size_t row = static_cast<size_t>(KV_) * Hd_;
+  L.sk.resize(static_cast<size_t>(batch_) * keep * row);
+  L.sv.resize(L.sk.size());
+  for (int b = 0; b < batch_; ++b) {
+    const size_t src = (static_cast<size_t>(b) * T + (T - keep)) * row, dst = static_cast<size_t>(b) * keep * row;
+    std::copy(k + src, k + src + keep * row, L.sk.data() + dst);
+    std::copy(v + src, v + src + keep * row, L.sv.data() + dst);
+  }
+  L.staged = keep;
+}
+
+void KVCache::commit(int64_t T, const std::vector<int32_t>& row_start) {
+  for (const Layer& L : layers_)
+    if (L.staged < 0 || L.staged_T != T) throw InternalError("KV cache: commit() of layers that were not staged");
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    Layer& L = layers_[i];
+    if (L.sliding) write(L, view(static_cast<int>(i)), L.sk.data(), L.sv.data(), L.staged, 0, L.staged, seq_len_ + T - L.staged);
+    L.staged = -1;
+    if (L.sk.capacity() > (1u << 18)) {  // a long prefill's rows: give them back (decode steps keep a small buffer)
+      std::vector<float>().swap(L.sk);
+      std::vector<float>().swap(L.sv);
     }
+  }
+  if (seq_len_ == 0) row_start_ = row_start;
+  seq_len_ += T;
 }
 
 void KVCache::truncate(int64_t n) {

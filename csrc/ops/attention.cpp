@@ -1,356 +1,35 @@
-// Tiled attention with online softmax (the flash-attention recurrence), AVX-512.
-// For each (row b, KV head, block of queries) the block's query rows (all heads of the group) meet
-// tiles of 64 keys: S = Q K^T on a 4-row x 64-key register tile, masked online softmax per row,
-// Z += P V on 4-row x 64-dim register tiles. Numerically the same function as attention_reference
-// (f32 throughout, exact masking); only the summation order differs.
-#include <immintrin.h>
+// The attention dispatcher, the direct reference kernel and the materialised path (scores, softmax, apply) that
+// the attn_scores / pattern hooks read and edit. The fast variants live in attention_tiled.cpp and
+// attention_bf16.cpp; the shared rules (visible keys, where a row lives) in attention.h.
+#include "ops/attention.h"
+
 #include <omp.h>
 
 #include <algorithm>
 #include <limits>
 #include <vector>
 
-#include "ops/kernels.h"
 #include "ops/vmath.h"
 
 namespace gemmalens::ops {
 
 namespace {
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-constexpr int NK = 64;  // keys per tile
-
-
-#define GL_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
-
-// S[r][0..NK) = q_r . Kt[:, 0..NK) for `rows` rows (q_r at q[r] with Hd floats). Kt is [Hd][ldk].
-// The head dimension is walked in chunks of KD so the chunk of Kt (KD x NK floats, 16 KB) stays in L1 while every
-// block of 4 rows passes over it; partial sums wait in S between chunks.
-constexpr int KD = 64;
-
-GL_AVX512 void scores_tile(const float* const* q, int rows, const float* Kt, int64_t ldk, int Hd, float* S) {
-  for (int d0 = 0; d0 < Hd; d0 += KD) {
-    const int d1 = std::min(Hd, d0 + KD);
-    int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      __m512 acc[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int c = 0; c < 4; ++c) acc[i][c] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + (r + i) * NK + 16 * c);
-      const float *q0 = q[r], *q1 = q[r + 1], *q2 = q[r + 2], *q3 = q[r + 3];
-      for (int d = d0; d < d1; ++d) {
-        const float* kt = Kt + d * ldk;
-        const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32), k3 = _mm512_loadu_ps(kt + 48);
-        const __m512 b0 = _mm512_set1_ps(q0[d]), b1 = _mm512_set1_ps(q1[d]), b2 = _mm512_set1_ps(q2[d]), b3 = _mm512_set1_ps(q3[d]);
-        acc[0][0] = _mm512_fmadd_ps(b0, k0, acc[0][0]); acc[0][1] = _mm512_fmadd_ps(b0, k1, acc[0][1]);
-        acc[0][2] = _mm512_fmadd_ps(b0, k2, acc[0][2]); acc[0][3] = _mm512_fmadd_ps(b0, k3, acc[0][3]);
-        acc[1][0] = _mm512_fmadd_ps(b1, k0, acc[1][0]); acc[1][1] = _mm512_fmadd_ps(b1, k1, acc[1][1]);
-        acc[1][2] = _mm512_fmadd_ps(b1, k2, acc[1][2]); acc[1][3] = _mm512_fmadd_ps(b1, k3, acc[1][3]);
-        acc[2][0] = _mm512_fmadd_ps(b2, k0, acc[2][0]); acc[2][1] = _mm512_fmadd_ps(b2, k1, acc[2][1]);
-        acc[2][2] = _mm512_fmadd_ps(b2, k2, acc[2][2]); acc[2][3] = _mm512_fmadd_ps(b2, k3, acc[2][3]);
-        acc[3][0] = _mm512_fmadd_ps(b3, k0, acc[3][0]); acc[3][1] = _mm512_fmadd_ps(b3, k1, acc[3][1]);
-        acc[3][2] = _mm512_fmadd_ps(b3, k2, acc[3][2]); acc[3][3] = _mm512_fmadd_ps(b3, k3, acc[3][3]);
-      }
-      for (int i = 0; i < 4; ++i)
-        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + (r + i) * NK + 16 * c, acc[i][c]);
-    }
-    for (; r < rows; ++r) {
-      __m512 a[4];
-      for (int c = 0; c < 4; ++c) a[c] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + r * NK + 16 * c);
-      const float* qr = q[r];
-      for (int d = d0; d < d1; ++d) {
-        const float* kt = Kt + d * ldk;
-        const __m512 b = _mm512_set1_ps(qr[d]);
-        for (int c = 0; c < 4; ++c) a[c] = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 16 * c), a[c]);
-      }
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + r * NK + 16 * c, a[c]);
-    }
-  }
+// q . k for a key row from the chunk / f32 cache (f) or the bf16 cache (h).
+inline float dot_row(const float* q, const KVRow& k, int Hd) { return k.f ? dot_f32(q, k.f, Hd) : dot_bf16(q, k.h, Hd); }
+// z += w * v for a value row (absent rows contribute nothing).
+inline void axpy_row(float w, const KVRow& v, float* z, int Hd) {
+  if (v.f)
+    axpy_f32(w, v.f, z, Hd);
+  else if (v.h)
+    axpy_bf16(w, v.h, z, Hd);
 }
-
-// One row of a score tile, in place: s[c] = exp(x_c - mx) for the visible columns [c_lo, c_hi] (x_c = s[c] * scale,
-// soft-capped when softcap > 0), 0 elsewhere; mx = max(m_prev, max x_c). Returns mx, *sum = sum of the exps.
-// exp512 (ops/vmath.h) is exp_f32's polynomial in 16 lanes.
-GL_AVX512 float softmax_tile_row(float* s, int c_lo, int c_hi, float scale, float softcap, float m_prev, float* sum) {
-  if (softcap > 0.f) {  // rare (no released Gemma 3 sets it): scalar
-    float mx = m_prev;
-    for (int c = c_lo; c <= c_hi; ++c) {
-      s[c] = softcap * tanh_f32(s[c] * scale / softcap);
-      mx = std::max(mx, s[c]);
-    }
-    float acc = 0.f;
-    for (int c = 0; c < NK; ++c) {
-      s[c] = (c < c_lo || c > c_hi) ? 0.f : exp_f32(s[c] - mx);
-      acc += s[c];
-    }
-    *sum = acc;
-    return mx;
-  }
-  const __m512 sc = _mm512_set1_ps(scale);
-  __m512 vmx = _mm512_set1_ps(m_prev);
-  __mmask16 vis[NK / 16];
-  for (int v = 0; v < NK / 16; ++v) {
-    const int c0 = 16 * v;
-    const int lo = std::max(c_lo - c0, 0), hi = std::min(c_hi - c0, 15);  // visible lanes [lo, hi]
-    vis[v] = lo > hi ? 0 : static_cast<__mmask16>(((1u << (hi + 1)) - 1) & ~((1u << lo) - 1));
-    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + c0), sc);
-    _mm512_storeu_ps(s + c0, x);
-    vmx = _mm512_mask_max_ps(vmx, vis[v], vmx, x);
-  }
-  const float mx = _mm512_reduce_max_ps(vmx);
-  const __m512 m = _mm512_set1_ps(mx);
-  __m512 acc = _mm512_setzero_ps();
-  for (int v = 0; v < NK / 16; ++v) {
-    const __m512 e = _mm512_maskz_mov_ps(vis[v], exp512(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * v), m)));
-    _mm512_storeu_ps(s + 16 * v, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  *sum = _mm512_reduce_add_ps(acc);
-  return mx;
+// A raw score -> the logit softmax sees: scaled, then soft-capped when the config asks.
+inline float score_logit(const AttentionArgs& a, float s) {
+  s *= a.scale;
+  return a.softcap > 0.f ? a.softcap * tanh_f32(s / a.softcap) : s;
 }
-
-// Z[r][:] = Z[r][:] * corr[r] + sum_j P[r][j] V[j][:] for `rows` rows, `nk` keys; V rows at v[j] (Hd floats).
-// Hd is a multiple of 16.
-GL_AVX512 void pv_tile(const float* P, const float* corr, int rows, const float* const* v, int nk, int Hd, float* Z) {
-  for (int c0 = 0; c0 < Hd; c0 += 64) {
-    const int nc = std::min(64, Hd - c0) / 16;
-    int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      __m512 acc[4][4];
-      for (int i = 0; i < 4; ++i) {
-        const __m512 cr = _mm512_set1_ps(corr[r + i]);
-        for (int c = 0; c < nc; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + (r + i) * Hd + c0 + 16 * c));
-      }
-      for (int j = 0; j < nk; ++j) {
-        const float* vr = v[j] + c0;
-        __m512 vv[4];
-        for (int c = 0; c < nc; ++c) vv[c] = _mm512_loadu_ps(vr + 16 * c);
-        for (int i = 0; i < 4; ++i) {
-          const __m512 p = _mm512_set1_ps(P[(r + i) * NK + j]);
-          for (int c = 0; c < nc; ++c) acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
-        }
-      }
-      for (int i = 0; i < 4; ++i)
-        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(Z + (r + i) * Hd + c0 + 16 * c, acc[i][c]);
-    }
-    for (; r < rows; ++r) {
-      __m512 acc[4];
-      const __m512 cr = _mm512_set1_ps(corr[r]);
-      for (int c = 0; c < nc; ++c) acc[c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + r * Hd + c0 + 16 * c));
-      for (int j = 0; j < nk; ++j) {
-        const __m512 p = _mm512_set1_ps(P[r * NK + j]);
-        for (int c = 0; c < nc; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v[j] + c0 + 16 * c), acc[c]);
-      }
-      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(Z + r * Hd + c0 + 16 * c, acc[c]);
-    }
-  }
-}
-
-void attention_tiled(const AttentionArgs& a) {
-  const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd;
-  const int group = H / KV;
-  const int QB = std::max(1, std::min(T, 64 / group));  // query tokens per block: ~64 rows
-  const int nqb = (T + QB - 1) / QB;
-  const int R = QB * group;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-
-  // Every key slot any query may see, gathered once: keys transposed (Kt [B][KV][Hd][ld]) and values
-  // in f32 (Vf [B][KV][n][Hd]), slot s_lo + c at column c. ld is padded so a tile never reads past the end.
-  int64_t s_lo = a.past;
-  for (int b = 0; b < B; ++b) {
-    const int64_t rs = std::max<int64_t>(a.row_start ? a.row_start[b] : 0, 0);
-    s_lo = std::min(s_lo, a.window > 0 ? std::max(rs, a.past - a.window + 1) : rs);
-  }
-  const int64_t n = a.past + T - s_lo;
-  const int64_t ld = (n + NK - 1) / NK * NK + NK;
-  std::vector<float> Kt(static_cast<size_t>(B) * KV * Hd * ld, 0.f), Vf(static_cast<size_t>(B) * KV * n * Hd);
-  // In blocks of NK keys, so every thread takes part even with one row and one KV head.
-  const int64_t nblk = (n + NK - 1) / NK;
-#pragma omp parallel for collapse(3) schedule(static)
-  for (int b = 0; b < B; ++b)
-    for (int kvh = 0; kvh < KV; ++kvh)
-      for (int64_t blk = 0; blk < nblk; ++blk) {
-      float* kt = Kt.data() + (static_cast<size_t>(b) * KV + kvh) * Hd * ld;
-      float* vf = Vf.data() + (static_cast<size_t>(b) * KV + kvh) * n * Hd;
-      for (int64_t c = blk * NK; c < std::min(n, (blk + 1) * NK); ++c) {
-        const int64_t j = s_lo + c;
-        float* vd = vf + c * Hd;
-        if (j >= a.past) {
-          const int64_t off = ((static_cast<int64_t>(b) * T + (j - a.past)) * KV + kvh) * Hd;
-          for (int d = 0; d < Hd; ++d) kt[d * ld + c] = a.k_new[off + d];
-          std::copy(a.v_new + off, a.v_new + off + Hd, vd);
-        } else {
-          const int64_t off = ((static_cast<int64_t>(b) * KV + kvh) * a.cap + j % a.cap) * Hd;
-          if (a.past_dtype == DType::F32) {
-            const float* kr = static_cast<const float*>(a.k_past) + off;
-            const float* vr = static_cast<const float*>(a.v_past) + off;
-            for (int d = 0; d < Hd; ++d) kt[d * ld + c] = kr[d];
-            std::copy(vr, vr + Hd, vd);
-          } else {
-            const uint16_t* kr = static_cast<const uint16_t*>(a.k_past) + off;
-            const uint16_t* vr = static_cast<const uint16_t*>(a.v_past) + off;
-            for (int d = 0; d < Hd; ++d) {
-              kt[d * ld + c] = bf16_to_f32(kr[d]);
-              vd[d] = bf16_to_f32(vr[d]);
-            }
-          }
-        }
-      }
-    }
-
-#pragma omp parallel
-  {
-    std::vector<float> S(static_cast<size_t>(R) * NK), Z(static_cast<size_t>(R) * Hd), m(R), l(R), corr(R);
-    std::vector<const float*> qrow(R), vrow(NK);
-    std::vector<int64_t> lo(R), hi(R);
-#pragma omp for collapse(3) schedule(dynamic, 1)
-    for (int b = 0; b < B; ++b)
-      for (int kvh = 0; kvh < KV; ++kvh)
-        for (int qb = 0; qb < nqb; ++qb) {
-          const int t0 = qb * QB, nt = std::min(QB, T - t0), rows = nt * group;
-          const int64_t rs = std::max<int64_t>(a.row_start ? a.row_start[b] : 0, 0);
-          const float* kt = Kt.data() + (static_cast<size_t>(b) * KV + kvh) * Hd * ld;
-          const float* vf = Vf.data() + (static_cast<size_t>(b) * KV + kvh) * n * Hd;
-          for (int r = 0; r < rows; ++r) {
-            const int t = t0 + r / group, h = kvh * group + r % group;
-            qrow[r] = a.q + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
-            const int64_t i = a.past + t;
-            lo[r] = a.window > 0 ? std::max(rs, i - a.window + 1) : rs;
-            hi[r] = i;
-            m[r] = neg_inf;
-            l[r] = 0.f;
-          }
-          std::fill(Z.begin(), Z.begin() + static_cast<size_t>(rows) * Hd, 0.f);
-          const int64_t j_begin = *std::min_element(lo.begin(), lo.begin() + rows);
-          const int64_t j_end = a.past + t0 + nt;  // exclusive
-          for (int64_t j0 = j_begin; j0 < j_end; j0 += NK) {
-            const int nk = static_cast<int>(std::min<int64_t>(NK, j_end - j0));
-            for (int jj = 0; jj < nk; ++jj) vrow[jj] = vf + (j0 - s_lo + jj) * Hd;
-            scores_tile(qrow.data(), rows, kt + (j0 - s_lo), ld, Hd, S.data());
-            // Masked online softmax, row by row.
-            for (int r = 0; r < rows; ++r) {
-              float* s = S.data() + static_cast<size_t>(r) * NK;
-              const int64_t a_lo = std::max<int64_t>(lo[r], j0), a_hi = std::min<int64_t>(hi[r], j0 + nk - 1);
-              if (a_lo > a_hi) {  // nothing visible in this tile
-                corr[r] = 1.f;
-                std::fill(s, s + NK, 0.f);
-                continue;
-              }
-              const int c_lo = static_cast<int>(a_lo - j0), c_hi = static_cast<int>(a_hi - j0);
-              float sum;
-              const float mx = softmax_tile_row(s, c_lo, c_hi, a.scale, a.softcap, m[r], &sum);
-              const float cr = m[r] == neg_inf ? 0.f : exp_f32(m[r] - mx);
-              l[r] = l[r] * cr + sum;
-              m[r] = mx;
-              corr[r] = cr;
-            }
-            pv_tile(S.data(), corr.data(), rows, vrow.data(), nk, Hd, Z.data());
-          }
-          for (int r = 0; r < rows; ++r) {
-            const int t = t0 + r / group, h = kvh * group + r % group;
-            float* z = a.z + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
-            const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // padding rows (no visible key): z = 0
-            for (int d = 0; d < Hd; ++d) z[d] = Z[static_cast<size_t>(r) * Hd + d] * inv;
-          }
-        }
-  }
-}
-
-// Decode (a few query positions, many keys): split each (row, KV head)'s key range into chunks that run in
-// parallel, each producing online-softmax partials (max, sum, unnormalised Z) over its keys, read straight from the
-// cache (no transposed copy); the partials are merged with the usual rescaling. Same function as the reference.
-void attention_decode_splitk(const AttentionArgs& a) {
-  const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd;
-  const int group = H / KV;
-  const int rows = group * T;  // query rows per (b, kvh)
-  const int64_t S = a.past + T;
-  const int nthr = omp_get_max_threads();
-  const int64_t chunk = std::max<int64_t>(64, (S + 2 * nthr - 1) / (2 * nthr));
-  const int64_t nchunk = (S + chunk - 1) / chunk;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> pm(static_cast<size_t>(B) * KV * nchunk * rows, neg_inf), pl(pm.size(), 0.f),
-      pz(pm.size() * Hd, 0.f);
-#pragma omp parallel
-  {
-    std::vector<float> s(static_cast<size_t>(chunk));
-#pragma omp for collapse(3) schedule(dynamic, 1)
-    for (int b = 0; b < B; ++b)
-      for (int kvh = 0; kvh < KV; ++kvh)
-        for (int64_t c = 0; c < nchunk; ++c) {
-          const int64_t j0 = c * chunk, j1 = std::min<int64_t>(S, j0 + chunk);
-          const int64_t rs = std::max<int64_t>(a.row_start ? a.row_start[b] : 0, 0);
-          for (int r = 0; r < rows; ++r) {
-            const int t = r / group, h = kvh * group + r % group;
-            const int64_t i = a.past + t;
-            int64_t lo = a.window > 0 ? std::max(rs, i - a.window + 1) : rs;
-            lo = std::max(lo, j0);
-            const int64_t hi = std::min<int64_t>(i, j1 - 1);
-            const size_t slot = ((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r;
-            if (lo > hi) continue;
-            const float* q = a.q + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
-            float mx = neg_inf;
-            for (int64_t j = lo; j <= hi; ++j) {
-              float x;
-              if (j >= a.past) {
-                x = dot_f32(q, a.k_new + ((static_cast<int64_t>(b) * T + (j - a.past)) * KV + kvh) * Hd, Hd);
-              } else {
-                const int64_t off = ((static_cast<int64_t>(b) * KV + kvh) * a.cap + j % a.cap) * Hd;
-                x = a.past_dtype == DType::F32 ? dot_f32(q, static_cast<const float*>(a.k_past) + off, Hd)
-                                               : dot_bf16(q, static_cast<const uint16_t*>(a.k_past) + off, Hd);
-              }
-              x *= a.scale;
-              if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
-              s[j - lo] = x;
-              mx = std::max(mx, x);
-            }
-            float sum = 0.f;
-            float* z = pz.data() + slot * Hd;
-            for (int64_t j = lo; j <= hi; ++j) {
-              const float p = exp_f32(s[j - lo] - mx);
-              sum += p;
-              if (j >= a.past) {
-                axpy_f32(p, a.v_new + ((static_cast<int64_t>(b) * T + (j - a.past)) * KV + kvh) * Hd, z, Hd);
-              } else {
-                const int64_t off = ((static_cast<int64_t>(b) * KV + kvh) * a.cap + j % a.cap) * Hd;
-                if (a.past_dtype == DType::F32)
-                  axpy_f32(p, static_cast<const float*>(a.v_past) + off, z, Hd);
-                else
-                  axpy_bf16(p, static_cast<const uint16_t*>(a.v_past) + off, z, Hd);
-              }
-            }
-            pm[slot] = mx;
-            pl[slot] = sum;
-          }
-        }
-  }
-  // merge the chunks
-#pragma omp parallel for collapse(3)
-  for (int b = 0; b < B; ++b)
-    for (int kvh = 0; kvh < KV; ++kvh)
-      for (int r = 0; r < rows; ++r) {
-        const int t = r / group, h = kvh * group + r % group;
-        float* z = a.z + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
-        std::fill(z, z + Hd, 0.f);
-        float m = neg_inf;
-        for (int64_t c = 0; c < nchunk; ++c) m = std::max(m, pm[((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r]);
-        if (m == neg_inf) continue;  // nothing visible (padding)
-        float l = 0.f;
-        for (int64_t c = 0; c < nchunk; ++c) {
-          const size_t slot = ((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r;
-          if (pm[slot] == neg_inf) continue;
-          const float w = exp_f32(pm[slot] - m);
-          l += w * pl[slot];
-          axpy_f32(w, pz.data() + slot * Hd, z, Hd);
-        }
-        const float inv = 1.f / l;
-        for (int d = 0; d < Hd; ++d) z[d] *= inv;
-      }
-}
-
-bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return ok;
-}
-
 }  // namespace
 
 void attention(const AttentionArgs& a) {
@@ -360,10 +39,115 @@ void attention(const AttentionArgs& a) {
     return;
   }
   if (a.compute == DType::BF16 && a.T >= 64 && attention_bf16_matmul(a)) return;
-  if (has_avx512() && a.Hd % 16 == 0)
+  if (attention_tiled_ok(a))
     attention_tiled(a);
   else
     attention_reference(a);
+}
+
+void attention_reference(const AttentionArgs& a) {
+  const int B = a.B, T = a.T, H = a.H, Hd = a.Hd, group = a.H / a.KV;
+#pragma omp parallel
+  {
+    std::vector<float> p(static_cast<size_t>(a.past + T));
+#pragma omp for collapse(3) schedule(dynamic, 4)
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h)
+        for (int t = 0; t < T; ++t) {
+          const int kvh = h / group;
+          const SlotRange vis = visible_range(a, b, a.past + t);
+          const float* q = a.q + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+          float* z = a.z + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+          std::fill(z, z + Hd, 0.f);
+          if (vis.lo > vis.hi) continue;  // a padding query: nothing to attend to
+          const int64_t n = vis.hi - vis.lo + 1;
+          float mx = kNegInf;
+          for (int64_t j = vis.lo; j <= vis.hi; ++j) {
+            const float s = score_logit(a, dot_row(q, key_row(a, b, kvh, j), Hd));
+            p[j - vis.lo] = s;
+            mx = std::max(mx, s);
+          }
+          float sum = 0.f;
+          float* pp = p.data();
+#pragma omp simd reduction(+ : sum)
+          for (int64_t r = 0; r < n; ++r) {
+            pp[r] = exp_f32(pp[r] - mx);
+            sum += pp[r];
+          }
+          const float inv = 1.f / sum;
+          for (int64_t j = vis.lo; j <= vis.hi; ++j) axpy_row(p[j - vis.lo] * inv, value_row(a, b, kvh, j), z, Hd);
+        }
+  }
+}
+
+void attention_scores(const AttentionArgs& a, float* scores) {
+  const int64_t S = a.past + a.T;
+  const int group = a.H / a.KV;
+  // Per (row, KV head): keys transposed once (Kt [Hd][S], f32; slots the ring no longer holds stay absent), then
+  // each query row is an axpy over the visible key range: s[j] += q[d] * Kt[d][j] (vectorises over j).
+  std::vector<float> Kt(static_cast<size_t>(a.Hd) * S);
+  std::vector<char> held(S);
+  for (int b = 0; b < a.B; ++b)
+    for (int kvh = 0; kvh < a.KV; ++kvh) {
+#pragma omp parallel for
+      for (int64_t j = 0; j < S; ++j) {
+        const KVRow k = key_row(a, b, kvh, j);
+        held[j] = (k.f || k.h) ? 1 : 0;
+        for (int d = 0; d < a.Hd; ++d) Kt[d * S + j] = k.f ? k.f[d] : (k.h ? bf16_to_f32(k.h[d]) : 0.f);
+      }
+#pragma omp parallel for collapse(2)
+      for (int g = 0; g < group; ++g)
+        for (int t = 0; t < a.T; ++t) {
+          const int h = kvh * group + g;
+          const SlotRange vis = visible_range(a, b, a.past + t);
+          const float* q = a.q + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
+          float* s = scores + ((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S;
+          std::fill(s, s + S, 0.f);
+          for (int d = 0; d < a.Hd && vis.lo <= vis.hi; ++d) {
+            const float qd = q[d];
+            const float* kr = Kt.data() + static_cast<int64_t>(d) * S;
+#pragma omp simd
+            for (int64_t j = vis.lo; j <= vis.hi; ++j) s[j] += qd * kr[j];
+          }
+          for (int64_t j = 0; j < S; ++j) s[j] = (j < vis.lo || j > vis.hi || !held[j]) ? kNegInf : score_logit(a, s[j]);
+        }
+    }
+}
+
+void softmax_rows(const float* scores, int64_t rows, int64_t S, float* pattern) {
+#pragma omp parallel for if (rows > 4)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = scores + r * S;
+    float* p = pattern + r * S;
+    float mx = kNegInf;
+    for (int64_t j = 0; j < S; ++j) mx = std::max(mx, s[j]);
+    if (!(mx > kNegInf)) {
+      std::fill(p, p + S, 0.f);
+      continue;
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < S; ++j) {
+      p[j] = s[j] == kNegInf ? 0.f : exp_f32(s[j] - mx);
+      sum += p[j];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < S; ++j) p[j] *= inv;
+  }
+}
+
+void attention_apply(const AttentionArgs& a, const float* pattern, float* z) {
+  const int64_t S = a.past + a.T;
+  const int group = a.H / a.KV;
+#pragma omp parallel for collapse(3)
+  for (int b = 0; b < a.B; ++b)
+    for (int h = 0; h < a.H; ++h)
+      for (int t = 0; t < a.T; ++t) {
+        const float* p = pattern + ((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S;
+        float* zr = z + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
+        std::fill(zr, zr + a.Hd, 0.f);
+        for (int64_t j = 0; j < S; ++j)
+          if (p[j] != 0.f) axpy_row(p[j], value_row(a, b, h / group, j), zr, a.Hd);
+      }
 }
 
 }  // namespace gemmalens::ops

@@ -43,6 +43,9 @@ class Linear {
   int64_t N_ = 0, K_ = 0;
 };
 
+// C [M, N] f32 (row stride ldc) = A [M, K] bf16 (row-major) x B, with B bf16 row-major as [N, K] (b_nk) or [K, N];
+// f32 accumulation. The raw matmul the bf16 attention prefill (ops/attention_bf16.cpp) runs on.
+void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int64_t N, bool b_nk, float* C, int64_t ldc);
 // oneDNN runs bf16 matmuls on AMX tiles on this machine (picks the AMX prefill paths).
 bool amx_bf16();
 // Library version string of the linked oneDNN ("3.2.0").

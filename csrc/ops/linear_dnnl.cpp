@@ -12,7 +12,6 @@
 #include <vector>
 
 #include "ops/gemv_bf16.h"
-#include "ops/kernels.h"
 #include "ops/vmath.h"
 #include "ops/linear.h"
 #include "ops/quant.h"
@@ -60,19 +59,6 @@ void store_plain_rows(const dnnl::memory& m, dt wdt, const float* src, int64_t r
 #pragma omp parallel for if (n * K > (1 << 20))
     for (int64_t i = 0; i < n * K; ++i) dst[i] = f32_to_bf16(src[i]);
   }
-}
-
-// C [M, N] f32 (row stride ldc) = A [M, K] bf16 (row-major) x B, with B given row-major as [N, K] (b_nk) or [K, N].
-void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int64_t N, bool b_nk, float* C, int64_t ldc) {
-  auto& eng = engine();
-  dnnl::memory::desc a_md({M, K}, dt::bf16, tag::ab), b_md({K, N}, dt::bf16, b_nk ? tag::ba : tag::ab),
-      c_md({M, N}, dt::f32, dnnl::memory::dims{ldc, 1});
-  dnnl::matmul::primitive_desc pd(eng, a_md, b_md, c_md);  // primitives come from oneDNN's cache after the first
-  dnnl::matmul prim(pd);
-  dnnl::stream st(eng);
-  dnnl::memory a(a_md, eng, const_cast<uint16_t*>(A)), b(b_md, eng, const_cast<uint16_t*>(B)), c(c_md, eng, C);
-  prim.execute(st, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
-  st.wait();
 }
 
 }  // namespace
@@ -313,74 +299,21 @@ void Linear::to_rowmajor(float* out) const {
 
 size_t Linear::nbytes() const { return impl_ ? (impl_->quantized ? impl_->qw.nbytes() : impl_->w_desc.get_size()) : 0; }
 
-bool attention_bf16_matmul(const AttentionArgs& a) {
-  if (!amx_bf16() || a.compute != DType::BF16 || (a.past > 0 && a.past_dtype != DType::BF16)) return false;
-  const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd, group = H / KV;
-  constexpr int kQB = 256;  // query positions per block: scores [kQB * group, keys] f32
-  std::vector<uint16_t> Qb, Kb, Vb, Pb;
-  std::vector<float> Sc, Zf;
+void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int64_t N, bool b_nk, float* C, int64_t ldc) {
   try {
-    for (int b = 0; b < B; ++b) {
-      const int64_t rs = std::max<int64_t>(a.row_start ? a.row_start[b] : 0, 0);
-      auto lo_of = [&](int64_t i) { return a.window > 0 ? std::max(rs, i - a.window + 1) : rs; };
-      for (int kvh = 0; kvh < KV; ++kvh)
-        for (int t0 = 0; t0 < T; t0 += kQB) {
-          const int nt = std::min(kQB, T - t0), rows = nt * group;
-          const int64_t j_lo = std::min(lo_of(a.past + t0), a.past + t0), j_hi = a.past + t0 + nt - 1;
-          const int64_t S = j_hi - j_lo + 1;
-          Qb.resize(static_cast<size_t>(rows) * Hd);
-          Kb.resize(static_cast<size_t>(S) * Hd);
-          Vb.resize(static_cast<size_t>(S) * Hd);
-          Pb.resize(static_cast<size_t>(rows) * S);
-          Sc.resize(static_cast<size_t>(rows) * S);
-          Zf.resize(static_cast<size_t>(rows) * Hd);
-#pragma omp parallel for schedule(static)
-          for (int r = 0; r < rows; ++r)  // rows in (position, head of the group) order
-            f32_to_bf16_n(a.q + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd,
-                          Qb.data() + static_cast<size_t>(r) * Hd, Hd);
-#pragma omp parallel for schedule(static)
-          for (int64_t c = 0; c < S; ++c) {
-            uint16_t* kd = Kb.data() + c * Hd;
-            uint16_t* vd = Vb.data() + c * Hd;
-            const KVRow k = kv_row(a, a.k_new, a.k_past, b, kvh, j_lo + c), v = kv_row(a, a.v_new, a.v_past, b, kvh, j_lo + c);
-            if (k.f) {  // this chunk's keys (f32)
-              f32_to_bf16_n(k.f, kd, Hd);
-              f32_to_bf16_n(v.f, vd, Hd);
-            } else if (k.h) {  // the bf16 cache
-              std::copy_n(k.h, Hd, kd);
-              std::copy_n(v.h, Hd, vd);
-            } else {  // the ring no longer holds it (never visible: the window fits the ring)
-              std::fill_n(kd, Hd, uint16_t(0));
-              std::fill_n(vd, Hd, uint16_t(0));
-            }
-          }
-          matmul_bf16(Qb.data(), rows, Hd, Kb.data(), S, /*b_nk=*/true, Sc.data(), S);
-#pragma omp parallel for schedule(static)
-          for (int r = 0; r < rows; ++r) {  // scaled (soft-capped) scores, -inf where masked
-            const int64_t i = a.past + t0 + r / group;
-            const int64_t c_lo = lo_of(i) - j_lo, c_hi = i - j_lo;  // visible columns [c_lo, c_hi]
-            float* s = Sc.data() + static_cast<size_t>(r) * S;
-            for (int64_t c = 0; c < S; ++c) {
-              float x = s[c] * a.scale;
-              if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
-              s[c] = c < c_lo || c > c_hi ? -std::numeric_limits<float>::infinity() : x;
-            }
-          }
-          softmax_rows(Sc.data(), rows, S, Sc.data());  // the materialised path's softmax, in place; padding rows: 0
-#pragma omp parallel for schedule(static)
-          for (int r = 0; r < rows; ++r)
-            f32_to_bf16_n(Sc.data() + static_cast<size_t>(r) * S, Pb.data() + static_cast<size_t>(r) * S, S);
-          matmul_bf16(Pb.data(), rows, S, Vb.data(), Hd, /*b_nk=*/false, Zf.data(), Hd);
-#pragma omp parallel for schedule(static)
-          for (int r = 0; r < rows; ++r)
-            std::copy_n(Zf.data() + static_cast<size_t>(r) * Hd, Hd,
-                        a.z + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd);
-        }
-    }
+    auto& eng = engine();
+    dnnl::memory::desc a_md({M, K}, dt::bf16, tag::ab), b_md({K, N}, dt::bf16, b_nk ? tag::ba : tag::ab),
+        c_md({M, N}, dt::f32, dnnl::memory::dims{ldc, 1});
+    dnnl::matmul::primitive_desc pd(eng, a_md, b_md, c_md);  // primitives come from oneDNN's cache after the first
+    dnnl::matmul prim(pd);
+    dnnl::stream st(eng);
+    dnnl::memory a(a_md, eng, const_cast<uint16_t*>(A)), b(b_md, eng, const_cast<uint16_t*>(B)), c(c_md, eng, C);
+    prim.execute(st, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+    st.wait();
   } catch (const dnnl::error& e) {
-    throw InternalError(std::string("oneDNN attention matmul failed: ") + e.what());
+    throw InternalError(std::string("oneDNN bf16 matmul failed (M=") + std::to_string(M) + ", K=" + std::to_string(K) +
+                        ", N=" + std::to_string(N) + "): " + e.what());
   }
-  return true;
 }
 
 const char* dnnl_version() {

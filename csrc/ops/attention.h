@@ -1,0 +1,110 @@
+// Causal, optionally sliding-window GQA attention over a chunk of new positions and a ring-buffer KV cache.
+// The rules every variant shares are written once here: which key slots a query sees (visible_range) and where
+// a key / value row lives (KVRing::offset for the cache, kv_row for cache or chunk).
+//
+// Variants (one dispatcher, attention(), picks among the fast ones; all compute the same function):
+//   attention_tiled.cpp      tiled online softmax (AVX-512) for prefill; split-K over the keys for decode
+//   attention_bf16.cpp       prefill as two bf16 matmuls per block of queries (oneDNN on AMX, via ops/linear.h)
+//   attention.cpp            the dispatcher, the direct reference kernel, and the materialised path
+//                            (scores -> softmax -> apply) that the attn_scores / pattern hooks read and edit
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "common.h"
+
+namespace gemmalens::ops {
+
+// One layer of a KV cache as the attention reads it: k and v [B, KV, cap, Hd] in `dtype`; slot s lives at
+// s % cap (a ring when cap is the sliding window, plain storage when cap = max_seq_len).
+struct KVRing {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  DType dtype = DType::F32;
+  int KV = 0, Hd = 0;
+  int64_t cap = 0;
+  // Element offset of slot s of row b, KV head kvh: the ring rule, for readers and the cache's writer alike.
+  int64_t offset(int b, int kvh, int64_t s) const { return ((static_cast<int64_t>(b) * KV + kvh) * cap + s % cap) * Hd; }
+};
+
+// q [B, T, H, Hd] (after q_norm + RoPE), k_new / v_new [B, T, KV, Hd] for the T new positions (slots past ..
+// past + T - 1); `cache` holds slots before `past` (empty when past == 0); row_start [B]: first real slot of each
+// row (left padding), null for none. scores = q.k * scale (then softcap if > 0), softmax in f32,
+// z [B, T, H, Hd] = sum p_j v_j. Query rows with no visible key (padding) get z = 0.
+struct AttentionArgs {
+  int B = 0, T = 0, H = 0, KV = 0, Hd = 0;
+  const float* q = nullptr;
+  const float* k_new = nullptr;
+  const float* v_new = nullptr;
+  KVRing cache;
+  int64_t past = 0;
+  const int32_t* row_start = nullptr;
+  int64_t window = 0;  // > 0: sliding window, counting the query's own slot
+  float scale = 1.f;
+  float softcap = 0.f;
+  float* z = nullptr;
+  DType compute = DType::F32;  // the model's dtype: bf16 models may round q, k, v and probabilities to bf16
+};
+
+// The key slots query slot i of row b sees: [lo, hi] with hi = i; empty (lo > hi) for a padding query.
+// Slot j is visible iff row_start <= j <= i and, with a window, i - j < window.
+struct SlotRange {
+  int64_t lo, hi;
+};
+inline SlotRange visible_range(const AttentionArgs& a, int b, int64_t i) {
+  int64_t lo = a.row_start ? std::max<int64_t>(a.row_start[b], 0) : 0;
+  if (a.window > 0) lo = std::max<int64_t>(lo, i - a.window + 1);
+  return {lo, i};
+}
+
+// Key or value row of slot j for (b, kvh): from the new chunk (f32) or the cache (f32 or bf16); both null when
+// the ring no longer holds the slot (never for a visible slot: the window fits the ring).
+struct KVRow {
+  const float* f = nullptr;
+  const uint16_t* h = nullptr;
+};
+inline KVRow kv_row(const AttentionArgs& a, bool value, int b, int kvh, int64_t j) {
+  KVRow r;
+  if (j >= a.past) {
+    r.f = (value ? a.v_new : a.k_new) + ((static_cast<int64_t>(b) * a.T + (j - a.past)) * a.KV + kvh) * a.Hd;
+    return r;
+  }
+  const void* ring = value ? a.cache.v : a.cache.k;
+  if (!ring || j < a.past - a.cache.cap) return r;
+  const int64_t off = a.cache.offset(b, kvh, j);
+  if (a.cache.dtype == DType::F32)
+    r.f = static_cast<const float*>(ring) + off;
+  else
+    r.h = static_cast<const uint16_t*>(ring) + off;
+  return r;
+}
+inline KVRow key_row(const AttentionArgs& a, int b, int kvh, int64_t j) { return kv_row(a, false, b, kvh, j); }
+inline KVRow value_row(const AttentionArgs& a, int b, int kvh, int64_t j) { return kv_row(a, true, b, kvh, j); }
+
+// The fastest variant for these arguments on this CPU.
+void attention(const AttentionArgs& a);
+
+// The direct kernel: one query at a time, full softmax. Simple and slow; the numerical reference.
+void attention_reference(const AttentionArgs& a);
+
+// Tiled online-softmax (flash-attention style) kernel; needs AVX-512 and Hd % 16 == 0 (attention_tiled_ok).
+bool attention_tiled_ok(const AttentionArgs& a);
+void attention_tiled(const AttentionArgs& a);
+// Decode (a few queries over many keys): each (row, KV head)'s keys split in chunks that run in parallel, read
+// straight from the cache, merged with the online-softmax rescaling.
+void attention_decode_splitk(const AttentionArgs& a);
+
+// Prefill attention as two bf16 matmuls per block of queries (QK^T, then PV), f32 softmax between them:
+// q, k, v and the probabilities rounded to bf16 (as every matmul input of a bf16 model), f32 accumulation.
+// Returns false (and does nothing) unless bf16 matmuls run on AMX here (elsewhere the f32 tiled kernel is faster).
+bool attention_bf16_matmul(const AttentionArgs& a);
+
+// The attention with its intermediate tensors materialised (for the scores / pattern hooks), S = past + T:
+// scores [B, H, T, S] = q.k * scale (softcap), -inf where masked or no longer held by the ring;
+// pattern [B, H, T, S] = softmax over the last axis (rows with nothing visible: 0);
+// z [B, T, H, Hd] = pattern . V (keys the ring no longer holds contribute nothing).
+void attention_scores(const AttentionArgs& a, float* scores);
+void softmax_rows(const float* scores, int64_t rows, int64_t S, float* pattern);
+void attention_apply(const AttentionArgs& a, const float* pattern, float* z);
+
+}  // namespace gemmalens::ops

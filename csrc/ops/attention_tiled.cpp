@@ -1,0 +1,329 @@
+// The fast attention kernels (the function of attention_reference; only the summation order differs):
+// - attention_tiled: online softmax (the flash-attention recurrence), AVX-512. For each (row b, KV head, block of
+//   queries) the block's query rows (all heads of the group) meet tiles of 64 keys: S = Q K^T on a 4-row x 64-key
+//   register tile, masked online softmax per row, Z += P V on 4-row x 64-dim register tiles. f32 throughout.
+// - attention_decode_splitk: a few queries over many keys, the keys split in chunks that run in parallel.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "ops/attention.h"
+#include "ops/vmath.h"
+
+namespace gemmalens::ops {
+
+namespace {
+
+constexpr int NK = 64;  // keys per tile
+
+
+#define GL_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+
+// S[r][0..NK) = q_r . Kt[:, 0..NK) for `rows` rows (q_r at q[r] with Hd floats). Kt is [Hd][ldk].
+// The head dimension is walked in chunks of KD so the chunk of Kt (KD x NK floats, 16 KB) stays in L1 while every
+// block of 4 rows passes over it; partial sums wait in S between chunks.
+constexpr int KD = 64;
+
+GL_AVX512 void scores_tile(const float* const* q, int rows, const float* Kt, int64_t ldk, int Hd, float* S) {
+  for (int d0 = 0; d0 < Hd; d0 += KD) {
+    const int d1 = std::min(Hd, d0 + KD);
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      __m512 acc[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int c = 0; c < 4; ++c) acc[i][c] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + (r + i) * NK + 16 * c);
+      const float *q0 = q[r], *q1 = q[r + 1], *q2 = q[r + 2], *q3 = q[r + 3];
+      for (int d = d0; d < d1; ++d) {
+        const float* kt = Kt + d * ldk;
+        const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32), k3 = _mm512_loadu_ps(kt + 48);
+        const __m512 b0 = _mm512_set1_ps(q0[d]), b1 = _mm512_set1_ps(q1[d]), b2 = _mm512_set1_ps(q2[d]), b3 = _mm512_set1_ps(q3[d]);
+        acc[0][0] = _mm512_fmadd_ps(b0, k0, acc[0][0]); acc[0][1] = _mm512_fmadd_ps(b0, k1, acc[0][1]);
+        acc[0][2] = _mm512_fmadd_ps(b0, k2, acc[0][2]); acc[0][3] = _mm512_fmadd_ps(b0, k3, acc[0][3]);
+        acc[1][0] = _mm512_fmadd_ps(b1, k0, acc[1][0]); acc[1][1] = _mm512_fmadd_ps(b1, k1, acc[1][1]);
+        acc[1][2] = _mm512_fmadd_ps(b1, k2, acc[1][2]); acc[1][3] = _mm512_fmadd_ps(b1, k3, acc[1][3]);
+        acc[2][0] = _mm512_fmadd_ps(b2, k0, acc[2][0]); acc[2][1] = _mm512_fmadd_ps(b2, k1, acc[2][1]);
+        acc[2][2] = _mm512_fmadd_ps(b2, k2, acc[2][2]); acc[2][3] = _mm512_fmadd_ps(b2, k3, acc[2][3]);
+        acc[3][0] = _mm512_fmadd_ps(b3, k0, acc[3][0]); acc[3][1] = _mm512_fmadd_ps(b3, k1, acc[3][1]);
+        acc[3][2] = _mm512_fmadd_ps(b3, k2, acc[3][2]); acc[3][3] = _mm512_fmadd_ps(b3, k3, acc[3][3]);
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + (r + i) * NK + 16 * c, acc[i][c]);
+    }
+    for (; r < rows; ++r) {
+      __m512 a[4];
+      for (int c = 0; c < 4; ++c) a[c] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + r * NK + 16 * c);
+      const float* qr = q[r];
+      for (int d = d0; d < d1; ++d) {
+        const float* kt = Kt + d * ldk;
+        const __m512 b = _mm512_set1_ps(qr[d]);
+        for (int c = 0; c < 4; ++c) a[c] = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 16 * c), a[c]);
+      }
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + r * NK + 16 * c, a[c]);
+    }
+  }
+}
+
+// One row of a score tile, in place: s[c] = exp(x_c - mx) for the visible columns [c_lo, c_hi] (x_c = s[c] * scale,
+// soft-capped when softcap > 0), 0 elsewhere; mx = max(m_prev, max x_c). Returns mx, *sum = sum of the exps.
+// exp512 (ops/vmath.h) is exp_f32's polynomial in 16 lanes.
+GL_AVX512 float softmax_tile_row(float* s, int c_lo, int c_hi, float scale, float softcap, float m_prev, float* sum) {
+  if (softcap > 0.f) {  // rare (no released Gemma 3 sets it): scalar
+    float mx = m_prev;
+    for (int c = c_lo; c <= c_hi; ++c) {
+      s[c] = softcap * tanh_f32(s[c] * scale / softcap);
+      mx = std::max(mx, s[c]);
+    }
+    float acc = 0.f;
+    for (int c = 0; c < NK; ++c) {
+      s[c] = (c < c_lo || c > c_hi) ? 0.f : exp_f32(s[c] - mx);
+      acc += s[c];
+    }
+    *sum = acc;
+    return mx;
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 vmx = _mm512_set1_ps(m_prev);
+  __mmask16 vis[NK / 16];
+  for (int v = 0; v < NK / 16; ++v) {
+    const int c0 = 16 * v;
+    const int lo = std::max(c_lo - c0, 0), hi = std::min(c_hi - c0, 15);  // visible lanes [lo, hi]
+    vis[v] = lo > hi ? 0 : static_cast<__mmask16>(((1u << (hi + 1)) - 1) & ~((1u << lo) - 1));
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + c0), sc);
+    _mm512_storeu_ps(s + c0, x);
+    vmx = _mm512_mask_max_ps(vmx, vis[v], vmx, x);
+  }
+  const float mx = _mm512_reduce_max_ps(vmx);
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (int v = 0; v < NK / 16; ++v) {
+    const __m512 e = _mm512_maskz_mov_ps(vis[v], exp512(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * v), m)));
+    _mm512_storeu_ps(s + 16 * v, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  *sum = _mm512_reduce_add_ps(acc);
+  return mx;
+}
+
+// Z[r][:] = Z[r][:] * corr[r] + sum_j P[r][j] V[j][:] for `rows` rows, `nk` keys; V rows at v[j] (Hd floats).
+// Hd is a multiple of 16.
+GL_AVX512 void pv_tile(const float* P, const float* corr, int rows, const float* const* v, int nk, int Hd, float* Z) {
+  for (int c0 = 0; c0 < Hd; c0 += 64) {
+    const int nc = std::min(64, Hd - c0) / 16;
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      __m512 acc[4][4];
+      for (int i = 0; i < 4; ++i) {
+        const __m512 cr = _mm512_set1_ps(corr[r + i]);
+        for (int c = 0; c < nc; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + (r + i) * Hd + c0 + 16 * c));
+      }
+      for (int j = 0; j < nk; ++j) {
+        const float* vr = v[j] + c0;
+        __m512 vv[4];
+        for (int c = 0; c < nc; ++c) vv[c] = _mm512_loadu_ps(vr + 16 * c);
+        for (int i = 0; i < 4; ++i) {
+          const __m512 p = _mm512_set1_ps(P[(r + i) * NK + j]);
+          for (int c = 0; c < nc; ++c) acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
+        }
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(Z + (r + i) * Hd + c0 + 16 * c, acc[i][c]);
+    }
+    for (; r < rows; ++r) {
+      __m512 acc[4];
+      const __m512 cr = _mm512_set1_ps(corr[r]);
+      for (int c = 0; c < nc; ++c) acc[c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + r * Hd + c0 + 16 * c));
+      for (int j = 0; j < nk; ++j) {
+        const __m512 p = _mm512_set1_ps(P[r * NK + j]);
+        for (int c = 0; c < nc; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v[j] + c0 + 16 * c), acc[c]);
+      }
+      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(Z + r * Hd + c0 + 16 * c, acc[c]);
+    }
+  }
+}
+
+}  // namespace
+
+void attention_tiled(const AttentionArgs& a) {
+  const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd;
+  const int group = H / KV;
+  const int QB = std::max(1, std::min(T, 64 / group));  // query tokens per block: ~64 rows
+  const int nqb = (T + QB - 1) / QB;
+  const int R = QB * group;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  // Every key slot any query may see, gathered once: keys transposed (Kt [B][KV][Hd][ld]) and values
+  // in f32 (Vf [B][KV][n][Hd]), slot s_lo + c at column c. ld is padded so a tile never reads past the end.
+  int64_t s_lo = a.past;  // the first query (slot past) has the lowest visible range
+  for (int b = 0; b < B; ++b) s_lo = std::min(s_lo, visible_range(a, b, a.past).lo);
+  const int64_t n = a.past + T - s_lo;
+  const int64_t ld = (n + NK - 1) / NK * NK + NK;
+  std::vector<float> Kt(static_cast<size_t>(B) * KV * Hd * ld, 0.f), Vf(static_cast<size_t>(B) * KV * n * Hd);
+  // In blocks of NK keys, so every thread takes part even with one row and one KV head.
+  const int64_t nblk = (n + NK - 1) / NK;
+#pragma omp parallel for collapse(3) schedule(static)
+  for (int b = 0; b < B; ++b)
+    for (int kvh = 0; kvh < KV; ++kvh)
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+      float* kt = Kt.data() + (static_cast<size_t>(b) * KV + kvh) * Hd * ld;
+      float* vf = Vf.data() + (static_cast<size_t>(b) * KV + kvh) * n * Hd;
+      for (int64_t c = blk * NK; c < std::min(n, (blk + 1) * NK); ++c) {
+        const KVRow k = key_row(a, b, kvh, s_lo + c), v = value_row(a, b, kvh, s_lo + c);
+        float* vd = vf + c * Hd;
+        if (k.f) {
+          for (int d = 0; d < Hd; ++d) kt[d * ld + c] = k.f[d];
+          std::copy(v.f, v.f + Hd, vd);
+        } else if (k.h) {  // the bf16 cache
+          for (int d = 0; d < Hd; ++d) {
+            kt[d * ld + c] = bf16_to_f32(k.h[d]);
+            vd[d] = bf16_to_f32(v.h[d]);
+          }
+        } else {  // not held by the ring (never visible: the window fits the ring)
+          std::fill(vd, vd + Hd, 0.f);
+        }
+      }
+    }
+
+#pragma omp parallel
+  {
+    std::vector<float> S(static_cast<size_t>(R) * NK), Z(static_cast<size_t>(R) * Hd), m(R), l(R), corr(R);
+    std::vector<const float*> qrow(R), vrow(NK);
+    std::vector<int64_t> lo(R), hi(R);
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int b = 0; b < B; ++b)
+      for (int kvh = 0; kvh < KV; ++kvh)
+        for (int qb = 0; qb < nqb; ++qb) {
+          const int t0 = qb * QB, nt = std::min(QB, T - t0), rows = nt * group;
+          const float* kt = Kt.data() + (static_cast<size_t>(b) * KV + kvh) * Hd * ld;
+          const float* vf = Vf.data() + (static_cast<size_t>(b) * KV + kvh) * n * Hd;
+          for (int r = 0; r < rows; ++r) {
+            const int t = t0 + r / group, h = kvh * group + r % group;
+            qrow[r] = a.q + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+            const SlotRange vis = visible_range(a, b, a.past + t);
+            lo[r] = vis.lo;
+            hi[r] = vis.hi;
+            m[r] = neg_inf;
+            l[r] = 0.f;
+          }
+          std::fill(Z.begin(), Z.begin() + static_cast<size_t>(rows) * Hd, 0.f);
+          const int64_t j_begin = *std::min_element(lo.begin(), lo.begin() + rows);
+          const int64_t j_end = a.past + t0 + nt;  // exclusive
+          for (int64_t j0 = j_begin; j0 < j_end; j0 += NK) {
+            const int nk = static_cast<int>(std::min<int64_t>(NK, j_end - j0));
+            for (int jj = 0; jj < nk; ++jj) vrow[jj] = vf + (j0 - s_lo + jj) * Hd;
+            scores_tile(qrow.data(), rows, kt + (j0 - s_lo), ld, Hd, S.data());
+            // Masked online softmax, row by row.
+            for (int r = 0; r < rows; ++r) {
+              float* s = S.data() + static_cast<size_t>(r) * NK;
+              const int64_t a_lo = std::max<int64_t>(lo[r], j0), a_hi = std::min<int64_t>(hi[r], j0 + nk - 1);
+              if (a_lo > a_hi) {  // nothing visible in this tile
+                corr[r] = 1.f;
+                std::fill(s, s + NK, 0.f);
+                continue;
+              }
+              const int c_lo = static_cast<int>(a_lo - j0), c_hi = static_cast<int>(a_hi - j0);
+              float sum;
+              const float mx = softmax_tile_row(s, c_lo, c_hi, a.scale, a.softcap, m[r], &sum);
+              const float cr = m[r] == neg_inf ? 0.f : exp_f32(m[r] - mx);
+              l[r] = l[r] * cr + sum;
+              m[r] = mx;
+              corr[r] = cr;
+            }
+            pv_tile(S.data(), corr.data(), rows, vrow.data(), nk, Hd, Z.data());
+          }
+          for (int r = 0; r < rows; ++r) {
+            const int t = t0 + r / group, h = kvh * group + r % group;
+            float* z = a.z + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+            const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // padding rows (no visible key): z = 0
+            for (int d = 0; d < Hd; ++d) z[d] = Z[static_cast<size_t>(r) * Hd + d] * inv;
+          }
+        }
+  }
+}
+
+// Decode (a few query positions, many keys): split each (row, KV head)'s key range into chunks that run in
+// parallel, each producing online-softmax partials (max, sum, unnormalised Z) over its keys, read straight from the
+// cache (no transposed copy); the partials are merged with the usual rescaling. Same function as the reference.
+void attention_decode_splitk(const AttentionArgs& a) {
+  const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd;
+  const int group = H / KV;
+  const int rows = group * T;  // query rows per (b, kvh)
+  const int64_t S = a.past + T;
+  const int nthr = omp_get_max_threads();
+  const int64_t chunk = std::max<int64_t>(64, (S + 2 * nthr - 1) / (2 * nthr));
+  const int64_t nchunk = (S + chunk - 1) / chunk;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> pm(static_cast<size_t>(B) * KV * nchunk * rows, neg_inf), pl(pm.size(), 0.f),
+      pz(pm.size() * Hd, 0.f);
+#pragma omp parallel
+  {
+    std::vector<float> s(static_cast<size_t>(chunk));
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int b = 0; b < B; ++b)
+      for (int kvh = 0; kvh < KV; ++kvh)
+        for (int64_t c = 0; c < nchunk; ++c) {
+          const int64_t j0 = c * chunk, j1 = std::min<int64_t>(S, j0 + chunk);
+          for (int r = 0; r < rows; ++r) {
+            const int t = r / group, h = kvh * group + r % group;
+            const SlotRange vis = visible_range(a, b, a.past + t);
+            const int64_t lo = std::max(vis.lo, j0), hi = std::min<int64_t>(vis.hi, j1 - 1);
+            const size_t slot = ((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r;
+            if (lo > hi) continue;
+            const float* q = a.q + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+            float mx = neg_inf;
+            for (int64_t j = lo; j <= hi; ++j) {
+              const KVRow k = key_row(a, b, kvh, j);
+              float x = (k.f ? dot_f32(q, k.f, Hd) : dot_bf16(q, k.h, Hd)) * a.scale;
+              if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
+              s[j - lo] = x;
+              mx = std::max(mx, x);
+            }
+            float sum = 0.f;
+            float* z = pz.data() + slot * Hd;
+            for (int64_t j = lo; j <= hi; ++j) {
+              const float p = exp_f32(s[j - lo] - mx);
+              sum += p;
+              const KVRow v = value_row(a, b, kvh, j);
+              if (v.f)
+                axpy_f32(p, v.f, z, Hd);
+              else
+                axpy_bf16(p, v.h, z, Hd);
+            }
+            pm[slot] = mx;
+            pl[slot] = sum;
+          }
+        }
+  }
+  // merge the chunks
+#pragma omp parallel for collapse(3)
+  for (int b = 0; b < B; ++b)
+    for (int kvh = 0; kvh < KV; ++kvh)
+      for (int r = 0; r < rows; ++r) {
+        const int t = r / group, h = kvh * group + r % group;
+        float* z = a.z + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
+        std::fill(z, z + Hd, 0.f);
+        float m = neg_inf;
+        for (int64_t c = 0; c < nchunk; ++c) m = std::max(m, pm[((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r]);
+        if (m == neg_inf) continue;  // nothing visible (padding)
+        float l = 0.f;
+        for (int64_t c = 0; c < nchunk; ++c) {
+          const size_t slot = ((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r;
+          if (pm[slot] == neg_inf) continue;
+          const float w = exp_f32(pm[slot] - m);
+          l += w * pl[slot];
+          axpy_f32(w, pz.data() + slot * Hd, z, Hd);
+        }
+        const float inv = 1.f / l;
+        for (int d = 0; d < Hd; ++d) z[d] *= inv;
+      }
+}
+
+bool attention_tiled_ok(const AttentionArgs& a) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return avx512 && a.Hd % 16 == 0;
+}
+
+}  // namespace gemmalens::ops

@@ -34,7 +34,8 @@ from . import interventions  # noqa: E402
 from .hooks import ActivationCache, HookPoint  # noqa: E402
 from .sae import SAE  # noqa: E402
 from . import steering  # noqa: E402
+from . import metrics  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError", "Tokenizer", "interventions",
-           "ActivationCache", "HookPoint", "SAE", "steering"]
+           "ActivationCache", "HookPoint", "SAE", "steering", "metrics"]

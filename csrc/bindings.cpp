@@ -379,7 +379,7 @@ void register_model(py::module_& m) {
       .def(
           "forward",
           [](Gemma3Model& g, const py::array& tokens, const py::object& row_start, KVCache* cache, const std::string& logits,
-             PyHookSet* hooks, int stop_at_layer, bool allow_longer) {
+             PyHookSet* hooks, int stop_at_layer, bool allow_longer, GradTape* tape) {
             const int32_t* tok = checked_ptr<int32_t>(tokens, "tokens", 2);
             const int B = static_cast<int>(tokens.shape(0)), T = static_cast<int>(tokens.shape(1));
             const int32_t* rs = nullptr;
@@ -394,6 +394,7 @@ void register_model(py::module_& m) {
             a.hooks = (hooks && !hooks->empty()) ? hooks : nullptr;
             a.stop_at_layer = stop_at_layer;
             a.allow_longer = allow_longer;
+            a.tape = tape;
             a.interrupt_check = interrupt_check();
             if (stop_at_layer >= 0) {
               py::array_t<float> resid({static_cast<int64_t>(B), static_cast<int64_t>(T), static_cast<int64_t>(g.config().hidden_size)});
@@ -427,8 +428,37 @@ void register_model(py::module_& m) {
             return py::object(out);
           },
           py::arg("tokens"), py::arg("row_start") = py::none(), py::arg("cache") = nullptr, py::arg("logits") = "all",
-          py::arg("hooks") = nullptr, py::arg("stop_at_layer") = -1, py::arg("allow_longer") = false,
-          "tokens: int32 [batch, pos] C-contiguous; row_start: int32 [batch] left-padding counts or None.");
+          py::arg("hooks") = nullptr, py::arg("stop_at_layer") = -1, py::arg("allow_longer") = false, py::arg("tape") = nullptr,
+          "tokens: int32 [batch, pos] C-contiguous; row_start: int32 [batch] left-padding counts or None; tape: keep "
+          "what backward() needs.")
+      .def(
+          "backward",
+          [](Gemma3Model& g, GradTape& tape, const py::array& dlogits, const py::object& logits, PyHookSet* grad_hooks) {
+            if (!tape.ready) throw ValueError("backward: the tape holds no forward pass (pass tape= to forward first)");
+            const int64_t V = g.config().vocab_size;
+            const float* dl = checked_ptr<float>(dlogits, "dlogits", 3);
+            if (dlogits.shape(0) != tape.B || dlogits.shape(1) != tape.T || dlogits.shape(2) != V)
+              throw ValueError("backward: dlogits must have the logits' shape");
+            BackwardArgs b;
+            b.tape = &tape;
+            b.dlogits = dl;
+            py::array lg;
+            if (!logits.is_none()) {
+              lg = logits.cast<py::array>();
+              b.logits = checked_ptr<float>(lg, "logits", 3);
+              if (lg.shape(0) != tape.B || lg.shape(1) != tape.T || lg.shape(2) != V) throw ValueError("backward: logits must match the tape");
+            }
+            b.grad_hooks = (grad_hooks && !grad_hooks->empty()) ? grad_hooks : nullptr;
+            b.interrupt_check = interrupt_check();
+            py::gil_scoped_release release;
+            g.backward(b);
+          },
+          py::arg("tape"), py::arg("dlogits"), py::arg("logits") = py::none(), py::arg("grad_hooks") = nullptr,
+          "The reverse pass of the forward recorded in tape: dlogits float32 [batch, pos, vocab] C-contiguous; the "
+          "grad_hooks' sites fire with the gradients arriving there.");
+  py::class_<GradTape>(m, "GradTape", "What a forward keeps for a reverse pass (forward(..., tape=)).")
+      .def(py::init<>())
+      .def_property_readonly("ready", [](const GradTape& t) { return t.ready; });
 }
 
 // Text from a file that may not be UTF-8: undecodable bytes become lone surrogates (Python's surrogateescape).

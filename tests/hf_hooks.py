@@ -9,22 +9,25 @@ _RECORD = {}
 
 
 def _recording_eager(module, q, k, v, mask, **kw):
-    """HF's eager attention, recording post-RoPE q/k, the masked scores and the pattern for module.layer_idx."""
-    kw.pop("softcap", None)
+    """HF's eager attention (modeling_gemma3.eager_attention_forward's steps, softcap honoured), computed here so that
+    the post-RoPE q/k, the masked scores and the pattern it records are the tensors on the path to the output (their
+    gradients are the gradients at those sites)."""
     softcap = module.attn_logit_softcapping
+    key = modeling_gemma3.repeat_kv(k, module.num_key_value_groups)
+    value = modeling_gemma3.repeat_kv(v, module.num_key_value_groups)
+    s = torch.matmul(q, key.transpose(2, 3)) * module.scaling
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = s + mask[:, :, :, : key.shape[-2]]
+    w = torch.nn.functional.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(w, value).transpose(1, 2).contiguous()
     rec = _RECORD.get("sink")
     if rec is not None:
-        key = modeling_gemma3.repeat_kv(k, module.num_key_value_groups)
-        s = torch.matmul(q, key.transpose(2, 3)) * module.scaling
-        if softcap:
-            s = torch.tanh(s / softcap) * softcap
-        if mask is not None:
-            s = s + mask
-        rec[module.layer_idx] = {"rot_q": q.detach().clone(), "rot_k": k.detach().clone(), "scores": s.detach().clone(),
-                                 "mask": None if mask is None else mask.detach().clone()}
-    out, w = modeling_gemma3.eager_attention_forward(module, q, k, v, mask, softcap=softcap, **kw)
-    if rec is not None:
-        rec[module.layer_idx]["pattern"] = w.detach().clone()
+        for x in (q, k, s, w):
+            if x.requires_grad:
+                x.retain_grad()
+        rec[module.layer_idx] = {"rot_q": q, "rot_k": k, "scores": s, "pattern": w, "mask": None if mask is None else mask.detach()}
     return out, w
 
 
@@ -32,23 +35,29 @@ ALL_ATTENTION_FUNCTIONS.register("eager_record", _recording_eager)
 ALL_MASK_ATTENTION_FUNCTIONS.register("eager_record", eager_mask)
 
 
-def hf_activations(hf, ids):
-    """Run HF on ids [B, T]; return {TL hook name: np.ndarray} for every site and layer, and the logits."""
+def hf_activations(hf, ids, attention_mask=None, metric=None):
+    """Run HF on ids [B, T]; return ({TL hook name: np.ndarray} for every site and layer, logits). With metric (a
+    function of the logits tensor returning a scalar), also {name: gradient of the metric at that site} after
+    torch autograd's backward, third."""
     cfg = hf.config
     H, KV, Hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    acts, handles = {}, []
+    live, handles = {}, []  # name -> (tensor, layout function)
     t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     B, T = t.shape
 
+    def keep(name, x, fn):
+        if metric is not None and x.requires_grad:
+            x.retain_grad()
+        live[name] = (x, fn)
+
     def out_hook(name, fn=lambda x: x):
         def h(mod, args, out):
-            acts[name] = fn(out if isinstance(out, torch.Tensor) else out[0]).detach().float().numpy().copy()
+            keep(name, out if isinstance(out, torch.Tensor) else out[0], fn)
         return h
 
     def in_hook(name, fn=lambda x: x):
         def h(mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            acts[name] = fn(x).detach().float().numpy().copy()
+            keep(name, args[0] if args else kwargs["hidden_states"], fn)
         return h
 
     heads = lambda n: (lambda x: x.reshape(B, T, n, Hd))  # noqa: E731
@@ -82,9 +91,15 @@ def hf_activations(hf, ids):
     prev = hf.config._attn_implementation
     hf.set_attn_implementation("eager_record")
     _RECORD["sink"] = rec = {}
+    kw = {}
+    if attention_mask is not None:  # positions count from each row's first real token, as gemmalens's do
+        am = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+        kw = {"attention_mask": am, "position_ids": (am.cumsum(-1) - 1).clamp(min=0)}
     try:
-        with torch.no_grad():
-            logits = hf(t).logits.float().numpy()
+        with torch.set_grad_enabled(metric is not None):
+            out = hf(t, **kw).logits
+            if metric is not None:
+                metric(out).backward()
     finally:
         _RECORD["sink"] = None
         hf.set_attn_implementation(prev)
@@ -92,10 +107,26 @@ def hf_activations(hf, ids):
             h.remove()
     for i, r in rec.items():
         p = f"blocks.{i}.attn."
-        acts[p + "hook_rot_q"] = bhtd(r["rot_q"]).numpy()
-        acts[p + "hook_rot_k"] = bhtd(r["rot_k"]).numpy()
-        s = r["scores"].numpy()
-        visible = r["mask"].numpy() == 0 if r["mask"] is not None else np.ones_like(s, bool)
-        acts[p + "hook_attn_scores"] = np.where(np.broadcast_to(visible, s.shape), s, -np.inf)
-        acts[p + "hook_pattern"] = r["pattern"].numpy()
-    return acts, logits
+        visible = r["mask"] == 0 if r["mask"] is not None else torch.ones_like(r["scores"], dtype=torch.bool)
+        live[p + "hook_rot_q"] = (r["rot_q"], bhtd)
+        live[p + "hook_rot_k"] = (r["rot_k"], bhtd)
+        live[p + "hook_attn_scores"] = (r["scores"], lambda x, vis=visible: torch.where(vis, x, -torch.inf))
+        live[p + "hook_pattern"] = (r["pattern"], lambda x: x)
+    acts = {n: fn(x).detach().float().numpy().copy() for n, (x, fn) in live.items()}
+    logits = out.detach().float().numpy()
+    if metric is None:
+        return acts, logits
+    grads = {}
+    for n, (x, fn) in live.items():
+        g = torch.zeros_like(x) if x.grad is None else x.grad
+        if n.endswith("hook_attn_scores"):  # the gradient at masked scores is 0 (their pattern entries are)
+            g = torch.where(visible_of(rec, n), g, 0.0)
+        else:
+            g = fn(g)
+        grads[n] = g.detach().float().numpy().copy()
+    return acts, logits, grads
+
+
+def visible_of(rec, name):
+    r = rec[int(name.split(".")[1])]
+    return r["mask"] == 0 if r["mask"] is not None else torch.ones_like(r["scores"], dtype=torch.bool)

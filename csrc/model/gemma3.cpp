@@ -8,6 +8,7 @@
 #include <string>
 
 #include "model/gemma3.h"
+#include "model/pass.h"
 #include "ops/attention.h"
 #include "ops/kernels.h"
 
@@ -42,43 +43,6 @@ void Gemma3Model::embed(const int32_t* tokens, int64_t M, float* x) const {
     }
   }
 }
-
-// One forward call: its shapes and positions, the RoPE tables, the hook set and the workspace's buffers.
-struct Gemma3Model::Pass {
-  const ForwardArgs& a;
-  int B = 0, T = 0, Hd = 0;
-  int64_t M = 0, past = 0;
-  int n_layers = 0;                  // blocks to run (stop_at_layer, else all)
-  std::vector<int32_t> row_start;    // [B] first real slot of each row
-  std::vector<float> cos_local, sin_local, cos_global, sin_global;  // [M, Hd / 2] per RoPE base
-  // Activations (workspace buffers; contents are scratch).
-  float* x = nullptr;        // residual stream [M, D]
-  float* normed = nullptr;   // a norm's output [M, D]
-  float* qkv = nullptr;      // [M, (H + 2 KV) Hd]
-  float* q = nullptr;        // [B, T, H, Hd]
-  float* k = nullptr;        // [B, T, KV, Hd]
-  float* v = nullptr;        // [B, T, KV, Hd]
-  float* z = nullptr;        // [B, T, H, Hd], attention output per head
-  float* out = nullptr;      // a block's output [M, D]
-  float* gate_up = nullptr;  // [M, 2F]
-  float* act = nullptr;      // [M, F]
-
-  explicit Pass(const ForwardArgs& args) : a(args) {}
-  void interrupt() const {
-    if (a.interrupt_check) a.interrupt_check();
-  }
-  // Hook sites: TransformerLens shapes as views over the internal buffers (strides in floats).
-  bool on(Site st, int layer) const { return a.hooks && a.hooks->active(st, layer); }
-  void fire(Site st, int layer, float* p, std::vector<int64_t> shape, std::vector<int64_t> strides, int pos_axis = 1) const {
-    a.hooks->run(st, layer, ActView{p, std::move(shape), std::move(strides), pos_axis});
-  }
-  void resid(Site st, int layer, float* p, int64_t width, int64_t ld) const {  // [B, T, width], row stride ld
-    if (on(st, layer)) fire(st, layer, p, {B, T, width}, {T * ld, ld, 1});
-  }
-  void heads(Site st, int layer, float* p, int64_t nh, int64_t ld) const {  // [B, T, nh, Hd], row stride ld
-    if (on(st, layer)) fire(st, layer, p, {B, T, nh, Hd}, {T * ld, ld, Hd, 1});
-  }
-};
 
 std::vector<int32_t> Gemma3Model::validate(const ForwardArgs& a) const {
   const Gemma3Config& c = cfg_;
@@ -123,6 +87,8 @@ std::vector<int32_t> Gemma3Model::validate(const ForwardArgs& a) const {
     throw ValueError("forward: stop_at_layer = " + std::to_string(a.stop_at_layer) + " exceeds num_hidden_layers = " +
                      std::to_string(c.num_hidden_layers));
   if (a.hooks && a.hooks->n_layers() != c.num_hidden_layers) throw ValueError("forward: the hook set was made for another model");
+  if (a.tape && (cache || a.stop_at_layer >= 0 || a.logits_mode != LogitsMode::All))
+    throw ValueError("forward: a gradient run needs the whole sequence at once: all-position logits, no KV cache, no stop_at_layer");
   return row_start;
 }
 
@@ -173,9 +139,14 @@ void Gemma3Model::forward(const ForwardArgs& a) {
 
   embed(a.tokens, p.M, p.x);
   p.resid(Site::Embed, -1, p.x, D, D);
+  if (a.tape) {
+    a.tape->ready = false;
+    a.tape->resid.resize(p.n_layers + 1);
+  }
   for (int l = 0; l < p.n_layers; ++l) {
     p.interrupt();
     p.resid(Site::ResidPre, l, p.x, D, D);
+    if (a.tape) LayerTape::save(a.tape->resid[l], p.x, p.M * D);
     attention_block(l, p);  // x += post_attention_norm(o_proj(attention(input_norm(x))))
     p.interrupt();
     mlp_block(l, p);        // x += post_feedforward_norm(down(gelu_tanh(gate(m)) * up(m))), m = pre_feedforward_norm(x)
@@ -185,6 +156,14 @@ void Gemma3Model::forward(const ForwardArgs& a) {
     return;
   }
   if (a.cache) a.cache->commit(p.T, p.row_start);  // every layer ran: the new positions join the cache
+  if (a.tape) {
+    LayerTape::save(a.tape->resid[p.n_layers], p.x, p.M * D);
+    a.tape->B = p.B;
+    a.tape->T = p.T;
+    a.tape->tokens.assign(a.tokens, a.tokens + p.M);
+    a.tape->row_start = p.row_start;
+    a.tape->ready = true;
+  }
   final(p);
 }
 
@@ -199,6 +178,7 @@ void Gemma3Model::attention_block(int l, Pass& p) {
   ops::rmsnorm(p.x, D, L.input_layernorm.data(), eps, M, D, p.normed, D);
   p.resid(Site::Ln1, l, p.normed, D, D);
   L.qkv.forward(p.normed, M, p.qkv);
+  if (p.keep) LayerTape::save(p.keep->qkv, p.qkv, M * QKV);
   p.heads(Site::Q, l, p.qkv, H, QKV);
   p.heads(Site::K, l, p.qkv + H * Hd, KV, QKV);
   p.heads(Site::V, l, p.qkv + (H + KV) * Hd, KV, QKV);
@@ -217,12 +197,18 @@ void Gemma3Model::attention_block(int l, Pass& p) {
     ops::round_bf16_inplace(p.k, M * KV * Hd);
     ops::round_bf16_inplace(p.v, M * KV * Hd);
   }
+  if (p.keep) {
+    LayerTape::save(p.keep->q, p.q, M * H * Hd);
+    LayerTape::save(p.keep->k, p.k, M * KV * Hd);
+    LayerTape::save(p.keep->v, p.v, M * KV * Hd);
+  }
   attend(l, p);
   p.heads(Site::Z, l, p.z, H, H * Hd);
   p.interrupt();  // attention of a long prefill can take a while: check again
   if (p.a.cache) p.a.cache->stage(l, p.k, p.v, p.T);
 
   L.o_proj.forward(p.z, M, p.out);
+  if (p.keep) LayerTape::save(p.keep->attn_proj, p.out, M * D);
   ops::rmsnorm(p.out, D, L.post_attention_layernorm.data(), eps, M, D, p.out, D);
   p.resid(Site::Ln1Post, l, p.out, D, D);
   p.resid(Site::AttnOut, l, p.out, D, D);
@@ -243,7 +229,7 @@ void Gemma3Model::attend(int l, Pass& p) {
   at.softcap = static_cast<float>(c.attn_logit_softcapping);
   at.z = p.z;
   at.compute = dtype_;
-  if (!p.on(Site::AttnScores, l) && !p.on(Site::Pattern, l)) {
+  if (!p.on(Site::AttnScores, l) && !p.on(Site::Pattern, l) && !p.keep) {
     ops::attention(at);
     return;
   }
@@ -255,6 +241,10 @@ void Gemma3Model::attend(int l, Pass& p) {
   ops::softmax_rows(scores.data(), B * H * T, S, pattern.data());
   if (p.on(Site::Pattern, l)) p.fire(Site::Pattern, l, pattern.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
   ops::attention_apply(at, pattern.data(), p.z);
+  if (p.keep) {
+    p.keep->scores = std::move(scores);
+    p.keep->pattern = std::move(pattern);
+  }
 }
 
 void Gemma3Model::mlp_block(int l, Pass& p) {
@@ -263,14 +253,17 @@ void Gemma3Model::mlp_block(int l, Pass& p) {
   const int D = c.hidden_size, F = c.intermediate_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const int64_t M = p.M;
+  if (p.keep) LayerTape::save(p.keep->x_mid, p.x, M * D);
   ops::rmsnorm(p.x, D, L.pre_feedforward_layernorm.data(), eps, M, D, p.normed, D);
   p.resid(Site::Ln2, l, p.normed, D, D);
   L.gate_up.forward(p.normed, M, p.gate_up);
+  if (p.keep) LayerTape::save(p.keep->gate_up, p.gate_up, M * 2 * F);
   p.resid(Site::MlpPre, l, p.gate_up, F, 2 * F);
   p.resid(Site::MlpPreLinear, l, p.gate_up + F, F, 2 * F);
   ops::gelu_tanh_mul(p.gate_up, p.gate_up + F, 2 * F, M, F, p.act);
   p.resid(Site::MlpPost, l, p.act, F, F);
   L.down_proj.forward(p.act, M, p.out);
+  if (p.keep) LayerTape::save(p.keep->down, p.out, M * D);
   ops::rmsnorm(p.out, D, L.post_feedforward_layernorm.data(), eps, M, D, p.out, D);
   p.resid(Site::Ln2Post, l, p.out, D, D);
   p.resid(Site::MlpOut, l, p.out, D, D);

@@ -15,6 +15,8 @@
 
 namespace gemmalens {
 
+struct LayerTape;  // model/pass.h
+
 // Shapes use D = hidden_size, F = intermediate_size, H/KV = heads, Hd = head_dim, V = vocab_size.
 struct LayerWeights {
   std::vector<float> input_layernorm;             // [D]  raw w; applied as (1 + w)
@@ -53,6 +55,25 @@ void for_each_weight(const Gemma3Config& cfg, const TensorChecker& fn);
 
 enum class LogitsMode { All, Last, None };
 
+// What a forward keeps for a reverse pass (ForwardArgs::tape): its input and the residual stream entering each
+// block and leaving the last (the blocks' other intermediates are recomputed one block at a time).
+struct GradTape {
+  int B = 0, T = 0;
+  std::vector<int32_t> tokens, row_start;  // [B, T], [B]
+  std::vector<std::vector<float>> resid;   // n_layers + 1 of [B, T, D]
+  bool ready = false;                      // a forward filled it
+};
+
+// The reverse pass: gradients of a scalar metric flow from dMetric/dLogits back to the embedding; each hook site
+// fires with the gradient arriving there (grad_hooks: capture, edit, Python hooks, as in a forward).
+struct BackwardArgs {
+  GradTape* tape = nullptr;
+  const float* dlogits = nullptr;  // [B, T, V]
+  const float* logits = nullptr;   // [B, T, V] the forward's logits: needed when final_logit_softcapping is set
+  HookSet* grad_hooks = nullptr;
+  std::function<void()> interrupt_check;
+};
+
 struct ForwardArgs {
   const int32_t* tokens = nullptr;     // [B, T]
   int B = 0, T = 0;
@@ -64,6 +85,7 @@ struct ForwardArgs {
   int stop_at_layer = -1;              // >= 0: run blocks [0, stop_at_layer) only, no logits
   float* resid_out = nullptr;          // with stop_at_layer: the residual stream [B, T, D] there
   bool allow_longer = false;           // positions past max_position_embeddings (RoPE never trained there)
+  GradTape* tape = nullptr;            // keep what a reverse pass needs (all-position logits, no cache)
   // Called between layers; throws to abandon the pass (Ctrl-C). The cache is left as it was before the call.
   std::function<void()> interrupt_check;
 };
@@ -85,6 +107,8 @@ class Gemma3Model {
 
   // Thread-safe (one forward at a time per model).
   void forward(const ForwardArgs& args);
+  // The reverse of the forward that filled args.tape (gemma3_grad.cpp), block by block.
+  void backward(const BackwardArgs& args);
   // Every weight under its HF name, HF layout, as f32 (q/k/v and gate/up split again): fn(name, shape, data).
   void export_tensors(const std::function<void(const std::string&, const std::vector<int64_t>&, const float*)>& fn) const;
   // Final norm and tied LM head on residual vectors: x [M, D] -> logits [M, V] (logit lens).
@@ -100,6 +124,9 @@ class Gemma3Model {
   void attend(int l, Pass& p);           // z from q, k, v (and the cache): fast kernel or materialised for hooks
   void mlp_block(int l, Pass& p);        // x += post_feedforward_norm(down(gelu_tanh(gate) * up))
   void final(Pass& p);                   // final norm and the tied LM head
+  // Their VJPs (gemma3_grad.cpp): dx [M, D] holds the gradient at the block's output and leaves with its input's.
+  void attention_block_backward(int l, Pass& p, const LayerTape& t, float* dx);
+  void mlp_block_backward(int l, Pass& p, const LayerTape& t, float* dx);
   // Activation buffers, grown on demand and reused across calls (no page faults in steady state).
   struct Workspace {
     std::vector<float> x, normed, qkv, q, k, v, z, out, gate_up, act;

@@ -34,6 +34,9 @@ class Linear {
   // Row n of the weights as f32 (plain or quantised layers): the embedding lookup.
   void row(int64_t n, float* out) const;
   bool is_quantized() const;  // int8 or int4 blocks
+  // The reverse pass: dx [M, K] = dy [M, N] W (+= with accumulate), through the weights as stored (dequantised /
+  // widened to f32 a block of rows at a time; no lasting second copy).
+  void backward_input(const float* dy, int64_t M, float* dx, bool accumulate = false) const;
   // The weights back as row-major f32 [N, K] (reordered out of the blocked layout): out holds N * K floats.
   void to_rowmajor(float* out) const;
 
@@ -46,6 +49,8 @@ class Linear {
 // C [M, N] f32 (row stride ldc) = A [M, K] bf16 (row-major) x B, with B bf16 row-major as [N, K] (b_nk) or [K, N];
 // f32 accumulation. The raw matmul the bf16 attention prefill (ops/attention_bf16.cpp) runs on.
 void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int64_t N, bool b_nk, float* C, int64_t ldc);
+// C [M, N] f32 (row stride ldc) = A [M, K] f32 (row stride lda) x B [K, N] f32 row-major; += with accumulate.
+void matmul_f32(const float* A, int64_t M, int64_t K, int64_t lda, const float* B, int64_t N, float* C, int64_t ldc, bool accumulate);
 // oneDNN runs bf16 matmuls on AMX tiles on this machine (picks the AMX prefill paths).
 bool amx_bf16();
 // Library version string of the linked oneDNN ("3.2.0").

@@ -316,6 +316,52 @@ void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int
   }
 }
 
+void matmul_f32(const float* A, int64_t M, int64_t K, int64_t lda, const float* B, int64_t N, float* C, int64_t ldc, bool accumulate) {
+  try {
+    auto& eng = engine();
+    dnnl::memory::desc a_md({M, K}, dt::f32, dnnl::memory::dims{lda, 1}), b_md({K, N}, dt::f32, tag::ab),
+        c_md({M, N}, dt::f32, dnnl::memory::dims{ldc, 1});
+    dnnl::primitive_attr attr;
+    if (accumulate) {
+      dnnl::post_ops po;
+      po.append_sum(1.f);
+      attr.set_post_ops(po);
+    }
+    dnnl::matmul::primitive_desc pd(eng, a_md, b_md, c_md, attr);
+    dnnl::matmul prim(pd);
+    dnnl::stream st(eng);
+    dnnl::memory a(a_md, eng, const_cast<float*>(A)), b(b_md, eng, const_cast<float*>(B)), c(c_md, eng, C);
+    prim.execute(st, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+    st.wait();
+  } catch (const dnnl::error& e) {
+    throw InternalError(std::string("oneDNN f32 matmul failed (M=") + std::to_string(M) + ", K=" + std::to_string(K) +
+                        ", N=" + std::to_string(N) + "): " + e.what());
+  }
+}
+
+void Linear::backward_input(const float* dy, int64_t M, float* dx, bool accumulate) const {
+  if (!impl_) throw InternalError("Linear::backward_input on an empty layer");
+  if (!impl_->plain && !impl_->quantized) {  // a layer in oneDNN's blocked layout: back to row-major for the call
+    std::vector<float> w(static_cast<size_t>(N_) * K_);
+    to_rowmajor(w.data());
+    matmul_f32(dy, M, N_, N_, w.data(), K_, dx, K_, accumulate);
+    return;
+  }
+  if (impl_->plain && !impl_->quantized && impl_->wdt == dt::f32) {  // row-major f32 already: no copy
+    matmul_f32(dy, M, N_, N_, static_cast<const float*>(impl_->weights.get_data_handle()), K_, dx, K_, accumulate);
+    return;
+  }
+  // Plain bf16 (the embedding / LM head, up to 262144 rows) or quantised: blocks of rows widened to f32.
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 22) / K_);
+  std::vector<float> w(static_cast<size_t>(std::min(rows, N_)) * K_);
+  for (int64_t n0 = 0; n0 < N_; n0 += rows) {
+    const int64_t nr = std::min(rows, N_ - n0);
+#pragma omp parallel for if (nr > 64)
+    for (int64_t n = 0; n < nr; ++n) row(n0 + n, w.data() + n * K_);
+    matmul_f32(dy + n0, M, nr, N_, w.data(), K_, dx, K_, accumulate || n0 > 0);
+  }
+}
+
 const char* dnnl_version() {
   static std::string v = [] {
     const dnnl_version_t* ver = ::dnnl_version();

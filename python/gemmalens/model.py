@@ -225,19 +225,29 @@ class Model:
                 self.reset_hooks()
 
     def run_with_cache(self, tokens, names_filter=None, stop_at_layer=None, attention_mask=None, return_type="logits",
-                       fwd_hooks=(), allow_longer=False):
+                       fwd_hooks=(), allow_longer=False, incl_bwd=False, metric=None):
         """Forward and capture activations: returns (logits, ActivationCache).
 
         names_filter: a hook name, a list of them, or a predicate (None = all). Only those are materialised.
         stop_at_layer: stop before block k (TransformerLens semantics): returns the residual stream there
         ([batch, pos, d_model]) instead of logits, and skips the rest of the model.
         allow_longer: run sequences longer than max_position_embeddings (refused by default).
+        incl_bwd: also run the native reverse pass from ``metric`` ("loss", a ``gl.metrics`` object, or an array
+        dMetric/dLogits of the logits' shape): the cache then holds ``name + "_grad"`` (the gradient of the metric at
+        that site) beside each ``name``, and ``cache.metric_value``.
         """
         from .hooks import ActivationCache
 
-        from .sae import sae_hook_names
-
         _check_allow_longer(allow_longer)
+        if incl_bwd:
+            from . import grad
+
+            return grad.run_with_cache(self, tokens, names_filter, attention_mask, metric, return_type, fwd_hooks,
+                                       stop_at_layer, allow_longer, _row_start)
+        if metric is not None:
+            raise ValueError("metric= is for gradient runs: pass incl_bwd=True as well")
+
+        from .sae import sae_hook_names
 
         sae_names = sae_hook_names([s for s, _ in self._saes])
         if self._saes and names_filter is not None and not callable(names_filter):

@@ -1,0 +1,148 @@
+// The reverse pass: the vector-Jacobian product of the forward in gemma3.cpp, block by block in reverse order.
+// The forward kept the residual stream entering each block (GradTape); each block is run again with Pass::keep set
+// (its intermediates kept), then its VJP runs. Gradients are f32 whatever the weights' dtype; matmul VJPs go
+// through the weights as stored (ops::Linear::backward_input). bf16 roundings of activations count as identity.
+// Each hook site fires on the gradient arriving there (TransformerLens's backward hooks): a capture records it,
+// an edit changes what flows on.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "model/gemma3.h"
+#include "model/pass.h"
+#include "ops/grad.h"
+#include "ops/kernels.h"
+
+namespace gemmalens {
+
+void Gemma3Model::backward(const BackwardArgs& g) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (threads > 0) ops::set_num_threads(threads);
+  const Gemma3Config& c = cfg_;
+  GradTape* tape = g.tape;
+  if (!tape || !tape->ready) throw ValueError("backward: no forward pass was recorded for it (run the forward with a tape first)");
+  if (!g.dlogits) throw ValueError("backward: dMetric/dLogits is missing");
+  if (c.final_logit_softcapping > 0 && !g.logits)
+    throw ValueError("backward: this model soft-caps its logits; the forward's logits are needed for the reverse pass");
+  if (g.grad_hooks && g.grad_hooks->n_layers() != c.num_hidden_layers) throw ValueError("backward: the hook set was made for another model");
+
+  ForwardArgs fa;  // the recorded forward again, one block at a time, with the gradient hooks at its sites
+  fa.tokens = tape->tokens.data();
+  fa.B = tape->B;
+  fa.T = tape->T;
+  fa.row_start = tape->row_start.data();
+  fa.allow_longer = true;  // checked when the tape was recorded
+  fa.hooks = g.grad_hooks;
+  fa.interrupt_check = g.interrupt_check;
+  Pass p = prepare(fa);
+  const int D = c.hidden_size;
+  const int64_t M = p.M, V = c.vocab_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  std::vector<float> dx(static_cast<size_t>(M) * D), dl;
+
+  // ---- final norm and the tied LM head: logits = softcap(final_norm(x) E^T) ----
+  const float* dlogits = g.dlogits;
+  if (c.final_logit_softcapping > 0) {
+    dl.assign(g.dlogits, g.dlogits + M * V);
+    ops::softcap_backward(g.logits, dl.data(), M * V, static_cast<float>(c.final_logit_softcapping));
+    dlogits = dl.data();
+  }
+  w_.embed.backward_input(dlogits, M, p.normed);  // d final_norm output [M, D]
+  p.resid(Site::LnFinal, -1, p.normed, D, D);
+  const float* x_final = tape->resid[c.num_hidden_layers].data();
+  ops::rmsnorm_backward(x_final, D, w_.final_norm.data(), eps, M, D, p.normed, D, dx.data(), D, false);
+
+  // ---- the blocks, last to first: each one run again from its recorded input (no hooks), then its VJP ----
+  LayerTape t;
+  for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
+    p.interrupt();
+    p.resid(Site::ResidPost, l, dx.data(), D, D);
+    t.x_pre = tape->resid[l].data();
+    std::memcpy(p.x, t.x_pre, sizeof(float) * M * D);
+    p.hooks = nullptr;
+    p.keep = &t;
+    attention_block(l, p);
+    mlp_block(l, p);
+    p.keep = nullptr;
+    p.hooks = g.grad_hooks;
+    mlp_block_backward(l, p, t, dx.data());
+    attention_block_backward(l, p, t, dx.data());
+  }
+  p.resid(Site::Embed, -1, dx.data(), D, D);
+}
+
+void Gemma3Model::mlp_block_backward(int l, Pass& p, const LayerTape& t, float* dx) {
+  const Gemma3Config& c = cfg_;
+  LayerWeights& L = w_.layers[l];
+  const int D = c.hidden_size, F = c.intermediate_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const int64_t M = p.M;
+  // x_post = x_mid + post_ffw_norm(down(gelu(gate) * up)), gate | up = gate_up(pre_ffw_norm(x_mid))
+  std::memcpy(p.out, dx, sizeof(float) * M * D);  // d mlp_out
+  p.resid(Site::Ln2Post, l, p.out, D, D);
+  p.resid(Site::MlpOut, l, p.out, D, D);
+  std::vector<float> d_down(static_cast<size_t>(M) * D);
+  ops::rmsnorm_backward(t.down.data(), D, L.post_feedforward_layernorm.data(), eps, M, D, p.out, D, d_down.data(), D, false);
+  L.down_proj.backward_input(d_down.data(), M, p.act);  // d act [M, F]
+  p.resid(Site::MlpPost, l, p.act, F, F);
+  ops::gelu_tanh_mul_backward(t.gate_up.data(), t.gate_up.data() + F, 2 * F, M, F, p.act, p.gate_up, p.gate_up + F, 2 * F);
+  p.resid(Site::MlpPre, l, p.gate_up, F, 2 * F);
+  p.resid(Site::MlpPreLinear, l, p.gate_up + F, F, 2 * F);
+  L.gate_up.backward_input(p.gate_up, M, p.normed);  // d ln2 output
+  p.resid(Site::Ln2, l, p.normed, D, D);
+  ops::rmsnorm_backward(t.x_mid.data(), D, L.pre_feedforward_layernorm.data(), eps, M, D, p.normed, D, dx, D, true);
+  p.resid(Site::ResidMid, l, dx, D, D);
+}
+
+void Gemma3Model::attention_block_backward(int l, Pass& p, const LayerTape& t, float* dx) {
+  const Gemma3Config& c = cfg_;
+  LayerWeights& L = w_.layers[l];
+  const int D = c.hidden_size, H = c.num_attention_heads, KV = c.num_key_value_heads, Hd = c.head_dim, QKV = (H + 2 * KV) * Hd;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const int64_t M = p.M, B = p.B, T = p.T;
+  const bool sliding = c.is_sliding(l);
+  // x_mid = x_pre + post_attn_norm(o_proj(z)), z = attention(rope(q_norm(q)), rope(k_norm(k)), v), q|k|v = qkv(ln1(x_pre))
+  std::memcpy(p.out, dx, sizeof(float) * M * D);  // d attn_out
+  p.resid(Site::AttnOut, l, p.out, D, D);
+  p.resid(Site::Ln1Post, l, p.out, D, D);
+  std::vector<float> d_proj(static_cast<size_t>(M) * D);
+  ops::rmsnorm_backward(t.attn_proj.data(), D, L.post_attention_layernorm.data(), eps, M, D, p.out, D, d_proj.data(), D, false);
+  L.o_proj.backward_input(d_proj.data(), M, p.z);  // d z [B, T, H, Hd]
+  p.heads(Site::Z, l, p.z, H, H * Hd);
+
+  ops::AttentionArgs at;
+  at.B = p.B; at.T = p.T; at.H = H; at.KV = KV; at.Hd = Hd;
+  at.q = t.q.data(); at.k_new = t.k.data(); at.v_new = t.v.data();
+  at.row_start = p.row_start.data();
+  at.window = sliding ? c.sliding_window : 0;
+  at.scale = static_cast<float>(std::pow(c.query_pre_attn_scalar, -0.5));
+  at.softcap = static_cast<float>(c.attn_logit_softcapping);
+  const int64_t S = T;
+  std::vector<float> d_pattern(static_cast<size_t>(B * H * T * S)), d_scores(d_pattern.size());
+  ops::attention_apply_backward(at, t.pattern.data(), p.z, d_pattern.data(), p.v);  // d v [B, T, KV, Hd]
+  if (p.on(Site::Pattern, l)) p.fire(Site::Pattern, l, d_pattern.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
+  ops::softmax_rows_backward(t.pattern.data(), d_pattern.data(), B * H * T, S, d_scores.data());
+  if (p.on(Site::AttnScores, l)) p.fire(Site::AttnScores, l, d_scores.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
+  ops::attention_scores_backward(at, t.scores.data(), d_scores.data(), p.q, p.k);
+  p.heads(Site::RotQ, l, p.q, H, H * Hd);
+  p.heads(Site::RotK, l, p.k, KV, KV * Hd);
+  const float* cs = sliding ? p.cos_local.data() : p.cos_global.data();
+  const float* sn = sliding ? p.sin_local.data() : p.sin_global.data();
+  ops::rope_backward(p.q, M, H, Hd, cs, sn);
+  ops::rope_backward(p.k, M, KV, Hd, cs, sn);
+  p.heads(Site::QNorm, l, p.q, H, H * Hd);
+  p.heads(Site::KNorm, l, p.k, KV, KV * Hd);
+  ops::rmsnorm_heads_backward(t.qkv.data(), QKV, H, Hd, L.q_norm.data(), eps, M, p.q, p.qkv, QKV);
+  ops::rmsnorm_heads_backward(t.qkv.data() + H * Hd, QKV, KV, Hd, L.k_norm.data(), eps, M, p.k, p.qkv + H * Hd, QKV);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(p.qkv + m * QKV + (H + KV) * Hd, p.v + m * KV * Hd, sizeof(float) * KV * Hd);
+  p.heads(Site::Q, l, p.qkv, H, QKV);
+  p.heads(Site::K, l, p.qkv + H * Hd, KV, QKV);
+  p.heads(Site::V, l, p.qkv + (H + KV) * Hd, KV, QKV);
+  L.qkv.backward_input(p.qkv, M, p.normed);  // d ln1 output
+  p.resid(Site::Ln1, l, p.normed, D, D);
+  ops::rmsnorm_backward(t.x_pre, D, L.input_layernorm.data(), eps, M, D, p.normed, D, dx, D, true);
+  p.resid(Site::ResidPre, l, dx, D, D);
+}
+
+}  // namespace gemmalens

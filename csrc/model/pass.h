@@ -1,0 +1,64 @@
+// Private to the model's .cpp files: the state of one forward call, shared by the forward (gemma3.cpp) and the
+// reverse pass (gemma3_grad.cpp), and the intermediates one block keeps for its VJP.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "model/gemma3.h"
+
+namespace gemmalens {
+
+// What the reverse pass needs from one block's forward (filled when Pass::keep is set): the inputs of each op whose
+// VJP needs more than the weights.
+struct LayerTape {
+  std::vector<float> qkv;               // [M, (H + 2 KV) Hd] q/k before their norms, v
+  std::vector<float> q, k, v;           // q, k after norm and RoPE (as rounded for a bf16 model), v
+  std::vector<float> scores, pattern;   // [B, H, T, T]
+  std::vector<float> attn_proj;         // [M, D] o_proj's output, before post_attention_layernorm
+  std::vector<float> x_mid;             // [M, D] resid_mid
+  std::vector<float> gate_up;           // [M, 2F]
+  std::vector<float> down;              // [M, D] down_proj's output, before post_feedforward_layernorm
+  const float* x_pre = nullptr;         // [M, D] resid_pre (the GradTape's)
+  static void save(std::vector<float>& dst, const float* src, int64_t n) { dst.assign(src, src + n); }
+};
+
+// One forward call: its shapes and positions, the RoPE tables, the hook set and the workspace's buffers.
+struct Gemma3Model::Pass {
+  const ForwardArgs& a;
+  int B = 0, T = 0, Hd = 0;
+  int64_t M = 0, past = 0;
+  int n_layers = 0;                  // blocks to run (stop_at_layer, else all)
+  std::vector<int32_t> row_start;    // [B] first real slot of each row
+  std::vector<float> cos_local, sin_local, cos_global, sin_global;  // [M, Hd / 2] per RoPE base
+  // Activations (workspace buffers; contents are scratch).
+  float* x = nullptr;        // residual stream [M, D]
+  float* normed = nullptr;   // a norm's output [M, D]
+  float* qkv = nullptr;      // [M, (H + 2 KV) Hd]
+  float* q = nullptr;        // [B, T, H, Hd]
+  float* k = nullptr;        // [B, T, KV, Hd]
+  float* v = nullptr;        // [B, T, KV, Hd]
+  float* z = nullptr;        // [B, T, H, Hd], attention output per head
+  float* out = nullptr;      // a block's output [M, D]
+  float* gate_up = nullptr;  // [M, 2F]
+  float* act = nullptr;      // [M, F]
+  HookSet* hooks = nullptr;   // the sites' actions (the forward's hooks; the reverse pass's gradient hooks)
+  LayerTape* keep = nullptr;  // set by the reverse pass: the blocks keep what their VJPs need
+
+  explicit Pass(const ForwardArgs& args) : a(args), hooks(args.hooks) {}
+  void interrupt() const {
+    if (a.interrupt_check) a.interrupt_check();
+  }
+  // Hook sites: TransformerLens shapes as views over the internal buffers (strides in floats).
+  bool on(Site st, int layer) const { return hooks && hooks->active(st, layer); }
+  void fire(Site st, int layer, float* p, std::vector<int64_t> shape, std::vector<int64_t> strides, int pos_axis = 1) const {
+    hooks->run(st, layer, ActView{p, std::move(shape), std::move(strides), pos_axis});
+  }
+  void resid(Site st, int layer, float* p, int64_t width, int64_t ld) const {  // [B, T, width], row stride ld
+    if (on(st, layer)) fire(st, layer, p, {B, T, width}, {T * ld, ld, 1});
+  }
+  void heads(Site st, int layer, float* p, int64_t nh, int64_t ld) const {  // [B, T, nh, Hd], row stride ld
+    if (on(st, layer)) fire(st, layer, p, {B, T, nh, Hd}, {T * ld, ld, Hd, 1});
+  }
+};
+
+}  // namespace gemmalens

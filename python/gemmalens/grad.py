@@ -1,0 +1,57 @@
+"""Gradient runs: the native reverse pass (csrc/model/gemma3_grad.cpp) behind ``run_with_cache(incl_bwd=True)``.
+
+The forward records the residual stream entering each block (a ``_core.GradTape``); the metric turns the logits
+into dMetric/dLogits (``gl.metrics``); the reverse pass runs each block again from its recorded input and then its
+vector-Jacobian product, last block first. Every hook site captures the gradient arriving there under
+TransformerLens's key, ``name + "_grad"``.
+"""
+import numpy as np
+
+from . import _core
+from .hooks import ActivationCache, build_hookset
+from .metrics import dlogits_for
+
+
+def _unsupported(model, fwd_hooks, stop_at_layer, return_type):
+    if stop_at_layer is not None:
+        raise ValueError("incl_bwd=True needs the whole model (the metric is a function of the logits): drop stop_at_layer")
+    if return_type not in ("logits", "loss", None):
+        raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
+    if list(fwd_hooks) or model._persistent_hooks or model._saes:
+        raise ValueError("incl_bwd=True does not yet combine with forward hooks, interventions or spliced SAEs (their "
+                         "gradients are not implemented); run the gradient pass without them")
+
+
+def run_with_cache(model, tokens, names_filter, attention_mask, metric, return_type, fwd_hooks, stop_at_layer,
+                   allow_longer, row_start_of):
+    """Model.run_with_cache(..., incl_bwd=True): (output, cache with activations, their gradients, metric_value)."""
+    _unsupported(model, fwd_hooks, stop_at_layer, return_type)
+    if metric is None:
+        raise ValueError("incl_bwd=True needs metric=: \"loss\", a gl.metrics object (e.g. gl.metrics.logit_diff(good, "
+                         "bad)) or a dMetric/dLogits array of the logits' shape")
+    table, n_layers = model._hook_table, model.config.num_hidden_layers
+    names = table.select(names_filter)
+    toks = model.to_tokens(tokens)
+    row_start = None if attention_mask is None else row_start_of(attention_mask, toks.shape)
+    fwd, bwd = build_hookset(table, n_layers, [], names), build_hookset(table, n_layers, [], names)
+    tape = _core.GradTape()
+    logits = model._core.forward(toks, row_start, None, "all", fwd, allow_longer=allow_longer, tape=tape)
+    value, dlogits = dlogits_for(metric, logits, toks, row_start, model.tokenizer)
+    softcapped = model.config.final_logit_softcapping is not None
+    model._core.backward(tape, np.ascontiguousarray(dlogits, dtype=np.float32), logits if softcapped else None, bwd)
+
+    ids = {v: k for k, v in table.ids.items()}
+    acts = {ids[(s, layer)]: a for s, layer, a in fwd.take_captures()} if fwd is not None else {}
+    grads = {ids[(s, layer)] + "_grad": a for s, layer, a in bwd.take_captures()} if bwd is not None else {}
+    ordered = {}
+    for n in table.names:
+        if n in acts:
+            ordered[n] = acts[n]
+            ordered[n + "_grad"] = grads[n + "_grad"]
+    cache = ActivationCache(ordered, table)
+    cache.metric_value = value
+    if return_type == "loss":
+        from .model import _next_token_loss
+
+        return _next_token_loss(logits, toks, row_start), cache
+    return (None if return_type is None else logits), cache

@@ -1,0 +1,132 @@
+"""The native reverse pass (run_with_cache(incl_bwd=True)) against torch autograd on HF's eager Gemma3ForCausalLM:
+the gradient of the metric at every hook site, for every config in conftest.CONFIGS and a left-padded batch."""
+import numpy as np
+import pytest
+import torch
+
+import gemmalens as gl
+from conftest import CONFIGS
+from hf_hooks import hf_activations
+
+B, T, V = 2, 11, 320
+
+
+def torch_loss(row_start, toks):
+    def f(lg):
+        terms = [-torch.log_softmax(lg[b, t], -1)[int(toks[b, t + 1])] for b in range(B) for t in range(row_start[b], T - 1)]
+        return torch.stack(terms).mean()
+    return f
+
+
+def metrics_for(toks, row_start):
+    """(name, gemmalens metric, the same metric on HF's logits tensor)."""
+    dl = np.random.default_rng(3).standard_normal((B, T, V)).astype(np.float32)
+    for b in range(B):
+        dl[b, :row_start[b]] = 0  # nothing depends on padding positions
+    good, bad = [5, 17], [9, 9]
+    rows = torch.arange(B)
+    return [
+        ("loss", "loss", torch_loss(row_start, toks)),
+        ("logit_diff", gl.metrics.logit_diff(good, bad),
+         lambda lg: (lg[rows, -1, torch.tensor(good)] - lg[rows, -1, torch.tensor(bad)]).mean()),
+        ("dlogits", dl, lambda lg: (lg * torch.as_tensor(dl)).sum()),
+    ]
+
+
+def compare(cache, grads, row_start, tol=1e-4):
+    """Every site's gradient within tol of the reference's max-abs (padding positions excluded)."""
+    worst, checked = 0.0, 0
+    for name, ref in grads.items():
+        got = cache[name + "_grad"]
+        assert got.shape == ref.shape, name
+        for b in range(B):
+            s = row_start[b]
+            g, r = (got[b, :, s:, s:], ref[b, :, s:, s:]) if name.endswith(("attn_scores", "pattern")) else (got[b, s:], ref[b, s:])
+            scale = max(float(np.abs(ref).max()), 1e-12)
+            err = float(np.abs(g - r).max()) / scale
+            assert err < tol, f"{name} row {b}: {err:.2e} of max-abs {scale:.2e}"
+            worst = max(worst, err)
+        checked += 1
+    return worst, checked
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "left_padded"])
+def test_gradients_match_autograd_at_every_site(hf_models, config, padded):
+    hf, d = hf_models[config]
+    model = gl.load(d)
+    toks = np.random.default_rng(1).integers(1, V, size=(B, T)).astype(np.int32)
+    row_start = [0, 3] if padded else [0, 0]
+    mask = np.ones((B, T), np.int64)
+    for b in range(B):
+        mask[b, :row_start[b]] = 0
+    for label, metric, torch_metric in metrics_for(toks, row_start):
+        _, logits_ref, grads = hf_activations(hf, toks, attention_mask=mask if padded else None, metric=torch_metric)
+        logits, cache = model.run_with_cache(toks, attention_mask=mask if padded else None, incl_bwd=True, metric=metric)
+        value = torch_metric(torch.as_tensor(logits_ref)).item()
+        if label != "dlogits":
+            assert cache.metric_value == pytest.approx(value, rel=1e-4, abs=1e-5)
+        else:
+            assert np.isnan(cache.metric_value)
+        assert set(grads) == set(model.hook_names)
+        worst, checked = compare(cache, grads, row_start)
+        assert checked == len(model.hook_names)
+
+
+def test_names_filter_and_cache_layout(hf_models):
+    model = gl.load(hf_models["gqa2"][1])
+    toks = np.arange(1, 9, dtype=np.int32)[None]
+    logits, cache = model.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_resid_post"), incl_bwd=True,
+                                         metric="loss")
+    L = model.config.num_hidden_layers
+    assert list(cache) == [k for i in range(L) for k in (f"blocks.{i}.hook_resid_post", f"blocks.{i}.hook_resid_post_grad")]
+    np.testing.assert_array_equal(logits, model.forward(toks))  # the forward of a gradient run is the forward
+    assert cache.metric_value == pytest.approx(model.forward(toks, return_type="loss"), rel=1e-6)
+    # the last block's output gradient is the final norm's VJP of dLoss/dLogits only: nonzero at real predictions
+    assert np.abs(cache["blocks.6.hook_resid_post_grad"][0, :-1]).max() > 0
+
+
+def test_real_270m_bf16_loss_gradients_close_to_f32(real_gguf_path):
+    """The issue's bound: a bf16 model's gradients within 2% (of the max-abs) of the f32 model's, at every
+    hook_resid_post of the real 270M. (Sites inside attention differ more, up to ~8% at hook_k / hook_q: they sit
+    behind bf16-rounded K/V and matmul inputs; tiny random models, less well conditioned, differ ~2-10%.)"""
+    m32 = gl.load(real_gguf_path)
+    m16 = gl.load(real_gguf_path, dtype="bfloat16")
+    toks = np.array([m32.tokenizer.encode("The capital of France is Paris, and the capital of Germany is Berlin. "
+                                          "The capital of Italy is")], np.int32)
+    names = lambda n: n.endswith("hook_resid_post")  # noqa: E731
+    _, c32 = m32.run_with_cache(toks, names_filter=names, incl_bwd=True, metric="loss")
+    _, c16 = m16.run_with_cache(toks, names_filter=names, incl_bwd=True, metric="loss")
+    assert c32.metric_value == pytest.approx(m32.forward(toks, return_type="loss"), rel=1e-6)
+    for k in c32:
+        if k.endswith("_grad"):
+            err = np.abs(c16[k] - c32[k]).max() / np.abs(c32[k]).max()
+            assert err < 0.02, (k, err)
+
+
+def test_bad_gradient_requests_are_clear_errors_and_the_model_stays_usable(hf_models):
+    model = gl.load(hf_models["gqa2"][1])
+    toks = np.arange(1, 9, dtype=np.int32)[None]
+    before = model.forward(toks)
+    with pytest.raises(ValueError, match="needs metric="):
+        model.run_with_cache(toks, incl_bwd=True)
+    with pytest.raises(ValueError, match="shape"):
+        model.run_with_cache(toks, incl_bwd=True, metric=np.zeros((1, 8, 5), np.float32))
+    nan = np.zeros((1, 8, V), np.float32)
+    nan[0, 3, 7] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.run_with_cache(toks, incl_bwd=True, metric=nan)
+    with pytest.raises(ValueError, match="out of range"):
+        model.run_with_cache(toks, incl_bwd=True, metric=gl.metrics.logit_diff(1, V))
+    with pytest.raises(ValueError, match="out of range"):
+        model.run_with_cache(toks, incl_bwd=True, metric=gl.metrics.logprob(1, pos=8))
+    with pytest.raises(ValueError, match="stop_at_layer"):
+        model.run_with_cache(toks, incl_bwd=True, metric="loss", stop_at_layer=2)
+    with pytest.raises(ValueError, match="not yet combine with forward hooks"):
+        model.run_with_cache(toks, incl_bwd=True, metric="loss", fwd_hooks=[("hook_embed", lambda a, hook: a)])
+    with pytest.raises(ValueError, match="incl_bwd=True as well"):
+        model.run_with_cache(toks, metric="loss")
+    from gemmalens import _core
+    with pytest.raises(ValueError, match="holds no forward"):
+        model._core.backward(_core.GradTape(), np.zeros((1, 8, V), np.float32))
+    np.testing.assert_array_equal(model.forward(toks), before)

@@ -151,7 +151,7 @@ def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
         yield [(new[b], "" if req.text else None) for b in range(B)]
         return
     cache = model.new_cache(batch=B, max_seq_len=T + max_new_tokens)
-    hs = model._hookset()  # hooks from `with model.hooks(...)`: they fire on the prompt and on every step
+    hs, _ = model._plan()  # hooks from `with model.hooks(...)`: they fire on the prompt and on every step
     logits = model._core.forward(toks, None if mask.all() else np.ascontiguousarray(T - mask.sum(1), dtype=np.int32),
                                  cache, "last", hs)
     for step in range(max_new_tokens):

@@ -1,10 +1,12 @@
-"""TransformerLens-style hooks over the native forward pass: names, ActivationCache, hook registration."""
+"""TransformerLens-style hooks over the native forward pass: names, ActivationCache, hook checks, one HookSet per
+forward call."""
 import difflib
 from collections.abc import Mapping
 
 import numpy as np
 
 from . import _core
+from .interventions import Intervention
 
 
 class _Layer(int):
@@ -154,11 +156,34 @@ def _wrap_callable(fn, hook):
     return call
 
 
+def as_pairs(fwd_hooks):
+    """fwd_hooks entries -> (target, fn) pairs: an intervention that knows its site stands for (site, itself)."""
+    return [(f.site, f) if isinstance(f, Intervention) else f for f in fwd_hooks]
+
+
+def check_hooks(table, fwd_hooks, extra_names=()):
+    """The shape of fwd_hooks, before anything is built: (name | filter, fn) pairs, or interventions with a site,
+    whose names exist (in the table or among extra_names, the hooks of spliced SAEs). The functions themselves are
+    checked when the HookSet is built."""
+    extra_names = set(extra_names)
+    for item in fwd_hooks:
+        if isinstance(item, Intervention):
+            if item.site is None:
+                raise TypeError(f"{item!r} has no site of its own: pass (hook_name, intervention)")
+            continue
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"fwd_hooks entries are (name or filter, fn) pairs, got {item!r}")
+        target, _ = item
+        if isinstance(target, str):
+            if target not in extra_names:
+                table.resolve(target)
+        elif not callable(target):
+            raise TypeError(f"hook target must be a hook name or a filter function, got {target!r}")
+
+
 def build_hookset(table, n_layers, fwd_hooks, captures=()):
     """fwd_hooks: [(name | filter callable, fn | Intervention | list of them)] -> _core.HookSet (or None)."""
-    from .interventions import Intervention
-
-    fwd_hooks = [(f.site, f) if isinstance(f, Intervention) else f for f in fwd_hooks]
+    fwd_hooks = as_pairs(fwd_hooks)
     if not fwd_hooks and not captures:
         return None
     hs = _core.HookSet(n_layers)
@@ -179,3 +204,12 @@ def build_hookset(table, n_layers, fwd_hooks, captures=()):
                 else:
                     raise TypeError(f"hook for {name!r} must be a callable or a gl.interventions object, got {f!r}")
     return hs
+
+
+def plan_hookset(table, fwd_hooks, captures=(), splice=None):
+    """One forward call's hooks and captures -> its one HookSet (None when there is nothing to do). splice, the
+    call's sae.Splice, takes over what is aimed at SAE tensors and adds the callbacks that run the SAEs."""
+    pairs, captures = as_pairs(fwd_hooks), list(captures)
+    if splice is not None:
+        pairs, captures = splice.route(pairs, captures)
+    return build_hookset(table, table.n_layers, pairs, captures)

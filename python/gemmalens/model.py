@@ -1,10 +1,14 @@
 """The user-facing Model: input validation and conveniences over the native core."""
+import contextlib
 import os
 
 import numpy as np
 
 from . import _core
 from ._core import CheckpointError
+from .generation import generate
+from .hooks import ActivationCache, HookTable, check_hooks, plan_hookset
+from .sae import Splice
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -74,8 +78,6 @@ class Model:
         self.path = path
         cfg = core.config
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 8192))
-        from .hooks import HookTable
-
         self._hook_table = HookTable(cfg.num_hidden_layers)
         self._persistent_hooks = []  # [(name | filter, fn)] from model.hooks(...) / add_hook
         self._saes = []  # [(SAE, use_error_term)] spliced into every forward (model.saes(...) / run_with_saes)
@@ -100,43 +102,19 @@ class Model:
         """Every hook point, in forward order (TransformerLens names)."""
         return list(self._hook_table.names)
 
-    def _hookset(self, fwd_hooks=(), captures=(), _sae_captured=None):
-        from .hooks import build_hookset
-        from .interventions import Intervention
-        from .sae import sae_hook_names, splice_hooks
-
-        hooks = [(f.site, f) if isinstance(f, Intervention) else f for f in list(self._persistent_hooks) + list(fwd_hooks)]
-        captures = list(captures)
-        if self._saes:
-            sae_names = set(sae_hook_names([s for s, _ in self._saes]))
-            normal, sae_hooks = [], {}
-            for target, fn in hooks:
-                if isinstance(target, str) and target in sae_names:
-                    sae_hooks.setdefault(target, []).extend(fn if isinstance(fn, (list, tuple)) else [fn])
-                    continue
-                if callable(target) and not isinstance(target, str):
-                    for n in sae_names:
-                        if target(n):
-                            sae_hooks.setdefault(n, []).extend(fn if isinstance(fn, (list, tuple)) else [fn])
-                normal.append((target, fn))
-            sae_caps = {n for n in captures if n in sae_names}
-            captures = [n for n in captures if n not in sae_names]
-            for flag in (False, True):
-                group = [s for s, e in self._saes if e == flag]
-                if group:
-                    fwd, captured = splice_hooks(self, group, flag, sae_hooks, sae_caps)
-                    normal += fwd
-                    if _sae_captured is not None:
-                        _sae_captured.append(captured)
-            hooks = normal
-        return build_hookset(self._hook_table, self.config.num_hidden_layers, hooks, captures)
+    def _plan(self, fwd_hooks=(), captures=()):
+        """The one HookSet of one forward call: the registered hooks (model.hooks / add_hook), then fwd_hooks, the
+        active SAEs spliced in, and the captures. fwd_hooks are checked first. Returns (HookSet or None, the
+        call's sae.Splice, whose .captured fills with SAE tensors while the forward runs)."""
+        splice = Splice(self, self._saes)
+        fwd_hooks = list(fwd_hooks)
+        check_hooks(self._hook_table, fwd_hooks, splice.names)
+        return plan_hookset(self._hook_table, self._persistent_hooks + fwd_hooks, captures, splice), splice
 
     def saes(self, saes, use_error_term=False):
         """Context manager: splice SAEs / transcoders into every forward and generate inside it. Their feature
         activations are hooks named ``{hook_name}.hook_sae_acts_post`` (also ``.hook_sae_recon`` and, with the
         error term, ``.hook_sae_error``), visible to run_with_cache and run_with_hooks."""
-        import contextlib
-
         saes = list(saes) if isinstance(saes, (list, tuple)) else [saes]
         for s in saes:
             s.check_model(self)
@@ -161,32 +139,11 @@ class Model:
 
     def add_hook(self, name, fn):
         """Register a hook until reset_hooks() (prefer the `with model.hooks(...)` context manager)."""
-        self._check_hooks([(name, fn)])
+        self._plan([(name, fn)])  # checked now (also the function), not at the next forward
         self._persistent_hooks.append((name, fn))
 
     def reset_hooks(self):
         self._persistent_hooks = []
-
-    def _check_hooks(self, fwd_hooks):
-        from .interventions import Intervention
-        from .sae import sae_hook_names
-
-        sae_names = set(sae_hook_names([s for s, _ in self._saes]))
-        for item in fwd_hooks:
-            if isinstance(item, Intervention):
-                if item.site is None:
-                    raise TypeError(f"{item!r} has no site of its own: pass (hook_name, intervention)")
-                continue
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise TypeError(f"fwd_hooks entries are (name or filter, fn) pairs, got {item!r}")
-            target, _ = item
-            if isinstance(target, str) and target in sae_names:
-                continue
-            if isinstance(target, str):
-                self._hook_table.resolve(target)
-            elif not callable(target):
-                raise TypeError(f"hook target must be a hook name or a filter function, got {target!r}")
-        self._hookset(fwd_hooks)  # validates the functions and interventions
 
     def hooks(self, fwd_hooks=()):
         """Context manager: the hooks apply to every forward and generate inside it, removed on exit
@@ -195,10 +152,8 @@ class Model:
         >>> with model.hooks(fwd_hooks=[("blocks.3.hook_resid_post", gl.interventions.add(v, scale=4))]):
         ...     model.generate("I think", max_new_tokens=20)
         """
-        import contextlib
-
         fwd_hooks = list(fwd_hooks)
-        self._check_hooks(fwd_hooks)
+        self._plan(fwd_hooks)  # checked now (also the functions), not at the next forward
 
         @contextlib.contextmanager
         def ctx():
@@ -215,11 +170,9 @@ class Model:
                        allow_longer=False):
         """Forward with hooks: fn(activation, hook) -> None | np.ndarray (a returned array replaces the
         activation; in-place edits work too), or a gl.interventions object (applied natively)."""
-        fwd_hooks = list(fwd_hooks)
-        self._check_hooks(fwd_hooks)
+        hs, _ = self._plan(fwd_hooks)
         try:
-            return self.forward(tokens, attention_mask=attention_mask, return_type=return_type, _fwd_hooks=fwd_hooks,
-                                allow_longer=allow_longer)
+            return self._forward(tokens, attention_mask, return_type, None, allow_longer, hs)
         finally:
             if reset_hooks_end:
                 self.reset_hooks()
@@ -233,22 +186,8 @@ class Model:
         ([batch, pos, d_model]) instead of logits, and skips the rest of the model.
         allow_longer: run sequences longer than max_position_embeddings (refused by default).
         """
-        from .hooks import ActivationCache
-
-        from .sae import sae_hook_names
-
         _check_allow_longer(allow_longer)
-
-        sae_names = sae_hook_names([s for s, _ in self._saes])
-        if self._saes and names_filter is not None and not callable(names_filter):
-            wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)
-            sae_wanted = [n for n in wanted if n in sae_names]
-            rest = [n for n in wanted if n not in sae_names]
-            names = self._hook_table.select(rest) + sae_wanted
-        else:
-            names = self._hook_table.select(names_filter)
-            if self._saes:
-                names += [n for n in sae_names if names_filter is None or names_filter(n)]
+        names = Splice(self, self._saes).select(names_filter)
         if stop_at_layer is not None:
             L = self.config.num_hidden_layers
             if not isinstance(stop_at_layer, (int, np.integer)) or not -L <= stop_at_layer <= L:
@@ -256,10 +195,8 @@ class Model:
             stop_at_layer = L + int(stop_at_layer) if stop_at_layer < 0 else int(stop_at_layer)  # -1: before the last block
             names = [n for n in names if n.startswith("blocks.") and int(n.split(".")[1]) < stop_at_layer
                      or n == "hook_embed"]
-        sae_captured = []
-        hs = self._hookset(list(fwd_hooks), captures=names, _sae_captured=sae_captured)
-        toks = self.to_tokens(tokens)
-        row_start = None if attention_mask is None else _row_start(attention_mask, toks.shape)
+        hs, splice = self._plan(fwd_hooks, captures=names)
+        toks, row_start = self._inputs(tokens, attention_mask, None)
         if stop_at_layer is not None:
             out = self._core.forward(toks, row_start, None, "none", hs, stop_at_layer, allow_longer=allow_longer)
         else:
@@ -274,14 +211,8 @@ class Model:
             ids = {v: k for k, v in self._hook_table.ids.items()}
             for sid, layer, arr in hs.take_captures():
                 arrays[ids[(sid, layer)]] = arr
-        for d in sae_captured:
-            arrays.update(d)
-        order = []
-        for n in self._hook_table.names:
-            order.append(n)
-            order += [m for m in sae_names if m.startswith(n + ".")]
-        ordered = {n: arrays[n] for n in order if n in arrays}
-        return out, ActivationCache(ordered, self._hook_table)
+        arrays.update(splice.captured)
+        return out, ActivationCache(splice.ordered(arrays), self._hook_table)
 
     @property
     def config(self):
@@ -334,7 +265,27 @@ class Model:
                              f"{self.config.max_position_embeddings}")
         return self._core.new_cache(int(batch), int(max_seq_len))
 
-    def forward(self, tokens, attention_mask=None, return_type="logits", cache=None, allow_longer=False, _fwd_hooks=()):
+    def _inputs(self, tokens, attention_mask, cache):
+        """tokens, attention_mask and cache as forward() takes them -> (int32 tokens [batch, pos], row_start)."""
+        toks = self.to_tokens(tokens)
+        if cache is not None and not isinstance(cache, _core.KVCache):
+            raise TypeError(f"cache must come from model.new_cache(), got {type(cache).__name__}")
+        if attention_mask is None:
+            return toks, None
+        past = 0 if cache is None else cache.seq_len
+        mask = np.asarray(attention_mask)
+        if mask.ndim == 1:
+            mask = mask[None, :]
+        if past and mask.shape == (toks.shape[0], past + toks.shape[1]):
+            return toks, _row_start(mask, mask.shape)
+        if past and mask.shape == toks.shape:
+            if not np.all(mask == 1):
+                raise ValueError("attention_mask: tokens appended to a cache cannot be padding (left padding "
+                                 "belongs to the first chunk)")
+            return toks, None
+        return toks, _row_start(mask, toks.shape)
+
+    def forward(self, tokens, attention_mask=None, return_type="logits", cache=None, allow_longer=False):
         """Run the model.
 
         tokens: list[int], 1-D or 2-D integer array (1-D = batch 1).
@@ -346,30 +297,19 @@ class Model:
         allow_longer: run past max_position_embeddings (RoPE was never trained there; refused by default).
         Ctrl-C (KeyboardInterrupt) is honoured between layers; a cache passed in is then left as it was.
         """
+        hs, _ = self._plan()
+        return self._forward(tokens, attention_mask, return_type, cache, allow_longer, hs)
+
+    __call__ = forward
+
+    def _forward(self, tokens, attention_mask, return_type, cache, allow_longer, hs):
+        """forward() with the call's HookSet already planned (self._plan)."""
         if return_type not in ("logits", "loss", None):
             raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
         _check_allow_longer(allow_longer)
-        toks = self.to_tokens(tokens)
-        row_start = None
-        if cache is not None:
-            if not isinstance(cache, _core.KVCache):
-                raise TypeError(f"cache must come from model.new_cache(), got {type(cache).__name__}")
-            if return_type == "loss" and cache.seq_len > 0:
-                raise ValueError("return_type='loss' needs the whole sequence; pass it without a filled cache")
-        past = 0 if cache is None else cache.seq_len
-        if attention_mask is not None:
-            mask = np.asarray(attention_mask)
-            if mask.ndim == 1:
-                mask = mask[None, :]
-            if past and mask.shape == (toks.shape[0], past + toks.shape[1]):
-                row_start = _row_start(mask, mask.shape)
-            elif past and mask.shape == toks.shape:
-                if not np.all(mask == 1):
-                    raise ValueError("attention_mask: tokens appended to a cache cannot be padding (left padding "
-                                     "belongs to the first chunk)")
-            else:
-                row_start = _row_start(mask, toks.shape)
-        hs = self._hookset(_fwd_hooks)
+        toks, row_start = self._inputs(tokens, attention_mask, cache)
+        if return_type == "loss" and cache is not None and cache.seq_len > 0:
+            raise ValueError("return_type='loss' needs the whole sequence; pass it without a filled cache")
         if return_type is None:
             self._core.forward(toks, row_start, cache, "none", hs, allow_longer=allow_longer)
             return None
@@ -377,8 +317,6 @@ class Model:
         if return_type == "logits":
             return logits
         return _next_token_loss(logits, toks, row_start)
-
-    __call__ = forward
 
     def generate(self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, min_p=None,
                  repetition_penalty=None, seed=None, stop=None, ignore_eos=False, stream=False):
@@ -390,8 +328,6 @@ class Model:
         sampling repeatable. Stops on the config's eos ids (Gemma 3: 1 and 106) unless ignore_eos, and on
         `stop` (strings or token ids). stream=True returns an iterator of text pieces (or ids).
         """
-        from .generation import generate
-
         return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                         ignore_eos=ignore_eos, stream=stream)

@@ -318,6 +318,24 @@ class Model:
             return logits
         return _next_token_loss(logits, toks, row_start)
 
+    def next_token_logits(self, tokens, cache=None, attention_mask=None, allow_longer=False):
+        """The logits of the last position only: np.float32 [batch, vocab] (HF's ``logits[:, -1, :]``) -- one step
+        of a decoding loop. Only that position goes through the unembedding, so a long prompt costs less than
+        forward(...)[:, -1]. Takes what forward() takes; with a cache the tokens are appended to it, so a loop
+        prefills the prompt once and then feeds one token per row at a time. Hooks from model.hooks(...) and SAEs
+        from model.saes(...) apply, as in forward.
+
+        >>> cache = model.new_cache(batch=1)
+        >>> logits = model.next_token_logits(ids, cache=cache)                 # [1, vocab]
+        >>> for _ in range(8):
+        ...     nxt = logits.argmax(-1)[:, None]                                   # [batch, 1]
+        ...     logits = model.next_token_logits(nxt, cache=cache)
+        """
+        _check_allow_longer(allow_longer)
+        toks, row_start = self._inputs(tokens, attention_mask, cache)
+        hs, _ = self._plan()
+        return self._core.forward(toks, row_start, cache, "last", hs, allow_longer=allow_longer)
+
     def generate(self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, min_p=None,
                  repetition_penalty=None, seed=None, stop=None, ignore_eos=False, stream=False):
         """Generate a continuation.

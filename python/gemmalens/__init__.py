@@ -32,7 +32,8 @@ from .model import Model  # noqa: E402
 from .formats import load  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 from . import interventions  # noqa: E402
-from .hooks import ActivationCache, HookPoint  # noqa: E402
+from .activation_cache import ActivationCache  # noqa: E402
+from .hooks import HookPoint  # noqa: E402
 from .sae import SAE  # noqa: E402
 from . import steering  # noqa: E402
 

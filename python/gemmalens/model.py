@@ -5,8 +5,9 @@ import os
 import numpy as np
 
 from . import _core
+from .activation_cache import ActivationCache
 from .generation import generate
-from .hooks import ActivationCache, HookTable, check_hooks, plan_hookset
+from .hooks import HookTable, check_hooks, plan_hookset
 from .sae import Splice
 
 

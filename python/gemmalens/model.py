@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from . import _core
+from . import _core, interventions
 from .activation_cache import ActivationCache
 from .generation import generate
 from .hooks import HookTable, check_hooks, plan_hookset
@@ -72,6 +72,7 @@ class Model:
         self._hook_table = HookTable(cfg.num_hidden_layers)
         self._persistent_hooks = []  # [(name | filter, fn)] from model.hooks(...) / add_hook
         self._saes = []  # [(SAE, use_error_term)] spliced into every forward (model.saes(...) / run_with_saes)
+        self._ln_final_gain_value = None  # (1 + w) of the final norm, read on first use (_ln_final_gain)
 
     # ---- hooks (TransformerLens idioms) ----
 
@@ -203,7 +204,23 @@ class Model:
             for sid, layer, arr in hs.take_captures():
                 arrays[ids[(sid, layer)]] = arr
         arrays.update(splice.captured)
-        return out, ActivationCache(splice.ordered(arrays), self._hook_table)
+        return out, ActivationCache(splice.ordered(arrays), self._hook_table, model=self)
+
+    def _ln_final_gain(self):
+        """The final norm's (1 + w) [d_model] as float64, for ActivationCache.apply_ln_to_stack(recompute_ln=True).
+        The core hands out weights only all together (export_tensors), so it is read off the norm itself: a
+        one-token forward whose last residual is replaced by ones (RMS sqrt(1 + eps)), capturing
+        ln_final.hook_normalized (after the weight). No registered hook or SAE takes part. Read once per model."""
+        if self._ln_final_gain_value is None:
+            cfg = self.config
+            L, D = cfg.num_hidden_layers, cfg.hidden_size
+            ones = interventions.replace(np.ones((1, 1, D), np.float32))
+            hs = plan_hookset(self._hook_table, [(f"blocks.{L - 1}.hook_resid_post", ones)],
+                              captures=["ln_final.hook_normalized"])
+            self._core.forward(np.zeros((1, 1), np.int32), None, None, "none", hs)
+            (_, _, normed), = hs.take_captures()
+            self._ln_final_gain_value = normed.reshape(D).astype(np.float64) * np.sqrt(1.0 + cfg.rms_norm_eps)
+        return self._ln_final_gain_value
 
     @property
     def config(self):

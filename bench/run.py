@@ -54,7 +54,7 @@ def bench_gemmalens(path, dtype, lengths, threads, repeats):
     out = {}
     for T in lengths:
         toks = model.to_tokens(rng.integers(0, model.config.vocab_size, T))
-        out[T] = T / timeit(lambda: model._core.forward(toks, None, None, "last"), repeats)
+        out[T] = T / timeit(lambda: model.next_token_logits(toks), repeats)
     del model
     gc.collect()
     return out
@@ -119,11 +119,11 @@ def bench_decode(path, dtype, batch, prompt_len, n_new, threads, repeats):
 
     def run():
         cache = model.new_cache(batch=batch, max_seq_len=prompt_len + n_new + 1)
-        model._core.forward(toks, None, cache, "last")
+        model.next_token_logits(toks, cache=cache)
         step = toks[:, -1:].copy()
         t0 = time.perf_counter()
         for _ in range(n_new):
-            model._core.forward(step, None, cache, "last")
+            model.next_token_logits(step, cache=cache)
         return time.perf_counter() - t0
 
     run()
@@ -237,15 +237,15 @@ def bench_llama_cpp(gguf_path, dtype, threads, repeats, prompt_len=128, n_new=32
     V = model.config.vocab_size
     toks = rng.integers(4, min(V, 200000), T_prefill).tolist()
     t = model.to_tokens(toks)
-    pf_ours = T_prefill / timeit(lambda: model._core.forward(t, None, None, "last"), repeats)
+    pf_ours = T_prefill / timeit(lambda: model.next_token_logits(t), repeats)
 
     def dec():
         cache = model.new_cache(max_seq_len=prompt_len + n_new + 1)
-        model._core.forward(model.to_tokens(toks[:prompt_len]), None, cache, "last")
+        model.next_token_logits(model.to_tokens(toks[:prompt_len]), cache=cache)
         step = model.to_tokens([toks[0]])
         t0 = time.perf_counter()
         for _ in range(n_new):
-            model._core.forward(step, None, cache, "last")
+            model.next_token_logits(step, cache=cache)
         return time.perf_counter() - t0
 
     dec()
@@ -274,12 +274,12 @@ def decode_only(path, dtype, ctx, threads, n_new=16, weights="native"):
     model = gl.load(path, dtype=dtype, threads=threads, weights=weights)
     toks = model.to_tokens(np.random.default_rng(0).integers(0, model.config.vocab_size, ctx))
     cache = model.new_cache(max_seq_len=ctx + n_new + 2)
-    model._core.forward(toks, None, cache, "last")
+    model.next_token_logits(toks, cache=cache)
     step = toks[:, -1:].copy()
-    model._core.forward(step, None, cache, "last")
+    model.next_token_logits(step, cache=cache)
     t0 = time.perf_counter()
     for _ in range(n_new):
-        model._core.forward(step, None, cache, "last")
+        model.next_token_logits(step, cache=cache)
     dt = time.perf_counter() - t0
     del model
     gc.collect()
@@ -294,9 +294,9 @@ path, dtype, weights = sys.argv[1], sys.argv[2], sys.argv[3]
 t0 = time.perf_counter(); m = gl.load(path, dtype=dtype, weights=weights); t_load = time.perf_counter() - t0
 cache = m.new_cache(max_seq_len=1024)
 toks = m.to_tokens(np.random.default_rng(0).integers(0, m.config.vocab_size, 512))
-m._core.forward(toks, None, cache, "last")
+m.next_token_logits(toks, cache=cache)
 for _ in range(16):
-    m._core.forward(toks[:, -1:], None, cache, "last")
+    m.next_token_logits(toks[:, -1:], cache=cache)
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]  # peak RSS, kB (reset at exec)
 print(json.dumps({"load_s": t_load, "weights": m.weight_nbytes, "cache": cache.nbytes, "rss": int(hwm) * 1024}))
 """
@@ -385,7 +385,7 @@ def main():
           f"TL {tl_time * 1e3 if tl_time else float('nan'):.0f} ms", flush=True)
 
     llama_rows = []
-    from gemmalens.model import _resolve_demo
+    from gemmalens.formats import _resolve_demo
     from make_models import write_bf16_gguf
 
     gguf_models = [("270m Q4_K_M (real)", _resolve_demo("gemma3-270m"))]

@@ -113,3 +113,35 @@ def test_long_context_decode_steps(hf_models, name, dtype):
         ref32 = gl.load(path).forward(ids)[:, 300:]
         assert rel_err(steps, full[:, 300:]) <= rel_err(full[:, 300:], ref32)
         assert (steps.argmax(-1) == full[:, 300:].argmax(-1)).all()
+
+
+def test_next_token_logits_is_the_last_position_of_forward(hf_models):
+    """The step API: [batch, vocab] logits of the last position, alone, with a cache (prefill then one token per
+    step), with left padding, and with registered hooks. Only the LM head's row count differs from forward(), so
+    the logits agree to float32 rounding (1e-5 of their scale, as the chunked-cache tests)."""
+    _, path = hf_models["gqa2"]
+    model = gl.load(path)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 320, (2, 14))
+    full = model.forward(ids)
+    assert model.next_token_logits(ids).shape == (2, 320)
+    assert rel_err(model.next_token_logits(ids), full[:, -1]) <= 1e-5
+    cache = model.new_cache(batch=2, max_seq_len=32)
+    steps = [model.next_token_logits(ids[:, :9], cache=cache)]
+    steps += [model.next_token_logits(ids[:, i:i + 1], cache=cache) for i in range(9, 14)]
+    assert cache.seq_len == 14
+    assert rel_err(np.stack(steps, 1), full[:, 8:]) <= 1e-5
+    # left padding: each row's last logits equal that row run alone
+    a, b = ids[0, :10], ids[1, :6]
+    toks = np.stack([a, np.r_[np.zeros(4, int), b]])
+    mask = np.stack([np.ones(10, int), np.r_[np.zeros(4, int), np.ones(6, int)]])
+    got = model.next_token_logits(toks, attention_mask=mask)
+    assert rel_err(got[0], model.forward(a)[0, -1]) <= 1e-5 and rel_err(got[1], model.forward(b)[0, -1]) <= 1e-5
+    # hooks registered with model.hooks(...) apply, as in forward
+    v = rng.standard_normal(model.config.hidden_size)
+    hooked = model.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_resid_post", gl.interventions.add(v))])
+    assert rel_err(hooked, full) > 1e-2
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", gl.interventions.add(v))]):
+        assert rel_err(model.next_token_logits(ids), hooked[:, -1]) <= 1e-5
+    with pytest.raises(TypeError, match="new_cache"):
+        model.next_token_logits(ids, cache=object())

@@ -28,10 +28,12 @@ from .config import _install_config_helpers  # noqa: E402
 
 _install_config_helpers(Gemma3Config)
 
-from .model import Model, load  # noqa: E402
+from .model import Model  # noqa: E402
+from .formats import load  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 from . import interventions  # noqa: E402
-from .hooks import ActivationCache, HookPoint  # noqa: E402
+from .activation_cache import ActivationCache  # noqa: E402
+from .hooks import HookPoint  # noqa: E402
 from .sae import SAE  # noqa: E402
 from . import steering  # noqa: E402
 from . import metrics  # noqa: E402

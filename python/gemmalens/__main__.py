@@ -3,6 +3,8 @@ import argparse
 import sys
 import time
 
+import gemmalens as gl
+
 
 def _parser():
     p = argparse.ArgumentParser(prog="gemmalens", description="Gemma 3 on the CPU.")
@@ -27,8 +29,6 @@ def _parser():
 
 
 def _generate(args):
-    import gemmalens as gl
-
     t0 = time.perf_counter()
     model = gl.load(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights)
     t_load = time.perf_counter() - t0

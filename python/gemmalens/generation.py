@@ -151,9 +151,8 @@ def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
         yield [(new[b], "" if req.text else None) for b in range(B)]
         return
     cache = model.new_cache(batch=B, max_seq_len=T + max_new_tokens)
-    hs = model._hookset()  # hooks from `with model.hooks(...)`: they fire on the prompt and on every step
-    logits = model._core.forward(toks, None if mask.all() else np.ascontiguousarray(T - mask.sum(1), dtype=np.int32),
-                                 cache, "last", hs)
+    # hooks from `with model.hooks(...)` and SAEs from `with model.saes(...)` fire on the prompt and on every step
+    logits = model.next_token_logits(toks, cache=cache, attention_mask=None if mask.all() else mask)
     for step in range(max_new_tokens):
         nxt = np.zeros((B, 1), np.int32)
         for b in range(B):
@@ -172,4 +171,4 @@ def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
         yield [(new[b], texts[b]) for b in range(B)]
         if all(done) or step == max_new_tokens - 1:
             return
-        logits = model._core.forward(nxt, None, cache, "last", hs)
+        logits = model.next_token_logits(nxt, cache=cache)

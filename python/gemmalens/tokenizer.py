@@ -3,6 +3,9 @@ import math
 import os
 import re
 
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
+
 _TYPE_NORMAL, _TYPE_UNKNOWN, _TYPE_CONTROL, _TYPE_USER_DEFINED, _TYPE_UNUSED, _TYPE_BYTE = 1, 2, 3, 4, 5, 6
 
 
@@ -16,8 +19,6 @@ class Tokenizer:
     """
 
     def __init__(self, path=None, *, model_proto=None):
-        import sentencepiece as spm
-
         self._sp = spm.SentencePieceProcessor()
         if model_proto is not None:
             try:
@@ -152,8 +153,6 @@ class Tokenizer:
         llama.cpp's converter stores SentencePiece pieces, scores and types (the ModelProto enum), but for
         added tokens it replaced "▁" by " " (user-defined pieces) and set the score to -1000: undone here.
         """
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
         if meta.get("tokenizer.ggml.model") != "llama":
             raise ValueError(f"GGUF tokenizer.ggml.model = {meta.get('tokenizer.ggml.model')!r}: only SentencePiece "
                              "('llama') tokenizers are supported")

@@ -130,3 +130,57 @@ def test_bad_gradient_requests_are_clear_errors_and_the_model_stays_usable(hf_mo
     with pytest.raises(ValueError, match="holds no forward"):
         model._core.backward(_core.GradTape(), np.zeros((1, 8, V), np.float32))
     np.testing.assert_array_equal(model.forward(toks), before)
+
+
+def test_backward_hooks_see_the_gradient_and_their_edits_flow_on(hf_models):
+    """TransformerLens's bwd_hooks: fn(grad, hook) sees name + "_grad"; a returned array replaces the gradient (the
+    VJP is linear: scaling the gradient at a block's output scales every earlier one; zeroing it zeroes them),
+    and an edit on a branch site (hook_mlp_out) changes only that branch, as torch's tensor hooks do."""
+    hf, d = hf_models["gqa2"]
+    model = gl.load(d)
+    toks = np.random.default_rng(5).integers(1, V, size=(1, 9)).astype(np.int32)
+    _, cache = model.run_with_cache(toks, incl_bwd=True, metric="loss")
+    seen = {}
+
+    def record(g, hook):
+        seen[hook.name] = g.copy()
+
+    logits = model.run_with_hooks(toks, bwd_hooks=[(lambda n: n.endswith("hook_resid_pre"), record)], metric="loss")
+    np.testing.assert_array_equal(logits, model.forward(toks))
+    assert set(seen) == {f"blocks.{i}.hook_resid_pre" for i in range(model.config.num_hidden_layers)}
+    for k, g in seen.items():  # (that cache's forward took the materialised attention: equal up to rounding)
+        np.testing.assert_allclose(g, cache[k + "_grad"], rtol=0, atol=1e-5 * np.abs(g).max())
+
+    seen.clear()
+    model.run_with_hooks(toks, bwd_hooks=[("blocks.4.hook_resid_post", lambda g, hook: 3 * g),
+                                          ("blocks.2.hook_resid_pre", record)], metric="loss")
+    ref3 = 3 * cache["blocks.2.hook_resid_pre_grad"]
+    np.testing.assert_allclose(seen["blocks.2.hook_resid_pre"], ref3, rtol=0, atol=1e-5 * np.abs(ref3).max())
+    seen.clear()
+    model.run_with_hooks(toks, bwd_hooks=[("blocks.4.hook_resid_post", lambda g, hook: np.zeros_like(g)),
+                                          ("blocks.2.hook_resid_pre", record)], metric="loss")
+    assert not seen["blocks.2.hook_resid_pre"].any()
+
+    # Branch edit against torch: halve the gradient at layer 3's MLP output (post_feedforward_layernorm's output).
+    def scaled(lg):
+        return torch.nn.functional.cross_entropy(lg[0, :-1], torch.as_tensor(toks[0, 1:], dtype=torch.long))
+
+    def halve(mod, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda g: 0.5 * g)
+
+    h = hf.model.layers[3].post_feedforward_layernorm.register_forward_hook(halve)
+    try:
+        _, _, ref = hf_activations(hf, toks, metric=scaled)
+    finally:
+        h.remove()
+    seen.clear()
+    model.run_with_hooks(toks, bwd_hooks=[("blocks.3.hook_mlp_out", lambda g, hook: 0.5 * g),
+                                          (lambda n: n.endswith(("hook_resid_pre", "hook_resid_mid")), record)],
+                         metric="loss")
+    for k in ("blocks.3.hook_resid_mid", "blocks.1.hook_resid_pre"):
+        np.testing.assert_allclose(seen[k], ref[k], atol=1e-4 * np.abs(ref[k]).max(), rtol=0)
+    with pytest.raises(ValueError, match="needs metric="):
+        model.run_with_hooks(toks, bwd_hooks=[("hook_embed", record)])
+    with pytest.raises(ValueError, match="unknown hook name"):
+        model.run_with_hooks(toks, bwd_hooks=[("blocks.0.hook_nonexistent", record)], metric="loss")

@@ -23,23 +23,38 @@ def _unsupported(model, fwd_hooks, stop_at_layer, return_type):
                          "gradients are not implemented); run the gradient pass without them")
 
 
-def run_with_cache(model, tokens, names_filter, attention_mask, metric, return_type, fwd_hooks, stop_at_layer,
-                   allow_longer):
-    """Model.run_with_cache(..., incl_bwd=True): (output, cache with activations, their gradients, metric_value)."""
-    _unsupported(model, fwd_hooks, stop_at_layer, return_type)
+def _run(model, tokens, attention_mask, metric, allow_longer, captures, bwd_hooks):
+    """Forward with a tape, the metric, then the reverse pass. -> (logits, tokens, row_start, value, forward and
+    gradient hook sets)."""
     if metric is None:
-        raise ValueError("incl_bwd=True needs metric=: \"loss\", a gl.metrics object (e.g. gl.metrics.logit_diff(good, "
+        raise ValueError("a gradient run needs metric=: \"loss\", a gl.metrics object (e.g. gl.metrics.logit_diff(good, "
                          "bad)) or a dMetric/dLogits array of the logits' shape")
     table, n_layers = model._hook_table, model.config.num_hidden_layers
-    names = table.select(names_filter)
     toks, row_start = model._inputs(tokens, attention_mask, None)
-    fwd, bwd = build_hookset(table, n_layers, [], names), build_hookset(table, n_layers, [], names)
+    fwd, bwd = build_hookset(table, n_layers, [], captures), build_hookset(table, n_layers, bwd_hooks, captures)
     tape = _core.GradTape()
     logits = model._core.forward(toks, row_start, None, "all", fwd, allow_longer=allow_longer, tape=tape)
     value, dlogits = dlogits_for(metric, logits, toks, row_start, model.tokenizer)
     softcapped = model.config.final_logit_softcapping is not None
     model._core.backward(tape, np.ascontiguousarray(dlogits, dtype=np.float32), logits if softcapped else None, bwd)
+    return logits, toks, row_start, value, fwd, bwd
 
+
+def _output(logits, toks, row_start, return_type):
+    if return_type == "loss":
+        from .model import _next_token_loss
+
+        return _next_token_loss(logits, toks, row_start)
+    return None if return_type is None else logits
+
+
+def run_with_cache(model, tokens, names_filter, attention_mask, metric, return_type, fwd_hooks, stop_at_layer,
+                   allow_longer):
+    """Model.run_with_cache(..., incl_bwd=True): (output, cache with activations, their gradients, metric_value)."""
+    _unsupported(model, fwd_hooks, stop_at_layer, return_type)
+    table = model._hook_table
+    names = table.select(names_filter)
+    logits, toks, row_start, value, fwd, bwd = _run(model, tokens, attention_mask, metric, allow_longer, names, [])
     ids = {v: k for k, v in table.ids.items()}
     acts = {ids[(s, layer)]: a for s, layer, a in fwd.take_captures()} if fwd is not None else {}
     grads = {ids[(s, layer)] + "_grad": a for s, layer, a in bwd.take_captures()} if bwd is not None else {}
@@ -50,8 +65,12 @@ def run_with_cache(model, tokens, names_filter, attention_mask, metric, return_t
             ordered[n + "_grad"] = grads[n + "_grad"]
     cache = ActivationCache(ordered, table, model=model)
     cache.metric_value = value
-    if return_type == "loss":
-        from .model import _next_token_loss
+    return _output(logits, toks, row_start, return_type), cache
 
-        return _next_token_loss(logits, toks, row_start), cache
-    return (None if return_type is None else logits), cache
+
+def run_with_hooks(model, tokens, fwd_hooks, bwd_hooks, metric, attention_mask, return_type, allow_longer):
+    """Model.run_with_hooks(..., bwd_hooks=..., metric=...): TransformerLens's backward hooks, fn(grad, hook) -> None
+    or a replacement, fired as the gradient reaches each site; an edited gradient is what flows on."""
+    _unsupported(model, fwd_hooks, None, return_type)
+    logits, toks, row_start, _, _, _ = _run(model, tokens, attention_mask, metric, allow_longer, [], list(bwd_hooks))
+    return _output(logits, toks, row_start, return_type)

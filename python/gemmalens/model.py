@@ -159,9 +159,23 @@ class Model:
         return ctx()
 
     def run_with_hooks(self, tokens, fwd_hooks=(), attention_mask=None, return_type="logits", reset_hooks_end=True,
-                       allow_longer=False):
+                       allow_longer=False, bwd_hooks=(), metric=None):
         """Forward with hooks: fn(activation, hook) -> None | np.ndarray (a returned array replaces the
-        activation; in-place edits work too), or a gl.interventions object (applied natively)."""
+        activation; in-place edits work too), or a gl.interventions object (applied natively).
+
+        bwd_hooks (with metric=, as in run_with_cache(incl_bwd=True)): TransformerLens's backward hooks, fn(grad, hook),
+        run by the native reverse pass as the metric's gradient reaches each site; editing or returning the gradient
+        changes what flows on to earlier sites."""
+        if bwd_hooks:
+            check_hooks(self._hook_table, bwd_hooks)
+            try:
+                return grad.run_with_hooks(self, tokens, fwd_hooks, bwd_hooks, metric, attention_mask, return_type,
+                                           allow_longer)
+            finally:
+                if reset_hooks_end:
+                    self.reset_hooks()
+        if metric is not None:
+            raise ValueError("metric= is for gradient runs: pass bwd_hooks as well (or use run_with_cache(incl_bwd=True))")
         hs, _ = self._plan(fwd_hooks)
         try:
             return self._forward(tokens, attention_mask, return_type, None, allow_longer, hs)

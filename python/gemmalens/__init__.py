@@ -37,7 +37,8 @@ from .hooks import HookPoint  # noqa: E402
 from .sae import SAE  # noqa: E402
 from . import steering  # noqa: E402
 from . import metrics  # noqa: E402
+from . import attribution  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError", "Tokenizer", "interventions",
-           "ActivationCache", "HookPoint", "SAE", "steering", "metrics"]
+           "ActivationCache", "HookPoint", "SAE", "steering", "metrics", "attribution"]

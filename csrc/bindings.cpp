@@ -433,7 +433,8 @@ void register_model(py::module_& m) {
           "what backward() needs.")
       .def(
           "backward",
-          [](Gemma3Model& g, GradTape& tape, const py::array& dlogits, const py::object& logits, PyHookSet* grad_hooks) {
+          [](Gemma3Model& g, GradTape& tape, const py::array& dlogits, const py::object& logits, PyHookSet* grad_hooks,
+             PyHookSet* forward_hooks) {
             if (!tape.ready) throw ValueError("backward: the tape holds no forward pass (pass tape= to forward first)");
             const int64_t V = g.config().vocab_size;
             const float* dl = checked_ptr<float>(dlogits, "dlogits", 3);
@@ -449,11 +450,12 @@ void register_model(py::module_& m) {
               if (lg.shape(0) != tape.B || lg.shape(1) != tape.T || lg.shape(2) != V) throw ValueError("backward: logits must match the tape");
             }
             b.grad_hooks = (grad_hooks && !grad_hooks->empty()) ? grad_hooks : nullptr;
+            b.forward_hooks = (forward_hooks && !forward_hooks->empty()) ? forward_hooks : nullptr;
             b.interrupt_check = interrupt_check();
             py::gil_scoped_release release;
             g.backward(b);
           },
-          py::arg("tape"), py::arg("dlogits"), py::arg("logits") = py::none(), py::arg("grad_hooks") = nullptr,
+          py::arg("tape"), py::arg("dlogits"), py::arg("logits") = py::none(), py::arg("grad_hooks") = nullptr, py::arg("forward_hooks") = nullptr,
           "The reverse pass of the forward recorded in tape: dlogits float32 [batch, pos, vocab] C-contiguous; the "
           "grad_hooks' sites fire with the gradients arriving there.");
   py::class_<GradTape>(m, "GradTape", "What a forward keeps for a reverse pass (forward(..., tape=)).")

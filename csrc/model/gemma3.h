@@ -71,6 +71,7 @@ struct BackwardArgs {
   const float* dlogits = nullptr;  // [B, T, V]
   const float* logits = nullptr;   // [B, T, V] the forward's logits: needed when final_logit_softcapping is set
   HookSet* grad_hooks = nullptr;
+  HookSet* forward_hooks = nullptr;  // the forward's hooks: their edits are replayed and their VJPs applied
   std::function<void()> interrupt_check;
 };
 

@@ -25,7 +25,11 @@ void Gemma3Model::backward(const BackwardArgs& g) {
   if (!g.dlogits) throw ValueError("backward: dMetric/dLogits is missing");
   if (c.final_logit_softcapping > 0 && !g.logits)
     throw ValueError("backward: this model soft-caps its logits; the forward's logits are needed for the reverse pass");
-  if (g.grad_hooks && g.grad_hooks->n_layers() != c.num_hidden_layers) throw ValueError("backward: the hook set was made for another model");
+  for (HookSet* h : {g.grad_hooks, g.forward_hooks})
+    if (h && h->n_layers() != c.num_hidden_layers) throw ValueError("backward: the hook set was made for another model");
+  if (g.forward_hooks && g.forward_hooks->has_callbacks())
+    throw ValueError("backward: the forward had Python hooks, whose gradients are unknown; use gl.interventions (native "
+                     "edits with known VJPs) in gradient runs");
 
   ForwardArgs fa;  // the recorded forward again, one block at a time, with the gradient hooks at its sites
   fa.tokens = tape->tokens.data();
@@ -36,6 +40,7 @@ void Gemma3Model::backward(const BackwardArgs& g) {
   fa.hooks = g.grad_hooks;
   fa.interrupt_check = g.interrupt_check;
   Pass p = prepare(fa);
+  p.vjp = g.forward_hooks;
   const int D = c.hidden_size;
   const int64_t M = p.M, V = c.vocab_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
@@ -53,19 +58,24 @@ void Gemma3Model::backward(const BackwardArgs& g) {
   const float* x_final = tape->resid[c.num_hidden_layers].data();
   ops::rmsnorm_backward(x_final, D, w_.final_norm.data(), eps, M, D, p.normed, D, dx.data(), D, false);
 
-  // ---- the blocks, last to first: each one run again from its recorded input (no hooks), then its VJP ----
+  // ---- the blocks, last to first: each one run again from its recorded input (the forward's edits replayed, no
+  // captures or gradient hooks), then its VJP ----
   LayerTape t;
   for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
     p.interrupt();
     p.resid(Site::ResidPost, l, dx.data(), D, D);
     t.x_pre = tape->resid[l].data();
     std::memcpy(p.x, t.x_pre, sizeof(float) * M * D);
-    p.hooks = nullptr;
+    p.hooks = g.forward_hooks;
+    p.replay = true;
+    p.vjp = nullptr;
     p.keep = &t;
     attention_block(l, p);
     mlp_block(l, p);
     p.keep = nullptr;
     p.hooks = g.grad_hooks;
+    p.replay = false;
+    p.vjp = g.forward_hooks;
     mlp_block_backward(l, p, t, dx.data());
     attention_block_backward(l, p, t, dx.data());
   }
@@ -80,8 +90,8 @@ void Gemma3Model::mlp_block_backward(int l, Pass& p, const LayerTape& t, float* 
   const int64_t M = p.M;
   // x_post = x_mid + post_ffw_norm(down(gelu(gate) * up)), gate | up = gate_up(pre_ffw_norm(x_mid))
   std::memcpy(p.out, dx, sizeof(float) * M * D);  // d mlp_out
+  p.resid(Site::MlpOut, l, p.out, D, D);  // the reverse of the forward's order at one buffer
   p.resid(Site::Ln2Post, l, p.out, D, D);
-  p.resid(Site::MlpOut, l, p.out, D, D);
   std::vector<float> d_down(static_cast<size_t>(M) * D);
   ops::rmsnorm_backward(t.down.data(), D, L.post_feedforward_layernorm.data(), eps, M, D, p.out, D, d_down.data(), D, false);
   L.down_proj.backward_input(d_down.data(), M, p.act);  // d act [M, F]

@@ -224,13 +224,17 @@ void apply(HookAction& a, const ActView& v) {
         throw ValueError("interventions.ablate_features: the SAE's d_in (" + std::to_string(a.f_enc.size() / std::max<int64_t>(nf, 1)) +
                          ") does not match the activation " + shape_str(v.shape) + " (" + std::to_string(inner) + " per position)");
       std::vector<double> act(nf);
+      a.f_on.assign(static_cast<size_t>(v.shape[0] * T * nf), 0);
+      int64_t row = 0;
       for_each_position(v, pmask, "interventions.ablate_features", [&](float* x) {
         for (int64_t f = 0; f < nf; ++f) {
           double pre = a.f_b_enc[f];
           for (int64_t j = 0; j < inner; ++j) pre += (static_cast<double>(x[j]) - (a.f_b_dec.empty() ? 0.0 : a.f_b_dec[j])) * a.f_enc[f * inner + j];
           const bool on = pre > 0 && (a.f_threshold.empty() || pre > a.f_threshold[f]);
           act[f] = on ? pre : 0.0;
+          a.f_on[row * nf + f] = on;
         }
+        ++row;
         for (int64_t f = 0; f < nf; ++f)
           if (act[f] != 0.0)
             for (int64_t j = 0; j < inner; ++j) x[j] = static_cast<float>(x[j] - act[f] * a.f_dec[f * inner + j]);
@@ -242,17 +246,107 @@ void apply(HookAction& a, const ActView& v) {
   }
 }
 
+// The VJP of one action at gradient g (the gradient at the action's output -> at its input).
+void apply_vjp(const HookAction& a, const ActView& g) {
+  const int64_t T = g.shape[g.pos_axis];
+  const auto pmask = position_mask(a.positions, T);
+  switch (a.kind) {
+    case HookAction::Capture:
+    case HookAction::Add:  // x + c: identity
+      break;
+    case HookAction::Replace:  // a constant where it applies
+    case HookAction::Zero:
+      g.for_each([&](float& x, const int64_t* idx) {
+        if (pmask[idx[g.pos_axis]]) x = 0.f;
+      });
+      break;
+    case HookAction::Scale:
+      g.for_each([&](float& x, const int64_t* idx) {
+        if (pmask[idx[g.pos_axis]]) x *= a.scale;
+      });
+      break;
+    case HookAction::AblateHeads: {
+      const int64_t nh = g.shape[2], hd = g.shape[3];
+      std::vector<char> hm(nh, 0);
+      for (auto h : a.heads) hm[h] = 1;
+      // zero: no dependence. mean: out = mean over the selected (b, t) of x, so each selected input gets the sum of
+      // the selected outputs' gradients / count.
+      std::vector<double> sum(nh * hd, 0.0);
+      int64_t cnt = 0;
+      if (a.mean) {
+        for (int64_t b = 0; b < g.shape[0]; ++b)
+          for (int64_t t = 0; t < T; ++t) {
+            if (!pmask[t]) continue;
+            ++cnt;
+            for (int64_t h = 0; h < nh; ++h)
+              if (hm[h])
+                for (int64_t d = 0; d < hd; ++d) sum[h * hd + d] += g.data[b * g.strides[0] + t * g.strides[1] + h * g.strides[2] + d * g.strides[3]];
+          }
+      }
+      g.for_each([&](float& x, const int64_t* idx) {
+        if (pmask[idx[1]] && hm[idx[2]]) x = a.mean ? static_cast<float>(sum[idx[2] * hd + idx[3]] / std::max<int64_t>(cnt, 1)) : 0.f;
+      });
+      break;
+    }
+    case HookAction::ProjectOut: {  // the projection is symmetric: g - (g . d) d / |d|^2
+      const int64_t inner = inner_size(g);
+      double nn = 0;
+      for (float d : a.values) nn += static_cast<double>(d) * d;
+      for_each_position(g, pmask, "interventions.project_out", [&](float* x) {
+        double dot = 0;
+        for (int64_t k = 0; k < inner; ++k) dot += static_cast<double>(x[k]) * a.values[k];
+        for (int64_t k = 0; k < inner; ++k) x[k] = static_cast<float>(x[k] - dot / nn * a.values[k]);
+      });
+      break;
+    }
+    case HookAction::AblateFeatures: {  // x - sum_f act_f(x) dec_f, act_f = pre_f(x) where on: g - sum_on enc_f (dec_f . g)
+      const int64_t inner = inner_size(g), nf = static_cast<int64_t>(a.f_b_enc.size());
+      if (a.f_on.size() != static_cast<size_t>(g.shape[0] * T * nf))
+        throw InternalError("interventions.ablate_features: its VJP ran before its forward");
+      int64_t row = 0;
+      std::vector<double> gin(inner);
+      for_each_position(g, pmask, "interventions.ablate_features", [&](float* x) {
+        for (int64_t j = 0; j < inner; ++j) gin[j] = x[j];
+        for (int64_t f = 0; f < nf; ++f) {
+          if (!a.f_on[row * nf + f]) continue;
+          double dot = 0;
+          for (int64_t j = 0; j < inner; ++j) dot += static_cast<double>(x[j]) * a.f_dec[f * inner + j];
+          for (int64_t j = 0; j < inner; ++j) gin[j] -= dot * a.f_enc[f * inner + j];
+        }
+        for (int64_t j = 0; j < inner; ++j) x[j] = static_cast<float>(gin[j]);
+        ++row;
+      });
+      break;
+    }
+    case HookAction::Callback:
+      throw InternalError("a Python hook has no VJP (gradient runs refuse them)");
+  }
+}
+
 }  // namespace
 
-void HookSet::run(Site s, int layer, const ActView& v) {
+void HookSet::run(Site s, int layer, const ActView& v, bool replay) {
   for (auto& a : actions_[index(s, layer)]) {
     if (a.kind == HookAction::Callback) {
+      if (replay) continue;
       if (!call) throw InternalError("a Python hook is registered but no bridge is set");
       call(a.callback, s, layer, v);
-    } else {
+    } else if (!(replay && a.kind == HookAction::Capture)) {
       apply(a, v);
     }
   }
+}
+
+void HookSet::run_vjp(Site s, int layer, const ActView& g) {
+  auto& acts = actions_[index(s, layer)];
+  for (auto it = acts.rbegin(); it != acts.rend(); ++it) apply_vjp(*it, g);
+}
+
+bool HookSet::has_callbacks() const {
+  for (const auto& v : actions_)
+    for (const auto& a : v)
+      if (a.kind == HookAction::Callback) return true;
+  return false;
 }
 
 void HookSet::clear() {

@@ -85,6 +85,8 @@ struct HookAction {
   // AblateFeatures (an SAE's features f at its own site): enc [n_f, d] (W_enc columns), b_enc / threshold [n_f],
   // dec [n_f, d] (W_dec rows), b_dec [d] subtracted from the input when set; relu_only: no threshold.
   std::vector<float> f_enc, f_b_enc, f_threshold, f_dec, f_b_dec;
+  // AblateFeatures: which features were on at each selected position in the last run ([B * T * n_f], for the VJP).
+  std::vector<uint8_t> f_on;
   // Capture: filled by the forward pass.
   std::shared_ptr<float[]> captured;  // uninitialised storage, filled by the copy
   std::vector<int64_t> captured_shape;
@@ -96,7 +98,12 @@ class HookSet {
   // layer: block index, or -1 for model-level sites.
   bool active(Site s, int layer) const { return !actions_[index(s, layer)].empty(); }
   std::vector<HookAction>& at(Site s, int layer) { return actions_[index(s, layer)]; }
-  void run(Site s, int layer, const ActView& v);
+  // replay: a reverse pass running a block again applies the edits only (no captures, no Python calls).
+  void run(Site s, int layer, const ActView& v, bool replay = false);
+  // The VJP of this site's edits (in reverse order) on the gradient g arriving at the site's output: the gradient
+  // at its input. Captures and additions pass it unchanged; Python callbacks have none (refused before a run).
+  void run_vjp(Site s, int layer, const ActView& g);
+  bool has_callbacks() const;
   void clear();
   bool empty() const;
   int n_layers() const { return n_layers_; }

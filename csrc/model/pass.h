@@ -42,6 +42,8 @@ struct Gemma3Model::Pass {
   float* gate_up = nullptr;  // [M, 2F]
   float* act = nullptr;      // [M, F]
   HookSet* hooks = nullptr;   // the sites' actions (the forward's hooks; the reverse pass's gradient hooks)
+  bool replay = false;        // the reverse pass running a block again: hooks apply their edits only
+  HookSet* vjp = nullptr;     // the reverse pass: the forward's hooks, whose edits' VJPs follow the gradient hooks
   LayerTape* keep = nullptr;  // set by the reverse pass: the blocks keep what their VJPs need
 
   explicit Pass(const ForwardArgs& args) : a(args), hooks(args.hooks) {}
@@ -49,9 +51,11 @@ struct Gemma3Model::Pass {
     if (a.interrupt_check) a.interrupt_check();
   }
   // Hook sites: TransformerLens shapes as views over the internal buffers (strides in floats).
-  bool on(Site st, int layer) const { return hooks && hooks->active(st, layer); }
+  bool on(Site st, int layer) const { return (hooks && hooks->active(st, layer)) || (vjp && vjp->active(st, layer)); }
   void fire(Site st, int layer, float* p, std::vector<int64_t> shape, std::vector<int64_t> strides, int pos_axis = 1) const {
-    hooks->run(st, layer, ActView{p, std::move(shape), std::move(strides), pos_axis});
+    const ActView v{p, std::move(shape), std::move(strides), pos_axis};
+    if (hooks && hooks->active(st, layer)) hooks->run(st, layer, v, replay);
+    if (vjp && vjp->active(st, layer)) vjp->run_vjp(st, layer, v);
   }
   void resid(Site st, int layer, float* p, int64_t width, int64_t ld) const {  // [B, T, width], row stride ld
     if (on(st, layer)) fire(st, layer, p, {B, T, width}, {T * ld, ld, 1});

@@ -9,21 +9,33 @@ import numpy as np
 
 from . import _core
 from .activation_cache import ActivationCache
-from .hooks import build_hookset
+from .hooks import build_hookset, check_hooks
+from .interventions import Intervention
 from .metrics import dlogits_for
 
 
-def _unsupported(model, fwd_hooks, stop_at_layer, return_type):
+def _edits(model, fwd_hooks, stop_at_layer, return_type):
+    """The forward edits of a gradient run: gl.interventions only (each has a known VJP, applied by the reverse
+    pass); Python hooks and spliced SAEs (Python code on numpy arrays) have no gradient here."""
     if stop_at_layer is not None:
         raise ValueError("incl_bwd=True needs the whole model (the metric is a function of the logits): drop stop_at_layer")
     if return_type not in ("logits", "loss", None):
         raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
-    if list(fwd_hooks) or model._persistent_hooks or model._saes:
-        raise ValueError("incl_bwd=True does not yet combine with forward hooks, interventions or spliced SAEs (their "
-                         "gradients are not implemented); run the gradient pass without them")
+    if model._saes:
+        raise ValueError("gradient runs do not yet take spliced SAEs (their splice is Python code without a gradient); "
+                         "use gl.interventions.ablate_features for feature ablations")
+    edits = list(model._persistent_hooks) + list(fwd_hooks)
+    check_hooks(model._hook_table, edits)
+    for item in edits:
+        fns = item if isinstance(item, Intervention) else item[1]
+        for f in fns if isinstance(fns, (list, tuple)) else [fns]:
+            if not isinstance(f, Intervention):
+                raise ValueError("gradient runs take forward edits as gl.interventions (native, with known gradients); "
+                                 f"{f!r} is a Python hook, whose gradient gemmalens cannot know")
+    return edits
 
 
-def _run(model, tokens, attention_mask, metric, allow_longer, captures, bwd_hooks):
+def _run(model, tokens, attention_mask, metric, allow_longer, captures, bwd_hooks, edits):
     """Forward with a tape, the metric, then the reverse pass. -> (logits, tokens, row_start, value, forward and
     gradient hook sets)."""
     if metric is None:
@@ -31,12 +43,12 @@ def _run(model, tokens, attention_mask, metric, allow_longer, captures, bwd_hook
                          "bad)) or a dMetric/dLogits array of the logits' shape")
     table, n_layers = model._hook_table, model.config.num_hidden_layers
     toks, row_start = model._inputs(tokens, attention_mask, None)
-    fwd, bwd = build_hookset(table, n_layers, [], captures), build_hookset(table, n_layers, bwd_hooks, captures)
+    fwd, bwd = build_hookset(table, n_layers, edits, captures), build_hookset(table, n_layers, bwd_hooks, captures)
     tape = _core.GradTape()
     logits = model._core.forward(toks, row_start, None, "all", fwd, allow_longer=allow_longer, tape=tape)
     value, dlogits = dlogits_for(metric, logits, toks, row_start, model.tokenizer)
     softcapped = model.config.final_logit_softcapping is not None
-    model._core.backward(tape, np.ascontiguousarray(dlogits, dtype=np.float32), logits if softcapped else None, bwd)
+    model._core.backward(tape, np.ascontiguousarray(dlogits, dtype=np.float32), logits if softcapped else None, bwd, fwd)
     return logits, toks, row_start, value, fwd, bwd
 
 
@@ -51,10 +63,10 @@ def _output(logits, toks, row_start, return_type):
 def run_with_cache(model, tokens, names_filter, attention_mask, metric, return_type, fwd_hooks, stop_at_layer,
                    allow_longer):
     """Model.run_with_cache(..., incl_bwd=True): (output, cache with activations, their gradients, metric_value)."""
-    _unsupported(model, fwd_hooks, stop_at_layer, return_type)
+    edits = _edits(model, fwd_hooks, stop_at_layer, return_type)
     table = model._hook_table
     names = table.select(names_filter)
-    logits, toks, row_start, value, fwd, bwd = _run(model, tokens, attention_mask, metric, allow_longer, names, [])
+    logits, toks, row_start, value, fwd, bwd = _run(model, tokens, attention_mask, metric, allow_longer, names, [], edits)
     ids = {v: k for k, v in table.ids.items()}
     acts = {ids[(s, layer)]: a for s, layer, a in fwd.take_captures()} if fwd is not None else {}
     grads = {ids[(s, layer)] + "_grad": a for s, layer, a in bwd.take_captures()} if bwd is not None else {}
@@ -71,6 +83,6 @@ def run_with_cache(model, tokens, names_filter, attention_mask, metric, return_t
 def run_with_hooks(model, tokens, fwd_hooks, bwd_hooks, metric, attention_mask, return_type, allow_longer):
     """Model.run_with_hooks(..., bwd_hooks=..., metric=...): TransformerLens's backward hooks, fn(grad, hook) -> None
     or a replacement, fired as the gradient reaches each site; an edited gradient is what flows on."""
-    _unsupported(model, fwd_hooks, None, return_type)
-    logits, toks, row_start, _, _, _ = _run(model, tokens, attention_mask, metric, allow_longer, [], list(bwd_hooks))
+    edits = _edits(model, fwd_hooks, None, return_type)
+    logits, toks, row_start, _, _, _ = _run(model, tokens, attention_mask, metric, allow_longer, [], list(bwd_hooks), edits)
     return _output(logits, toks, row_start, return_type)

@@ -37,6 +37,20 @@ inline std::string shape_str(const std::vector<int64_t>& s) {
   return r + "]";
 }
 
+// Element count of a shape the code itself made (sizes already bounded: no overflow check).
+inline int64_t numel(const std::vector<int64_t>& s) {
+  int64_t n = 1;
+  for (auto d : s) n *= d;
+  return n;
+}
+// The same for a shape read from a file: false when a dimension is negative or the count overflows int64.
+inline bool numel_checked(const std::vector<int64_t>& s, int64_t& n) {
+  n = 1;
+  for (auto d : s)
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) return false;
+  return true;
+}
+
 // The shape-mismatch error every loader raises: tensor `name` has `got` where the config implies `want`.
 inline CheckpointError shape_mismatch(const std::string& name, const std::vector<int64_t>& got, const std::vector<int64_t>& want,
                                       const std::string& hint = "") {

@@ -166,10 +166,9 @@ GGUFValue GGUFValue::at(size_t k) const {
 
 int64_t GGUFTensor::numel() const {
   // Each dimension is in [1, 2^40] (checked when read) but their product can overflow: refuse it.
-  int64_t n = 1;
-  for (auto d : ne)
-    if (__builtin_mul_overflow(n, d, &n))
-      throw CheckpointError("GGUF tensor '" + name + "' claims more elements than any file can hold (corrupt shape)");
+  int64_t n;
+  if (!numel_checked(ne, n))
+    throw CheckpointError("GGUF tensor '" + name + "' claims more elements than any file can hold (corrupt shape)");
   return n;
 }
 

@@ -634,7 +634,9 @@ PYBIND11_MODULE(_core, m) {
         cfg.validate();
         // Every expected tensor present with its shape, and nothing else, before anything is allocated or converted.
         std::set<std::string> expected;
-        for_each_weight(cfg, [&](const std::string& name, const std::vector<int64_t>& shape) {
+        for_each_weight(cfg, [&](const WeightSpec& w) {
+          const std::string& name = w.name;
+          const std::vector<int64_t>& shape = w.shape;
           if (!arrays.contains(name)) throw CheckpointError("checkpoint is missing tensor '" + name + "'");
           py::object a = arrays[py::str(name)];
           std::vector<int64_t> got;

@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "io/arrays.h"
 #include "io/gguf.h"
 #include "io/hf_checkpoint.h"
 #include "io/safetensors.h"
@@ -17,7 +18,6 @@
 #include "model/kv_cache.h"
 #include "model/sae.h"
 #include <map>
-#include <set>
 #include "ops/kernels.h"
 #include "ops/linear.h"
 #include "ops/quant.h"
@@ -628,32 +628,22 @@ PYBIND11_MODULE(_core, m) {
       "load_arrays",
       [](py::dict arrays, const Gemma3Config& cfg, const std::string& dtype, const std::string& weights) {
         // A model from {HF name: array in HF layout} (formats read in Python: Orbax, gemma_pytorch). The GIL is
-        // held: the getter reads Python objects.
-        DType d = parse_dtype(dtype);
+        // held: shapes and values are read from Python objects.
+        const DType d = parse_dtype(dtype);
         const WeightQuant q = parse_weights(weights);
-        cfg.validate();
-        // Every expected tensor present with its shape, and nothing else, before anything is allocated or converted.
-        std::set<std::string> expected;
-        for_each_weight(cfg, [&](const WeightSpec& w) {
-          const std::string& name = w.name;
-          const std::vector<int64_t>& shape = w.shape;
-          if (!arrays.contains(name)) throw CheckpointError("checkpoint is missing tensor '" + name + "'");
-          py::object a = arrays[py::str(name)];
-          std::vector<int64_t> got;
-          for (auto x : py::getattr(a, "shape", py::tuple()).cast<py::tuple>()) got.push_back(x.cast<int64_t>());
-          if (got != shape) throw shape_mismatch(name, got, shape);
-          expected.insert(name);
-        });
-        for (auto item : arrays) {
-          std::string n = py::str(item.first);
-          if (!expected.count(n)) throw CheckpointError("checkpoint has unexpected tensor '" + n + "'");
-        }
-        TensorGetter get = [&](const std::string& name, const std::vector<int64_t>&) {
+        ArraySource src;
+        for (auto item : arrays) src.names.push_back(py::str(item.first));
+        src.shape = [&](const std::string& name, std::vector<int64_t>& shape) {
+          if (!arrays.contains(name)) return false;
+          for (auto x : py::getattr(arrays[py::str(name)], "shape", py::tuple()).cast<py::tuple>()) shape.push_back(x.cast<int64_t>());
+          return true;
+        };
+        src.read = [&](const std::string& name) {
           auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(arrays[py::str(name)]);
           if (!a) throw CheckpointError("tensor '" + name + "' is not a numeric array");
           return std::vector<float>(a.data(), a.data() + a.size());
         };
-        return std::make_unique<Gemma3Model>(cfg, d, get, q);
+        return load_arrays(src, cfg, d, q);
       },
       py::arg("arrays"), py::arg("config"), py::arg("dtype") = "float32", py::arg("weights") = "native");
   m.def(

@@ -2,9 +2,9 @@
 
 #include <cmath>
 #include <cstring>
-#include <set>
 
 #include "common.h"
+#include "io/checked_source.h"
 #include "model/gemma3.h"
 #include "ops/dequant.h"
 
@@ -358,38 +358,31 @@ std::unique_ptr<Gemma3Model> load_gguf(const GGUFFile& f, DType dtype, Gemma3Con
   const std::string& path = f.path();
   Gemma3Config cfg = config_from_gguf(f);
   if (cfg_out) *cfg_out = cfg;
-  std::set<std::string> used;
   // HF name -> (GGUF name, a norm: stored as 1 + w by llama.cpp's converter).
   std::map<std::string, std::pair<std::string, bool>> names;
   for_each_weight(cfg, [&](const WeightSpec& w) { names.emplace(w.name, std::make_pair(gguf_name(w), w.is_norm())); });
-  auto checked = [&](const std::string& hf_name, const std::vector<int64_t>& shape) -> std::pair<const GGUFTensor*, bool> {
-    const auto& [name, is_norm] = names.at(hf_name);
-    const GGUFTensor* t = f.tensor(name);
-    if (!t) throw CheckpointError("GGUF file '" + path + "' is missing tensor '" + name + "' (HF '" + hf_name + "')");
-    if (t->shape() != shape) throw shape_mismatch(name, t->shape(), shape, " (GGUF file '" + path + "')");
-    used.insert(name);
-    return {t, is_norm};
-  };
+  CheckedSource<GGUFTensor> src({"GGUF file '" + path + "'", " (GGUF file '" + path + "')",
+                                  [&](const std::string& hf_name) { return names.at(hf_name).first; },
+                                  [&](const std::string& name) { return f.tensor(name); },
+                                  [](const GGUFTensor& t) { return t.shape(); }});
   TensorGetter get = [&](const std::string& hf_name, const std::vector<int64_t>& shape) {
-    auto [t, is_norm] = checked(hf_name, shape);
-    std::vector<float> w = f.dequantize(*t);
-    if (is_norm)  // GGUF stores Gemma norms as 1 + w (llama.cpp's converter adds the 1)
+    std::vector<float> w = f.dequantize(src.take(hf_name, shape));
+    if (names.at(hf_name).second)  // GGUF stores Gemma norms as 1 + w (llama.cpp's converter adds the 1)
       for (auto& x : w) x -= 1.f;
     return w;
   };
   RowGetter rows = [&](const std::string& hf_name, const std::vector<int64_t>& shape, int64_t r0, int64_t n, float* out) {
-    auto [t, is_norm] = checked(hf_name, shape);
-    if (is_norm) throw CheckpointError("row access to a norm weight");
-    f.dequantize_rows(*t, r0, n, out);
+    if (names.at(hf_name).second) throw InternalError("row access to a norm weight");
+    f.dequantize_rows(src.take(hf_name, shape), r0, n, out);
   };
-  TensorChecker check = [&](const std::string& hf_name, const std::vector<int64_t>& shape) { checked(hf_name, shape); };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows, check);
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows, src.checker());
   for (const auto& t : f.tensors()) {
-    if (used.count(t.name)) continue;
+    if (src.taken(t.name)) continue;
     if (t.name == "output.weight")
       throw CheckpointError("GGUF file '" + path + "' has a separate 'output.weight'; Gemma 3 ties the LM head to token_embd "
                             "(an untied head is not supported)");
-    throw CheckpointError("GGUF file '" + path + "' has unexpected tensor '" + t.name + "'");
+    const std::vector<int64_t> shape = t.shape();
+    throw src.unexpected(t.name, &shape);
   }
   return model;
 }

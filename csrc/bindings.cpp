@@ -27,19 +27,6 @@ using namespace gemmalens;
 
 namespace {
 
-WeightQuant parse_weights(const std::string& w) {
-  if (w == "native") return WeightQuant::None;
-  if (w == "int8") return WeightQuant::Int8;
-  if (w == "int4") return WeightQuant::Int4;
-  throw ValueError("weights must be 'native' (the compute dtype), 'int8' or 'int4', got '" + w + "'");
-}
-
-DType parse_dtype(const std::string& s) {
-  if (s == "float32" || s == "f32" || s == "fp32") return DType::F32;
-  if (s == "bfloat16" || s == "bf16") return DType::BF16;
-  throw ValueError("dtype must be 'float32' or 'bfloat16', got '" + s + "'");
-}
-
 py::object optional_cap(double v) { return v > 0 ? py::object(py::float_(v)) : py::object(py::none()); }
 
 template <class T>
@@ -98,11 +85,11 @@ void register_config(py::module_& m) {
           },
           [](Gemma3Config& c, const py::object& v) {
             if (v.is_none()) { c.rope_scaling_factor = 1.0; return; }
-            py::dict d = v.cast<py::dict>();
-            std::string type = d.contains("rope_type") ? d["rope_type"].cast<std::string>() : "linear";
-            if (type == "default") { c.rope_scaling_factor = 1.0; return; }
-            if (type != "linear" || !d.contains("factor")) throw ValueError("rope_scaling must be None or {'rope_type': 'linear', 'factor': f}");
-            c.rope_scaling_factor = d["factor"].cast<double>();
+            const py::dict d = v.cast<py::dict>();
+            // Without a rope_type the setter reads the dict as linear (config.json reads it as default).
+            const std::string type = d.contains("rope_type") ? d["rope_type"].cast<std::string>() : "linear";
+            const double factor = d.contains("factor") ? d["factor"].cast<double>() : 0.0;
+            c.rope_scaling_factor = rope_scaling_factor(type, d.contains("factor") ? &factor : nullptr, "Gemma3Config.rope_scaling");
           })
       .def_readwrite("max_position_embeddings", &Gemma3Config::max_position_embeddings)
       .def_readwrite("bos_token_id", &Gemma3Config::bos_token_id)
@@ -264,32 +251,21 @@ void register_sae(py::module_& m) {
   py::class_<SAE>(m, "SAE")
       .def(py::init([](F W_enc, F b_enc, py::object threshold, F W_dec, F b_dec, py::object W_skip, const std::string& arch, int k,
                        bool apply_b_dec, const std::string& dtype) {
-             if (W_enc.ndim() != 2 || W_dec.ndim() != 2) throw ValueError("SAE: W_enc [d_in, d_sae] and W_dec [d_sae, d_out] must be 2-D");
-             for (py::ssize_t n : {W_enc.shape(0), W_enc.shape(1), W_dec.shape(1)})
-               if (n < 1 || n > (1 << 24)) throw ValueError("SAE: d_in, d_sae and d_out must be in [1, 2^24], got W_enc " +
-                                                            std::to_string(W_enc.shape(0)) + " x " + std::to_string(W_enc.shape(1)) +
-                                                            ", W_dec ... x " + std::to_string(W_dec.shape(1)));
-             const int d_in = static_cast<int>(W_enc.shape(0)), d_sae = static_cast<int>(W_enc.shape(1)), d_out = static_cast<int>(W_dec.shape(1));
-             if (W_dec.shape(0) != d_sae) throw ValueError("SAE: W_dec has " + std::to_string(W_dec.shape(0)) + " rows, W_enc " + std::to_string(d_sae) + " columns");
-             if (b_enc.size() != d_sae || b_dec.size() != d_out) throw ValueError("SAE: b_enc must be [d_sae], b_dec [d_out]");
+             // Optional arrays stay alive in thr / skip while the SAE copies them.
              F thr, skip;
-             const float* tp = nullptr;
-             const float* sp = nullptr;
-             if (!threshold.is_none()) {
-               thr = F::ensure(threshold);
-               if (thr.size() != d_sae) throw ValueError("SAE: threshold must be [d_sae]");
-               tp = thr.data();
-             }
-             if (!W_skip.is_none()) {
-               skip = F::ensure(W_skip);
-               if (skip.ndim() != 2 || skip.shape(0) != d_in || skip.shape(1) != d_out) throw ValueError("SAE: affine_skip_connection must be [d_in, d_out]");
-               sp = skip.data();
-             }
-             SAE::Arch a = arch == "jumprelu" ? SAE::Arch::JumpReLU : arch == "relu" ? SAE::Arch::ReLU : arch == "topk" ? SAE::Arch::TopK
-                         : throw ValueError("SAE: unknown architecture '" + arch + "'");
+             auto array = [](const F& a) { return SAE::Array{a.data(), std::vector<int64_t>(a.shape(), a.shape() + a.ndim())}; };
+             auto optional = [&](const py::object& o, F& keep, const char* what) {
+               if (o.is_none()) return SAE::Array{};
+               keep = F::ensure(o);
+               if (!keep) throw ValueError(std::string("SAE: ") + what + " must be a float array");
+               return array(keep);
+             };
+             const SAE::Weights w{array(W_enc), array(b_enc), optional(threshold, thr, "threshold"), array(W_dec), array(b_dec),
+                                  optional(W_skip, skip, "affine_skip_connection")};
+             const SAE::Arch a = SAE::parse_arch(arch);
+             const DType d = parse_dtype(dtype);
              py::gil_scoped_release r;
-             return std::make_unique<SAE>(W_enc.data(), b_enc.data(), tp, W_dec.data(), b_dec.data(), sp, d_in, d_sae, d_out, a, k, apply_b_dec,
-                                          parse_dtype(dtype));
+             return std::make_unique<SAE>(w, a, k, apply_b_dec, d);
            }),
            py::arg("W_enc"), py::arg("b_enc"), py::arg("threshold"), py::arg("W_dec"), py::arg("b_dec"), py::arg("W_skip"),
            py::arg("architecture"), py::arg("k"), py::arg("apply_b_dec_to_input"), py::arg("dtype"))
@@ -333,10 +309,7 @@ void register_model(py::module_& m) {
       .def_property_readonly("config", &Gemma3Model::config)
       .def_property_readonly("dtype", [](const Gemma3Model& g) { return dtype_name(g.dtype()); })
       .def_property_readonly("weight_nbytes", &Gemma3Model::weight_nbytes)
-      .def_property_readonly("weights", [](const Gemma3Model& m) {
-        const WeightQuant q = m.weight_quant();
-        return std::string(q == WeightQuant::Int8 ? "int8" : q == WeightQuant::Int4 ? "int4" : "native");
-      })
+      .def_property_readonly("weights", [](const Gemma3Model& m) { return weight_quant_name(m.weight_quant()); })
       .def_readwrite("threads", &Gemma3Model::threads)
       .def(
           "export_tensors",
@@ -630,7 +603,7 @@ PYBIND11_MODULE(_core, m) {
         // A model from {HF name: array in HF layout} (formats read in Python: Orbax, gemma_pytorch). The GIL is
         // held: shapes and values are read from Python objects.
         const DType d = parse_dtype(dtype);
-        const WeightQuant q = parse_weights(weights);
+        const WeightQuant q = parse_weight_quant(weights);
         ArraySource src;
         for (auto item : arrays) src.names.push_back(py::str(item.first));
         src.shape = [&](const std::string& name, std::vector<int64_t>& shape) {
@@ -650,7 +623,7 @@ PYBIND11_MODULE(_core, m) {
       "load_gguf",
       [](const std::string& path, const std::string& dtype, const std::string& weights) {
         DType d = parse_dtype(dtype);
-        const WeightQuant q = parse_weights(weights);
+        const WeightQuant q = parse_weight_quant(weights);
         py::gil_scoped_release release;
         return load_gguf(path, d, nullptr, q);
       },
@@ -659,7 +632,7 @@ PYBIND11_MODULE(_core, m) {
       "load_gguf",
       [](const GGUFFile& f, const std::string& dtype, const std::string& weights) {
         DType d = parse_dtype(dtype);
-        const WeightQuant q = parse_weights(weights);
+        const WeightQuant q = parse_weight_quant(weights);
         py::gil_scoped_release release;
         return load_gguf(f, d, nullptr, q);
       },
@@ -668,7 +641,7 @@ PYBIND11_MODULE(_core, m) {
       "load_hf",
       [](const std::string& weights_path, const Gemma3Config& cfg, const std::string& dtype, const std::string& weights) {
         DType d = parse_dtype(dtype);
-        const WeightQuant q = parse_weights(weights);
+        const WeightQuant q = parse_weight_quant(weights);
         py::gil_scoped_release release;
         return load_hf_safetensors(weights_path, cfg, d, q);
       },

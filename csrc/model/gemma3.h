@@ -1,5 +1,5 @@
 // The Gemma 3 text model: weights and the forward pass (gemma3.cpp reads top to bottom like HF's
-// Gemma3ForCausalLM). Loading formats live in io/, bindings in bindings.cpp.
+// Gemma3ForCausalLM). Loading formats live in io/, bindings in bindings/.
 #pragma once
 #include <cstdint>
 #include <functional>

@@ -37,6 +37,13 @@ py::object gguf_value(const GGUFValue& v) {
   return py::none();
 }
 
+// A dict key as text: lone surrogates (a name from a pickle can hold them) are escaped rather than an encoding error.
+std::string key_str(const py::handle& key) {
+  auto utf8 = py::reinterpret_steal<py::object>(PyUnicode_AsEncodedString(py::str(key).ptr(), "utf-8", "backslashreplace"));
+  if (!utf8) throw py::error_already_set();
+  return utf8.cast<std::string>();
+}
+
 }  // namespace
 
 void bind_io(py::module_& m) {
@@ -93,7 +100,7 @@ void bind_io(py::module_& m) {
         const DType d = parse_dtype(dtype);
         const WeightQuant q = parse_weight_quant(weights);
         ArraySource src;
-        for (auto item : arrays) src.names.push_back(py::str(item.first));
+        for (auto item : arrays) src.names.push_back(key_str(item.first));
         src.shape = [&](const std::string& name, std::vector<int64_t>& shape) {
           if (!arrays.contains(name)) return false;
           for (auto x : py::getattr(arrays[py::str(name)], "shape", py::tuple()).cast<py::tuple>()) shape.push_back(x.cast<int64_t>());

@@ -37,6 +37,20 @@ inline std::string shape_str(const std::vector<int64_t>& s) {
   return r + "]";
 }
 
+// Element count of a shape the code itself made (sizes already bounded: no overflow check).
+inline int64_t numel(const std::vector<int64_t>& s) {
+  int64_t n = 1;
+  for (auto d : s) n *= d;
+  return n;
+}
+// The same for a shape read from a file: false when a dimension is negative or the count overflows int64.
+inline bool numel_checked(const std::vector<int64_t>& s, int64_t& n) {
+  n = 1;
+  for (auto d : s)
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) return false;
+  return true;
+}
+
 // The shape-mismatch error every loader raises: tensor `name` has `got` where the config implies `want`.
 inline CheckpointError shape_mismatch(const std::string& name, const std::vector<int64_t>& got, const std::vector<int64_t>& want,
                                       const std::string& hint = "") {
@@ -48,6 +62,22 @@ enum class DType { F32, BF16 };
 enum class WeightQuant { None, Int8, Int4 };
 
 inline const char* dtype_name(DType d) { return d == DType::F32 ? "float32" : "bfloat16"; }
+// The names `dtype=` takes everywhere in the API; ValueError quoting anything else.
+inline DType parse_dtype(const std::string& s) {
+  if (s == "float32" || s == "f32" || s == "fp32") return DType::F32;
+  if (s == "bfloat16" || s == "bf16") return DType::BF16;
+  throw ValueError("dtype must be 'float32' or 'bfloat16', got '" + s + "'");
+}
+// `weights=` as the native core takes it ("auto" is resolved in Python, from the file).
+inline WeightQuant parse_weight_quant(const std::string& w) {
+  if (w == "native") return WeightQuant::None;
+  if (w == "int8") return WeightQuant::Int8;
+  if (w == "int4") return WeightQuant::Int4;
+  throw ValueError("weights must be 'native' (the compute dtype), 'int8' or 'int4', got '" + w + "'");
+}
+inline const char* weight_quant_name(WeightQuant q) {
+  return q == WeightQuant::Int8 ? "int8" : q == WeightQuant::Int4 ? "int4" : "native";
+}
 
 // bf16 <-> f32, round-to-nearest-even (as torch's .to(torch.bfloat16)); NaN stays NaN.
 inline uint16_t f32_to_bf16(float f) {

@@ -4,7 +4,7 @@ import pytest
 
 from gemmalens import _core
 
-ops = _core.ops
+ops = _core._testing
 rng = np.random.default_rng(0)
 
 

@@ -2,9 +2,9 @@
 
 #include <cmath>
 #include <cstring>
-#include <set>
 
 #include "common.h"
+#include "io/checked_source.h"
 #include "model/gemma3.h"
 #include "ops/dequant.h"
 
@@ -166,10 +166,9 @@ GGUFValue GGUFValue::at(size_t k) const {
 
 int64_t GGUFTensor::numel() const {
   // Each dimension is in [1, 2^40] (checked when read) but their product can overflow: refuse it.
-  int64_t n = 1;
-  for (auto d : ne)
-    if (__builtin_mul_overflow(n, d, &n))
-      throw CheckpointError("GGUF tensor '" + name + "' claims more elements than any file can hold (corrupt shape)");
+  int64_t n;
+  if (!numel_checked(ne, n))
+    throw CheckpointError("GGUF tensor '" + name + "' claims more elements than any file can hold (corrupt shape)");
   return n;
 }
 
@@ -325,6 +324,31 @@ Gemma3Config config_from_gguf(const GGUFFile& f) {
   return c;
 }
 
+namespace {
+// llama.cpp's name for a weight (gguf-py's tensor names for gemma3).
+std::string gguf_name(const WeightSpec& w) {
+  const char* s = "";
+  switch (w.role) {
+    case WeightRole::Embed: return "token_embd.weight";
+    case WeightRole::FinalNorm: return "output_norm.weight";
+    case WeightRole::InputNorm: s = "attn_norm"; break;
+    case WeightRole::QProj: s = "attn_q"; break;
+    case WeightRole::KProj: s = "attn_k"; break;
+    case WeightRole::VProj: s = "attn_v"; break;
+    case WeightRole::QNorm: s = "attn_q_norm"; break;
+    case WeightRole::KNorm: s = "attn_k_norm"; break;
+    case WeightRole::OProj: s = "attn_output"; break;
+    case WeightRole::PostAttentionNorm: s = "post_attention_norm"; break;
+    case WeightRole::PreFeedforwardNorm: s = "ffn_norm"; break;
+    case WeightRole::GateProj: s = "ffn_gate"; break;
+    case WeightRole::UpProj: s = "ffn_up"; break;
+    case WeightRole::DownProj: s = "ffn_down"; break;
+    case WeightRole::PostFeedforwardNorm: s = "post_ffw_norm"; break;
+  }
+  return "blk." + std::to_string(w.layer) + "." + s + ".weight";
+}
+}  // namespace
+
 std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out, WeightQuant quant) {
   GGUFFile f(path);
   return load_gguf(f, dtype, cfg_out, quant);
@@ -334,61 +358,31 @@ std::unique_ptr<Gemma3Model> load_gguf(const GGUFFile& f, DType dtype, Gemma3Con
   const std::string& path = f.path();
   Gemma3Config cfg = config_from_gguf(f);
   if (cfg_out) *cfg_out = cfg;
-  std::set<std::string> used;
-  auto to_gguf = [](const std::string& hf) -> std::pair<std::string, bool> {  // (name, is_norm)
-    if (hf == "model.embed_tokens.weight") return {"token_embd.weight", false};
-    if (hf == "model.norm.weight") return {"output_norm.weight", true};
-    // model.layers.N.<module>.weight
-    const size_t p0 = std::strlen("model.layers.");
-    const size_t p1 = hf.find('.', p0);
-    const std::string n = hf.substr(p0, p1 - p0), rest = hf.substr(p1 + 1);
-    static const std::map<std::string, std::pair<std::string, bool>> m = {
-        {"input_layernorm.weight", {"attn_norm", true}},
-        {"self_attn.q_proj.weight", {"attn_q", false}},
-        {"self_attn.k_proj.weight", {"attn_k", false}},
-        {"self_attn.v_proj.weight", {"attn_v", false}},
-        {"self_attn.o_proj.weight", {"attn_output", false}},
-        {"self_attn.q_norm.weight", {"attn_q_norm", true}},
-        {"self_attn.k_norm.weight", {"attn_k_norm", true}},
-        {"post_attention_layernorm.weight", {"post_attention_norm", true}},
-        {"pre_feedforward_layernorm.weight", {"ffn_norm", true}},
-        {"mlp.gate_proj.weight", {"ffn_gate", false}},
-        {"mlp.up_proj.weight", {"ffn_up", false}},
-        {"mlp.down_proj.weight", {"ffn_down", false}},
-        {"post_feedforward_layernorm.weight", {"post_ffw_norm", true}},
-    };
-    auto it = m.find(rest);
-    if (it == m.end()) throw CheckpointError("no GGUF name for '" + hf + "'");
-    return {"blk." + n + "." + it->second.first + ".weight", it->second.second};
-  };
-  auto checked = [&](const std::string& hf_name, const std::vector<int64_t>& shape) -> std::pair<const GGUFTensor*, bool> {
-    auto [name, is_norm] = to_gguf(hf_name);
-    const GGUFTensor* t = f.tensor(name);
-    if (!t) throw CheckpointError("GGUF file '" + path + "' is missing tensor '" + name + "' (HF '" + hf_name + "')");
-    if (t->shape() != shape) throw shape_mismatch(name, t->shape(), shape, " (GGUF file '" + path + "')");
-    used.insert(name);
-    return {t, is_norm};
-  };
+  // HF name -> (GGUF name, a norm: stored as 1 + w by llama.cpp's converter).
+  std::map<std::string, std::pair<std::string, bool>> names;
+  for_each_weight(cfg, [&](const WeightSpec& w) { names.emplace(w.name, std::make_pair(gguf_name(w), w.is_norm())); });
+  CheckedSource<GGUFTensor> src({"GGUF file '" + path + "'", " (GGUF file '" + path + "')",
+                                  [&](const std::string& hf_name) { return names.at(hf_name).first; },
+                                  [&](const std::string& name) { return f.tensor(name); },
+                                  [](const GGUFTensor& t) { return t.shape(); }});
   TensorGetter get = [&](const std::string& hf_name, const std::vector<int64_t>& shape) {
-    auto [t, is_norm] = checked(hf_name, shape);
-    std::vector<float> w = f.dequantize(*t);
-    if (is_norm)  // GGUF stores Gemma norms as 1 + w (llama.cpp's converter adds the 1)
+    std::vector<float> w = f.dequantize(src.take(hf_name, shape));
+    if (names.at(hf_name).second)  // GGUF stores Gemma norms as 1 + w (llama.cpp's converter adds the 1)
       for (auto& x : w) x -= 1.f;
     return w;
   };
   RowGetter rows = [&](const std::string& hf_name, const std::vector<int64_t>& shape, int64_t r0, int64_t n, float* out) {
-    auto [t, is_norm] = checked(hf_name, shape);
-    if (is_norm) throw CheckpointError("row access to a norm weight");
-    f.dequantize_rows(*t, r0, n, out);
+    if (names.at(hf_name).second) throw InternalError("row access to a norm weight");
+    f.dequantize_rows(src.take(hf_name, shape), r0, n, out);
   };
-  TensorChecker check = [&](const std::string& hf_name, const std::vector<int64_t>& shape) { checked(hf_name, shape); };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows, check);
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows, src.checker());
   for (const auto& t : f.tensors()) {
-    if (used.count(t.name)) continue;
+    if (src.taken(t.name)) continue;
     if (t.name == "output.weight")
       throw CheckpointError("GGUF file '" + path + "' has a separate 'output.weight'; Gemma 3 ties the LM head to token_embd "
                             "(an untied head is not supported)");
-    throw CheckpointError("GGUF file '" + path + "' has unexpected tensor '" + t.name + "'");
+    const std::vector<int64_t> shape = t.shape();
+    throw src.unexpected(t.name, &shape);
   }
   return model;
 }

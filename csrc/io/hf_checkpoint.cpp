@@ -1,8 +1,8 @@
 #include "io/hf_checkpoint.h"
 
 #include <cstring>
-#include <set>
 
+#include "io/checked_source.h"
 #include "io/safetensors.h"
 
 namespace gemmalens {
@@ -22,38 +22,32 @@ std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path
   if (root.empty())
     throw CheckpointError("'" + weights_path + "' is not a Gemma 3 checkpoint: no 'model.embed_tokens.weight' (nor a multimodal "
                           "'language_model.model.' / 'model.language_model.' variant) among its " + std::to_string(store->tensors().size()) + " tensors");
-  std::set<std::string> used;
-  auto checked = [&](const std::string& hf_name, const std::vector<int64_t>& shape) -> const TensorInfo* {
-    const std::string name = root + hf_name.substr(std::strlen("model."));
-    const TensorInfo* t = store->find(name);
-    if (!t) throw CheckpointError("checkpoint '" + weights_path + "' is missing tensor '" + name + "' (expected shape " + shape_str(shape) + ")");
-    if (t->shape != shape) throw shape_mismatch(name, t->shape, shape, "; does config.json belong to these weights?");
-    used.insert(name);
-    return t;
-  };
+  CheckedSource<TensorInfo> src({"checkpoint '" + weights_path + "'", "; does config.json belong to these weights?",
+                                  [&](const std::string& hf_name) { return root + hf_name.substr(std::strlen("model.")); },
+                                  [&](const std::string& name) { return store->find(name); },
+                                  [](const TensorInfo& t) { return t.shape; }});
   TensorGetter get = [&](const std::string& hf_name, const std::vector<int64_t>& shape) {
-    const TensorInfo* t = checked(hf_name, shape);
-    std::vector<float> out(static_cast<size_t>(t->numel()));
-    tensor_to_f32(*t, out.data());
-    TensorStore::release(*t);
+    const TensorInfo& t = src.take(hf_name, shape);
+    std::vector<float> out(static_cast<size_t>(t.numel()));
+    tensor_to_f32(t, out.data());
+    TensorStore::release(t);
     return out;
   };
   RowGetter rows = [&](const std::string& hf_name, const std::vector<int64_t>& shape, int64_t r0, int64_t n, float* out) {
-    const TensorInfo* t = checked(hf_name, shape);
-    TensorInfo part = *t;  // a view of rows [r0, r0 + n): same dtype, rows of shape[1] elements
-    const size_t row_bytes = t->nbytes / static_cast<size_t>(shape[0]);
+    const TensorInfo& t = src.take(hf_name, shape);
+    TensorInfo part = t;  // a view of rows [r0, r0 + n): same dtype, rows of shape[1] elements
+    const size_t row_bytes = t.nbytes / static_cast<size_t>(shape[0]);
     part.shape = {n, shape[1]};
-    part.data = t->data + r0 * row_bytes;
+    part.data = t.data + r0 * row_bytes;
     part.nbytes = n * row_bytes;
     tensor_to_f32(part, out);
     TensorStore::release(part);
   };
-  TensorChecker check = [&](const std::string& hf_name, const std::vector<int64_t>& shape) { checked(hf_name, shape); };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows, check);
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows, src.checker());
 
   for (const auto& kv : store->tensors()) {
     const std::string& n = kv.first;
-    if (used.count(n)) continue;
+    if (src.taken(n)) continue;
     // Multimodal checkpoints: the vision tower and projector are not part of the text model.
     if (starts_with(n, "vision_tower.") || starts_with(n, "multi_modal_projector.") || starts_with(n, "model.vision_tower.") ||
         starts_with(n, "model.multi_modal_projector."))
@@ -64,8 +58,7 @@ std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path
       if (kv.second.shape == e->shape && kv.second.dtype == e->dtype && std::memcmp(kv.second.data, e->data, e->nbytes) == 0) continue;
       throw CheckpointError("tensor '" + n + "' differs from the embedding; Gemma 3 ties them (an untied LM head is not supported)");
     }
-    throw CheckpointError("checkpoint '" + weights_path + "' has unexpected tensor '" + n + "' of shape " + shape_str(kv.second.shape) +
-                          "; it does not belong to a Gemma 3 model with this config");
+    throw src.unexpected(n, &kv.second.shape);
   }
   return model;
 }

@@ -44,10 +44,9 @@ MappedFile::~MappedFile() {
 
 int64_t TensorInfo::numel() const {
   // Dimensions come from the file: their product can overflow (a tensor "of 2^128 elements" with 16 bytes).
-  int64_t n = 1;
-  for (auto d : shape)
-    if (d < 0 || __builtin_mul_overflow(n, d, &n))
-      throw CheckpointError("tensor '" + name + "' has shape " + shape_str(shape) + ", whose element count overflows (file corrupt?)");
+  int64_t n;
+  if (!numel_checked(shape, n))
+    throw CheckpointError("tensor '" + name + "' has shape " + shape_str(shape) + ", whose element count overflows (file corrupt?)");
   return n;
 }
 

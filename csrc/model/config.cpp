@@ -76,23 +76,27 @@ std::vector<int> int_list(const json& e, const char* key) {
   return out;
 }
 
-// Parse an HF rope dict ({"rope_type": "linear", "factor": 8.0}); only "default" and "linear" exist in Gemma 3.
+// An HF rope dict from config.json ({"rope_type": "linear", "factor": 8.0}, transformers v4 also writes "type").
 double rope_factor(const json& rs, const char* where) {
   if (rs.is_null()) return 1.0;
   if (!rs.is_object()) throw ValueError(std::string("config.json: ") + where + " must be an object or null, got " + rs.dump());
-  std::string type = rs.value("rope_type", rs.value("type", std::string("default")));
-  if (type == "default") return 1.0;
-  if (type != "linear")
-    throw ValueError(std::string("config.json: ") + where + ".rope_type = '" + type +
-                     "' is not supported (Gemma 3 uses 'default' or 'linear')");
+  const std::string type = rs.value("rope_type", rs.value("type", std::string("default")));
   auto f = rs.find("factor");
-  if (f == rs.end() || !f->is_number()) throw ValueError(std::string("config.json: ") + where + " is linear but has no numeric 'factor'");
-  const double v = f->get<double>();
-  if (!std::isfinite(v)) throw ValueError(std::string("config.json: ") + where + ".factor = " + f->dump() + " is not finite");
-  return v;
+  const bool has_factor = f != rs.end() && f->is_number();
+  const double factor = has_factor ? f->get<double>() : 0.0;
+  return rope_scaling_factor(type, has_factor ? &factor : nullptr, std::string("config.json: ") + where);
 }
 
 }  // namespace
+
+double rope_scaling_factor(const std::string& rope_type, const double* factor, const std::string& where) {
+  if (rope_type == "default") return 1.0;
+  if (rope_type != "linear")
+    throw ValueError(where + ".rope_type = '" + rope_type + "' is not supported (Gemma 3 uses 'default' or 'linear')");
+  if (!factor) throw ValueError(where + " is linear but has no numeric 'factor'");
+  if (!std::isfinite(*factor)) throw ValueError(where + ".factor = " + fmt(*factor) + " is not finite");
+  return *factor;
+}
 
 std::vector<std::string> Gemma3Config::default_layer_types(int n_layers, int pattern) {
   // Bounded before anything is built: a corrupt layer count must not make billions of strings.

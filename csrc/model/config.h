@@ -51,4 +51,8 @@ struct Gemma3Config {
   static std::vector<std::string> default_layer_types(int n_layers, int pattern = 6);
 };
 
+// The RoPE scaling factor of an HF rope dict: 1 for rope_type "default", `factor` for "linear" (given and finite);
+// ValueError naming `where` otherwise. The one parser behind config.json and the Gemma3Config.rope_scaling setter.
+double rope_scaling_factor(const std::string& rope_type, const double* factor, const std::string& where);
+
 }  // namespace gemmalens

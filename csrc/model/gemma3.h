@@ -1,5 +1,5 @@
 // The Gemma 3 text model: weights and the forward pass (gemma3.cpp reads top to bottom like HF's
-// Gemma3ForCausalLM). Loading formats live in io/, bindings in bindings.cpp.
+// Gemma3ForCausalLM). Loading formats live in io/, bindings in bindings/.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -50,8 +50,25 @@ using RowGetter = std::function<void(const std::string& hf_name, const std::vect
 // gigabytes are sized from it.
 using TensorChecker = std::function<void(const std::string& hf_name, const std::vector<int64_t>& shape)>;
 
-// Every weight of a model with this config, by HF name and HF shape, in load order.
-void for_each_weight(const Gemma3Config& cfg, const TensorChecker& fn);
+// What a weight is, whatever a format calls it.
+enum class WeightRole {
+  Embed,                                                   // model.embed_tokens
+  InputNorm, QProj, KProj, VProj, QNorm, KNorm, OProj,     // model.layers.N.*, in load order
+  PostAttentionNorm, PreFeedforwardNorm, GateProj, UpProj, DownProj, PostFeedforwardNorm,
+  FinalNorm,                                               // model.norm
+};
+// One weight: its HF name and HF shape, its role, and its layer (-1 outside the blocks).
+struct WeightSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  WeightRole role;
+  int layer;
+  bool is_norm() const;  // an RMSNorm weight (applied as 1 + w)
+};
+
+// Every weight of a model with this config, in load order: the one list of weight names and shapes. The model
+// (constructor, export_tensors) and the formats' name maps derive from it.
+void for_each_weight(const Gemma3Config& cfg, const std::function<void(const WeightSpec&)>& fn);
 
 enum class LogitsMode { All, Last, None };
 

@@ -44,11 +44,7 @@ std::vector<std::string> hook_names(int n_layers) {
   return out;
 }
 
-int64_t ActView::numel() const {
-  int64_t n = 1;
-  for (auto d : shape) n *= d;
-  return n;
-}
+int64_t ActView::numel() const { return gemmalens::numel(shape); }
 
 // Row-wise copies: the innermost axis is contiguous in every view the forward pass makes.
 template <class F>

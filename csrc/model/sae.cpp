@@ -14,23 +14,51 @@ std::vector<float> transpose(const float* a, int64_t rows, int64_t cols) {  // [
 }
 }  // namespace
 
-SAE::SAE(const float* W_enc, const float* b_enc, const float* threshold, const float* W_dec, const float* b_dec,
-         const float* W_skip, int d_in_, int d_sae_, int d_out_, Arch arch_, int k_, bool apply_b_dec, DType dtype)
-    : d_in(d_in_), d_sae(d_sae_), d_out(d_out_), k(k_), arch(arch_), apply_b_dec_to_input(apply_b_dec) {
+SAE::Arch SAE::parse_arch(const std::string& name) {
+  if (name == "jumprelu") return Arch::JumpReLU;
+  if (name == "relu") return Arch::ReLU;
+  if (name == "topk") return Arch::TopK;
+  throw ValueError("SAE: unknown architecture '" + name + "'");
+}
+
+namespace {
+// d_in, d_sae, d_out from W_enc [d_in, d_sae] and W_dec [d_sae, d_out], every other shape checked against them.
+void check_shapes(const SAE::Weights& w) {
+  const auto& E = w.W_enc.shape;
+  const auto& Dc = w.W_dec.shape;
+  if (E.size() != 2 || Dc.size() != 2) throw ValueError("SAE: W_enc [d_in, d_sae] and W_dec [d_sae, d_out] must be 2-D");
+  for (int64_t n : {E[0], E[1], Dc[1]})
+    if (n < 1 || n > (1 << 24))
+      throw ValueError("SAE: d_in, d_sae and d_out must be in [1, 2^24], got W_enc " + std::to_string(E[0]) + " x " +
+                       std::to_string(E[1]) + ", W_dec ... x " + std::to_string(Dc[1]));
+  const int64_t d_in = E[0], d_sae = E[1], d_out = Dc[1];
+  if (Dc[0] != d_sae) throw ValueError("SAE: W_dec has " + std::to_string(Dc[0]) + " rows, W_enc " + std::to_string(d_sae) + " columns");
+  if (numel(w.b_enc.shape) != d_sae || numel(w.b_dec.shape) != d_out) throw ValueError("SAE: b_enc must be [d_sae], b_dec [d_out]");
+  if (w.threshold.data && numel(w.threshold.shape) != d_sae) throw ValueError("SAE: threshold must be [d_sae]");
+  if (w.W_skip.data && w.W_skip.shape != std::vector<int64_t>{d_in, d_out})
+    throw ValueError("SAE: affine_skip_connection must be [d_in, d_out]");
+}
+}  // namespace
+
+SAE::SAE(const Weights& w, Arch arch_, int k_, bool apply_b_dec, DType dtype) : k(k_), arch(arch_), apply_b_dec_to_input(apply_b_dec) {
+  check_shapes(w);
+  d_in = static_cast<int>(w.W_enc.shape[0]);
+  d_sae = static_cast<int>(w.W_enc.shape[1]);
+  d_out = static_cast<int>(w.W_dec.shape[1]);
   if (apply_b_dec && d_in != d_out) throw ValueError("SAE: apply_b_dec_to_input needs d_in == d_out");
   if (arch == Arch::TopK && (k <= 0 || k > d_sae)) throw ValueError("SAE: topk needs 0 < k <= d_sae, got k = " + std::to_string(k));
-  auto we = transpose(W_enc, d_in, d_sae);  // Linear wants [out, in]
+  auto we = transpose(w.W_enc.data, d_in, d_sae);  // Linear wants [out, in]
   enc_ = ops::Linear(we.data(), d_sae, d_in, dtype);
-  auto wd = transpose(W_dec, d_sae, d_out);
+  auto wd = transpose(w.W_dec.data, d_sae, d_out);
   dec_ = ops::Linear(wd.data(), d_out, d_sae, dtype);
-  if (W_skip) {
-    auto ws = transpose(W_skip, d_in, d_out);
+  if (w.W_skip.data) {
+    auto ws = transpose(w.W_skip.data, d_in, d_out);
     skip_ = ops::Linear(ws.data(), d_out, d_in, dtype);
     has_skip_ = true;
   }
-  b_enc_.assign(b_enc, b_enc + d_sae);
-  b_dec_.assign(b_dec, b_dec + d_out);
-  if (threshold) threshold_.assign(threshold, threshold + d_sae);
+  b_enc_.assign(w.b_enc.data, w.b_enc.data + d_sae);
+  b_dec_.assign(w.b_dec.data, w.b_dec.data + d_out);
+  if (w.threshold.data) threshold_.assign(w.threshold.data, w.threshold.data + d_sae);
   if (arch == Arch::JumpReLU && threshold_.empty()) throw ValueError("SAE: jumprelu needs a threshold");
 }
 

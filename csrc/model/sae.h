@@ -15,9 +15,23 @@ namespace gemmalens {
 class SAE {
  public:
   enum class Arch { JumpReLU, ReLU, TopK };
-  SAE(const float* W_enc, const float* b_enc, const float* threshold, const float* W_dec, const float* b_dec,
-      const float* W_skip, int d_in, int d_sae, int d_out, Arch arch, int k, bool apply_b_dec_to_input, DType dtype);
-  int d_in, d_sae, d_out, k;
+  static Arch parse_arch(const std::string& name);  // "jumprelu" | "relu" | "topk"; ValueError otherwise
+  // A float32 row-major array held by the caller, with its shape; data null for an optional one left out.
+  struct Array {
+    const float* data = nullptr;
+    std::vector<int64_t> shape;
+  };
+  // The arrays as SAELens / Gemma Scope store them. The constructor checks their shapes (ValueError naming them).
+  struct Weights {
+    Array W_enc;      // [d_in, d_sae]
+    Array b_enc;      // [d_sae]
+    Array threshold;  // [d_sae]; jumprelu only
+    Array W_dec;      // [d_sae, d_out]
+    Array b_dec;      // [d_out]
+    Array W_skip;     // [d_in, d_out]; affine transcoders only
+  };
+  SAE(const Weights& w, Arch arch, int k, bool apply_b_dec_to_input, DType dtype);
+  int d_in = 0, d_sae = 0, d_out = 0, k = 0;
   Arch arch;
   bool apply_b_dec_to_input;
   void encode(const float* x, int64_t M, float* acts);                          // x [M, d_in] -> acts [M, d_sae]

@@ -1,93 +1,123 @@
-// Building Weights from any format through a TensorGetter (HF names, HF layouts).
+// The model's weights: their one list (for_each_weight), Weights built from any format through a TensorGetter (HF
+// names, HF layouts), and exported back the same way.
 #include <string>
 
 #include "model/gemma3.h"
 
 namespace gemmalens {
 
+bool WeightSpec::is_norm() const {
+  switch (role) {
+    case WeightRole::InputNorm: case WeightRole::QNorm: case WeightRole::KNorm: case WeightRole::PostAttentionNorm:
+    case WeightRole::PreFeedforwardNorm: case WeightRole::PostFeedforwardNorm: case WeightRole::FinalNorm:
+      return true;
+    default:
+      return false;
+  }
+}
+
+void for_each_weight(const Gemma3Config& cfg, const std::function<void(const WeightSpec&)>& fn) {
+  const int64_t D = cfg.hidden_size, F = cfg.intermediate_size, H = cfg.num_attention_heads, KV = cfg.num_key_value_heads,
+                Hd = cfg.head_dim, V = cfg.vocab_size;
+  fn({"model.embed_tokens.weight", {V, D}, WeightRole::Embed, -1});
+  for (int i = 0; i < cfg.num_hidden_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    auto w = [&](const char* name, std::vector<int64_t> shape, WeightRole role) { fn({p + name, std::move(shape), role, i}); };
+    w("input_layernorm.weight", {D}, WeightRole::InputNorm);
+    w("self_attn.q_proj.weight", {H * Hd, D}, WeightRole::QProj);
+    w("self_attn.k_proj.weight", {KV * Hd, D}, WeightRole::KProj);
+    w("self_attn.v_proj.weight", {KV * Hd, D}, WeightRole::VProj);
+    w("self_attn.q_norm.weight", {Hd}, WeightRole::QNorm);
+    w("self_attn.k_norm.weight", {Hd}, WeightRole::KNorm);
+    w("self_attn.o_proj.weight", {D, H * Hd}, WeightRole::OProj);
+    w("post_attention_layernorm.weight", {D}, WeightRole::PostAttentionNorm);
+    w("pre_feedforward_layernorm.weight", {D}, WeightRole::PreFeedforwardNorm);
+    w("mlp.gate_proj.weight", {F, D}, WeightRole::GateProj);
+    w("mlp.up_proj.weight", {F, D}, WeightRole::UpProj);
+    w("mlp.down_proj.weight", {D, F}, WeightRole::DownProj);
+    w("post_feedforward_layernorm.weight", {D}, WeightRole::PostFeedforwardNorm);
+  }
+  fn({"model.norm.weight", {D}, WeightRole::FinalNorm, -1});
+}
+
 namespace {
 
-std::vector<float> concat_rows(std::vector<std::vector<float>> parts) {
-  size_t n = 0;
-  for (auto& p : parts) n += p.size();
-  std::vector<float> out;
-  out.reserve(n);
-  for (auto& p : parts) out.insert(out.end(), p.begin(), p.end());
-  return out;
+// Where a block's weight lives in LayerWeights: a norm vector, or rows of a Linear. Matmul weights are fused along
+// the output rows in for_each_weight's order: qkv = q_proj | k_proj | v_proj, gate_up = gate_proj | up_proj.
+struct Slot {
+  std::vector<float> LayerWeights::*norm = nullptr;
+  ops::Linear LayerWeights::*linear = nullptr;
+  bool first = true, last = true;  // the weight is the first / last part of the Linear's rows
+};
+
+Slot slot(WeightRole role) {
+  using L = LayerWeights;
+  switch (role) {
+    case WeightRole::InputNorm: return {&L::input_layernorm};
+    case WeightRole::QProj: return {nullptr, &L::qkv, true, false};
+    case WeightRole::KProj: return {nullptr, &L::qkv, false, false};
+    case WeightRole::VProj: return {nullptr, &L::qkv, false, true};
+    case WeightRole::QNorm: return {&L::q_norm};
+    case WeightRole::KNorm: return {&L::k_norm};
+    case WeightRole::OProj: return {nullptr, &L::o_proj};
+    case WeightRole::PostAttentionNorm: return {&L::post_attention_layernorm};
+    case WeightRole::PreFeedforwardNorm: return {&L::pre_feedforward_layernorm};
+    case WeightRole::GateProj: return {nullptr, &L::gate_up, true, false};
+    case WeightRole::UpProj: return {nullptr, &L::gate_up, false, true};
+    case WeightRole::DownProj: return {nullptr, &L::down_proj};
+    case WeightRole::PostFeedforwardNorm: return {&L::post_feedforward_layernorm};
+    case WeightRole::Embed: case WeightRole::FinalNorm: break;
+  }
+  throw InternalError("a weight outside the blocks has no LayerWeights slot");
 }
 
 }  // namespace
-
-void for_each_weight(const Gemma3Config& cfg, const TensorChecker& fn) {
-  const int64_t D = cfg.hidden_size, F = cfg.intermediate_size, H = cfg.num_attention_heads, KV = cfg.num_key_value_heads,
-                Hd = cfg.head_dim, V = cfg.vocab_size;
-  fn("model.embed_tokens.weight", {V, D});
-  for (int i = 0; i < cfg.num_hidden_layers; ++i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    fn(p + "input_layernorm.weight", {D});
-    fn(p + "self_attn.q_proj.weight", {H * Hd, D});
-    fn(p + "self_attn.k_proj.weight", {KV * Hd, D});
-    fn(p + "self_attn.v_proj.weight", {KV * Hd, D});
-    fn(p + "self_attn.q_norm.weight", {Hd});
-    fn(p + "self_attn.k_norm.weight", {Hd});
-    fn(p + "self_attn.o_proj.weight", {D, H * Hd});
-    fn(p + "post_attention_layernorm.weight", {D});
-    fn(p + "pre_feedforward_layernorm.weight", {D});
-    fn(p + "mlp.gate_proj.weight", {F, D});
-    fn(p + "mlp.up_proj.weight", {F, D});
-    fn(p + "mlp.down_proj.weight", {D, F});
-    fn(p + "post_feedforward_layernorm.weight", {D});
-  }
-  fn("model.norm.weight", {D});
-}
 
 Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, WeightQuant quant, const RowGetter& rows,
                          const TensorChecker& check)
     : cfg_(cfg), dtype_(dtype) {
   cfg_.validate();
-  if (check) for_each_weight(cfg_, check);  // every tensor present and shaped as the config says, before any allocation
-  const int64_t D = cfg.hidden_size, F = cfg.intermediate_size, H = cfg.num_attention_heads, KV = cfg.num_key_value_heads,
-                Hd = cfg.head_dim, V = cfg.vocab_size;
+  if (check)  // every tensor present and shaped as the config says, before any allocation
+    for_each_weight(cfg_, [&](const WeightSpec& w) { check(w.name, w.shape); });
   // int4 keeps the tied embedding / LM head at int8: 4-bit logits cost far more than 4-bit layers (+40% perplexity
   // against a few percent on the real 270M; llama.cpp's Q4_K_M files likewise keep token_embd at Q8_0 / Q6_K).
   const WeightQuant embed_quant = quant == WeightQuant::Int4 ? WeightQuant::Int8 : quant;
-  if (rows) {
-    w_.embed = ops::Linear::plain_from_rows(V, D, dtype, embed_quant, [&](int64_t r0, int64_t n, float* out) {
-      rows("model.embed_tokens.weight", {V, D}, r0, n, out);
-    });
-  } else {
-    auto e = get("model.embed_tokens.weight", {V, D});
-    w_.embed = ops::Linear(e.data(), V, D, dtype, /*plain=*/true, embed_quant);
-  }
-  for (int i = 0; i < cfg.num_hidden_layers; ++i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    LayerWeights L;
-    L.input_layernorm = get(p + "input_layernorm.weight", {D});
-    {
-      auto qkv = concat_rows({get(p + "self_attn.q_proj.weight", {H * Hd, D}), get(p + "self_attn.k_proj.weight", {KV * Hd, D}),
-                              get(p + "self_attn.v_proj.weight", {KV * Hd, D})});
-      L.qkv = ops::Linear(qkv.data(), (H + 2 * KV) * Hd, D, dtype, false, quant);
+  w_.layers.resize(cfg_.num_hidden_layers);
+  std::vector<float> fused;  // the rows of a fused Linear gathered so far (row-major f32)
+  for_each_weight(cfg_, [&](const WeightSpec& w) {
+    if (w.role == WeightRole::Embed) {
+      const int64_t V = w.shape[0], D = w.shape[1];
+      if (rows) {
+        w_.embed = ops::Linear::plain_from_rows(V, D, dtype, embed_quant,
+                                                [&](int64_t r0, int64_t n, float* out) { rows(w.name, w.shape, r0, n, out); });
+      } else {
+        auto e = get(w.name, w.shape);
+        w_.embed = ops::Linear(e.data(), V, D, dtype, /*plain=*/true, embed_quant);
+      }
+      return;
     }
-    L.q_norm = get(p + "self_attn.q_norm.weight", {Hd});
-    L.k_norm = get(p + "self_attn.k_norm.weight", {Hd});
-    {
-      auto o = get(p + "self_attn.o_proj.weight", {D, H * Hd});
-      L.o_proj = ops::Linear(o.data(), D, H * Hd, dtype, false, quant);
+    if (w.role == WeightRole::FinalNorm) {
+      w_.final_norm = get(w.name, w.shape);
+      return;
     }
-    L.post_attention_layernorm = get(p + "post_attention_layernorm.weight", {D});
-    L.pre_feedforward_layernorm = get(p + "pre_feedforward_layernorm.weight", {D});
-    {
-      auto gu = concat_rows({get(p + "mlp.gate_proj.weight", {F, D}), get(p + "mlp.up_proj.weight", {F, D})});
-      L.gate_up = ops::Linear(gu.data(), 2 * F, D, dtype, false, quant);
+    LayerWeights& L = w_.layers[w.layer];
+    const Slot s = slot(w.role);
+    if (s.norm) {
+      L.*s.norm = get(w.name, w.shape);
+      return;
     }
-    {
-      auto d = get(p + "mlp.down_proj.weight", {D, F});
-      L.down_proj = ops::Linear(d.data(), D, F, dtype, false, quant);
+    std::vector<float> part = get(w.name, w.shape);
+    if (s.first) {
+      fused = std::move(part);
+    } else {
+      fused.insert(fused.end(), part.begin(), part.end());
     }
-    L.post_feedforward_layernorm = get(p + "post_feedforward_layernorm.weight", {D});
-    w_.layers.push_back(std::move(L));
-  }
-  w_.final_norm = get("model.norm.weight", {D});
+    if (s.last) {
+      const int64_t K = w.shape[1];
+      L.*s.linear = ops::Linear(fused.data(), static_cast<int64_t>(fused.size()) / K, K, dtype, false, quant);
+      fused = std::vector<float>();  // freed before the next weight is read
+    }
+  });
   quant_ = w_.embed.is_quantized() ? quant : WeightQuant::None;
 }
 
@@ -102,39 +132,34 @@ size_t Gemma3Model::weight_nbytes() const {
 
 void Gemma3Model::export_tensors(
     const std::function<void(const std::string&, const std::vector<int64_t>&, const float*)>& fn) const {
-  const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads,
-                Hd = cfg_.head_dim, V = cfg_.vocab_size;
-  {
-    std::vector<float> e(static_cast<size_t>(V) * D);
-    w_.embed.to_rowmajor(e.data());
-    fn("model.embed_tokens.weight", {V, D}, e.data());
-  }
-  for (int i = 0; i < cfg_.num_hidden_layers; ++i) {
-    const LayerWeights& L = w_.layers[i];
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    fn(p + "input_layernorm.weight", {D}, L.input_layernorm.data());
-    std::vector<float> qkv(static_cast<size_t>((H + 2 * KV) * Hd) * D);
-    L.qkv.to_rowmajor(qkv.data());
-    fn(p + "self_attn.q_proj.weight", {H * Hd, D}, qkv.data());
-    fn(p + "self_attn.k_proj.weight", {KV * Hd, D}, qkv.data() + H * Hd * D);
-    fn(p + "self_attn.v_proj.weight", {KV * Hd, D}, qkv.data() + (H + KV) * Hd * D);
-    fn(p + "self_attn.q_norm.weight", {Hd}, L.q_norm.data());
-    fn(p + "self_attn.k_norm.weight", {Hd}, L.k_norm.data());
-    std::vector<float> o(static_cast<size_t>(D) * H * Hd);
-    L.o_proj.to_rowmajor(o.data());
-    fn(p + "self_attn.o_proj.weight", {D, H * Hd}, o.data());
-    fn(p + "post_attention_layernorm.weight", {D}, L.post_attention_layernorm.data());
-    fn(p + "pre_feedforward_layernorm.weight", {D}, L.pre_feedforward_layernorm.data());
-    std::vector<float> gu(static_cast<size_t>(2 * F) * D);
-    L.gate_up.to_rowmajor(gu.data());
-    fn(p + "mlp.gate_proj.weight", {F, D}, gu.data());
-    fn(p + "mlp.up_proj.weight", {F, D}, gu.data() + F * D);
-    std::vector<float> dn(static_cast<size_t>(D) * F);
-    L.down_proj.to_rowmajor(dn.data());
-    fn(p + "mlp.down_proj.weight", {D, F}, dn.data());
-    fn(p + "post_feedforward_layernorm.weight", {D}, L.post_feedforward_layernorm.data());
-  }
-  fn("model.norm.weight", {D}, w_.final_norm.data());
+  std::vector<float> lin;  // a Linear's weights back as row-major f32 (every part of a fused one)
+  int64_t row = 0;         // where the next part starts in lin
+  for_each_weight(cfg_, [&](const WeightSpec& w) {
+    if (w.role == WeightRole::Embed) {
+      std::vector<float> e(static_cast<size_t>(numel(w.shape)));
+      w_.embed.to_rowmajor(e.data());
+      fn(w.name, w.shape, e.data());
+      return;
+    }
+    if (w.role == WeightRole::FinalNorm) {
+      fn(w.name, w.shape, w_.final_norm.data());
+      return;
+    }
+    const LayerWeights& L = w_.layers[w.layer];
+    const Slot s = slot(w.role);
+    if (s.norm) {
+      fn(w.name, w.shape, (L.*s.norm).data());
+      return;
+    }
+    if (s.first) {
+      const ops::Linear& l = L.*s.linear;
+      lin.resize(static_cast<size_t>(l.out_features() * l.in_features()));
+      l.to_rowmajor(lin.data());
+      row = 0;
+    }
+    fn(w.name, w.shape, lin.data() + row * w.shape[1]);
+    row += w.shape[0];
+  });
 }
 
 }  // namespace gemmalens

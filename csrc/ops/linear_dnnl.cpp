@@ -27,6 +27,15 @@ dnnl::engine& engine() {
   return e;
 }
 
+// A oneDNN failure as the project's typed error: out of memory is a ResourceError (MemoryError in Python), anything
+// else an InternalError (a bug to report). `what` names the operation and its sizes.
+[[noreturn]] void dnnl_failed(const dnnl::error& e, const std::string& what) {
+  if (e.status == dnnl_out_of_memory) throw ResourceError(what + ": out of memory (" + e.what() + ")");
+  throw InternalError(what + ": " + e.what());
+}
+
+std::string dims_str(int64_t N, int64_t K) { return "[" + std::to_string(N) + " x " + std::to_string(K) + "]"; }
+
 // Weights are reordered for this M; other Ms reuse the layout (oneDNN's brgemm handles any M).
 constexpr int64_t kLayoutM = 64;
 
@@ -64,6 +73,14 @@ void store_plain_rows(const dnnl::memory& m, dt wdt, const float* src, int64_t r
 }  // namespace
 
 struct Linear::Impl {
+  // Every Impl is made here: its stream is a oneDNN object, whose failure is typed like the others.
+  static std::shared_ptr<Impl> make() {
+    try {
+      return std::make_shared<Impl>();
+    } catch (const dnnl::error& e) {
+      dnnl_failed(e, "oneDNN could not create a stream");
+    }
+  }
   dt wdt;
   dnnl::memory::desc w_desc;  // blocked layout chosen by oneDNN
   dnnl::memory weights;
@@ -77,22 +94,22 @@ struct Linear::Impl {
 
 namespace {
 void check_dims(int64_t N, int64_t K) {  // a zero dimension reaches a division inside oneDNN's reorder (SIGFPE)
-  if (N < 1 || K < 1) throw ValueError("a linear layer needs both dimensions >= 1, got [" + std::to_string(N) + " x " + std::to_string(K) + "]");
+  if (N < 1 || K < 1) throw ValueError("a linear layer needs both dimensions >= 1, got " + dims_str(N, K));
 }
 }  // namespace
 
 Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, WeightQuant quant) : N_(N), K_(K) {
   check_dims(N, K);
   if (quant != WeightQuant::None && quant_supported(K)) {
-    auto impl = std::make_shared<Impl>();
+    auto impl = Impl::make();
     impl->quantized = true;
     impl->plain = plain;
     impl->qw = quant_weights(w, N, K, quant_bits(quant));
     impl_ = std::move(impl);
     return;
   }
+  auto impl = Impl::make();
   try {
-    auto impl = std::make_shared<Impl>();
     impl->wdt = dtype == DType::F32 ? dt::f32 : dt::bf16;
     auto& eng = engine();
     if (plain) {
@@ -139,8 +156,7 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
     impl->stream.wait();
     impl_ = std::move(impl);
   } catch (const dnnl::error& e) {
-    throw InternalError(std::string("oneDNN could not set up a matmul [") + std::to_string(N) + " x " + std::to_string(K) +
-                             "]: " + e.what());
+    dnnl_failed(e, "oneDNN could not set up a matmul " + dims_str(N, K));
   }
 }
 
@@ -159,7 +175,7 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
   Linear L;
   L.N_ = N;
   L.K_ = K;
-  auto impl = std::make_shared<Impl>();
+  auto impl = Impl::make();
   impl->plain = true;
   if (quant != WeightQuant::None && quant_supported(K)) {
     impl->quantized = true;
@@ -177,8 +193,7 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
     impl->w_desc = dnnl::memory::desc({K, N}, impl->wdt, tag::ba);
     impl->weights = dnnl::memory(impl->w_desc, engine());
   } catch (const dnnl::error& e) {
-    throw ResourceError(std::string("oneDNN could not allocate a [") + std::to_string(N) + " x " + std::to_string(K) +
-                             "] weight: " + e.what());
+    dnnl_failed(e, "oneDNN could not allocate a " + dims_str(N, K) + " weight");
   }
   for (int64_t r0 = 0; r0 < N; r0 += block) {
     const int64_t n = std::min(block, N - r0);
@@ -216,7 +231,7 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
         try {
           matmul_bf16(xb, M, K, wb, nn, /*b_nk=*/true, y + n0, ldy);
         } catch (const dnnl::error& e) {
-          throw InternalError(std::string("oneDNN matmul failed (M=") + std::to_string(M) + "): " + e.what());
+          dnnl_failed(e, "oneDNN matmul failed (M=" + std::to_string(M) + ")");
         }
       }
       return;
@@ -251,8 +266,7 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
     it->second.execute(im.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, im.weights}, {DNNL_ARG_DST, dst}});
     im.stream.wait();
   } catch (const dnnl::error& e) {
-    throw InternalError(std::string("oneDNN matmul failed (M=") + std::to_string(M) + ", K=" + std::to_string(K_) +
-                             ", N=" + std::to_string(N_) + "): " + e.what());
+    dnnl_failed(e, "oneDNN matmul failed (M=" + std::to_string(M) + ", K=" + std::to_string(K_) + ", N=" + std::to_string(N_) + ")");
   }
 }
 
@@ -293,7 +307,7 @@ void Linear::to_rowmajor(float* out) const {
     dnnl::reorder(impl_->weights, user).execute(st, impl_->weights, user);
     st.wait();
   } catch (const dnnl::error& e) {
-    throw InternalError(std::string("oneDNN could not reorder weights back: ") + e.what());
+    dnnl_failed(e, "oneDNN could not reorder weights back");
   }
 }
 
@@ -311,8 +325,7 @@ void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int
     prim.execute(st, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
     st.wait();
   } catch (const dnnl::error& e) {
-    throw InternalError(std::string("oneDNN bf16 matmul failed (M=") + std::to_string(M) + ", K=" + std::to_string(K) +
-                        ", N=" + std::to_string(N) + "): " + e.what());
+    dnnl_failed(e, "oneDNN bf16 matmul failed (M=" + std::to_string(M) + ", K=" + std::to_string(K) + ", N=" + std::to_string(N) + ")");
   }
 }
 
@@ -334,8 +347,7 @@ void matmul_f32(const float* A, int64_t M, int64_t K, int64_t lda, const float* 
     prim.execute(st, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
     st.wait();
   } catch (const dnnl::error& e) {
-    throw InternalError(std::string("oneDNN f32 matmul failed (M=") + std::to_string(M) + ", K=" + std::to_string(K) +
-                        ", N=" + std::to_string(N) + "): " + e.what());
+    dnnl_failed(e, "oneDNN f32 matmul failed (M=" + std::to_string(M) + ", K=" + std::to_string(K) + ", N=" + std::to_string(N) + ")");
   }
 }
 

@@ -1,0 +1,192 @@
+// Model and KVCache: the forward pass and its cache (model/gemma3.h, model/kv_cache.h).
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+
+#include "bindings/bindings.h"
+#include "model/gemma3.h"
+#include "model/kv_cache.h"
+
+namespace gemmalens {
+
+namespace {
+
+template <class T>
+const T* checked_ptr(const py::array& a, const char* what, int ndim) {
+  if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style) || a.ndim() != ndim)
+    throw ValueError(std::string(what) + ": internal binding expects a C-contiguous " + std::to_string(ndim) + "-D array of the right dtype");
+  return static_cast<const T*>(a.data());
+}
+
+// Ctrl-C during a long native call: between layers, Python's pending signal handlers run (KeyboardInterrupt is
+// raised into the forward, which unwinds before the cache is advanced). Only the main thread receives signals in
+// Python; the GIL is taken at most every 20 ms, so decode steps of small models never take it and a thread that
+// holds the GIL elsewhere is not waited on per layer.
+std::function<void()> interrupt_check() {
+  static const unsigned long main_ident = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+  if (PyThread_get_thread_ident() != main_ident) return nullptr;
+  auto last = std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now());
+  return [last] {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - *last < std::chrono::milliseconds(20)) return;
+    *last = now;
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+  };
+}
+
+void bind_cache(py::module_& m) {
+  py::class_<KVCache>(m, "KVCache")
+      .def(py::init([](const Gemma3Config& cfg, int batch, int64_t max_seq_len, const std::string& dtype) {
+             cfg.validate();
+             return std::make_unique<KVCache>(cfg, batch, max_seq_len, parse_dtype(dtype));
+           }),
+           py::arg("config"), py::arg("batch"), py::arg("max_seq_len"), py::arg("dtype") = "float32",
+           "Usually made by Model.new_cache(); standalone for sizing.")
+      .def_property_readonly("batch", &KVCache::batch)
+      .def_property_readonly("max_seq_len", &KVCache::max_seq_len)
+      .def_property_readonly("seq_len", &KVCache::seq_len)
+      .def_property_readonly("nbytes", &KVCache::nbytes)
+      .def_property_readonly("dtype", [](const KVCache& c) { return dtype_name(c.dtype()); })
+      .def_property_readonly("row_start", &KVCache::row_start)
+      .def("truncate", &KVCache::truncate, py::arg("n"))
+      .def("copy", [](const KVCache& c) { return c.copy(); });
+}
+
+}  // namespace
+
+void bind_model(py::module_& m) {
+  bind_cache(m);
+  py::class_<Gemma3Model>(m, "Model")
+      .def_property_readonly("config", &Gemma3Model::config)
+      .def_property_readonly("dtype", [](const Gemma3Model& g) { return dtype_name(g.dtype()); })
+      .def_property_readonly("weight_nbytes", &Gemma3Model::weight_nbytes)
+      .def_property_readonly("weights", [](const Gemma3Model& m) { return weight_quant_name(m.weight_quant()); })
+      .def_readwrite("threads", &Gemma3Model::threads)
+      .def(
+          "export_tensors",
+          [](const Gemma3Model& g) {
+            // {HF name: float32 array in HF layout}
+            py::dict d;
+            g.export_tensors([&](const std::string& name, const std::vector<int64_t>& shape, const float* data) {
+              py::array_t<float> a(shape);
+              std::copy(data, data + numel(shape), a.mutable_data());
+              d[py::str(name)] = a;
+            });
+            return d;
+          })
+      .def(
+          "unembed",
+          [](Gemma3Model& g, FloatArray x) {
+            const int64_t D = g.config().hidden_size;
+            if (x.ndim() < 1 || x.shape(x.ndim() - 1) != D)
+              throw ValueError("unembed: the last axis must be d_model = " + std::to_string(D));
+            const int64_t M = x.size() / D;
+            std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+            shape.back() = g.config().vocab_size;
+            py::array_t<float> out(shape);
+            {
+              py::gil_scoped_release r;
+              g.unembed(x.data(), M, out.mutable_data());
+            }
+            return out;
+          },
+          py::arg("x"))
+      .def(
+          "new_cache",
+          [](const Gemma3Model& g, int batch, int64_t max_seq_len) {
+            return std::make_unique<KVCache>(g.config(), batch, max_seq_len, g.dtype());
+          },
+          py::arg("batch"), py::arg("max_seq_len"))
+      .def(
+          "forward",
+          [](Gemma3Model& g, const py::array& tokens, const py::object& row_start, KVCache* cache, const std::string& logits,
+             PyHookSet* hooks, int stop_at_layer, bool allow_longer, GradTape* tape) {
+            const int32_t* tok = checked_ptr<int32_t>(tokens, "tokens", 2);
+            const int B = static_cast<int>(tokens.shape(0)), T = static_cast<int>(tokens.shape(1));
+            const int32_t* rs = nullptr;
+            py::array rs_arr;
+            if (!row_start.is_none()) {
+              rs_arr = row_start.cast<py::array>();
+              rs = checked_ptr<int32_t>(rs_arr, "row_start", 1);
+              if (rs_arr.shape(0) != B) throw ValueError("row_start must have one entry per row");
+            }
+            ForwardArgs a;
+            a.tokens = tok; a.B = B; a.T = T; a.row_start = rs; a.cache = cache;
+            a.hooks = (hooks && !hooks->empty()) ? hooks : nullptr;
+            a.stop_at_layer = stop_at_layer;
+            a.allow_longer = allow_longer;
+            a.tape = tape;
+            a.interrupt_check = interrupt_check();
+            if (stop_at_layer >= 0) {
+              py::array_t<float> resid({static_cast<int64_t>(B), static_cast<int64_t>(T), static_cast<int64_t>(g.config().hidden_size)});
+              a.resid_out = resid.mutable_data();
+              a.logits_mode = LogitsMode::None;
+              {
+                py::gil_scoped_release release;
+                g.forward(a);
+              }
+              return py::object(resid);
+            }
+            const int64_t V = g.config().vocab_size;
+            py::array_t<float> out;
+            if (logits == "all") {
+              a.logits_mode = LogitsMode::All;
+              out = py::array_t<float>({static_cast<int64_t>(B), static_cast<int64_t>(T), V});
+            } else if (logits == "last") {
+              a.logits_mode = LogitsMode::Last;
+              out = py::array_t<float>({static_cast<int64_t>(B), V});
+            } else if (logits == "none") {
+              a.logits_mode = LogitsMode::None;
+            } else {
+              throw ValueError("logits must be 'all', 'last' or 'none', got '" + logits + "'");
+            }
+            if (a.logits_mode != LogitsMode::None) a.logits = out.mutable_data();
+            {
+              py::gil_scoped_release release;
+              g.forward(a);
+            }
+            if (a.logits_mode == LogitsMode::None) return py::object(py::none());
+            return py::object(out);
+          },
+          py::arg("tokens"), py::arg("row_start") = py::none(), py::arg("cache") = nullptr, py::arg("logits") = "all",
+          py::arg("hooks") = nullptr, py::arg("stop_at_layer") = -1, py::arg("allow_longer") = false, py::arg("tape") = nullptr,
+          "tokens: int32 [batch, pos] C-contiguous; row_start: int32 [batch] left-padding counts or None; tape: keep "
+          "what backward() needs.")
+      .def(
+          "backward",
+          [](Gemma3Model& g, GradTape& tape, const py::array& dlogits, const py::object& logits, PyHookSet* grad_hooks,
+             PyHookSet* forward_hooks) {
+            if (!tape.ready) throw ValueError("backward: the tape holds no forward pass (pass tape= to forward first)");
+            const int64_t V = g.config().vocab_size;
+            const float* dl = checked_ptr<float>(dlogits, "dlogits", 3);
+            if (dlogits.shape(0) != tape.B || dlogits.shape(1) != tape.T || dlogits.shape(2) != V)
+              throw ValueError("backward: dlogits must have the logits' shape");
+            BackwardArgs b;
+            b.tape = &tape;
+            b.dlogits = dl;
+            py::array lg;
+            if (!logits.is_none()) {
+              lg = logits.cast<py::array>();
+              b.logits = checked_ptr<float>(lg, "logits", 3);
+              if (lg.shape(0) != tape.B || lg.shape(1) != tape.T || lg.shape(2) != V) throw ValueError("backward: logits must match the tape");
+            }
+            b.grad_hooks = (grad_hooks && !grad_hooks->empty()) ? grad_hooks : nullptr;
+            b.forward_hooks = (forward_hooks && !forward_hooks->empty()) ? forward_hooks : nullptr;
+            b.interrupt_check = interrupt_check();
+            py::gil_scoped_release release;
+            g.backward(b);
+          },
+          py::arg("tape"), py::arg("dlogits"), py::arg("logits") = py::none(), py::arg("grad_hooks") = nullptr,
+          py::arg("forward_hooks") = nullptr,
+          "The reverse pass of the forward recorded in tape: dlogits float32 [batch, pos, vocab] C-contiguous; the "
+          "grad_hooks' sites fire with the gradients arriving there; forward_hooks (the forward's) are replayed and "
+          "their edits' VJPs applied.");
+  py::class_<GradTape>(m, "GradTape", "What a forward keeps for a reverse pass (forward(..., tape=)).")
+      .def(py::init<>())
+      .def_property_readonly("ready", [](const GradTape& t) { return t.ready; });
+}
+
+}  // namespace gemmalens

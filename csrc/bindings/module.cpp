@@ -1,0 +1,48 @@
+// pybind11 module gemmalens._core: thin bindings, one file per bound area (bindings.h); conveniences live in
+// python/gemmalens/. Here: the module, its exception mapping, and the build's versions.
+#include <cstring>
+
+#include "bindings/bindings.h"
+#include "common.h"
+#include "ops/linear.h"
+
+using namespace gemmalens;
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "gemmalens native core (private; use the gemmalens package).";
+  static py::exception<CheckpointError> checkpoint_error(m, "CheckpointError", PyExc_ValueError);
+  // Messages can quote bytes from a file (tensor names, metadata strings): decode them leniently so that the
+  // error is the typed one, not a UnicodeDecodeError raised while reporting it.
+  py::register_exception_translator([](std::exception_ptr p) {
+    auto set = [](PyObject* type, const char* what) {
+      PyObject* msg = PyUnicode_DecodeUTF8(what, static_cast<Py_ssize_t>(std::strlen(what)), "backslashreplace");
+      if (!msg) {
+        PyErr_Clear();
+        msg = PyUnicode_FromString("(unprintable message)");
+      }
+      PyErr_SetObject(type, msg);
+      Py_XDECREF(msg);
+    };
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const CheckpointError& e) {
+      set(checkpoint_error.ptr(), e.what());
+    } catch (const ValueError& e) {
+      set(PyExc_ValueError, e.what());
+    } catch (const IOError& e) {
+      set(PyExc_OSError, e.what());
+    } catch (const ResourceError& e) {
+      set(PyExc_MemoryError, e.what());
+    } catch (const InternalError& e) {
+      set(PyExc_RuntimeError, (std::string("gemmalens internal error (please report it): ") + e.what()).c_str());
+    }
+  });
+  bind_config(m);
+  bind_model(m);
+  bind_testing(m);
+  bind_io(m);
+  bind_hooks(m);
+  bind_sae(m);
+  m.def("dnnl_version", &ops::dnnl_version);
+  m.def("max_threads", &ops::get_max_threads);
+}

@@ -1,0 +1,100 @@
+// _core._testing: kernels bound for the tests against numpy references, and the rates bench/run.py measures.
+// Not part of the API.
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include "bindings/bindings.h"
+#include "ops/attention.h"
+#include "ops/kernels.h"
+#include "ops/linear.h"
+#include "ops/quant.h"
+
+namespace gemmalens {
+
+void bind_testing(py::module_& m) {
+  auto t = m.def_submodule("_testing", "Kernels for the tests against numpy references, and rates for bench/run.py (not API).");
+  t.def("rmsnorm", [](FloatArray x, FloatArray w, float eps) {
+    if (x.ndim() != 2 || w.ndim() != 1 || w.shape(0) != x.shape(1)) throw ValueError("rmsnorm: x [M, D], w [D]");
+    py::array_t<float> y({x.shape(0), x.shape(1)});
+    ops::rmsnorm(x.data(), x.shape(1), w.data(), eps, x.shape(0), static_cast<int>(x.shape(1)), y.mutable_data(), x.shape(1));
+    return y;
+  });
+  t.def("read_bandwidth", [](int64_t nbytes, int reps) {
+    py::gil_scoped_release r;
+    return ops::measure_read_bandwidth(nbytes, reps);
+  }, py::arg("nbytes") = int64_t(1) << 30, py::arg("reps") = 5, "Streaming read bandwidth (bytes/s), all threads.");
+  t.def("gelu_tanh_mul", [](FloatArray g, FloatArray u) {
+    if (g.ndim() != 2 || u.ndim() != 2 || g.shape(0) != u.shape(0) || g.shape(1) != u.shape(1)) throw ValueError("gelu_tanh_mul: gate, up [M, F]");
+    py::array_t<float> y({g.shape(0), g.shape(1)});
+    // gate and up in separate arrays: run row by row with ld = F.
+    ops::gelu_tanh_mul(g.data(), u.data(), g.shape(1), g.shape(0), static_cast<int>(g.shape(1)), y.mutable_data());
+    return y;
+  });
+  t.def("rope", [](FloatArray x, py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos, double base, double scaling) {
+    if (x.ndim() != 3 || pos.ndim() != 1 || pos.shape(0) != x.shape(0)) throw ValueError("rope: x [M, heads, Hd], positions [M]");
+    const int64_t M = x.shape(0);
+    const int nh = static_cast<int>(x.shape(1)), Hd = static_cast<int>(x.shape(2));
+    std::vector<float> c(M * Hd / 2), s(M * Hd / 2);
+    ops::rope_tables(pos.data(), M, Hd, base, scaling, c.data(), s.data());
+    py::array_t<float> y({x.shape(0), x.shape(1), x.shape(2)});
+    std::copy(x.data(), x.data() + x.size(), y.mutable_data());
+    ops::rope_apply(y.mutable_data(), M, nh, Hd, c.data(), s.data());
+    return y;
+  });
+  t.def("linear", [](FloatArray x, FloatArray w, const std::string& dtype, bool int8, bool plain, bool int4) {
+    if (x.ndim() != 2 || w.ndim() != 2 || w.shape(1) != x.shape(1)) throw ValueError("linear: x [M, K], w [N, K]");
+    const WeightQuant q = int4 ? WeightQuant::Int4 : int8 ? WeightQuant::Int8 : WeightQuant::None;
+    ops::Linear lin(w.data(), w.shape(0), w.shape(1), parse_dtype(dtype), plain, q);
+    if (q != WeightQuant::None && !lin.is_quantized()) throw ValueError("linear: int8/int4 need AVX-512 VNNI and K % 64 == 0");
+    py::array_t<float> y({x.shape(0), w.shape(0)});
+    lin.forward(x.data(), x.shape(0), y.mutable_data());
+    return y;
+  }, py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("int8") = false, py::arg("plain") = false, py::arg("int4") = false);
+  t.def("amx_bf16", &ops::amx_bf16, "Whether oneDNN runs bf16 on AMX here (the AMX prefill paths run).");
+  t.def("quantize", [](FloatArray w, int bits) {
+    // The weights as the int8 / int4 mode stores them, dequantised back to f32.
+    if (w.ndim() != 2 || w.shape(1) % 64 != 0) throw ValueError("quantize: w [N, K] with K % 64 == 0");
+    if (bits != 8 && bits != 4) throw ValueError("quantize: bits must be 8 or 4");
+    ops::QuantWeights q = ops::quant_weights(w.data(), w.shape(0), w.shape(1), bits);
+    py::array_t<float> out({w.shape(0), w.shape(1)});
+    for (int64_t n = 0; n < w.shape(0); ++n) ops::quant_row(q, n, out.mutable_data() + n * w.shape(1));
+    return out;
+  }, py::arg("w"), py::arg("bits"));
+  t.def("matmul_rate", [](int64_t M, int64_t K, int64_t N, const std::string& dtype, int reps) {
+    // Attainable matmul rate: weights prepared once (as a model layer holds them), then `reps` timed calls.
+    if (M < 1 || K < 1 || N < 1 || reps < 1) throw ValueError("matmul_rate: M, K, N and reps must be positive");
+    std::vector<float> w(static_cast<size_t>(N) * K), x(static_cast<size_t>(M) * K), y(static_cast<size_t>(M) * N);
+    uint32_t s = 12345;  // any values in [-0.5, 0.5) do: a fixed LCG keeps runs comparable
+    for (auto* buf : {&w, &x})
+      for (auto& v : *buf) v = static_cast<float>((s = s * 1664525u + 1013904223u) >> 8) / 16777216.f - 0.5f;
+    py::gil_scoped_release r;
+    ops::Linear lin(w.data(), N, K, parse_dtype(dtype));
+    lin.forward(x.data(), M, y.data());
+    double best = 1e30;
+    for (int i = 0; i < reps; ++i) {
+      auto t0 = std::chrono::steady_clock::now();
+      lin.forward(x.data(), M, y.data());
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return 2.0 * M * K * N / best;
+  }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("dtype") = "bfloat16", py::arg("reps") = 5,
+     "FLOP/s of x [M, K] @ W^T [K, N] through the model's Linear (best of reps).");
+  t.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int64_t window, float scale, float softcap, bool bf16) {
+    // q [B, T, H, Hd], k/v [B, T, KV, Hd], no cache, no padding. bf16: as in a bf16 model (bf16 cache), which takes
+    // the oneDNN bf16 path for prefill chunks where oneDNN runs bf16 on AMX.
+    if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) throw ValueError("attention: q [B, T, H, Hd], k/v [B, T, KV, Hd]");
+    ops::AttentionArgs a;
+    a.B = static_cast<int>(q.shape(0)); a.T = static_cast<int>(q.shape(1)); a.H = static_cast<int>(q.shape(2));
+    a.Hd = static_cast<int>(q.shape(3)); a.KV = static_cast<int>(k.shape(2));
+    if (k.shape(0) != a.B || k.shape(1) != a.T || k.shape(3) != a.Hd || a.H % a.KV != 0) throw ValueError("attention: shape mismatch");
+    py::array_t<float> z({q.shape(0), q.shape(1), q.shape(2), q.shape(3)});
+    a.q = q.data(); a.k_new = k.data(); a.v_new = v.data(); a.window = window; a.scale = scale; a.softcap = softcap; a.z = z.mutable_data();
+    if (bf16) a.compute = DType::BF16;
+    ops::attention(a);
+    return z;
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("bf16") = false);
+}
+
+}  // namespace gemmalens

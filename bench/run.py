@@ -167,21 +167,9 @@ def bench_hooks(path, threads, repeats, T=256):
     gc.collect()
     tl_time = None
     try:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
-        from transformer_lens.model_bridge import TransformerBridge
-        from transformers import Gemma3ForCausalLM, PreTrainedTokenizerFast
-        from tokenizers import Tokenizer, models
 
-        torch.set_num_threads(threads)
-        hf = Gemma3ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-        # TransformerLens wants a tokenizer object; the random-weight model has none, so give it a stub.
-        stub = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
-                                       unk_token="<unk>", pad_token="<unk>", bos_token="<unk>", eos_token="<unk>")
-        stub_dir = os.path.join(WORK, "stub-tokenizer")
-        stub.save_pretrained(stub_dir)
-        tok = PreTrainedTokenizerFast.from_pretrained(stub_dir)
-        bridge = TransformerBridge.boot_transformers(path, hf_model=hf, tokenizer=tok, device="cpu")
+        bridge = tl_bridge(path, threads)
         ids = torch.as_tensor(np.asarray(toks, dtype=np.int64))
 
         def tl_run():
@@ -189,11 +177,58 @@ def bench_hooks(path, threads, repeats, T=256):
                 bridge.run_with_cache(ids)
 
         tl_time = timeit(tl_run, repeats)
-        del bridge, hf
+        del bridge
         gc.collect()
     except Exception as e:  # report, do not hide: the table says why the cell is empty
         print(f"TransformerLens run failed: {type(e).__name__}: {e}", flush=True)
     return plain, resid, every, tl_time
+
+
+def tl_bridge(path, threads, dtype="float32"):
+    """TransformerLens's TransformerBridge over the HF model in path (float32 eager)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import Gemma3ForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    torch.set_num_threads(threads)
+    hf = Gemma3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="eager").eval()
+    # TransformerLens wants a tokenizer object; the random-weight model has none, so give it a stub.
+    stub = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                   unk_token="<unk>", pad_token="<unk>", bos_token="<unk>", eos_token="<unk>")
+    stub_dir = os.path.join(WORK, "stub-tokenizer")
+    stub.save_pretrained(stub_dir)
+    tok = PreTrainedTokenizerFast.from_pretrained(stub_dir)
+    return TransformerBridge.boot_transformers(path, hf_model=hf, tokenizer=tok, device="cpu")
+
+
+def bench_grad(path, dtype, threads, repeats, T=256):
+    """A gradient run (forward + reverse, the loss's gradient at every hook_resid_post) against a plain forward,
+    and TransformerLens's run_with_cache(incl_bwd=True) on the same weights (float32 only)."""
+    import gemmalens as gl
+
+    model = gl.load(path, dtype=dtype, threads=threads)
+    toks = model.to_tokens(np.random.default_rng(0).integers(0, model.config.vocab_size, T))
+    resid = lambda n: n.endswith("hook_resid_post")  # noqa: E731
+    plain = timeit(lambda: model.forward(toks), repeats)
+    grad = timeit(lambda: model.run_with_cache(toks, names_filter=resid, incl_bwd=True, metric="loss"), repeats)
+    del model
+    gc.collect()
+    tl_time = None
+    if dtype == "float32":
+        try:
+            import torch
+
+            bridge = tl_bridge(path, threads)
+            ids = torch.as_tensor(np.asarray(toks, dtype=np.int64))
+            tl_time = timeit(lambda: bridge.run_with_cache(ids, names_filter=resid, incl_bwd=True, return_type="loss"),
+                             repeats)
+            del bridge
+            gc.collect()
+        except Exception as e:  # report, do not hide: the table says why the cell is empty
+            print(f"TransformerLens gradient run failed: {type(e).__name__}: {e}", flush=True)
+    return plain, grad, tl_time
 
 
 _LLAMA_SCRIPT = r"""
@@ -384,6 +419,14 @@ def main():
     print(f"hooks: plain {plain * 1e3:.0f} ms, cache resid_post {resid * 1e3:.0f} ms, cache all {every * 1e3:.0f} ms, "
           f"TL {tl_time * 1e3 if tl_time else float('nan'):.0f} ms", flush=True)
 
+    grad_rows = []
+    for size in sizes:
+        for dtype in ("float32", "bfloat16"):
+            p_, g_, t_ = bench_grad(paths[size], dtype, args.threads, repeats)
+            grad_rows.append((size, dtype, p_, g_, t_))
+            print(f"{size} {dtype} gradient run: plain {p_ * 1e3:.0f} ms, forward + reverse {g_ * 1e3:.0f} ms "
+                  f"(x{g_ / p_:.2f}), TL {t_ * 1e3 if t_ else float('nan'):.0f} ms", flush=True)
+
     llama_rows = []
     from gemmalens.formats import _resolve_demo
     from make_models import write_bf16_gguf
@@ -457,6 +500,14 @@ def main():
     if tl_time:
         text += (f"| TransformerLens 4 run_with_cache, every hook | {tl_time * 1e3:.0f} | {tl_time / plain:.2f} |\n\n"
                  f"TransformerLens time / gemmalens time for `run_with_cache` of every hook: **{tl_time / every:.2f}**.\n")
+    text += ("\n### Gradients (256 tokens; the loss's gradient at every hook_resid_post; `run_with_cache(incl_bwd=True)`)\n\n"
+             "| model | dtype | plain forward ms | forward + reverse ms | vs plain | TransformerLens 4 ms | TransformerLens / "
+             "gemmalens |\n|---|---|---|---|---|---|---|\n")
+    for size, dtype, p_, g_, t_ in grad_rows:
+        tl = f"{t_ * 1e3:.0f} | **{t_ / g_:.2f}**" if t_ else "- | -"
+        text += f"| {size} | {dtype} | {p_ * 1e3:.0f} | {g_ * 1e3:.0f} | {g_ / p_:.2f} | {tl} |\n"
+    text += ("\nThe reverse pass runs each block again from its recorded input (a plain forward keeps no "
+             "intermediates) and widens each layer's weights to f32 for its VJP.\n")
     text += ("\n### Against llama.cpp on the same GGUF file (llama-cpp-python; prefill 512 tokens, decode at context 128, "
              "batch 1)\n\n| file | threads | gemmalens weights | gemmalens prefill | llama.cpp prefill | ratio | gemmalens decode | "
              "llama.cpp decode | ratio |\n|---|---|---|---|---|---|---|---|---|\n")

@@ -47,7 +47,7 @@ def test_loss_matches_autograd_and_forward_loss(data):
     check(metrics.loss(), logits, lambda x: torch_loss(x, tokens, row_start), tokens=tokens, row_start=row_start)
     # the same number as the model's own return_type="loss" computation
     from gemmalens.model import _next_token_loss
-    assert metrics.loss()(logits, tokens, row_start) == pytest.approx(_next_token_loss(logits, tokens, row_start), rel=1e-12)
+    assert metrics.loss()(logits, tokens, row_start) == pytest.approx(_next_token_loss(logits, tokens, row_start), rel=1e-7)
 
 
 def test_loss_mask(data):

@@ -8,6 +8,7 @@
 #include "bindings/bindings.h"
 #include "model/gemma3.h"
 #include "model/kv_cache.h"
+#include "ops/grad.h"
 
 namespace gemmalens {
 
@@ -58,6 +59,28 @@ void bind_cache(py::module_& m) {
 }  // namespace
 
 void bind_model(py::module_& m) {
+  m.def(
+      "cross_entropy_grad",
+      [](const FloatArray& logits, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& targets,
+         const FloatArray& weights) {
+        if (logits.ndim() != 2 || targets.ndim() != 1 || weights.ndim() != 1 || targets.shape(0) != logits.shape(0) ||
+            weights.shape(0) != logits.shape(0))
+          throw ValueError("cross_entropy_grad: logits [M, V], targets [M], weights [M]");
+        const int64_t M = logits.shape(0), V = logits.shape(1);
+        for (int64_t i = 0; i < M; ++i)
+          if (weights.data()[i] != 0.f && (targets.data()[i] < 0 || targets.data()[i] >= V))
+            throw ValueError("cross_entropy_grad: target token id " + std::to_string(targets.data()[i]) +
+                             " is out of range [0, vocab_size = " + std::to_string(V) + ")");
+        py::array_t<float> grad({M, V});
+        double total;
+        {
+          py::gil_scoped_release release;
+          total = ops::cross_entropy_grad(logits.data(), M, V, targets.data(), weights.data(), grad.mutable_data());
+        }
+        return py::make_tuple(total, grad);
+      },
+      py::arg("logits"), py::arg("targets"), py::arg("weights"),
+      "(sum_m w_m CE(logits_m, target_m), its gradient [M, V]): the loss metric's native kernel.");
   bind_cache(m);
   py::class_<Gemma3Model>(m, "Model")
       .def_property_readonly("config", &Gemma3Model::config)

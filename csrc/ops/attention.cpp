@@ -95,7 +95,7 @@ void attention_scores(const AttentionArgs& a, float* scores) {
         held[j] = (k.f || k.h) ? 1 : 0;
         for (int d = 0; d < a.Hd; ++d) Kt[d * S + j] = k.f ? k.f[d] : (k.h ? bf16_to_f32(k.h[d]) : 0.f);
       }
-#pragma omp parallel for collapse(2)
+#pragma omp parallel for collapse(2) schedule(dynamic, 8)  // causal rows: later queries see more keys
       for (int g = 0; g < group; ++g)
         for (int t = 0; t < a.T; ++t) {
           const int h = kvh * group + g;
@@ -138,7 +138,7 @@ void softmax_rows(const float* scores, int64_t rows, int64_t S, float* pattern) 
 void attention_apply(const AttentionArgs& a, const float* pattern, float* z) {
   const int64_t S = a.past + a.T;
   const int group = a.H / a.KV;
-#pragma omp parallel for collapse(3)
+#pragma omp parallel for collapse(3) schedule(dynamic, 8)
   for (int b = 0; b < a.B; ++b)
     for (int h = 0; h < a.H; ++h)
       for (int t = 0; t < a.T; ++t) {

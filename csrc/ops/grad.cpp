@@ -90,28 +90,61 @@ void softcap_backward(const float* y, float* dy, int64_t n, float cap) {
   }
 }
 
+double cross_entropy_grad(const float* logits, int64_t M, int64_t V, const int64_t* targets, const float* w, float* grad) {
+  double total = 0.0;
+#pragma omp parallel for reduction(+ : total) schedule(dynamic, 1)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = logits + m * V;
+    float* g = grad + m * V;
+    if (w[m] == 0.f) {
+      std::fill(g, g + V, 0.f);
+      continue;
+    }
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, x[v]);
+    double sum = 0.0;
+    float part = 0.f;  // blocks of f32 partial sums, added up in double
+    for (int64_t v = 0; v < V; ++v) {
+      g[v] = exp_f32(x[v] - mx);
+      part += g[v];
+      if ((v & 1023) == 1023) {
+        sum += part;
+        part = 0.f;
+      }
+    }
+    sum += part;
+    const float scale = static_cast<float>(w[m] / sum);
+    for (int64_t v = 0; v < V; ++v) g[v] *= scale;
+    g[targets[m]] -= w[m];
+    total += w[m] * (static_cast<double>(mx) + std::log(sum) - x[targets[m]]);
+  }
+  return total;
+}
+
 void attention_apply_backward(const AttentionArgs& a, const float* pattern, const float* dz, float* dpattern, float* dv) {
   if (a.past != 0) throw InternalError("attention_apply_backward: the reverse pass runs over whole sequences (no cache)");
   const int64_t S = a.T;
   const int group = a.H / a.KV;
-  // dP[b, h, t, j] = dz[b, t, h] . v[b, j, kvh]
-#pragma omp parallel for collapse(3)
+  // dP[b, h, t, j] = dz[b, t, h] . v[b, j, kvh] on the visible keys (0 elsewhere: P is 0 there, so is dS)
+#pragma omp parallel for collapse(3) schedule(dynamic, 16)
   for (int b = 0; b < a.B; ++b)
     for (int h = 0; h < a.H; ++h)
       for (int t = 0; t < a.T; ++t) {
         const float* g = dz + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
         float* dp = dpattern + ((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S;
-        for (int64_t j = 0; j < S; ++j) dp[j] = dot_f32(g, value_row(a, b, h / group, j).f, a.Hd);
+        const SlotRange vis = visible_range(a, b, t);
+        std::fill(dp, dp + S, 0.f);
+        for (int64_t j = vis.lo; j <= vis.hi; ++j) dp[j] = dot_f32(g, value_row(a, b, h / group, j).f, a.Hd);
       }
   // dv[b, j, kvh] = sum over the group's heads h and queries t of P[b, h, t, j] dz[b, t, h]
-#pragma omp parallel for collapse(3)
+#pragma omp parallel for collapse(3) schedule(dynamic, 4)
   for (int b = 0; b < a.B; ++b)
     for (int kvh = 0; kvh < a.KV; ++kvh)
       for (int64_t j = 0; j < S; ++j) {
         float* out = dv + ((static_cast<int64_t>(b) * a.T + j) * a.KV + kvh) * a.Hd;
         std::fill(out, out + a.Hd, 0.f);
         for (int h = kvh * group; h < (kvh + 1) * group; ++h)
-          for (int t = 0; t < a.T; ++t) {
+          for (int t = static_cast<int>(j); t < a.T; ++t) {  // causal: only queries at or after j see j
             const float p = pattern[((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S + j];
             if (p != 0.f) axpy_f32(p, dz + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd, out, a.Hd);
           }
@@ -143,25 +176,26 @@ void attention_scores_backward(const AttentionArgs& a, const float* scores, cons
     if (a.softcap > 0.f) g *= 1.f - (s / a.softcap) * (s / a.softcap);
     return g;
   };
-#pragma omp parallel for collapse(3)
+#pragma omp parallel for collapse(3) schedule(dynamic, 16)
   for (int b = 0; b < a.B; ++b)
     for (int h = 0; h < a.H; ++h)
       for (int t = 0; t < a.T; ++t) {
         float* out = dq + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
         std::fill(out, out + a.Hd, 0.f);
-        for (int64_t j = 0; j < S; ++j) {
+        const SlotRange vis = visible_range(a, b, t);
+        for (int64_t j = vis.lo; j <= vis.hi; ++j) {
           const float g = raw(b, h, t, j);
           if (g != 0.f) axpy_f32(g, key_row(a, b, h / group, j).f, out, a.Hd);
         }
       }
-#pragma omp parallel for collapse(3)
+#pragma omp parallel for collapse(3) schedule(dynamic, 4)
   for (int b = 0; b < a.B; ++b)
     for (int kvh = 0; kvh < a.KV; ++kvh)
       for (int64_t j = 0; j < S; ++j) {
         float* out = dk + ((static_cast<int64_t>(b) * a.T + j) * a.KV + kvh) * a.Hd;
         std::fill(out, out + a.Hd, 0.f);
         for (int h = kvh * group; h < (kvh + 1) * group; ++h)
-          for (int t = 0; t < a.T; ++t) {
+          for (int t = static_cast<int>(j); t < a.T; ++t) {
             const float g = raw(b, h, t, j);
             if (g != 0.f) axpy_f32(g, a.q + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd, out, a.Hd);
           }

@@ -31,6 +31,11 @@ void gelu_tanh_mul_backward(const float* gate, const float* up, int64_t ld, int6
 // y = cap tanh(x / cap), given y: dx = dy (1 - (y / cap)^2), in place on dy (n values).
 void softcap_backward(const float* y, float* dy, int64_t n, float cap);
 
+// Cross-entropy of rows of logits [M, V] against targets [M], row m weighted by w[m] (0: not counted):
+// returns sum_m w[m] (logsumexp(x_m) - x_m[target_m]) and writes grad [M, V] = w[m] (softmax(x_m) - onehot).
+// Softmax sums in double. Targets must be in [0, V) where w[m] != 0.
+double cross_entropy_grad(const float* logits, int64_t M, int64_t V, const int64_t* targets, const float* w, float* grad);
+
 // The attention's VJP along its materialised path (attention.h), S = T (a whole sequence: no cache, past == 0).
 // apply:   z = P V           -> dP [B, H, T, S] = dz . v_j;  dv_new [B, T, KV, Hd] += sum over the group's heads P dz
 // softmax: P = softmax(s)    -> ds = P (dP - sum_j P dP)   (rows with nothing visible: 0)

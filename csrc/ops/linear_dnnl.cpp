@@ -353,8 +353,9 @@ void matmul_f32(const float* A, int64_t M, int64_t K, int64_t lda, const float* 
 
 void Linear::backward_input(const float* dy, int64_t M, float* dx, bool accumulate) const {
   if (!impl_) throw InternalError("Linear::backward_input on an empty layer");
+  thread_local std::vector<float> w;  // the widened weights, reused across calls (no page faults per layer)
   if (!impl_->plain && !impl_->quantized) {  // a layer in oneDNN's blocked layout: back to row-major for the call
-    std::vector<float> w(static_cast<size_t>(N_) * K_);
+    if (w.size() < static_cast<size_t>(N_) * K_) w.resize(static_cast<size_t>(N_) * K_);
     to_rowmajor(w.data());
     matmul_f32(dy, M, N_, N_, w.data(), K_, dx, K_, accumulate);
     return;
@@ -365,12 +366,13 @@ void Linear::backward_input(const float* dy, int64_t M, float* dx, bool accumula
   }
   // Plain bf16 (the embedding / LM head, up to 262144 rows) or quantised: blocks of rows widened to f32.
   const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 22) / K_);
-  std::vector<float> w(static_cast<size_t>(std::min(rows, N_)) * K_);
+  if (w.size() < static_cast<size_t>(std::min(rows, N_)) * K_) w.resize(static_cast<size_t>(std::min(rows, N_)) * K_);
+  float* const wp = w.data();  // the parallel loop below takes the pointer (thread_local is per thread)
   for (int64_t n0 = 0; n0 < N_; n0 += rows) {
     const int64_t nr = std::min(rows, N_ - n0);
 #pragma omp parallel for if (nr > 64)
-    for (int64_t n = 0; n < nr; ++n) row(n0 + n, w.data() + n * K_);
-    matmul_f32(dy + n0, M, nr, N_, w.data(), K_, dx, K_, accumulate || n0 > 0);
+    for (int64_t n = 0; n < nr; ++n) row(n0 + n, wp + n * K_);
+    matmul_f32(dy + n0, M, nr, N_, wp, K_, dx, K_, accumulate || n0 > 0);
   }
 }
 

@@ -125,16 +125,15 @@ void attention_apply_backward(const AttentionArgs& a, const float* pattern, cons
   if (a.past != 0) throw InternalError("attention_apply_backward: the reverse pass runs over whole sequences (no cache)");
   const int64_t S = a.T;
   const int group = a.H / a.KV;
-  // dP[b, h, t, j] = dz[b, t, h] . v[b, j, kvh] on the visible keys (0 elsewhere: P is 0 there, so is dS)
+  // dP[b, h, t, j] = dz[b, t, h] . v[b, j, kvh] for every key: the gradient at the pattern tensor (hook_pattern's
+  // _grad) exists at masked entries too, although nothing flows on from them (P is 0 there, so is dS).
 #pragma omp parallel for collapse(3) schedule(dynamic, 16)
   for (int b = 0; b < a.B; ++b)
     for (int h = 0; h < a.H; ++h)
       for (int t = 0; t < a.T; ++t) {
         const float* g = dz + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
         float* dp = dpattern + ((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S;
-        const SlotRange vis = visible_range(a, b, t);
-        std::fill(dp, dp + S, 0.f);
-        for (int64_t j = vis.lo; j <= vis.hi; ++j) dp[j] = dot_f32(g, value_row(a, b, h / group, j).f, a.Hd);
+        for (int64_t j = 0; j < S; ++j) dp[j] = dot_f32(g, value_row(a, b, h / group, j).f, a.Hd);
       }
   // dv[b, j, kvh] = sum over the group's heads h and queries t of P[b, h, t, j] dz[b, t, h]
 #pragma omp parallel for collapse(3) schedule(dynamic, 4)

@@ -308,3 +308,37 @@ def test_quantised_weights_gradients_flow_through_the_dequantised_weights(hf_mod
     _, b = mf.run_with_cache(toks, incl_bwd=True, metric="loss")
     errs = [np.abs(a[k] - b[k]).max() / np.abs(b[k]).max() for k in b if k.endswith("_grad") and np.abs(b[k]).max() > 0]
     assert max(errs) < 0.15 and np.median(errs) < 0.06, (max(errs), np.median(errs))
+
+
+def test_integrated_gradients_completeness_and_definition(hf_models):
+    model = gl.load(hf_models["gqa2"][1])
+    toks = np.random.default_rng(8).integers(1, V, size=(1, 8)).astype(np.int32)
+    metric = gl.metrics.logprob(17)
+    name = "blocks.2.hook_resid_pre"
+    # The baseline: the site's activation on other tokens (a zero residual stream is a poor baseline for an
+    # RMSNorm model: the norm is scale-invariant away from 0 and jumps near it, where no midpoint step looks).
+    other = toks.copy()
+    other[0, 3:6] = [11, 12, 13]
+    _, cache = model.run_with_cache(toks, names_filter=[name])
+    _, base_cache = model.run_with_cache(other, names_filter=[name])
+    x, base = cache[name], base_cache[name]
+    ig = gl.attribution.integrated_gradients(model, toks, metric, name, baseline=base, steps=32)
+    assert ig.shape == x.shape
+    # completeness: the attributions add up to metric(x) - metric(baseline at that site)
+    m_x = metric(model.forward(toks))
+    m_b = metric(model.run_with_hooks(toks, fwd_hooks=[(name, gl.interventions.replace(base))]))
+    assert abs(m_x - m_b) > 0.05
+    assert ig.sum() == pytest.approx(m_x - m_b, rel=0.02), (ig.sum(), m_x - m_b)
+    # the definition, from gradients captured step by step
+    steps, acc = 4, np.zeros(x.shape)
+    for k in range(steps):
+        a = (k + 0.5) / steps
+        _, c = model.run_with_cache(toks, names_filter=[name], fwd_hooks=[(name, gl.interventions.replace(a * x))],
+                                    incl_bwd=True, metric=metric)
+        acc += c[name + "_grad"]
+    np.testing.assert_allclose(gl.attribution.integrated_gradients(model, toks, metric, name, steps=steps),
+                               x * acc / steps, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="steps"):
+        gl.attribution.integrated_gradients(model, toks, metric, name, steps=0)
+    with pytest.raises(ValueError, match="unknown hook name"):
+        gl.attribution.integrated_gradients(model, toks, metric, "blocks.2.hook_nope")

@@ -4,10 +4,15 @@
 Patching", 2023; Syed et al., 2023): patching site A from a corrupted run into the clean run changes the metric by
 about (A_corrupted - A_clean) . dMetric/dA_clean, computed for every site, position and head from one clean
 forward + reverse pass and one corrupted forward.
+
+``integrated_gradients`` (Sundararajan et al., 2017) integrates the gradient at one hook site along the straight
+path from a baseline activation to the real one; its attributions sum to metric(real) - metric(baseline).
 """
 import numpy as np
 
-__all__ = ["attribution_patching"]
+from . import interventions
+
+__all__ = ["attribution_patching", "integrated_gradients"]
 
 # Sites whose activations are [batch, pos, head, d_head]: their scores keep the head axis.
 _PER_HEAD = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_rot_q", "attn.hook_rot_k",
@@ -48,3 +53,32 @@ def attribution_patching(model, clean, corrupted, metric, names=None, attention_
         else:
             out[name] = prod.sum(axis=-1)
     return out
+
+
+def integrated_gradients(model, tokens, metric, name, baseline=None, steps=16, attention_mask=None):
+    """Integrated gradients of ``metric`` at hook site ``name``: (x - baseline) * the mean of the metric's gradient
+    at baseline + a (x - baseline) over the midpoints a = (k + 1/2) / steps. Returns an array of the activation's
+    shape (sum over its last axis for a per-position / per-head saliency); summed over everything it approximates
+    metric(x) - metric(baseline) (the completeness property), closer with more steps.
+
+    baseline: an array of the activation's shape (or without the batch axis), or None for zeros. For residual-stream
+    sites prefer the activation of a reference input: Gemma's RMSNorms are scale-invariant away from 0 and change
+    abruptly near it, so a zero baseline puts most of the change where no step samples. Each step is one
+    gradient run with the site replaced (``gl.interventions.replace``), so the gradient is that of the model with
+    the interpolated activation, as in the method's definition.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"integrated_gradients: steps must be an int >= 1, got {steps!r}")
+    model._hook_table.resolve(name)
+    _, cache = model.run_with_cache(tokens, names_filter=[name], attention_mask=attention_mask, return_type=None)
+    x = cache[name].astype(np.float64)
+    base = np.zeros_like(x) if baseline is None else np.broadcast_to(np.asarray(baseline, dtype=np.float64), x.shape)
+    total = np.zeros_like(x)
+    for k in range(steps):
+        a = (k + 0.5) / steps
+        point = (base + a * (x - base)).astype(np.float32)
+        _, c = model.run_with_cache(tokens, names_filter=[name], attention_mask=attention_mask,
+                                    fwd_hooks=[(name, interventions.replace(point))], incl_bwd=True, metric=metric,
+                                    return_type=None)
+        total += c[name + "_grad"]
+    return (x - base) * (total / steps)

@@ -187,10 +187,8 @@ void Gemma3Model::attention_block(int l, Pass& p) {
   p.heads(Site::QNorm, l, p.q, H, H * Hd);
   p.heads(Site::KNorm, l, p.k, KV, KV * Hd);
   for (int64_t m = 0; m < M; ++m) std::memcpy(p.v + m * KV * Hd, p.qkv + m * QKV + (H + KV) * Hd, sizeof(float) * KV * Hd);
-  const float* cs = sliding ? p.cos_local.data() : p.cos_global.data();
-  const float* sn = sliding ? p.sin_local.data() : p.sin_global.data();
-  ops::rope_apply(p.q, M, H, Hd, cs, sn);
-  ops::rope_apply(p.k, M, KV, Hd, cs, sn);
+  ops::rope_apply(p.q, M, H, Hd, p.rope_cos(sliding), p.rope_sin(sliding));
+  ops::rope_apply(p.k, M, KV, Hd, p.rope_cos(sliding), p.rope_sin(sliding));
   p.heads(Site::RotQ, l, p.q, H, H * Hd);
   p.heads(Site::RotK, l, p.k, KV, KV * Hd);
   if (dtype_ == DType::BF16) {  // K/V as the bf16 cache will hold them: chunked == one pass
@@ -209,11 +207,16 @@ void Gemma3Model::attention_block(int l, Pass& p) {
 
   L.o_proj.forward(p.z, M, p.out);
   if (p.keep) LayerTape::save(p.keep->attn_proj, p.out, M * D);
-  ops::rmsnorm(p.out, D, L.post_attention_layernorm.data(), eps, M, D, p.out, D);
-  p.resid(Site::Ln1Post, l, p.out, D, D);
-  p.resid(Site::AttnOut, l, p.out, D, D);
-  ops::add_inplace(p.x, p.out, M * D);
-  p.resid(Site::ResidMid, l, p.x, D, D);
+  join_residual(l, p, L.post_attention_layernorm, Site::Ln1Post, Site::AttnOut, Site::ResidMid);
+}
+
+void Gemma3Model::join_residual(int l, Pass& p, const std::vector<float>& post_norm, Site norm_site, Site out_site, Site resid_site) {
+  const int D = cfg_.hidden_size;
+  ops::rmsnorm(p.out, D, post_norm.data(), static_cast<float>(cfg_.rms_norm_eps), p.M, D, p.out, D);
+  p.resid(norm_site, l, p.out, D, D);
+  p.resid(out_site, l, p.out, D, D);
+  ops::add_inplace(p.x, p.out, p.M * D);
+  p.resid(resid_site, l, p.x, D, D);
 }
 
 void Gemma3Model::attend(int l, Pass& p) {
@@ -264,11 +267,7 @@ void Gemma3Model::mlp_block(int l, Pass& p) {
   p.resid(Site::MlpPost, l, p.act, F, F);
   L.down_proj.forward(p.act, M, p.out);
   if (p.keep) LayerTape::save(p.keep->down, p.out, M * D);
-  ops::rmsnorm(p.out, D, L.post_feedforward_layernorm.data(), eps, M, D, p.out, D);
-  p.resid(Site::Ln2Post, l, p.out, D, D);
-  p.resid(Site::MlpOut, l, p.out, D, D);
-  ops::add_inplace(p.x, p.out, M * D);
-  p.resid(Site::ResidPost, l, p.x, D, D);
+  join_residual(l, p, L.post_feedforward_layernorm, Site::Ln2Post, Site::MlpOut, Site::ResidPost);
 }
 
 void Gemma3Model::final(Pass& p) {

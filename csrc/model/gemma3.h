@@ -141,6 +141,9 @@ class Gemma3Model {
   void attention_block(int l, Pass& p);  // x += post_attention_norm(o_proj(attention(input_norm(x))))
   void attend(int l, Pass& p);           // z from q, k, v (and the cache): fast kernel or materialised for hooks
   void mlp_block(int l, Pass& p);        // x += post_feedforward_norm(down(gelu_tanh(gate) * up))
+  // A block's branch output (in the pass's out buffer) joins the residual stream: post-norm, then x += it; fires
+  // the norm's, the branch's and the residual stream's hook sites.
+  void join_residual(int l, Pass& p, const std::vector<float>& post_norm, Site norm_site, Site out_site, Site resid_site);
   void final(Pass& p);                   // final norm and the tied LM head
   // Their VJPs (gemma3_grad.cpp): dx [M, D] holds the gradient at the block's output and leaves with its input's.
   void attention_block_backward(int l, Pass& p, const LayerTape& t, float* dx);

@@ -137,10 +137,8 @@ void Gemma3Model::attention_block_backward(int l, Pass& p, const LayerTape& t, f
   ops::attention_scores_backward(at, t.scores.data(), d_scores.data(), p.q, p.k);
   p.heads(Site::RotQ, l, p.q, H, H * Hd);
   p.heads(Site::RotK, l, p.k, KV, KV * Hd);
-  const float* cs = sliding ? p.cos_local.data() : p.cos_global.data();
-  const float* sn = sliding ? p.sin_local.data() : p.sin_global.data();
-  ops::rope_backward(p.q, M, H, Hd, cs, sn);
-  ops::rope_backward(p.k, M, KV, Hd, cs, sn);
+  ops::rope_apply(p.q, M, H, Hd, p.rope_cos(sliding), p.rope_sin(sliding), /*inverse=*/true);
+  ops::rope_apply(p.k, M, KV, Hd, p.rope_cos(sliding), p.rope_sin(sliding), /*inverse=*/true);
   p.heads(Site::QNorm, l, p.q, H, H * Hd);
   p.heads(Site::KNorm, l, p.k, KV, KV * Hd);
   ops::rmsnorm_heads_backward(t.qkv.data(), QKV, H, Hd, L.q_norm.data(), eps, M, p.q, p.qkv, QKV);

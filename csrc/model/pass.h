@@ -47,6 +47,9 @@ struct Gemma3Model::Pass {
   LayerTape* keep = nullptr;  // set by the reverse pass: the blocks keep what their VJPs need
 
   explicit Pass(const ForwardArgs& args) : a(args), hooks(args.hooks) {}
+  // The RoPE tables of a layer: sliding layers use the local base, full layers the global one.
+  const float* rope_cos(bool sliding) const { return sliding ? cos_local.data() : cos_global.data(); }
+  const float* rope_sin(bool sliding) const { return sliding ? sin_local.data() : sin_global.data(); }
   void interrupt() const {
     if (a.interrupt_check) a.interrupt_check();
   }

@@ -12,6 +12,25 @@
 namespace gemmalens::ops {
 
 namespace {
+// out [B, T, KV, Hd]: out[b, j, kvh] = sum over the group's heads h and the queries t >= j (causal: only they see
+// key j) of w(b, h, t, j) src[b, t, h], src [B, T, H, Hd]. The VJP's sum over queries, for dv and dk.
+template <class W>
+void sum_over_queries(const AttentionArgs& a, const float* src, W&& w, float* out) {
+  const int group = a.H / a.KV;
+#pragma omp parallel for collapse(3) schedule(dynamic, 4)
+  for (int b = 0; b < a.B; ++b)
+    for (int kvh = 0; kvh < a.KV; ++kvh)
+      for (int64_t j = 0; j < a.T; ++j) {
+        float* o = out + ((static_cast<int64_t>(b) * a.T + j) * a.KV + kvh) * a.Hd;
+        std::fill(o, o + a.Hd, 0.f);
+        for (int h = kvh * group; h < (kvh + 1) * group; ++h)
+          for (int t = static_cast<int>(j); t < a.T; ++t) {
+            const float c = w(b, h, t, j);
+            if (c != 0.f) axpy_f32(c, src + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd, o, a.Hd);
+          }
+      }
+}
+
 inline void rmsnorm_row_backward(const float* x, const float* w, float eps, int D, const float* dy, float* dx, bool accumulate) {
   // The forward's r exactly as rmsnorm computes it (f32 sum); the gradient's own reduction in double.
   float ss = 0.f;
@@ -42,23 +61,6 @@ void rmsnorm_heads_backward(const float* x, int64_t ldx, int nh, int Hd, const f
     for (int h = 0; h < nh; ++h)
       rmsnorm_row_backward(x + m * ldx + static_cast<int64_t>(h) * Hd, w, eps, Hd, dy + (m * nh + h) * Hd,
                            dx + m * ldd + static_cast<int64_t>(h) * Hd, false);
-}
-
-void rope_backward(float* dx, int64_t M, int nh, int Hd, const float* cos, const float* sin) {
-  const int half = Hd / 2;
-#pragma omp parallel for if (M > 4)
-  for (int64_t m = 0; m < M; ++m) {
-    const float* c = cos + m * half;
-    const float* s = sin + m * half;
-    for (int h = 0; h < nh; ++h) {
-      float* v = dx + (m * nh + h) * Hd;
-      for (int j = 0; j < half; ++j) {
-        const float d1 = v[j], d2 = v[j + half];
-        v[j] = d1 * c[j] + d2 * s[j];
-        v[j + half] = d2 * c[j] - d1 * s[j];
-      }
-    }
-  }
 }
 
 void gelu_tanh_mul_backward(const float* gate, const float* up, int64_t ld, int64_t M, int F, const float* dout, float* dgate,
@@ -136,18 +138,7 @@ void attention_apply_backward(const AttentionArgs& a, const float* pattern, cons
         for (int64_t j = 0; j < S; ++j) dp[j] = dot_f32(g, value_row(a, b, h / group, j).f, a.Hd);
       }
   // dv[b, j, kvh] = sum over the group's heads h and queries t of P[b, h, t, j] dz[b, t, h]
-#pragma omp parallel for collapse(3) schedule(dynamic, 4)
-  for (int b = 0; b < a.B; ++b)
-    for (int kvh = 0; kvh < a.KV; ++kvh)
-      for (int64_t j = 0; j < S; ++j) {
-        float* out = dv + ((static_cast<int64_t>(b) * a.T + j) * a.KV + kvh) * a.Hd;
-        std::fill(out, out + a.Hd, 0.f);
-        for (int h = kvh * group; h < (kvh + 1) * group; ++h)
-          for (int t = static_cast<int>(j); t < a.T; ++t) {  // causal: only queries at or after j see j
-            const float p = pattern[((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S + j];
-            if (p != 0.f) axpy_f32(p, dz + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd, out, a.Hd);
-          }
-      }
+  sum_over_queries(a, dz, [&](int b, int h, int t, int64_t j) { return pattern[((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S + j]; }, dv);
 }
 
 void softmax_rows_backward(const float* pattern, const float* dpattern, int64_t rows, int64_t S, float* dscores) {
@@ -187,18 +178,7 @@ void attention_scores_backward(const AttentionArgs& a, const float* scores, cons
           if (g != 0.f) axpy_f32(g, key_row(a, b, h / group, j).f, out, a.Hd);
         }
       }
-#pragma omp parallel for collapse(3) schedule(dynamic, 4)
-  for (int b = 0; b < a.B; ++b)
-    for (int kvh = 0; kvh < a.KV; ++kvh)
-      for (int64_t j = 0; j < S; ++j) {
-        float* out = dk + ((static_cast<int64_t>(b) * a.T + j) * a.KV + kvh) * a.Hd;
-        std::fill(out, out + a.Hd, 0.f);
-        for (int h = kvh * group; h < (kvh + 1) * group; ++h)
-          for (int t = static_cast<int>(j); t < a.T; ++t) {
-            const float g = raw(b, h, t, j);
-            if (g != 0.f) axpy_f32(g, a.q + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd, out, a.Hd);
-          }
-      }
+  sum_over_queries(a, a.q, raw, dk);  // dk[b, j, kvh] = sum of raw(b, h, t, j) q[b, t, h]
 }
 
 }  // namespace gemmalens::ops

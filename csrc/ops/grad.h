@@ -18,9 +18,7 @@ void rmsnorm_backward(const float* x, int64_t ldx, const float* w, float eps, in
 void rmsnorm_heads_backward(const float* x, int64_t ldx, int nh, int Hd, const float* w, float eps, int64_t M, const float* dy,
                             float* dx, int64_t ldd);
 
-// Rotate-half RoPE is a rotation per pair (j, j + Hd/2); its VJP rotates back: in place on dx [M, nh, Hd],
-// (d1, d2) -> (d1 cos + d2 sin, d2 cos - d1 sin).
-void rope_backward(float* dx, int64_t M, int nh, int Hd, const float* cos, const float* sin);
+// RoPE's VJP is the rotation back: ops::rope_apply(..., inverse = true) (kernels.h).
 
 // out = gelu_tanh(gate) * up: dgate = dout up gelu'(gate), dup = dout gelu(gate), with
 // gelu(x) = x / 2 (1 + tanh(z)), z = k0 (x + k1 x^3), gelu'(x) = (1 + tanh z) / 2 + x / 2 (1 - tanh^2 z) k0 (1 + 3 k1 x^2).

@@ -93,8 +93,9 @@ void rope_tables(const int32_t* positions, int64_t M, int Hd, double base, doubl
   }
 }
 
-void rope_apply(float* x, int64_t M, int nh, int Hd, const float* cos, const float* sin) {
+void rope_apply(float* x, int64_t M, int nh, int Hd, const float* cos, const float* sin, bool inverse) {
   const int half = Hd / 2;
+  const float sg = inverse ? -1.f : 1.f;  // the inverse rotation: sin(-angle)
 #pragma omp parallel for if (M > 4)
   for (int64_t m = 0; m < M; ++m) {
     const float* c = cos + m * half;
@@ -103,9 +104,9 @@ void rope_apply(float* x, int64_t M, int nh, int Hd, const float* cos, const flo
       float* v = x + (m * nh + h) * Hd;
 #pragma omp simd
       for (int j = 0; j < half; ++j) {
-        const float a = v[j], b = v[j + half];
-        v[j] = a * c[j] - b * s[j];
-        v[j + half] = b * c[j] + a * s[j];
+        const float a = v[j], b = v[j + half], sj = sg * s[j];
+        v[j] = a * c[j] - b * sj;
+        v[j + half] = b * c[j] + a * sj;
       }
     }
   }

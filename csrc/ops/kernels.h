@@ -26,8 +26,9 @@ double measure_read_bandwidth(int64_t nbytes, int reps);
 // inv_freq[j] = 1 / base^(2j/Hd) / scaling, angle = pos * inv_freq[j].
 void rope_tables(const int32_t* positions, int64_t M, int Hd, double base, double scaling, float* cos_out, float* sin_out);
 
-// In place on x [M, nh, Hd]: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), pairs (j, j + Hd/2).
-void rope_apply(float* x, int64_t M, int nh, int Hd, const float* cos, const float* sin);
+// In place on x [M, nh, Hd]: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), pairs (j, j + Hd/2). inverse: the
+// rotation back, (x1 cos + x2 sin, x2 cos - x1 sin) -- the VJP of the forward rotation.
+void rope_apply(float* x, int64_t M, int nh, int Hd, const float* cos, const float* sin, bool inverse = false);
 
 // gate [M, F] (row stride ld), up [M, F] (row stride ld) -> out [M, F] = gelu_tanh(gate) * up.
 void gelu_tanh_mul(const float* gate, const float* up, int64_t ld, int64_t M, int F, float* out);

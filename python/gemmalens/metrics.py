@@ -69,6 +69,13 @@ def _token_ids(ids, B, V, tokenizer, what):
     return np.array([one(x) for x in ids], dtype=np.int64)
 
 
+def _at_position(logits, pos, token_args, tokenizer, what):
+    """Checked logits, the position index, and each argument of token_args as one id per row."""
+    logits = _check_logits(logits)
+    B, T, V = logits.shape
+    return logits, _position(pos, T, what), tuple(_token_ids(t, B, V, tokenizer, what) for t in token_args)
+
+
 class Metric:
     """A scalar function of the logits. Subclasses implement ``evaluate``."""
 
@@ -133,11 +140,8 @@ class _LogitDiff(Metric):
         return f"metrics.logit_diff({self.good!r}, {self.bad!r}, pos={self.pos})"
 
     def evaluate(self, logits, tokens=None, row_start=None, tokenizer=None):
-        logits = _check_logits(logits)
-        B, T, V = logits.shape
-        p = _position(self.pos, T, "metrics.logit_diff")
-        good = _token_ids(self.good, B, V, tokenizer, "metrics.logit_diff")
-        bad = _token_ids(self.bad, B, V, tokenizer, "metrics.logit_diff")
+        logits, p, (good, bad) = _at_position(logits, self.pos, (self.good, self.bad), tokenizer, "metrics.logit_diff")
+        B = logits.shape[0]
         rows = np.arange(B)
         value = float(np.mean(logits[rows, p, good].astype(np.float64) - logits[rows, p, bad]))
         grad = np.zeros(logits.shape, dtype=np.float32)
@@ -154,10 +158,8 @@ class _LogProb(Metric):
         return f"metrics.logprob({self.ids!r}, pos={self.pos})"
 
     def evaluate(self, logits, tokens=None, row_start=None, tokenizer=None):
-        logits = _check_logits(logits)
-        B, T, V = logits.shape
-        p = _position(self.pos, T, "metrics.logprob")
-        ids = _token_ids(self.ids, B, V, tokenizer, "metrics.logprob")
+        logits, p, (ids,) = _at_position(logits, self.pos, (self.ids,), tokenizer, "metrics.logprob")
+        B = logits.shape[0]
         rows = np.arange(B)
         lsm = _log_softmax(logits[:, p])
         value = float(lsm[rows, ids].mean())

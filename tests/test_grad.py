@@ -126,6 +126,13 @@ def test_bad_gradient_requests_are_clear_errors_and_the_model_stays_usable(hf_mo
         model.run_with_cache(toks, incl_bwd=True, metric="loss", fwd_hooks=[("hook_embed", lambda a, hook: a)])
     with pytest.raises(ValueError, match="incl_bwd=True as well"):
         model.run_with_cache(toks, metric="loss")
+    def boom(g, hook):
+        raise RuntimeError("a backward hook failed")
+
+    with pytest.raises(RuntimeError, match="a backward hook failed"):
+        model.run_with_hooks(toks, bwd_hooks=[("blocks.1.hook_resid_mid", boom)], metric="loss")
+    with pytest.raises(ValueError, match="shape"):
+        model.run_with_hooks(toks, bwd_hooks=[("blocks.1.hook_resid_mid", lambda g, hook: g[:, :2])], metric="loss")
     from gemmalens import _core
     with pytest.raises(ValueError, match="holds no forward"):
         model._core.backward(_core.GradTape(), np.zeros((1, 8, V), np.float32))

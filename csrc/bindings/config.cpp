@@ -13,6 +13,9 @@ py::object optional_cap(double v) { return v > 0 ? py::object(py::float_(v)) : p
 }  // namespace
 
 void bind_config(py::module_& m) {
+  m.def(
+      "dtype_name", [](const std::string& s) { return std::string(dtype_name(parse_dtype(s))); }, py::arg("dtype"),
+      "The canonical name of a dtype= value (the one alias table, common.h's parse_dtype); ValueError otherwise.");
   py::class_<Gemma3Config>(m, "Gemma3Config", "Gemma 3 text config with HF field names.")
       .def(py::init<>())
       .def_readwrite("hidden_size", &Gemma3Config::hidden_size)

@@ -23,14 +23,12 @@ from .tokenizer import Tokenizer
 # ---------------------------------------------------------------- dtypes
 
 # dtype names and their aliases -> the canonical name (the native core accepts the same)
-DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
 def dtype_name(dtype):
-    """"float32" or "bfloat16" (or an alias: fp32, f32, bf16) -> the canonical name; anything else: ValueError."""
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    """"float32" or "bfloat16" (or an alias: fp32, f32, bf16) -> the canonical name; anything else: ValueError.
+    The alias table is the native core's (common.h's parse_dtype), so Python and C++ accept the same names."""
+    if not isinstance(dtype, str):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    return DTYPES[dtype]
+    return _core.dtype_name(dtype)
 
 
 # ---------------------------------------------------------------- shapes -> config

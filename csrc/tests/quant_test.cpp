@@ -45,68 +45,64 @@ int stored_q(const QuantWeights& q, int64_t n, int64_t k) {
 
 constexpr int64_t kN = 7, kK = 128;
 
-}  // namespace
-
-// int8: d = max|w| / 127 per block of 32, |w - d q| <= d / 2, zeros stay zero; quant_row is d * q.
-TEST(quant_int8_round_trip) {
-  const std::vector<float> w = awkward_rows(kN, kK, 1);
-  const QuantWeights q = quant_weights(w.data(), kN, kK, 8);
-  CHECK_EQ(q.q.size(), static_cast<size_t>(kN * kK));
+// Quantises awkward_rows(seed) at `bits`, checks the storage sizes, that the stored integers are in range and that
+// quant_row gives d * q, then hands each block of 32 to check(src, out, amax, d): the weights, quant_row's values,
+// max|w| and the block's scale.
+template <class Check>
+void each_block(int bits, uint32_t seed, Check check) {
+  const std::vector<float> w = awkward_rows(kN, kK, seed);
+  const QuantWeights q = quant_weights(w.data(), kN, kK, bits);
+  CHECK_EQ(q.q.size(), static_cast<size_t>(kN * kK * bits / 8));
   CHECK_EQ(q.d.size(), static_cast<size_t>(kN * kK / 32));
+  const int qmin = bits == 8 ? -127 : -8, qmax = bits == 8 ? 127 : 7;
   std::vector<float> out(kK);
   for (int64_t n = 0; n < kN; ++n) {
     quant_row(q, n, out.data());
     for (int64_t blk = 0; blk < kK / 32; ++blk) {
-      INFO("row ", n, " block ", blk);
-      const float* src = w.data() + n * kK + blk * 32;
-      const double amax = block_amax(src), d = q.d[n * (kK / 32) + blk];
-      CHECK_NEAR(d, amax / 127, 1e-6 * amax / 127);
+      INFO("bits ", bits, ", row ", n, ", block ", blk);
+      const double d = q.d[n * (kK / 32) + blk];
       for (int j = 0; j < 32; ++j) {
         const int qi = stored_q(q, n, blk * 32 + j);
-        CHECK(qi >= -127 && qi <= 127);
+        CHECK(qi >= qmin && qi <= qmax);
         CHECK_EQ(out[blk * 32 + j], static_cast<float>(d * qi));
       }
-      // half a step, plus f32 rounding: of w * (1 / d) before rounding to an integer (up to 127 * 2^-23 steps) and of d * q
-      CHECK_CLOSE(out.data() + blk * 32, src, 32, d * (0.5 + 1e-4), 0.0);
-      if (amax == 0) CHECK(std::all_of(out.begin() + blk * 32, out.begin() + blk * 32 + 32, [](float x) { return x == 0.f; }));
+      const float* src = w.data() + n * kK + blk * 32;
+      check(src, out.data() + blk * 32, block_amax(src), d);
     }
   }
+}
+
+}  // namespace
+
+// int8: d = max|w| / 127 per block of 32, |w - d q| <= d / 2 (so zeros stay zero).
+TEST(quant_int8_round_trip) {
+  each_block(8, 1, [](const float* src, const float* out, double amax, double d) {
+    CHECK_NEAR(d, amax / 127, 1e-6 * amax / 127);
+    // half a step, plus f32 rounding: of w * (1 / d) before rounding to an integer (up to 127 * 2^-23 steps) and of d * q
+    CHECK_CLOSE(out, src, 32, d * (0.5 + 1e-4), 0.0);
+  });
 }
 
 // int4: values in [-8, 7]; the scale comes from a small search (|d| in [max|w| / 8, max|w| / 6.5]), so every error
 // is within max|w| / 8 (half a step, or the clamp at the far end), and the block's squared error is no worse than
 // with the plain symmetric scale d = max|w| / 7 (one of the candidates).
 TEST(quant_int4_round_trip) {
-  const std::vector<float> w = awkward_rows(kN, kK, 2);
-  const QuantWeights q = quant_weights(w.data(), kN, kK, 4);
-  CHECK_EQ(q.q.size(), static_cast<size_t>(kN * kK / 2));
-  CHECK_EQ(q.d.size(), static_cast<size_t>(kN * kK / 32));
-  std::vector<float> out(kK);
-  for (int64_t n = 0; n < kN; ++n) {
-    quant_row(q, n, out.data());
-    for (int64_t blk = 0; blk < kK / 32; ++blk) {
-      INFO("row ", n, " block ", blk);
-      const float* src = w.data() + n * kK + blk * 32;
-      const double amax = block_amax(src), d = q.d[n * (kK / 32) + blk];
-      if (amax == 0) {
-        CHECK_EQ(d, 0.0);
-        CHECK(std::all_of(out.begin() + blk * 32, out.begin() + blk * 32 + 32, [](float x) { return x == 0.f; }));
-        continue;
-      }
-      CHECK(std::fabs(d) >= amax / 8 * (1 - 1e-6) && std::fabs(d) <= amax / 6.5 * (1 + 1e-6));
-      double sq = 0, sq_plain = 0;
-      for (int j = 0; j < 32; ++j) {
-        const int qi = stored_q(q, n, blk * 32 + j);
-        CHECK_EQ(out[blk * 32 + j], static_cast<float>(d * qi));
-        const double e = out[blk * 32 + j] - static_cast<double>(src[j]);
-        CHECK_NEAR(out[blk * 32 + j], src[j], amax / 8 * (1 + 1e-5));
-        sq += e * e;
-        const double plain = amax / 7 * std::min(7.0, std::max(-7.0, std::nearbyint(src[j] / (amax / 7))));
-        sq_plain += (plain - src[j]) * (plain - src[j]);
-      }
-      CHECK(sq <= sq_plain * (1 + 1e-4) + 1e-12 * amax * amax);
+  each_block(4, 2, [](const float* src, const float* out, double amax, double d) {
+    if (amax == 0) {
+      CHECK_EQ(d, 0.0);
+      CHECK_CLOSE(out, src, 32, 0.0, 0.0);
+      return;
     }
-  }
+    CHECK(std::fabs(d) >= amax / 8 * (1 - 1e-6) && std::fabs(d) <= amax / 6.5 * (1 + 1e-6));
+    CHECK_CLOSE(out, src, 32, amax / 8 * (1 + 1e-5), 0.0);
+    double sq = 0, sq_plain = 0;
+    for (int j = 0; j < 32; ++j) {
+      const double plain = amax / 7 * std::min(7.0, std::max(-7.0, std::nearbyint(src[j] / (amax / 7))));
+      sq += (out[j] - static_cast<double>(src[j])) * (out[j] - static_cast<double>(src[j]));
+      sq_plain += (plain - src[j]) * (plain - src[j]);
+    }
+    CHECK(sq <= sq_plain * (1 + 1e-4) + 1e-12 * amax * amax);
+  });
 }
 
 // quant_alloc + quant_rows over pieces of the rows gives the bytes and scales of quant_weights; K % 64 != 0 and

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI hardening: build gemmalens._core with AddressSanitizer + UBSan (CMake option GEMMALENS_SANITIZE) into a
-# throw-away directory and run the parsing / error / cache / ops tests (and the fuzz corpus) against it.
+# throw-away directory and run the C++ unit tests and the parsing / error / cache / ops tests (and the fuzz corpus)
+# against it.
 #
 # Run from .ci/run after the main test command, inside the same (activated) venv, which already has the test
 # dependencies. The normal install in the venv is not touched: the sanitized build goes to its own build dir and
@@ -54,9 +55,10 @@ echo "sanitize.sh: building the ASan+UBSan extension into $SITE"
 t0=$SECONDS
 # Debug: pybind11 adds neither -flto nor strip (frames with file:line in the reports); the CMake option adds the
 # sanitizer flags and -O1. No strip at install either. nlohmann_json's JSON_ASSERTs (NDEBUG unset) are live.
+# GEMMALENS_BUILD_TESTS: the C++ unit tests too, from the same objects (run below; not installed).
 python -m pip install --quiet --no-build-isolation --no-deps --no-cache-dir --target "$SITE" \
-  -C cmake.define.GEMMALENS_SANITIZE=ON -C cmake.build-type=Debug -C install.strip=false \
-  -C build-dir="$BUILD" "$ROOT"
+  -C cmake.define.GEMMALENS_SANITIZE=ON -C cmake.define.GEMMALENS_BUILD_TESTS=ON -C cmake.build-type=Debug \
+  -C install.strip=false -C build-dir="$BUILD" "$ROOT"
 build_s=$((SECONDS - t0))
 echo "sanitize.sh: build took ${build_s}s"
 
@@ -222,6 +224,16 @@ if ((rc != 0)); then
 fi
 
 # --- tests -------------------------------------------------------------------------------------------------------
+# The C++ unit tests (csrc/tests: the attention variants, the KV cache, quantisation), linked with the sanitizers.
+echo "sanitize.sh: running the C++ unit tests under ASan+UBSan"
+rc=0
+run_san "$LOGS" "$BUILD/gemmalens_ops_test" || rc=$?
+report_and_fail "gemmalens_ops_test exit status $rc"
+if ((rc != 0)); then
+  echo "sanitize.sh: FAILED: gemmalens_ops_test exit status $rc (no sanitizer report)" >&2
+  exit "$rc"
+fi
+
 TESTS=(tests/test_formats.py tests/test_errors.py tests/test_api_errors.py tests/test_cache.py tests/test_ops.py
        tests/test_gguf.py tests/test_config.py tests/test_sae.py)
 if [[ -f tests/test_fuzz.py ]]; then TESTS+=(tests/test_fuzz.py); fi

@@ -6,7 +6,7 @@
 Writes the tables to bench/README.md (between the BENCH markers) with the date and machine.
 Random-weight checkpoints of the real shapes are generated once under bench/_work/ (git-ignored).
 Peers: HF transformers (torch 2.13 CPU; default attention; prefill with `logits_to_keep=1`, as gemmalens'
-last-position mode; decode with `generate`), TransformerLens 4 (TransformerBridge over the same HF model).
+last-position mode; decode with `generate`), TransformerLens (TransformerBridge over the same HF model; its version is in the header).
 All at the same thread count.
 """
 import argparse
@@ -182,6 +182,15 @@ def bench_hooks(path, threads, repeats, T=256):
     except Exception as e:  # report, do not hide: the table says why the cell is empty
         print(f"TransformerLens run failed: {type(e).__name__}: {e}", flush=True)
     return plain, resid, every, tl_time
+
+
+def _tl_version():
+    try:
+        from importlib.metadata import version
+
+        return version("transformer-lens")
+    except Exception:  # not installed: the TransformerLens cells say why they are empty
+        return "not installed"
 
 
 def tl_bridge(path, threads, dtype="float32"):
@@ -473,7 +482,7 @@ def main():
 
     head = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "
             f"({os.cpu_count()} cores visible); gemmalens {gemmalens.__version__} (oneDNN {gemmalens._core.dnnl_version()}), "
-            f"transformers {transformers.__version__}, torch {torch.__version__}. Command: `python bench/run.py"
+            f"transformers {transformers.__version__}, torch {torch.__version__}, transformer_lens {_tl_version()}. Command: `python bench/run.py"
             f"{' --quick' if args.quick else ''}`. Random weights of the real shapes.\n\n"
             f"Machine, measured in the same run: streaming read bandwidth **{bw / 1e9:.1f} GB/s**; oneDNN matmul "
             f"512x2048x2048 f32 **{flops['float32'] / 1e9:.0f} GFLOP/s**, bf16 **{flops['bfloat16'] / 1e9:.0f} GFLOP/s**.\n\n")
@@ -498,10 +507,10 @@ def main():
              f"| run_with_cache, all 18 hook_resid_post | {resid * 1e3:.0f} | {resid / plain:.2f} |\n"
              f"| run_with_cache, every hook (398) | {every * 1e3:.0f} | {every / plain:.2f} |\n")
     if tl_time:
-        text += (f"| TransformerLens 4 run_with_cache, every hook | {tl_time * 1e3:.0f} | {tl_time / plain:.2f} |\n\n"
+        text += (f"| TransformerLens run_with_cache, every hook | {tl_time * 1e3:.0f} | {tl_time / plain:.2f} |\n\n"
                  f"TransformerLens time / gemmalens time for `run_with_cache` of every hook: **{tl_time / every:.2f}**.\n")
     text += ("\n### Gradients (256 tokens; the loss's gradient at every hook_resid_post; `run_with_cache(incl_bwd=True)`)\n\n"
-             "| model | dtype | plain forward ms | forward + reverse ms | vs plain | TransformerLens 4 ms | TransformerLens / "
+             "| model | dtype | plain forward ms | forward + reverse ms | vs plain | TransformerLens ms | TransformerLens / "
              "gemmalens |\n|---|---|---|---|---|---|---|\n")
     for size, dtype, p_, g_, t_ in grad_rows:
         tl = f"{t_ * 1e3:.0f} | **{t_ / g_:.2f}**" if t_ else "- | -"

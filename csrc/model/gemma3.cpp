@@ -238,16 +238,17 @@ void Gemma3Model::attend(int l, Pass& p) {
   }
   // Materialised path: scores and pattern exist as tensors [B, H, T, S], hooks may read and edit them.
   const int64_t B = p.B, H = at.H, T = p.T, S = p.past + p.T;
-  std::vector<float> scores(static_cast<size_t>(B * H * T * S)), pattern(scores.size());
+  // (the reverse pass keeps them in its tape, whose buffers are reused block after block)
+  std::vector<float> own_scores, own_pattern;
+  std::vector<float>& scores = p.keep ? p.keep->scores : own_scores;
+  std::vector<float>& pattern = p.keep ? p.keep->pattern : own_pattern;
+  scores.resize(static_cast<size_t>(B * H * T * S));
+  pattern.resize(scores.size());
   ops::attention_scores(at, scores.data());
   if (p.on(Site::AttnScores, l)) p.fire(Site::AttnScores, l, scores.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
   ops::softmax_rows(scores.data(), B * H * T, S, pattern.data());
   if (p.on(Site::Pattern, l)) p.fire(Site::Pattern, l, pattern.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
   ops::attention_apply(at, pattern.data(), p.z);
-  if (p.keep) {
-    p.keep->scores = std::move(scores);
-    p.keep->pattern = std::move(pattern);
-  }
 }
 
 void Gemma3Model::mlp_block(int l, Pass& p) {

@@ -146,8 +146,9 @@ class Gemma3Model {
   void join_residual(int l, Pass& p, const std::vector<float>& post_norm, Site norm_site, Site out_site, Site resid_site);
   void final(Pass& p);                   // final norm and the tied LM head
   // Their VJPs (gemma3_grad.cpp): dx [M, D] holds the gradient at the block's output and leaves with its input's.
-  void attention_block_backward(int l, Pass& p, const LayerTape& t, float* dx);
-  void mlp_block_backward(int l, Pass& p, const LayerTape& t, float* dx);
+  // The tape is read (the block's intermediates) and lends its scratch buffers.
+  void attention_block_backward(int l, Pass& p, LayerTape& t, float* dx);
+  void mlp_block_backward(int l, Pass& p, LayerTape& t, float* dx);
   // Activation buffers, grown on demand and reused across calls (no page faults in steady state).
   struct Workspace {
     std::vector<float> x, normed, qkv, q, k, v, z, out, gate_up, act;

@@ -82,7 +82,7 @@ void Gemma3Model::backward(const BackwardArgs& g) {
   p.resid(Site::Embed, -1, dx.data(), D, D);
 }
 
-void Gemma3Model::mlp_block_backward(int l, Pass& p, const LayerTape& t, float* dx) {
+void Gemma3Model::mlp_block_backward(int l, Pass& p, LayerTape& t, float* dx) {
   const Gemma3Config& c = cfg_;
   LayerWeights& L = w_.layers[l];
   const int D = c.hidden_size, F = c.intermediate_size;
@@ -92,9 +92,9 @@ void Gemma3Model::mlp_block_backward(int l, Pass& p, const LayerTape& t, float* 
   std::memcpy(p.out, dx, sizeof(float) * M * D);  // d mlp_out
   p.resid(Site::MlpOut, l, p.out, D, D);  // the reverse of the forward's order at one buffer
   p.resid(Site::Ln2Post, l, p.out, D, D);
-  std::vector<float> d_down(static_cast<size_t>(M) * D);
-  ops::rmsnorm_backward(t.down.data(), D, L.post_feedforward_layernorm.data(), eps, M, D, p.out, D, d_down.data(), D, false);
-  L.down_proj.backward_input(d_down.data(), M, p.act);  // d act [M, F]
+  t.d_branch.resize(static_cast<size_t>(M) * D);
+  ops::rmsnorm_backward(t.down.data(), D, L.post_feedforward_layernorm.data(), eps, M, D, p.out, D, t.d_branch.data(), D, false);
+  L.down_proj.backward_input(t.d_branch.data(), M, p.act);  // d act [M, F]
   p.resid(Site::MlpPost, l, p.act, F, F);
   ops::gelu_tanh_mul_backward(t.gate_up.data(), t.gate_up.data() + F, 2 * F, M, F, p.act, p.gate_up, p.gate_up + F, 2 * F);
   p.resid(Site::MlpPre, l, p.gate_up, F, 2 * F);
@@ -105,7 +105,7 @@ void Gemma3Model::mlp_block_backward(int l, Pass& p, const LayerTape& t, float* 
   p.resid(Site::ResidMid, l, dx, D, D);
 }
 
-void Gemma3Model::attention_block_backward(int l, Pass& p, const LayerTape& t, float* dx) {
+void Gemma3Model::attention_block_backward(int l, Pass& p, LayerTape& t, float* dx) {
   const Gemma3Config& c = cfg_;
   LayerWeights& L = w_.layers[l];
   const int D = c.hidden_size, H = c.num_attention_heads, KV = c.num_key_value_heads, Hd = c.head_dim, QKV = (H + 2 * KV) * Hd;
@@ -116,9 +116,9 @@ void Gemma3Model::attention_block_backward(int l, Pass& p, const LayerTape& t, f
   std::memcpy(p.out, dx, sizeof(float) * M * D);  // d attn_out
   p.resid(Site::AttnOut, l, p.out, D, D);
   p.resid(Site::Ln1Post, l, p.out, D, D);
-  std::vector<float> d_proj(static_cast<size_t>(M) * D);
-  ops::rmsnorm_backward(t.attn_proj.data(), D, L.post_attention_layernorm.data(), eps, M, D, p.out, D, d_proj.data(), D, false);
-  L.o_proj.backward_input(d_proj.data(), M, p.z);  // d z [B, T, H, Hd]
+  t.d_branch.resize(static_cast<size_t>(M) * D);
+  ops::rmsnorm_backward(t.attn_proj.data(), D, L.post_attention_layernorm.data(), eps, M, D, p.out, D, t.d_branch.data(), D, false);
+  L.o_proj.backward_input(t.d_branch.data(), M, p.z);  // d z [B, T, H, Hd]
   p.heads(Site::Z, l, p.z, H, H * Hd);
 
   ops::AttentionArgs at;
@@ -129,7 +129,10 @@ void Gemma3Model::attention_block_backward(int l, Pass& p, const LayerTape& t, f
   at.scale = static_cast<float>(std::pow(c.query_pre_attn_scalar, -0.5));
   at.softcap = static_cast<float>(c.attn_logit_softcapping);
   const int64_t S = T;
-  std::vector<float> d_pattern(static_cast<size_t>(B * H * T * S)), d_scores(d_pattern.size());
+  std::vector<float>& d_pattern = t.d_pattern;
+  std::vector<float>& d_scores = t.d_scores;
+  d_pattern.resize(static_cast<size_t>(B * H * T * S));
+  d_scores.resize(d_pattern.size());
   ops::attention_apply_backward(at, t.pattern.data(), p.z, d_pattern.data(), p.v);  // d v [B, T, KV, Hd]
   if (p.on(Site::Pattern, l)) p.fire(Site::Pattern, l, d_pattern.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
   ops::softmax_rows_backward(t.pattern.data(), d_pattern.data(), B * H * T, S, d_scores.data());

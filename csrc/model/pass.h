@@ -19,6 +19,9 @@ struct LayerTape {
   std::vector<float> gate_up;           // [M, 2F]
   std::vector<float> down;              // [M, D] down_proj's output, before post_feedforward_layernorm
   const float* x_pre = nullptr;         // [M, D] resid_pre (the GradTape's)
+  // Scratch of the block's VJP, reused block after block: d of the two post-norms' inputs [M, D], and of the
+  // pattern and the scores [B, H, T, T].
+  std::vector<float> d_branch, d_pattern, d_scores;
   static void save(std::vector<float>& dst, const float* src, int64_t n) { dst.assign(src, src + n); }
 };
 

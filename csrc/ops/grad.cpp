@@ -7,30 +7,12 @@
 #include <limits>
 #include <vector>
 
+#include "ops/linear.h"
 #include "ops/vmath.h"
 
 namespace gemmalens::ops {
 
 namespace {
-// out [B, T, KV, Hd]: out[b, j, kvh] = sum over the group's heads h and the queries t >= j (causal: only they see
-// key j) of w(b, h, t, j) src[b, t, h], src [B, T, H, Hd]. The VJP's sum over queries, for dv and dk.
-template <class W>
-void sum_over_queries(const AttentionArgs& a, const float* src, W&& w, float* out) {
-  const int group = a.H / a.KV;
-#pragma omp parallel for collapse(3) schedule(dynamic, 4)
-  for (int b = 0; b < a.B; ++b)
-    for (int kvh = 0; kvh < a.KV; ++kvh)
-      for (int64_t j = 0; j < a.T; ++j) {
-        float* o = out + ((static_cast<int64_t>(b) * a.T + j) * a.KV + kvh) * a.Hd;
-        std::fill(o, o + a.Hd, 0.f);
-        for (int h = kvh * group; h < (kvh + 1) * group; ++h)
-          for (int t = static_cast<int>(j); t < a.T; ++t) {
-            const float c = w(b, h, t, j);
-            if (c != 0.f) axpy_f32(c, src + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd, o, a.Hd);
-          }
-      }
-}
-
 inline void rmsnorm_row_backward(const float* x, const float* w, float eps, int D, const float* dy, float* dx, bool accumulate) {
   // The forward's r exactly as rmsnorm computes it (f32 sum); the gradient's own reduction in double.
   float ss = 0.f;
@@ -73,9 +55,10 @@ void gelu_tanh_mul_backward(const float* gate, const float* up, int64_t ld, int6
     const float* d = dout + m * static_cast<int64_t>(F);
     float* dg = dgate + m * ldd;
     float* du = dup + m * ldd;
+#pragma omp simd
     for (int f = 0; f < F; ++f) {
       const float x = g[f];
-      const float th = std::tanh(k0 * (x + k1 * x * x * x));
+      const float th = tanh_f32(k0 * (x + k1 * x * x * x));  // the forward's own tanh (ops/vmath.h), vectorised
       const float gelu = 0.5f * x * (1.f + th);
       const float dgelu = 0.5f * (1.f + th) + 0.5f * x * (1.f - th * th) * k0 * (1.f + 3.f * k1 * x * x);
       dg[f] = d[f] * u[f] * dgelu;
@@ -123,22 +106,24 @@ double cross_entropy_grad(const float* logits, int64_t M, int64_t V, const int64
   return total;
 }
 
+// The attention's VJP as matmuls per (row, head) over the chunk [B, T, KV, Hd] (no cache: S = T keys), each
+// operand read in place through its strides: dz / q rows of one head sit H * Hd apart, k / v rows of one KV head
+// KV * Hd apart.
 void attention_apply_backward(const AttentionArgs& a, const float* pattern, const float* dz, float* dpattern, float* dv) {
   if (a.past != 0) throw InternalError("attention_apply_backward: the reverse pass runs over whole sequences (no cache)");
-  const int64_t S = a.T;
-  const int group = a.H / a.KV;
-  // dP[b, h, t, j] = dz[b, t, h] . v[b, j, kvh] for every key: the gradient at the pattern tensor (hook_pattern's
-  // _grad) exists at masked entries too, although nothing flows on from them (P is 0 there, so is dS).
-#pragma omp parallel for collapse(3) schedule(dynamic, 16)
-  for (int b = 0; b < a.B; ++b)
-    for (int h = 0; h < a.H; ++h)
-      for (int t = 0; t < a.T; ++t) {
-        const float* g = dz + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
-        float* dp = dpattern + ((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S;
-        for (int64_t j = 0; j < S; ++j) dp[j] = dot_f32(g, value_row(a, b, h / group, j).f, a.Hd);
-      }
-  // dv[b, j, kvh] = sum over the group's heads h and queries t of P[b, h, t, j] dz[b, t, h]
-  sum_over_queries(a, dz, [&](int b, int h, int t, int64_t j) { return pattern[((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S + j]; }, dv);
+  const int64_t T = a.T, S = a.T, H = a.H, KV = a.KV, Hd = a.Hd, group = a.H / a.KV;
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t kvh = h / group;
+      const float* dz_h = dz + (b * T * H + h) * Hd;
+      const float* p_h = pattern + (b * H + h) * T * S;
+      // dP_h [T, S] = dz_h [T, Hd] . V^T, at every key: the gradient at the pattern tensor (hook_pattern's _grad)
+      // exists at masked entries too, although nothing flows on from them (P is 0 there, so is dS).
+      matmul_f32_strided(dz_h, T, Hd, H * Hd, 1, a.v_new + (b * T * KV + kvh) * Hd, S, 1, KV * Hd, dpattern + (b * H + h) * T * S, S,
+                         false);
+      // dv_kvh [S, Hd] = sum over the group's heads of P_h^T [S, T] dz_h [T, Hd]
+      matmul_f32_strided(p_h, S, T, 1, S, dz_h, Hd, H * Hd, 1, dv + (b * T * KV + kvh) * Hd, KV * Hd, h % group != 0);
+    }
 }
 
 void softmax_rows_backward(const float* pattern, const float* dpattern, int64_t rows, int64_t S, float* dscores) {
@@ -155,30 +140,27 @@ void softmax_rows_backward(const float* pattern, const float* dpattern, int64_t 
 
 void attention_scores_backward(const AttentionArgs& a, const float* scores, const float* dscores, float* dq, float* dk) {
   if (a.past != 0) throw InternalError("attention_scores_backward: the reverse pass runs over whole sequences (no cache)");
-  const int64_t S = a.T;
-  const int group = a.H / a.KV;
-  // The gradient of the raw product q.k: ds * scale, times softcap' = 1 - (s / cap)^2; masked slots carry none.
-  auto raw = [&](int b, int h, int t, int64_t j) {
-    const int64_t idx = ((static_cast<int64_t>(b) * a.H + h) * a.T + t) * S + j;
-    const float s = scores[idx];
-    if (s == -std::numeric_limits<float>::infinity() || dscores[idx] == 0.f) return 0.f;
-    float g = dscores[idx] * a.scale;
-    if (a.softcap > 0.f) g *= 1.f - (s / a.softcap) * (s / a.softcap);
-    return g;
-  };
-#pragma omp parallel for collapse(3) schedule(dynamic, 16)
-  for (int b = 0; b < a.B; ++b)
-    for (int h = 0; h < a.H; ++h)
-      for (int t = 0; t < a.T; ++t) {
-        float* out = dq + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
-        std::fill(out, out + a.Hd, 0.f);
-        const SlotRange vis = visible_range(a, b, t);
-        for (int64_t j = vis.lo; j <= vis.hi; ++j) {
-          const float g = raw(b, h, t, j);
-          if (g != 0.f) axpy_f32(g, key_row(a, b, h / group, j).f, out, a.Hd);
-        }
+  const int64_t T = a.T, S = a.T, H = a.H, KV = a.KV, Hd = a.Hd, group = a.H / a.KV;
+  std::vector<float> raw(static_cast<size_t>(T * S));
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t kvh = h / group;
+      const float* s_h = scores + (b * H + h) * T * S;
+      const float* ds_h = dscores + (b * H + h) * T * S;
+      // The gradient of the raw product q.k: ds * scale, times softcap' = 1 - (s / cap)^2; masked slots carry none.
+#pragma omp parallel for if (T * S > 16384)
+      for (int64_t i = 0; i < T * S; ++i) {
+        const float sc = s_h[i];
+        float g = sc == -std::numeric_limits<float>::infinity() ? 0.f : ds_h[i] * a.scale;
+        if (a.softcap > 0.f && g != 0.f) g *= 1.f - (sc / a.softcap) * (sc / a.softcap);
+        raw[i] = g;
       }
-  sum_over_queries(a, a.q, raw, dk);  // dk[b, j, kvh] = sum of raw(b, h, t, j) q[b, t, h]
+      // dq_h [T, Hd] = raw [T, S] . K [S, Hd];  dk_kvh [S, Hd] = sum over the group's heads of raw^T [S, T] q_h [T, Hd]
+      matmul_f32_strided(raw.data(), T, S, S, 1, a.k_new + (b * T * KV + kvh) * Hd, Hd, KV * Hd, 1, dq + (b * T * H + h) * Hd, H * Hd,
+                         false);
+      matmul_f32_strided(raw.data(), S, T, 1, S, a.q + (b * T * H + h) * Hd, Hd, H * Hd, 1, dk + (b * T * KV + kvh) * Hd, KV * Hd,
+                         h % group != 0);
+    }
 }
 
 }  // namespace gemmalens::ops

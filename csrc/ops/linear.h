@@ -51,6 +51,10 @@ class Linear {
 void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int64_t N, bool b_nk, float* C, int64_t ldc);
 // C [M, N] f32 (row stride ldc) = A [M, K] f32 (row stride lda) x B [K, N] f32 row-major; += with accumulate.
 void matmul_f32(const float* A, int64_t M, int64_t K, int64_t lda, const float* B, int64_t N, float* C, int64_t ldc, bool accumulate);
+// The same with any element strides: A(m, k) at A[m * sa_m + k * sa_k], B(k, n) at B[k * sb_k + n * sb_n] (a
+// transposed operand is a stride swap), C(m, n) at C[m * ldc + n].
+void matmul_f32_strided(const float* A, int64_t M, int64_t K, int64_t sa_m, int64_t sa_k, const float* B, int64_t N, int64_t sb_k,
+                        int64_t sb_n, float* C, int64_t ldc, bool accumulate);
 // oneDNN runs bf16 matmuls on AMX tiles on this machine (picks the AMX prefill paths).
 bool amx_bf16();
 // Library version string of the linked oneDNN ("3.2.0").

@@ -330,9 +330,14 @@ void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int
 }
 
 void matmul_f32(const float* A, int64_t M, int64_t K, int64_t lda, const float* B, int64_t N, float* C, int64_t ldc, bool accumulate) {
+  matmul_f32_strided(A, M, K, lda, 1, B, N, N, 1, C, ldc, accumulate);
+}
+
+void matmul_f32_strided(const float* A, int64_t M, int64_t K, int64_t sa_m, int64_t sa_k, const float* B, int64_t N, int64_t sb_k,
+                        int64_t sb_n, float* C, int64_t ldc, bool accumulate) {
   try {
     auto& eng = engine();
-    dnnl::memory::desc a_md({M, K}, dt::f32, dnnl::memory::dims{lda, 1}), b_md({K, N}, dt::f32, tag::ab),
+    dnnl::memory::desc a_md({M, K}, dt::f32, dnnl::memory::dims{sa_m, sa_k}), b_md({K, N}, dt::f32, dnnl::memory::dims{sb_k, sb_n}),
         c_md({M, N}, dt::f32, dnnl::memory::dims{ldc, 1});
     dnnl::primitive_attr attr;
     if (accumulate) {

@@ -134,6 +134,11 @@ def test_bad_gradient_requests_are_clear_errors_and_the_model_stays_usable(hf_mo
     with pytest.raises(ValueError, match="shape"):
         model.run_with_hooks(toks, bwd_hooks=[("blocks.1.hook_resid_mid", lambda g, hook: g[:, :2])], metric="loss")
     from gemmalens import _core
+    other = gl.load(hf_models["gqa4_hd24"][1])  # 8 layers, another hidden size: its tape does not fit this model
+    tape = _core.GradTape()
+    other._core.forward(toks, None, None, "all", None, tape=tape)
+    with pytest.raises(ValueError, match="recorded by another model"):
+        model._core.backward(tape, np.zeros((1, 8, V), np.float32))
     with pytest.raises(ValueError, match="holds no forward"):
         model._core.backward(_core.GradTape(), np.zeros((1, 8, V), np.float32))
     np.testing.assert_array_equal(model.forward(toks), before)

@@ -23,6 +23,10 @@ void Gemma3Model::backward(const BackwardArgs& g) {
   GradTape* tape = g.tape;
   if (!tape || !tape->ready) throw ValueError("backward: no forward pass was recorded for it (run the forward with a tape first)");
   if (!g.dlogits) throw ValueError("backward: dMetric/dLogits is missing");
+  const size_t resid_size = static_cast<size_t>(tape->B) * tape->T * c.hidden_size;
+  bool fits = tape->resid.size() == static_cast<size_t>(c.num_hidden_layers) + 1 && tape->tokens.size() == static_cast<size_t>(tape->B) * tape->T;
+  for (const auto& r : tape->resid) fits = fits && r.size() == resid_size;
+  if (!fits) throw ValueError("backward: the tape was recorded by another model (its layers or hidden size differ)");
   if (c.final_logit_softcapping > 0 && !g.logits)
     throw ValueError("backward: this model soft-caps its logits; the forward's logits are needed for the reverse pass");
   for (HookSet* h : {g.grad_hooks, g.forward_hooks})

@@ -354,3 +354,24 @@ def test_integrated_gradients_completeness_and_definition(hf_models):
         gl.attribution.integrated_gradients(model, toks, metric, name, steps=0)
     with pytest.raises(ValueError, match="unknown hook name"):
         gl.attribution.integrated_gradients(model, toks, metric, "blocks.2.hook_nope")
+
+
+def test_gradients_through_edits_of_scores_and_pattern_match_finite_differences(hf_models):
+    """Edits inside the attention (scaling the pattern, zeroing scores at positions) take part in the gradient: the
+    directional derivative along a random direction at an earlier site equals a central finite difference."""
+    model = gl.load(hf_models["attn_softcap"][1])  # attention soft-capping: the scores' VJP needs the pre-edit scores
+    toks = np.random.default_rng(9).integers(1, V, size=(1, 9)).astype(np.int32)
+    edits = [("blocks.2.attn.hook_pattern", gl.interventions.scale(0.7, positions=[4, 5, 6])),
+             ("blocks.3.attn.hook_attn_scores", gl.interventions.scale(1.5))]
+    name = "blocks.1.hook_resid_mid"
+    metric = gl.metrics.logprob(11)
+    _, cache = model.run_with_cache(toks, names_filter=[name], fwd_hooks=edits, incl_bwd=True, metric=metric)
+    x, g = cache[name], cache[name + "_grad"]
+    d = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    eps = 1e-2
+
+    def at(v):
+        return metric(model.run_with_hooks(toks, fwd_hooks=edits + [(name, gl.interventions.replace(v))]))
+
+    fd = (at(x + eps * d) - at(x - eps * d)) / (2 * eps)
+    assert float((g * d).sum()) == pytest.approx(fd, rel=2e-3, abs=1e-5)

@@ -245,9 +245,17 @@ void Gemma3Model::attend(int l, Pass& p) {
   scores.resize(static_cast<size_t>(B * H * T * S));
   pattern.resize(scores.size());
   ops::attention_scores(at, scores.data());
-  if (p.on(Site::AttnScores, l)) p.fire(Site::AttnScores, l, scores.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
+  if (p.keep) p.keep->scores_in.clear();
+  if (p.on(Site::AttnScores, l)) {
+    if (p.keep) p.keep->scores_in = scores;  // the replay applies edits here: keep what they edited
+    p.fire(Site::AttnScores, l, scores.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
+  }
   ops::softmax_rows(scores.data(), B * H * T, S, pattern.data());
-  if (p.on(Site::Pattern, l)) p.fire(Site::Pattern, l, pattern.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
+  if (p.keep) p.keep->pattern_in.clear();
+  if (p.on(Site::Pattern, l)) {
+    if (p.keep) p.keep->pattern_in = pattern;
+    p.fire(Site::Pattern, l, pattern.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
+  }
   ops::attention_apply(at, pattern.data(), p.z);
 }
 

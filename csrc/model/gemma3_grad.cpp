@@ -139,9 +139,9 @@ void Gemma3Model::attention_block_backward(int l, Pass& p, LayerTape& t, float* 
   d_scores.resize(d_pattern.size());
   ops::attention_apply_backward(at, t.pattern.data(), p.z, d_pattern.data(), p.v);  // d v [B, T, KV, Hd]
   if (p.on(Site::Pattern, l)) p.fire(Site::Pattern, l, d_pattern.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
-  ops::softmax_rows_backward(t.pattern.data(), d_pattern.data(), B * H * T, S, d_scores.data());
+  ops::softmax_rows_backward(t.pattern_before_edit(), d_pattern.data(), B * H * T, S, d_scores.data());
   if (p.on(Site::AttnScores, l)) p.fire(Site::AttnScores, l, d_scores.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
-  ops::attention_scores_backward(at, t.scores.data(), d_scores.data(), p.q, p.k);
+  ops::attention_scores_backward(at, t.scores_before_edit(), d_scores.data(), p.q, p.k);
   p.heads(Site::RotQ, l, p.q, H, H * Hd);
   p.heads(Site::RotK, l, p.k, KV, KV * Hd);
   ops::rope_apply(p.q, M, H, Hd, p.rope_cos(sliding), p.rope_sin(sliding), /*inverse=*/true);

@@ -13,7 +13,12 @@ namespace gemmalens {
 struct LayerTape {
   std::vector<float> qkv;               // [M, (H + 2 KV) Hd] q/k before their norms, v
   std::vector<float> q, k, v;           // q, k after norm and RoPE (as rounded for a bf16 model), v
-  std::vector<float> scores, pattern;   // [B, H, T, T]
+  std::vector<float> scores, pattern;   // [B, H, T, T] as the next step used them (after any edit at their sites)
+  // Where the forward edited them (interventions at attn_scores / pattern): the values before the edit, which the
+  // VJPs of softcap and softmax need. Empty otherwise.
+  std::vector<float> scores_in, pattern_in;
+  const float* scores_before_edit() const { return scores_in.empty() ? scores.data() : scores_in.data(); }
+  const float* pattern_before_edit() const { return pattern_in.empty() ? pattern.data() : pattern_in.data(); }
   std::vector<float> attn_proj;         // [M, D] o_proj's output, before post_attention_layernorm
   std::vector<float> x_mid;             // [M, D] resid_mid
   std::vector<float> gate_up;           // [M, 2F]

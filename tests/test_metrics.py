@@ -45,9 +45,11 @@ def torch_loss(x, tokens, row_start, mask=None):
 def test_loss_matches_autograd_and_forward_loss(data):
     logits, tokens, row_start = data
     check(metrics.loss(), logits, lambda x: torch_loss(x, tokens, row_start), tokens=tokens, row_start=row_start)
-    # the same number as the model's own return_type="loss" computation
+    # return_type="loss" goes through the same computation (value only), equal to torch's float64 loss
     from gemmalens.model import _next_token_loss
+    ref = torch_loss(torch.tensor(logits, dtype=torch.float64), tokens, row_start).item()
     assert metrics.loss()(logits, tokens, row_start) == pytest.approx(_next_token_loss(logits, tokens, row_start), rel=1e-7)
+    assert _next_token_loss(logits, tokens, row_start) == pytest.approx(ref, rel=1e-6)
 
 
 def test_loss_mask(data):

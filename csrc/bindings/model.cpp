@@ -62,7 +62,7 @@ void bind_model(py::module_& m) {
   m.def(
       "cross_entropy_grad",
       [](const FloatArray& logits, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& targets,
-         const FloatArray& weights) {
+         const FloatArray& weights, bool with_grad) {
         if (logits.ndim() != 2 || targets.ndim() != 1 || weights.ndim() != 1 || targets.shape(0) != logits.shape(0) ||
             weights.shape(0) != logits.shape(0))
           throw ValueError("cross_entropy_grad: logits [M, V], targets [M], weights [M]");
@@ -71,16 +71,17 @@ void bind_model(py::module_& m) {
           if (weights.data()[i] != 0.f && (targets.data()[i] < 0 || targets.data()[i] >= V))
             throw ValueError("cross_entropy_grad: target token id " + std::to_string(targets.data()[i]) +
                              " is out of range [0, vocab_size = " + std::to_string(V) + ")");
-        py::array_t<float> grad({M, V});
+        py::array_t<float> grad = with_grad ? py::array_t<float>({M, V}) : py::array_t<float>();
+        float* g = with_grad ? grad.mutable_data() : nullptr;
         double total;
         {
           py::gil_scoped_release release;
-          total = ops::cross_entropy_grad(logits.data(), M, V, targets.data(), weights.data(), grad.mutable_data());
+          total = ops::cross_entropy_grad(logits.data(), M, V, targets.data(), weights.data(), g);
         }
-        return py::make_tuple(total, grad);
+        return py::make_tuple(total, with_grad ? py::object(grad) : py::object(py::none()));
       },
-      py::arg("logits"), py::arg("targets"), py::arg("weights"),
-      "(sum_m w_m CE(logits_m, target_m), its gradient [M, V]): the loss metric's native kernel.");
+      py::arg("logits"), py::arg("targets"), py::arg("weights"), py::arg("with_grad") = true,
+      "(sum_m w_m CE(logits_m, target_m), its gradient [M, V] or None): the next-token loss's native kernel.");
   bind_cache(m);
   py::class_<Gemma3Model>(m, "Model")
       .def_property_readonly("config", &Gemma3Model::config)

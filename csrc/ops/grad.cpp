@@ -80,9 +80,9 @@ double cross_entropy_grad(const float* logits, int64_t M, int64_t V, const int64
 #pragma omp parallel for reduction(+ : total) schedule(dynamic, 1)
   for (int64_t m = 0; m < M; ++m) {
     const float* x = logits + m * V;
-    float* g = grad + m * V;
+    float* g = grad ? grad + m * V : nullptr;
     if (w[m] == 0.f) {
-      std::fill(g, g + V, 0.f);
+      if (g) std::fill(g, g + V, 0.f);
       continue;
     }
     float mx = -std::numeric_limits<float>::infinity();
@@ -90,17 +90,20 @@ double cross_entropy_grad(const float* logits, int64_t M, int64_t V, const int64
     double sum = 0.0;
     float part = 0.f;  // blocks of f32 partial sums, added up in double
     for (int64_t v = 0; v < V; ++v) {
-      g[v] = exp_f32(x[v] - mx);
-      part += g[v];
+      const float e = exp_f32(x[v] - mx);
+      if (g) g[v] = e;
+      part += e;
       if ((v & 1023) == 1023) {
         sum += part;
         part = 0.f;
       }
     }
     sum += part;
-    const float scale = static_cast<float>(w[m] / sum);
-    for (int64_t v = 0; v < V; ++v) g[v] *= scale;
-    g[targets[m]] -= w[m];
+    if (g) {
+      const float scale = static_cast<float>(w[m] / sum);
+      for (int64_t v = 0; v < V; ++v) g[v] *= scale;
+      g[targets[m]] -= w[m];
+    }
     total += w[m] * (static_cast<double>(mx) + std::log(sum) - x[targets[m]]);
   }
   return total;

@@ -30,7 +30,8 @@ void gelu_tanh_mul_backward(const float* gate, const float* up, int64_t ld, int6
 void softcap_backward(const float* y, float* dy, int64_t n, float cap);
 
 // Cross-entropy of rows of logits [M, V] against targets [M], row m weighted by w[m] (0: not counted):
-// returns sum_m w[m] (logsumexp(x_m) - x_m[target_m]) and writes grad [M, V] = w[m] (softmax(x_m) - onehot).
+// returns sum_m w[m] (logsumexp(x_m) - x_m[target_m]) and writes grad [M, V] = w[m] (softmax(x_m) - onehot) unless
+// grad is null (the value alone).
 // Softmax sums in double. Targets must be in [0, V) where w[m] != 0.
 double cross_entropy_grad(const float* logits, int64_t M, int64_t V, const int64_t* targets, const float* w, float* grad);
 

@@ -11,7 +11,7 @@ from . import _core
 from .activation_cache import ActivationCache
 from .hooks import build_hookset, check_hooks
 from .interventions import Intervention
-from .metrics import dlogits_for
+from .metrics import dlogits_for, next_token_loss
 
 
 def _edits(model, fwd_hooks, stop_at_layer, return_type):
@@ -54,9 +54,7 @@ def _run(model, tokens, attention_mask, metric, allow_longer, captures, bwd_hook
 
 def _output(logits, toks, row_start, return_type):
     if return_type == "loss":
-        from .model import _next_token_loss
-
-        return _next_token_loss(logits, toks, row_start)
+        return next_token_loss(logits, toks, row_start, with_grad=False, what="return_type='loss'")[0]
     return None if return_type is None else logits
 
 

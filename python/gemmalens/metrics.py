@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["Metric", "loss", "logit_diff", "logprob", "dlogits_for"]
+__all__ = ["Metric", "loss", "logit_diff", "logprob", "dlogits_for", "next_token_loss"]
 
 
 def _log_softmax(x):
@@ -98,38 +98,46 @@ class _Loss(Metric):
         return "metrics.loss()" if self.mask is None else "metrics.loss(mask=...)"
 
     def evaluate(self, logits, tokens=None, row_start=None, tokenizer=None):
-        logits = _check_logits(logits)
-        B, T, V = logits.shape
-        if tokens is None:
-            raise ValueError("metrics.loss needs the input tokens (the targets are the next tokens)")
-        tokens = np.asarray(tokens)
-        if tokens.shape != (B, T):
-            raise ValueError(f"metrics.loss: tokens {tokens.shape} do not match logits {logits.shape[:2]}")
-        if T < 2:
-            raise ValueError("metrics.loss needs at least 2 positions (position t predicts token t + 1)")
-        # Position t of row b counts when it is real (t >= row_start[b]), not the last, and the mask allows it.
-        count = np.zeros((B, T), dtype=bool)
-        for b in range(B):
-            count[b, (0 if row_start is None else int(row_start[b])):T - 1] = True
-        if self.mask is not None:
-            if self.mask.shape not in ((B, T), (B, T - 1)):
-                raise ValueError(f"metrics.loss: mask must be [batch, pos] {(B, T)} (or {(B, T - 1)}), got {self.mask.shape}")
-            m = self.mask.astype(bool)
-            count[:, :m.shape[1]] &= m
-            if m.shape[1] == T:
-                count[:, T - 1] = False
-        n = int(count.sum())
-        if n == 0:
-            raise ValueError("metrics.loss: no position is counted (each row needs two real tokens, and the mask "
-                             "must keep at least one)")
-        # The native kernel (softmax sums in double, one parallel pass per row): the logits of a long prompt are
-        # 256k floats per position.
-        targets = np.zeros((B, T), dtype=np.int64)
-        targets[:, :-1] = tokens[:, 1:]
-        weights = np.where(count, np.float32(1.0 / n), np.float32(0.0)).astype(np.float32)
-        total, grad = _core.cross_entropy_grad(np.ascontiguousarray(logits, dtype=np.float32).reshape(B * T, V),
-                                               targets.reshape(-1), weights.reshape(-1))
-        return total, grad.reshape(B, T, V)
+        return next_token_loss(logits, tokens, row_start, self.mask)
+
+
+def next_token_loss(logits, tokens, row_start=None, mask=None, with_grad=True, what="metrics.loss"):
+    """(mean next-token cross-entropy, its dLoss/dLogits or None): position t predicts token t + 1; left padding
+    (row_start) excluded; mask [batch, pos] keeps only the predictions made at its True positions. The one loss
+    computation: ``forward(return_type="loss")`` uses it too (with_grad=False)."""
+    logits = _check_logits(logits)
+    B, T, V = logits.shape
+    if tokens is None:
+        raise ValueError(f"{what} needs the input tokens (the targets are the next tokens)")
+    tokens = np.asarray(tokens)
+    if tokens.shape != (B, T):
+        raise ValueError(f"{what}: tokens {tokens.shape} do not match logits {logits.shape[:2]}")
+    if T < 2:
+        raise ValueError(f"{what} needs at least 2 positions (position t predicts token t + 1)")
+    # Position t of row b counts when it is real (t >= row_start[b]), not the last, and the mask allows it.
+    count = np.zeros((B, T), dtype=bool)
+    for b in range(B):
+        count[b, (0 if row_start is None else int(row_start[b])):T - 1] = True
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape not in ((B, T), (B, T - 1)):
+            raise ValueError(f"{what}: mask must be [batch, pos] {(B, T)} (or {(B, T - 1)}), got {mask.shape}")
+        m = mask.astype(bool)
+        count[:, :m.shape[1]] &= m
+        if m.shape[1] == T:
+            count[:, T - 1] = False
+    n = int(count.sum())
+    if n == 0:
+        raise ValueError(f"{what}: no position is counted (each row needs two real tokens, and the mask must keep at "
+                         "least one)")
+    # The native kernel (softmax sums in double, one parallel pass per row): the logits of a long prompt are 256k
+    # floats per position.
+    targets = np.zeros((B, T), dtype=np.int64)
+    targets[:, :-1] = tokens[:, 1:]
+    weights = np.where(count, np.float32(1.0 / n), np.float32(0.0)).astype(np.float32)
+    total, grad = _core.cross_entropy_grad(np.ascontiguousarray(logits, dtype=np.float32).reshape(B * T, V),
+                                           targets.reshape(-1), weights.reshape(-1), with_grad)
+    return total, (None if grad is None else grad.reshape(B, T, V))
 
 
 class _LogitDiff(Metric):

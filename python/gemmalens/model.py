@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from . import _core, grad, interventions
+from . import _core, grad, interventions, metrics
 from .activation_cache import ActivationCache
 from .generation import generate
 from .hooks import HookTable, check_hooks, plan_hookset
@@ -382,23 +382,8 @@ class Model:
 
 
 def _next_token_loss(logits, toks, row_start):
-    B, T, _ = logits.shape
-    if T < 2:
-        raise ValueError("return_type='loss' needs at least 2 positions (it predicts token t+1 from t)")
-    total, count = 0.0, 0
-    for b in range(B):
-        s = 0 if row_start is None else int(row_start[b])
-        if T - s < 2:
-            continue
-        lg = logits[b, s:T - 1].astype(np.float64)
-        tgt = toks[b, s + 1:T]
-        mx = lg.max(axis=-1, keepdims=True)
-        lse = mx[:, 0] + np.log(np.exp(lg - mx).sum(axis=-1))
-        total += float((lse - lg[np.arange(len(tgt)), tgt]).sum())
-        count += len(tgt)
-    if count == 0:
-        raise ValueError("return_type='loss': no row has two real tokens")
-    return total / count
+    """forward(return_type="loss"): the value of the one next-token loss (gemmalens.metrics.next_token_loss)."""
+    return metrics.next_token_loss(logits, toks, row_start, with_grad=False, what="return_type='loss'")[0]
 
 
 def __getattr__(name):

@@ -13,6 +13,7 @@
 #include "model/pass.h"
 #include "ops/grad.h"
 #include "ops/kernels.h"
+#include "ops/linear.h"
 
 namespace gemmalens {
 
@@ -49,6 +50,9 @@ void Gemma3Model::backward(const BackwardArgs& g) {
   const int64_t M = p.M, V = c.vocab_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
   std::vector<float> dx(static_cast<size_t>(M) * D), dl;
+  struct ReleaseScratch {  // the widened-weights buffer goes back when the pass ends, normally or not
+    ~ReleaseScratch() { ops::release_backward_scratch(); }
+  } release_scratch;
 
   // ---- final norm and the tied LM head: logits = softcap(final_norm(x) E^T) ----
   const float* dlogits = g.dlogits;

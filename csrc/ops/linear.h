@@ -49,6 +49,8 @@ class Linear {
 // C [M, N] f32 (row stride ldc) = A [M, K] bf16 (row-major) x B, with B bf16 row-major as [N, K] (b_nk) or [K, N];
 // f32 accumulation. The raw matmul the bf16 attention prefill (ops/attention_bf16.cpp) runs on.
 void matmul_bf16(const uint16_t* A, int64_t M, int64_t K, const uint16_t* B, int64_t N, bool b_nk, float* C, int64_t ldc);
+// Frees the calling thread's buffer of widened weights that Linear::backward_input reuses across a reverse pass.
+void release_backward_scratch();
 // C [M, N] f32 (row stride ldc) = A [M, K] f32 (row stride lda) x B [K, N] f32 row-major; += with accumulate.
 void matmul_f32(const float* A, int64_t M, int64_t K, int64_t lda, const float* B, int64_t N, float* C, int64_t ldc, bool accumulate);
 // The same with any element strides: A(m, k) at A[m * sa_m + k * sa_k], B(k, n) at B[k * sb_k + n * sb_n] (a

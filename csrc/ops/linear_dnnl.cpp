@@ -356,9 +356,20 @@ void matmul_f32_strided(const float* A, int64_t M, int64_t K, int64_t sa_m, int6
   }
 }
 
+namespace {
+// The widened weights of backward_input, reused across its calls (no page faults per layer) until the reverse pass
+// gives them back (release_backward_scratch): one layer's f32 weights, up to ~1 GB for the largest Gemma 3.
+std::vector<float>& backward_scratch() {
+  thread_local std::vector<float> w;
+  return w;
+}
+}  // namespace
+
+void release_backward_scratch() { std::vector<float>().swap(backward_scratch()); }
+
 void Linear::backward_input(const float* dy, int64_t M, float* dx, bool accumulate) const {
   if (!impl_) throw InternalError("Linear::backward_input on an empty layer");
-  thread_local std::vector<float> w;  // the widened weights, reused across calls (no page faults per layer)
+  std::vector<float>& w = backward_scratch();
   if (!impl_->plain && !impl_->quantized) {  // a layer in oneDNN's blocked layout: back to row-major for the call
     if (w.size() < static_cast<size_t>(N_) * K_) w.resize(static_cast<size_t>(N_) * K_);
     to_rowmajor(w.data());

@@ -126,6 +126,10 @@ def test_bad_gradient_requests_are_clear_errors_and_the_model_stays_usable(hf_mo
         model.run_with_cache(toks, incl_bwd=True, metric="loss", fwd_hooks=[("hook_embed", lambda a, hook: a)])
     with pytest.raises(ValueError, match="incl_bwd=True as well"):
         model.run_with_cache(toks, metric="loss")
+    with pytest.raises(ValueError, match="pass bwd_hooks as well"):
+        model.run_with_hooks(toks, metric="loss")
+    with pytest.raises(TypeError, match="bwd_hooks entries are"):
+        model.run_with_hooks(toks, bwd_hooks=["blocks.0.hook_resid_pre"], metric="loss")
     def boom(g, hook):
         raise RuntimeError("a backward hook failed")
 
@@ -352,6 +356,8 @@ def test_integrated_gradients_completeness_and_definition(hf_models):
                                x * acc / steps, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="steps"):
         gl.attribution.integrated_gradients(model, toks, metric, name, steps=0)
+    with pytest.raises(ValueError, match="baseline has shape"):
+        gl.attribution.integrated_gradients(model, toks, metric, name, baseline=np.zeros(5))
     with pytest.raises(ValueError, match="unknown hook name"):
         gl.attribution.integrated_gradients(model, toks, metric, "blocks.2.hook_nope")
 

@@ -98,6 +98,10 @@ def test_string_tokens_resolve_through_the_tokenizer(data):
     (lambda: metrics.loss(), {}, ValueError, "needs the input tokens"),
     (lambda: metrics.loss(mask=np.zeros((B, T), bool)), {"tokens": np.zeros((B, T), int)}, ValueError, "no position"),
     (lambda: metrics.loss(mask=np.ones((2, 2), bool)), {"tokens": np.zeros((B, T), int)}, ValueError, "mask must be"),
+    (lambda: metrics.loss(), {"tokens": np.full((B, T), V)}, ValueError, f"target token id {V} is out of range"),
+    (lambda: metrics.loss(), {"tokens": np.full((B, T), -2)}, ValueError, "target token id -2 is out of range"),
+    (lambda: metrics.loss(), {"tokens": np.zeros((B, T), float)}, TypeError, "integer ids"),
+    (lambda: metrics.loss(), {"tokens": np.zeros((B, T - 1), int)}, ValueError, "do not match"),
 ])
 def test_bad_metric_input_is_a_clear_error(data, make, kw, err, match):
     with pytest.raises(err, match=match):

@@ -72,7 +72,14 @@ def integrated_gradients(model, tokens, metric, name, baseline=None, steps=16, a
     model._hook_table.resolve(name)
     _, cache = model.run_with_cache(tokens, names_filter=[name], attention_mask=attention_mask, return_type=None)
     x = cache[name].astype(np.float64)
-    base = np.zeros_like(x) if baseline is None else np.broadcast_to(np.asarray(baseline, dtype=np.float64), x.shape)
+    if baseline is None:
+        base = np.zeros_like(x)
+    else:
+        base = np.asarray(baseline, dtype=np.float64)
+        if base.shape not in (x.shape, x.shape[1:]):
+            raise ValueError(f"integrated_gradients: baseline has shape {base.shape}; {name} is {x.shape} (or pass "
+                             f"{x.shape[1:]} for every row)")
+        base = np.broadcast_to(base, x.shape)
     total = np.zeros_like(x)
     for k in range(steps):
         a = (k + 0.5) / steps

@@ -103,8 +103,8 @@ def as_pairs(fwd_hooks):
     return [(f.site, f) if isinstance(f, Intervention) else f for f in fwd_hooks]
 
 
-def check_hooks(table, fwd_hooks, extra_names=()):
-    """The shape of fwd_hooks, before anything is built: (name | filter, fn) pairs, or interventions with a site,
+def check_hooks(table, fwd_hooks, extra_names=(), what="fwd_hooks"):
+    """The shape of fwd_hooks (or bwd_hooks: ``what`` names the argument in errors), before anything is built: (name | filter, fn) pairs, or interventions with a site,
     whose names exist (in the table or among extra_names, the hooks of spliced SAEs). The functions themselves are
     checked when the HookSet is built."""
     extra_names = set(extra_names)
@@ -114,7 +114,7 @@ def check_hooks(table, fwd_hooks, extra_names=()):
                 raise TypeError(f"{item!r} has no site of its own: pass (hook_name, intervention)")
             continue
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise TypeError(f"fwd_hooks entries are (name or filter, fn) pairs, got {item!r}")
+            raise TypeError(f"{what} entries are (name or filter, fn) pairs, got {item!r}")
         target, _ = item
         if isinstance(target, str):
             if target not in extra_names:

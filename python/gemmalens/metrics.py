@@ -132,8 +132,14 @@ def next_token_loss(logits, tokens, row_start=None, mask=None, with_grad=True, w
                          "least one)")
     # The native kernel (softmax sums in double, one parallel pass per row): the logits of a long prompt are 256k
     # floats per position.
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise TypeError(f"{what}: tokens must be integer ids, got dtype {tokens.dtype}")
     targets = np.zeros((B, T), dtype=np.int64)
     targets[:, :-1] = tokens[:, 1:]
+    counted = targets[count]
+    if counted.min() < 0 or counted.max() >= V:
+        bad = int(counted.min() if counted.min() < 0 else counted.max())
+        raise ValueError(f"{what}: target token id {bad} is out of range [0, vocab_size = {V})")
     weights = np.where(count, np.float32(1.0 / n), np.float32(0.0)).astype(np.float32)
     total, grad = _core.cross_entropy_grad(np.ascontiguousarray(logits, dtype=np.float32).reshape(B * T, V),
                                            targets.reshape(-1), weights.reshape(-1), with_grad)

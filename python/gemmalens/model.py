@@ -167,7 +167,7 @@ class Model:
         run by the native reverse pass as the metric's gradient reaches each site; editing or returning the gradient
         changes what flows on to earlier sites."""
         if bwd_hooks:
-            check_hooks(self._hook_table, bwd_hooks)
+            check_hooks(self._hook_table, bwd_hooks, what="bwd_hooks")
             try:
                 return grad.run_with_hooks(self, tokens, fwd_hooks, bwd_hooks, metric, attention_mask, return_type,
                                            allow_longer)

@@ -122,8 +122,15 @@ def test_bad_gradient_requests_are_clear_errors_and_the_model_stays_usable(hf_mo
         model.run_with_cache(toks, incl_bwd=True, metric=gl.metrics.logprob(1, pos=8))
     with pytest.raises(ValueError, match="stop_at_layer"):
         model.run_with_cache(toks, incl_bwd=True, metric="loss", stop_at_layer=2)
-    with pytest.raises(ValueError, match="is a Python hook"):
-        model.run_with_cache(toks, incl_bwd=True, metric="loss", fwd_hooks=[("hook_embed", lambda a, hook: a)])
+    with pytest.raises(ValueError, match="running it again on a torch tensor.*with_vjp"):  # a numpy ufunc
+        model.run_with_cache(toks, incl_bwd=True, metric="loss", fwd_hooks=[("hook_embed", lambda a, hook: np.tanh(a))])
+    noise = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="other values on a torch tensor"):  # a random hook: no one function
+        model.run_with_cache(toks, incl_bwd=True, metric="loss",
+                             fwd_hooks=[("hook_embed", lambda a, hook: a + noise.standard_normal(a.shape))])
+    with pytest.raises(ValueError, match="the vjp of hook 'blocks.0.hook_resid_mid' returned"):
+        model.run_with_cache(toks, incl_bwd=True, metric="loss", fwd_hooks=[
+            ("blocks.0.hook_resid_mid", gl.hooks.with_vjp(lambda a, hook: a * 2, lambda g, a, hook: g[:, :1]))])
     with pytest.raises(ValueError, match="incl_bwd=True as well"):
         model.run_with_cache(toks, metric="loss")
     with pytest.raises(ValueError, match="pass bwd_hooks as well"):

@@ -11,11 +11,23 @@ namespace gemmalens {
 namespace {
 
 void bridge(PyHookSet& hs) {
-  hs.call = [&hs](int idx, Site, int, const ActView& v) {
+  // Forward: fn(activation) -> the activation to go on with. The reverse pass of a gradient run calls the same
+  // object's replay(activation) (the forward's output again) and vjp(gradient at the output) -> the gradient at the
+  // input, or None for unchanged; before the gradient hooks at the site, inject(gradient at the output) -> it with
+  // what came back through readers of the site added, or None (hooks.build_hookset(..., grad=True) registers
+  // objects that have all three).
+  hs.call = [&hs](int idx, Site, int, const ActView& v, HookSet::CallMode mode) {
     py::gil_scoped_acquire gil;
+    const py::object& fn = hs.callbacks[idx];
+    using Mode = HookSet::CallMode;
+    const char* method = mode == Mode::Replay ? "replay" : mode == Mode::Vjp ? "vjp" : mode == Mode::Inject ? "inject" : nullptr;
+    if (mode == Mode::Inject && !py::hasattr(fn, method)) return;  // most hooks read nothing for later sites
+    if (method && !py::hasattr(fn, method))
+      throw InternalError("a Python hook without replay/vjp reached a reverse pass (gradient runs register them with grad=True)");
     py::array_t<float> arr(v.shape);
     v.copy_out(arr.mutable_data());
-    py::object res = hs.callbacks[idx](arr);
+    py::object res = method ? fn.attr(method)(arr) : fn(arr);
+    if ((mode == Mode::Vjp || mode == Mode::Inject) && res.is_none()) return;
     FloatArray out = FloatArray::ensure(res);
     if (!out || out.size() != v.numel()) throw ValueError("hook returned an array of the wrong size");
     v.copy_in(out.data());

@@ -32,9 +32,6 @@ void Gemma3Model::backward(const BackwardArgs& g) {
     throw ValueError("backward: this model soft-caps its logits; the forward's logits are needed for the reverse pass");
   for (HookSet* h : {g.grad_hooks, g.forward_hooks})
     if (h && h->n_layers() != c.num_hidden_layers) throw ValueError("backward: the hook set was made for another model");
-  if (g.forward_hooks && g.forward_hooks->has_callbacks())
-    throw ValueError("backward: the forward had Python hooks, whose gradients are unknown; use gl.interventions (native "
-                     "edits with known VJPs) in gradient runs");
 
   ForwardArgs fa;  // the recorded forward again, one block at a time, with the gradient hooks at its sites
   fa.tokens = tape->tokens.data();

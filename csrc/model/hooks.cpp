@@ -315,7 +315,7 @@ void apply_vjp(const HookAction& a, const ActView& g) {
       break;
     }
     case HookAction::Callback:
-      throw InternalError("a Python hook has no VJP (gradient runs refuse them)");
+      throw InternalError("a Python hook's VJP is run by HookSet::run_vjp");
   }
 }
 
@@ -324,9 +324,8 @@ void apply_vjp(const HookAction& a, const ActView& g) {
 void HookSet::run(Site s, int layer, const ActView& v, bool replay) {
   for (auto& a : actions_[index(s, layer)]) {
     if (a.kind == HookAction::Callback) {
-      if (replay) continue;
       if (!call) throw InternalError("a Python hook is registered but no bridge is set");
-      call(a.callback, s, layer, v);
+      call(a.callback, s, layer, v, replay ? CallMode::Replay : CallMode::Forward);
     } else if (!(replay && a.kind == HookAction::Capture)) {
       apply(a, v);
     }
@@ -335,14 +334,22 @@ void HookSet::run(Site s, int layer, const ActView& v, bool replay) {
 
 void HookSet::run_vjp(Site s, int layer, const ActView& g) {
   auto& acts = actions_[index(s, layer)];
-  for (auto it = acts.rbegin(); it != acts.rend(); ++it) apply_vjp(*it, g);
+  for (auto it = acts.rbegin(); it != acts.rend(); ++it) {
+    if (it->kind == HookAction::Callback) {
+      if (!call) throw InternalError("a Python hook is registered but no bridge is set");
+      call(it->callback, s, layer, g, CallMode::Vjp);
+    } else {
+      apply_vjp(*it, g);
+    }
+  }
 }
 
-bool HookSet::has_callbacks() const {
-  for (const auto& v : actions_)
-    for (const auto& a : v)
-      if (a.kind == HookAction::Callback) return true;
-  return false;
+void HookSet::run_inject(Site s, int layer, const ActView& g) {
+  for (const auto& a : actions_[index(s, layer)])
+    if (a.kind == HookAction::Callback) {
+      if (!call) throw InternalError("a Python hook is registered but no bridge is set");
+      call(a.callback, s, layer, g, CallMode::Inject);
+    }
 }
 
 void HookSet::clear() {

@@ -98,17 +98,25 @@ class HookSet {
   // layer: block index, or -1 for model-level sites.
   bool active(Site s, int layer) const { return !actions_[index(s, layer)].empty(); }
   std::vector<HookAction>& at(Site s, int layer) { return actions_[index(s, layer)]; }
-  // replay: a reverse pass running a block again applies the edits only (no captures, no Python calls).
+  // replay: a reverse pass running a block again applies the edits only: no captures, and each Python hook gives
+  // back what it returned in the recorded forward (CallMode::Replay) instead of running again.
   void run(Site s, int layer, const ActView& v, bool replay = false);
   // The VJP of this site's edits (in reverse order) on the gradient g arriving at the site's output: the gradient
-  // at its input. Captures and additions pass it unchanged; Python callbacks have none (refused before a run).
+  // at its input. Captures and additions pass it unchanged; a Python hook's comes from Python (CallMode::Vjp).
   void run_vjp(Site s, int layer, const ActView& g);
-  bool has_callbacks() const;
+  // The reverse pass, before the gradient hooks at a site: Python hooks that read the site's output for use at a
+  // later site (a transcoder's input) add the gradient that came back that way (CallMode::Inject), so that the
+  // site's gradient, as captured and as backward hooks see it, includes it.
+  void run_inject(Site s, int layer, const ActView& g);
   void clear();
   bool empty() const;
   int n_layers() const { return n_layers_; }
-  // Bridge to Python callbacks (set by the bindings): (callback index, site, layer, view).
-  std::function<void(int, Site, int, const ActView&)> call;
+  // Bridge to Python callbacks (set by the bindings): (callback index, site, layer, view, mode). Forward: the hook
+  // runs on the activation and may edit it; Replay: the view gets the hook's recorded output again; Vjp: the view
+  // holds the gradient at the hook's output and gets the gradient at its input; Inject: the gradient at the site's
+  // output, to which the hook may add (see run_inject).
+  enum class CallMode { Forward, Replay, Vjp, Inject };
+  std::function<void(int, Site, int, const ActView&, CallMode)> call;
 
  private:
   size_t index(Site s, int layer) const { return static_cast<size_t>(layer + 1) * static_cast<int>(Site::Count) + static_cast<int>(s); }

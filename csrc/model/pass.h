@@ -65,6 +65,7 @@ struct Gemma3Model::Pass {
   bool on(Site st, int layer) const { return (hooks && hooks->active(st, layer)) || (vjp && vjp->active(st, layer)); }
   void fire(Site st, int layer, float* p, std::vector<int64_t> shape, std::vector<int64_t> strides, int pos_axis = 1) const {
     const ActView v{p, std::move(shape), std::move(strides), pos_axis};
+    if (vjp && vjp->active(st, layer)) vjp->run_inject(st, layer, v);  // readers of the site (a transcoder's input)
     if (hooks && hooks->active(st, layer)) hooks->run(st, layer, v, replay);
     if (vjp && vjp->active(st, layer)) vjp->run_vjp(st, layer, v);
   }

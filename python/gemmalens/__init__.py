@@ -33,6 +33,7 @@ from .formats import load  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 from . import interventions  # noqa: E402
 from .activation_cache import ActivationCache  # noqa: E402
+from . import hooks  # noqa: E402
 from .hooks import HookPoint  # noqa: E402
 from .sae import SAE  # noqa: E402
 from . import steering  # noqa: E402
@@ -41,4 +42,4 @@ from . import attribution  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError", "Tokenizer", "interventions",
-           "ActivationCache", "HookPoint", "SAE", "steering", "metrics", "attribution"]
+           "ActivationCache", "hooks", "HookPoint", "SAE", "steering", "metrics", "attribution"]

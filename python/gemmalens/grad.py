@@ -9,41 +9,38 @@ import numpy as np
 
 from . import _core
 from .activation_cache import ActivationCache
-from .hooks import build_hookset, check_hooks
-from .interventions import Intervention
+from .hooks import as_pairs, build_hookset, check_hooks, plan_hookset
 from .metrics import dlogits_for, next_token_loss
+from .sae import Splice, SpliceGrad
 
 
-def _edits(model, fwd_hooks, stop_at_layer, return_type):
-    """The forward edits of a gradient run: gl.interventions only (each has a known VJP, applied by the reverse
-    pass); Python hooks and spliced SAEs (Python code on numpy arrays) have no gradient here."""
+def _edits(model, fwd_hooks, stop_at_layer, return_type, splice):
+    """The forward edits of a gradient run, checked: the registered hooks, then fwd_hooks. Each takes part in the
+    reverse pass: gl.interventions with their native VJPs, Python hooks with theirs (hooks._GradHook), spliced SAEs
+    with sae.splice_hooks'."""
     if stop_at_layer is not None:
         raise ValueError("incl_bwd=True needs the whole model (the metric is a function of the logits): drop stop_at_layer")
     if return_type not in ("logits", "loss", None):
         raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
-    if model._saes:
-        raise ValueError("gradient runs do not yet take spliced SAEs (their splice is Python code without a gradient); "
-                         "use gl.interventions.ablate_features for feature ablations")
     edits = list(model._persistent_hooks) + list(fwd_hooks)
-    check_hooks(model._hook_table, edits)
-    for item in edits:
-        fns = item if isinstance(item, Intervention) else item[1]
-        for f in fns if isinstance(fns, (list, tuple)) else [fns]:
-            if not isinstance(f, Intervention):
-                raise ValueError("gradient runs take forward edits as gl.interventions (native, with known gradients); "
-                                 f"{f!r} is a Python hook, whose gradient gemmalens cannot know")
+    check_hooks(model._hook_table, edits, splice.names)
     return edits
 
 
-def _run(model, tokens, attention_mask, metric, allow_longer, captures, bwd_hooks, edits):
+def _run(model, tokens, attention_mask, metric, allow_longer, captures, bwd_hooks, edits, splice):
     """Forward with a tape, the metric, then the reverse pass. -> (logits, tokens, row_start, value, forward and
-    gradient hook sets)."""
+    gradient hook sets). captures may name SAE tensors (splice.names): theirs go to splice.captured and
+    splice.grad.grads."""
     if metric is None:
         raise ValueError("a gradient run needs metric=: \"loss\", a gl.metrics object (e.g. gl.metrics.logit_diff(good, "
                          "bad)) or a dMetric/dLogits array of the logits' shape")
     table, n_layers = model._hook_table, model.config.num_hidden_layers
     toks, row_start = model._inputs(tokens, attention_mask, None)
-    fwd, bwd = build_hookset(table, n_layers, edits, captures), build_hookset(table, n_layers, bwd_hooks, captures)
+    native_bwd, sae_bwd = splice.route_bwd(as_pairs(bwd_hooks))
+    ours = set(splice.names)
+    splice.grad = SpliceGrad(sae_bwd, [n for n in captures if n in ours])
+    fwd = plan_hookset(table, edits, captures, splice, grad=True)
+    bwd = build_hookset(table, n_layers, native_bwd, [n for n in captures if n not in ours])
     tape = _core.GradTape()
     logits = model._core.forward(toks, row_start, None, "all", fwd, allow_longer=allow_longer, tape=tape)
     value, dlogits = dlogits_for(metric, logits, toks, row_start, model.tokenizer)
@@ -61,18 +58,21 @@ def _output(logits, toks, row_start, return_type):
 def run_with_cache(model, tokens, names_filter, attention_mask, metric, return_type, fwd_hooks, stop_at_layer,
                    allow_longer):
     """Model.run_with_cache(..., incl_bwd=True): (output, cache with activations, their gradients, metric_value)."""
-    edits = _edits(model, fwd_hooks, stop_at_layer, return_type)
+    splice = Splice(model, model._saes)
+    edits = _edits(model, fwd_hooks, stop_at_layer, return_type, splice)
     table = model._hook_table
-    names = table.select(names_filter)
-    logits, toks, row_start, value, fwd, bwd = _run(model, tokens, attention_mask, metric, allow_longer, names, [], edits)
+    names = splice.select(names_filter)
+    logits, toks, row_start, value, fwd, bwd = _run(model, tokens, attention_mask, metric, allow_longer, names, [],
+                                                    edits, splice)
     ids = {v: k for k, v in table.ids.items()}
     acts = {ids[(s, layer)]: a for s, layer, a in fwd.take_captures()} if fwd is not None else {}
+    acts.update(splice.captured)
     grads = {ids[(s, layer)] + "_grad": a for s, layer, a in bwd.take_captures()} if bwd is not None else {}
+    grads.update(splice.grad.grads)
     ordered = {}
-    for n in table.names:
-        if n in acts:
-            ordered[n] = acts[n]
-            ordered[n + "_grad"] = grads[n + "_grad"]
+    for n in splice.ordered(acts):
+        ordered[n] = acts[n]
+        ordered[n + "_grad"] = grads[n + "_grad"]
     cache = ActivationCache(ordered, table, model=model)
     cache.metric_value = value
     return _output(logits, toks, row_start, return_type), cache
@@ -81,6 +81,9 @@ def run_with_cache(model, tokens, names_filter, attention_mask, metric, return_t
 def run_with_hooks(model, tokens, fwd_hooks, bwd_hooks, metric, attention_mask, return_type, allow_longer):
     """Model.run_with_hooks(..., bwd_hooks=..., metric=...): TransformerLens's backward hooks, fn(grad, hook) -> None
     or a replacement, fired as the gradient reaches each site; an edited gradient is what flows on."""
-    edits = _edits(model, fwd_hooks, None, return_type)
-    logits, toks, row_start, _, _, _ = _run(model, tokens, attention_mask, metric, allow_longer, [], list(bwd_hooks), edits)
+    splice = Splice(model, model._saes)
+    check_hooks(model._hook_table, bwd_hooks, splice.names, what="bwd_hooks")
+    edits = _edits(model, fwd_hooks, None, return_type, splice)
+    logits, toks, row_start, _, _, _ = _run(model, tokens, attention_mask, metric, allow_longer, [], list(bwd_hooks),
+                                            edits, splice)
     return _output(logits, toks, row_start, return_type)

@@ -98,6 +98,139 @@ def _wrap_callable(fn, hook):
     return call
 
 
+def with_vjp(fn, vjp):
+    """A forward hook with its own gradient, for gradient runs (``run_with_cache(incl_bwd=True)``): ``fn(act, hook)``
+    as usual, and ``vjp(grad, act, hook)`` -> the gradient at the hook's input, given ``grad`` at its output and the
+    activation ``act`` the hook received. Without one, a gradient run differentiates a Python hook by running it again
+    on a torch tensor (torch autograd)."""
+    if not callable(fn) or not callable(vjp):
+        raise TypeError("with_vjp(fn, vjp): both must be callables")
+
+    def hook_fn(act, hook):
+        return fn(act, hook)
+
+    hook_fn.vjp = vjp
+    hook_fn.__name__ = getattr(fn, "__name__", "hook")
+    return hook_fn
+
+
+class _GradHook:
+    """A Python forward hook in a gradient run. The forward calls it on numpy (as any run) and keeps what it got and
+    gave; the reverse pass replays that output (the block is run again, the hook is not) and asks for the VJP: the
+    hook's own ``vjp`` (``with_vjp``) or, by default, torch autograd over the hook run again on a torch copy of its
+    input -- hooks written with indexing and arithmetic work unchanged on both. Its output there must equal the numpy
+    one, or the gradient would be of another function: that is refused."""
+
+    def __init__(self, fn, hook):
+        self.fn, self.hook = fn, hook
+        self.call = _wrap_callable(fn, hook)
+        self.x = self.y = None
+        if hasattr(fn, "inject"):  # fn reads the site for a later one (a transcoder): inject(grad) adds what came back
+            self.inject = fn.inject
+
+    def __call__(self, act):
+        x = act.copy()
+        y = self.call(act)
+        self.x, self.y = x, np.array(y, dtype=np.float32, copy=True)
+        return y
+
+    def replay(self, act):
+        if self.y is None:
+            raise RuntimeError(f"hook {self.hook.name!r}: replayed before its forward ran (a gemmalens bug)")
+        return self.y
+
+    def vjp(self, g):
+        name = self.hook.name
+        if self.x is None:
+            raise RuntimeError(f"hook {name!r}: its VJP was asked before its forward ran (a gemmalens bug)")
+        custom = getattr(self.fn, "vjp", None)
+        if custom is not None:
+            out = custom(g, self.x, self.hook)
+            if out is None:
+                return None
+            out = np.asarray(out)
+            if out.shape != g.shape or not np.issubdtype(out.dtype, np.floating):
+                raise ValueError(f"the vjp of hook {name!r} returned {out.dtype} {out.shape}; it must return a "
+                                 f"floating-point array of the activation's shape {g.shape} (or None: unchanged)")
+            return out.astype(np.float32, copy=False)
+        return _torch_vjp(self.fn, self.hook, self.x, self.y, g)
+
+
+_NUMPY_TENSOR = []
+
+
+def _numpy_tensor(torch):
+    """A torch.Tensor subclass that takes numpy operands where numpy code passes them -- ``t + ndarray``,
+    ``ndarray @ t``, ``t[idx] = ndarray`` (plain tensors refuse these when they require grad) -- so that a hook
+    written for numpy arrays runs unchanged on it. numpy ufuncs on it (np.tanh(t)) are a TypeError."""
+    if not _NUMPY_TENSOR:
+        def conv(v):
+            if isinstance(v, np.ndarray):
+                return torch.from_numpy(np.ascontiguousarray(v))
+            return v.item() if isinstance(v, np.generic) else v
+
+        class NumpyTensor(torch.Tensor):
+            __array_ufunc__ = None  # ndarray (op) tensor: numpy defers to the tensor's reflected operator
+
+            def __setitem__(self, idx, value):
+                return torch.Tensor.__setitem__(self, idx, conv(value))
+
+        def binop(name):
+            base = getattr(torch.Tensor, name)
+
+            def op(self, other):
+                return base(self, conv(other))
+
+            op.__name__ = name
+            return op
+
+        for name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+                     "__rtruediv__", "__matmul__", "__rmatmul__", "__pow__", "__iadd__", "__isub__", "__imul__",
+                     "__itruediv__", "__lt__", "__le__", "__gt__", "__ge__"):
+            setattr(NumpyTensor, name, binop(name))
+        _NUMPY_TENSOR.append(NumpyTensor)
+    return _NUMPY_TENSOR[0]
+
+
+def _torch_vjp(fn, hook, x, y, g):
+    """dMetric/d(hook input) for a Python hook, by torch autograd over fn run again on a torch tensor."""
+    name = hook.name
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"hook {name!r}: a gradient run differentiates Python hooks with torch (pip install torch), "
+                          "or give the hook its own gradient with gl.hooks.with_vjp(fn, vjp), or use gl.interventions "
+                          "(native edits with known gradients)") from None
+    leaf = torch.from_numpy(x.copy()).requires_grad_(True)
+    work = leaf.clone().as_subclass(_numpy_tensor(torch))  # in-place edits land on a non-leaf, as autograd allows
+    fix = ("write it with operations that work on torch tensors as on numpy arrays (indexing, arithmetic), give it "
+           "its own gradient with gl.hooks.with_vjp(fn, vjp), or use gl.interventions")
+    try:
+        with torch.enable_grad():
+            out = fn(work, hook)
+    except Exception as e:
+        raise ValueError(f"hook {name!r}: a gradient run takes a Python hook's gradient by running it again on a torch "
+                         f"tensor (autograd), where it raised {type(e).__name__}: {e}. To fix: {fix}") from e
+    if out is None:
+        out = work
+    elif isinstance(out, np.ndarray):
+        out = torch.from_numpy(out)
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"hook {name!r} returned {type(out).__name__} on a torch tensor (gradient run); return None, "
+                        "an array or a tensor")
+    if tuple(out.shape) != y.shape:
+        raise ValueError(f"hook {name!r} returned shape {tuple(out.shape)} on a torch tensor but {y.shape} on numpy")
+    got = out.detach().double().numpy()
+    if not np.allclose(got, y, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(y).max(initial=0.0)))):
+        raise ValueError(f"hook {name!r} computed other values on a torch tensor than on the numpy array (largest "
+                         f"difference {np.abs(got - y).max():.3g}), so its gradient cannot be taken that way (a random or "
+                         f"stateful hook?). To fix: {fix}")
+    if not out.requires_grad:
+        return np.zeros_like(g)  # the output does not depend on the input (a patch from elsewhere)
+    (gx,) = torch.autograd.grad(out, leaf, grad_outputs=torch.from_numpy(g).to(out.dtype), allow_unused=True)
+    return np.zeros_like(g) if gx is None else gx.detach().numpy().astype(np.float32, copy=False)
+
+
 def as_pairs(fwd_hooks):
     """fwd_hooks entries -> (target, fn) pairs: an intervention that knows its site stands for (site, itself)."""
     return [(f.site, f) if isinstance(f, Intervention) else f for f in fwd_hooks]
@@ -123,8 +256,10 @@ def check_hooks(table, fwd_hooks, extra_names=(), what="fwd_hooks"):
             raise TypeError(f"hook target must be a hook name or a filter function, got {target!r}")
 
 
-def build_hookset(table, n_layers, fwd_hooks, captures=()):
-    """fwd_hooks: [(name | filter callable, fn | Intervention | list of them)] -> _core.HookSet (or None)."""
+def build_hookset(table, n_layers, fwd_hooks, captures=(), grad=False):
+    """fwd_hooks: [(name | filter callable, fn | Intervention | list of them)] -> _core.HookSet (or None).
+    grad: the forward of a gradient run -- Python hooks are registered as _GradHook (replay and VJP for the reverse
+    pass)."""
     fwd_hooks = as_pairs(fwd_hooks)
     if not fwd_hooks and not captures:
         return None
@@ -142,16 +277,17 @@ def build_hookset(table, n_layers, fwd_hooks, captures=()):
                 if isinstance(f, Intervention):
                     f._register(hs, sid, layer, hook)
                 elif callable(f):
-                    hs.add_callback(sid, layer, _wrap_callable(f, hook))
+                    hs.add_callback(sid, layer, _GradHook(f, hook) if grad else _wrap_callable(f, hook))
                 else:
                     raise TypeError(f"hook for {name!r} must be a callable or a gl.interventions object, got {f!r}")
     return hs
 
 
-def plan_hookset(table, fwd_hooks, captures=(), splice=None):
+def plan_hookset(table, fwd_hooks, captures=(), splice=None, grad=False):
     """One forward call's hooks and captures -> its one HookSet (None when there is nothing to do). splice, the
-    call's sae.Splice, takes over what is aimed at SAE tensors and adds the callbacks that run the SAEs."""
+    call's sae.Splice, takes over what is aimed at SAE tensors and adds the callbacks that run the SAEs. grad: the
+    forward of a gradient run (see build_hookset)."""
     pairs, captures = as_pairs(fwd_hooks), list(captures)
     if splice is not None:
         pairs, captures = splice.route(pairs, captures)
-    return build_hookset(table, table.n_layers, pairs, captures)
+    return build_hookset(table, table.n_layers, pairs, captures, grad=grad)

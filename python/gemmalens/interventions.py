@@ -49,6 +49,18 @@ class Intervention:
             raise ValueError(f"interventions.{self.kind} does not apply to SAE tensors")
         return a
 
+    def vjp_numpy(self, g):
+        """The VJP of apply_numpy: the gradient at its output -> at its input."""
+        g = np.array(g, dtype=np.float32, copy=True)
+        sel = slice(None) if not self.positions else self.positions
+        if self.kind == "scale":
+            g[:, sel] *= self.scale
+        elif self.kind in ("zero", "replace"):
+            g[:, sel] = 0
+        elif self.kind != "add":
+            raise ValueError(f"interventions.{self.kind} does not apply to SAE tensors")
+        return g
+
 
 class _AblateFeatures(Intervention):
     def __init__(self, sae, features, positions=None):

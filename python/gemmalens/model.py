@@ -122,12 +122,16 @@ class Model:
 
         return ctx()
 
-    def run_with_saes(self, tokens, saes, use_error_term=False, fwd_hooks=(), attention_mask=None, return_type="logits"):
+    def run_with_saes(self, tokens, saes, use_error_term=False, fwd_hooks=(), attention_mask=None, return_type="logits",
+                      bwd_hooks=(), metric=None):
         """Forward with SAEs spliced at their sites (transcoders replace the MLP output from its input). With
-        use_error_term=True the output equals the plain model's, while features stay observable and editable."""
+        use_error_term=True the output equals the plain model's, while features stay observable and editable.
+        bwd_hooks and metric as in run_with_hooks (backward hooks may name the SAEs' tensors, e.g.
+        ``{hook_name}.hook_sae_acts_post``)."""
         with self.saes(saes, use_error_term=use_error_term):
             return self.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=attention_mask,
-                                       return_type=return_type, reset_hooks_end=False)
+                                       return_type=return_type, reset_hooks_end=False, bwd_hooks=bwd_hooks,
+                                       metric=metric)
 
     def add_hook(self, name, fn):
         """Register a hook until reset_hooks() (prefer the `with model.hooks(...)` context manager)."""
@@ -167,7 +171,6 @@ class Model:
         run by the native reverse pass as the metric's gradient reaches each site; editing or returning the gradient
         changes what flows on to earlier sites."""
         if bwd_hooks:
-            check_hooks(self._hook_table, bwd_hooks, what="bwd_hooks")
             try:
                 return grad.run_with_hooks(self, tokens, fwd_hooks, bwd_hooks, metric, attention_mask, return_type,
                                            allow_longer)

@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from . import _core
-from .hooks import HookPoint, _wrap_callable
+from .hooks import HookPoint, _GradHook, _wrap_callable
 from .interventions import Intervention
 
 _SIZES = {640: "270m", 1152: "1b", 2560: "4b", 3840: "12b", 5376: "27b"}
@@ -215,11 +215,54 @@ def _apply_py(fn, arr, name, layer):
     return _wrap_callable(fn, HookPoint(name, layer))(arr)
 
 
-def splice_hooks(model, saes, use_error_term, sae_hooks, captures, captured=None):
+class _Edit:
+    """A hook on an SAE tensor in a gradient run: applied as _apply_py, with its VJP (an intervention's own, or a
+    Python hook's as for any forward hook: hooks._GradHook)."""
+
+    def __init__(self, fn, name, layer):
+        self.fn = fn
+        self.py = None if isinstance(fn, Intervention) else _GradHook(fn, HookPoint(name, layer))
+
+    def __call__(self, arr):
+        return self.fn.apply_numpy(arr) if self.py is None else self.py(arr)
+
+    def vjp(self, g):
+        if self.py is None:
+            return self.fn.vjp_numpy(g)
+        out = self.py.vjp(np.ascontiguousarray(g, dtype=np.float32))
+        return g if out is None else out
+
+
+class SpliceGrad:
+    """What a gradient run asks of the spliced SAEs: backward hooks on their tensors ({name: [fn]}), the names whose
+    gradient to capture, and ``grads`` ({name + "_grad": array}), filled as the reverse pass reaches them."""
+
+    def __init__(self, bwd_hooks=None, captures=()):
+        self.bwd_hooks = bwd_hooks or {}
+        self.captures = set(captures)
+        self.grads = {}
+
+    def arrive(self, g, name, layer):
+        """The gradient reaching SAE tensor `name`: its backward hooks (which may edit it), then its capture."""
+        for fn in self.bwd_hooks.get(name, []):
+            g = _apply_py(fn, g, name, layer)
+        if name in self.captures:
+            self.grads[name + "_grad"] = np.array(g, dtype=np.float32, copy=True)
+        return g
+
+
+def splice_hooks(model, saes, use_error_term, sae_hooks, captures, captured=None, grad=None):
     """Python callbacks implementing the SAEs at their sites.
 
     sae_hooks: {sae hook name: [fn, ...]}; captures: set of sae hook names to record into `captured` (a new dict
-    unless one is given), filled while the forward runs. Returns (fwd_hooks, captured dict)."""
+    unless one is given), filled while the forward runs. grad: a SpliceGrad in a gradient run -- each callback then
+    also has a ``vjp`` (see hooks.with_vjp) that the reverse pass calls. Returns (fwd_hooks, captured dict).
+
+    Gradients follow SAELens (``SAE.forward`` with ``use_error_term``; Marks et al. 2024, "Sparse Feature Circuits",
+    A.3): the error term is a constant of the forward, so the gradient reaches the site's input through the SAE's
+    features alone, with or without the error term; ``hook_sae_error_grad`` is the gradient the error node receives.
+    A feature's gradient passes its activation function where the feature is on (JumpReLU's threshold, ReLU, TopK's
+    choice count as fixed)."""
     captured = {} if captured is None else captured
     fwd = []
     for sae in saes:
@@ -227,48 +270,93 @@ def splice_hooks(model, saes, use_error_term, sae_hooks, captures, captured=None
         base = sae.hook_name
         layer = int(base.split(".")[1])
         stash = {}
+        name, rname, ename = (f"{base}.hook_sae_acts_post", f"{base}.hook_sae_recon", f"{base}.hook_sae_error")
+        edits = {n: [_Edit(fn, n, layer) if grad is not None else fn for fn in sae_hooks.get(n, [])]
+                 for n in (name, rname, ename)}
 
-        def run(x_in, x_out, sae=sae, base=base, layer=layer):
+        def apply(n, arr, edits=edits, layer=layer):
+            for fn in edits[n]:
+                arr = fn(arr) if grad is not None else _apply_py(fn, arr, n, layer)
+            return arr
+
+        def run(x_in, x_out, sae=sae, name=name, rname=rname, ename=ename, stash=stash):
             lead = x_in.shape[:2]
             xi = x_in.reshape(lead[0] * lead[1], -1)
             acts = sae._core.encode(xi)
             acts_orig = acts
-            name = f"{base}.hook_sae_acts_post"
+            if grad is not None:
+                stash["on"] = acts_orig != 0  # where each feature passes its gradient
             a3 = acts.reshape(*lead, sae.d_sae)
-            if sae_hooks.get(name):
+            if edits[name]:
                 a3 = a3.copy()  # hooks may edit in place; the error term needs the unedited features
-            for fn in sae_hooks.get(name, []):
-                a3 = _apply_py(fn, a3, name, layer)
+            a3 = apply(name, a3)
             if name in captures:
                 captured[name] = np.array(a3, copy=True)
             acts = np.ascontiguousarray(a3.reshape(-1, sae.d_sae), dtype=np.float32)
             skip_in = xi if sae.W_skip is not None else None
             recon = sae._core.decode(acts, skip_in).reshape(*lead, sae.d_out)
-            rname = f"{base}.hook_sae_recon"
-            for fn in sae_hooks.get(rname, []):
-                recon = _apply_py(fn, recon, rname, layer)
+            recon = apply(rname, recon)
             if rname in captures:
                 captured[rname] = np.array(recon, copy=True)
             if use_error_term:
-                edited = bool(sae_hooks.get(name)) or bool(sae_hooks.get(rname))
+                edited = bool(edits[name]) or bool(edits[rname])
                 clean = sae._core.decode(acts_orig, skip_in).reshape(*lead, sae.d_out) if edited else recon
                 err = x_out.reshape(*lead, sae.d_out) - clean
-                ename = f"{base}.hook_sae_error"
-                for fn in sae_hooks.get(ename, []):
-                    err = _apply_py(fn, err, ename, layer)
+                err = apply(ename, err)
                 if ename in captures:
                     captured[ename] = np.array(err, copy=True)
                 recon = recon + err
             return recon.reshape(x_out.shape).astype(np.float32)
 
+        def run_vjp(g_out, sae=sae, name=name, rname=rname, ename=ename, stash=stash, edits=edits, layer=layer):
+            """The gradient at the SAE's output -> (at its input x_in, at x_out: zero, the output does not depend on
+            it). Python arithmetic in float64 on [tokens, width] arrays."""
+            lead = g_out.shape[:2]
+            g = g_out.reshape(*lead, sae.d_out).astype(np.float32)
+            if use_error_term:
+                ge = grad.arrive(g, ename, layer)
+                for e in reversed(edits[ename]):
+                    ge = e.vjp(ge)  # the error term is a constant: what reaches it stops here
+            g = grad.arrive(g, rname, layer)
+            for e in reversed(edits[rname]):
+                g = e.vjp(g)
+            g2 = g.reshape(-1, sae.d_out).astype(np.float64)
+            ga = (g2 @ sae.W_dec.T.astype(np.float64)).reshape(*lead, sae.d_sae)
+            ga = grad.arrive(ga, name, layer)
+            for e in reversed(edits[name]):
+                ga = e.vjp(ga)
+            gpre = np.asarray(ga, dtype=np.float64).reshape(-1, sae.d_sae) * stash.pop("on")
+            gx = gpre @ sae.W_enc.T.astype(np.float64)
+            if sae.W_skip is not None:
+                gx += g2 @ sae.W_skip.T.astype(np.float64)
+            return gx.astype(np.float32)
+
         if not sae.is_transcoder:
-            fwd.append((base, lambda a, hook, run=run: run(a, a)))
+            def same(a, hook, run=run):
+                return run(a, a)
+
+            if grad is not None:
+                same.vjp = lambda g, a, hook, run_vjp=run_vjp: run_vjp(g).reshape(a.shape)
+            fwd.append((base, same))
         else:
             def keep(a, hook, stash=stash):
                 stash["x"] = a.copy()
 
+            def replace(a, hook, run=run, stash=stash):
+                return run(stash.pop("x"), a)
+
+            if grad is not None:
+                def keep_inject(g, stash=stash):  # the transcoder's share joins the gradient at its input site
+                    return g + stash.pop("gx").reshape(g.shape)
+
+                def replace_vjp(g, a, hook, run_vjp=run_vjp, stash=stash):
+                    stash["gx"] = run_vjp(g)
+                    return np.zeros_like(g)
+
+                keep.vjp = lambda g, a, hook: None  # keep only reads the site
+                keep.inject, replace.vjp = keep_inject, replace_vjp
             fwd.append((sae.hook_name, keep))
-            fwd.append((sae.hook_name_out, lambda a, hook, run=run, stash=stash: run(stash.pop("x"), a)))
+            fwd.append((sae.hook_name_out, replace))
     return fwd, captured
 
 
@@ -286,6 +374,7 @@ class Splice:
         self.active = list(active)
         self.names = sae_hook_names([s for s, _ in self.active])  # {hook_name}.hook_sae_*, in splice order
         self.captured = {}
+        self.grad = None  # a SpliceGrad in gradient runs (gl.grad)
 
     def select(self, names_filter):
         """run_with_cache's names_filter -> the model's hook names it selects, then the SAE hooks it selects."""
@@ -318,8 +407,24 @@ class Splice:
         for use_error_term in (False, True):
             group = [s for s, e in self.active if e == use_error_term]
             if group:
-                native += splice_hooks(self.model, group, use_error_term, sae_hooks, sae_captures, self.captured)[0]
+                native += splice_hooks(self.model, group, use_error_term, sae_hooks, sae_captures, self.captured,
+                                       self.grad)[0]
         return native, [n for n in captures if n not in ours]
+
+    def route_bwd(self, pairs):
+        """bwd_hooks (target, fn) pairs -> (those for the native gradient HookSet, {SAE tensor name: [fn]}): as
+        route() does for forward hooks."""
+        ours, native, sae_bwd = set(self.names), [], {}
+        for target, fn in pairs:
+            if isinstance(target, str) and target in ours:
+                sae_bwd.setdefault(target, []).extend(_as_list(fn))
+                continue
+            if callable(target) and not isinstance(target, str):
+                for n in self.names:
+                    if target(n):
+                        sae_bwd.setdefault(n, []).extend(_as_list(fn))
+            native.append((target, fn))
+        return native, sae_bwd
 
     def ordered(self, arrays):
         """{name: array} -> the same in forward order, each SAE's tensors right after the site it reads."""

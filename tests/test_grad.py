@@ -52,7 +52,7 @@ def compare(cache, grads, row_start, tol=1e-4):
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "left_padded"])
-def test_gradients_match_autograd_at_every_site(hf_models, config, padded):
+def test_gradients_match_autograd_at_every_site(hf_models, config, padded, monkeypatch):
     hf, d = hf_models[config]
     model = gl.load(d)
     toks = np.random.default_rng(1).integers(1, V, size=(B, T)).astype(np.int32)
@@ -71,6 +71,12 @@ def test_gradients_match_autograd_at_every_site(hf_models, config, padded):
         assert set(grads) == set(model.hook_names)
         worst, checked = compare(cache, grads, row_start)
         assert checked == len(model.hook_names)
+        if label == "loss":  # the reverse pass without the forward's kept intermediates: each block run again
+            with monkeypatch.context() as m:
+                m.setattr(gl.grad, "keep_bytes", 0)
+                _, again = model.run_with_cache(toks, attention_mask=mask if padded else None, incl_bwd=True,
+                                                metric=metric)
+            compare(again, grads, row_start)
 
 
 def test_names_filter_and_cache_layout(hf_models):

@@ -27,7 +27,16 @@ def _swap_output(fn):
     return post
 
 
-def test_python_forward_hooks_take_part_in_the_reverse_pass(hf_models):
+@pytest.fixture(params=["kept", "recomputed"])
+def tape_mode(request, monkeypatch):
+    """Both ways the reverse pass gets a block's intermediates: kept by the forward, or the block run again (the
+    forward's Python hooks then replay their recorded outputs)."""
+    if request.param == "recomputed":
+        monkeypatch.setattr(gl.grad, "keep_bytes", 0)
+    return request.param
+
+
+def test_python_forward_hooks_take_part_in_the_reverse_pass(hf_models, tape_mode):
     """numpy hooks written as usual (in-place edits, returned arrays, numpy constants, a nonlinear one, a patch from
     a stored activation) and one with its own gradient (gl.hooks.with_vjp): the gradients at every site equal
     autograd's with the same edits made by torch hooks."""
@@ -131,7 +140,7 @@ def _jumprelu_sae(cfg, rng, d_sae=40):
 
 
 @pytest.mark.parametrize("use_error_term", [False, True], ids=["no_error", "error_term"])
-def test_spliced_sae_gradients_match_autograd(hf_models, use_error_term):
+def test_spliced_sae_gradients_match_autograd(hf_models, use_error_term, tape_mode):
     """A JumpReLU SAE spliced at blocks.2.hook_resid_post, with a feature ablated by a hook on its acts: the
     gradient at every site and at hook_sae_acts_post / hook_sae_recon (/ hook_sae_error) equals autograd's on the
     same splice in torch. The error term is a constant of the forward (SAELens's convention)."""
@@ -234,7 +243,7 @@ def test_backward_hook_on_sae_features_controls_what_reaches_the_input(hf_models
     assert "blocks.0.hook_resid_post_grad" in zeroed  # names_filter reaches model sites in a run with SAEs spliced
 
 
-def test_spliced_transcoder_gradients_match_autograd(hf_models):
+def test_spliced_transcoder_gradients_match_autograd(hf_models, tape_mode):
     """A skip transcoder (ln2.hook_normalized -> hook_mlp_out, error term on): the MLP's own output is replaced, so
     no gradient reaches the MLP; the transcoder's gradient joins the one at its input. Equal to autograd's on the same
     splice in torch."""

@@ -208,9 +208,18 @@ void bind_model(py::module_& m) {
           "The reverse pass of the forward recorded in tape: dlogits float32 [batch, pos, vocab] C-contiguous; the "
           "grad_hooks' sites fire with the gradients arriving there; forward_hooks (the forward's) are replayed and "
           "their edits' VJPs applied.");
-  py::class_<GradTape>(m, "GradTape", "What a forward keeps for a reverse pass (forward(..., tape=)).")
-      .def(py::init<>())
-      .def_property_readonly("ready", [](const GradTape& t) { return t.ready; });
+  py::class_<GradTape>(m, "GradTape",
+                      "What a forward keeps for a reverse pass (forward(..., tape=)). keep_bytes: the most memory the "
+                      "blocks' intermediates may take for the reverse pass to use them rather than recompute them.")
+      .def(py::init([](int64_t keep_bytes) {
+             if (keep_bytes < 0) throw ValueError("GradTape: keep_bytes must be >= 0");
+             GradTape t;
+             t.keep_bytes = keep_bytes;
+             return t;
+           }),
+           py::arg("keep_bytes") = int64_t(2) << 30)
+      .def_property_readonly("ready", [](const GradTape& t) { return t.ready; })
+      .def_property_readonly("kept_layers", [](const GradTape& t) { return t.layers.size(); });
 }
 
 }  // namespace gemmalens

@@ -142,14 +142,23 @@ void Gemma3Model::forward(const ForwardArgs& a) {
   if (a.tape) {
     a.tape->ready = false;
     a.tape->resid.resize(p.n_layers + 1);
+    a.tape->layers.clear();
+    const Gemma3Config& c = cfg_;
+    const int64_t QKV = static_cast<int64_t>(c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+    const int64_t per_layer = 4 * (p.M * (2 * QKV + 4 * D + 2 * static_cast<int64_t>(c.intermediate_size)) +
+                                   2 * static_cast<int64_t>(p.B) * c.num_attention_heads * p.T * p.T);
+    if (per_layer * p.n_layers <= a.tape->keep_bytes)
+      for (int l = 0; l < p.n_layers; ++l) a.tape->layers.push_back(std::make_shared<LayerTape>());
   }
   for (int l = 0; l < p.n_layers; ++l) {
     p.interrupt();
     p.resid(Site::ResidPre, l, p.x, D, D);
     if (a.tape) LayerTape::save(a.tape->resid[l], p.x, p.M * D);
+    p.keep = a.tape && !a.tape->layers.empty() ? a.tape->layers[l].get() : nullptr;  // a reverse pass's intermediates
     attention_block(l, p);  // x += post_attention_norm(o_proj(attention(input_norm(x))))
     p.interrupt();
     mlp_block(l, p);        // x += post_feedforward_norm(down(gelu_tanh(gate(m)) * up(m))), m = pre_feedforward_norm(x)
+    p.keep = nullptr;
   }
   if (a.stop_at_layer >= 0) {  // TransformerLens: the residual stream before block stop_at_layer
     if (a.resid_out) std::memcpy(a.resid_out, p.x, sizeof(float) * p.M * D);
@@ -232,8 +241,17 @@ void Gemma3Model::attend(int l, Pass& p) {
   at.softcap = static_cast<float>(c.attn_logit_softcapping);
   at.z = p.z;
   at.compute = dtype_;
-  if (!p.on(Site::AttnScores, l) && !p.on(Site::Pattern, l) && !p.keep) {
-    ops::attention(at);
+  if (!p.on(Site::AttnScores, l) && !p.on(Site::Pattern, l)) {
+    ops::attention(at);  // the fast path, as in any forward (a gradient run's logits equal a plain run's)
+    if (p.keep) {        // the reverse pass needs the scores and the pattern: computed beside it
+      const size_t n = static_cast<size_t>(p.B) * at.H * p.T * (p.past + p.T);
+      p.keep->scores.resize(n);
+      p.keep->pattern.resize(n);
+      p.keep->scores_in.clear();
+      p.keep->pattern_in.clear();
+      ops::attention_scores(at, p.keep->scores.data());
+      ops::softmax_rows(p.keep->scores.data(), static_cast<int64_t>(p.B) * at.H * p.T, p.past + p.T, p.keep->pattern.data());
+    }
     return;
   }
   // Materialised path: scores and pattern exist as tensors [B, H, T, S], hooks may read and edit them.

@@ -5,6 +5,7 @@
 #include <functional>
 #include <mutex>
 #include <string>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -72,12 +73,18 @@ void for_each_weight(const Gemma3Config& cfg, const std::function<void(const Wei
 
 enum class LogitsMode { All, Last, None };
 
+struct LayerTape;  // model/pass.h
+
 // What a forward keeps for a reverse pass (ForwardArgs::tape): its input and the residual stream entering each
-// block and leaving the last (the blocks' other intermediates are recomputed one block at a time).
+// block and leaving the last. When all blocks' intermediates fit keep_bytes, the forward keeps them too (layers)
+// and the reverse pass uses them, releasing each after its block's VJP; otherwise the reverse pass recomputes them
+// one block at a time from the block's input (a second forward's work, in little memory).
 struct GradTape {
   int B = 0, T = 0;
   std::vector<int32_t> tokens, row_start;  // [B, T], [B]
   std::vector<std::vector<float>> resid;   // n_layers + 1 of [B, T, D]
+  std::vector<std::shared_ptr<LayerTape>> layers;  // n_layers, or empty
+  int64_t keep_bytes = int64_t(2) << 30;
   bool ready = false;                      // a forward filled it
 };
 

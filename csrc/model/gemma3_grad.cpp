@@ -63,27 +63,34 @@ void Gemma3Model::backward(const BackwardArgs& g) {
   const float* x_final = tape->resid[c.num_hidden_layers].data();
   ops::rmsnorm_backward(x_final, D, w_.final_norm.data(), eps, M, D, p.normed, D, dx.data(), D, false);
 
-  // ---- the blocks, last to first: each one run again from its recorded input (the forward's edits replayed, no
-  // captures or gradient hooks), then its VJP ----
-  LayerTape t;
+  // ---- the blocks, last to first: each one's VJP from the intermediates the forward kept or, where it kept none,
+  // from the block run again from its recorded input (the forward's edits replayed, no captures or gradient hooks) --
+  bool kept = tape->layers.size() == static_cast<size_t>(c.num_hidden_layers);
+  for (const auto& lt : tape->layers) kept = kept && lt != nullptr;
+  LayerTape scratch;
   for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
     p.interrupt();
     p.resid(Site::ResidPost, l, dx.data(), D, D);
+    LayerTape& t = kept ? *tape->layers[l] : scratch;
     t.x_pre = tape->resid[l].data();
-    std::memcpy(p.x, t.x_pre, sizeof(float) * M * D);
-    p.hooks = g.forward_hooks;
-    p.replay = true;
-    p.vjp = nullptr;
-    p.keep = &t;
-    attention_block(l, p);
-    mlp_block(l, p);
+    if (!kept) {
+      std::memcpy(p.x, t.x_pre, sizeof(float) * M * D);
+      p.hooks = g.forward_hooks;
+      p.replay = true;
+      p.vjp = nullptr;
+      p.keep = &t;
+      attention_block(l, p);
+      mlp_block(l, p);
+    }
     p.keep = nullptr;
     p.hooks = g.grad_hooks;
     p.replay = false;
     p.vjp = g.forward_hooks;
     mlp_block_backward(l, p, t, dx.data());
     attention_block_backward(l, p, t, dx.data());
+    if (kept) tape->layers[l].reset();  // done with: its memory goes back now
   }
+  tape->layers.clear();  // a second reverse pass over this tape recomputes the blocks
   p.resid(Site::Embed, -1, dx.data(), D, D);
 }
 

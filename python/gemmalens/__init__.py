@@ -39,6 +39,7 @@ from .sae import SAE  # noqa: E402
 from . import steering  # noqa: E402
 from . import metrics  # noqa: E402
 from . import attribution  # noqa: E402
+from . import grad  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError", "Tokenizer", "interventions",

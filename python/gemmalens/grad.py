@@ -1,8 +1,9 @@
 """Gradient runs: the native reverse pass (csrc/model/gemma3_grad.cpp) behind ``run_with_cache(incl_bwd=True)``.
 
-The forward records the residual stream entering each block (a ``_core.GradTape``); the metric turns the logits
-into dMetric/dLogits (``gl.metrics``); the reverse pass runs each block again from its recorded input and then its
-vector-Jacobian product, last block first. Every hook site captures the gradient arriving there under
+The forward records the residual stream entering each block and, within ``keep_bytes``, each block's intermediates
+(a ``_core.GradTape``); the metric turns the logits into dMetric/dLogits (``gl.metrics``); the reverse pass runs
+each block's vector-Jacobian product, last block first, from the kept intermediates or from the block run again
+from its recorded input. Every hook site captures the gradient arriving there under
 TransformerLens's key, ``name + "_grad"``.
 """
 import numpy as np
@@ -12,6 +13,10 @@ from .activation_cache import ActivationCache
 from .hooks import as_pairs, build_hookset, check_hooks, plan_hookset
 from .metrics import dlogits_for, next_token_loss
 from .sae import Splice, SpliceGrad
+
+# The most memory (bytes) a gradient run's forward may keep of the blocks' intermediates for the reverse pass; past
+# it the reverse pass recomputes each block from its input instead (about one more forward's time, little memory).
+keep_bytes = 2 << 30
 
 
 def _edits(model, fwd_hooks, stop_at_layer, return_type, splice):
@@ -41,7 +46,7 @@ def _run(model, tokens, attention_mask, metric, allow_longer, captures, bwd_hook
     splice.grad = SpliceGrad(sae_bwd, [n for n in captures if n in ours])
     fwd = plan_hookset(table, edits, captures, splice, grad=True)
     bwd = build_hookset(table, n_layers, native_bwd, [n for n in captures if n not in ours])
-    tape = _core.GradTape()
+    tape = _core.GradTape(keep_bytes=keep_bytes)
     logits = model._core.forward(toks, row_start, None, "all", fwd, allow_longer=allow_longer, tape=tape)
     value, dlogits = dlogits_for(metric, logits, toks, row_start, model.tokenizer)
     softcapped = model.config.final_logit_softcapping is not None

@@ -86,21 +86,28 @@ double cross_entropy_grad(const float* logits, int64_t M, int64_t V, const int64
       continue;
     }
     float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
     for (int64_t v = 0; v < V; ++v) mx = std::max(mx, x[v]);
     double sum = 0.0;
-    float part = 0.f;  // blocks of f32 partial sums, added up in double
-    for (int64_t v = 0; v < V; ++v) {
-      const float e = exp_f32(x[v] - mx);
-      if (g) g[v] = e;
-      part += e;
-      if ((v & 1023) == 1023) {
-        sum += part;
-        part = 0.f;
+    for (int64_t v0 = 0; v0 < V; v0 += 1024) {  // blocks of f32 partial sums (vectorised), added up in double
+      const int64_t v1 = std::min(V, v0 + 1024);
+      float part = 0.f;
+      if (g) {
+#pragma omp simd reduction(+ : part)
+        for (int64_t v = v0; v < v1; ++v) {
+          const float e = exp_f32(x[v] - mx);
+          g[v] = e;
+          part += e;
+        }
+      } else {
+#pragma omp simd reduction(+ : part)
+        for (int64_t v = v0; v < v1; ++v) part += exp_f32(x[v] - mx);
       }
+      sum += part;
     }
-    sum += part;
     if (g) {
       const float scale = static_cast<float>(w[m] / sum);
+#pragma omp simd
       for (int64_t v = 0; v < V; ++v) g[v] *= scale;
       g[targets[m]] -= w[m];
     }

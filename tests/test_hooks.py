@@ -264,3 +264,28 @@ def test_transformer_lens_idioms_layer_method_and_negative_layers(tiny_dir):
         cache["resid_post", -L - 1]
     with pytest.raises(KeyError):
         cache["resid_post", L]
+
+
+def test_the_cache_holds_the_edited_activation_as_transformer_lens_does(tiny_dir):
+    """A site's cache entry is what the model went on with, after every edit at that site (TransformerLens's caching
+    hooks run after the hooks in force): a zeroed site reads zero, and one block's resid_post equals the next
+    block's resid_pre whatever edits are made -- for native interventions, Python hooks and model.hooks(...)."""
+    model = gl.load(tiny_dir)
+    toks = np.arange(1, 8, dtype=np.int32)[None]
+    names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.attn.hook_z"]
+    v = np.random.default_rng(0).standard_normal(model.config.hidden_size).astype(np.float32)
+    for edits in ([("blocks.0.hook_resid_post", gl.interventions.zero())],
+                  [("blocks.0.hook_resid_post", lambda a, hook: a * 0)],
+                  [("blocks.0.hook_resid_post", gl.interventions.add(v, scale=3.0)),
+                   ("blocks.1.attn.hook_z", gl.interventions.ablate_heads([0]))]):
+        for ctx in (False, True):
+            if ctx:
+                with model.hooks(edits):
+                    _, cache = model.run_with_cache(toks, names_filter=names)
+            else:
+                _, cache = model.run_with_cache(toks, names_filter=names, fwd_hooks=edits)
+            np.testing.assert_array_equal(cache["blocks.0.hook_resid_post"], cache["blocks.1.hook_resid_pre"])
+            if len(edits) == 1:
+                assert not cache["blocks.0.hook_resid_post"].any()
+            else:
+                assert not cache["blocks.1.attn.hook_z"][:, :, 0].any() and cache["blocks.1.attn.hook_z"].any()

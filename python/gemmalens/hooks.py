@@ -264,9 +264,6 @@ def build_hookset(table, n_layers, fwd_hooks, captures=(), grad=False):
     if not fwd_hooks and not captures:
         return None
     hs = _core.HookSet(n_layers)
-    for name in captures:
-        sid, layer = table.ids[name]
-        hs.add_capture(sid, layer)
     for target, fn in fwd_hooks:
         names = [n for n in table.names if target(n)] if callable(target) and not isinstance(target, str) else [target]
         for name in names:
@@ -280,6 +277,11 @@ def build_hookset(table, n_layers, fwd_hooks, captures=(), grad=False):
                     hs.add_callback(sid, layer, _GradHook(f, hook) if grad else _wrap_callable(f, hook))
                 else:
                     raise TypeError(f"hook for {name!r} must be a callable or a gl.interventions object, got {f!r}")
+    # Captures come after the edits at their site, as TransformerLens's caching hooks (added by run_with_cache after
+    # the hooks in force) do: the cache holds what the model went on with.
+    for name in captures:
+        sid, layer = table.ids[name]
+        hs.add_capture(sid, layer)
     return hs
 
 

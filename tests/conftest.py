@@ -30,11 +30,14 @@ BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_atten
 
 # Configs covering: MQA and GQA (H/KV = 2, 4), head_dim != hidden/heads (and one not a multiple of 16,
 # which takes the reference attention kernel), 7+ layers (global layer at index 5), sequences longer than
-# the window, linear RoPE scaling on global layers, query_pre_attn_scalar != head_dim, soft-capping.
+# the window, linear RoPE scaling on global layers, query_pre_attn_scalar != head_dim, soft-capping, eps and RoPE
+# bases away from the defaults.
 CONFIGS = {
     "mqa_scaled_softcap": dict(num_key_value_heads=1, head_dim=32, rope_scaling={"rope_type": "linear", "factor": 8.0},
                                query_pre_attn_scalar=20, final_logit_softcapping=5.0),
-    "gqa2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=48, sliding_window=5),
+    # non-default eps and RoPE bases (a loader that ignores them, or an RMSNorm without eps, is caught here)
+    "gqa2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=48, sliding_window=5,
+                 rms_norm_eps=1e-2, rope_theta=5e4, rope_local_base_freq=2e3),
     "gqa4_hd24": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=24, sliding_window=7, num_hidden_layers=8,
                       query_pre_attn_scalar=30),
     "attn_softcap": dict(num_key_value_heads=2, attn_logit_softcapping=3.0, final_logit_softcapping=10.0),

@@ -110,8 +110,10 @@ def test_metadata_every_value_type(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tiny_gguf_src"))
+    # Metadata away from gemmalens's defaults (a GGUF key that is dropped or misread shows): a 7-token window over
+    # 39-token inputs, eps 1e-2, a global RoPE base of 5e4 (GGUF carries no local base: llama.cpp fixes it at 1e4).
     return build_hf(d, seed=11, vocab_size=320, hidden_size=64, head_dim=32, num_key_value_heads=1,
-                    sliding_window=512, max_position_embeddings=512)
+                    sliding_window=7, max_position_embeddings=512, rms_norm_eps=1e-2, rope_theta=5e4)
 
 
 def test_tiny_gemma3_gguf_f32_equals_hf(tiny_hf, tmp_path):

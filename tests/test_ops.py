@@ -21,6 +21,17 @@ def test_rmsnorm():
     np.testing.assert_allclose(ops.rmsnorm(x, w, 1e-6), ref, rtol=2e-6, atol=1e-5)
 
 
+def test_rmsnorm_eps_counts():
+    """Rows near zero, where eps dominates the mean square: dropping or misplacing eps changes the output by O(1)."""
+    x = rng.standard_normal((5, 48)).astype(np.float32) * np.array([1e-3, 1e-2, 0.1, 1.0, 0.0], np.float32)[:, None]
+    w = rng.standard_normal(48).astype(np.float32)
+    for eps in (1e-2, 1e-6):
+        ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * (1 + w)
+        np.testing.assert_allclose(ops.rmsnorm(x, w, eps), ref, rtol=2e-6, atol=1e-7, equal_nan=False)
+    no_eps = x[:3] / np.sqrt((x[:3].astype(np.float64) ** 2).mean(-1, keepdims=True)) * (1 + w)
+    assert np.abs(ops.rmsnorm(x, w, 1e-2)[:3] - no_eps).max() > 0.5  # the check above can tell
+
+
 def test_gelu_tanh_mul():
     g = np.linspace(-12, 12, 4001, dtype=np.float32).reshape(1, -1)
     u = rng.standard_normal(g.shape).astype(np.float32)

@@ -153,3 +153,51 @@ def test_cache_memory_formula_1b_8k_bf16():
     assert cache.nbytes == expected
     print(f"1b bf16 KV cache at 8192 positions: {cache.nbytes / 2**20:.1f} MiB "
           f"(a cache without rings: {per_pos * 26 * 8192 / 2**20:.1f} MiB)")
+
+
+def _with_eos(hf, src, dst, config_eos, generation_eos=None):
+    """The model at src saved again with other stop ids: config.json's eos_token_id, and a generation_config.json
+    (HF's generate reads the latter)."""
+    import json
+    import os
+    import shutil
+    shutil.copytree(src, dst)
+    with open(f"{dst}/config.json") as f:
+        cfg = json.load(f)
+    cfg["eos_token_id"] = config_eos
+    with open(f"{dst}/config.json", "w") as f:
+        json.dump(cfg, f)
+    os.remove(f"{dst}/generation_config.json")  # save_pretrained's default (eos 1), which would win
+    if generation_eos is not None:
+        with open(f"{dst}/generation_config.json", "w") as f:
+            json.dump({"eos_token_id": generation_eos, "bos_token_id": 2, "pad_token_id": 0}, f)
+    return dst
+
+
+def test_stops_on_the_models_own_eos_as_hf_generate(hf_models, tmp_path):
+    """Without stop= or ignore_eos, generation ends on an id of the model's eos_token_id (Gemma 3: eos 1 and
+    <end_of_turn> 106, a list): here ids that greedy decoding reaches a few steps in, in config.json and then in
+    generation_config.json; HF's generate with the same stop ids ends at the same token, batched rows each at their
+    own."""
+    hf, path = hf_models["gqa2"]
+    base = gl.load(path)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    free = [base.generate(p, max_new_tokens=12, ignore_eos=True).tolist() for p in prompts]
+    first = lambda seq, avoid: next(t for t in seq[1:] if t not in avoid)  # noqa: E731  (greedy repeats itself)
+    a = first(free[0], {free[0][0]})
+    b = first(free[1], set(free[0][: free[0].index(a) + 1]) | {free[1][0]})
+    stops = [a, b]
+    want = []
+    for p in prompts:
+        with torch.no_grad():
+            out = hf.generate(torch.as_tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                              pad_token_id=0)
+        want.append(out[0, len(p):].tolist())
+    assert all(w[-1] in stops and len(w) < 12 for w in want)  # the references do stop early
+    for name, cfg_eos, gen_eos in (("config", stops, None), ("generation_config", 1, stops)):
+        model = gl.load(_with_eos(hf, path, str(tmp_path / name), cfg_eos, gen_eos))
+        for p, w in zip(prompts, want):
+            assert model.generate(p, max_new_tokens=12).tolist() == w, name
+        batched = model.generate(prompts, max_new_tokens=12)
+        assert [o.tolist() for o in batched] == want, name
+        assert model.generate(prompts[0], max_new_tokens=12, ignore_eos=True).tolist() == free[0]

@@ -527,7 +527,7 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
     if weights == "auto" and not is_gguf:  # only a block-quantised GGUF has quantised weights to keep
         weights = "native"
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    tokenizer = None
+    tokenizer, stop_ids = None, None
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "_METADATA")):
         core = load_orbax(path, dtype, weights)
         tok_path = os.path.join(path, "tokenizer.model")
@@ -576,10 +576,34 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
         tok_path = os.path.join(directory, "tokenizer.model")
         if os.path.isfile(tok_path):
             tokenizer = Tokenizer(tok_path)
+        stop_ids = _generation_eos(directory)
     cfg = core.config
     if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only {cfg.vocab_size} embeddings")
     core.threads = threads or _default_threads()
-    return Model(core, tokenizer=tokenizer, path=path, max_seq_len=max_seq_len)
+    model = Model(core, tokenizer=tokenizer, path=path, max_seq_len=max_seq_len)
+    if stop_ids is not None:
+        model.generation_eos = stop_ids
+    return model
+
+
+def _generation_eos(directory):
+    """The stop ids of an HF folder's generation_config.json (what HF's generate stops on: Gemma 3's lists
+    <end_of_turn> 106 beside eos 1, which config.json may not), or None when it has none."""
+    p = os.path.join(directory, "generation_config.json")
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p, "rb") as f:
+            g = json.loads(f.read().decode("utf-8"))
+        e = g.get("eos_token_id") if isinstance(g, dict) else None
+        ids = [e] if isinstance(e, int) and not isinstance(e, bool) else e
+        if ids is None:
+            return None
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"eos_token_id must be an id or a list of ids, got {e!r}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"gemmalens.load: '{p}' is not usable ({type(err).__name__}: {err}); fix or remove it") from None
+    return [int(i) for i in ids]

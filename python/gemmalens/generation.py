@@ -55,7 +55,7 @@ class _Request:
 def _stop_lists(model, stop, ignore_eos):
     stop_ids, stop_strs = set(), []
     if not ignore_eos:
-        stop_ids.update(int(e) for e in model.config.eos_token_id)
+        stop_ids.update(int(e) for e in getattr(model, "generation_eos", None) or model.config.eos_token_id)
     if stop is None:
         return stop_ids, stop_strs
     items = [stop] if isinstance(stop, (str, int, np.integer)) else list(stop)

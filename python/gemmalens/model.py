@@ -73,6 +73,9 @@ class Model:
         self._persistent_hooks = []  # [(name | filter, fn)] from model.hooks(...) / add_hook
         self._saes = []  # [(SAE, use_error_term)] spliced into every forward (model.saes(...) / run_with_saes)
         self._ln_final_gain_value = None  # (1 + w) of the final norm, read on first use (_ln_final_gain)
+        # The ids generate() stops on (unless ignore_eos): an HF folder's generation_config.json when it lists them
+        # (as HF's generate does), else config.eos_token_id.
+        self.generation_eos = None
 
     # ---- hooks (TransformerLens idioms) ----
 

@@ -17,37 +17,56 @@ def _bf16_bytes(a):
     return (u >> 16).astype(np.uint16)
 
 
+def _weight_specs(cfg):
+    """(HF name, shape, std) of every weight, in the order make() draws them: the order fixes the values for a seed."""
+    D, F, H, KV, Hd, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                          cfg.head_dim, cfg.vocab_size)
+    yield "model.embed_tokens.weight", (V, D), 0.02
+    yield "model.norm.weight", (D,), 0.1
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        yield p + "self_attn.q_proj.weight", (H * Hd, D), 0.02
+        yield p + "self_attn.k_proj.weight", (KV * Hd, D), 0.02
+        yield p + "self_attn.v_proj.weight", (KV * Hd, D), 0.02
+        yield p + "self_attn.o_proj.weight", (D, H * Hd), 0.02
+        yield p + "self_attn.q_norm.weight", (Hd,), 0.1
+        yield p + "self_attn.k_norm.weight", (Hd,), 0.1
+        yield p + "mlp.gate_proj.weight", (F, D), 0.02
+        yield p + "mlp.up_proj.weight", (F, D), 0.02
+        yield p + "mlp.down_proj.weight", (D, F), 0.02
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            yield p + n + ".weight", (D,), 0.1
+
+
 def make(size, out_dir, seed=0):
+    """Write out_dir/model.safetensors (BF16) and config.json for a preset size ("270m", "1b", ...).
+
+    Each tensor is drawn, rounded to bf16 and written before the next is drawn, so the peak memory is the largest
+    tensor (the 262144-row embedding: 1.2 GB in f32 for 1b), not the whole model in f32."""
     import gemmalens as gl
 
     cfg = gl.Gemma3Config.preset(size)
     cfg.max_position_embeddings = 8192
+    specs = list(_weight_specs(cfg))
+    header, off = {}, 0
+    for name, shape, _ in specs:
+        n = 2 * int(np.prod(shape))  # bytes in bf16
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)  # the data section starts 8-byte aligned
     rng = np.random.default_rng(seed)
-    D, F, H, KV, Hd, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                          cfg.head_dim, cfg.vocab_size)
-
-    def w(*shape, std=0.02):
-        return rng.standard_normal(shape, dtype=np.float32) * std
-
-    t = {"model.embed_tokens.weight": w(V, D), "model.norm.weight": w(D, std=0.1)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        t[p + "self_attn.q_proj.weight"] = w(H * Hd, D)
-        t[p + "self_attn.k_proj.weight"] = w(KV * Hd, D)
-        t[p + "self_attn.v_proj.weight"] = w(KV * Hd, D)
-        t[p + "self_attn.o_proj.weight"] = w(D, H * Hd)
-        t[p + "self_attn.q_norm.weight"] = w(Hd, std=0.1)
-        t[p + "self_attn.k_norm.weight"] = w(Hd, std=0.1)
-        t[p + "mlp.gate_proj.weight"] = w(F, D)
-        t[p + "mlp.up_proj.weight"] = w(F, D)
-        t[p + "mlp.down_proj.weight"] = w(D, F)
-        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
-            t[p + n + ".weight"] = w(D, std=0.1)
-    from gemmalens.formats import write_safetensors
-
     os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), t, dtype="bfloat16")
+    # Written under another name and renamed when complete: a killed run leaves no model.safetensors that run.py
+    # would take for a finished checkpoint.
+    tmp = os.path.join(out_dir, "model.safetensors.partial")
+    with open(tmp, "wb") as f:
+        f.write(len(h).to_bytes(8, "little"))
+        f.write(h)
+        for name, shape, std in specs:
+            f.write(_bf16_bytes(rng.standard_normal(shape, dtype=np.float32) * std).tobytes())
     cfg.save_pretrained(out_dir)
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     return out_dir
 
 

@@ -1,13 +1,15 @@
 """gemmalens benchmark: the machine's limits, then gemmalens beside its peers on the same weights, in one run.
 
-    python bench/run.py            # full: 270m and 1b shapes
-    python bench/run.py --quick    # 270m only, fewer repeats
+    python bench/run.py                        # full: 270m and 1b shapes
+    python bench/run.py --quick                # 270m only (the gradient table: 270m and 1b), fewer repeats
+    python bench/run.py --quick --only grad    # measure and rewrite one table (or several: --only hooks,grad)
 
-Writes the tables to bench/README.md (between the BENCH markers) with the date and machine.
+Writes the tables to bench/README.md (between the BENCH markers; each table between its own bench:NAME markers, so
+--only replaces just those and stamps them with their own date and command) with the date and machine.
 Random-weight checkpoints of the real shapes are generated once under bench/_work/ (git-ignored).
 Peers: HF transformers (torch 2.13 CPU; default attention; prefill with `logits_to_keep=1`, as gemmalens'
-last-position mode; decode with `generate`), TransformerLens (TransformerBridge over the same HF model; its version is in the header).
-All at the same thread count.
+last-position mode; decode with `generate`), TransformerLens 4 (TransformerBridge loaded from the same checkpoint
+folder; its version is in the header), llama.cpp (llama-cpp-python). All at the same thread count.
 """
 import argparse
 import datetime
@@ -36,14 +38,19 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
-def timeit(fn, repeats):
-    fn()  # warm-up (primitive creation, page faults)
+def timings(fn, repeats):
+    """Seconds of each of repeats calls, after one warm-up call (primitive creation, page faults)."""
+    fn()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return ts
+
+
+def timeit(fn, repeats):
+    return statistics.median(timings(fn, repeats))
 
 
 def bench_gemmalens(path, dtype, lengths, threads, repeats):
@@ -90,9 +97,10 @@ def machine_limits(threads):
     return bw, flops
 
 
-def prefill_flops_per_token(path, T):
-    """Matmul FLOPs per token of a T-token prefill (last-position logits): 2 x layer weights, plus attention
-    (QK^T and PV over each position's visible keys, causal, sliding layers capped at the window)."""
+def flops_per_token(path, T):
+    """Matmul FLOPs per token of a T-token forward: (the layers' weights, attention, the LM head at that token).
+    Layers: 2 x their weights; attention: QK^T and PV over each position's visible keys (causal, sliding layers capped
+    at the window); LM head: 2 x the tied embedding."""
     import json as _json
 
     c = _json.load(open(os.path.join(path, "config.json")))
@@ -106,7 +114,22 @@ def prefill_flops_per_token(path, T):
     for t in types:
         w = c["sliding_window"] if t == "sliding_attention" else T
         attn += 4 * H * Hd * np.mean([min(p + 1, w) for p in range(T)])
-    return L * per_layer + attn
+    return L * per_layer, attn, 2 * D * c["vocab_size"]
+
+
+def prefill_flops_per_token(path, T):
+    """Matmul FLOPs per token of a T-token prefill with last-position logits (the LM head's share is negligible)."""
+    layers, attn, _ = flops_per_token(path, T)
+    return layers + attn
+
+
+def grad_flop_ratio(path, T):
+    """Matmul FLOPs of a gradient run as gemmalens does it over those of a forward with all-position logits: the
+    forward; then per block its forward again from the recorded input, and the VJPs of its matmuls for the input only
+    (one matmul each; two for attention's: dQ from dS, dK and dV), and the LM head's VJP."""
+    layers, attn, head = flops_per_token(path, T)
+    forward = layers + attn + head
+    return (forward + (layers + attn) + (layers + 2 * attn) + head) / forward
 
 
 def bench_decode(path, dtype, batch, prompt_len, n_new, threads, repeats):
@@ -194,50 +217,142 @@ def _tl_version():
 
 
 def tl_bridge(path, threads, dtype="float32"):
-    """TransformerLens's TransformerBridge over the HF model in path (float32 eager)."""
+    """TransformerLens 4's TransformerBridge over the HF checkpoint folder in path, loaded by TransformerLens itself
+    (`boot_transformers` on a local folder: transformers' from_pretrained, eager attention, weights cast to dtype,
+    no weight processing), with no network access."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import Gemma3ForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerFast
 
     torch.set_num_threads(threads)
-    hf = Gemma3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="eager").eval()
-    # TransformerLens wants a tokenizer object; the random-weight model has none, so give it a stub.
+    # TransformerLens wants a tokenizer object; the random-weight model has none, so give it a stub (ids are passed).
     stub = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
                                    unk_token="<unk>", pad_token="<unk>", bos_token="<unk>", eos_token="<unk>")
     stub_dir = os.path.join(WORK, "stub-tokenizer")
     stub.save_pretrained(stub_dir)
     tok = PreTrainedTokenizerFast.from_pretrained(stub_dir)
-    return TransformerBridge.boot_transformers(path, hf_model=hf, tokenizer=tok, device="cpu")
+    return TransformerBridge.boot_transformers(os.path.abspath(path), tokenizer=tok, device="cpu",
+                                               dtype=getattr(torch, dtype))
+
+
+def _is_resid_post(name):
+    return name.endswith("hook_resid_post")
+
+
+def _median_shown(label, ts):
+    """The median of timings, after printing them all (how noisy the machine was is part of the result)."""
+    print(f"  {label}: {', '.join(f'{t * 1e3:.0f}' for t in ts)} ms", flush=True)
+    return statistics.median(ts)
 
 
 def bench_grad(path, dtype, threads, repeats, T=256):
-    """A gradient run (forward + reverse, the loss's gradient at every hook_resid_post) against a plain forward,
-    and TransformerLens's run_with_cache(incl_bwd=True) on the same weights (float32 only)."""
+    """A gradient run (forward + reverse, the loss's gradient at every hook_resid_post) against a plain forward, and
+    TransformerLens's run_with_cache(incl_bwd=True, return_type="loss") on the same weights in the same dtype.
+
+    Returns (plain s, gradient run s, TransformerLens s, largest difference between the two's gradients relative to
+    the largest gradient, why TransformerLens failed); the TransformerLens entries are None where it failed."""
     import gemmalens as gl
 
     model = gl.load(path, dtype=dtype, threads=threads)
+    L = model.config.num_hidden_layers
     toks = model.to_tokens(np.random.default_rng(0).integers(0, model.config.vocab_size, T))
-    resid = lambda n: n.endswith("hook_resid_post")  # noqa: E731
-    plain = timeit(lambda: model.forward(toks), repeats)
-    grad = timeit(lambda: model.run_with_cache(toks, names_filter=resid, incl_bwd=True, metric="loss"), repeats)
-    del model
-    gc.collect()
-    tl_time = None
-    if dtype == "float32":
-        try:
-            import torch
+    plain = _median_shown(f"{dtype} plain forward", timings(lambda: model.forward(toks), repeats))
+    last = {}
 
-            bridge = tl_bridge(path, threads)
-            ids = torch.as_tensor(np.asarray(toks, dtype=np.int64))
-            tl_time = timeit(lambda: bridge.run_with_cache(ids, names_filter=resid, incl_bwd=True, return_type="loss"),
-                             repeats)
-            del bridge
-            gc.collect()
-        except Exception as e:  # report, do not hide: the table says why the cell is empty
-            print(f"TransformerLens gradient run failed: {type(e).__name__}: {e}", flush=True)
-    return plain, grad, tl_time
+    def ours():
+        last["cache"] = model.run_with_cache(toks, names_filter=_is_resid_post, incl_bwd=True, metric="loss")[1]
+
+    grad = _median_shown(f"{dtype} gradient run", timings(ours, repeats))
+    g_ours = {f"blocks.{i}.hook_resid_post_grad": np.array(last["cache"][f"blocks.{i}.hook_resid_post_grad"])
+              for i in range(L)}
+    del model, last
+    gc.collect()
+    tl_time = diff = error = None
+    try:
+        import torch
+
+        bridge = tl_bridge(path, threads, dtype)
+        ids = torch.as_tensor(np.asarray(toks, dtype=np.int64))
+        out = {}
+
+        def theirs():
+            # run_with_cache calls the loss's backward() itself (TransformerLens 4's incl_bwd). It also fills the
+            # weights' .grad (it refuses weights with requires_grad=False); drop them between runs, as a loop would.
+            bridge.zero_grad(set_to_none=True)
+            out["cache"] = bridge.run_with_cache(ids, names_filter=_is_resid_post, incl_bwd=True, return_type="loss")[1]
+
+        tl_time = _median_shown(f"{dtype} TransformerLens gradient run", timings(theirs, repeats))
+        missing = [n for n in g_ours if n not in out["cache"]]
+        if missing:
+            raise RuntimeError(f"TransformerLens captured no {missing[0]} (and {len(missing) - 1} more)")
+        scale = max(float(np.abs(g).max()) for g in g_ours.values())
+        diff = max(float(np.abs(out["cache"][n].float().numpy() - g).max()) for n, g in g_ours.items()) / scale
+        bridge.zero_grad(set_to_none=True)
+        del bridge, out
+        gc.collect()
+    except Exception as e:  # report, do not hide: the table says why the cell is empty
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        print(f"TransformerLens gradient run ({dtype}) failed: {error}", flush=True)
+        tl_time = diff = None
+    return plain, grad, tl_time, diff, error
+
+
+_GRAD_RSS_SCRIPT = r"""
+import json, os, sys
+import numpy as np
+bench_dir, engine, path, dtype, threads, T = sys.argv[1:7]
+threads, T = int(threads), int(T)
+sys.path.insert(0, bench_dir)
+
+def status_bytes(key):  # a /proc/self/status line in kB, as bytes
+    return int([l for l in open("/proc/self/status") if l.startswith(key + ":")][0].split()[1]) * 1024
+
+c = json.load(open(os.path.join(path, "config.json")))
+toks = np.random.default_rng(0).integers(0, c.get("text_config", c)["vocab_size"], (1, T))
+resid = lambda n: n.endswith("hook_resid_post")
+if engine == "gemmalens":
+    import gemmalens as gl
+    m = gl.load(path, dtype=dtype, threads=threads)
+    t = m.to_tokens(toks)
+    run = lambda: m.run_with_cache(t, names_filter=resid, incl_bwd=True, metric="loss")
+else:
+    import torch
+    from run import tl_bridge
+    m = tl_bridge(path, threads, dtype)
+    ids = torch.as_tensor(toks)
+    run = lambda: m.run_with_cache(ids, names_filter=resid, incl_bwd=True, return_type="loss")
+# The peaks are read from VmHWM, the peak RSS of this process's memory map. getrusage's ru_maxrss is the same figure
+# but also keeps the parent's peak, handed over at exec (the child of a benchmark process holding GBs would report them).
+loaded, load_peak = status_bytes("VmRSS"), status_bytes("VmHWM")
+try:  # "5" resets VmHWM to the current RSS: the next peak is the gradient run's own
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    reset = True
+except OSError:
+    reset = False
+out, cache = run()
+n_grads = sum(1 for k in cache.keys() if k.endswith("_grad"))
+peak = status_bytes("VmHWM")
+print(json.dumps({"loaded": loaded, "load_peak": load_peak, "run_peak": peak if reset else None,
+                  "peak": max(peak, load_peak), "grads": n_grads}))
+"""
+
+
+def grad_rss(engine, path, dtype, threads, T=256):
+    """Memory of one gradient run (as in bench_grad) in a fresh process, in bytes: RSS after the load ("loaded"), the
+    peak during the load ("load_peak") and during the gradient run ("run_peak"; None where /proc/self/clear_refs cannot
+    reset the peak) and the process's peak ("peak": the larger of the two). engine: "gemmalens" or "transformer_lens"."""
+    import json as _json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _GRAD_RSS_SCRIPT, HERE, engine, path, dtype, str(threads), str(T)],
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{engine} gradient-run memory process failed (exit {out.returncode}): "
+                           f"{out.stderr.strip()[-1000:]}")
+    return _json.loads(out.stdout.strip().splitlines()[-1])
 
 
 _LLAMA_SCRIPT = r"""
@@ -378,12 +493,115 @@ def bench_sae(path, threads, repeats, T=128, width=16384):
     return plain, spliced
 
 
+# The tables, in the order they appear in bench/README.md; --only picks some of them.
+SECTIONS = ("prefill", "decode", "hooks", "grad", "llama", "scaling", "sae")
+GRAD_SIZES = ("270m", "1b")  # the gradient table has both sizes with --quick too
+
+
+def _mb(n):
+    return f"{n / 1e6:.0f}"
+
+
+def grad_section(rows, mem_rows):
+    """The gradient table (bench_grad rows) and its memory table (grad_rss rows)."""
+    text = ("### Gradients (256 tokens; the loss's gradient at every hook_resid_post)\n\n"
+            "| model | dtype | plain forward ms | forward + reverse ms | vs plain | FLOPs vs plain | TransformerLens ms | "
+            "TransformerLens / gemmalens | gradients differ by |\n|---|---|---|---|---|---|---|---|---|\n")
+    failures = {}
+    for size, dtype, flop_ratio, p_, g_, t_, diff, err in rows:
+        if t_:
+            tl = f"{t_ * 1e3:.0f} | **{t_ / g_:.2f}x** | {diff:.1e}"
+        else:
+            mark = failures.setdefault(err, f"[{len(failures) + 1}]")
+            tl = f"-{mark} | - | -"
+        text += f"| {size} | {dtype} | {p_ * 1e3:.0f} | {g_ * 1e3:.0f} | **{g_ / p_:.2f}** | {flop_ratio:.2f} | {tl} |\n"
+    text += ("\ngemmalens: `run_with_cache(tokens, names_filter=<every hook_resid_post>, incl_bwd=True, metric=\"loss\")` "
+             "(forward, next-token loss, reverse; all-position logits) against `forward(tokens)` of the same model. "
+             "TransformerLens: `TransformerBridge.boot_transformers(<checkpoint folder>, dtype=...)` (transformers' "
+             "`from_pretrained`, eager attention, no weight processing) and `run_with_cache(ids, names_filter=..., "
+             "incl_bwd=True, return_type=\"loss\")`, which calls the loss's `backward()` itself; it refuses weights that "
+             "do not require grad, so its time includes the weights' gradients (set to None before each run), which "
+             "gemmalens does not compute. Both in the row's dtype, at the same thread count. \"Gradients differ by\": the "
+             "largest difference between the two's `hook_resid_post_grad` over all layers, relative to the largest "
+             "gradient.\n")
+    for err, mark in failures.items():
+        text += f"\n{mark} TransformerLens failed: `{err}`.\n"
+    text += ("\nThe reverse pass runs each block again from its recorded input (a plain forward keeps no "
+             "intermediates) and widens each layer's weights to f32 for its VJP. \"FLOPs vs plain\" counts the matmuls "
+             "that way: the forward, each block's forward again, the VJPs for the inputs (one matmul per matmul, two "
+             "for attention's) and the LM head's VJP, over the forward's (the 262144-row LM head at all 256 positions "
+             "is 62% of the 270m forward, 30% of the 1b one): the time ratio cannot go below it while the blocks run "
+             "twice. In the bfloat16 rows the reverse matmuls run in f32, at the f32 matmul rate. The bfloat16 "
+             "gradients differ more: transformers keeps the residual stream in bf16, gemmalens in f32.\n")
+    if mem_rows:
+        text += ("\n#### Memory of a gradient run (a fresh process loads the model and does one gradient run as above)\n\n"
+                 "| model | dtype | gemmalens after load MB | gemmalens peak MB | of which the run | TransformerLens after "
+                 "load MB | TransformerLens peak MB | of which the run | gemmalens / TransformerLens peak |\n"
+                 "|---|---|---|---|---|---|---|---|---|\n")
+        for size, dtype, ours, theirs in mem_rows:
+            def cells(r):
+                if r is None:
+                    return "- | - | -"
+                run = f"+{_mb(r['run_peak'] - r['loaded'])}" if r["run_peak"] is not None else "-"
+                return f"{_mb(r['loaded'])} | {_mb(r['peak'])} | {run}"
+            ratio = f"**{ours['peak'] / theirs['peak']:.2f}x**" if ours and theirs else "-"
+            text += f"| {size} | {dtype} | {cells(ours)} | {cells(theirs)} | {ratio} |\n"
+        text += ("\n\"After load\": RSS once the model is loaded (Python, numpy or torch, the extension, the weights). "
+                 "\"Peak\": the process's peak RSS (`VmHWM`: the load's peak or the gradient run's, the larger; `ru_maxrss` "
+                 "would also count the launching benchmark process's peak, which Linux hands over at exec). \"Of which the "
+                 "run\": the gradient run's own peak (the peak is reset through `/proc/self/clear_refs` after the load) "
+                 "above the RSS after load; for TransformerLens it includes the weights' gradients. TransformerLens "
+                 "in bfloat16 is small after load because transformers maps the bf16 file and reads the weights on first "
+                 "use; its peak counts them.\n")
+    return text
+
+
+def write_readme(head, sections, only):
+    """Rewrite bench/README.md between the BENCH markers: everything on a full run, else only the sections in only
+    (each table sits between <!-- bench:NAME --> and <!-- /bench:NAME -->)."""
+    readme = os.path.join(HERE, "README.md")
+    doc = open(readme).read()
+    m = re.search(r"<!-- BENCH START -->\n(.*)<!-- BENCH END -->", doc, flags=re.S)
+    if m is None:
+        raise SystemExit("bench/README.md has no <!-- BENCH START --> ... <!-- BENCH END --> block")
+
+    def wrapped(name):
+        return f"<!-- bench:{name} -->\n{sections[name]}\n<!-- /bench:{name} -->\n\n"
+
+    if only is None:
+        block = head + "".join(wrapped(n) for n in SECTIONS)
+    else:
+        block = m.group(1)
+        for name in only:
+            pat = re.compile(rf"<!-- bench:{name} -->\n.*?<!-- /bench:{name} -->\n\n?", flags=re.S)
+            if not pat.search(block):
+                raise SystemExit(f"bench/README.md has no '{name}' table to replace; run `python bench/run.py --quick` "
+                                 "once without --only")
+            block = pat.sub(lambda _: wrapped(name), block)
+    with open(readme, "w") as f:
+        f.write(doc[:m.start(1)] + block + doc[m.end(1):])
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap = argparse.ArgumentParser(description="Measure gemmalens beside its peers and rewrite bench/README.md's tables.")
+    ap.add_argument("--quick", action="store_true", help="270m only (the gradient table: 270m and 1b), fewer repeats")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--no-write", action="store_true", help="print the table, do not update bench/README.md")
+    ap.add_argument("--only", metavar="TABLES",
+                    help="comma-separated tables to measure and rewrite, leaving the others in bench/README.md as they "
+                         f"are: {', '.join(SECTIONS)}")
+    ap.add_argument("--sizes", metavar="SIZES",
+                    help="comma-separated model sizes for every table instead of the defaults (trying things out: "
+                         "needs --no-write)")
+    ap.add_argument("--no-write", action="store_true", help="print the tables, do not update bench/README.md")
     args = ap.parse_args()
+    only = None
+    if args.only:
+        only = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in only if n not in SECTIONS]
+        if unknown or not only:
+            ap.error(f"--only: unknown table {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(SECTIONS)}")
+    if args.sizes and not args.no_write:
+        ap.error("--sizes changes the tables' rows: use it with --no-write")
 
     from make_models import make
 
@@ -391,164 +609,204 @@ def main():
     import torch
     import transformers
 
-    sizes = ["270m"] if args.quick else ["270m", "1b"]
+    def want(name):
+        return only is None or name in only
+
+    sizes = args.sizes.split(",") if args.sizes else ["270m"] if args.quick else ["270m", "1b"]
+    grad_sizes = args.sizes.split(",") if args.sizes else list(GRAD_SIZES)
     lengths = [128, 512]
     repeats = 2 if args.quick else 3
     paths = {}
-    for size in sizes:
-        paths[size] = os.path.join(WORK, f"random-{size}")
-        if not os.path.exists(os.path.join(paths[size], "model.safetensors")):
-            print(f"writing {paths[size]} ...", flush=True)
-            make(size, paths[size])
 
-    bw, flops = machine_limits(args.threads)
-    print(f"read bandwidth {bw / 1e9:.1f} GB/s; matmul f32 {flops['float32'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {flops['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
+    def ckpt(size):
+        """The random-weight checkpoint of a size, written on first use."""
+        if size not in paths:
+            paths[size] = os.path.join(WORK, f"random-{size}")
+            if not os.path.exists(os.path.join(paths[size], "model.safetensors")):
+                print(f"writing {paths[size]} ...", flush=True)
+                make(size, paths[size])
+        return paths[size]
 
-    prefill = []
-    for size in sizes:
-        for dtype in ("float32", "bfloat16"):
-            ours = bench_gemmalens(paths[size], dtype, lengths, args.threads, repeats)
-            hf = bench_hf(paths[size], dtype, lengths, args.threads, repeats)
-            for T in lengths:
-                prefill.append((size, dtype, T, ours[T], hf[T]))
-                print(f"{size:5s} {dtype:9s} prefill {T:4d}: gemmalens {ours[T]:8.1f} tok/s  HF {hf[T]:8.1f} tok/s  "
-                      f"x{ours[T] / hf[T]:.2f}", flush=True)
+    text = {}
+    bw = flops = None
+    if only is None or want("prefill") or want("decode"):
+        bw, flops = machine_limits(args.threads)
+        print(f"read bandwidth {bw / 1e9:.1f} GB/s; matmul f32 {flops['float32'] / 1e9:.0f} GFLOP/s, "
+              f"bf16 {flops['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
 
-    decode = []
-    for size in sizes:
-        for batch in (1, 8):
-            o, h, wbytes = bench_decode(paths[size], "bfloat16", batch, 128, 16 if args.quick else 32, args.threads, repeats)
-            bound = bw / wbytes * batch  # every step reads all weights once
-            decode.append((size, "bfloat16", batch, o, h, o / bound))
-            print(f"{size:5s} bf16 decode batch {batch}: gemmalens {o:7.1f} tok/s  HF {h:7.1f} tok/s  x{o / h:.2f}  "
-                  f"{o / bound:.2f} of the bandwidth bound", flush=True)
-
-    plain, resid, every, tl_time = bench_hooks(paths["270m"], args.threads, repeats)
-    print(f"hooks: plain {plain * 1e3:.0f} ms, cache resid_post {resid * 1e3:.0f} ms, cache all {every * 1e3:.0f} ms, "
-          f"TL {tl_time * 1e3 if tl_time else float('nan'):.0f} ms", flush=True)
-
-    grad_rows = []
-    for size in sizes:
-        for dtype in ("float32", "bfloat16"):
-            p_, g_, t_ = bench_grad(paths[size], dtype, args.threads, repeats)
-            grad_rows.append((size, dtype, p_, g_, t_))
-            print(f"{size} {dtype} gradient run: plain {p_ * 1e3:.0f} ms, forward + reverse {g_ * 1e3:.0f} ms "
-                  f"(x{g_ / p_:.2f}), TL {t_ * 1e3 if t_ else float('nan'):.0f} ms", flush=True)
-
-    llama_rows = []
-    from gemmalens.formats import _resolve_demo
-    from make_models import write_bf16_gguf
-
-    gguf_models = [("270m Q4_K_M (real)", _resolve_demo("gemma3-270m"))]
-    if not args.quick:
-        g1b = os.path.join(WORK, "random-1b-bf16.gguf")
-        if not os.path.exists(g1b):
-            write_bf16_gguf(paths["1b"], g1b)
-        gguf_models.append(("1b BF16 (random)", g1b))
-    thread_counts = [args.threads] + ([1] if args.threads != 1 else [])
-    for label, gpath in gguf_models:
-        for th in thread_counts:
-            last = None
-            for dtype, weights in (("bfloat16", "native"), ("float32", "int8"), ("float32", "int4")):
-                r = bench_llama_cpp(gpath, dtype, th, repeats, weights=weights, with_llama=last is None)
-                if last is None:
-                    last = r
-                else:
-                    r = r[:2] + last[2:]  # the same llama.cpp run
-                tag = "bf16" if weights == "native" else f"{weights} (f32 compute)"
-                llama_rows.append((label, th, tag) + r)
-                print(f"{label} {th} threads gemmalens({dtype}) prefill {r[0]:.1f} decode {r[1]:.1f} | llama.cpp prefill "
-                      f"{r[2] or float('nan'):.1f} decode {r[3] or float('nan'):.1f}", flush=True)
-
-    extra = []
-    for size in sizes:
-        d128 = decode_only(paths[size], "bfloat16", 128, args.threads)
-        d4k = decode_only(paths[size], "bfloat16", 4096, args.threads)
-        t1 = decode_only(paths[size], "bfloat16", 128, 1)
-        i8 = decode_only(paths[size], "float32", 128, args.threads, weights="int8")
-        i4 = decode_only(paths[size], "float32", 128, args.threads, weights="int4")
-        r = rss_and_load(paths[size], "bfloat16")
-        extra.append((size, d128, d4k, t1, i8, i4, r))
-        print(f"{size}: decode bf16 ctx128 {d128:.1f}, ctx4096 {d4k:.1f}, 1 thread {t1:.1f}, int8 {i8:.1f}, int4 {i4:.1f} tok/s; "
-              f"rss {r['rss'] / 1e6:.0f} MB vs weights+cache {(r['weights'] + r['cache']) / 1e6:.0f} MB; "
-              f"load {r['load_s']:.2f} s", flush=True)
-
-    sae_rows = []
-    for size in sizes:
-        p_, s_ = bench_sae(paths[size], args.threads, repeats)
-        sae_rows.append((size, p_, s_))
-        print(f"{size} SAE 16k splice: plain {p_ * 1e3:.0f} ms, with SAE {s_ * 1e3:.0f} ms (+{(s_ / p_ - 1) * 100:.1f}%)", flush=True)
-
-    head = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "
-            f"({os.cpu_count()} cores visible); gemmalens {gemmalens.__version__} (oneDNN {gemmalens._core.dnnl_version()}), "
-            f"transformers {transformers.__version__}, torch {torch.__version__}, transformer_lens {_tl_version()}. Command: `python bench/run.py"
-            f"{' --quick' if args.quick else ''}`. Random weights of the real shapes.\n\n"
-            f"Machine, measured in the same run: streaming read bandwidth **{bw / 1e9:.1f} GB/s**; oneDNN matmul "
-            f"512x2048x2048 f32 **{flops['float32'] / 1e9:.0f} GFLOP/s**, bf16 **{flops['bfloat16'] / 1e9:.0f} GFLOP/s**.\n\n")
-    text = head + "### Prefill (batch 1, last-position logits)\n\n"
-    text += ("| model | dtype | tokens | gemmalens tok/s | HF tok/s | ratio | gemmalens GFLOP/s | fraction of the matmul "
+    if want("prefill"):
+        prefill = []
+        for size in sizes:
+            for dtype in ("float32", "bfloat16"):
+                ours = bench_gemmalens(ckpt(size), dtype, lengths, args.threads, repeats)
+                hf = bench_hf(ckpt(size), dtype, lengths, args.threads, repeats)
+                for T in lengths:
+                    prefill.append((size, dtype, T, ours[T], hf[T]))
+                    print(f"{size:5s} {dtype:9s} prefill {T:4d}: gemmalens {ours[T]:8.1f} tok/s  HF {hf[T]:8.1f} tok/s  "
+                          f"x{ours[T] / hf[T]:.2f}", flush=True)
+        t = ("### Prefill (batch 1, last-position logits)\n\n"
+             "| model | dtype | tokens | gemmalens tok/s | HF tok/s | ratio | gemmalens GFLOP/s | fraction of the matmul "
              "rate |\n|---|---|---|---|---|---|---|---|\n")
-    for size, dtype, T, o, h in prefill:
-        gf = o * prefill_flops_per_token(paths[size], T)
-        text += (f"| {size} | {dtype} | {T} | {o:.1f} | {h:.1f} | **{o / h:.2f}x** | {gf / 1e9:.0f} | "
-                 f"{gf / flops[dtype]:.2f} |\n")
-    text += ("\nGFLOP/s counts the layers' matmuls and attention (QK^T, PV over the visible keys); the fraction divides it "
-             "by the oneDNN matmul rate of the same dtype measured above.\n")
-    text += ("\n### Decode (context 128, greedy; tok/s over all sequences)\n\n"
+        for size, dtype, T, o, h in prefill:
+            gf = o * prefill_flops_per_token(ckpt(size), T)
+            t += (f"| {size} | {dtype} | {T} | {o:.1f} | {h:.1f} | **{o / h:.2f}x** | {gf / 1e9:.0f} | "
+                  f"{gf / flops[dtype]:.2f} |\n")
+        t += ("\nGFLOP/s counts the layers' matmuls and attention (QK^T, PV over the visible keys); the fraction divides "
+              "it by the oneDNN matmul rate of the same dtype measured above.\n")
+        text["prefill"] = t
+
+    if want("decode"):
+        decode = []
+        for size in sizes:
+            for batch in (1, 8):
+                o, h, wbytes = bench_decode(ckpt(size), "bfloat16", batch, 128, 16 if args.quick else 32, args.threads,
+                                            repeats)
+                bound = bw / wbytes * batch  # every step reads all weights once
+                decode.append((size, "bfloat16", batch, o, h, o / bound))
+                print(f"{size:5s} bf16 decode batch {batch}: gemmalens {o:7.1f} tok/s  HF {h:7.1f} tok/s  x{o / h:.2f}  "
+                      f"{o / bound:.2f} of the bandwidth bound", flush=True)
+        t = ("### Decode (context 128, greedy; tok/s over all sequences)\n\n"
              "| model | dtype | batch | gemmalens tok/s | HF generate tok/s | ratio | fraction of bandwidth bound |\n"
              "|---|---|---|---|---|---|---|\n")
-    for size, dtype, batch, o, h, frac in decode:
-        text += f"| {size} | {dtype} | {batch} | {o:.1f} | {h:.1f} | **{o / h:.2f}x** | {frac:.2f} |\n"
-    text += ("\nThe bandwidth bound is `bandwidth / bytes of weights read per step` (the tied 262144-row embedding is "
-             "read for the LM head every step).\n\n### Hooks (270m, float32, 256 tokens, all-position logits)\n\n"
+        for size, dtype, batch, o, h, frac in decode:
+            t += f"| {size} | {dtype} | {batch} | {o:.1f} | {h:.1f} | **{o / h:.2f}x** | {frac:.2f} |\n"
+        t += ("\nThe bandwidth bound is `bandwidth / bytes of weights read per step` (the tied 262144-row embedding is "
+              "read for the LM head every step).\n")
+        text["decode"] = t
+
+    if want("hooks"):
+        plain, resid, every, tl_time = bench_hooks(ckpt("270m"), args.threads, repeats)
+        print(f"hooks: plain {plain * 1e3:.0f} ms, cache resid_post {resid * 1e3:.0f} ms, cache all {every * 1e3:.0f} ms, "
+              f"TL {tl_time * 1e3 if tl_time else float('nan'):.0f} ms", flush=True)
+        t = ("### Hooks (270m, float32, 256 tokens, all-position logits)\n\n"
              "| run | ms | vs plain forward |\n|---|---|---|\n"
              f"| plain forward | {plain * 1e3:.0f} | 1.00 |\n"
              f"| run_with_cache, all 18 hook_resid_post | {resid * 1e3:.0f} | {resid / plain:.2f} |\n"
              f"| run_with_cache, every hook (398) | {every * 1e3:.0f} | {every / plain:.2f} |\n")
-    if tl_time:
-        text += (f"| TransformerLens run_with_cache, every hook | {tl_time * 1e3:.0f} | {tl_time / plain:.2f} |\n\n"
-                 f"TransformerLens time / gemmalens time for `run_with_cache` of every hook: **{tl_time / every:.2f}**.\n")
-    text += ("\n### Gradients (256 tokens; the loss's gradient at every hook_resid_post; `run_with_cache(incl_bwd=True)`)\n\n"
-             "| model | dtype | plain forward ms | forward + reverse ms | vs plain | TransformerLens ms | TransformerLens / "
-             "gemmalens |\n|---|---|---|---|---|---|---|\n")
-    for size, dtype, p_, g_, t_ in grad_rows:
-        tl = f"{t_ * 1e3:.0f} | **{t_ / g_:.2f}**" if t_ else "- | -"
-        text += f"| {size} | {dtype} | {p_ * 1e3:.0f} | {g_ * 1e3:.0f} | {g_ / p_:.2f} | {tl} |\n"
-    text += ("\nThe reverse pass runs each block again from its recorded input (a plain forward keeps no "
-             "intermediates) and widens each layer's weights to f32 for its VJP.\n")
-    text += ("\n### Against llama.cpp on the same GGUF file (llama-cpp-python; prefill 512 tokens, decode at context 128, "
-             "batch 1)\n\n| file | threads | gemmalens weights | gemmalens prefill | llama.cpp prefill | ratio | gemmalens decode | "
-             "llama.cpp decode | ratio |\n|---|---|---|---|---|---|---|---|---|\n")
-    for label, th, dtype, po, do, pt, dt in llama_rows:
-        if pt:
-            text += (f"| {label} | {th} | {dtype} | {po:.1f} | {pt:.1f} | **{po / pt:.2f}x** | {do:.1f} | {dt:.1f} | "
-                     f"**{do / dt:.2f}x** |\n")
-    text += ("\nbf16 rows: gemmalens dequantises the GGUF at load to bf16; llama.cpp computes on the file's own blocks "
-             "(Q4_K/Q5_0/Q8_0/Q6_K: ~3-4x fewer bytes per decoded token). int8 rows: gemmalens re-quantises the weights at "
-             "load to int8 blocks of 32 (`weights=\"int8\"`), int4 rows to 4-bit layer blocks with an int8 LM head "
-             "(`weights=\"int4\"`, accuracy in the top-level README); decode runs them on VNNI with int8 activations, "
-             "prefill on a machine with AMX dequantises them a chunk at a time to bf16 for oneDNN's AMX matmul. On the BF16 "
-             "file both are lossier than llama.cpp's BF16 arithmetic, so those rows compare speed at different precision.\n")
-    text += ("\n### Decode scaling, threads, memory (gemmalens, batch 1)\n\n| model | bf16 ctx 128 | bf16 ctx 4096 | "
+        if tl_time:
+            t += (f"| TransformerLens run_with_cache, every hook | {tl_time * 1e3:.0f} | {tl_time / plain:.2f} |\n\n"
+                  f"TransformerLens time / gemmalens time for `run_with_cache` of every hook: **{tl_time / every:.2f}**.\n")
+        text["hooks"] = t
+
+    if want("grad"):
+        grad_rows, mem_rows = [], []
+        for size in grad_sizes:
+            for dtype in ("float32", "bfloat16"):
+                row = bench_grad(ckpt(size), dtype, args.threads, repeats)
+                p_, g_, t_, diff, err = row
+                grad_rows.append((size, dtype, grad_flop_ratio(ckpt(size), 256)) + row)
+                print(f"{size} {dtype} gradient run: plain {p_ * 1e3:.0f} ms, forward + reverse {g_ * 1e3:.0f} ms "
+                      f"(x{g_ / p_:.2f}), TL {t_ * 1e3 if t_ else float('nan'):.0f} ms"
+                      + (f" (x{t_ / g_:.2f}; gradients differ by {diff:.1e})" if t_ else ""), flush=True)
+        for size in grad_sizes:
+            for dtype in ("float32", "bfloat16"):
+                mem = []
+                for engine in ("gemmalens", "transformer_lens"):
+                    try:
+                        mem.append(grad_rss(engine, ckpt(size), dtype, args.threads))
+                    except Exception as e:  # the cells say "-"; the reason is printed
+                        print(f"{size} {dtype} {engine} gradient-run memory failed: {e}", flush=True)
+                        mem.append(None)
+                mem_rows.append((size, dtype) + tuple(mem))
+                print(f"{size} {dtype} gradient-run memory: "
+                      + ", ".join(f"{eng} after load {_mb(r['loaded'])} MB, peak {_mb(r['peak'])} MB"
+                                  for eng, r in zip(("gemmalens", "TL"), mem) if r), flush=True)
+        text["grad"] = grad_section(grad_rows, mem_rows)
+
+    if want("llama"):
+        llama_rows = []
+        from gemmalens.formats import _resolve_demo
+        from make_models import write_bf16_gguf
+
+        gguf_models = [("270m Q4_K_M (real)", _resolve_demo("gemma3-270m"))]
+        if "1b" in sizes:
+            g1b = os.path.join(WORK, "random-1b-bf16.gguf")
+            if not os.path.exists(g1b):
+                write_bf16_gguf(ckpt("1b"), g1b)
+            gguf_models.append(("1b BF16 (random)", g1b))
+        thread_counts = [args.threads] + ([1] if args.threads != 1 else [])
+        for label, gpath in gguf_models:
+            for th in thread_counts:
+                last = None
+                for dtype, weights in (("bfloat16", "native"), ("float32", "int8"), ("float32", "int4")):
+                    r = bench_llama_cpp(gpath, dtype, th, repeats, weights=weights, with_llama=last is None)
+                    if last is None:
+                        last = r
+                    else:
+                        r = r[:2] + last[2:]  # the same llama.cpp run
+                    tag = "bf16" if weights == "native" else f"{weights} (f32 compute)"
+                    llama_rows.append((label, th, tag) + r)
+                    print(f"{label} {th} threads gemmalens({dtype}) prefill {r[0]:.1f} decode {r[1]:.1f} | llama.cpp "
+                          f"prefill {r[2] or float('nan'):.1f} decode {r[3] or float('nan'):.1f}", flush=True)
+        t = ("### Against llama.cpp on the same GGUF file (llama-cpp-python; prefill 512 tokens, decode at context 128, "
+             "batch 1)\n\n| file | threads | gemmalens weights | gemmalens prefill | llama.cpp prefill | ratio | gemmalens "
+             "decode | llama.cpp decode | ratio |\n|---|---|---|---|---|---|---|---|---|\n")
+        for label, th, dtype, po, do, pt, dt in llama_rows:
+            if pt:
+                t += (f"| {label} | {th} | {dtype} | {po:.1f} | {pt:.1f} | **{po / pt:.2f}x** | {do:.1f} | {dt:.1f} | "
+                      f"**{do / dt:.2f}x** |\n")
+        t += ("\nbf16 rows: gemmalens dequantises the GGUF at load to bf16; llama.cpp computes on the file's own blocks "
+              "(Q4_K/Q5_0/Q8_0/Q6_K: ~3-4x fewer bytes per decoded token). int8 rows: gemmalens re-quantises the weights "
+              "at load to int8 blocks of 32 (`weights=\"int8\"`), int4 rows to 4-bit layer blocks with an int8 LM head "
+              "(`weights=\"int4\"`, accuracy in the top-level README); decode runs them on VNNI with int8 activations, "
+              "prefill on a machine with AMX dequantises them a chunk at a time to bf16 for oneDNN's AMX matmul. On the "
+              "BF16 file both are lossier than llama.cpp's BF16 arithmetic, so those rows compare speed at different "
+              "precision.\n")
+        text["llama"] = t
+
+    if want("scaling"):
+        extra = []
+        for size in sizes:
+            d128 = decode_only(ckpt(size), "bfloat16", 128, args.threads)
+            d4k = decode_only(ckpt(size), "bfloat16", 4096, args.threads)
+            t1 = decode_only(ckpt(size), "bfloat16", 128, 1)
+            i8 = decode_only(ckpt(size), "float32", 128, args.threads, weights="int8")
+            i4 = decode_only(ckpt(size), "float32", 128, args.threads, weights="int4")
+            r = rss_and_load(ckpt(size), "bfloat16")
+            extra.append((size, d128, d4k, t1, i8, i4, r))
+            print(f"{size}: decode bf16 ctx128 {d128:.1f}, ctx4096 {d4k:.1f}, 1 thread {t1:.1f}, int8 {i8:.1f}, "
+                  f"int4 {i4:.1f} tok/s; rss {r['rss'] / 1e6:.0f} MB vs weights+cache "
+                  f"{(r['weights'] + r['cache']) / 1e6:.0f} MB; load {r['load_s']:.2f} s", flush=True)
+        t = ("### Decode scaling, threads, memory (gemmalens, batch 1)\n\n| model | bf16 ctx 128 | bf16 ctx 4096 | "
              "4096 / 128 | bf16 1 thread | int8 weights (f32 compute) | int4 weights (f32 compute) | "
              "peak RSS / (weights + cache) | load (warm) |\n|---|---|---|---|---|---|---|---|---|\n")
-    for size, d128, d4k, t1, i8, i4, r in extra:
-        text += (f"| {size} | {d128:.1f} | {d4k:.1f} | {d4k / d128:.2f} | {t1:.1f} | {i8:.1f} | {i4:.1f} | "
-                 f"{r['rss'] / (r['weights'] + r['cache']):.2f} ({r['rss'] / 1e6:.0f} MB) | {r['load_s']:.2f} s |\n")
-    text += ("\nPeak RSS includes the Python interpreter, numpy and the extension; the process prefills 512 tokens and "
-             "decodes 16 with a 1024-position bf16 cache.\n")
-    text += ("\n### SAE splice (one 16384-wide JumpReLU SAE at the middle layer's hook_resid_post, error term on, 128 tokens, "
-             "float32)\n\n| model | plain forward ms | with the SAE ms | cost |\n|---|---|---|---|\n")
-    for size, p_, s_ in sae_rows:
-        text += f"| {size} | {p_ * 1e3:.0f} | {s_ * 1e3:.0f} | +{(s_ / p_ - 1) * 100:.1f}% |\n"
-    print("\n" + text)
+        for size, d128, d4k, t1, i8, i4, r in extra:
+            t += (f"| {size} | {d128:.1f} | {d4k:.1f} | {d4k / d128:.2f} | {t1:.1f} | {i8:.1f} | {i4:.1f} | "
+                  f"{r['rss'] / (r['weights'] + r['cache']):.2f} ({r['rss'] / 1e6:.0f} MB) | {r['load_s']:.2f} s |\n")
+        t += ("\nPeak RSS includes the Python interpreter, numpy and the extension; the process prefills 512 tokens and "
+              "decodes 16 with a 1024-position bf16 cache.\n")
+        text["scaling"] = t
+
+    if want("sae"):
+        sae_rows = []
+        for size in sizes:
+            p_, s_ = bench_sae(ckpt(size), args.threads, repeats)
+            sae_rows.append((size, p_, s_))
+            print(f"{size} SAE 16k splice: plain {p_ * 1e3:.0f} ms, with SAE {s_ * 1e3:.0f} ms "
+                  f"(+{(s_ / p_ - 1) * 100:.1f}%)", flush=True)
+        t = ("### SAE splice (one 16384-wide JumpReLU SAE at the middle layer's hook_resid_post, error term on, 128 "
+             "tokens, float32)\n\n| model | plain forward ms | with the SAE ms | cost |\n|---|---|---|---|\n")
+        for size, p_, s_ in sae_rows:
+            t += f"| {size} | {p_ * 1e3:.0f} | {s_ * 1e3:.0f} | +{(s_ / p_ - 1) * 100:.1f}% |\n"
+        text["sae"] = t
+
+    command = "python bench/run.py" + (" --quick" if args.quick else "") + (f" --only {','.join(only)}" if only else "")
+    measured = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "
+                f"({os.cpu_count()} cores visible); gemmalens {gemmalens.__version__} (oneDNN "
+                f"{gemmalens._core.dnnl_version()}), transformers {transformers.__version__}, torch {torch.__version__}, "
+                f"transformer_lens {_tl_version()}. Command: `{command}`. Random weights of the real shapes.\n\n")
+    head = None
+    if only is None:
+        head = measured + (f"Machine, measured in the same run: streaming read bandwidth **{bw / 1e9:.1f} GB/s**; oneDNN "
+                           f"matmul 512x2048x2048 f32 **{flops['float32'] / 1e9:.0f} GFLOP/s**, bf16 "
+                           f"**{flops['bfloat16'] / 1e9:.0f} GFLOP/s**.\n\n")
+    else:  # a table measured on its own says when and where, below its title
+        for name in only:
+            title, rest = text[name].split("\n\n", 1)
+            text[name] = f"{title}\n\n{measured}{rest}"
+    print("\n" + (head or "") + "\n".join(text[n] for n in SECTIONS if n in text))
     if not args.no_write:
-        readme = os.path.join(HERE, "README.md")
-        doc = open(readme).read()
-        new = re.sub(r"<!-- BENCH START -->.*<!-- BENCH END -->",
-                     "<!-- BENCH START -->\n" + text + "<!-- BENCH END -->", doc, flags=re.S)
-        open(readme, "w").write(new)
+        write_readme(head, text, only)
 
 
 if __name__ == "__main__":

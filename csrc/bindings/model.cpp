@@ -4,6 +4,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <set>
 
 #include "bindings/bindings.h"
 #include "model/gemma3.h"
@@ -91,16 +92,29 @@ void bind_model(py::module_& m) {
       .def_readwrite("threads", &Gemma3Model::threads)
       .def(
           "export_tensors",
-          [](const Gemma3Model& g) {
-            // {HF name: float32 array in HF layout}
+          [](const Gemma3Model& g, py::object names) {
+            // {HF name: float32 array in HF layout}; names: only these (unknown ones are an error)
             py::dict d;
-            g.export_tensors([&](const std::string& name, const std::vector<int64_t>& shape, const float* data) {
-              py::array_t<float> a(shape);
-              std::copy(data, data + numel(shape), a.mutable_data());
-              d[py::str(name)] = a;
-            });
+            std::set<std::string> only;
+            if (!names.is_none()) {
+              for (auto n : names) only.insert(py::cast<std::string>(n));
+              std::set<std::string> known;
+              for_each_weight(g.config(), [&](const WeightSpec& w) { known.insert(w.name); });
+              for (const auto& n : only)
+                if (!known.count(n)) throw ValueError("export_tensors: the model has no weight named '" + n + "'");
+            }
+            std::function<bool(const std::string&)> want;
+            if (!names.is_none()) want = [&only](const std::string& n) { return only.count(n) > 0; };
+            g.export_tensors(
+                [&](const std::string& name, const std::vector<int64_t>& shape, const float* data) {
+                  py::array_t<float> a(shape);
+                  std::copy(data, data + numel(shape), a.mutable_data());
+                  d[py::str(name)] = a;
+                },
+                want);
             return d;
-          })
+          },
+          py::arg("names") = py::none())
       .def(
           "unembed",
           [](Gemma3Model& g, FloatArray x) {

@@ -135,7 +135,9 @@ class Gemma3Model {
   // The reverse of the forward that filled args.tape (gemma3_grad.cpp), block by block.
   void backward(const BackwardArgs& args);
   // Every weight under its HF name, HF layout, as f32 (q/k/v and gate/up split again): fn(name, shape, data).
-  void export_tensors(const std::function<void(const std::string&, const std::vector<int64_t>&, const float*)>& fn) const;
+  // Every weight (or those want() accepts, nothing else widened) as HF-layout f32: fn(HF name, shape, data).
+  void export_tensors(const std::function<void(const std::string&, const std::vector<int64_t>&, const float*)>& fn,
+                      const std::function<bool(const std::string&)>& want = nullptr) const;
   // Final norm and tied LM head on residual vectors: x [M, D] -> logits [M, V] (logit lens).
   void unembed(const float* x, int64_t M, float* logits);
 

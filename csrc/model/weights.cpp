@@ -131,33 +131,40 @@ size_t Gemma3Model::weight_nbytes() const {
 }
 
 void Gemma3Model::export_tensors(
-    const std::function<void(const std::string&, const std::vector<int64_t>&, const float*)>& fn) const {
-  std::vector<float> lin;  // a Linear's weights back as row-major f32 (every part of a fused one)
-  int64_t row = 0;         // where the next part starts in lin
+    const std::function<void(const std::string&, const std::vector<int64_t>&, const float*)>& fn,
+    const std::function<bool(const std::string&)>& want) const {
+  std::vector<float> lin;             // a Linear's weights back as row-major f32 (every part of a fused one)
+  const ops::Linear* in_lin = nullptr;  // the Linear lin holds
+  int64_t row = 0;                    // where the next part starts in lin
   for_each_weight(cfg_, [&](const WeightSpec& w) {
+    const bool wanted = !want || want(w.name);
     if (w.role == WeightRole::Embed) {
+      if (!wanted) return;
       std::vector<float> e(static_cast<size_t>(numel(w.shape)));
       w_.embed.to_rowmajor(e.data());
       fn(w.name, w.shape, e.data());
       return;
     }
     if (w.role == WeightRole::FinalNorm) {
-      fn(w.name, w.shape, w_.final_norm.data());
+      if (wanted) fn(w.name, w.shape, w_.final_norm.data());
       return;
     }
     const LayerWeights& L = w_.layers[w.layer];
     const Slot s = slot(w.role);
     if (s.norm) {
-      fn(w.name, w.shape, (L.*s.norm).data());
+      if (wanted) fn(w.name, w.shape, (L.*s.norm).data());
       return;
     }
-    if (s.first) {
-      const ops::Linear& l = L.*s.linear;
-      lin.resize(static_cast<size_t>(l.out_features() * l.in_features()));
-      l.to_rowmajor(lin.data());
-      row = 0;
+    const ops::Linear& l = L.*s.linear;
+    if (s.first) row = 0;
+    if (wanted) {
+      if (in_lin != &l) {  // widened only when a part of it is asked for
+        lin.resize(static_cast<size_t>(l.out_features() * l.in_features()));
+        l.to_rowmajor(lin.data());
+        in_lin = &l;
+      }
+      fn(w.name, w.shape, lin.data() + row * w.shape[1]);
     }
-    fn(w.name, w.shape, lin.data() + row * w.shape[1]);
     row += w.shape[0];
   });
 }

@@ -7,12 +7,16 @@ forward + reverse pass and one corrupted forward.
 
 ``integrated_gradients`` (Sundararajan et al., 2017) integrates the gradient at one hook site along the straight
 path from a baseline activation to the real one; its attributions sum to metric(real) - metric(baseline).
+
+``edge_attribution_patching`` (EAP; Syed, Rager and Conmy, "Attribution Patching Outperforms Automated Circuit
+Discovery", 2023) scores every edge between components: the change of an upstream component's output times the
+gradient at a downstream component's own input, from the same two runs.
 """
 import numpy as np
 
 from . import interventions
 
-__all__ = ["attribution_patching", "integrated_gradients"]
+__all__ = ["attribution_patching", "integrated_gradients", "edge_attribution_patching", "top_edges", "EdgeScores"]
 
 # Sites whose activations are [batch, pos, head, d_head]: their scores keep the head axis.
 _PER_HEAD = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_rot_q", "attn.hook_rot_k",
@@ -89,3 +93,145 @@ def integrated_gradients(model, tokens, metric, name, baseline=None, steps=16, a
                                     return_type=None)
         total += c[name + "_grad"]
     return (x - base) * (total / steps)
+
+
+def _rms(x, eps):
+    return np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+def _rmsnorm_vjp(x, w, eps, gy):
+    """Gemma's RMSNorm y = x / rms(x) * (1 + w): the gradient at x for gy at y (linear in gy; float64)."""
+    r = _rms(x, eps)
+    gw = gy * (1.0 + w)
+    return gw / r - x * (gw * x).mean(-1, keepdims=True) / r ** 3
+
+
+def _rmsnorm_jvp(x, w, eps, dx):
+    """The same norm's change at y for a change dx at x (first order, at x)."""
+    r = _rms(x, eps)
+    return (1.0 + w) * (dx / r - x * (x * dx).mean(-1, keepdims=True) / r ** 3)
+
+
+class EdgeScores:
+    """Edge attribution patching scores: ``scores[i, j]`` is the first-order change of the metric when the edge
+    ``upstream[i] -> downstream[j]`` carries the corrupted run's value and every other edge the clean one.
+    ``valid[i, j]`` is False where no edge exists (the upstream component runs after the downstream one reads the
+    residual stream); those scores are 0. ``edges()`` -> {(up, down): score} over the valid edges; ``top(k)``."""
+
+    def __init__(self, upstream, downstream, scores, valid, metric_value):
+        self.upstream, self.downstream = list(upstream), list(downstream)
+        self.scores, self.valid = scores, valid
+        self.metric_value = metric_value  # the metric on the clean run
+
+    def edges(self):
+        return {(self.upstream[i], self.downstream[j]): float(self.scores[i, j]) for i, j in zip(*np.nonzero(self.valid))}
+
+    def top(self, k=20):
+        return top_edges(self, k)
+
+    def __repr__(self):
+        return (f"EdgeScores({len(self.upstream)} upstream x {len(self.downstream)} downstream, "
+                f"{int(self.valid.sum())} edges)")
+
+
+def top_edges(scores, k=20):
+    """The k edges with the largest |score|: [(upstream, downstream, score)], largest first. scores: EdgeScores."""
+    if not isinstance(scores, EdgeScores):
+        raise TypeError(f"top_edges takes the EdgeScores of edge_attribution_patching, got {type(scores).__name__}")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"top_edges: k must be a positive int, got {k!r}")
+    flat = np.where(scores.valid, np.abs(scores.scores), -1.0).ravel()
+    n = min(int(k), int(scores.valid.sum()))
+    order = np.argsort(-flat, kind="stable")[:n]
+    nd = len(scores.downstream)
+    return [(scores.upstream[i // nd], scores.downstream[i % nd], float(scores.scores.flat[i])) for i in order]
+
+
+def edge_attribution_patching(model, clean, corrupted, metric, attention_mask=None):
+    """Edge attribution patching over the components of Gemma 3 -> EdgeScores.
+
+    Upstream components write to the residual stream: ``embed`` (hook_embed), each attention head ``a{l}.h{h}`` and
+    each MLP ``m{l}`` (hook_mlp_out). Gemma normalises each block's output before adding it (post-attention and
+    post-feedforward RMSNorms), so one head's share of the attention output is defined through that norm linearised
+    at the clean run: J_norm (delta z_h W_O[:, h]^T) -- the heads' shares add up to the first-order change of
+    hook_attn_out.
+    Downstream components read it: each query head's input ``a{l}.h{h}<q>``, each key / value head's
+    ``a{l}.kv{g}<k>`` / ``<v>`` (shared by the query heads of its group), each MLP's input ``m{l}`` and the
+    unembedding ``logits``. The gradient at a component's own input is the metric's gradient flowing into that
+    component only, through its input norm: e.g. for query head h, RMSNorm-VJP(resid_pre, ln1, dq_h W_Q[h]) with
+    dq_h the gradient at attn.hook_q.
+
+    score(u -> v) = sum over batch and positions of (u's output on corrupted - on clean) . (gradient at v's input
+    on clean) -- one clean gradient run and one corrupted forward. clean, corrupted: token ids of one shape; metric
+    as run_with_cache(incl_bwd=True) takes it.
+    """
+    clean_t, corrupt_t = model.to_tokens(clean), model.to_tokens(corrupted)
+    if clean_t.shape != corrupt_t.shape:
+        raise ValueError(f"clean {clean_t.shape} and corrupted {corrupt_t.shape} tokens must have the same shape "
+                         "(pad them to one length and pass attention_mask)")
+    cfg = model.config
+    L, H, KV, Hd, D = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                       cfg.hidden_size)
+    eps = float(cfg.rms_norm_eps)
+    per_layer = ("hook_resid_pre", "hook_resid_mid", "attn.hook_z", "hook_mlp_out", "attn.hook_q", "attn.hook_k",
+                 "attn.hook_v", "ln2.hook_normalized")
+    names = ["hook_embed", f"blocks.{L - 1}.hook_resid_post", "ln_final.hook_normalized"] + [
+        f"blocks.{l}.{n}" for l in range(L) for n in per_layer]
+    _, cc = model.run_with_cache(clean_t, names_filter=names, attention_mask=attention_mask, incl_bwd=True,
+                                 metric=metric, return_type=None)
+    up_names = ["hook_embed"] + [f"blocks.{l}.{n}" for l in range(L) for n in ("attn.hook_z", "hook_mlp_out")]
+    _, kc = model.run_with_cache(corrupt_t, names_filter=up_names, attention_mask=attention_mask, return_type=None)
+    f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+    B, T = clean_t.shape
+    if attention_mask is not None:  # padding slots: neither their changes nor their gradients count
+        live = (np.asarray(attention_mask).reshape(B, T) != 0)[..., None]
+    else:
+        live = np.ones((B, T, 1), bool)
+
+    up, up_vec, up_layer = ["embed"], [f64(kc["hook_embed"]) - f64(cc["hook_embed"])], [-1.0]
+    down, down_vec, down_layer = [], [], []
+    for l in range(L):
+        p = f"model.layers.{l}."
+        W = model._core.export_tensors([p + n for n in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                       "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                                                       "input_layernorm.weight", "post_attention_layernorm.weight",
+                                                       "pre_feedforward_layernorm.weight")])
+        wq, wk, wv, wo = (f64(W[p + f"self_attn.{n}_proj.weight"]) for n in ("q", "k", "v", "o"))
+        ln1, post, ln2 = (f64(W[p + n]) for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                                   "pre_feedforward_layernorm.weight"))
+        b = f"blocks.{l}."
+        # downstream: the attention heads' inputs (they read resid_pre through ln1)
+        x = f64(cc[b + "hook_resid_pre"])
+        for kind, site, n, w in (("q", "attn.hook_q", H, wq), ("k", "attn.hook_k", KV, wk), ("v", "attn.hook_v", KV, wv)):
+            g = f64(cc[b + site + "_grad"])  # [B, T, n, Hd]
+            for h in range(n):
+                gy = g[:, :, h] @ w[h * Hd:(h + 1) * Hd]
+                down.append(f"a{l}.h{h}<q>" if kind == "q" else f"a{l}.kv{h}<{kind}>")
+                down_vec.append(_rmsnorm_vjp(x, ln1, eps, gy))
+                down_layer.append(l)
+        # upstream: each head's share of the attention output, through post_attention_layernorm linearised
+        z, dz = f64(cc[b + "attn.hook_z"]), f64(kc[b + "attn.hook_z"]) - f64(cc[b + "attn.hook_z"])
+        a = z.reshape(B, T, H * Hd) @ wo.T  # o_proj's output on the clean run
+        for h in range(H):
+            up.append(f"a{l}.h{h}")
+            up_vec.append(_rmsnorm_jvp(a, post, eps, dz[:, :, h] @ wo[:, h * Hd:(h + 1) * Hd].T))
+            up_layer.append(l + 0.0)
+        # the MLP: reads resid_mid through ln2, writes hook_mlp_out
+        down.append(f"m{l}")
+        down_vec.append(_rmsnorm_vjp(f64(cc[b + "hook_resid_mid"]), ln2, eps, f64(cc[b + "ln2.hook_normalized_grad"])))
+        down_layer.append(l + 0.5)
+        up.append(f"m{l}")
+        up_vec.append(f64(kc[b + "hook_mlp_out"]) - f64(cc[b + "hook_mlp_out"]))
+        up_layer.append(l + 0.5)
+    fin = f64(model._core.export_tensors(["model.norm.weight"])["model.norm.weight"])
+    down.append("logits")
+    down_vec.append(_rmsnorm_vjp(f64(cc[f"blocks.{L - 1}.hook_resid_post"]), fin, eps,
+                                 f64(cc["ln_final.hook_normalized_grad"])))
+    down_layer.append(float(L))
+    U = np.stack([(u * live).reshape(-1) for u in up_vec])
+    V = np.stack([(v * live).reshape(-1) for v in down_vec])
+    scores = U @ V.T
+    # An attention head of layer l writes after layer l's heads read (so only to later layers and its own MLP); an
+    # MLP of layer l writes after everything in layer l has read.
+    valid = np.asarray(up_layer)[:, None] < np.asarray(down_layer)[None, :]
+    return EdgeScores(up, down, np.where(valid, scores, 0.0), valid, cc.metric_value)

@@ -494,7 +494,7 @@ def bench_sae(path, threads, repeats, T=128, width=16384):
 
 
 # The tables, in the order they appear in bench/README.md; --only picks some of them.
-SECTIONS = ("prefill", "decode", "hooks", "grad", "llama", "scaling", "sae")
+SECTIONS = ("prefill", "decode", "hooks", "grad", "llama", "scaling", "sae", "threads")
 GRAD_SIZES = ("270m", "1b")  # the gradient table has both sizes with --quick too
 
 
@@ -789,6 +789,11 @@ def main():
         for size, p_, s_ in sae_rows:
             t += f"| {size} | {p_ * 1e3:.0f} | {s_ * 1e3:.0f} | +{(s_ / p_ - 1) * 100:.1f}% |\n"
         text["sae"] = t
+
+    if want("threads"):  # the CLI's default thread count against --threads 1, with busy-loop competitors
+        import threads_under_load
+
+        text["threads"] = threads_under_load.section(*threads_under_load.rows(repeats=repeats)).lstrip("\n")
 
     command = "python bench/run.py" + (" --quick" if args.quick else "") + (f" --only {','.join(only)}" if only else "")
     measured = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "

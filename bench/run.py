@@ -542,6 +542,10 @@ def main():
              "float32)\n\n| model | plain forward ms | with the SAE ms | cost |\n|---|---|---|---|\n")
     for size, p_, s_ in sae_rows:
         text += f"| {size} | {p_ * 1e3:.0f} | {s_ * 1e3:.0f} | +{(s_ / p_ - 1) * 100:.1f}% |\n"
+    # Threads on a busy machine: the CLI's default thread count against --threads 1, with busy-loop competitors.
+    import threads_under_load
+
+    text += threads_under_load.section(*threads_under_load.rows(repeats=repeats))
     print("\n" + text)
     if not args.no_write:
         readme = os.path.join(HERE, "README.md")

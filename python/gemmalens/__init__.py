@@ -6,7 +6,12 @@
 """
 import ctypes as _ctypes
 
-from . import _deps
+from . import _threads
+
+# Before oneDNN (and with it libgomp) is loaded: libgomp reads its waiting policy from the environment once.
+_threads.configure()
+
+from . import _deps  # noqa: E402
 
 
 def _preload_dnnl():

@@ -8,6 +8,7 @@
 #include "io/arrays.h"
 #include "io/gguf.h"
 #include "io/hf_checkpoint.h"
+#include "io/load_progress.h"
 #include "io/safetensors.h"
 #include "model/gemma3.h"
 #include "ops/dequant.h"
@@ -92,9 +93,15 @@ void bind_io(py::module_& m) {
             return out;
           },
           py::arg("name"), "Dequantise one tensor to float32 with its row-major shape (ne reversed).");
+  // Polled from another Python thread while a loader (GIL released) fills it: gl.load's progress bar.
+  py::class_<LoadProgress>(m, "LoadProgress", "Weights' elements handed to the model so far (done) of all (total).")
+      .def(py::init<>())
+      .def_property_readonly("done", [](const LoadProgress& p) { return p.done.load(); })
+      .def_property_readonly("total", [](const LoadProgress& p) { return p.total.load(); });
   m.def(
       "load_arrays",
-      [](py::dict arrays, const Gemma3Config& cfg, const std::string& dtype, const std::string& weights) {
+      [](py::dict arrays, const Gemma3Config& cfg, const std::string& dtype, const std::string& weights,
+         LoadProgress* progress) {
         // A model from {HF name: array in HF layout} (formats read in Python: Orbax, gemma_pytorch). The GIL is
         // held: shapes and values are read from Python objects.
         const DType d = parse_dtype(dtype);
@@ -111,36 +118,40 @@ void bind_io(py::module_& m) {
           if (!a) throw CheckpointError("tensor '" + name + "' is not a numeric array");
           return std::vector<float>(a.data(), a.data() + a.size());
         };
-        return load_arrays(src, cfg, d, q);
+        return load_arrays(src, cfg, d, q, progress);
       },
-      py::arg("arrays"), py::arg("config"), py::arg("dtype") = "float32", py::arg("weights") = "native");
+      py::arg("arrays"), py::arg("config"), py::arg("dtype") = "float32", py::arg("weights") = "native",
+      py::arg("progress") = nullptr);
   m.def(
       "load_gguf",
-      [](const std::string& path, const std::string& dtype, const std::string& weights) {
+      [](const std::string& path, const std::string& dtype, const std::string& weights, LoadProgress* progress) {
         DType d = parse_dtype(dtype);
         const WeightQuant q = parse_weight_quant(weights);
         py::gil_scoped_release release;
-        return load_gguf(path, d, nullptr, q);
+        return load_gguf(path, d, nullptr, q, progress);
       },
-      py::arg("path"), py::arg("dtype") = "float32", py::arg("weights") = "native");
+      py::arg("path"), py::arg("dtype") = "float32", py::arg("weights") = "native", py::arg("progress") = nullptr);
   m.def(
       "load_gguf",
-      [](const GGUFFile& f, const std::string& dtype, const std::string& weights) {
+      [](const GGUFFile& f, const std::string& dtype, const std::string& weights, LoadProgress* progress) {
         DType d = parse_dtype(dtype);
         const WeightQuant q = parse_weight_quant(weights);
         py::gil_scoped_release release;
-        return load_gguf(f, d, nullptr, q);
+        return load_gguf(f, d, nullptr, q, progress);
       },
-      py::arg("file"), py::arg("dtype") = "float32", py::arg("weights") = "native", "The model from an already parsed GGUFFile.");
+      py::arg("file"), py::arg("dtype") = "float32", py::arg("weights") = "native", py::arg("progress") = nullptr,
+      "The model from an already parsed GGUFFile.");
   m.def(
       "load_hf",
-      [](const std::string& weights_path, const Gemma3Config& cfg, const std::string& dtype, const std::string& weights) {
+      [](const std::string& weights_path, const Gemma3Config& cfg, const std::string& dtype, const std::string& weights,
+         LoadProgress* progress) {
         DType d = parse_dtype(dtype);
         const WeightQuant q = parse_weight_quant(weights);
         py::gil_scoped_release release;
-        return load_hf_safetensors(weights_path, cfg, d, q);
+        return load_hf_safetensors(weights_path, cfg, d, q, progress);
       },
-      py::arg("weights_path"), py::arg("config"), py::arg("dtype") = "float32", py::arg("weights") = "native");
+      py::arg("weights_path"), py::arg("config"), py::arg("dtype") = "float32", py::arg("weights") = "native",
+      py::arg("progress") = nullptr);
   m.def(
       "read_safetensors",
       [](const std::string& path) {

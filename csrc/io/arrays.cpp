@@ -3,10 +3,12 @@
 #include <map>
 
 #include "io/checked_source.h"
+#include "io/load_progress.h"
 
 namespace gemmalens {
 
-std::unique_ptr<Gemma3Model> load_arrays(const ArraySource& arrays, const Gemma3Config& cfg, DType dtype, WeightQuant quant) {
+std::unique_ptr<Gemma3Model> load_arrays(const ArraySource& arrays, const Gemma3Config& cfg, DType dtype, WeightQuant quant,
+                                         LoadProgress* progress) {
   cfg.validate();
   std::map<std::string, std::vector<int64_t>> shapes;  // asked once per weight
   CheckedSource<std::vector<int64_t>> src({"checkpoint", "", [](const std::string& hf_name) { return hf_name; },
@@ -21,7 +23,8 @@ std::unique_ptr<Gemma3Model> load_arrays(const ArraySource& arrays, const Gemma3
     if (!src.taken(n)) throw src.unexpected(n);
   // Checked above: the getter only converts.
   TensorGetter get = [&](const std::string& name, const std::vector<int64_t>&) { return arrays.read(name); };
-  return std::make_unique<Gemma3Model>(cfg, dtype, get, quant);
+  if (progress) progress->start(cfg);
+  return std::make_unique<Gemma3Model>(cfg, dtype, counted(get, progress), quant);
 }
 
 }  // namespace gemmalens

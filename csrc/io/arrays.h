@@ -19,6 +19,9 @@ struct ArraySource {
 
 // Every weight present with its shape, and no other array, checked before anything is allocated; then the model.
 // Throws CheckpointError.
-std::unique_ptr<Gemma3Model> load_arrays(const ArraySource& arrays, const Gemma3Config& cfg, DType dtype, WeightQuant quant);
+// `progress`, when given, counts the weights handed to the model (io/load_progress.h).
+struct LoadProgress;
+std::unique_ptr<Gemma3Model> load_arrays(const ArraySource& arrays, const Gemma3Config& cfg, DType dtype, WeightQuant quant,
+                                         LoadProgress* progress = nullptr);
 
 }  // namespace gemmalens

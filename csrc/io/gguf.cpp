@@ -5,6 +5,7 @@
 
 #include "common.h"
 #include "io/checked_source.h"
+#include "io/load_progress.h"
 #include "model/gemma3.h"
 #include "ops/dequant.h"
 
@@ -349,12 +350,14 @@ std::string gguf_name(const WeightSpec& w) {
 }
 }  // namespace
 
-std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out, WeightQuant quant) {
+std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out, WeightQuant quant,
+                                       LoadProgress* progress) {
   GGUFFile f(path);
-  return load_gguf(f, dtype, cfg_out, quant);
+  return load_gguf(f, dtype, cfg_out, quant, progress);
 }
 
-std::unique_ptr<Gemma3Model> load_gguf(const GGUFFile& f, DType dtype, Gemma3Config* cfg_out, WeightQuant quant) {
+std::unique_ptr<Gemma3Model> load_gguf(const GGUFFile& f, DType dtype, Gemma3Config* cfg_out, WeightQuant quant,
+                                       LoadProgress* progress) {
   const std::string& path = f.path();
   Gemma3Config cfg = config_from_gguf(f);
   if (cfg_out) *cfg_out = cfg;
@@ -375,7 +378,9 @@ std::unique_ptr<Gemma3Model> load_gguf(const GGUFFile& f, DType dtype, Gemma3Con
     if (names.at(hf_name).second) throw InternalError("row access to a norm weight");
     f.dequantize_rows(src.take(hf_name, shape), r0, n, out);
   };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows, src.checker());
+  if (progress) progress->start(cfg);
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, counted(get, progress), quant, counted(rows, progress),
+                                             src.checker());
   for (const auto& t : f.tensors()) {
     if (src.taken(t.name)) continue;
     if (t.name == "output.weight")

@@ -77,11 +77,13 @@ class GGUFFile {
 Gemma3Config config_from_gguf(const GGUFFile& f);
 
 class Gemma3Model;
+struct LoadProgress;
 // GGUF weights dequantised into the compute dtype; norms (stored as 1 + w) are converted back to w.
+// `progress`, when given, counts the weights handed to the model (io/load_progress.h).
 std::unique_ptr<Gemma3Model> load_gguf(const std::string& path, DType dtype, Gemma3Config* cfg_out = nullptr,
-                                       WeightQuant quant = WeightQuant::None);
+                                       WeightQuant quant = WeightQuant::None, LoadProgress* progress = nullptr);
 // The same from a file already parsed (gl.load reads the GGUF once for the weights mode, tokenizer and model).
 std::unique_ptr<Gemma3Model> load_gguf(const GGUFFile& f, DType dtype, Gemma3Config* cfg_out = nullptr,
-                                       WeightQuant quant = WeightQuant::None);
+                                       WeightQuant quant = WeightQuant::None, LoadProgress* progress = nullptr);
 
 }  // namespace gemmalens

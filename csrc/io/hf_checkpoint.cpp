@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "io/checked_source.h"
+#include "io/load_progress.h"
 #include "io/safetensors.h"
 
 namespace gemmalens {
@@ -12,7 +13,7 @@ bool starts_with(const std::string& s, const std::string& p) { return s.compare(
 }  // namespace
 
 std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path, const Gemma3Config& cfg, DType dtype,
-                                                 WeightQuant quant) {
+                                                 WeightQuant quant, LoadProgress* progress) {
   auto store = TensorStore::open(weights_path);
   // Where the text model's "model.*" tensors live: Gemma3ForCausalLM ("model."), multimodal checkpoints
   // written by transformers v4 ("language_model.model.") and v5 ("model.language_model.").
@@ -43,7 +44,9 @@ std::unique_ptr<Gemma3Model> load_hf_safetensors(const std::string& weights_path
     tensor_to_f32(part, out);
     TensorStore::release(part);
   };
-  auto model = std::make_unique<Gemma3Model>(cfg, dtype, get, quant, rows, src.checker());
+  if (progress) progress->start(cfg);
+  auto model = std::make_unique<Gemma3Model>(cfg, dtype, counted(get, progress), quant, counted(rows, progress),
+                                             src.checker());
 
   for (const auto& kv : store->tensors()) {
     const std::string& n = kv.first;

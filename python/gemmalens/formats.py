@@ -682,7 +682,8 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
       width is not a multiple of 64 stay native.
     progress: a tqdm bar on stderr for a load that runs over 2 s (None, the default; the environment variable
       GEMMALENS_PROGRESS=0 turns it off), from the start (True), or never (False).
-    A tokenizer.model beside the weights (or the GGUF's own tokenizer) becomes model.tokenizer.
+    A tokenizer.model beside the weights (or the GGUF's own tokenizer) becomes model.tokenizer; the checkpoint's chat
+    template, if it carries one, model.tokenizer.chat_template (None for base models).
     """
     path = os.fspath(path)
     dtype = dtype_name(dtype)
@@ -708,6 +709,37 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
     return Model(core, tokenizer=tokenizer, path=path, max_seq_len=max_seq_len)
 
 
+def _read_chat_template(directory):
+    """The chat template an HF directory carries (chat_template.jinja, chat_template.json or tokenizer_config.json's
+    "chat_template"), or None. An unreadable file is a warning, not an error: the weights do not depend on it."""
+    jinja = os.path.join(directory, "chat_template.jinja")
+    try:
+        if os.path.isfile(jinja):
+            with open(jinja, encoding="utf-8") as f:
+                return f.read(_MAX_TEMPLATE_BYTES) or None
+        for fname in ("chat_template.json", "tokenizer_config.json"):
+            fpath = os.path.join(directory, fname)
+            if not os.path.isfile(fpath):
+                continue
+            if os.path.getsize(fpath) > _MAX_TOKENIZER_CONFIG_BYTES:
+                raise ValueError(f"larger than {_MAX_TOKENIZER_CONFIG_BYTES} bytes")
+            with open(fpath, encoding="utf-8") as f:
+                t = json.load(f)
+            t = t.get("chat_template") if isinstance(t, dict) else None
+            if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+                t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+            if isinstance(t, str) and t:
+                return t
+    except (OSError, ValueError, RecursionError) as e:
+        warnings.warn(f"gemmalens.load: cannot read the chat template in '{directory}' ({e}); "
+                      "model.tokenizer.chat_template is None")
+    return None
+
+
+_MAX_TEMPLATE_BYTES = 1 << 20
+_MAX_TOKENIZER_CONFIG_BYTES = 64 << 20
+
+
 def _load(path, dtype, weights, progress):
     """(the native model, its tokenizer or None) from an existing path; `progress` counts the weights loaded."""
     is_gguf = os.path.isfile(path) and _is_gguf(path)
@@ -715,6 +747,7 @@ def _load(path, dtype, weights, progress):
         weights = "native"
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     tokenizer = None
+    chat_template = None
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "_METADATA")):
         core = load_orbax(path, dtype, weights, progress)
         tok_path = os.path.join(path, "tokenizer.model")
@@ -739,6 +772,12 @@ def _load(path, dtype, weights, progress):
         except ValueError as e:
             meta = {}
             warnings.warn(f"gemmalens.load: the GGUF's tokenizer metadata is unusable ({e}); model.tokenizer is None")
+        try:
+            chat_template = gguf_file.get("tokenizer.chat_template", None)
+        except ValueError:
+            chat_template = None
+        if not isinstance(chat_template, str) or not chat_template:
+            chat_template = None
         if "tokenizer.ggml.tokens" in meta:
             try:
                 tokenizer = Tokenizer.from_gguf_metadata(meta)
@@ -763,7 +802,10 @@ def _load(path, dtype, weights, progress):
         tok_path = os.path.join(directory, "tokenizer.model")
         if os.path.isfile(tok_path):
             tokenizer = Tokenizer(tok_path)
+            chat_template = _read_chat_template(directory)
     cfg = core.config
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only {cfg.vocab_size} embeddings")
+    if tokenizer is not None:
+        tokenizer.chat_template = chat_template
     return core, tokenizer

@@ -35,6 +35,10 @@ class Tokenizer:
             except (OSError, RuntimeError) as e:
                 raise ValueError(f"'{path}' is not a SentencePiece model: {e}") from None
             self.path = path
+        # The checkpoint's own chat template (Jinja text from tokenizer_config.json / chat_template.jinja, or GGUF
+        # tokenizer.chat_template), set by gl.load; None when it carries none, as base (pretrained) models do.
+        # apply_chat_template always writes Gemma's turn format.
+        self.chat_template = None
         sp = self._sp
         self.vocab_size = sp.GetPieceSize()
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()

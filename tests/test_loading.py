@@ -6,6 +6,8 @@ import os
 import sys
 import types
 
+import numpy as np
+
 import pytest
 
 import gemmalens as gl
@@ -171,8 +173,55 @@ def test_unknown_short_name_lists_the_built_in_names(name, hint):
     assert (hint in msg) if hint else ("Did you mean" not in msg)
 
 
-def test_missing_paths_and_hub_ids():
+def test_missing_paths():
     with pytest.raises(FileNotFoundError, match="no such file or directory: '/no/such/model.gguf'$"):
         gl.load("/no/such/model.gguf")
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download google/gemma-3-1b-pt --local-dir"):
+    with pytest.raises(FileNotFoundError, match="no such file or directory: 'model.safetensors'$"):
+        gl.load("model.safetensors")
+
+
+_HUB_CHILD = """
+import json, sys
+import numpy as np
+import gemmalens as gl
+out = {}
+m = gl.load("gemmalens-test/tiny-gemma3")
+out["path"] = m.path
+np.save(sys.argv[1], m.forward([1, 5, 9, 14]))
+try:
+    gl.load("gemmalens-test/not-cached")
+except FileNotFoundError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_hub_id_from_the_hf_cache_offline(tiny_dir, tmp_path):
+    """A hub id resolves through huggingface_hub to its snapshot in the HF cache: here a cache directory in HF's
+    layout built by the test, read with HF_HUB_OFFLINE=1 (no network)."""
+    import shutil
+    import subprocess
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--gemmalens-test--tiny-gemma3"
+    snap = repo / "snapshots" / commit
+    shutil.copytree(tiny_dir, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf_home"))
+    logits_file = tmp_path / "logits.npy"
+    r = subprocess.run([sys.executable, "-c", _HUB_CHILD, str(logits_file)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["path"] == str(snap)
+    np.testing.assert_array_equal(np.load(logits_file), gl.load(tiny_dir).forward([1, 5, 9, 14]))
+    assert "'gemmalens-test/not-cached' is not a local path" in out["error"]
+    assert "could not be fetched" in out["error"] and "HF_HUB_OFFLINE=1" in out["error"]
+
+
+def test_hub_id_without_huggingface_hub(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
+    with pytest.raises(FileNotFoundError, match=r"pip install 'gemmalens\[hub\]'"):
         gl.load("google/gemma-3-1b-pt")

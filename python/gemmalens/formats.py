@@ -610,6 +610,32 @@ def _resolve_demo(name, progress=None):
     return target
 
 
+# A Hugging Face hub id ("google/gemma-3-1b-pt"): two names of letters, digits, '-', '_', '.', no '..'.
+_HUB_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+# What an HF Gemma 3 checkpoint needs from its repository (not the other formats a repository may also carry).
+_HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model", "tokenizer_config.json",
+              "chat_template.jinja", "chat_template.json"]
+
+
+def _resolve_hub(repo_id):
+    """An id that is not a local path, as a Hugging Face hub repository: its snapshot in the HF cache (downloaded
+    there, or found there with HF_HUB_OFFLINE=1) through huggingface_hub, the optional 'hub' extra."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise FileNotFoundError(
+            f"gemmalens.load: '{repo_id}' is not a local path; to load it as a Hugging Face hub id install "
+            "huggingface_hub: pip install 'gemmalens[hub]' (or download it yourself and pass its directory)") from None
+    try:
+        return huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+    except Exception as e:  # huggingface_hub's own errors: not found, gated, offline without a cached copy, network
+        raise FileNotFoundError(
+            f"gemmalens.load: '{repo_id}' is not a local path, and as a Hugging Face hub id it could not be fetched "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). Check the id; gated "
+            "models (google/gemma-3-*) need their licence accepted and `hf auth login`; offline "
+            "(HF_HUB_OFFLINE=1) only the HF cache is read") from None
+
+
 def _squash(name):
     return re.sub(r"[-_. ]", "", name.lower())
 
@@ -618,10 +644,6 @@ def _unknown_name_error(path):
     """The error for a path that does not exist; a bare name (no directory, no checkpoint extension) gets the list
     of built-in names, and the closest of them."""
     if os.sep in path or "/" in path or path.endswith((".gguf", ".safetensors", ".ckpt", ".pt", ".pth", ".json")):
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", path):  # looks like a Hugging Face hub id
-            return FileNotFoundError(
-                f"gemmalens.load: no such file or directory: '{path}'. gl.load reads local checkpoints: for a Hugging "
-                f"Face model, download it first (huggingface-cli download {path} --local-dir DIR) and pass DIR")
         return FileNotFoundError(f"gemmalens.load: no such file or directory: '{path}'")
     names = ", ".join(f"'{n}'" for n in DEMO_MODELS)
     same = [n for n in DEMO_MODELS if _squash(n) == _squash(path)]  # spelt another way: gemma-3-270m, Gemma3_270M
@@ -668,7 +690,8 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
 
     path: an HF directory (config.json + model.safetensors or a sharded index), a .safetensors file with
       config.json beside it, a .gguf file, a Kaggle Flax/Orbax checkpoint directory (needs tensorstore:
-      gemmalens[orbax]), a gemma_pytorch model.ckpt, or "gemma3-270m" (the real base model, gemmalens[demo]; its
+      gemmalens[orbax]), a gemma_pytorch model.ckpt, a Hugging Face hub id of an HF checkpoint ("google/gemma-3-1b-pt":
+      its snapshot in the HF cache, fetched by huggingface_hub, gemmalens[hub]), or "gemma3-270m" (the real base model, gemmalens[demo]; its
       GGUF is written once under cache_dir(): $GEMMALENS_CACHE, else $XDG_CACHE_HOME/gemmalens, else ~/.cache/gemmalens).
       Orbax and gemma_pytorch checkpoints carry no config: it is inferred from the tensor shapes (the published
       sizes), or read from a config.json beside them.
@@ -697,6 +720,8 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
     name = path
     if path in DEMO_MODELS and not os.path.exists(path):
         path = _resolve_demo(path, progress)
+    elif not os.path.exists(path) and _HUB_ID.fullmatch(path):
+        path = _resolve_hub(path)
     if not os.path.exists(path):
         raise _unknown_name_error(path)
     with _LoadBar(f"gemmalens: loading {os.path.basename(name.rstrip(os.sep)) or name}", on,
@@ -710,6 +735,26 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
     if os.path.isdir(path) or path.endswith(".safetensors"):  # an HF checkpoint: its generation_config.json
         model.generation_eos = _generation_eos(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     return model
+
+
+def _generation_eos(directory):
+    """The stop ids of an HF folder's generation_config.json (what HF's generate stops on: Gemma 3's lists
+    <end_of_turn> 106 beside eos 1, which config.json may not), or None when it has none."""
+    p = os.path.join(directory, "generation_config.json")
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p, "rb") as f:
+            g = json.loads(f.read().decode("utf-8"))
+        e = g.get("eos_token_id") if isinstance(g, dict) else None
+        ids = [e] if isinstance(e, int) and not isinstance(e, bool) else e
+        if ids is None:
+            return None
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"eos_token_id must be an id or a list of ids, got {e!r}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"gemmalens.load: '{p}' is not usable ({type(err).__name__}: {err}); fix or remove it") from None
+    return [int(i) for i in ids]
 
 
 def _read_chat_template(directory):
@@ -812,23 +857,3 @@ def _load(path, dtype, weights, progress):
     if tokenizer is not None:
         tokenizer.chat_template = chat_template
     return core, tokenizer
-
-
-def _generation_eos(directory):
-    """The stop ids of an HF folder's generation_config.json (what HF's generate stops on: Gemma 3's lists
-    <end_of_turn> 106 beside eos 1, which config.json may not), or None when it has none."""
-    p = os.path.join(directory, "generation_config.json")
-    if not os.path.isfile(p):
-        return None
-    try:
-        with open(p, "rb") as f:
-            g = json.loads(f.read().decode("utf-8"))
-        e = g.get("eos_token_id") if isinstance(g, dict) else None
-        ids = [e] if isinstance(e, int) and not isinstance(e, bool) else e
-        if ids is None:
-            return None
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise ValueError(f"eos_token_id must be an id or a list of ids, got {e!r}")
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise CheckpointError(f"gemmalens.load: '{p}' is not usable ({type(err).__name__}: {err}); fix or remove it") from None
-    return [int(i) for i in ids]

@@ -137,7 +137,8 @@ def test_edge_layout_and_top_edges(setup):
     assert es.metric_value == pytest.approx(metric(model.forward(clean)), rel=1e-5)
     # one edge by name
     i, j = es.index("a1.h2", "a4.kv1<v>")
-    assert es["a1.h2", "a4.kv1<v>"] == es.score("a1.h2", "a4.kv1<v>") == es.scores[i, j] == es.edges()[("a1.h2", "a4.kv1<v>")]
+    edge = ("a1.h2", "a4.kv1<v>")
+    assert es[edge] == es.score(*edge) == es.scores[i, j] == es.edges()[edge]
     with pytest.raises(KeyError, match="not an edge"):
         es["a3.h0", "a3.h1<q>"]
     with pytest.raises(KeyError, match="no upstream node 'a3.h9'"):
@@ -277,7 +278,8 @@ def _writes_before_reads(up, down, L):
 def _torch_loss(row_start, toks):
     def f(lg):
         B, T = toks.shape
-        terms = [-torch.log_softmax(lg[b, t], -1)[int(toks[b, t + 1])] for b in range(B) for t in range(row_start[b], T - 1)]
+        terms = [-torch.log_softmax(lg[b, t], -1)[int(toks[b, t + 1])]
+                 for b in range(B) for t in range(row_start[b], T - 1)]
         return torch.stack(terms).mean()
     return f
 

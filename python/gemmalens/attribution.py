@@ -113,15 +113,52 @@ def _rmsnorm_jvp(x, w, eps, dx):
 
 
 class EdgeScores:
-    """Edge attribution patching scores: ``scores[i, j]`` is the first-order change of the metric when the edge
-    ``upstream[i] -> downstream[j]`` carries the corrupted run's value and every other edge the clean one.
-    ``valid[i, j]`` is False where no edge exists (the upstream component runs after the downstream one reads the
-    residual stream); those scores are 0. ``edges()`` -> {(up, down): score} over the valid edges; ``top(k)``."""
+    """Edge attribution patching scores (``edge_attribution_patching``'s result).
 
-    def __init__(self, upstream, downstream, scores, valid, metric_value):
+    ``upstream`` / ``downstream``: the node names (lists); ``scores``: float64 [len(upstream), len(downstream)],
+    ``scores[i, j]`` the first-order change of the metric when the edge ``upstream[i] -> downstream[j]`` carries the
+    corrupted run's value and every other edge the clean one. ``valid[i, j]`` is False where no edge exists (the
+    upstream component writes after the downstream one has read the residual stream); those scores are 0.
+    ``per_position``: [len(upstream), len(downstream), batch, pos] when asked for (``scores`` is its sum over the last
+    two axes), else None. ``metric_value``: the metric on the clean run.
+
+    ``es[up, down]`` (or ``es.score(up, down)``) is one edge's score; ``edges()`` -> {(up, down): score} over the
+    valid edges; ``top(k)`` = ``top_edges(es, k)``."""
+
+    def __init__(self, upstream, downstream, scores, valid, metric_value, per_position=None):
         self.upstream, self.downstream = list(upstream), list(downstream)
         self.scores, self.valid = scores, valid
+        self.per_position = per_position
         self.metric_value = metric_value  # the metric on the clean run
+        self._up_index = {n: i for i, n in enumerate(self.upstream)}
+        self._down_index = {n: j for j, n in enumerate(self.downstream)}
+
+    def index(self, upstream, downstream):
+        """(row, column) of edge upstream -> downstream in ``scores``; KeyError for an unknown node or a pair that is
+        not an edge."""
+        i, j = self._up_index.get(upstream), self._down_index.get(downstream)
+        if i is None:
+            raise KeyError(f"no upstream node {upstream!r} (upstream nodes: 'embed', 'a{{layer}}.h{{head}}', "
+                           "'m{layer}')")
+        if j is None:
+            raise KeyError(f"no downstream node {downstream!r} (downstream nodes: 'a{{layer}}.h{{head}}<q>', "
+                           "'a{layer}.kv{kv_head}<k>' / '<v>', 'm{layer}', 'logits')")
+        if not self.valid[i, j]:
+            raise KeyError(f"{upstream} -> {downstream} is not an edge: {upstream} writes to the residual stream after "
+                           f"{downstream} reads it")
+        return i, j
+
+    def score(self, upstream, downstream):
+        """The score of edge upstream -> downstream (a float)."""
+        return float(self.scores[self.index(upstream, downstream)])
+
+    def __getitem__(self, edge):
+        if not (isinstance(edge, tuple) and len(edge) == 2):
+            raise TypeError(f"EdgeScores[...] takes (upstream, downstream), got {edge!r}")
+        return self.score(*edge)
+
+    def __len__(self):
+        return int(self.valid.sum())
 
     def edges(self):
         return {(self.upstream[i], self.downstream[j]): float(self.scores[i, j]) for i, j in zip(*np.nonzero(self.valid))}
@@ -147,24 +184,37 @@ def top_edges(scores, k=20):
     return [(scores.upstream[i // nd], scores.downstream[i % nd], float(scores.scores.flat[i])) for i in order]
 
 
-def edge_attribution_patching(model, clean, corrupted, metric, attention_mask=None):
+def edge_attribution_patching(model, clean, corrupted, metric, attention_mask=None, per_position=False):
     """Edge attribution patching over the components of Gemma 3 -> EdgeScores.
 
-    Upstream components write to the residual stream: ``embed`` (hook_embed), each attention head ``a{l}.h{h}`` and
-    each MLP ``m{l}`` (hook_mlp_out). Gemma normalises each block's output before adding it (post-attention and
-    post-feedforward RMSNorms), so one head's share of the attention output is defined through that norm linearised
-    at the clean run: J_norm (delta z_h W_O[:, h]^T) -- the heads' shares add up to the first-order change of
-    hook_attn_out.
-    Downstream components read it: each query head's input ``a{l}.h{h}<q>``, each key / value head's
-    ``a{l}.kv{g}<k>`` / ``<v>`` (shared by the query heads of its group), each MLP's input ``m{l}`` and the
-    unembedding ``logits``. The gradient at a component's own input is the metric's gradient flowing into that
-    component only, through its input norm: e.g. for query head h, RMSNorm-VJP(resid_pre, ln1, dq_h W_Q[h]) with
-    dq_h the gradient at attn.hook_q.
+    clean, corrupted: token ids of one shape [batch, pos] (1-D: batch 1); pad rows to one length on the left and
+    pass attention_mask (padding positions count for nothing). metric: what ``run_with_cache(incl_bwd=True)`` takes
+    ("loss", a ``gl.metrics`` object, a dMetric/dLogits array), evaluated on the clean run. per_position: also keep
+    each edge's score per batch row and position (``EdgeScores.per_position``).
 
-    score(u -> v) = sum over batch and positions of (u's output on corrupted - on clean) . (gradient at v's input
-    on clean) -- one clean gradient run and one corrupted forward. clean, corrupted: token ids of one shape; metric
-    as run_with_cache(incl_bwd=True) takes it.
+    Nodes. Upstream components write to the residual stream: ``embed`` (hook_embed, the stream before block 0), each
+    attention head ``a{l}.h{h}`` and each MLP ``m{l}`` (hook_mlp_out). Gemma normalises each block's output before
+    adding it (post-attention and post-feedforward RMSNorms), so one head's share of the attention output is defined
+    through that norm linearised at the clean run: J_norm(clean o_proj output) (delta z_h W_O[:, h]^T), delta z_h its
+    attn.hook_z change -- the heads' shares add up to the first-order change of hook_attn_out.
+    Downstream components read it: each query head's input ``a{l}.h{h}<q>``, each key / value head's
+    ``a{l}.kv{g}<k>`` / ``a{l}.kv{g}<v>`` (with grouped-query attention a key/value head is shared by the
+    num_attention_heads / num_key_value_heads query heads of its group, so it is one node), each MLP's input
+    ``m{l}`` and the unembedding ``logits`` (the final norm's input). The gradient at a component's own input is the
+    metric's gradient flowing into that component only, through its input norm: e.g. for query head h,
+    RMSNorm-VJP(resid_pre, ln1, dq_h W_Q[h]) with dq_h the gradient at attn.hook_q (before q_norm).
+
+    Edges: every upstream node to every downstream node that reads the residual stream after it was written: embed
+    to everything, a layer's heads to its MLP and to every later layer, a layer's MLP to every later layer.
+
+    score(u -> v) = sum over batch rows and positions of (u's output on corrupted - on clean) . (gradient at v's
+    input on the clean run) (Syed, Rager and Conmy 2023): the first-order estimate of
+    metric(only that edge patched) - metric(clean). Summing over the batch matches the metric's own convention:
+    ``gl.metrics`` average over rows, so their gradients already carry the 1/batch. Cost: one clean gradient run and
+    one corrupted forward; weights are widened to float32 one layer at a time.
     """
+    if not isinstance(per_position, (bool, np.bool_)):
+        raise TypeError(f"edge_attribution_patching: per_position must be True or False, got {per_position!r}")
     clean_t, corrupt_t = model.to_tokens(clean), model.to_tokens(corrupted)
     if clean_t.shape != corrupt_t.shape:
         raise ValueError(f"clean {clean_t.shape} and corrupted {corrupt_t.shape} tokens must have the same shape "
@@ -228,10 +278,17 @@ def edge_attribution_patching(model, clean, corrupted, metric, attention_mask=No
     down_vec.append(_rmsnorm_vjp(f64(cc[f"blocks.{L - 1}.hook_resid_post"]), fin, eps,
                                  f64(cc["ln_final.hook_normalized_grad"])))
     down_layer.append(float(L))
-    U = np.stack([(u * live).reshape(-1) for u in up_vec])
-    V = np.stack([(v * live).reshape(-1) for v in down_vec])
-    scores = U @ V.T
     # An attention head of layer l writes after layer l's heads read (so only to later layers and its own MLP); an
     # MLP of layer l writes after everything in layer l has read.
     valid = np.asarray(up_layer)[:, None] < np.asarray(down_layer)[None, :]
-    return EdgeScores(up, down, np.where(valid, scores, 0.0), valid, cc.metric_value)
+    U = np.stack([u * live for u in up_vec])  # [n_up, B, T, D]
+    V = np.stack([v * live for v in down_vec])  # [n_down, B, T, D]
+    by_pos = None
+    if per_position:  # [B*T, n_up, D] @ [B*T, D, n_down] -> [n_up, n_down, B, T]
+        nu, nd = len(up), len(down)
+        by_pos = np.matmul(U.reshape(nu, B * T, D).transpose(1, 0, 2), V.reshape(nd, B * T, D).transpose(1, 2, 0))
+        by_pos = np.where(valid[..., None, None], by_pos.transpose(1, 2, 0).reshape(nu, nd, B, T), 0.0)
+        scores = by_pos.sum(axis=(2, 3))
+    else:
+        scores = np.where(valid, U.reshape(len(up), -1) @ V.reshape(len(down), -1).T, 0.0)
+    return EdgeScores(up, down, scores, valid, cc.metric_value, by_pos)

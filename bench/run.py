@@ -125,11 +125,12 @@ def prefill_flops_per_token(path, T):
 
 def grad_flop_ratio(path, T):
     """Matmul FLOPs of a gradient run as gemmalens does it over those of a forward with all-position logits: the
-    forward; then per block its forward again from the recorded input, and the VJPs of its matmuls for the input only
-    (one matmul each; two for attention's: dQ from dS, dK and dV), and the LM head's VJP."""
+    forward, which also computes each block's attention scores beside the fast attention path (kept for the reverse
+    pass, as are the block's other intermediates); then per block the VJPs of its matmuls for the input only (one
+    matmul each; two for attention's: dQ from dS, dK and dV), and the LM head's VJP."""
     layers, attn, head = flops_per_token(path, T)
     forward = layers + attn + head
-    return (forward + (layers + attn) + (layers + 2 * attn) + head) / forward
+    return (forward + attn / 2 + (layers + 2 * attn) + head) / forward
 
 
 def bench_decode(path, dtype, batch, prompt_len, n_new, threads, repeats):
@@ -526,13 +527,14 @@ def grad_section(rows, mem_rows):
              "gradient.\n")
     for err, mark in failures.items():
         text += f"\n{mark} TransformerLens failed: `{err}`.\n"
-    text += ("\nThe reverse pass runs each block again from its recorded input (a plain forward keeps no "
-             "intermediates) and widens each layer's weights to f32 for its VJP. \"FLOPs vs plain\" counts the matmuls "
-             "that way: the forward, each block's forward again, the VJPs for the inputs (one matmul per matmul, two "
-             "for attention's) and the LM head's VJP, over the forward's (the 262144-row LM head at all 256 positions "
-             "is 62% of the 270m forward, 30% of the 1b one): the time ratio cannot go below it while the blocks run "
-             "twice. In the bfloat16 rows the reverse matmuls run in f32, at the f32 matmul rate. The bfloat16 "
-             "gradients differ more: transformers keeps the residual stream in bf16, gemmalens in f32.\n")
+    text += ("\nA gradient run's forward keeps each block's intermediates for the reverse pass (within "
+             "`gl.grad.keep_bytes`, 2 GiB; a plain forward keeps none), and the reverse pass widens each layer's weights "
+             "to f32 for its VJP. \"FLOPs vs plain\" counts the matmuls that way: the forward (with the attention "
+             "scores computed beside its fast attention path, for the reverse pass), the VJPs for the inputs (one "
+             "matmul per matmul, two for attention's) and the LM head's VJP, over the forward's (the 262144-row LM head "
+             "at all 256 positions is 62% of the 270m forward, 30% of the 1b one). In the bfloat16 rows the reverse "
+             "matmuls run in f32, at the f32 matmul rate, which is why they stay near 4x. The bfloat16 gradients "
+             "differ more: transformers keeps the residual stream in bf16, gemmalens in f32.\n")
     if mem_rows:
         text += ("\n#### Memory of a gradient run (a fresh process loads the model and does one gradient run as above)\n\n"
                  "| model | dtype | gemmalens after load MB | gemmalens peak MB | of which the run | TransformerLens after "

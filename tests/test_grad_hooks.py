@@ -285,3 +285,17 @@ def test_spliced_transcoder_gradients_match_autograd(hf_models, tape_mode):
     worst, checked = compare(cache, grads, [0, 0], tol=2e-4)
     assert checked == len(model.hook_names) - 1
     assert np.abs(cache["blocks.1.ln2.hook_normalized_grad"]).max() > 0
+
+
+def test_bad_gradient_hook_setup_is_a_clear_error(hf_models, monkeypatch):
+    """with_vjp needs two callables; a negative keep_bytes is refused before any run; the model works after."""
+    model = gl.load(hf_models["gqa2"][1])
+    toks = np.arange(1, 7, dtype=np.int32)[None]
+    with pytest.raises(TypeError, match="both must be callables"):
+        gl.hooks.with_vjp(lambda a, hook: a, None)
+    monkeypatch.setattr(gl.grad, "keep_bytes", -1)
+    with pytest.raises(ValueError, match="keep_bytes must be >= 0"):
+        model.run_with_cache(toks, incl_bwd=True, metric="loss")
+    monkeypatch.setattr(gl.grad, "keep_bytes", 2 << 30)
+    _, cache = model.run_with_cache(toks, names_filter="hook_embed", incl_bwd=True, metric="loss")
+    assert np.isfinite(cache["hook_embed_grad"]).all() and np.abs(cache["hook_embed_grad"]).max() > 0

@@ -41,7 +41,7 @@ def _run(model, tokens, attention_mask, metric, allow_longer, captures, bwd_hook
                          "bad)) or a dMetric/dLogits array of the logits' shape")
     table, n_layers = model._hook_table, model.config.num_hidden_layers
     toks, row_start = model._inputs(tokens, attention_mask, None)
-    native_bwd, sae_bwd = splice.route_bwd(as_pairs(bwd_hooks))
+    native_bwd, sae_bwd = splice.split_hooks(as_pairs(bwd_hooks))
     ours = set(splice.names)
     splice.grad = SpliceGrad(sae_bwd, [n for n in captures if n in ours])
     fwd = plan_hookset(table, edits, captures, splice, grad=True)

@@ -393,16 +393,7 @@ class Splice:
         if not self.active:
             return pairs, list(captures)
         ours = set(self.names)
-        native, sae_hooks = [], {}
-        for target, fn in pairs:
-            if isinstance(target, str) and target in ours:
-                sae_hooks.setdefault(target, []).extend(_as_list(fn))
-                continue
-            if callable(target) and not isinstance(target, str):
-                for n in self.names:
-                    if target(n):
-                        sae_hooks.setdefault(n, []).extend(_as_list(fn))
-            native.append((target, fn))
+        native, sae_hooks = self.split_hooks(pairs)
         sae_captures = {n for n in captures if n in ours}
         for use_error_term in (False, True):
             group = [s for s, e in self.active if e == use_error_term]
@@ -411,9 +402,9 @@ class Splice:
                                        self.grad)[0]
         return native, [n for n in captures if n not in ours]
 
-    def route_bwd(self, pairs):
-        """bwd_hooks (target, fn) pairs -> (those for the native gradient HookSet, {SAE tensor name: [fn]}): as
-        route() does for forward hooks."""
+    def split_hooks(self, pairs):
+        """(target, fn) pairs -> (those for the native HookSet, {SAE tensor name: [fn]}): a name of an SAE tensor goes
+        to the SAEs, a filter to both. route() splits forward hooks with it; gradient runs split bwd_hooks."""
         ours, native, sae_bwd = set(self.names), [], {}
         for target, fn in pairs:
             if isinstance(target, str) and target in ours:

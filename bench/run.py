@@ -495,7 +495,7 @@ def bench_sae(path, threads, repeats, T=128, width=16384):
 
 
 # The tables, in the order they appear in bench/README.md; --only picks some of them.
-SECTIONS = ("prefill", "decode", "hooks", "grad", "llama", "scaling", "sae", "threads")
+SECTIONS = ("prefill", "decode", "hooks", "grad", "llama", "scaling", "sae", "threads", "harvest")
 GRAD_SIZES = ("270m", "1b")  # the gradient table has both sizes with --quick too
 
 
@@ -796,6 +796,13 @@ def main():
         import threads_under_load
 
         text["threads"] = threads_under_load.section(*threads_under_load.rows(repeats=repeats)).lstrip("\n")
+
+    if want("harvest"):  # gl.harvest local and on Ray beside the loop of SAELens's CacheActivationsRunner
+        import harvest_bench
+
+        hv_sizes = args.sizes.split(",") if args.sizes else ["270m", "1b"]
+        text["harvest"] = harvest_bench.section(harvest_bench.rows(hv_sizes, threads=args.threads, ckpt=ckpt),
+                                                args.threads)
 
     command = "python bench/run.py" + (" --quick" if args.quick else "") + (f" --only {','.join(only)}" if only else "")
     measured = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "

@@ -45,7 +45,9 @@ from . import steering  # noqa: E402
 from . import metrics  # noqa: E402
 from . import attribution  # noqa: E402
 from . import grad  # noqa: E402
+from .harvest import HarvestError, HarvestResult, harvest  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError", "Tokenizer", "interventions",
-           "ActivationCache", "hooks", "HookPoint", "SAE", "steering", "metrics", "attribution"]
+           "ActivationCache", "hooks", "HookPoint", "SAE", "steering", "metrics", "attribution",
+           "harvest", "HarvestError", "HarvestResult"]

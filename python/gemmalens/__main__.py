@@ -1,5 +1,6 @@
 """Command line: ``gemmalens generate [--model PATH] "prompt"`` (also ``python -m gemmalens``)."""
 import argparse
+import os
 import sys
 import time
 
@@ -39,7 +40,80 @@ def _parser():
     g.add_argument("--threads", type=int, default=None, help="worker threads (default: every core this process may use)")
     g.add_argument("--verbose", action="store_true",
                    help="print the mode (dtype, weights, threads), load time and prefill/decode speed to stderr")
+    _harvest_parser(sub)
     return p
+
+
+def _harvest_parser(sub):
+    h = sub.add_parser("harvest", help="write activations over a corpus for SAE training (SAELens's cache format)",
+                       description="Harvest activations of one or more hooks over a corpus into a folder SAELens trains "
+                                   "on (use_cached_activations=True, cached_activations_path=OUT), or safetensors "
+                                   "shards. Resumable: run the same command again after an interruption.")
+    h.add_argument("--model", default="gemma3-270m", help="HF directory, .safetensors, .gguf, or 'gemma3-270m'")
+    h.add_argument("--hooks", required=True, help="comma-separated hook names, e.g. blocks.6.hook_resid_post,"
+                                                  "blocks.6.hook_mlp_out")
+    src = h.add_mutually_exclusive_group(required=True)
+    src.add_argument("--texts", help="a text file: one document per line")
+    src.add_argument("--dataset", help="a datasets.save_to_disk folder, or a .jsonl / .json / .parquet / .csv file")
+    h.add_argument("--column", default=None, help="dataset column (default: tokens, input_ids, text or problem, as "
+                                                  "SAELens looks for them)")
+    h.add_argument("--out", required=True, help="output folder (new, or an unfinished harvest to resume)")
+    h.add_argument("--context-size", type=int, default=128)
+    h.add_argument("--max-tokens", type=int, default=None)
+    h.add_argument("--batch-size", type=int, default=None, help="rows per forward (default: 2048 // context size)")
+    h.add_argument("--no-bos", action="store_true", help="do not start each row with BOS (prepend_bos=False)")
+    h.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="stored dtype (bfloat16: --format safetensors only)")
+    h.add_argument("--format", default="saelens", choices=["saelens", "safetensors"])
+    h.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the model's compute dtype (float32, the default, matches HF transformers)")
+    h.add_argument("--weights", default="native", choices=["native", "auto", "int8", "int4"])
+    h.add_argument("--threads", type=int, default=None, help="threads of the local engine")
+    h.add_argument("--engine", default="local", choices=["local", "ray"])
+    h.add_argument("--workers", type=int, default=2, help="Ray actors (--engine ray)")
+    h.add_argument("--threads-per-worker", type=int, default=1, help="threads of each Ray actor")
+    h.add_argument("--ray-address", default=None, help="'auto' or host:port of a running cluster (default: start a "
+                                                      "local one)")
+    h.add_argument("--no-progress", action="store_true")
+
+
+def _read_texts(path):
+    with open(path, encoding="utf-8", newline="\n") as f:  # only \n ends a document (a \r stays in its text)
+        for line in f:
+            line = line.rstrip("\n")
+            if line.strip():
+                yield line
+
+
+def _open_dataset(path):
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("--dataset needs the datasets package: pip install 'gemmalens[harvest]'") from None
+    if os.path.isdir(path):
+        return datasets.load_from_disk(path)
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
+    if kind is None:
+        raise ValueError(f"--dataset {path}: not a save_to_disk folder or a .jsonl/.json/.parquet/.csv file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--dataset {path}: no such file")
+    return datasets.load_dataset(kind, data_files=path, split="train")
+
+
+def _harvest(args):
+    if args.texts is not None and not os.path.isfile(args.texts):
+        raise FileNotFoundError(f"--texts {args.texts}: no such file")
+    model = gl.load(args.model, dtype=args.model_dtype, weights=args.weights, threads=args.threads,
+                    progress=not args.no_progress)
+    source = _read_texts(args.texts) if args.texts is not None else _open_dataset(args.dataset)
+    r = gl.harvest(model, source, args.hooks, args.out, context_size=args.context_size, batch_size=args.batch_size,
+                   prepend_bos=not args.no_bos, dtype=args.dtype, max_tokens=args.max_tokens, format=args.format,
+                   column=args.column, progress=not args.no_progress, engine=args.engine, num_workers=args.workers,
+                   threads_per_worker=args.threads_per_worker, ray_address=args.ray_address)
+    print(f"{r.out_dir}: {r.rows} rows x {r.context_size} tokens, {len(r.hooks)} hook(s), {r.shards} shard(s); "
+          f"{r.computed_rows * r.context_size} tokens computed in {r.seconds:.1f} s "
+          f"({r.tokens_per_second:.0f} tok/s)")
 
 
 def _generate(args):
@@ -84,9 +158,11 @@ def main(argv=None):
     try:
         if args.command == "generate":
             _generate(args)
+        elif args.command == "harvest":
+            _harvest(args)
     except KeyboardInterrupt:
         return 130
-    except (OSError, ValueError, TypeError, RuntimeError) as e:
+    except (OSError, ValueError, TypeError, RuntimeError, ImportError) as e:
         print(f"gemmalens: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -56,8 +56,15 @@ class SAE:
         self.cfg = cfg or {}
         self.d_in, self.d_sae = self.W_enc.shape
         self.d_out = self.W_dec.shape[1]
+        self._dtype = dtype
         self._core = _core.SAE(self.W_enc, self.b_enc, self.threshold, self.W_dec, self.b_dec, self.W_skip,
                                self.architecture, self.k, self.apply_b_dec_to_input, dtype)
+
+    def __reduce__(self):
+        """Pickled as its arrays and settings (the native half is rebuilt): SAEs travel to Ray actors."""
+        return (type(self), (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold, self.W_skip,
+                             self.architecture, self.k, self.apply_b_dec_to_input, self.hook_name, self.hook_name_out,
+                             self.model_name, self._dtype, self.cfg))
 
     @property
     def is_transcoder(self):

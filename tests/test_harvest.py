@@ -74,6 +74,10 @@ def test_token_rows_equal_saelens(tiny, spm_dir, tmp_path, context_size, prepend
     r2 = gl.harvest(model, datasets.Dataset.from_dict({"text": TEXTS, "id": list(range(len(TEXTS)))}), ["hook_embed"],
                     tmp_path / "o2", context_size=context_size, prepend_bos=prepend_bos, progress=False)
     np.testing.assert_array_equal(r2.load().with_format("numpy")[:]["token_ids"], expected)
+    it = datasets.Dataset.from_dict({"text": TEXTS}).to_iterable_dataset()  # streaming datasets too
+    r4 = gl.harvest(model, it, ["hook_embed"], tmp_path / "o4", context_size=context_size, prepend_bos=prepend_bos,
+                    progress=False)
+    np.testing.assert_array_equal(r4.load().with_format("numpy")[:]["token_ids"], expected)
     seqs = [model.tokenizer.encode(t, add_bos=False) for t in TEXTS]
     r3 = gl.harvest(model, seqs, ["hook_embed"], tmp_path / "o3", context_size=context_size, prepend_bos=prepend_bos,
                     progress=False)

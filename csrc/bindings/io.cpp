@@ -99,6 +99,15 @@ void bind_io(py::module_& m) {
       .def_property_readonly("done", [](const LoadProgress& p) { return p.done.load(); })
       .def_property_readonly("total", [](const LoadProgress& p) { return p.total.load(); });
   m.def(
+      "planned_weight_bytes",
+      [](const Gemma3Config& cfg, const std::string& dtype, const std::string& weights) {
+        return planned_weight_bytes(cfg, parse_dtype(dtype), parse_weight_quant(weights));
+      },
+      py::arg("config"), py::arg("dtype") = "float32", py::arg("weights") = "native",
+      "About how many bytes the weights of a model of this config take once loaded (checked before a load allocates).");
+  m.def("available_memory_bytes", &available_memory_bytes,
+        "Memory this process may still take: MemAvailable, or the cgroup v2 limit's headroom when lower (0: unknown).");
+  m.def(
       "load_arrays",
       [](py::dict arrays, const Gemma3Config& cfg, const std::string& dtype, const std::string& weights,
          LoadProgress* progress) {

@@ -115,6 +115,14 @@ struct ForwardArgs {
   std::function<void()> interrupt_check;
 };
 
+// About how many bytes a model's weights take once loaded in this dtype / quantisation (the matmul weights at the
+// dtype's size, or int8 / int4 blocks of 32 with a float scale each; norms in f32). Checked against the memory
+// available before anything is allocated.
+uint64_t planned_weight_bytes(const Gemma3Config& cfg, DType dtype, WeightQuant quant);
+// Memory this process may still take: /proc/meminfo's MemAvailable, lowered to the cgroup v2 limit's headroom
+// (memory.max - memory.current) when one is set. 0 when unknown.
+uint64_t available_memory_bytes();
+
 class Gemma3Model {
  public:
   // quant: keep every matmul weight as int8 or int4 blocks of 32 (ops/quant.h); with int4 the embedding / LM head

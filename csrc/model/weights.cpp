@@ -1,5 +1,9 @@
 // The model's weights: their one list (for_each_weight), Weights built from any format through a TensorGetter (HF
 // names, HF layouts), and exported back the same way.
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 #include "model/gemma3.h"
@@ -71,7 +75,62 @@ Slot slot(WeightRole role) {
   throw InternalError("a weight outside the blocks has no LayerWeights slot");
 }
 
+std::string gb(uint64_t n) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.1f GB", static_cast<double>(n) / 1e9);
+  return buf;
+}
+
+uint64_t read_u64_file(const char* path) {  // a number alone in a file, or 0 ("max", missing, unreadable)
+  std::ifstream f(path);
+  std::string s;
+  if (!(f >> s) || s.empty() || s.find_first_not_of("0123456789") != std::string::npos) return 0;
+  return std::strtoull(s.c_str(), nullptr, 10);
+}
+
 }  // namespace
+
+uint64_t planned_weight_bytes(const Gemma3Config& cfg, DType dtype, WeightQuant quant) {
+  const WeightQuant embed_quant = quant == WeightQuant::Int4 ? WeightQuant::Int8 : quant;
+  const uint64_t es = dtype == DType::F32 ? 4 : 2;
+  auto matmul = [&](uint64_t n, WeightQuant q) -> uint64_t {
+    switch (q) {
+      case WeightQuant::Int8: return (n + 31) / 32 * (32 + 4);  // ops/quant.h: 32 int8 + a float scale per block
+      case WeightQuant::Int4: return (n + 31) / 32 * (16 + 4);  // 32 nibbles + a float scale
+      case WeightQuant::None: break;
+    }
+    return n * es;
+  };
+  uint64_t total = 0;
+  for_each_weight(cfg, [&](const WeightSpec& w) {
+    uint64_t n = 1;
+    for (int64_t d : w.shape) n *= static_cast<uint64_t>(d);
+    total += w.is_norm() || w.role == WeightRole::FinalNorm ? 4 * n
+             : w.role == WeightRole::Embed                   ? matmul(n, embed_quant)
+                                                             : matmul(n, quant);
+  });
+  return total;
+}
+
+uint64_t available_memory_bytes() {
+  uint64_t avail = 0;
+  std::ifstream f("/proc/meminfo");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("MemAvailable:", 0) == 0) {
+      std::istringstream in(line.substr(13));
+      uint64_t kb = 0;
+      if (in >> kb) avail = kb * 1024;
+      break;
+    }
+  }
+  const uint64_t max = read_u64_file("/sys/fs/cgroup/memory.max"), cur = read_u64_file("/sys/fs/cgroup/memory.current");
+  if (max > 0) {
+    const uint64_t room = max > cur ? max - cur : 0;
+    if (avail == 0 || room < avail) avail = room;
+  }
+  return avail;
+}
 
 Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, WeightQuant quant, const RowGetter& rows,
                          const TensorChecker& check)
@@ -79,6 +138,29 @@ Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGette
   cfg_.validate();
   if (check)  // every tensor present and shaped as the config says, before any allocation
     for_each_weight(cfg_, [&](const WeightSpec& w) { check(w.name, w.shape); });
+  // Refuse a model that cannot fit before allocating any of it (the alternative is the OOM killer, or swapping for
+  // minutes); the message names the size and the modes that would fit. GEMMALENS_NO_MEMORY_CHECK=1 skips it (swap).
+  const char* skip = std::getenv("GEMMALENS_NO_MEMORY_CHECK");
+  if (!(skip && *skip && std::string(skip) != "0")) {
+    const uint64_t need = planned_weight_bytes(cfg_, dtype, quant), avail = available_memory_bytes();
+    if (avail > 0 && need > avail) {
+      std::string hint;
+      for (auto [q, name] : {std::pair{WeightQuant::Int8, "int8"}, std::pair{WeightQuant::Int4, "int4"}}) {
+        if (quant == WeightQuant::Int4 || (quant == WeightQuant::Int8 && q == WeightQuant::Int8)) continue;
+        const uint64_t n = planned_weight_bytes(cfg_, DType::BF16, q);
+        hint += std::string(hint.empty() ? "" : ", ") + "weights=\"" + name + "\" (about " + gb(n) + (n > avail ? ", does not fit either)" : ")");
+      }
+      if (dtype == DType::F32 && quant == WeightQuant::None)
+        hint = "dtype=\"bfloat16\" (about " + gb(planned_weight_bytes(cfg_, DType::BF16, WeightQuant::None)) + ")" +
+               (hint.empty() ? "" : ", " + hint);
+      throw ResourceError("this model's weights need about " + gb(need) + " of memory in " +
+                          (dtype == DType::F32 ? "float32" : "bfloat16") +
+                          (quant == WeightQuant::None ? "" : quant == WeightQuant::Int8 ? " with int8 weights" : " with int4 weights") +
+                          ", more than the " + gb(avail) + " available (MemAvailable, or the cgroup's limit)" +
+                          (hint.empty() ? "" : "; try " + hint) +
+                          ", or free memory (GEMMALENS_NO_MEMORY_CHECK=1 skips this check, e.g. to use swap)");
+    }
+  }
   // int4 keeps the tied embedding / LM head at int8: 4-bit logits cost far more than 4-bit layers (+40% perplexity
   // against a few percent on the real 270M; llama.cpp's Q4_K_M files likewise keep token_embd at Q8_0 / Q6_K).
   const WeightQuant embed_quant = quant == WeightQuant::Int4 ? WeightQuant::Int8 : quant;

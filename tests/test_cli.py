@@ -1,4 +1,7 @@
-"""The command line's first minutes: --version, the fast mode by default, and --verbose saying which mode runs."""
+"""The command line: --version, the fast mode by default, --verbose saying which mode runs, and --temperature /
+--seed / --dtype / --chat against the Python API."""
+import json
+import shutil
 import subprocess
 import sys
 
@@ -6,6 +9,8 @@ import pytest
 
 import gemmalens as gl
 from gemmalens.__main__ import _parser, main
+from test_chat import GEMMA3_CHAT_TEMPLATE
+from test_tokenizer import spm_dir  # noqa: F401  (fixture: a small SentencePiece model)
 
 
 def _cli(*args, env=None, timeout=300):
@@ -38,3 +43,78 @@ def test_cli_verbose_names_the_mode(real_gguf_path):
     ref = _cli("generate", "--max-new-tokens", "3", "--verbose", "--dtype", "float32", "--weights", "native", "hi")
     assert ref.returncode == 0, ref.stderr
     assert "dtype float32, weights native," in ref.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_dir(spm_dir, tmp_path_factory):  # noqa: F811
+    """A tiny HF checkpoint with a tokenizer (as many embeddings as pieces) and the official Gemma 3 chat template in
+    tokenizer_config.json, as an instruction-tuned checkpoint carries it."""
+    from conftest import build_hf
+
+    d = tmp_path_factory.mktemp("cli") / "it"
+    build_hf(str(d), seed=4, vocab_size=420)
+    shutil.copy(spm_dir / "tokenizer.model", d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": GEMMA3_CHAT_TEMPLATE, "bos_token": "<bos>"}))
+    return str(d)
+
+
+def _run(capsys, *argv):
+    """main() in-process -> (stdout, stderr); it must succeed."""
+    capsys.readouterr()
+    assert main(["generate", *argv]) == 0
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def test_cli_temperature_and_seed_sample_as_the_python_api(cli_dir, capsys):
+    """--temperature / --top-k / --top-p / --seed: the same seed gives the same text, other seeds other texts, and
+    each equals gl.load(...).generate with those arguments in the CLI's mode (bf16; an HF folder's weights stay
+    native under --weights auto). Temperature 0 is greedy whatever the seed."""
+    api = gl.load(cli_dir, dtype="bfloat16")
+    prompt, n = "hello world", 12
+    base = ["--model", cli_dir, "--max-new-tokens", str(n)]
+    texts = {}
+    for seed in range(4):
+        out, _ = _run(capsys, *base, "--temperature", "1.0", "--seed", str(seed), prompt)
+        assert out == api.generate(prompt, max_new_tokens=n, temperature=1.0, seed=seed) + "\n", seed
+        texts[seed] = out
+    assert _run(capsys, *base, "--temperature", "1.0", "--seed", "0", prompt)[0] == texts[0]
+    assert len(set(texts.values())) >= 3
+    filtered, _ = _run(capsys, *base, "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--seed", "3", prompt)
+    assert filtered == api.generate(prompt, max_new_tokens=n, temperature=0.7, top_k=5, top_p=0.9, seed=3) + "\n"
+    greedy = api.generate(prompt, max_new_tokens=n)
+    assert greedy + "\n" not in texts.values()
+    for seed in ("1", "2"):
+        assert _run(capsys, *base, "--seed", seed, prompt)[0] == greedy + "\n"
+        assert _run(capsys, *base, "--temperature", "0", "--seed", seed, prompt)[0] == greedy + "\n"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_dtype(cli_dir, capsys, dtype):
+    """--dtype picks the compute mode (said by --verbose) and the text is the Python API's in that mode."""
+    out, err = _run(capsys, "--model", cli_dir, "--max-new-tokens", "10", "--temperature", "0.9", "--seed", "11",
+                    "--dtype", dtype, "--verbose", "the cat")
+    assert f"dtype {dtype}, weights native (--weights auto)" in err
+    api = gl.load(cli_dir, dtype=dtype)
+    assert api.dtype == dtype
+    assert out == api.generate("the cat", max_new_tokens=10, temperature=0.9, seed=11) + "\n"
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", cli_dir, "--dtype", "float16", "hi"])
+    assert "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+def test_cli_chat_renders_the_official_template(cli_dir, capsys):
+    """--chat wraps the prompt in Gemma 3's turn format, the text the checkpoint's own (official) template renders, and
+    generates from it; no base-model warning for a checkpoint that carries a template."""
+    from test_chat import U, hf_render
+
+    prompt = "  What is 2+2? "
+    api = gl.load(cli_dir, dtype="float32")
+    assert api.tokenizer.chat_template == GEMMA3_CHAT_TEMPLATE
+    wrapped = hf_render(api.tokenizer.chat_template, [U(prompt)], True)
+    assert wrapped == "<bos><start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
+    out, err = _run(capsys, "--model", cli_dir, "--chat", "--dtype", "float32", "--max-new-tokens", "8", prompt)
+    assert "chat template" not in err
+    assert out == api.generate(wrapped, max_new_tokens=8) + "\n"
+    plain, _ = _run(capsys, "--model", cli_dir, "--dtype", "float32", "--max-new-tokens", "8", prompt)
+    assert plain == api.generate(prompt, max_new_tokens=8) + "\n" and plain != out

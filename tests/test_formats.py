@@ -16,23 +16,44 @@ from conftest import build_hf, hf_logits, rel_err
 IDS = np.arange(4, 30)
 
 
+SRC = dict(seed=21, num_key_value_heads=2, head_dim=32, sliding_window=5)
+
+
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("src"))
-    hf = build_hf(d, seed=21, num_key_value_heads=2, head_dim=32, sliding_window=5)
+    hf = build_hf(d, **SRC)
     return hf, d
 
 
-def to_gemma_pytorch(hf):
+@pytest.fixture(scope="module")
+def src_bf16(tmp_path_factory):
+    """The same model stored in bfloat16 (as Kaggle and gemma_pytorch publish), and its reference: HF reading the
+    bf16 file into float32 with from_pretrained (casting the bf16 model with .float() would also round its RoPE
+    buffers; tests/test_model_hf.py)."""
+    from transformers import Gemma3ForCausalLM
+
+    d = str(tmp_path_factory.mktemp("src_bf16"))
+    hf16 = build_hf(d, torch_dtype=torch.bfloat16, **SRC)
+    ref = Gemma3ForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    assert all(t.dtype == torch.float32 for t in ref.state_dict().values())
+    return hf16, ref, d
+
+
+def to_gemma_pytorch(hf, multimodal=False, rope_buffers=True):
+    """HF weights -> the state dict a gemma_pytorch model saves (google/gemma_pytorch gemma/model.py, gemma3_model.py):
+    fused qkv_proj, query_norm / key_norm, the embedding as embedder (GemmaForCausalLM) or text_token_embedder
+    (Gemma3ForMultimodalLM, which also holds the SigLIP tower and its projection), and the persistent RoPE buffers."""
     sd = {}
-    for name, t in hf.state_dict().items():
+    state = hf.state_dict()
+    for name, t in state.items():
         if name == "lm_head.weight":
             continue
         if name == "model.embed_tokens.weight":
-            sd["embedder.weight"] = t.clone()
+            sd["text_token_embedder.weight" if multimodal else "embedder.weight"] = t.clone()
         elif name.endswith("self_attn.q_proj.weight"):
             p = name[: -len("q_proj.weight")]
-            sd[p + "qkv_proj.weight"] = torch.cat([t, hf.state_dict()[p + "k_proj.weight"], hf.state_dict()[p + "v_proj.weight"]])
+            sd[p + "qkv_proj.weight"] = torch.cat([t, state[p + "k_proj.weight"], state[p + "v_proj.weight"]])
         elif name.endswith(("k_proj.weight", "v_proj.weight")):
             continue
         elif name.endswith("q_norm.weight"):
@@ -41,19 +62,67 @@ def to_gemma_pytorch(hf):
             sd[name.replace("k_norm", "key_norm")] = t.clone()
         else:
             sd[name] = t.clone()
+    if rope_buffers:
+        sd.update(gemma_pytorch_rope_buffers(hf.config))
+    if multimodal:  # a few tensors under the vision tower's names (their shapes do not matter to the text model)
+        g = torch.Generator().manual_seed(0)
+        D, E = hf.config.hidden_size, 24
+        sd["siglip_vision_model.patch_embedding.weight"] = torch.randn(E, 3, 2, 2, generator=g)
+        sd["siglip_vision_model.encoder_blocks.0.self_attn.q_proj.weight"] = torch.randn(E, E, generator=g)
+        sd["siglip_vision_model.encoder_blocks.0.self_attn.q_proj.bias"] = torch.randn(E, generator=g)
+        sd["siglip_vision_model.final_norm.weight"] = torch.randn(E, generator=g)
+        sd["mm_soft_embedding_norm.weight"] = torch.randn(E, generator=g)
+        sd["mm_input_projection.weight"] = torch.randn(D, E, generator=g)
+        dt = state["model.norm.weight"].dtype
+        sd = {k: v.to(dt) if k.startswith(("siglip", "mm_")) else v for k, v in sd.items()}
     return sd
 
 
+def gemma_pytorch_rope_buffers(cfg):
+    """gemma_pytorch's Gemma 3 RoPE tables, registered with register_buffer (persistent, so in every saved state dict):
+    cos + i sin of position * inv_freq, complex64 [2 * max_position_embeddings, head_dim / 2] (its
+    precompute_freqs_cis; the global table divides inv_freq by the RoPE scaling factor)."""
+    Hd, T = cfg.head_dim, 2 * cfg.max_position_embeddings
+
+    def table(theta, factor=1.0):
+        inv = 1.0 / theta ** (torch.arange(0, Hd, 2)[: Hd // 2].float() / Hd) / factor
+        angles = torch.outer(torch.arange(T).float(), inv)
+        return torch.polar(torch.ones_like(angles), angles)
+
+    rp = cfg.rope_parameters
+    full = rp["full_attention"]
+    return {"local_freqs_cis": table(rp["sliding_attention"]["rope_theta"]),
+            "global_freqs_cis": table(full["rope_theta"], full.get("factor", 1.0) if full.get("rope_type") == "linear" else 1.0)}
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "multimodal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemma_pytorch_ckpt(src, tmp_path, dtype):
+def test_gemma_pytorch_ckpt(src, src_bf16, tmp_path, dtype, multimodal):
+    """A checkpoint as gemma_pytorch publishes them: complex64 RoPE buffers, text_token_embedder and the vision tower
+    in the multimodal models, bf16 or f32 weights; against HF fp32 on the same weights."""
     hf, d = src
-    sd = {k: v.to(dtype) for k, v in to_gemma_pytorch(hf).items()}
+    if dtype == torch.bfloat16:
+        hf, ref, d = src_bf16
+    else:
+        ref = hf
+    sd = to_gemma_pytorch(hf, multimodal=multimodal)
+    assert sd["local_freqs_cis"].dtype == torch.complex64 and sd["global_freqs_cis"].shape == (1024, 16)
+    assert {v.dtype for k, v in sd.items() if "freqs_cis" not in k} == {dtype}
     torch.save({"model_state_dict": sd}, str(tmp_path / "model.ckpt"))
     shutil.copy(os.path.join(d, "config.json"), tmp_path / "config.json")  # tiny shapes: no published size to infer
     model = gl.load(str(tmp_path / "model.ckpt"))
-    ref = hf_logits(hf if dtype == torch.float32 else build_hf(str(tmp_path / "r"), seed=21, torch_dtype=torch.bfloat16,
-                                                              num_key_value_heads=2, head_dim=32, sliding_window=5).float(), IDS)
-    assert rel_err(model.forward(IDS), ref) <= (1e-4 if dtype == torch.float32 else 1e-3)
+    # fp32 compute on the same (bf16-valued) weights as the reference: the f32 bound holds for both
+    assert rel_err(model.forward(IDS), hf_logits(ref, IDS)) <= 1e-4
+
+
+def test_gemma_pytorch_complex_tensor_where_a_weight_belongs(src, tmp_path):
+    hf, d = src
+    sd = to_gemma_pytorch(hf)
+    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.complex64)
+    torch.save({"model_state_dict": sd}, str(tmp_path / "model.ckpt"))
+    shutil.copy(os.path.join(d, "config.json"), tmp_path / "config.json")
+    with pytest.raises(gl.CheckpointError, match="'model.norm.weight' is a complex tensor"):
+        gl.load(str(tmp_path / "model.ckpt"))
 
 
 def test_gemma_pytorch_without_config_names_the_fix(src, tmp_path):
@@ -84,16 +153,71 @@ def kaggle_params(hf):
     return layouts.kaggle_params({k: v.detach().float().numpy() for k, v in hf.state_dict().items()})
 
 
-def test_orbax_kaggle_checkpoint(src, tmp_path):
+def _bf16(tree):
+    import ml_dtypes
+
+    return {k: {n: a.astype(ml_dtypes.bfloat16) for n, a in v.items()} for k, v in tree.items()}
+
+
+def _orbax_dtypes(path):
+    """The stored dtype of every array of an Orbax checkpoint, read with tensorstore."""
+    import tensorstore as ts
+    from gemmalens.formats import _orbax_names
+
+    names, zarr3 = _orbax_names(path)
+    base = "file://" + os.path.abspath(path) + "/"
+    return {ts.open({"driver": "zarr3" if zarr3 else "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": n}},
+                    open=True).result().dtype.name for n in names}
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_orbax_kaggle_checkpoint(src, src_bf16, tmp_path, stored):
+    """Kaggle's Flax checkpoints are bfloat16: such a fixture, written by orbax-checkpoint, against HF fp32 reading
+    the same bf16 weights."""
     ocp = pytest.importorskip("orbax.checkpoint")
-    hf, d = src
+    if stored == "bfloat16":
+        hf16, ref, d = src_bf16
+        params = _bf16(kaggle_params(hf16))
+    else:
+        ref, d = src
+        params = kaggle_params(ref)
     path = str(tmp_path / "ckpt")
-    ocp.PyTreeCheckpointer().save(path, kaggle_params(hf))
+    ocp.PyTreeCheckpointer().save(path, params)
     assert {"_METADATA", "manifest.ocdbt", "d"} <= set(os.listdir(path))
+    assert _orbax_dtypes(path) == {stored}
     shutil.copy(os.path.join(d, "config.json"), os.path.join(path, "config.json"))
     model = gl.load(path)
-    assert rel_err(model.forward(IDS), hf_logits(hf, IDS)) <= 1e-4
+    assert rel_err(model.forward(IDS), hf_logits(ref, IDS)) <= 1e-4
     np.testing.assert_allclose(model.forward(IDS), gl.load(d).forward(IDS), rtol=0, atol=1e-5)
+
+
+def test_orbax_without_config_infers_the_published_270m(tmp_path):
+    """A Kaggle-layout bf16 checkpoint with no config.json: the config comes from the shapes (the 270m's layers,
+    widths and heads; a small vocabulary keeps the fixture small), with the published 270m's window, RoPE bases and
+    query scale. Reference: HF with google/gemma-3-270m's config values (transformers' convert_gemma3_weights.py,
+    gemma3_270m) on the same bf16-valued weights."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=320, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
+                           query_pre_attn_scalar=256, sliding_window=512, rope_theta=1e6, rope_local_base_freq=1e4,
+                           attn_implementation="eager")
+    torch.manual_seed(7)
+    hf = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            # bf16-valued weights in an fp32 model (RoPE buffers untouched, computed in fp32)
+            p.copy_(p.normal_(0.0, 0.4 if "norm" in name else 0.05).bfloat16().float())
+    path = str(tmp_path / "ckpt")
+    ocp.PyTreeCheckpointer().save(path, _bf16(kaggle_params(hf)))
+    assert not os.path.exists(os.path.join(path, "config.json")) and _orbax_dtypes(path) == {"bfloat16"}
+    model = gl.load(path)
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.vocab_size, c.sliding_window, c.query_pre_attn_scalar, c.rope_theta,
+            c.rope_local_base_freq, list(c.layer_types)) == (18, 640, 320, 512, 256, 1e6, 1e4, list(cfg.layer_types))
+    ids = np.arange(3, 40)
+    assert rel_err(model.forward(ids), hf_logits(hf, ids)) <= 1e-4
 
 
 def test_orbax_missing_array(src, tmp_path):

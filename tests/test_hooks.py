@@ -298,3 +298,54 @@ def test_the_cache_holds_the_edited_activation_as_transformer_lens_does(tiny_dir
                 assert not cache["blocks.0.hook_resid_post"].any()
             else:
                 assert not cache["blocks.1.attn.hook_z"][:, :, 0].any() and cache["blocks.1.attn.hook_z"].any()
+
+
+FAST_MODE_SITES = ["hook_embed"] + [f"blocks.{i}.{s}" for i in (0, 3, 6) for s in (
+    "attn.hook_rot_q", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "mlp.hook_post", "hook_mlp_out",
+    "hook_resid_post")] + ["ln_final.hook_normalized"]
+
+
+@pytest.fixture(scope="module")
+def hf16_reference(hf_models, tmp_path_factory):
+    """HF's own bf16 run of the mqa_scaled_softcap model (the same seed, saved in bf16): its error against fp32 is
+    the yardstick for gemmalens's bf16 mode."""
+    from conftest import CONFIGS, build_hf
+
+    name = "mqa_scaled_softcap"
+    hf16 = build_hf(str(tmp_path_factory.mktemp("hf16")), seed=list(CONFIGS).index(name), torch_dtype=torch.bfloat16,
+                    **CONFIGS[name])
+    ids = np.random.default_rng(0).integers(0, 320, (2, 13))
+    return ids, hf_activations(hf16, ids)[0]
+
+
+@pytest.mark.parametrize("mode", ["bfloat16", "int8", "int8+bfloat16"])
+def test_captures_in_fast_modes_against_hf_fp32(hf_models, hf16_reference, mode):
+    """Hooks capture the right tensors in the bf16 and int8 weight modes: every site below (embedding; layers 0, 3
+    and 6: rotated queries, pattern, z, attention out, MLP post-activation and out, residual; final norm) against HF
+    fp32 eager, per site.
+
+    Tolerances (rel_err: max abs error / max abs reference), measured on this model: bf16 (bf16 weights and matmul
+    inputs, f32 activations) at most 0.022 per site and at most 1.41x HF bf16's own error at the same site (which also
+    rounds every activation): bound 2x HF bf16's error and 0.05. int8 (int8 weight blocks and int8 activations at the
+    matmuls; with or without bf16): at most 0.037 in layer 0 and 0.135 later (errors compound over the layers of
+    random width-64 weights, test_model_hf.test_quantized_weights_against_hf): bounds 0.06 and 0.25. A capture of
+    the wrong tensor or layer, or a garbled one, is off by ~1."""
+    hf, path = hf_models["mqa_scaled_softcap"]
+    ids, ref16 = hf16_reference
+    kw = {"bfloat16": dict(dtype="bfloat16"), "int8": dict(weights="int8"),
+          "int8+bfloat16": dict(weights="int8", dtype="bfloat16")}[mode]
+    model = gl.load(path, **kw)
+    assert (model.dtype, model.weights) == (kw.get("dtype", "float32"), kw.get("weights", "native"))
+    ref, _ = hf_activations(hf, ids)
+    _, cache = model.run_with_cache(ids, names_filter=FAST_MODE_SITES)
+    assert list(cache) == FAST_MODE_SITES
+    for n in FAST_MODE_SITES:
+        ours = cache[n]
+        assert ours.shape == ref[n].shape and ours.dtype == np.float32, n
+        err = rel_err(ours, ref[n])
+        if mode == "bfloat16":
+            assert err <= min(2 * rel_err(ref16[n], ref[n]), 0.05), (n, err, rel_err(ref16[n], ref[n]))
+        else:
+            assert err <= (0.06 if n == "hook_embed" or n.startswith("blocks.0.") else 0.25), (n, err)
+    for i in (0, 3, 6):  # attention patterns stay distributions
+        np.testing.assert_allclose(cache[f"blocks.{i}.attn.hook_pattern"].sum(-1), 1.0, rtol=0, atol=1e-5)

@@ -33,6 +33,36 @@ def test_layer_types_cover_both_kinds(hf_models):
     assert cfg.query_pre_attn_scalar == 20 and cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size
 
 
+@pytest.mark.parametrize("name", ["mqa_scaled_softcap", "gqa2"])
+def test_unembed_with_final_softcapping_matches_hf(hf_models, name):
+    """model.unembed (final norm, tied unembedding, final logit soft-capping when the config sets it) on arbitrary
+    residual vectors, against HF's own modules: softcap * tanh(lm_head(norm(x)) / softcap). The vectors are scaled so
+    that the uncapped logits run past the cap (a skipped or misplaced cap is off by far more than the bound)."""
+    hf, path = hf_models[name]
+    model = gl.load(path)
+    cap = hf.config.final_logit_softcapping
+    assert cap == (5.0 if name == "mqa_scaled_softcap" else None)
+    # Rows along E[t] * (1 + w_final_norm): the residual directions that give token t its largest logit (any length:
+    # the norm removes it), plus noise; scaled randomly.
+    rng = np.random.default_rng(2)
+    E = hf.model.embed_tokens.weight.detach().numpy()
+    g = 1.0 + hf.model.norm.weight.detach().numpy()
+    x = E[rng.integers(0, E.shape[0], 12)] * g + 0.02 * rng.standard_normal((12, E.shape[1]))
+    x = (x * rng.uniform(0.5, 50, (12, 1))).reshape(3, 4, -1).astype(np.float32)
+    with torch.no_grad():
+        raw = hf.lm_head(hf.model.norm(torch.as_tensor(x))).numpy()
+    ref = raw if cap is None else cap * np.tanh(raw / cap)
+    ours = model.unembed(x)
+    assert ours.shape == (3, 4, hf.config.vocab_size) and ours.dtype == np.float32
+    assert rel_err(ours, ref) <= 1e-5
+    if cap is not None:
+        assert np.abs(raw).max() > 1.5 * cap and np.abs(ours).max() < cap
+    # the last residual of a forward unembeds to that forward's logits
+    ids = np.arange(2, 15)
+    logits, cache = model.run_with_cache(ids, names_filter=f"blocks.{hf.config.num_hidden_layers - 1}.hook_resid_post")
+    assert rel_err(model.unembed(cache[f"blocks.{hf.config.num_hidden_layers - 1}.hook_resid_post"]), logits) <= 1e-6
+
+
 @pytest.mark.parametrize("name", ["mqa_scaled_softcap", "gqa4_hd24"])
 def test_bf16_against_hf_bf16(hf_models, name, tmp_path):
     hf, path = hf_models[name]

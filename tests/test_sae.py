@@ -211,3 +211,119 @@ def test_mismatches_raise(small, tmp_path):
     with pytest.raises(ValueError, match="neither"):
         gl.SAE.load(str(tmp_path))
     assert small.forward([1, 2, 3]).shape == (1, 3, 320)
+
+
+def _saelens_sae(arch, d_in, d_sae, seed, **cfg):
+    """A sae_lens SAE object with random parameters (thresholds around the pre-activations' scale)."""
+    import sae_lens
+    import torch
+    from sae_lens.saes.sae import SAEMetadata
+
+    classes = {"jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+               "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
+               "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig)}
+    sae_cls, cfg_cls = classes[arch]
+    meta = SAEMetadata(hook_name=cfg.pop("hook_name"), model_name="gemma-3-270m")
+    sae = sae_cls(cfg_cls(d_in=d_in, d_sae=d_sae, metadata=meta, **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.2 if name != "threshold" else 0.3))
+            if name == "threshold":
+                p.abs_()
+    return sae
+
+
+@pytest.mark.parametrize("arch,cfg", [
+    ("jumprelu", dict(apply_b_dec_to_input=False)),
+    ("jumprelu", dict(apply_b_dec_to_input=True)),
+    ("standard", dict(apply_b_dec_to_input=True)),
+    ("topk", dict(k=9)),
+    ("topk", dict(k=9, rescale_acts_by_decoder_norm=True, apply_b_dec_to_input=True)),
+    ("standard", dict(reshape_activations="hook_z", hook_name="blocks.1.attn.hook_z")),
+], ids=["jumprelu", "jumprelu_b_dec_in", "standard", "topk", "topk_rescaled", "hook_z"])
+def test_folder_written_by_sae_lens(tmp_path, arch, cfg):
+    """A folder written by sae_lens itself (SAE.save_model: its cfg.json, with the hook in its metadata, and
+    sae_weights.safetensors) loads, and encodes / decodes as sae_lens does."""
+    import torch
+
+    cfg = dict(cfg)
+    cfg.setdefault("hook_name", "blocks.2.hook_resid_post")
+    hook = cfg["hook_name"]
+    theirs = _saelens_sae(arch, 64, 200, seed=len(tmp_path.name), **cfg).eval()
+    d = str(tmp_path / "saved")
+    theirs.save_model(d)
+    saved = json.load(open(os.path.join(d, "cfg.json")))
+    assert saved["architecture"] == arch and saved["metadata"]["hook_name"] == hook and "hook_name" not in saved
+    ours = gl.SAE.load(d)
+    assert ours.hook_name == hook and ours.architecture == {"standard": "relu"}.get(arch, arch)
+    x = np.random.default_rng(6).standard_normal((3, 7, 64)).astype(np.float32)
+    with torch.no_grad():
+        xt = torch.as_tensor(x)
+        if hook.endswith("hook_z"):  # sae_lens reads hook_z as [..., heads, d_head] and flattens it
+            xt = xt.reshape(3, 7, 4, 16)
+        ta = theirs.encode(xt).numpy()
+        tr = theirs.decode(torch.as_tensor(ta)).reshape(3, 7, 64).numpy()
+    acts = ours.encode(x)
+    assert (acts > 0).sum() >= 30 and (acts == 0).sum() >= 30  # a live, sparse code
+    np.testing.assert_array_equal(acts > 0, ta > 0)
+    np.testing.assert_allclose(acts, ta, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours.decode(ta), tr, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours(x), tr, rtol=1e-4, atol=1e-4)
+
+
+def test_saelens_head_sae_refused(tmp_path):
+    p = random_sae(np.random.default_rng(7), 64, 40)
+    d = save_saelens(str(tmp_path / "h"), p, "blocks.1.attn.hook_z")
+    cfg = json.load(open(os.path.join(d, "cfg.json")))
+    cfg["metadata"]["hook_head_index"] = 2
+    json.dump(cfg, open(os.path.join(d, "cfg.json"), "w"))
+    with pytest.raises(ValueError, match="hook_head_index=2"):
+        gl.SAE.load(d)
+
+
+def test_gemma_scope_2_affine_transcoder_orientation_against_saelens(tmp_path, monkeypatch):
+    """A Gemma Scope 2 affine ("skip") transcoder folder (square: d_in = d_out, so a transposed affine_skip_connection
+    would still fit), loaded by SAELens's own Gemma Scope 2 loader (SAE.from_pretrained of the
+    gemma-scope-2-270m-pt-transcoders release, conversion_func gemma_3, which stores W_skip = affine_skip_connection.T
+    and computes x @ W_skip.T), served from this folder instead of the hub. gemmalens's transcoder gives SAELens's
+    output; with the skip matrix transposed it would not."""
+    import sae_lens
+    import torch
+    from safetensors import safe_open
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    release, sae_id = "gemma-scope-2-270m-pt-transcoders", "transcoder/layer_9_width_16k_l0_small_affine"
+    rng = np.random.default_rng(8)
+    p = random_sae(rng, 64, 150, skip=True)
+    p["W_skip"] = (rng.standard_normal((64, 64)) * 0.3).astype(np.float32)  # far from symmetric
+    repo = tmp_path / "repo"
+    folder = save_gemma_scope(str(repo / sae_id), p, "model.layers.9.pre_feedforward_layernorm.output",
+                              "model.layers.9.post_feedforward_layernorm.output")
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    cfg["affine_connection"] = True  # as the released affine transcoders' config.json says
+    json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
+
+    def local_download(repo_id, filename, subfolder=None, **kw):
+        return str(repo / (subfolder or "") / filename)
+
+    def local_shapes(repo_id, filename):
+        with safe_open(str(repo / filename), "np") as f:
+            return {n: list(f.get_slice(n).get_shape()) for n in f.keys()}
+
+    monkeypatch.setattr(loaders, "hf_hub_download", local_download)
+    monkeypatch.setattr(loaders, "get_safetensors_tensor_shapes", local_shapes)
+    theirs = sae_lens.SAE.from_pretrained(release, sae_id, device="cpu")
+    assert type(theirs).__name__ == "JumpReLUSkipTranscoder"
+    np.testing.assert_array_equal(theirs.W_skip.detach().numpy(), p["W_skip"].T)
+    ours = gl.SAE.load(folder)
+    assert ours.is_transcoder and ours.W_skip is not None
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = theirs(torch.as_tensor(x)).numpy()
+        ta = theirs.encode(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(ours.encode(x), ta, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours(x), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours.decode(ta, x), ref, rtol=1e-4, atol=1e-4)
+    flipped = ref - x @ p["W_skip"] + x @ p["W_skip"].T  # what a transposed skip matrix would give
+    assert np.abs(flipped - ref).max() > 100 * np.abs(ours(x) - ref).max()

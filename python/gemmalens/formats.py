@@ -123,6 +123,8 @@ _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16, "BFloat16Storage": "bf16",
     "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16, "CharStorage": np.int8,
     "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    # gemma_pytorch's RoPE tables (freqs_cis, local_freqs_cis, global_freqs_cis) are persistent complex64 buffers
+    "ComplexFloatStorage": np.complex64, "ComplexDoubleStorage": np.complex128,
 }
 
 
@@ -289,8 +291,18 @@ def read_torch_zip(path):
             raise CheckpointError(f"'{path}': the checkpoint's pickle is corrupt ({type(e).__name__}: {str(e)[:200]})") from None
 
 
+# What a published gemma_pytorch state dict holds besides the text model's weights (gemma/model.py and
+# gemma/gemma3_model.py of google/gemma_pytorch): the RoPE tables, registered as persistent buffers (complex64,
+# [2 * max_seq_len, head_dim / 2]; gemmalens computes RoPE from the config), and in the multimodal models (4b, 12b,
+# 27b: Gemma3ForMultimodalLM) the SigLIP vision tower and its projection into the text model. The multimodal models
+# name the token embedding text_token_embedder, the text-only ones embedder.
+_GEMMA_PYTORCH_ROPE_BUFFERS = ("freqs_cis", "local_freqs_cis", "global_freqs_cis")
+_GEMMA_PYTORCH_VISION = ("siglip_vision_model.", "mm_soft_embedding_norm.", "mm_input_projection.")
+
+
 def gemma_pytorch_arrays(state, cfg_like=None):
-    """gemma_pytorch names -> HF names; the fused qkv_proj is split [q | k | v]."""
+    """gemma_pytorch names -> HF names; the fused qkv_proj is split [q | k | v]; RoPE buffers and the vision tower
+    are left out."""
     if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
@@ -302,11 +314,17 @@ def gemma_pytorch_arrays(state, cfg_like=None):
         raise CheckpointError("not a gemma_pytorch Gemma 3 state dict (no model.layers.0.self_attn.query_norm / o_proj)")
     if hd.ndim != 1 or hd.shape[0] == 0 or o.ndim != 2 or o.shape[1] % hd.shape[0] != 0:
         raise CheckpointError(f"gemma_pytorch state dict: query_norm {hd.shape} and o_proj {o.shape} do not give a head size")
+    if "embedder.weight" in state and "text_token_embedder.weight" in state:
+        raise CheckpointError("gemma_pytorch state dict has both 'embedder.weight' and 'text_token_embedder.weight'")
     Hd = hd.shape[0]
     H = o.shape[1] // Hd
     for name, a in state.items():
+        if name in _GEMMA_PYTORCH_ROPE_BUFFERS or name.startswith(_GEMMA_PYTORCH_VISION):
+            continue
+        if np.iscomplexobj(a):
+            raise CheckpointError(f"gemma_pytorch state dict: '{name}' is a complex tensor where a weight belongs")
         a = np.asarray(a, dtype=np.float32)
-        if name == "embedder.weight":
+        if name in ("embedder.weight", "text_token_embedder.weight"):
             out["model.embed_tokens.weight"] = a
         elif name.endswith("self_attn.qkv_proj.weight"):
             p = name[: -len("qkv_proj.weight")]

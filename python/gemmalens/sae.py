@@ -157,8 +157,19 @@ class SAE:
         hook = cfg.get("hook_name") or cfg.get("metadata", {}).get("hook_name")
         if not hook:
             raise ValueError("SAELens cfg.json has no hook_name")
+        head = cfg.get("hook_head_index", cfg.get("metadata", {}).get("hook_head_index"))
+        if head is not None:
+            raise ValueError(f"SAELens cfg hook_head_index={head}: an SAE on one attention head is not supported")
         k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k", 0)
-        sae = cls(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], threshold=t["threshold"], architecture=arch, k=k,
+        W_enc, b_enc, W_dec = t["W_enc"], t["b_enc"], t["W_dec"]
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            # SAELens TopKSAE: encode multiplies the pre-activations by ||W_dec[f]|| before the top-k, decode divides
+            # the activations by it. Folded in: encoder columns and bias scaled, decoder rows normalised (the same
+            # activations and reconstructions).
+            n = np.linalg.norm(W_dec.astype(np.float64), axis=1)
+            n = np.where(n > 0, n, 1.0)
+            W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
+        sae = cls(W_enc, b_enc, W_dec, t["b_dec"], threshold=t["threshold"], architecture=arch, k=k,
                   apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", False), hook_name=hook,
                   model_name=cfg.get("model_name") or cfg.get("metadata", {}).get("model_name"), dtype=dtype, cfg=cfg)
         sae._flatten = hook.endswith("attn.hook_z")

@@ -37,7 +37,7 @@ class Tokenizer:
             self.path = path
         # The checkpoint's own chat template (Jinja text from tokenizer_config.json / chat_template.jinja, or GGUF
         # tokenizer.chat_template), set by gl.load; None when it carries none, as base (pretrained) models do.
-        # apply_chat_template always writes Gemma's turn format.
+        # apply_chat_template always writes Gemma 3's turn format (what the official template renders).
         self.chat_template = None
         sp = self._sp
         self.vocab_size = sp.GetPieceSize()
@@ -112,29 +112,45 @@ class Tokenizer:
         return self._sp.PieceToId(piece)
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
-        """Gemma's turn format: ``<bos><start_of_turn>user\\n{msg}<end_of_turn>\\n<start_of_turn>model\\n``.
+        """Gemma 3's turn format: ``<bos><start_of_turn>user\n{msg}<end_of_turn>\n<start_of_turn>model\n``.
 
-        messages: [{"role": "system" | "user" | "assistant" | "model", "content": str}, ...]; a system
-        message is folded into the first user turn (as Gemma 3's template does). Returns the text, or
-        token ids with tokenize=True.
+        messages: [{"role": "system" | "user" | "assistant" | "model", "content": str or [{"type": "text", "text":
+        str}, ...]}, ...]. Renders what the chat template of Google's instruction-tuned Gemma 3 checkpoints renders
+        (HF transformers' models/gemma3/convert_gemma3_weights.py, _CHAT_TEMPLATE; tests/test_chat.py compares the
+        two token for token): each turn's text is stripped (each text item of a list, separately); a leading system
+        message is folded into the first user turn as written (unstripped) + "\n\n" (of a list, its first item's
+        text). Returns the text, or token ids with tokenize=True.
         """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
 
+        def items(c):
+            if not isinstance(c, (list, tuple)) or not all(isinstance(item, dict) for item in c):
+                raise ValueError(f"message content must be a string or a list of {{'type': 'text', 'text': ...}} "
+                                 f"dicts, got {type(c).__name__}")
+            for item in c:
+                if item.get("type") == "image":
+                    raise ValueError("image content is not supported: gemmalens runs Gemma 3's text model")
+                if item.get("type") == "text" and not isinstance(item.get("text"), str):
+                    raise ValueError(f"a text item's 'text' must be a string, got {item.get('text')!r}")
+            return [item["text"] for item in c if item.get("type") == "text"]
+
         def content(m):
             c = m.get("content", "")
-            if isinstance(c, list):  # [{"type": "text", "text": ...}]
-                c = "".join(item.get("text", "") for item in c if item.get("type") == "text")
-            if not isinstance(c, str):
-                raise ValueError(f"message content must be a string, got {type(c).__name__}")
-            return c.strip()
+            return c.strip() if isinstance(c, str) else "".join(t.strip() for t in items(c))
 
         for m in messages:
             if not isinstance(m, dict) or "role" not in m:
                 raise ValueError(f"each message needs a 'role' and 'content', got {m!r}")
         prefix = ""
         if messages[0]["role"] == "system":
-            prefix = content(messages[0]) + "\n\n"
+            c = messages[0].get("content", "")
+            if not isinstance(c, str):
+                texts = items(c)
+                if not texts:
+                    raise ValueError("a system message given as a list needs a text item")
+                c = texts[0]
+            prefix = c + "\n\n"
             messages = messages[1:]
         bos = self._sp.IdToPiece(self.bos_id) if self.bos_id >= 0 else ""
         text = bos

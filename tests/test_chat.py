@@ -225,3 +225,16 @@ def test_chat_rendering_against_the_template_a_gguf_carries(it_gguf):
     # the turn markers are single tokens of the real vocabulary
     ids = tok.apply_chat_template([U("Hello!")], tokenize=True)
     assert ids[:2] == [tok.bos_id, tok.start_of_turn_id] and ids.count(tok.end_of_turn_id) == 1
+
+
+def test_text_generation_never_samples_ids_the_tokenizer_lacks(chat_dirs):
+    """448 embedding rows, 420 tokenizer pieces (as HF's 4b+ checkpoints: 262208 rows, 262144 pieces): text out
+    samples only decodable ids; ids out keep every row, as HF's generate does."""
+    model = gl.load(str(chat_dirs / "base"), progress=False)
+    assert len(model.tokenizer) < model.config.vocab_size
+    for seed in range(6):
+        text = model.generate("the cat", max_new_tokens=24, temperature=3.0, seed=seed)
+        assert isinstance(text, str)
+    ids = model.tokenizer.encode("the cat")
+    outs = [model.generate(ids, max_new_tokens=24, temperature=3.0, seed=s) for s in range(6)]
+    assert max(max(o) for o in outs) >= len(model.tokenizer)  # the untrained rows do get sampled in ids mode

@@ -137,6 +137,9 @@ def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
     texts = [None] * B
     done = [False] * B
     tok = model.tokenizer
+    # Text out needs ids the tokenizer can decode: a model may have more embedding rows than tokenizer pieces (HF's
+    # 4b/12b/27b: 262208 rows, 262144 pieces); those rows are never sampled then. Ids out keep every row, as HF.
+    n_text = len(tok) if tok is not None and (req.text or stop_strs) else None
 
     def update_text(b):
         if req.text or stop_strs:
@@ -159,7 +162,11 @@ def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
             if done[b]:
                 nxt[b, 0] = new[b][-1] if new[b] else req.ids[b][-1]
                 continue
-            t = params.sample(logits[b], seen=req.ids[b] + new[b])
+            row = logits[b]
+            if n_text is not None and n_text < row.shape[-1]:
+                row = row.copy()
+                row[n_text:] = -np.inf
+            t = params.sample(row, seen=req.ids[b] + new[b])
             nxt[b, 0] = t
             if t in stop_ids:
                 done[b] = True

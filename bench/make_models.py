@@ -38,6 +38,9 @@ def _weight_specs(cfg):
             yield p + n + ".weight", (D,), 0.1
 
 
+_CHUNK = 1 << 29  # elements: tensors above this (2 GB in f32) are drawn in blocks of rows
+
+
 def make(size, out_dir, seed=0):
     """Write out_dir/model.safetensors (BF16) and config.json for a preset size ("270m", "1b", ...).
 
@@ -64,7 +67,15 @@ def make(size, out_dir, seed=0):
         f.write(len(h).to_bytes(8, "little"))
         f.write(h)
         for name, shape, std in specs:
-            f.write(_bf16_bytes(rng.standard_normal(shape, dtype=np.float32) * std).tobytes())
+            if int(np.prod(shape)) <= _CHUNK:
+                f.write(_bf16_bytes(rng.standard_normal(shape, dtype=np.float32) * std).tobytes())
+                continue
+            # 4b and up: the embedding (and 27b's matmuls) drawn a block of rows at a time, so that a 54 GB
+            # checkpoint is written in a few GB of memory
+            rows = max(1, _CHUNK // int(np.prod(shape[1:])))
+            for r0 in range(0, shape[0], rows):
+                n = min(rows, shape[0] - r0)
+                f.write(_bf16_bytes(rng.standard_normal((n,) + tuple(shape[1:]), dtype=np.float32) * std).tobytes())
     cfg.save_pretrained(out_dir)
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     return out_dir

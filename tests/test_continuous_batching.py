@@ -169,3 +169,29 @@ def test_cache_row_errors(hf_models):
         big.place_row(1, big, 0)
     big.truncate(0)
     assert all(big.row_valid(r) for r in range(3))
+
+
+def test_a_row_reused_after_non_finite_values_is_clean(hf_models):
+    """A sequence whose steering blew its activations up (inf / NaN keys and values) leaves garbage in its row's slots;
+    the next sequence placed in that row never sees it, also where the attention gathers slots for another, longer
+    row of the batch."""
+    model = gl.load(hf_models["gqa2"][1])
+    rng = np.random.default_rng(3)
+    long_p, short_p, bad_p = (rng.integers(4, 300, n).tolist() for n in (4, 3, 10))
+    D = model.config.hidden_size
+    boom = [("blocks.0.hook_resid_pre", gl.interventions.add(np.full(D, 1e38, np.float32), scale=1e3))]
+    want = alone(model, short_p)
+    b = Batch(model, rows=2, cap=64)
+    b.join("bad", 1, bad_p, boom)
+    b.join("long", 0, long_p)  # row 0 starts later than row 1's garbage
+    b.step()
+    assert not np.isfinite(b.active[1][2][-1]).all()  # the blown-up sequence's logits
+    b.leave(1)
+    for _ in range(4):
+        b.step()              # row 0 grows; its sequence now starts before the next one's
+    b.join("short", 1, short_p)
+    while len(b.active[1][1]) < N:
+        b.step()
+    _, toks, lgs = b.leave(1)
+    assert np.isfinite(lgs).all()
+    np.testing.assert_array_equal(lgs, want[1])

@@ -456,3 +456,43 @@ def test_load_mixed_requests_from_16_clients(env):
     assert h["errors"] == 0 and h["running"] == 0 and h["waiting"] == 0 and h["peak_running"] >= 4
     assert rss1 - rss0 < 50 << 20, (rss0, rss1)
     print(f"load: 200 requests in {elapsed:.1f} s; server RSS {rss0 / 1e6:.0f} -> {rss1 / 1e6:.0f} MB")
+
+
+def test_engine_never_samples_ids_past_the_tokenizer(spm_dir, tmp_path):  # noqa: F811
+    """A model with more embedding rows than tokenizer pieces (HF's 4b+ checkpoints): the engine, which always returns
+    text, samples as generate does with text out (those rows never), here where they would otherwise win every step."""
+    import threading
+
+    from conftest import build_hf
+    from safetensors.numpy import load_file, save_file
+
+    from gemmalens.serve.engine import Engine, GenerationRequest
+
+    tok = gl.Tokenizer(str(spm_dir / "tokenizer.model"))
+    d = tmp_path / "padded"
+    build_hf(str(d), seed=5, vocab_size=len(tok) + 16)
+    shutil.copy(spm_dir / "tokenizer.model", d / "tokenizer.model")
+    t = load_file(str(d / "model.safetensors"))
+    t["model.embed_tokens.weight"][len(tok):] *= 50.0  # the padding rows dominate the tied logits
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    model = gl.load(str(d))
+    ids = tok.encode("the cat sat")
+    assert int(model.next_token_logits(ids)[0].argmax()) >= len(tok)
+    want = model.generate("the cat sat", max_new_tokens=8, ignore_eos=True)
+    events, done = [], threading.Event()
+
+    def emit(ev):
+        events.append(ev)
+        if ev["type"] in ("done", "error"):
+            done.set()
+
+    eng = Engine(model, max_batch=2, max_seq_len=64)
+    try:
+        eng.submit(GenerationRequest([ids], 1, 8, dict(temperature=0.0), None, set(), [], [], None, emit))
+        assert done.wait(60), events
+    finally:
+        eng.close()
+    assert events[-1]["type"] == "done"
+    text = "".join(ev["text"] for ev in events if ev["type"] == "delta")
+    assert text == want
+    assert all(i < len(tok) for ev in events if "token_ids" in ev for i in ev["token_ids"])

@@ -307,7 +307,13 @@ class Engine:
     def _accept(self, s, logits):
         """One sampled token for sequence s, as generation._run does it; hands out what can be said."""
         req, tok = s.req, self.model.tokenizer
-        t = s.params.sample(logits, seen=s.prompt + s.new)
+        row = logits
+        if self._vocab < row.shape[-1]:
+            # text out, as generate's: rows past the tokenizer's pieces (HF's 4b+ checkpoints pad the embedding) have
+            # no text and are never sampled
+            row = row.copy()
+            row[self._vocab:] = -np.inf
+        t = s.params.sample(row, seen=s.prompt + s.new)
         s.sampled.append(t)
         if t in req.stop_ids:
             s.finish = "stop"
@@ -315,8 +321,7 @@ class Engine:
             s.new.append(t)
             if req.logprobs is not None:
                 s.pending.append(_logprob_entry(logits, t, req.logprobs))
-            # ids past the tokenizer's vocabulary (checkpoints pad the embedding beyond it) have no text
-            s.text = tok.decode([i for i in s.new if i < self._vocab], skip_special_tokens=True)
+            s.text = tok.decode(s.new, skip_special_tokens=True)
             for stop in req.stop_strs:
                 k = s.text.find(stop)
                 if k >= 0:

@@ -242,6 +242,8 @@ def test_features_equal_sae_encode(env):
 BAD = [
     ("/v1/completions", b"{not json", None),
     ("/v1/completions", b"[1, 2]", None),
+    ("/v1/completions", b"[" * 30000 + b"]" * 30000, None),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', "temperature"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, "max_tokens"),

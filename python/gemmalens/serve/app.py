@@ -72,6 +72,8 @@ async def _read_json(request, limit):
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ApiError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError("the request body nests JSON too deeply") from None
 
 
 def _token_str(tok, t):

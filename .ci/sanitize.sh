@@ -234,7 +234,7 @@ if ((rc != 0)); then
   exit "$rc"
 fi
 
-TESTS=(tests/test_formats.py tests/test_errors.py tests/test_api_errors.py tests/test_cache.py tests/test_ops.py
+TESTS=(tests/test_formats.py tests/test_errors.py tests/test_api_errors.py tests/test_cache.py tests/test_continuous_batching.py tests/test_ops.py
        tests/test_gguf.py tests/test_config.py tests/test_sae.py tests/test_grad.py tests/test_grad_hooks.py tests/test_attribution_eap.py tests/test_metrics.py)
 if [[ -f tests/test_fuzz.py ]]; then TESTS+=(tests/test_fuzz.py); fi
 

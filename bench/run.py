@@ -3,13 +3,15 @@
     python bench/run.py                        # full: 270m and 1b shapes
     python bench/run.py --quick                # 270m only (the gradient table: 270m and 1b), fewer repeats
     python bench/run.py --quick --only grad    # measure and rewrite one table (or several: --only hooks,grad)
+    python bench/run.py --only serve           # gemmalens serve beside llama.cpp's server (bench/serve_load.py)
 
 Writes the tables to bench/README.md (between the BENCH markers; each table between its own bench:NAME markers, so
 --only replaces just those and stamps them with their own date and command) with the date and machine.
 Random-weight checkpoints of the real shapes are generated once under bench/_work/ (git-ignored).
 Peers: HF transformers (torch 2.13 CPU; default attention; prefill with `logits_to_keep=1`, as gemmalens'
 last-position mode; decode with `generate`), TransformerLens 4 (TransformerBridge loaded from the same checkpoint
-folder; its version is in the header), llama.cpp (llama-cpp-python). All at the same thread count.
+folder; its version is in the header), llama.cpp (llama-cpp-python; for the serving table its server,
+llama_cpp.server, from llama-cpp-python[server]). All at the same thread count.
 """
 import argparse
 import datetime
@@ -495,7 +497,7 @@ def bench_sae(path, threads, repeats, T=128, width=16384):
 
 
 # The tables, in the order they appear in bench/README.md; --only picks some of them.
-SECTIONS = ("prefill", "decode", "hooks", "grad", "llama", "scaling", "sae", "threads", "harvest")
+SECTIONS = ("prefill", "decode", "hooks", "grad", "llama", "scaling", "sae", "threads", "harvest", "serve")
 GRAD_SIZES = ("270m", "1b")  # the gradient table has both sizes with --quick too
 
 
@@ -803,6 +805,11 @@ def main():
         hv_sizes = args.sizes.split(",") if args.sizes else ["270m", "1b"]
         text["harvest"] = harvest_bench.section(harvest_bench.rows(hv_sizes, threads=args.threads, ckpt=ckpt),
                                                 args.threads)
+
+    if want("serve"):  # gemmalens serve beside llama.cpp's server, 1 / 4 / 8 concurrent streaming clients
+        import serve_load
+
+        text["serve"] = serve_load.section(*serve_load.rows(threads=args.threads, quick=args.quick))
 
     command = "python bench/run.py" + (" --quick" if args.quick else "") + (f" --only {','.join(only)}" if only else "")
     measured = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "

@@ -66,7 +66,7 @@ void bind_hooks(py::module_& m) {
       .def(
           "add_intervention",
           [](PyHookSet& hs, int site, int layer, const std::string& kind, py::object values, std::vector<int64_t> positions,
-             float scale, std::vector<int64_t> heads, bool mean) {
+             float scale, std::vector<int64_t> heads, bool mean, std::vector<int64_t> rows) {
             HookAction a;
             static const std::map<std::string, HookAction::Kind> kinds = {
                 {"add", HookAction::Add}, {"replace", HookAction::Replace}, {"scale", HookAction::Scale}, {"zero", HookAction::Zero},
@@ -84,15 +84,17 @@ void bind_hooks(py::module_& m) {
             a.scale = scale;
             a.heads = std::move(heads);
             a.mean = mean;
+            a.rows = std::move(rows);
             hs.at(site_from_int(site), layer).push_back(std::move(a));
           },
           py::arg("site"), py::arg("layer"), py::arg("kind"), py::arg("values") = py::none(), py::arg("positions") = std::vector<int64_t>{},
-          py::arg("scale") = 1.f, py::arg("heads") = std::vector<int64_t>{}, py::arg("mean") = false)
+          py::arg("scale") = 1.f, py::arg("heads") = std::vector<int64_t>{}, py::arg("mean") = false,
+          py::arg("rows") = std::vector<int64_t>{})
       .def(
           "add_ablate_features",
           [](PyHookSet& hs, int site, int layer, FloatArray enc,
              FloatArray b_enc, py::object threshold,
-             FloatArray dec, py::object b_dec, std::vector<int64_t> positions) {
+             FloatArray dec, py::object b_dec, std::vector<int64_t> positions, std::vector<int64_t> rows) {
             HookAction a;
             a.kind = HookAction::AblateFeatures;
             a.f_enc.assign(enc.data(), enc.data() + enc.size());
@@ -107,8 +109,11 @@ void bind_hooks(py::module_& m) {
               a.f_b_dec.assign(t.data(), t.data() + t.size());
             }
             a.positions = std::move(positions);
+            a.rows = std::move(rows);
             hs.at(site_from_int(site), layer).push_back(std::move(a));
-          })
+          },
+          py::arg("site"), py::arg("layer"), py::arg("enc"), py::arg("b_enc"), py::arg("threshold"), py::arg("dec"),
+          py::arg("b_dec"), py::arg("positions") = std::vector<int64_t>{}, py::arg("rows") = std::vector<int64_t>{})
       .def("take_captures",
            [](PyHookSet& hs) {
              // [(site, layer, array)] in registration order; arrays own their buffers (no copy).

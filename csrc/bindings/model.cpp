@@ -54,7 +54,18 @@ void bind_cache(py::module_& m) {
       .def_property_readonly("dtype", [](const KVCache& c) { return dtype_name(c.dtype()); })
       .def_property_readonly("row_start", &KVCache::row_start)
       .def("truncate", &KVCache::truncate, py::arg("n"))
-      .def("copy", [](const KVCache& c) { return c.copy(); });
+      .def("copy", [](const KVCache& c) { return c.copy(); })
+      .def(
+          "row_valid", [](const KVCache& c, int r) {
+            if (r < 0 || r >= c.batch()) throw ValueError("row_valid: row " + std::to_string(r) + " is out of range");
+            return c.row_valid(r);
+          },
+          py::arg("row"), "Whether the row holds every slot of its sequence (False once a pass with cache_rows left it out).")
+      .def("place_row", &KVCache::place_row, py::arg("row"), py::arg("src"), py::arg("src_row") = 0,
+           py::call_guard<py::gil_scoped_release>(),
+           "Copy row src_row of src (another cache of this model) into row `row`, its sequence ending at this seq_len.")
+      .def("shift", &KVCache::shift, py::arg("d"), py::call_guard<py::gil_scoped_release>(),
+           "Move every valid row's slots by d (row_start and seq_len with them).");
 }
 
 }  // namespace
@@ -141,7 +152,7 @@ void bind_model(py::module_& m) {
       .def(
           "forward",
           [](Gemma3Model& g, const py::array& tokens, const py::object& row_start, KVCache* cache, const std::string& logits,
-             PyHookSet* hooks, int stop_at_layer, bool allow_longer, GradTape* tape) {
+             PyHookSet* hooks, int stop_at_layer, bool allow_longer, GradTape* tape, const py::object& cache_rows) {
             const int32_t* tok = checked_ptr<int32_t>(tokens, "tokens", 2);
             const int B = static_cast<int>(tokens.shape(0)), T = static_cast<int>(tokens.shape(1));
             const int32_t* rs = nullptr;
@@ -151,8 +162,15 @@ void bind_model(py::module_& m) {
               rs = checked_ptr<int32_t>(rs_arr, "row_start", 1);
               if (rs_arr.shape(0) != B) throw ValueError("row_start must have one entry per row");
             }
+            py::array rows_arr;
+            const int32_t* rows = nullptr;
+            if (!cache_rows.is_none()) {
+              rows_arr = cache_rows.cast<py::array>();
+              rows = checked_ptr<int32_t>(rows_arr, "cache_rows", 1);
+              if (rows_arr.shape(0) != B) throw ValueError("cache_rows must have one entry per row");
+            }
             ForwardArgs a;
-            a.tokens = tok; a.B = B; a.T = T; a.row_start = rs; a.cache = cache;
+            a.tokens = tok; a.B = B; a.T = T; a.row_start = rs; a.cache = cache; a.cache_rows = rows;
             a.hooks = (hooks && !hooks->empty()) ? hooks : nullptr;
             a.stop_at_layer = stop_at_layer;
             a.allow_longer = allow_longer;
@@ -191,8 +209,9 @@ void bind_model(py::module_& m) {
           },
           py::arg("tokens"), py::arg("row_start") = py::none(), py::arg("cache") = nullptr, py::arg("logits") = "all",
           py::arg("hooks") = nullptr, py::arg("stop_at_layer") = -1, py::arg("allow_longer") = false, py::arg("tape") = nullptr,
+          py::arg("cache_rows") = py::none(),
           "tokens: int32 [batch, pos] C-contiguous; row_start: int32 [batch] left-padding counts or None; tape: keep "
-          "what backward() needs.")
+          "what backward() needs; cache_rows: int32 [batch], the cache row of each row (some of the cache's rows), or None.")
       .def(
           "backward",
           [](Gemma3Model& g, GradTape& tape, const py::array& dlogits, const py::object& logits, PyHookSet* grad_hooks,

@@ -64,13 +64,34 @@ std::vector<int32_t> Gemma3Model::validate(const ForwardArgs& a) const {
     if (!cache->made_for(c))
       throw ValueError("forward: the KV cache was made for another model (its layers, heads, head_dim or window differ); "
                        "make one with this model's new_cache()");
-    if (cache->batch() != B)
+    if (a.cache_rows) {
+      if (B > cache->batch())
+        throw ValueError("forward: " + std::to_string(B) + " rows but the cache has only " + std::to_string(cache->batch()));
+      std::vector<char> seen(cache->batch(), 0);
+      for (int b = 0; b < B; ++b) {
+        const int32_t r = a.cache_rows[b];
+        if (r < 0 || r >= cache->batch())
+          throw ValueError("forward: cache_rows[" + std::to_string(b) + "] = " + std::to_string(r) + " is out of range [0, " +
+                           std::to_string(cache->batch()) + ")");
+        if (seen[r]++) throw ValueError("forward: cache row " + std::to_string(r) + " appears twice in cache_rows");
+      }
+    } else if (cache->batch() != B) {
       throw ValueError("forward: the cache was made for batch " + std::to_string(cache->batch()) + ", input has batch " + std::to_string(B));
+    }
+    for (int b = 0; b < B; ++b) {
+      const int r = a.cache_rows ? a.cache_rows[b] : b;
+      if (!cache->row_valid(r))
+        throw ValueError("forward: cache row " + std::to_string(r) + " missed positions (a pass with cache_rows left it out); "
+                         "fill it with place_row() or truncate(0) the cache");
+    }
     if (cache->dtype() != dtype_) throw ValueError("forward: the cache dtype differs from the model dtype");
     if (past + T > cache->max_seq_len())
       throw ValueError("forward: " + std::to_string(past) + " cached + " + std::to_string(T) + " new positions exceed the cache's max_seq_len = " +
                        std::to_string(cache->max_seq_len()) + "; create a cache with a larger max_seq_len");
-    if (past > 0) row_start = cache->row_start();
+    if (past > 0)
+      for (int b = 0; b < B; ++b) row_start[b] = cache->row_start()[a.cache_rows ? a.cache_rows[b] : b];
+  } else if (a.cache_rows) {
+    throw ValueError("forward: cache_rows needs a cache");
   }
   if (a.row_start) {
     for (int b = 0; b < B; ++b) {
@@ -164,7 +185,7 @@ void Gemma3Model::forward(const ForwardArgs& a) {
     if (a.resid_out) std::memcpy(a.resid_out, p.x, sizeof(float) * p.M * D);
     return;
   }
-  if (a.cache) a.cache->commit(p.T, p.row_start);  // every layer ran: the new positions join the cache
+  if (a.cache) a.cache->commit(p.T, p.row_start, a.cache_rows);  // every layer ran: the new positions join the cache
   if (a.tape) {
     LayerTape::save(a.tape->resid[p.n_layers], p.x, p.M * D);
     a.tape->B = p.B;
@@ -212,7 +233,7 @@ void Gemma3Model::attention_block(int l, Pass& p) {
   attend(l, p);
   p.heads(Site::Z, l, p.z, H, H * Hd);
   p.interrupt();  // attention of a long prefill can take a while: check again
-  if (p.a.cache) p.a.cache->stage(l, p.k, p.v, p.T);
+  if (p.a.cache) p.a.cache->stage(l, p.k, p.v, p.T, p.a.cache_rows, p.B);
 
   L.o_proj.forward(p.z, M, p.out);
   if (p.keep) LayerTape::save(p.keep->attn_proj, p.out, M * D);
@@ -233,7 +254,7 @@ void Gemma3Model::attend(int l, Pass& p) {
   ops::AttentionArgs at;
   at.B = p.B; at.T = p.T; at.H = c.num_attention_heads; at.KV = c.num_key_value_heads; at.Hd = c.head_dim;
   at.q = p.q; at.k_new = p.k; at.v_new = p.v;
-  if (p.a.cache && p.past > 0) at.cache = p.a.cache->view(l);
+  if (p.a.cache && p.past > 0) at.cache = p.a.cache->view(l, p.a.cache_rows);
   at.past = p.past;
   at.row_start = p.row_start.data();
   at.window = c.is_sliding(l) ? c.sliding_window : 0;  // the window counts the current token

@@ -104,6 +104,9 @@ struct ForwardArgs {
   int B = 0, T = 0;
   const int32_t* row_start = nullptr;  // [B] left-padding count per row, or null (no padding)
   KVCache* cache = nullptr;            // appends when set; positions continue from cache->seq_len()
+  // [B] the cache row each row of the batch uses (some of the cache's rows: continuous batching); null: row b uses
+  // cache row b, and B equals the cache's batch.
+  const int32_t* cache_rows = nullptr;
   LogitsMode logits_mode = LogitsMode::All;
   float* logits = nullptr;             // [B, T, V] (All) or [B, V] (Last)
   HookSet* hooks = nullptr;            // hook actions to run at the sites (null: none)

@@ -95,6 +95,14 @@ std::vector<char> position_mask(const std::vector<int64_t>& positions, int64_t T
   return m;
 }
 
+// rows -> mask over the batch axis (out-of-range rows select nothing)
+std::vector<char> row_mask(const std::vector<int64_t>& rows, int64_t B) {
+  std::vector<char> m(B, rows.empty() ? 1 : 0);
+  for (auto r : rows)
+    if (r >= 0 && r < B) m[r] = 1;
+  return m;
+}
+
 // Product of the dims after the position axis (the "inner" vector a position holds, heads included).
 int64_t inner_size(const ActView& v) {
   int64_t n = 1;
@@ -110,7 +118,7 @@ int64_t inner_index(const ActView& v, const int64_t* idx) {
 // f(x) for every selected position's vector x[inner] of a [batch, pos, ...] view. Every view the forward pass
 // makes keeps a position's values contiguous (heads then d_head), which this checks.
 template <class F>
-void for_each_position(const ActView& v, const std::vector<char>& pmask, const char* what, F&& f) {
+void for_each_position(const ActView& v, const std::vector<char>& pmask, const std::vector<char>& bmask, const char* what, F&& f) {
   int64_t expect = 1;
   for (int d = static_cast<int>(v.shape.size()) - 1; d > v.pos_axis; --d) {
     if (v.strides[d] != expect || v.pos_axis != 1)
@@ -119,12 +127,14 @@ void for_each_position(const ActView& v, const std::vector<char>& pmask, const c
   }
   for (int64_t b = 0; b < v.shape[0]; ++b)
     for (int64_t t = 0; t < v.shape[1]; ++t)
-      if (pmask[t]) f(v.data + b * v.strides[0] + t * v.strides[1]);
+      if (pmask[t] && bmask[b]) f(v.data + b * v.strides[0] + t * v.strides[1]);
 }
 
 void apply(HookAction& a, const ActView& v) {
   const int64_t T = v.shape[v.pos_axis];
   const auto pmask = position_mask(a.positions, T);
+  const auto bmask = row_mask(a.rows, v.shape[0]);
+  auto sel = [&](const int64_t* idx) { return pmask[idx[v.pos_axis]] && bmask[idx[0]]; };  // this element is edited
   switch (a.kind) {
     case HookAction::Capture: {
       a.captured = std::shared_ptr<float[]>(new float[static_cast<size_t>(v.numel())]);
@@ -138,7 +148,7 @@ void apply(HookAction& a, const ActView& v) {
         throw ValueError("interventions.add: the vector has " + std::to_string(a.values.size()) + " values but the activation " +
                          shape_str(v.shape) + " holds " + std::to_string(inner) + " per position");
       v.for_each([&](float& x, const int64_t* idx) {
-        if (pmask[idx[v.pos_axis]]) x += a.scale * a.values[inner_index(v, idx)];
+        if (sel(idx)) x += a.scale * a.values[inner_index(v, idx)];
       });
       break;
     }
@@ -151,19 +161,19 @@ void apply(HookAction& a, const ActView& v) {
                          shape_str(v.shape));
       int64_t k = 0;
       v.for_each([&](float& x, const int64_t* idx) {
-        if (pmask[idx[v.pos_axis]]) x = a.values[full ? k : k % per_b];
+        if (sel(idx)) x = a.values[full ? k : k % per_b];
         ++k;
       });
       break;
     }
     case HookAction::Scale:
       v.for_each([&](float& x, const int64_t* idx) {
-        if (pmask[idx[v.pos_axis]]) x *= a.scale;
+        if (sel(idx)) x *= a.scale;
       });
       break;
     case HookAction::Zero:
       v.for_each([&](float& x, const int64_t* idx) {
-        if (pmask[idx[v.pos_axis]]) x = 0.f;
+        if (sel(idx)) x = 0.f;
       });
       break;
     case HookAction::AblateHeads: {
@@ -182,7 +192,7 @@ void apply(HookAction& a, const ActView& v) {
         int64_t cnt = 0;
         for (int64_t b = 0; b < v.shape[0]; ++b)
           for (int64_t t = 0; t < v.shape[1]; ++t) {
-            if (!pmask[t]) continue;
+            if (!pmask[t] || !bmask[b]) continue;
             ++cnt;
             for (int64_t h = 0; h < nh; ++h)
               for (int64_t d = 0; d < hd; ++d) mean[h * hd + d] += v.data[b * v.strides[0] + t * v.strides[1] + h * v.strides[2] + d * v.strides[3]];
@@ -190,7 +200,7 @@ void apply(HookAction& a, const ActView& v) {
         for (auto& m : mean) m /= std::max<int64_t>(cnt, 1);
       }
       v.for_each([&](float& x, const int64_t* idx) {
-        if (pmask[idx[1]] && hm[idx[2]]) x = static_cast<float>(mean[idx[2] * hd + idx[3]]);
+        if (sel(idx) && hm[idx[2]]) x = static_cast<float>(mean[idx[2] * hd + idx[3]]);
       });
       break;
     }
@@ -203,7 +213,7 @@ void apply(HookAction& a, const ActView& v) {
       for (float d : a.values) nn += static_cast<double>(d) * d;
       if (nn == 0) throw ValueError("interventions.project_out: the direction is zero");
       // x <- x - (x . d) d / |d|^2, per position
-      for_each_position(v, pmask, "interventions.project_out", [&](float* x) {
+      for_each_position(v, pmask, bmask, "interventions.project_out", [&](float* x) {
         double dot = 0;
         for (int64_t k = 0; k < inner; ++k) dot += static_cast<double>(x[k]) * a.values[k];
         const double c = dot / nn;
@@ -222,7 +232,7 @@ void apply(HookAction& a, const ActView& v) {
       std::vector<double> act(nf);
       a.f_on.assign(static_cast<size_t>(v.shape[0] * T * nf), 0);
       int64_t row = 0;
-      for_each_position(v, pmask, "interventions.ablate_features", [&](float* x) {
+      for_each_position(v, pmask, bmask, "interventions.ablate_features", [&](float* x) {
         for (int64_t f = 0; f < nf; ++f) {
           double pre = a.f_b_enc[f];
           for (int64_t j = 0; j < inner; ++j) pre += (static_cast<double>(x[j]) - (a.f_b_dec.empty() ? 0.0 : a.f_b_dec[j])) * a.f_enc[f * inner + j];
@@ -246,6 +256,8 @@ void apply(HookAction& a, const ActView& v) {
 void apply_vjp(const HookAction& a, const ActView& g) {
   const int64_t T = g.shape[g.pos_axis];
   const auto pmask = position_mask(a.positions, T);
+  const auto bmask = row_mask(a.rows, g.shape[0]);
+  auto sel = [&](const int64_t* idx) { return pmask[idx[g.pos_axis]] && bmask[idx[0]]; };
   switch (a.kind) {
     case HookAction::Capture:
     case HookAction::Add:  // x + c: identity
@@ -253,12 +265,12 @@ void apply_vjp(const HookAction& a, const ActView& g) {
     case HookAction::Replace:  // a constant where it applies
     case HookAction::Zero:
       g.for_each([&](float& x, const int64_t* idx) {
-        if (pmask[idx[g.pos_axis]]) x = 0.f;
+        if (sel(idx)) x = 0.f;
       });
       break;
     case HookAction::Scale:
       g.for_each([&](float& x, const int64_t* idx) {
-        if (pmask[idx[g.pos_axis]]) x *= a.scale;
+        if (sel(idx)) x *= a.scale;
       });
       break;
     case HookAction::AblateHeads: {
@@ -272,7 +284,7 @@ void apply_vjp(const HookAction& a, const ActView& g) {
       if (a.mean) {
         for (int64_t b = 0; b < g.shape[0]; ++b)
           for (int64_t t = 0; t < T; ++t) {
-            if (!pmask[t]) continue;
+            if (!pmask[t] || !bmask[b]) continue;
             ++cnt;
             for (int64_t h = 0; h < nh; ++h)
               if (hm[h])
@@ -280,7 +292,7 @@ void apply_vjp(const HookAction& a, const ActView& g) {
           }
       }
       g.for_each([&](float& x, const int64_t* idx) {
-        if (pmask[idx[1]] && hm[idx[2]]) x = a.mean ? static_cast<float>(sum[idx[2] * hd + idx[3]] / std::max<int64_t>(cnt, 1)) : 0.f;
+        if (sel(idx) && hm[idx[2]]) x = a.mean ? static_cast<float>(sum[idx[2] * hd + idx[3]] / std::max<int64_t>(cnt, 1)) : 0.f;
       });
       break;
     }
@@ -288,7 +300,7 @@ void apply_vjp(const HookAction& a, const ActView& g) {
       const int64_t inner = inner_size(g);
       double nn = 0;
       for (float d : a.values) nn += static_cast<double>(d) * d;
-      for_each_position(g, pmask, "interventions.project_out", [&](float* x) {
+      for_each_position(g, pmask, bmask, "interventions.project_out", [&](float* x) {
         double dot = 0;
         for (int64_t k = 0; k < inner; ++k) dot += static_cast<double>(x[k]) * a.values[k];
         for (int64_t k = 0; k < inner; ++k) x[k] = static_cast<float>(x[k] - dot / nn * a.values[k]);
@@ -301,7 +313,7 @@ void apply_vjp(const HookAction& a, const ActView& g) {
         throw InternalError("interventions.ablate_features: its VJP ran before its forward");
       int64_t row = 0;
       std::vector<double> gin(inner);
-      for_each_position(g, pmask, "interventions.ablate_features", [&](float* x) {
+      for_each_position(g, pmask, bmask, "interventions.ablate_features", [&](float* x) {
         for (int64_t j = 0; j < inner; ++j) gin[j] = x[j];
         for (int64_t f = 0; f < nf; ++f) {
           if (!a.f_on[row * nf + f]) continue;

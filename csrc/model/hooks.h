@@ -78,6 +78,7 @@ struct HookAction {
   std::vector<float> values;       // Add: [inner]; Replace: the activation (or [T, ...]); ProjectOut: direction
   std::vector<int64_t> values_shape;
   std::vector<int64_t> positions;  // indices on the position axis (negative from the end); empty = all
+  std::vector<int64_t> rows;       // indices on the batch axis it applies to; empty = all (one request of a batch)
   float scale = 1.f;
   std::vector<int64_t> heads;      // AblateHeads
   bool mean = false;               // AblateHeads: mean over batch and positions instead of zero

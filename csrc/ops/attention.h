@@ -15,16 +15,21 @@
 
 namespace gemmalens::ops {
 
-// One layer of a KV cache as the attention reads it: k and v [B, KV, cap, Hd] in `dtype`; slot s lives at
-// s % cap (a ring when cap is the sliding window, plain storage when cap = max_seq_len).
+// One layer of a KV cache as the attention reads it: k and v [rows, KV, cap, Hd] in `dtype`; slot s lives at
+// s % cap (a ring when cap is the sliding window, plain storage when cap = max_seq_len). Row b of a pass is the
+// cache's row rows[b] when `rows` is set (a pass over some of the cache's rows: continuous batching), else row b.
 struct KVRing {
   const void* k = nullptr;
   const void* v = nullptr;
   DType dtype = DType::F32;
   int KV = 0, Hd = 0;
   int64_t cap = 0;
+  const int32_t* rows = nullptr;  // [B] or null
   // Element offset of slot s of row b, KV head kvh: the ring rule, for readers and the cache's writer alike.
-  int64_t offset(int b, int kvh, int64_t s) const { return ((static_cast<int64_t>(b) * KV + kvh) * cap + s % cap) * Hd; }
+  int64_t offset(int b, int kvh, int64_t s) const {
+    const int64_t r = rows ? rows[b] : b;
+    return ((r * KV + kvh) * cap + s % cap) * Hd;
+  }
 };
 
 // q [B, T, H, Hd] (after q_norm + RoPE), k_new / v_new [B, T, KV, Hd] for the T new positions (slots past ..

@@ -222,4 +222,102 @@ TEST(kv_cache_attention) {
   }
 }
 
+namespace {
+
+// What cache row `row` of layer l holds at slot s, K (kv 0) or V (kv 1), head h, element d (a bf16 cache: rounded).
+float held(const KVCache& c, int l, int kv, int row, int64_t s, int h, int d) {
+  const ops::KVRing r = c.view(l);
+  const int64_t off = r.offset(row, h, s) + d;
+  const void* base = kv ? r.v : r.k;
+  return c.dtype() == DType::F32 ? static_cast<const float*>(base)[off] : bf16_to_f32(static_cast<const uint16_t*>(base)[off]);
+}
+
+// Cache row `row` holds, at slots [lo, seq_len) that its layers still hold, value(gen, l, kv, b, s - off, h, d): the
+// sequence of a pass's row b (written there with slot s - off).
+void check_row(const KVCache& c, int row, int64_t lo, int64_t off, int b, int gen_of_slot_lo, int gen_split, int gen_hi) {
+  int64_t bad = 0, first_bad = -1;
+  for (int l = 0; l < 2; ++l) {
+    const int64_t cap = c.view(l).cap;
+    for (int64_t s = std::max(lo, c.seq_len() - cap); s < c.seq_len(); ++s)
+      for (int kv = 0; kv < 2; ++kv)
+        for (int h = 0; h < kKV; ++h)
+          for (int d = 0; d < kHd; ++d) {
+            const int64_t src = s - off;
+            const float want = value(src < gen_split ? gen_of_slot_lo : gen_hi, l, kv, b, src, h, d);
+            if (held(c, l, kv, row, s, h, d) != (c.dtype() == DType::F32 ? want : round_bf16(want)) && bad++ == 0) first_bad = s;
+          }
+  }
+  if (bad) test::fail(__FILE__, __LINE__, test::str("cache row ", row, ": ", bad, " values differ, first at slot ", first_bad));
+}
+
+}  // namespace
+
+// A pass over some of the cache's rows (continuous batching): pass row b goes to cache row rows[b], the rows left
+// out stop being valid; row_start is recorded for the rows of the first pass.
+TEST(kv_cache_rows) {
+  for (DType dt : {DType::F32, DType::BF16}) {
+    INFO("cache dtype ", dtype_name(dt));
+    KVCache c(two_layers(kKV, kHd, kWindow), 3, kMaxSeq, dt);
+    const int32_t rows[2] = {2, 0};  // pass row 0 -> cache row 2, pass row 1 -> cache row 0
+    int64_t first = 0;
+    int gen = 0;
+    for (int64_t T : {3, 6}) {  // 9 slots: the 4-slot ring wrapped
+      ++gen;
+      for (int l = 0; l < 2; ++l) {
+        const std::vector<float> k = chunk(gen, l, 0, first, T), v = chunk(gen, l, 1, first, T);
+        c.stage(l, k.data(), v.data(), T, rows, 2);
+      }
+      c.commit(T, {0, 1}, rows);
+      first += T;
+    }
+    CHECK_EQ(c.seq_len(), 9);
+    CHECK(c.row_start() == (std::vector<int32_t>{1, 0, 0}));
+    CHECK(c.row_valid(0) && !c.row_valid(1) && c.row_valid(2));
+    check_row(c, 2, 0, 0, 0, 1, 3, 2);
+    check_row(c, 0, 1, 0, 1, 1, 3, 2);
+    const int32_t bad_rows[2] = {1, 1};
+    const std::vector<float> k = chunk(3, 0, 0, 9, 1);
+    CHECK_THROWS(c.stage(0, k.data(), k.data(), 1, bad_rows, 2), ValueError);
+  }
+}
+
+// place_row puts a sequence prefilled in its own cache into a row, ending at seq_len (its ring tail included);
+// shift moves every valid row's slots, both ways; the bounds are refused.
+TEST(kv_cache_place_row_shift) {
+  for (DType dt : {DType::F32, DType::BF16}) {
+    INFO("cache dtype ", dtype_name(dt));
+    KVCache src(two_layers(kKV, kHd, kWindow), kB, kMaxSeq, dt);
+    pass(src, 1, 3, true, 2, {0, 2});  // row 1 is left-padded by 2
+    pass(src, 2, 4, true);             // 7 slots; the ring holds 3..6
+    KVCache c(two_layers(kKV, kHd, kWindow), 3, kMaxSeq, dt);
+    CHECK_THROWS(c.place_row(0, src, 0), ValueError);  // src (7 slots) is longer than c's sequence (0)
+    c.shift(9);                                         // an empty cache: seq_len 9, no row holds anything yet
+    CHECK_EQ(c.seq_len(), 9);
+    c.place_row(1, src, 1);  // src slots [2, 7) -> [4, 9)
+    c.place_row(0, src, 0);  // src slots [0, 7) -> [2, 9)
+    CHECK(c.row_start() == (std::vector<int32_t>{2, 4, 9}));
+    check_row(c, 0, 2, 2, 0, 1, 3, 2);
+    check_row(c, 1, 4, 2, 1, 1, 3, 2);
+    c.shift(-2);  // give back the slots before row 0
+    CHECK_EQ(c.seq_len(), 7);
+    CHECK(c.row_start() == (std::vector<int32_t>{0, 2, 7}));
+    check_row(c, 0, 0, 0, 0, 1, 3, 2);
+    check_row(c, 1, 2, 0, 1, 1, 3, 2);
+    c.shift(5);   // room before every row (a longer sequence joins)
+    CHECK_EQ(c.seq_len(), 12);
+    CHECK(c.row_start() == (std::vector<int32_t>{5, 7, 12}));
+    check_row(c, 0, 5, 5, 0, 1, 3, 2);
+    check_row(c, 1, 7, 5, 1, 1, 3, 2);
+    CHECK_THROWS(c.shift(-6), ValueError);  // row 0 would start before slot 0
+    CHECK_THROWS(c.shift(5), ValueError);   // past max_seq_len
+    CHECK_THROWS(c.place_row(3, src, 0), ValueError);
+    CHECK_THROWS(c.place_row(0, src, 2), ValueError);
+    CHECK_THROWS(c.place_row(0, c, 0), ValueError);
+    KVCache other(two_layers(kKV, kHd, kWindow + 1), 1, kMaxSeq, dt);
+    CHECK_THROWS(c.place_row(2, other, 0), ValueError);
+    CHECK_EQ(c.seq_len(), 12);
+    check_row(c, 0, 5, 5, 0, 1, 3, 2);
+  }
+}
+
 }  // namespace gemmalens

@@ -1,4 +1,5 @@
-"""Command line: ``gemmalens generate [--model PATH] "prompt"`` (also ``python -m gemmalens``)."""
+"""Command line: ``gemmalens generate [--model PATH] "prompt"``, ``gemmalens harvest``, ``gemmalens serve``,
+``gemmalens client`` (also ``python -m gemmalens``)."""
 import argparse
 import os
 import sys
@@ -41,7 +42,66 @@ def _parser():
     g.add_argument("--verbose", action="store_true",
                    help="print the mode (dtype, weights, threads), load time and prefill/decode speed to stderr")
     _harvest_parser(sub)
+    _serve_parsers(sub)
     return p
+
+
+def _serve_parsers(sub):
+    s = sub.add_parser("serve", help="serve the model over HTTP: OpenAI's completion API, steering, activations, SAE "
+                                     "features (pip install 'gemmalens[serve]')",
+                       description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
+                                   "/health) with per-request steering, /v1/activations and /v1/features, for many "
+                                   "clients at once (continuous batching). Needs pip install 'gemmalens[serve]'. "
+                                   "See the README's 'Server' section for the JSON of the extensions.")
+    s.add_argument("--model", default="gemma3-270m", help="HF directory, .safetensors, .gguf, or 'gemma3-270m' (default)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="as for generate (default bfloat16)")
+    s.add_argument("--weights", default="auto", choices=["native", "auto", "int8", "int4"],
+                   help="as for generate (default auto)")
+    s.add_argument("--threads", type=int, default=None, help="worker threads (default: every core this process may use)")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8); more wait")
+    s.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + completion (default: min(the model's, 4096)); the batch KV cache holds "
+                        "2 x max-seq-len slots per row")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request but /health (default: the environment "
+                        "variable GEMMALENS_API_KEY, else none)")
+    s.add_argument("--sae", action="append", default=[], metavar="[NAME=]DIR",
+                   help="load an SAE / transcoder folder for /v1/features and {sae, feature} steering (repeatable; "
+                        "the name defaults to the folder's)")
+    s.add_argument("--max-body", type=int, default=16 << 20, help="largest request body in bytes (default 16 MiB; 413 past it)")
+    s.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: from --model)")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    c = sub.add_parser("client", help="stream a completion or chat answer from a running gemmalens serve",
+                       description="Stream a completion (--completion TEXT) or a chat answer (--chat TEXT) from a "
+                                   "gemmalens serve (or any OpenAI-compatible server) to the terminal.")
+    c.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--completion", metavar="TEXT", help="continue this text (/v1/completions)")
+    what.add_argument("--chat", metavar="TEXT", help="send this as a user message (/v1/chat/completions)")
+    c.add_argument("--max-tokens", type=int, default=128)
+    c.add_argument("--temperature", type=float, default=None, help="default: the server's (OpenAI: 1.0); 0 = greedy")
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--api-key", default=None, help="default: the environment variable GEMMALENS_API_KEY")
+
+
+def _serve(args):
+    from gemmalens import serve
+
+    serve.run(host=args.host, port=args.port, log_level=args.log_level, model=args.model, dtype=args.dtype,
+              weights=args.weights, threads=args.threads, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+              api_key=args.api_key or os.environ.get("GEMMALENS_API_KEY") or None,
+              saes=serve.parse_sae_args(args.sae), max_body=args.max_body, model_name=args.model_name)
+
+
+def _client(args):
+    from gemmalens.serve import client
+
+    client.run(args.url, completion=args.completion, chat=args.chat, max_tokens=args.max_tokens,
+               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+               api_key=args.api_key or os.environ.get("GEMMALENS_API_KEY") or None)
 
 
 def _harvest_parser(sub):
@@ -160,6 +220,10 @@ def main(argv=None):
             _generate(args)
         elif args.command == "harvest":
             _harvest(args)
+        elif args.command == "serve":
+            _serve(args)
+        elif args.command == "client":
+            _client(args)
     except KeyboardInterrupt:
         return 130
     except (OSError, ValueError, TypeError, RuntimeError, ImportError) as e:

@@ -3,6 +3,8 @@ Python call per site. Several at one site apply in order (they compose).
 
 >>> model.run_with_hooks(toks, fwd_hooks=[("blocks.6.hook_resid_post", gl.interventions.add(v, scale=4.0))])
 """
+import copy
+
 import numpy as np
 
 
@@ -22,12 +24,32 @@ class Intervention:
         self.scale = float(scale)
         self.heads = [int(h) for h in heads]
         self.mean = bool(mean)
+        self.rows = []  # batch rows it applies to; empty = all (for_rows)
+
+    def for_rows(self, rows):
+        """A copy that edits only these rows of the batch (one request among others: gemmalens serve's per-request
+        steering); the other rows run as if it were not there."""
+        rows = [rows] if isinstance(rows, (int, np.integer)) else list(rows)
+        if not rows or any(not isinstance(r, (int, np.integer)) or r < 0 for r in rows):
+            raise ValueError(f"for_rows: give one or more batch rows (ints >= 0), got {rows!r}")
+        out = copy.copy(self)
+        out.rows = [int(r) for r in rows]
+        return out
 
     def _register(self, hs, site, layer, hook):
         try:
-            hs.add_intervention(site, layer, self.kind, self.values, self.positions, self.scale, self.heads, self.mean)
+            hs.add_intervention(site, layer, self.kind, self.values, self.positions, self.scale, self.heads, self.mean,
+                                self.rows)
         except ValueError as e:
             raise ValueError(f"{hook.name}: {e}") from None
+
+    def _sel(self, a):
+        """The index of the batch rows and positions it edits in an array [batch, pos, ...]."""
+        rows = slice(None) if not self.rows else [r for r in self.rows if r < a.shape[0]]
+        pos = slice(None) if not self.positions else self.positions
+        if isinstance(rows, list) and not isinstance(pos, slice):
+            return np.ix_(rows, pos)
+        return rows, pos
 
     def __repr__(self):
         return f"gl.interventions.{self.kind}(...)"
@@ -35,16 +57,16 @@ class Intervention:
     def apply_numpy(self, a):
         """The same operation on a numpy array [batch, pos, ...] (used on SAE feature tensors)."""
         a = np.array(a, dtype=np.float32, copy=True)
-        sel = slice(None) if not self.positions else self.positions
+        sel = self._sel(a)
         if self.kind == "add":
-            a[:, sel] += self.scale * self.values.reshape(a.shape[2:])
+            a[sel] += self.scale * self.values.reshape(a.shape[2:])
         elif self.kind == "scale":
-            a[:, sel] *= self.scale
+            a[sel] *= self.scale
         elif self.kind == "zero":
-            a[:, sel] = 0
+            a[sel] = 0
         elif self.kind == "replace":
             v = np.broadcast_to(self.values.reshape(self.values.shape if self.values.ndim == a.ndim else a.shape[1:]), a.shape)
-            a[:, sel] = v[:, sel]
+            a[sel] = v[sel]
         else:
             raise ValueError(f"interventions.{self.kind} does not apply to SAE tensors")
         return a
@@ -52,11 +74,11 @@ class Intervention:
     def vjp_numpy(self, g):
         """The VJP of apply_numpy: the gradient at its output -> at its input."""
         g = np.array(g, dtype=np.float32, copy=True)
-        sel = slice(None) if not self.positions else self.positions
+        sel = self._sel(g)
         if self.kind == "scale":
-            g[:, sel] *= self.scale
+            g[sel] *= self.scale
         elif self.kind in ("zero", "replace"):
-            g[:, sel] = 0
+            g[sel] = 0
         elif self.kind != "add":
             raise ValueError(f"interventions.{self.kind} does not apply to SAE tensors")
         return g
@@ -82,7 +104,8 @@ class _AblateFeatures(Intervention):
 
     def _register(self, hs, site, layer, hook):
         try:
-            hs.add_ablate_features(site, layer, self.enc, self.b_enc, self.threshold, self.dec, self.b_dec_in, self.positions)
+            hs.add_ablate_features(site, layer, self.enc, self.b_enc, self.threshold, self.dec, self.b_dec_in, self.positions,
+                                   self.rows)
         except ValueError as e:
             raise ValueError(f"{hook.name}: {e}") from None
 

@@ -354,7 +354,7 @@ class Model:
             return logits
         return _next_token_loss(logits, toks, row_start)
 
-    def next_token_logits(self, tokens, cache=None, attention_mask=None, allow_longer=False):
+    def next_token_logits(self, tokens, cache=None, attention_mask=None, allow_longer=False, cache_rows=None):
         """The logits of the last position only: np.float32 [batch, vocab] (HF's ``logits[:, -1, :]``) -- one step
         of a decoding loop. Only that position goes through the unembedding, so a long prompt costs less than
         forward(...)[:, -1]. Takes what forward() takes; with a cache the tokens are appended to it, so a loop
@@ -366,11 +366,17 @@ class Model:
         >>> for _ in range(8):
         ...     nxt = logits.argmax(-1)[:, None]                                   # [batch, 1]
         ...     logits = model.next_token_logits(nxt, cache=cache)
+
+        cache_rows: the cache row of each row of tokens (some of a larger cache's rows, in any order): continuous
+        batching, where sequences join and leave a batch between steps (``cache.place_row`` puts a sequence prefilled
+        in its own cache into a row, ``cache.shift`` moves every row's slots; gemmalens serve runs on these). The rows
+        left out miss these positions (``cache.row_valid(r)`` turns False) until a place_row fills them again.
         """
         _check_allow_longer(allow_longer)
         toks, row_start = self._inputs(tokens, attention_mask, cache)
+        rows = _cache_rows(cache_rows, cache, toks.shape[0])
         hs, _ = self._plan()
-        return self._core.forward(toks, row_start, cache, "last", hs, allow_longer=allow_longer)
+        return self._core.forward(toks, row_start, cache, "last", hs, allow_longer=allow_longer, cache_rows=rows)
 
     def generate(self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, min_p=None,
                  repetition_penalty=None, seed=None, stop=None, ignore_eos=False, stream=False):
@@ -385,6 +391,18 @@ class Model:
         return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                         ignore_eos=ignore_eos, stream=stream)
+
+
+def _cache_rows(rows, cache, batch):
+    """next_token_logits(cache_rows=...) -> int32 [batch] (None stays None); the native forward checks the values."""
+    if rows is None:
+        return None
+    if cache is None:
+        raise ValueError("cache_rows needs a cache")
+    arr = np.asarray(rows)
+    if arr.ndim != 1 or arr.shape[0] != batch or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
+        raise ValueError(f"cache_rows must be {batch} integer row indices (one per row of tokens), got {rows!r}")
+    return np.ascontiguousarray(arr, dtype=np.int32)
 
 
 def _next_token_loss(logits, toks, row_start):

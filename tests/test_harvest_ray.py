@@ -30,18 +30,18 @@ def ray_cluster():
     (Ray swaps a loopback --node-ip-address for this host's own address, ray/_private/services.py
     resolve_ip_for_localhost; either way nothing leaves the machine.) Token authentication is off for this throwaway
     cluster (RAY_AUTH_MODE=disabled, for it and for this process as its client)."""
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    ray_bin = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter's Ray
     port = _free_port()
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env = dict(os.environ)
-    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--port", str(port),
+    subprocess.run([*ray_bin, "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--include-dashboard", "false", "--disable-usage-stats"], check=True, env=env, timeout=180,
                    stdout=subprocess.DEVNULL)
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, timeout=180, stdout=subprocess.DEVNULL,
+        subprocess.run([*ray_bin, "stop", "--force"], env=env, timeout=180, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         for k, v in saved.items():
             if v is None:

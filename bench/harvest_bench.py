@@ -110,7 +110,7 @@ def rows(sizes=("270m", "1b"), tokens=None, threads=2, ckpt=None):
         path = ckpt(size)
         cfg = gl.Gemma3Config.from_pretrained(path)
         T = 128
-        n_tok = tokens or (16384 if size == "270m" else 8192)
+        n_tok = tokens or (65536 if size == "270m" else 16384)  # long enough that a Ray actor's start is amortised
         data = _rows(n_tok // T, T, cfg.vocab_size)
         for hooks in hook_sets(cfg.num_hidden_layers):
             work = tempfile.mkdtemp(prefix="gl-harvest-bench-")

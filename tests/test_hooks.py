@@ -8,18 +8,22 @@ from conftest import hf_logits, rel_err
 from hf_hooks import hf_activations
 
 EXPECTED_BLOCK = [
-    "hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-    "attn.q_norm.hook_normalized", "attn.k_norm.hook_normalized", "attn.hook_rot_q", "attn.hook_rot_k",
-    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "ln1_post.hook_normalized", "hook_attn_out",
-    "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
-    "ln2_post.hook_normalized", "hook_mlp_out", "hook_resid_post",
+    "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "ln1.hook_out", "attn.hook_q", "attn.hook_k",
+    "attn.hook_v", "attn.q_norm.hook_scale", "attn.q_norm.hook_normalized", "attn.q_norm.hook_out",
+    "attn.hook_q_normed", "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized", "attn.k_norm.hook_out",
+    "attn.hook_k_normed", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern",
+    "attn.hook_z", "ln1_post.hook_scale", "ln1_post.hook_normalized", "ln1_post.hook_out", "hook_attn_out",
+    "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", "ln2.hook_out", "mlp.hook_pre", "mlp.hook_pre_linear",
+    "mlp.hook_post", "ln2_post.hook_scale", "ln2_post.hook_normalized", "ln2_post.hook_out", "hook_mlp_out",
+    "hook_resid_post",
 ]
+FINAL = ["ln_final.hook_scale", "ln_final.hook_normalized", "ln_final.hook_out"]
 
 
 def test_exact_ordered_hook_names(tiny_dir):
     model = gl.load(tiny_dir)
     L = model.config.num_hidden_layers
-    expected = ["hook_embed"] + [f"blocks.{i}.{s}" for i in range(L) for s in EXPECTED_BLOCK] + ["ln_final.hook_normalized"]
+    expected = ["hook_embed"] + [f"blocks.{i}.{s}" for i in range(L) for s in EXPECTED_BLOCK] + FINAL
     assert model.hook_names == expected
 
 

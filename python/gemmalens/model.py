@@ -238,13 +238,13 @@ class Model:
         """The final norm's (1 + w) [d_model] as float64, for ActivationCache.apply_ln_to_stack(recompute_ln=True).
         The core hands out weights only all together (export_tensors), so it is read off the norm itself: a
         one-token forward whose last residual is replaced by ones (RMS sqrt(1 + eps)), capturing
-        ln_final.hook_normalized (after the weight). No registered hook or SAE takes part. Read once per model."""
+        ln_final.hook_out (after the weight). No registered hook or SAE takes part. Read once per model."""
         if self._ln_final_gain_value is None:
             cfg = self.config
             L, D = cfg.num_hidden_layers, cfg.hidden_size
             ones = interventions.replace(np.ones((1, 1, D), np.float32))
             hs = plan_hookset(self._hook_table, [(f"blocks.{L - 1}.hook_resid_post", ones)],
-                              captures=["ln_final.hook_normalized"])
+                              captures=["ln_final.hook_out"])
             self._core.forward(np.zeros((1, 1), np.int32), None, None, "none", hs)
             (_, _, normed), = hs.take_captures()
             self._ln_final_gain_value = normed.reshape(D).astype(np.float64) * np.sqrt(1.0 + cfg.rms_norm_eps)

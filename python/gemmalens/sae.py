@@ -83,6 +83,25 @@ class SAE:
     # ---- loading ----
     @classmethod
     def load(cls, path, dtype="float32"):
+        """An SAE or transcoder from a local folder -> ``gl.SAE``.
+
+        path: a Gemma Scope 2 folder (``params.safetensors`` + ``config.json``, as in google/gemma-scope-2-*: its
+        ``hf_hook_point_in`` / ``_out`` name HF modules, mapped to hook names: ``model.layers.L.output`` ->
+        ``blocks.L.hook_resid_post``, ``pre_feedforward_layernorm.output`` -> ``blocks.L.ln2.hook_out``, ...) or a
+        SAELens folder (``cfg.json`` + ``sae_weights.safetensors``: jumprelu, standard / relu, topk, and the
+        (jumprelu_)(skip_)transcoder architectures; ``hook_name`` read with TransformerLens's meaning, except that an
+        ``hf_hook_name`` in the cfg, which names the HF module the data was recorded at, wins).
+        dtype: "float32" or "bfloat16" (the encoder / decoder weights' storage; computation is float32).
+
+        The result's ``hook_name`` is where it reads, ``hook_name_out`` where it writes (a transcoder's differs);
+        ``model.run_with_saes(ids, saes=[sae])`` or ``with model.saes([sae]):`` splice it in. Errors: a folder of
+        neither kind, an unsupported architecture or normalisation, a config whose fields disagree with the tensors
+        (ValueError; ``gl.CheckpointError`` for malformed files).
+
+        >>> sae = gl.SAE.load("gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_medium")
+        >>> sae.hook_name
+        'blocks.6.hook_resid_post'
+        """
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"SAE.load: no such directory '{path}'")

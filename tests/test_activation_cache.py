@@ -125,6 +125,16 @@ def test_identities_and_errors(pair):
     np.testing.assert_array_equal(cache["scale", 2, "attn.k_norm"], cache["blocks.2.attn.k_norm.hook_scale"])
     np.testing.assert_array_equal(cache["ln1", 3], cache["blocks.3.ln1.hook_normalized"])  # gemmalens's short form
     assert cache.stack_activation("scale", sublayer_type="ln2").shape == (L,) + cache["blocks.0.ln2.hook_scale"].shape
+    # apply_ln_to_stack divides by the norm's cached hook_scale (TransformerLens's source), else by the same scale
+    # computed from the norm's cached input: the two agree
+    stack = cache.decompose_resid(layer=3, mlp_input=True)
+    only_resid = gl.ActivationCache({k: v for k, v in cache.items() if "hook_scale" not in k}, cache._table, model=model)
+    np.testing.assert_allclose(cache.apply_ln_to_stack(stack, 3, mlp_input=True),
+                               only_resid.apply_ln_to_stack(stack, 3, mlp_input=True), rtol=1e-5, atol=1e-6)
+    edited = gl.ActivationCache({**dict(cache.items()), "blocks.3.ln2.hook_scale": 2 * cache["blocks.3.ln2.hook_scale"]},
+                             cache._table, model=model)
+    np.testing.assert_allclose(edited.apply_ln_to_stack(stack, 3, mlp_input=True),
+                               cache.apply_ln_to_stack(stack, 3, mlp_input=True) / 2, rtol=1e-6)
     with pytest.raises(KeyError, match="sublayer 'mlp'"):
         cache["z", 3, "mlp"]
     with pytest.raises(ValueError, match="mode"):

@@ -12,7 +12,7 @@ import os
 import types
 import typing
 _testing: types.ModuleType  # kernels for the tests and bench/run.py (not API)
-__all__: list[str] = ['CheckpointError', 'GGUFFile', 'Gemma3Config', 'GradTape', 'HookSet', 'KVCache', 'LoadProgress', 'Model', 'SAE', 'cross_entropy_grad', 'dnnl_version', 'dtype_name', 'hook_names', 'hook_sites', 'load_arrays', 'load_gguf', 'load_hf', 'max_threads', 'read_safetensors']
+__all__: list[str] = ['CheckpointError', 'GGUFFile', 'Gemma3Config', 'GradTape', 'HookSet', 'KVCache', 'LoadProgress', 'Model', 'SAE', 'available_memory_bytes', 'cross_entropy_grad', 'dnnl_version', 'dtype_name', 'hook_names', 'hook_sites', 'load_arrays', 'load_gguf', 'load_hf', 'max_threads', 'planned_weight_bytes', 'read_safetensors']
 class CheckpointError(ValueError):
     pass
 class Gemma3Config:
@@ -327,6 +327,10 @@ class SAE:
         ...
     def encode_topk(self, arg0: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg1: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.int32], numpy.typing.NDArray[numpy.float32]]:
         ...
+def available_memory_bytes() -> int:
+    """
+    Memory this process may still take: MemAvailable, or the cgroup v2 limit's headroom when lower (0: unknown).
+    """
 def cross_entropy_grad(logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], targets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], with_grad: bool = True) -> tuple[float, typing.Any]:
     """
     (sum_m w_m CE(logits_m, target_m), its gradient [M, V] or None): the next-token loss's native kernel.
@@ -355,6 +359,10 @@ def load_hf(weights_path: str, config: Gemma3Config, dtype: str = 'float32', wei
     ...
 def max_threads() -> int:
     ...
+def planned_weight_bytes(config: Gemma3Config, dtype: str = 'float32', weights: str = 'native') -> int:
+    """
+    About how many bytes the weights of a model of this config take once loaded (checked before a load allocates).
+    """
 def read_safetensors(path: str) -> dict:
     """
     Read every tensor of a .safetensors file as float32 (F32/F16/BF16 on disk).

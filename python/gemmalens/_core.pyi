@@ -171,13 +171,13 @@ class Gemma3Config:
 class HookSet:
     def __init__(self, n_layers: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
-    def add_ablate_features(self, arg0: typing.SupportsInt | typing.SupportsIndex, arg1: typing.SupportsInt | typing.SupportsIndex, arg2: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg3: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg4: typing.Any, arg5: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg6: typing.Any, arg7: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+    def add_ablate_features(self, site: typing.SupportsInt | typing.SupportsIndex, layer: typing.SupportsInt | typing.SupportsIndex, enc: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], b_enc: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], threshold: typing.Any, dec: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], b_dec: typing.Any, positions: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], rows: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> None:
         ...
     def add_callback(self, arg0: typing.SupportsInt | typing.SupportsIndex, arg1: typing.SupportsInt | typing.SupportsIndex, arg2: typing.Any) -> None:
         ...
     def add_capture(self, arg0: typing.SupportsInt | typing.SupportsIndex, arg1: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
-    def add_intervention(self, site: typing.SupportsInt | typing.SupportsIndex, layer: typing.SupportsInt | typing.SupportsIndex, kind: str, values: typing.Any = None, positions: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], scale: typing.SupportsFloat | typing.SupportsIndex = 1.0, heads: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], mean: bool = False) -> None:
+    def add_intervention(self, site: typing.SupportsInt | typing.SupportsIndex, layer: typing.SupportsInt | typing.SupportsIndex, kind: str, values: typing.Any = None, positions: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], scale: typing.SupportsFloat | typing.SupportsIndex = 1.0, heads: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], mean: bool = False, rows: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> None:
         ...
     def clear(self) -> None:
         ...
@@ -201,6 +201,18 @@ class KVCache:
     def copy(self) -> KVCache:
         """
         An independent copy (its own buffers: a full copy's memory), e.g. to branch from one prefill.
+        """
+    def place_row(self, row: typing.SupportsInt | typing.SupportsIndex, src: KVCache, src_row: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+        """
+        Copy row src_row of src (another cache of this model) into row `row`, its sequence ending at this seq_len.
+        """
+    def row_valid(self, row: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        """
+        Whether the row holds every slot of its sequence (False once a pass with cache_rows left it out).
+        """
+    def shift(self, d: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Move every valid row's slots by d (row_start and seq_len with them).
         """
     def truncate(self, n: typing.SupportsInt | typing.SupportsIndex) -> None:
         """
@@ -255,9 +267,9 @@ class Model:
         """
     def export_tensors(self, names: typing.Any = None) -> dict:
         ...
-    def forward(self, tokens: numpy.ndarray, row_start: typing.Any = None, cache: KVCache | None = None, logits: str = 'all', hooks: HookSet | None = None, stop_at_layer: typing.SupportsInt | typing.SupportsIndex = -1, allow_longer: bool = False, tape: GradTape | None = None) -> typing.Any:
+    def forward(self, tokens: numpy.ndarray, row_start: typing.Any = None, cache: KVCache | None = None, logits: str = 'all', hooks: HookSet | None = None, stop_at_layer: typing.SupportsInt | typing.SupportsIndex = -1, allow_longer: bool = False, tape: GradTape | None = None, cache_rows: typing.Any = None) -> typing.Any:
         """
-        tokens: int32 [batch, pos] C-contiguous; row_start: int32 [batch] left-padding counts or None; tape: keep what backward() needs.
+        tokens: int32 [batch, pos] C-contiguous; row_start: int32 [batch] left-padding counts or None; tape: keep what backward() needs; cache_rows: int32 [batch], the cache row of each row (some of the cache's rows), or None.
         """
     def new_cache(self, batch: typing.SupportsInt | typing.SupportsIndex, max_seq_len: typing.SupportsInt | typing.SupportsIndex) -> KVCache:
         ...

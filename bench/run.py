@@ -680,13 +680,16 @@ def main():
 
     if want("hooks"):
         plain, resid, every, tl_time = bench_hooks(ckpt("270m"), args.threads, repeats)
+        import gemmalens as gl
+
+        n_hooks = len(gl._core.hook_names(18))  # the 270m's 18 layers
         print(f"hooks: plain {plain * 1e3:.0f} ms, cache resid_post {resid * 1e3:.0f} ms, cache all {every * 1e3:.0f} ms, "
               f"TL {tl_time * 1e3 if tl_time else float('nan'):.0f} ms", flush=True)
         t = ("### Hooks (270m, float32, 256 tokens, all-position logits)\n\n"
              "| run | ms | vs plain forward |\n|---|---|---|\n"
              f"| plain forward | {plain * 1e3:.0f} | 1.00 |\n"
              f"| run_with_cache, all 18 hook_resid_post | {resid * 1e3:.0f} | {resid / plain:.2f} |\n"
-             f"| run_with_cache, every hook (398) | {every * 1e3:.0f} | {every / plain:.2f} |\n")
+             f"| run_with_cache, every hook ({n_hooks}) | {every * 1e3:.0f} | {every / plain:.2f} |\n")
         if tl_time:
             t += (f"| TransformerLens run_with_cache, every hook | {tl_time * 1e3:.0f} | {tl_time / plain:.2f} |\n\n"
                   f"TransformerLens time / gemmalens time for `run_with_cache` of every hook: **{tl_time / every:.2f}**.\n")

@@ -35,10 +35,34 @@ ALL_ATTENTION_FUNCTIONS.register("eager_record", _recording_eager)
 ALL_MASK_ATTENTION_FUNCTIONS.register("eager_record", eager_mask)
 
 
-def hf_activations(hf, ids, attention_mask=None, metric=None):
+def _split_norm(mod, scale_name, normalized_name, keep, edits):
+    """A forward for one of HF's Gemma3RMSNorm modules in TransformerLens's steps, so that its hook_scale and
+    hook_normalized are tensors on the path to the output (autograd gives their gradients): s = sqrt(mean(x^2) +
+    eps), n = x / s, out = n * (1 + w) -- HF's x * rsqrt(mean(x^2) + eps) * (1 + w) up to f32 rounding. edits:
+    {name: torch fn} applied at those two sites, as a TransformerLens forward hook would."""
+    def forward(x):
+        xf = x.float()
+        s = (xf.pow(2).mean(-1, keepdim=True) + mod.eps).sqrt()
+        if scale_name in edits:
+            s = edits[scale_name](s)
+        keep(scale_name, s, lambda t: t)
+        n = xf / s
+        if normalized_name in edits:
+            n = edits[normalized_name](n)
+        keep(normalized_name, n, lambda t: t)
+        return (n * (1.0 + mod.weight.float())).type_as(x)
+    return forward
+
+
+def hf_activations(hf, ids, attention_mask=None, metric=None, norm_edits=None):
     """Run HF on ids [B, T]; return ({TL hook name: np.ndarray} for every site and layer, logits). With metric (a
     function of the logits tensor returning a scalar), also {name: gradient of the metric at that site} after
-    torch autograd's backward, third."""
+    torch autograd's backward, third. norm_edits: {hook_scale / hook_normalized name: torch fn} edits made inside
+    the norms (other sites are edited with torch hooks on HF's modules, registered before this call).
+
+    Each RMSNorm runs as TransformerLens's steps (_split_norm): its hook_scale [..., 1] and hook_normalized (before
+    the weight) are recorded inside it, its hook_out (after the weight) is the module's output. q_norm / k_norm act
+    on HF's [B, heads, T, Hd] tensors, TransformerLens's layout for them."""
     cfg = hf.config
     H, KV, Hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     live, handles = {}, []  # name -> (tensor, layout function)
@@ -63,31 +87,39 @@ def hf_activations(hf, ids, attention_mask=None, metric=None):
     heads = lambda n: (lambda x: x.reshape(B, T, n, Hd))  # noqa: E731
     bhtd = lambda x: x.transpose(1, 2)  # noqa: E731  [B, h, T, Hd] -> [B, T, h, Hd]
     m = hf.model
+    norm_edits = dict(norm_edits or {})
+    split = []  # (module) whose forward is replaced for this call
+
+    def norm_sites(mod, prefix, extra=()):
+        """TransformerLens's three sites of a norm: scale and normalized inside it, hook_out (and aliases such as
+        hook_attn_out) its module output, after any torch hook registered before this call."""
+        mod.forward = _split_norm(mod, prefix + "hook_scale", prefix + "hook_normalized", keep, norm_edits)
+        split.append(mod)
+        return [mod.register_forward_hook(out_hook(n)) for n in (prefix + "hook_out",) + tuple(extra)]
+
     handles.append(m.embed_tokens.register_forward_hook(out_hook("hook_embed")))
-    handles.append(m.norm.register_forward_hook(out_hook("ln_final.hook_normalized")))
+    handles += norm_sites(m.norm, "ln_final.")
     for i, layer in enumerate(m.layers):
         p = f"blocks.{i}."
         a = layer.self_attn
         handles += [
             layer.register_forward_pre_hook(in_hook(p + "hook_resid_pre"), with_kwargs=True),
-            layer.input_layernorm.register_forward_hook(out_hook(p + "ln1.hook_normalized")),
             a.q_proj.register_forward_hook(out_hook(p + "attn.hook_q", heads(H))),
             a.k_proj.register_forward_hook(out_hook(p + "attn.hook_k", heads(KV))),
             a.v_proj.register_forward_hook(out_hook(p + "attn.hook_v", heads(KV))),
-            a.q_norm.register_forward_hook(out_hook(p + "attn.q_norm.hook_normalized", bhtd)),
-            a.k_norm.register_forward_hook(out_hook(p + "attn.k_norm.hook_normalized", bhtd)),
             a.o_proj.register_forward_pre_hook(in_hook(p + "attn.hook_z", heads(H)), with_kwargs=True),
-            layer.post_attention_layernorm.register_forward_hook(out_hook(p + "ln1_post.hook_normalized")),
-            layer.post_attention_layernorm.register_forward_hook(out_hook(p + "hook_attn_out")),
             layer.pre_feedforward_layernorm.register_forward_pre_hook(in_hook(p + "hook_resid_mid"), with_kwargs=True),
-            layer.pre_feedforward_layernorm.register_forward_hook(out_hook(p + "ln2.hook_normalized")),
             layer.mlp.gate_proj.register_forward_hook(out_hook(p + "mlp.hook_pre")),
             layer.mlp.up_proj.register_forward_hook(out_hook(p + "mlp.hook_pre_linear")),
             layer.mlp.down_proj.register_forward_pre_hook(in_hook(p + "mlp.hook_post"), with_kwargs=True),
-            layer.post_feedforward_layernorm.register_forward_hook(out_hook(p + "ln2_post.hook_normalized")),
-            layer.post_feedforward_layernorm.register_forward_hook(out_hook(p + "hook_mlp_out")),
             layer.register_forward_hook(out_hook(p + "hook_resid_post")),
         ]
+        handles += norm_sites(layer.input_layernorm, p + "ln1.")
+        handles += norm_sites(a.q_norm, p + "attn.q_norm.", [p + "attn.hook_q_normed"])
+        handles += norm_sites(a.k_norm, p + "attn.k_norm.", [p + "attn.hook_k_normed"])
+        handles += norm_sites(layer.post_attention_layernorm, p + "ln1_post.", [p + "hook_attn_out"])
+        handles += norm_sites(layer.pre_feedforward_layernorm, p + "ln2.")
+        handles += norm_sites(layer.post_feedforward_layernorm, p + "ln2_post.", [p + "hook_mlp_out"])
     prev = hf.config._attn_implementation
     hf.set_attn_implementation("eager_record")
     _RECORD["sink"] = rec = {}
@@ -105,6 +137,8 @@ def hf_activations(hf, ids, attention_mask=None, metric=None):
         hf.set_attn_implementation(prev)
         for h in handles:
             h.remove()
+        for mod in split:
+            del mod.forward  # the class's forward again
     for i, r in rec.items():
         p = f"blocks.{i}.attn."
         visible = r["mask"] == 0 if r["mask"] is not None else torch.ones_like(r["scores"], dtype=torch.bool)

@@ -112,11 +112,29 @@ def test_identities_and_errors(pair):
     L = model.config.num_hidden_layers
     # the pieces add up to the stream; ln_final on the last entry is the model's own ln_final output
     np.testing.assert_allclose(cache.decompose_resid().sum(0), cache["resid_post", -1], rtol=0, atol=1e-4)
-    assert rel_err(cache.accumulated_resid(apply_ln=True)[-1], cache["ln_final.hook_normalized"]) <= 1e-6
+    assert rel_err(cache.accumulated_resid(apply_ln=True)[-1], cache["ln_final.hook_out"]) <= 1e-6
     # the logit lens through model.unembed (which applies ln_final itself) ends at the model's logits
     lens = model.unembed(cache.accumulated_resid()[:, 0, -1])
     assert lens.shape == (L + 1, model.config.vocab_size) and rel_err(lens[-1], logits[0, -1]) <= 1e-6
+    # TransformerLens's keys (utils.get_act_name) for the norm sites
     np.testing.assert_array_equal(cache["normalized", 3, "ln2"], cache["blocks.3.ln2.hook_normalized"])
+    np.testing.assert_array_equal(cache["scale", -1, "ln1"], cache[f"blocks.{L - 1}.ln1.hook_scale"])
+    np.testing.assert_array_equal(cache["normalized"], cache["ln_final.hook_normalized"])
+    np.testing.assert_array_equal(cache["scale"], cache["ln_final.hook_scale"])
+    np.testing.assert_array_equal(cache["q_normed", 2], cache["blocks.2.attn.hook_q_normed"])
+    np.testing.assert_array_equal(cache["scale", 2, "attn.k_norm"], cache["blocks.2.attn.k_norm.hook_scale"])
+    np.testing.assert_array_equal(cache["ln1", 3], cache["blocks.3.ln1.hook_normalized"])  # gemmalens's short form
+    assert cache.stack_activation("scale", sublayer_type="ln2").shape == (L,) + cache["blocks.0.ln2.hook_scale"].shape
+    # apply_ln_to_stack divides by the norm's cached hook_scale (TransformerLens's source), else by the same scale
+    # computed from the norm's cached input: the two agree
+    stack = cache.decompose_resid(layer=3, mlp_input=True)
+    only_resid = gl.ActivationCache({k: v for k, v in cache.items() if "hook_scale" not in k}, cache._table, model=model)
+    np.testing.assert_allclose(cache.apply_ln_to_stack(stack, 3, mlp_input=True),
+                               only_resid.apply_ln_to_stack(stack, 3, mlp_input=True), rtol=1e-5, atol=1e-6)
+    edited = gl.ActivationCache({**dict(cache.items()), "blocks.3.ln2.hook_scale": 2 * cache["blocks.3.ln2.hook_scale"]},
+                             cache._table, model=model)
+    np.testing.assert_allclose(edited.apply_ln_to_stack(stack, 3, mlp_input=True),
+                               cache.apply_ln_to_stack(stack, 3, mlp_input=True) / 2, rtol=1e-6)
     with pytest.raises(KeyError, match="sublayer 'mlp'"):
         cache["z", 3, "mlp"]
     with pytest.raises(ValueError, match="mode"):

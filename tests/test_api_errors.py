@@ -102,8 +102,9 @@ def test_intervention_inputs(model, sae):
         model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_post", gl.interventions.ablate_heads([0]))])
     with pytest.raises(ValueError, match="do not fit the activation"):
         model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_post", gl.interventions.replace(np.zeros((2, 3))))])
-    with pytest.raises(ValueError, match="project_out applies to"):
-        model.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", gl.interventions.project_out(np.ones(4)))])
+    # (a position of hook_pattern [batch, head, query, key] holds its keys: project_out takes a [key] direction)
+    with pytest.raises(ValueError, match="holds 4 per position"):
+        model.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", gl.interventions.project_out(np.ones(5)))])
     with pytest.raises(TypeError, match="no site of its own"):
         model.run_with_hooks(ids, fwd_hooks=[gl.interventions.zero()])
     with pytest.raises(TypeError, match="pairs"):

@@ -75,13 +75,13 @@ def _edge_by_finite_difference(model, clean, metric, down, delta, eps_fd=1e-2):
 
         if down == "logits":
             hooks = [(f"blocks.{L - 1}.hook_resid_post", keep),
-                     ("ln_final.hook_normalized",
+                     ("ln_final.hook_out",
                       lambda a, hook, s=s: _rmsnorm(store["x"] + s * eps_fd * delta, W["model.norm.weight"], e).astype(np.float32))]
         elif down.startswith("m"):
             l = int(down[1:])
             w = W[f"model.layers.{l}.pre_feedforward_layernorm.weight"]
             hooks = [(f"blocks.{l}.hook_resid_mid", keep),
-                     (f"blocks.{l}.ln2.hook_normalized",
+                     (f"blocks.{l}.ln2.hook_out",
                       lambda a, hook, s=s, w=w: _rmsnorm(store["x"] + s * eps_fd * delta, w, e).astype(np.float32))]
         else:
             layer, rest = down[1:].split(".", 1)

@@ -161,7 +161,7 @@ def test_bad_tokens_then_model_still_works(tiny_dir):
         (np.zeros((1, 2, 3), np.int64), ValueError, "1-D"),
         (np.array([1.0, 2.0]), TypeError, "integer"),
         (np.array([True, False]), TypeError, "integer"),
-        ("hello", TypeError, "tokenizer"),
+        ("hello", ValueError, "no tokenizer"),  # text is tokenized (as TransformerLens's model(text)), given one
     ]
     for toks, exc, msg in cases:
         with pytest.raises(exc, match=msg):

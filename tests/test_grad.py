@@ -41,7 +41,12 @@ def compare(cache, grads, row_start, tol=1e-4):
         assert got.shape == ref.shape, name
         for b in range(B):
             s = row_start[b]
-            g, r = (got[b, :, s:, s:], ref[b, :, s:, s:]) if name.endswith(("attn_scores", "pattern")) else (got[b, s:], ref[b, s:])
+            if name.endswith(("attn_scores", "pattern")):  # [B, H, query, key]
+                g, r = got[b, :, s:, s:], ref[b, :, s:, s:]
+            elif ".q_norm." in name or ".k_norm." in name or name.endswith(("q_normed", "k_normed")):  # [B, H, T, .]
+                g, r = got[b, :, s:], ref[b, :, s:]
+            else:
+                g, r = got[b, s:], ref[b, s:]
             scale = max(float(np.abs(ref).max()), 1e-12)
             err = float(np.abs(g - r).max()) / scale
             assert err < tol, f"{name} row {b}: {err:.2e} of max-abs {scale:.2e}"
@@ -267,7 +272,7 @@ def test_gradients_through_interventions_match_autograd_on_the_same_edits(hf_mod
              ("blocks.4.attn.hook_z", gl.interventions.ablate_heads([0, 3], mode="mean")),
              ("blocks.3.hook_resid_post", gl.interventions.add(steer, scale=2.0)),
              ("blocks.1.mlp.hook_post", gl.interventions.project_out(u)),
-             ("blocks.5.ln1.hook_normalized", gl.interventions.scale(0.5, positions=[2, 3]))]
+             ("blocks.5.ln1.hook_out", gl.interventions.scale(0.5, positions=[2, 3]))]
 
     def z_edit(fn):
         def pre(mod, args, kwargs):

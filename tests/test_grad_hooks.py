@@ -70,9 +70,9 @@ def test_python_forward_hooks_take_part_in_the_reverse_pass(hf_models, tape_mode
              ("blocks.4.attn.hook_z", mean_heads),
              ("blocks.3.hook_resid_post", lambda a, hook: a + 2.0 * steer),
              ("blocks.1.mlp.hook_post", lambda a, hook: a - (a @ u)[..., None] * u / (u @ u)),
-             ("blocks.5.ln1.hook_normalized", lambda a, hook: a.__setitem__((slice(None), slice(2, 4)), a[:, 2:4] * 0.5)),
-             ("blocks.0.ln2_post.hook_normalized", square_ish),
-             ("blocks.6.ln1_post.hook_normalized", halve_plus_one),
+             ("blocks.5.ln1.hook_out", lambda a, hook: a.__setitem__((slice(None), slice(2, 4)), a[:, 2:4] * 0.5)),
+             ("blocks.0.ln2_post.hook_out", square_ish),
+             ("blocks.6.ln1_post.hook_out", halve_plus_one),
              ("blocks.7.hook_resid_pre", patch_pos4)]
 
     def t_heads(fn):
@@ -115,13 +115,13 @@ def test_python_forward_hooks_take_part_in_the_reverse_pass(hf_models, tape_mode
     finally:
         for h in handles:
             h.remove()
-    # (HF's post-norm output is both ln*_post.hook_normalized and hook_*_out: the edits sit on the first, so that both
-    # names mean the edited tensor here too.)
+    # (HF's post-norm output is both ln*_post.hook_out and hook_*_out: the edits sit on the first, so that both names
+    # mean the edited tensor here too.)
     logits, cache = model.run_with_cache(toks, fwd_hooks=hooks, incl_bwd=True, metric="loss")
     assert np.abs(logits - logits_ref).max() / np.abs(logits_ref).max() < 1e-4  # the same edited function
     worst, checked = compare(cache, grads, [0, 0], tol=2e-4)
     assert checked == len(model.hook_names)
-    assert calls == ["blocks.6.ln1_post.hook_normalized"]  # with_vjp's gradient was the one used
+    assert calls == ["blocks.6.ln1_post.hook_out"]  # with_vjp's gradient was the one used
     # The patched position's gradient stops at the patch: nothing reaches block 6's output there from it.
     assert np.abs(cache["blocks.7.hook_resid_pre_grad"][:, 4]).max() > 0
     assert np.abs(cache["blocks.6.hook_resid_post_grad"][:, 4]).max() == 0
@@ -244,7 +244,7 @@ def test_backward_hook_on_sae_features_controls_what_reaches_the_input(hf_models
 
 
 def test_spliced_transcoder_gradients_match_autograd(hf_models, tape_mode):
-    """A skip transcoder (ln2.hook_normalized -> hook_mlp_out, error term on): the MLP's own output is replaced, so
+    """A skip transcoder (ln2.hook_out -> hook_mlp_out, error term on): the MLP's own output is replaced, so
     no gradient reaches the MLP; the transcoder's gradient joins the one at its input. Equal to autograd's on the same
     splice in torch."""
     hf, d = hf_models["gqa2"]
@@ -255,7 +255,7 @@ def test_spliced_transcoder_gradients_match_autograd(hf_models, tape_mode):
     W_enc, b_enc, thr, W_dec, b_dec = _jumprelu_sae(model.config, rng)
     D = model.config.hidden_size
     W_skip = (rng.standard_normal((D, D)) * 0.05).astype(np.float32)
-    tc = gl.SAE(W_enc, b_enc, W_dec, b_dec, threshold=thr, W_skip=W_skip, hook_name="blocks.1.ln2.hook_normalized",
+    tc = gl.SAE(W_enc, b_enc, W_dec, b_dec, threshold=thr, W_skip=W_skip, hook_name="blocks.1.ln2.hook_out",
                 hook_name_out="blocks.1.hook_mlp_out")
     stash = {}
 
@@ -278,13 +278,14 @@ def test_spliced_transcoder_gradients_match_autograd(hf_models, tape_mode):
         logits, cache = model.run_with_cache(toks, incl_bwd=True, metric="loss")
     assert np.abs(logits - logits_ref).max() / np.abs(logits_ref).max() < 1e-4
     # HF's post-norm output carries both names; here the transcoder writes hook_mlp_out, after ln2_post: the MLP's
-    # own output (ln2_post) gets no gradient.
-    assert np.abs(cache["blocks.1.ln2_post.hook_normalized_grad"]).max() == 0
+    # own output (ln2_post, all three of its sites) gets no gradient.
+    for site in ("hook_out", "hook_normalized", "hook_scale"):
+        assert np.abs(cache[f"blocks.1.ln2_post.{site}_grad"]).max() == 0
     assert np.abs(cache["blocks.1.mlp.hook_post_grad"]).max() == 0
-    del grads["blocks.1.ln2_post.hook_normalized"]
+    del grads["blocks.1.ln2_post.hook_out"]
     worst, checked = compare(cache, grads, [0, 0], tol=2e-4)
     assert checked == len(model.hook_names) - 1
-    assert np.abs(cache["blocks.1.ln2.hook_normalized_grad"]).max() > 0
+    assert np.abs(cache["blocks.1.ln2.hook_out_grad"]).max() > 0
 
 
 def test_bad_gradient_hook_setup_is_a_clear_error(hf_models, monkeypatch):
@@ -299,3 +300,72 @@ def test_bad_gradient_hook_setup_is_a_clear_error(hf_models, monkeypatch):
     monkeypatch.setattr(gl.grad, "keep_bytes", 2 << 30)
     _, cache = model.run_with_cache(toks, names_filter="hook_embed", incl_bwd=True, metric="loss")
     assert np.isfinite(cache["hook_embed_grad"]).all() and np.abs(cache["hook_embed_grad"]).max() > 0
+
+
+def test_edits_inside_the_norms_and_at_projections_match_autograd(hf_models, tape_mode):
+    """TransformerLens's norm sites are live: an edit at hook_scale feeds hook_normalized = x / scale, one at
+    hook_normalized feeds the weighted output, for the residual norms, q_norm / k_norm ([B, heads, T, Hd]) and
+    ln_final; edits at hook_q and mlp.hook_pre feed the steps after them. Logits and the gradient at every site equal
+    autograd's on HF with the same edits (made inside its norms by tests/hf_hooks.py's split norm)."""
+    hf, d = hf_models["gqa4_hd24"]
+    model = gl.load(d)
+    cfg = model.config
+    H, Hd, D = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+    rng = np.random.default_rng(12)
+    B, T = 2, 9
+    toks = rng.integers(1, V, size=(B, T)).astype(np.int32)
+    v = rng.standard_normal(D).astype(np.float32)
+    hooks = [("blocks.1.ln1.hook_scale", gl.interventions.scale(2.0, positions=[3])),
+             ("blocks.2.ln2.hook_normalized", lambda a, hook: a * abs(a)),
+             ("blocks.3.attn.q_norm.hook_normalized", gl.interventions.ablate_heads([1])),
+             ("blocks.4.attn.k_norm.hook_scale", lambda a, hook: a + 0.5),
+             ("blocks.5.ln1_post.hook_normalized", gl.interventions.project_out(v)),
+             ("ln_final.hook_normalized", gl.interventions.add(v, scale=0.3)),
+             ("blocks.2.attn.hook_q", lambda a, hook: a.__setitem__((slice(None), slice(None), 0), a[:, :, 0] * 1.5)),
+             ("blocks.3.mlp.hook_pre", gl.interventions.scale(0.5))]
+    vt = torch.as_tensor(v)
+
+    def t_scale_pos3(s):
+        w = torch.ones(1, T, 1)
+        w[0, 3] = 2.0
+        return s * w
+
+    def t_zero_head1(n):  # [B, H, T, Hd]
+        keep = torch.ones(1, H, 1, 1)
+        keep[0, 1] = 0
+        return n * keep
+
+    def t_q_head0(mod, args, out):
+        w = torch.ones(H, 1)
+        w[0] = 1.5
+        return (out.reshape(*out.shape[:2], H, Hd) * w).reshape(out.shape)
+
+    norm_edits = {"blocks.1.ln1.hook_scale": t_scale_pos3,
+                  "blocks.2.ln2.hook_normalized": lambda n: n * n.abs(),
+                  "blocks.3.attn.q_norm.hook_normalized": t_zero_head1,
+                  "blocks.4.attn.k_norm.hook_scale": lambda s: s + 0.5,
+                  "blocks.5.ln1_post.hook_normalized": lambda n: n - (n @ vt)[..., None] * vt / (vt @ vt),
+                  "ln_final.hook_normalized": lambda n: n + 0.3 * vt}
+    L = hf.model.layers
+    handles = [L[2].self_attn.q_proj.register_forward_hook(t_q_head0),
+               L[3].mlp.gate_proj.register_forward_hook(lambda m, a, out: out * 0.5)]
+    try:
+        _, logits_ref, grads = hf_activations(hf, toks, metric=lambda lg: loss_10(lg, toks), norm_edits=norm_edits)
+    finally:
+        for h in handles:
+            h.remove()
+    logits, cache = model.run_with_cache(toks, fwd_hooks=hooks, incl_bwd=True, metric="loss")
+    plain = model.forward(toks)
+    assert np.abs(logits - logits_ref).max() / np.abs(logits_ref).max() < 1e-4  # the same edited function
+    assert np.abs(plain - logits_ref).max() / np.abs(logits_ref).max() > 1e-2   # and the edits mattered
+    worst, checked = compare(cache, grads, [0, 0], tol=2e-4)
+    assert checked == len(model.hook_names)
+    # what the sites hold: hook_normalized is x / scale after the edit at hook_scale, hook_out its weighted value
+    s, n = (cache[f"blocks.1.ln1.hook_{k}"] for k in ("scale", "normalized"))
+    pre = cache["blocks.1.hook_resid_pre"]
+    np.testing.assert_allclose(s[:, [0, 1, 2, 4]], np.sqrt((pre[:, [0, 1, 2, 4]] ** 2).mean(-1, keepdims=True) + cfg.rms_norm_eps),
+                               rtol=1e-5)
+    np.testing.assert_allclose(s[:, 3], 2 * np.sqrt((pre[:, 3] ** 2).mean(-1, keepdims=True) + cfg.rms_norm_eps), rtol=1e-5)
+    np.testing.assert_allclose(n, pre / s, rtol=1e-5, atol=1e-6)
+    assert not cache["blocks.3.attn.q_norm.hook_normalized"][:, 1].any()
+    assert cache["blocks.3.attn.q_norm.hook_normalized"].shape == (B, H, T, Hd)

@@ -8,18 +8,22 @@ from conftest import hf_logits, rel_err
 from hf_hooks import hf_activations
 
 EXPECTED_BLOCK = [
-    "hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-    "attn.q_norm.hook_normalized", "attn.k_norm.hook_normalized", "attn.hook_rot_q", "attn.hook_rot_k",
-    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "ln1_post.hook_normalized", "hook_attn_out",
-    "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
-    "ln2_post.hook_normalized", "hook_mlp_out", "hook_resid_post",
+    "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "ln1.hook_out", "attn.hook_q", "attn.hook_k",
+    "attn.hook_v", "attn.q_norm.hook_scale", "attn.q_norm.hook_normalized", "attn.q_norm.hook_out",
+    "attn.hook_q_normed", "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized", "attn.k_norm.hook_out",
+    "attn.hook_k_normed", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern",
+    "attn.hook_z", "ln1_post.hook_scale", "ln1_post.hook_normalized", "ln1_post.hook_out", "hook_attn_out",
+    "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", "ln2.hook_out", "mlp.hook_pre", "mlp.hook_pre_linear",
+    "mlp.hook_post", "ln2_post.hook_scale", "ln2_post.hook_normalized", "ln2_post.hook_out", "hook_mlp_out",
+    "hook_resid_post",
 ]
+FINAL = ["ln_final.hook_scale", "ln_final.hook_normalized", "ln_final.hook_out"]
 
 
 def test_exact_ordered_hook_names(tiny_dir):
     model = gl.load(tiny_dir)
     L = model.config.num_hidden_layers
-    expected = ["hook_embed"] + [f"blocks.{i}.{s}" for i in range(L) for s in EXPECTED_BLOCK] + ["ln_final.hook_normalized"]
+    expected = ["hook_embed"] + [f"blocks.{i}.{s}" for i in range(L) for s in EXPECTED_BLOCK] + FINAL
     assert model.hook_names == expected
 
 
@@ -302,7 +306,7 @@ def test_the_cache_holds_the_edited_activation_as_transformer_lens_does(tiny_dir
 
 FAST_MODE_SITES = ["hook_embed"] + [f"blocks.{i}.{s}" for i in (0, 3, 6) for s in (
     "attn.hook_rot_q", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "mlp.hook_post", "hook_mlp_out",
-    "hook_resid_post")] + ["ln_final.hook_normalized"]
+    "hook_resid_post")] + ["ln_final.hook_out"]
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +353,37 @@ def test_captures_in_fast_modes_against_hf_fp32(hf_models, hf16_reference, mode)
             assert err <= (0.06 if n == "hook_embed" or n.startswith("blocks.0.") else 0.25), (n, err)
     for i in (0, 3, 6):  # attention patterns stay distributions
         np.testing.assert_allclose(cache[f"blocks.{i}.attn.hook_pattern"].sum(-1), 1.0, rtol=0, atol=1e-5)
+
+
+def test_native_interventions_on_head_major_sites_against_numpy(tiny_dir):
+    """Sites laid out [batch, head, pos, .] (hook_pattern, the q_norm / k_norm sites, hook_q_normed): positions
+    select axis 2, ablate_heads axis 1 (zero and mean over batch and the selected positions), add / project_out act
+    on a position's last axis -- each equal to the same edit written in numpy."""
+    model = gl.load(tiny_dir)
+    ids = np.random.default_rng(5).integers(0, 320, (2, 9))
+    Hd = model.config.head_dim
+    rng = np.random.default_rng(6)
+    v, d = rng.standard_normal(Hd).astype(np.float32), rng.standard_normal(Hd).astype(np.float32)
+
+    def mean_heads(a, heads, pos):
+        m = a[:, heads][:, :, pos].mean(axis=(0, 2), keepdims=True)
+        a[:, heads, pos[0]:pos[-1] + 1] = m
+        return a
+
+    cases = [
+        ("blocks.2.attn.hook_pattern", gl.interventions.ablate_heads([1, 3]),
+         lambda a: a * (np.arange(a.shape[1]) % 2 == 0)[None, :, None, None]),
+        ("blocks.2.attn.hook_q_normed", gl.interventions.ablate_heads([0, 2], mode="mean", positions=[3, 4, 5]),
+         lambda a: mean_heads(a, [0, 2], [3, 4, 5])),
+        ("blocks.1.attn.q_norm.hook_normalized", gl.interventions.add(v, scale=0.5, positions=[-1]),
+         lambda a: a + 0.5 * v * (np.arange(a.shape[2]) == a.shape[2] - 1)[None, None, :, None]),
+        ("blocks.3.attn.k_norm.hook_out", gl.interventions.project_out(d),
+         lambda a: a - (a @ d)[..., None] * d / (d @ d)),
+        ("blocks.4.attn.q_norm.hook_scale", gl.interventions.scale(3.0, positions=[0, 2]),
+         lambda a: a * np.where(np.isin(np.arange(a.shape[2]), [0, 2]), 3.0, 1.0)[None, None, :, None]),
+    ]
+    for name, native, ref in cases:
+        py = model.run_with_hooks(ids, fwd_hooks=[(name, lambda a, hook, f=ref: f(a.copy()).astype(np.float32))])
+        ours = model.run_with_hooks(ids, fwd_hooks=[(name, native)])
+        np.testing.assert_allclose(ours, py, rtol=0, atol=1e-4, err_msg=name)
+        assert np.abs(ours - model.forward(ids)).max() > 1e-3, name  # the edit mattered

@@ -179,10 +179,12 @@ def test_transcoder_and_attention_sae(small, tmp_path):
     p = random_sae(rng, 64, 150, skip=True)
     tc = gl.SAE.load(save_gemma_scope(str(tmp_path / "tc"), p, "model.layers.3.pre_feedforward_layernorm.output",
                                       "model.layers.3.post_feedforward_layernorm.output"))
-    assert (tc.hook_name, tc.hook_name_out) == ("blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out")
+    # Gemma Scope 2 transcoders read pre_feedforward_layernorm's output: ln2's weighted output, TransformerLens's
+    # ln2.hook_out (its ln2.hook_normalized is before the weight)
+    assert (tc.hook_name, tc.hook_name_out) == ("blocks.3.ln2.hook_out", "blocks.3.hook_mlp_out")
     ids = rng.integers(0, 320, (1, 10))
-    _, cache = model.run_with_cache(ids, names_filter="blocks.3.ln2.hook_normalized")
-    x = cache["blocks.3.ln2.hook_normalized"]
+    _, cache = model.run_with_cache(ids, names_filter="blocks.3.ln2.hook_out")
+    x = cache["blocks.3.ln2.hook_out"]
     out = (np_encode(x, p["W_enc"], p["b_enc"], p["threshold"]) @ p["W_dec"] + p["b_dec"] + x @ p["W_skip"]).astype(np.float32)
     ref = model.run_with_hooks(ids, fwd_hooks=[("blocks.3.hook_mlp_out", lambda a, h: out)])
     assert rel_err(model.run_with_saes(ids, saes=[tc]), ref) <= 1e-4
@@ -327,3 +329,57 @@ def test_gemma_scope_2_affine_transcoder_orientation_against_saelens(tmp_path, m
     np.testing.assert_allclose(ours.decode(ta, x), ref, rtol=1e-4, atol=1e-4)
     flipped = ref - x @ p["W_skip"] + x @ p["W_skip"].T  # what a transposed skip matrix would give
     assert np.abs(flipped - ref).max() > 100 * np.abs(ours(x) - ref).max()
+    # SAELens names this transcoder's input hook_mlp_in (TransformerLens: the MLP branch's input before ln2); its data
+    # is pre_feedforward_layernorm's output, ln2.hook_out, which the hf_hook_name SAELens keeps says and gemmalens reads,
+    # from the Gemma Scope 2 folder and from the SAELens folder SAELens writes of it
+    assert theirs.cfg.metadata.hook_name == "blocks.9.hook_mlp_in" and ours.hook_name == "blocks.9.ln2.hook_out"
+    theirs.save_model(str(tmp_path / "saelens"))
+    again = gl.SAE.load(str(tmp_path / "saelens"))
+    assert (again.hook_name, again.hook_name_out) == ("blocks.9.ln2.hook_out", "blocks.9.hook_mlp_out")
+    np.testing.assert_allclose(again(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_saelens_transcoders_read_the_site_their_cfg_names(small, tmp_path):
+    """A SAELens skip transcoder (written by sae_lens itself) whose hook_name is blocks.1.ln2.hook_normalized reads
+    TransformerLens's ln2.hook_normalized (before ln2's weight) and replaces hook_mlp_out as sae_lens computes it.
+    Given hf_hook_name (what SAELens writes for Gemma Scope 2: the HF module the data was recorded at), that site is
+    read instead: SAELens names Gemma Scope 2 transcoders' input hook_mlp_in, but they read
+    pre_feedforward_layernorm's output, TransformerLens's ln2.hook_out."""
+    sae_lens = pytest.importorskip("sae_lens")
+    import torch
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.transcoder import JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig
+
+    model = small
+    D = model.config.hidden_size
+    rng = np.random.default_rng(9)
+    p = random_sae(rng, D, 48, skip=True)
+    ids = rng.integers(0, 320, (1, 9))
+
+    def write(name, **meta):
+        cfg = JumpReLUSkipTranscoderConfig(d_in=D, d_sae=48, d_out=D, apply_b_dec_to_input=False,
+                                           metadata=SAEMetadata(model_name="gemma-3-270m", **meta))
+        tc = JumpReLUSkipTranscoder(cfg)
+        with torch.no_grad():
+            for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+                getattr(tc, n).copy_(torch.as_tensor(p[n]))
+            tc.W_skip.copy_(torch.as_tensor(p["W_skip"].T))  # SAELens: x @ W_skip.T
+        tc.save_model(str(tmp_path / name))
+        return sae_lens.SAE.load_from_disk(str(tmp_path / name), device="cpu"), gl.SAE.load(str(tmp_path / name))
+
+    for meta, site in ((dict(hook_name="blocks.1.ln2.hook_normalized", hook_name_out="blocks.1.hook_mlp_out"),
+                        "blocks.1.ln2.hook_normalized"),
+                       (dict(hook_name="blocks.1.hook_mlp_in", hook_name_out="blocks.1.hook_mlp_out",
+                             hf_hook_name="model.layers.1.pre_feedforward_layernorm.output",
+                             hf_hook_name_out="model.layers.1.post_feedforward_layernorm.output"), "blocks.1.ln2.hook_out")):
+        theirs, ours = write(site, **meta)
+        assert (ours.hook_name, ours.hook_name_out) == (site, "blocks.1.hook_mlp_out") and ours.is_transcoder
+        _, cache = model.run_with_cache(ids, names_filter=site)
+        with torch.no_grad():
+            out = theirs(torch.as_tensor(cache[site])).numpy()
+        ref = model.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_mlp_out", lambda a, h: out)])
+        assert rel_err(model.run_with_saes(ids, saes=[ours]), ref) <= 1e-4
+    _, both = model.run_with_cache(ids, names_filter=["blocks.1.ln2.hook_normalized", "blocks.1.ln2.hook_out"])
+    assert rel_err(both["blocks.1.ln2.hook_normalized"], both["blocks.1.ln2.hook_out"]) > 0.1  # the choice matters
+    with pytest.raises(ValueError, match="hook_mlp_in"):
+        write("bare", hook_name="blocks.1.hook_mlp_in", hook_name_out="blocks.1.hook_mlp_out")

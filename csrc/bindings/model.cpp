@@ -40,21 +40,32 @@ std::function<void()> interrupt_check() {
 }
 
 void bind_cache(py::module_& m) {
-  py::class_<KVCache>(m, "KVCache")
+  py::class_<KVCache>(m, "KVCache",
+                      "A preallocated key/value cache for incremental decoding (model.new_cache(batch, max_seq_len)). "
+                      "Sliding-window layers keep their last sliding_window positions in ring buffers, full-attention "
+                      "layers max_seq_len; its dtype follows the model's. forward / next_token_logits / generate append "
+                      "to it (positions continue from seq_len); it is refused by a model of another geometry.\n\n"
+                      ">>> cache = model.new_cache(batch=1)\n"
+                      ">>> model.forward(ids, cache=cache)                   # prefill\n"
+                      ">>> step = model.next_token_logits([818], cache=cache)  # one decode step")
       .def(py::init([](const Gemma3Config& cfg, int batch, int64_t max_seq_len, const std::string& dtype) {
              cfg.validate();
              return std::make_unique<KVCache>(cfg, batch, max_seq_len, parse_dtype(dtype));
            }),
            py::arg("config"), py::arg("batch"), py::arg("max_seq_len"), py::arg("dtype") = "float32",
            "Usually made by Model.new_cache(); standalone for sizing.")
-      .def_property_readonly("batch", &KVCache::batch)
-      .def_property_readonly("max_seq_len", &KVCache::max_seq_len)
-      .def_property_readonly("seq_len", &KVCache::seq_len)
-      .def_property_readonly("nbytes", &KVCache::nbytes)
-      .def_property_readonly("dtype", [](const KVCache& c) { return dtype_name(c.dtype()); })
-      .def_property_readonly("row_start", &KVCache::row_start)
-      .def("truncate", &KVCache::truncate, py::arg("n"))
-      .def("copy", [](const KVCache& c) { return c.copy(); })
+      .def_property_readonly("batch", &KVCache::batch, "Rows it was made for.")
+      .def_property_readonly("max_seq_len", &KVCache::max_seq_len, "The most positions it can hold.")
+      .def_property_readonly("seq_len", &KVCache::seq_len, "Positions held so far (the next token's position).")
+      .def_property_readonly("nbytes", &KVCache::nbytes, "Bytes of its key/value buffers.")
+      .def_property_readonly("dtype", [](const KVCache& c) { return dtype_name(c.dtype()); }, "float32 or bfloat16.")
+      .def_property_readonly("row_start", &KVCache::row_start, "Left-padding count of each row.")
+      .def("truncate", &KVCache::truncate, py::arg("n"),
+           "Forget every position from n on (seq_len becomes n): back up to a shared prefix and decode again. A "
+           "ValueError where a sliding-window ring no longer holds the window before n (copy() the cache there "
+           "instead).")
+      .def("copy", [](const KVCache& c) { return c.copy(); },
+           "An independent copy (its own buffers: a full copy's memory), e.g. to branch from one prefill.")
       .def(
           "row_valid", [](const KVCache& c, int r) {
             if (r < 0 || r >= c.batch()) throw ValueError("row_valid: row " + std::to_string(r) + " is out of range");
@@ -95,6 +106,19 @@ void bind_model(py::module_& m) {
       py::arg("logits"), py::arg("targets"), py::arg("weights"), py::arg("with_grad") = true,
       "(sum_m w_m CE(logits_m, target_m), its gradient [M, V] or None): the next-token loss's native kernel.");
   bind_cache(m);
+  // (GradTape and HookSet, bind_hooks, are registered before Model so that its signatures name them)
+  py::class_<GradTape>(m, "GradTape",
+                      "What a forward keeps for a reverse pass (forward(..., tape=)). keep_bytes: the most memory the "
+                      "blocks' intermediates may take for the reverse pass to use them rather than recompute them.")
+      .def(py::init([](int64_t keep_bytes) {
+             if (keep_bytes < 0) throw ValueError("GradTape: keep_bytes must be >= 0");
+             GradTape t;
+             t.keep_bytes = keep_bytes;
+             return t;
+           }),
+           py::arg("keep_bytes") = int64_t(2) << 30)
+      .def_property_readonly("ready", [](const GradTape& t) { return t.ready; })
+      .def_property_readonly("kept_layers", [](const GradTape& t) { return t.layers.size(); });
   py::class_<Gemma3Model>(m, "Model")
       .def_property_readonly("config", &Gemma3Model::config)
       .def_property_readonly("dtype", [](const Gemma3Model& g) { return dtype_name(g.dtype()); })
@@ -241,18 +265,6 @@ void bind_model(py::module_& m) {
           "The reverse pass of the forward recorded in tape: dlogits float32 [batch, pos, vocab] C-contiguous; the "
           "grad_hooks' sites fire with the gradients arriving there; forward_hooks (the forward's) are replayed and "
           "their edits' VJPs applied.");
-  py::class_<GradTape>(m, "GradTape",
-                      "What a forward keeps for a reverse pass (forward(..., tape=)). keep_bytes: the most memory the "
-                      "blocks' intermediates may take for the reverse pass to use them rather than recompute them.")
-      .def(py::init([](int64_t keep_bytes) {
-             if (keep_bytes < 0) throw ValueError("GradTape: keep_bytes must be >= 0");
-             GradTape t;
-             t.keep_bytes = keep_bytes;
-             return t;
-           }),
-           py::arg("keep_bytes") = int64_t(2) << 30)
-      .def_property_readonly("ready", [](const GradTape& t) { return t.ready; })
-      .def_property_readonly("kept_layers", [](const GradTape& t) { return t.layers.size(); });
 }
 
 }  // namespace gemmalens

@@ -38,10 +38,10 @@ PYBIND11_MODULE(_core, m) {
     }
   });
   bind_config(m);
+  bind_hooks(m);  // before bind_model: Model's signatures name HookSet
   bind_model(m);
   bind_testing(m);
   bind_io(m);
-  bind_hooks(m);
   bind_sae(m);
   m.def("dnnl_version", &ops::dnnl_version);
   m.def("max_threads", &ops::get_max_threads);

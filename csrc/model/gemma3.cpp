@@ -149,6 +149,7 @@ Gemma3Model::Pass Gemma3Model::prepare(const ForwardArgs& a) {
   p.out = grow(ws_.out, M * D);
   p.gate_up = grow(ws_.gate_up, M * 2 * F);
   p.act = grow(ws_.act, M * F);
+  p.scale = grow(ws_.scale, 2 * M * H);
   return p;
 }
 
@@ -201,21 +202,20 @@ void Gemma3Model::attention_block(int l, Pass& p) {
   const Gemma3Config& c = cfg_;
   LayerWeights& L = w_.layers[l];
   const int D = c.hidden_size, H = c.num_attention_heads, KV = c.num_key_value_heads, Hd = c.head_dim, QKV = (H + 2 * KV) * Hd;
-  const float eps = static_cast<float>(c.rms_norm_eps);
   const int64_t M = p.M;
   const bool sliding = c.is_sliding(l);
 
-  ops::rmsnorm(p.x, D, L.input_layernorm.data(), eps, M, D, p.normed, D);
-  p.resid(Site::Ln1, l, p.normed, D, D);
+  norm(l, p, resid_norm(kLn1, L.input_layernorm, p.B, p.T, p.keep ? &p.keep->s_ln1 : nullptr), p.x, D, p.normed, D);
   L.qkv.forward(p.normed, M, p.qkv);
-  if (p.keep) LayerTape::save(p.keep->qkv, p.qkv, M * QKV);
   p.heads(Site::Q, l, p.qkv, H, QKV);
   p.heads(Site::K, l, p.qkv + H * Hd, KV, QKV);
   p.heads(Site::V, l, p.qkv + (H + KV) * Hd, KV, QKV);
-  ops::rmsnorm_heads(p.qkv, QKV, H, Hd, L.q_norm.data(), eps, M, p.q);            // q_norm before RoPE
-  ops::rmsnorm_heads(p.qkv + H * Hd, QKV, KV, Hd, L.k_norm.data(), eps, M, p.k);  // k_norm before RoPE
-  p.heads(Site::QNorm, l, p.q, H, H * Hd);
-  p.heads(Site::KNorm, l, p.k, KV, KV * Hd);
+  if (p.keep) LayerTape::save(p.keep->qkv, p.qkv, M * QKV);  // as edited at hook_q / k / v: the norms' inputs
+  // q_norm and k_norm before RoPE, per head
+  norm(l, p, head_norm(kQNorm, L.q_norm, H, p.B, p.T, p.keep ? &p.keep->s_q : nullptr), p.qkv, QKV, p.q, H * Hd);
+  p.heads_bhtd(Site::QNormed, l, p.q, H, H * Hd);
+  norm(l, p, head_norm(kKNorm, L.k_norm, KV, p.B, p.T, p.keep ? &p.keep->s_k : nullptr), p.qkv + H * Hd, QKV, p.k, KV * Hd);
+  p.heads_bhtd(Site::KNormed, l, p.k, KV, KV * Hd);
   for (int64_t m = 0; m < M; ++m) std::memcpy(p.v + m * KV * Hd, p.qkv + m * QKV + (H + KV) * Hd, sizeof(float) * KV * Hd);
   ops::rope_apply(p.q, M, H, Hd, p.rope_cos(sliding), p.rope_sin(sliding));
   ops::rope_apply(p.k, M, KV, Hd, p.rope_cos(sliding), p.rope_sin(sliding));
@@ -237,16 +237,47 @@ void Gemma3Model::attention_block(int l, Pass& p) {
 
   L.o_proj.forward(p.z, M, p.out);
   if (p.keep) LayerTape::save(p.keep->attn_proj, p.out, M * D);
-  join_residual(l, p, L.post_attention_layernorm, Site::Ln1Post, Site::AttnOut, Site::ResidMid);
+  join_residual(l, p, resid_norm(kLn1Post, L.post_attention_layernorm, p.B, p.T, p.keep ? &p.keep->s_ln1_post : nullptr),
+                Site::AttnOut, Site::ResidMid);
 }
 
-void Gemma3Model::join_residual(int l, Pass& p, const std::vector<float>& post_norm, Site norm_site, Site out_site, Site resid_site) {
+void Gemma3Model::join_residual(int l, Pass& p, const NormCall& post_norm, Site out_site, Site resid_site) {
   const int D = cfg_.hidden_size;
-  ops::rmsnorm(p.out, D, post_norm.data(), static_cast<float>(cfg_.rms_norm_eps), p.M, D, p.out, D);
-  p.resid(norm_site, l, p.out, D, D);
+  norm(l, p, post_norm, p.out, D, p.out, D);
   p.resid(out_site, l, p.out, D, D);
   ops::add_inplace(p.x, p.out, p.M * D);
   p.resid(resid_site, l, p.x, D, D);
+}
+
+void Gemma3Model::norm(int l, Pass& p, const NormCall& n, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  const int64_t M = n.rows(), nh = n.nh, W = n.W, B = n.Bv, T = n.Tv;
+  const bool split = p.on(n.sites.scale, l) || p.on(n.sites.normalized, l);
+  if (!split) {
+    if (n.per_head)
+      ops::rmsnorm_heads(x, ldx, n.nh, n.W, n.w, eps, M, y);  // y [M, nh, W] contiguous (ldy = nh W)
+    else
+      ops::rmsnorm(x, ldx, n.w, eps, M, n.W, y, ldy);
+    if (n.kept_scale) n.kept_scale->clear();
+  } else {  // TransformerLens's steps, each a hook site (with the scale unedited: the fused kernel's values exactly)
+    ops::rms_scale(x, ldx, n.nh, n.W, eps, M, p.scale);
+    if (n.per_head)
+      p.fire(n.sites.scale, l, p.scale, {B, nh, T, 1}, {T * nh, 1, nh, 1}, 2);
+    else
+      p.fire(n.sites.scale, l, p.scale, {B, T, 1}, {T, 1, 1});
+    if (n.kept_scale) n.kept_scale->assign(p.scale, p.scale + M * nh);  // the reverse pass divides by it again
+    ops::rms_divide(x, ldx, n.nh, n.W, p.scale, M, y, ldy);
+    if (n.per_head)
+      p.fire(n.sites.normalized, l, y, {B, nh, T, W}, {T * ldy, W, ldy, 1}, 2);
+    else
+      p.fire(n.sites.normalized, l, y, {B, T, W}, {T * ldy, ldy, 1});
+    ops::rms_gain(y, ldy, n.nh, n.W, n.w, M);
+  }
+  if (!p.on(n.sites.out, l)) return;
+  if (n.per_head)
+    p.fire(n.sites.out, l, y, {B, nh, T, W}, {T * ldy, W, ldy, 1}, 2);
+  else
+    p.fire(n.sites.out, l, y, {B, T, W}, {T * ldy, ldy, 1});
 }
 
 void Gemma3Model::attend(int l, Pass& p) {
@@ -302,37 +333,36 @@ void Gemma3Model::mlp_block(int l, Pass& p) {
   const Gemma3Config& c = cfg_;
   LayerWeights& L = w_.layers[l];
   const int D = c.hidden_size, F = c.intermediate_size;
-  const float eps = static_cast<float>(c.rms_norm_eps);
   const int64_t M = p.M;
   if (p.keep) LayerTape::save(p.keep->x_mid, p.x, M * D);
-  ops::rmsnorm(p.x, D, L.pre_feedforward_layernorm.data(), eps, M, D, p.normed, D);
-  p.resid(Site::Ln2, l, p.normed, D, D);
+  norm(l, p, resid_norm(kLn2, L.pre_feedforward_layernorm, p.B, p.T, p.keep ? &p.keep->s_ln2 : nullptr), p.x, D, p.normed, D);
   L.gate_up.forward(p.normed, M, p.gate_up);
-  if (p.keep) LayerTape::save(p.keep->gate_up, p.gate_up, M * 2 * F);
   p.resid(Site::MlpPre, l, p.gate_up, F, 2 * F);
   p.resid(Site::MlpPreLinear, l, p.gate_up + F, F, 2 * F);
+  if (p.keep) LayerTape::save(p.keep->gate_up, p.gate_up, M * 2 * F);  // as edited at hook_pre / hook_pre_linear
   ops::gelu_tanh_mul(p.gate_up, p.gate_up + F, 2 * F, M, F, p.act);
   p.resid(Site::MlpPost, l, p.act, F, F);
   L.down_proj.forward(p.act, M, p.out);
   if (p.keep) LayerTape::save(p.keep->down, p.out, M * D);
-  join_residual(l, p, L.post_feedforward_layernorm, Site::Ln2Post, Site::MlpOut, Site::ResidPost);
+  join_residual(l, p, resid_norm(kLn2Post, L.post_feedforward_layernorm, p.B, p.T, p.keep ? &p.keep->s_ln2_post : nullptr),
+                Site::MlpOut, Site::ResidPost);
 }
 
 void Gemma3Model::final(Pass& p) {
   const Gemma3Config& c = cfg_;
   const ForwardArgs& a = p.a;
   const int D = c.hidden_size;
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  if (a.logits_mode == LogitsMode::None && !p.on(Site::LnFinal, -1)) return;
+  if (a.logits_mode == LogitsMode::None && !p.on(Site::LnFinalScale, -1) && !p.on(Site::LnFinalNormalized, -1) &&
+      !p.on(Site::LnFinalOut, -1))
+    return;
+  std::vector<float>* keep = a.tape ? &a.tape->final_scale : nullptr;
   int64_t rows = p.M;
-  if (a.logits_mode == LogitsMode::Last) {  // each row's last position only
+  if (a.logits_mode == LogitsMode::Last) {  // each row's last position only: rows b at x + ((b + 1) T - 1) D
     rows = p.B;
-    for (int b = 0; b < p.B; ++b)
-      ops::rmsnorm(p.x + (static_cast<int64_t>(b) * p.T + p.T - 1) * D, D, w_.final_norm.data(), eps, 1, D, p.normed + b * D, D);
-    if (p.on(Site::LnFinal, -1)) p.fire(Site::LnFinal, -1, p.normed, {p.B, 1, D}, {D, D, 1});
+    norm(-1, p, resid_norm(kLnFinal, w_.final_norm, p.B, 1, keep), p.x + static_cast<int64_t>(p.T - 1) * D,
+         static_cast<int64_t>(p.T) * D, p.normed, D);
   } else {
-    ops::rmsnorm(p.x, D, w_.final_norm.data(), eps, p.M, D, p.normed, D);
-    p.resid(Site::LnFinal, -1, p.normed, D, D);
+    norm(-1, p, resid_norm(kLnFinal, w_.final_norm, p.B, p.T, keep), p.x, D, p.normed, D);
   }
   if (a.logits_mode == LogitsMode::None) return;
   w_.embed.forward(p.normed, rows, a.logits);  // the tied LM head

@@ -17,6 +17,7 @@
 namespace gemmalens {
 
 struct LayerTape;  // model/pass.h
+struct NormCall;   // model/pass.h
 
 // Shapes use D = hidden_size, F = intermediate_size, H/KV = heads, Hd = head_dim, V = vocab_size.
 struct LayerWeights {
@@ -84,6 +85,7 @@ struct GradTape {
   std::vector<int32_t> tokens, row_start;  // [B, T], [B]
   std::vector<std::vector<float>> resid;   // n_layers + 1 of [B, T, D]
   std::vector<std::shared_ptr<LayerTape>> layers;  // n_layers, or empty
+  std::vector<float> final_scale;          // [B * T] the final norm's scale where the forward split it (see LayerTape)
   int64_t keep_bytes = int64_t(2) << 30;
   bool ready = false;                      // a forward filled it
 };
@@ -163,15 +165,22 @@ class Gemma3Model {
   void mlp_block(int l, Pass& p);        // x += post_feedforward_norm(down(gelu_tanh(gate) * up))
   // A block's branch output (in the pass's out buffer) joins the residual stream: post-norm, then x += it; fires
   // the norm's, the branch's and the residual stream's hook sites.
-  void join_residual(int l, Pass& p, const std::vector<float>& post_norm, Site norm_site, Site out_site, Site resid_site);
+  void join_residual(int l, Pass& p, const NormCall& post_norm, Site out_site, Site resid_site);
   void final(Pass& p);                   // final norm and the tied LM head
+  // y = rmsnorm(x) at its three hook sites (hook_scale, hook_normalized, hook_out): one fused kernel unless a hook (or
+  // a gradient run's replay) is at the first two, then TransformerLens's steps scale -> x / scale -> * (1 + w).
+  void norm(int l, Pass& p, const NormCall& n, const float* x, int64_t ldx, float* y, int64_t ldy);
+  // Its VJP: gy (the gradient at y, row stride ldy; overwritten) -> dx (written, or added with accumulate); fires the
+  // same sites in reverse order.
+  void norm_backward(int l, Pass& p, const NormCall& n, const float* x, int64_t ldx, float* gy, int64_t ldy, float* dx,
+                     int64_t ldd, bool accumulate);
   // Their VJPs (gemma3_grad.cpp): dx [M, D] holds the gradient at the block's output and leaves with its input's.
   // The tape is read (the block's intermediates) and lends its scratch buffers.
   void attention_block_backward(int l, Pass& p, LayerTape& t, float* dx);
   void mlp_block_backward(int l, Pass& p, LayerTape& t, float* dx);
   // Activation buffers, grown on demand and reused across calls (no page faults in steady state).
   struct Workspace {
-    std::vector<float> x, normed, qkv, q, k, v, z, out, gate_up, act;
+    std::vector<float> x, normed, qkv, q, k, v, z, out, gate_up, act, scale;
   };
   Gemma3Config cfg_;
   Workspace ws_;

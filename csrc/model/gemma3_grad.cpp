@@ -45,7 +45,6 @@ void Gemma3Model::backward(const BackwardArgs& g) {
   p.vjp = g.forward_hooks;
   const int D = c.hidden_size;
   const int64_t M = p.M, V = c.vocab_size;
-  const float eps = static_cast<float>(c.rms_norm_eps);
   std::vector<float> dx(static_cast<size_t>(M) * D), dl;
   struct ReleaseScratch {  // the widened-weights buffer goes back when the pass ends, normally or not
     ~ReleaseScratch() { ops::release_backward_scratch(); }
@@ -59,9 +58,9 @@ void Gemma3Model::backward(const BackwardArgs& g) {
     dlogits = dl.data();
   }
   w_.embed.backward_input(dlogits, M, p.normed);  // d final_norm output [M, D]
-  p.resid(Site::LnFinal, -1, p.normed, D, D);
   const float* x_final = tape->resid[c.num_hidden_layers].data();
-  ops::rmsnorm_backward(x_final, D, w_.final_norm.data(), eps, M, D, p.normed, D, dx.data(), D, false);
+  norm_backward(-1, p, resid_norm(kLnFinal, w_.final_norm, p.B, p.T, &tape->final_scale), x_final, D, p.normed, D, dx.data(), D,
+                false);
 
   // ---- the blocks, last to first: each one's VJP from the intermediates the forward kept or, where it kept none,
   // from the block run again from its recorded input (the forward's edits replayed, no captures or gradient hooks) --
@@ -94,26 +93,61 @@ void Gemma3Model::backward(const BackwardArgs& g) {
   p.resid(Site::Embed, -1, dx.data(), D, D);
 }
 
+void Gemma3Model::norm_backward(int l, Pass& p, const NormCall& n, const float* x, int64_t ldx, float* gy, int64_t ldy, float* dx,
+                                int64_t ldd, bool accumulate) {
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  const int64_t M = n.rows(), nh = n.nh, W = n.W, B = n.Bv, T = n.Tv;
+  auto fire = [&](Site st, float* ptr, int64_t width, int64_t ld) {  // the forward's views (Gemma3Model::norm)
+    if (!p.on(st, l)) return;
+    if (n.per_head)
+      p.fire(st, l, ptr, {B, nh, T, width}, {T * ld, width, ld, 1}, 2);
+    else
+      p.fire(st, l, ptr, {B, T, width}, {T * ld, ld, 1});
+  };
+  fire(n.sites.out, gy, W, ldy);
+  if (!p.on(n.sites.scale, l) && !p.on(n.sites.normalized, l)) {  // the fused VJP
+    if (n.per_head)
+      ops::rmsnorm_heads_backward(x, ldx, n.nh, n.W, n.w, eps, M, gy, dx, ldd);  // gy [M, nh, W] contiguous
+    else
+      ops::rmsnorm_backward(x, ldx, n.w, eps, M, n.W, gy, ldy, dx, ldd, accumulate);
+    return;
+  }
+  // y = (x / s_used) (1 + w), s = sqrt(mean(x^2) + eps) edited at hook_scale into s_used
+  ops::rms_gain(gy, ldy, n.nh, n.W, n.w, M);  // the gradient at hook_normalized
+  fire(n.sites.normalized, gy, W, ldy);
+  float* s_used = p.scale;
+  float* gs = p.scale + M * nh;
+  if (n.kept_scale && static_cast<int64_t>(n.kept_scale->size()) == M * nh)
+    s_used = n.kept_scale->data();  // what the forward divided by, after the edits at hook_scale
+  else
+    ops::rms_scale(x, ldx, n.nh, n.W, eps, M, s_used);
+  ops::rms_scale_grad(x, ldx, n.nh, n.W, s_used, M, gy, ldy, gs);
+  if (n.per_head)
+    p.fire(n.sites.scale, l, gs, {B, nh, T, 1}, {T * nh, 1, nh, 1}, 2);
+  else
+    p.fire(n.sites.scale, l, gs, {B, T, 1}, {T, 1, 1});
+  ops::rms_divide_backward(x, ldx, n.nh, n.W, eps, s_used, M, gy, ldy, gs, dx, ldd, accumulate);
+}
+
 void Gemma3Model::mlp_block_backward(int l, Pass& p, LayerTape& t, float* dx) {
   const Gemma3Config& c = cfg_;
   LayerWeights& L = w_.layers[l];
   const int D = c.hidden_size, F = c.intermediate_size;
-  const float eps = static_cast<float>(c.rms_norm_eps);
   const int64_t M = p.M;
   // x_post = x_mid + post_ffw_norm(down(gelu(gate) * up)), gate | up = gate_up(pre_ffw_norm(x_mid))
   std::memcpy(p.out, dx, sizeof(float) * M * D);  // d mlp_out
   p.resid(Site::MlpOut, l, p.out, D, D);  // the reverse of the forward's order at one buffer
-  p.resid(Site::Ln2Post, l, p.out, D, D);
   t.d_branch.resize(static_cast<size_t>(M) * D);
-  ops::rmsnorm_backward(t.down.data(), D, L.post_feedforward_layernorm.data(), eps, M, D, p.out, D, t.d_branch.data(), D, false);
+  norm_backward(l, p, resid_norm(kLn2Post, L.post_feedforward_layernorm, p.B, p.T, &t.s_ln2_post), t.down.data(), D, p.out, D,
+                t.d_branch.data(), D, false);
   L.down_proj.backward_input(t.d_branch.data(), M, p.act);  // d act [M, F]
   p.resid(Site::MlpPost, l, p.act, F, F);
   ops::gelu_tanh_mul_backward(t.gate_up.data(), t.gate_up.data() + F, 2 * F, M, F, p.act, p.gate_up, p.gate_up + F, 2 * F);
-  p.resid(Site::MlpPre, l, p.gate_up, F, 2 * F);
   p.resid(Site::MlpPreLinear, l, p.gate_up + F, F, 2 * F);
+  p.resid(Site::MlpPre, l, p.gate_up, F, 2 * F);
   L.gate_up.backward_input(p.gate_up, M, p.normed);  // d ln2 output
-  p.resid(Site::Ln2, l, p.normed, D, D);
-  ops::rmsnorm_backward(t.x_mid.data(), D, L.pre_feedforward_layernorm.data(), eps, M, D, p.normed, D, dx, D, true);
+  norm_backward(l, p, resid_norm(kLn2, L.pre_feedforward_layernorm, p.B, p.T, &t.s_ln2), t.x_mid.data(), D, p.normed, D, dx, D,
+                true);
   p.resid(Site::ResidMid, l, dx, D, D);
 }
 
@@ -121,15 +155,14 @@ void Gemma3Model::attention_block_backward(int l, Pass& p, LayerTape& t, float* 
   const Gemma3Config& c = cfg_;
   LayerWeights& L = w_.layers[l];
   const int D = c.hidden_size, H = c.num_attention_heads, KV = c.num_key_value_heads, Hd = c.head_dim, QKV = (H + 2 * KV) * Hd;
-  const float eps = static_cast<float>(c.rms_norm_eps);
   const int64_t M = p.M, B = p.B, T = p.T;
   const bool sliding = c.is_sliding(l);
   // x_mid = x_pre + post_attn_norm(o_proj(z)), z = attention(rope(q_norm(q)), rope(k_norm(k)), v), q|k|v = qkv(ln1(x_pre))
   std::memcpy(p.out, dx, sizeof(float) * M * D);  // d attn_out
   p.resid(Site::AttnOut, l, p.out, D, D);
-  p.resid(Site::Ln1Post, l, p.out, D, D);
   t.d_branch.resize(static_cast<size_t>(M) * D);
-  ops::rmsnorm_backward(t.attn_proj.data(), D, L.post_attention_layernorm.data(), eps, M, D, p.out, D, t.d_branch.data(), D, false);
+  norm_backward(l, p, resid_norm(kLn1Post, L.post_attention_layernorm, p.B, p.T, &t.s_ln1_post), t.attn_proj.data(), D, p.out, D,
+                t.d_branch.data(), D, false);
   L.o_proj.backward_input(t.d_branch.data(), M, p.z);  // d z [B, T, H, Hd]
   p.heads(Site::Z, l, p.z, H, H * Hd);
 
@@ -150,21 +183,22 @@ void Gemma3Model::attention_block_backward(int l, Pass& p, LayerTape& t, float* 
   ops::softmax_rows_backward(t.pattern_before_edit(), d_pattern.data(), B * H * T, S, d_scores.data());
   if (p.on(Site::AttnScores, l)) p.fire(Site::AttnScores, l, d_scores.data(), {B, H, T, S}, {H * T * S, T * S, S, 1}, 2);
   ops::attention_scores_backward(at, t.scores_before_edit(), d_scores.data(), p.q, p.k);
-  p.heads(Site::RotQ, l, p.q, H, H * Hd);
   p.heads(Site::RotK, l, p.k, KV, KV * Hd);
+  p.heads(Site::RotQ, l, p.q, H, H * Hd);
   ops::rope_apply(p.q, M, H, Hd, p.rope_cos(sliding), p.rope_sin(sliding), /*inverse=*/true);
   ops::rope_apply(p.k, M, KV, Hd, p.rope_cos(sliding), p.rope_sin(sliding), /*inverse=*/true);
-  p.heads(Site::QNorm, l, p.q, H, H * Hd);
-  p.heads(Site::KNorm, l, p.k, KV, KV * Hd);
-  ops::rmsnorm_heads_backward(t.qkv.data(), QKV, H, Hd, L.q_norm.data(), eps, M, p.q, p.qkv, QKV);
-  ops::rmsnorm_heads_backward(t.qkv.data() + H * Hd, QKV, KV, Hd, L.k_norm.data(), eps, M, p.k, p.qkv + H * Hd, QKV);
+  // k_norm, then q_norm (the forward's order reversed), each writing its part of the fused qkv gradient
+  p.heads_bhtd(Site::KNormed, l, p.k, KV, KV * Hd);
+  norm_backward(l, p, head_norm(kKNorm, L.k_norm, KV, p.B, p.T, &t.s_k), t.qkv.data() + H * Hd, QKV, p.k, KV * Hd,
+                p.qkv + H * Hd, QKV, false);
+  p.heads_bhtd(Site::QNormed, l, p.q, H, H * Hd);
+  norm_backward(l, p, head_norm(kQNorm, L.q_norm, H, p.B, p.T, &t.s_q), t.qkv.data(), QKV, p.q, H * Hd, p.qkv, QKV, false);
   for (int64_t m = 0; m < M; ++m) std::memcpy(p.qkv + m * QKV + (H + KV) * Hd, p.v + m * KV * Hd, sizeof(float) * KV * Hd);
-  p.heads(Site::Q, l, p.qkv, H, QKV);
-  p.heads(Site::K, l, p.qkv + H * Hd, KV, QKV);
   p.heads(Site::V, l, p.qkv + (H + KV) * Hd, KV, QKV);
+  p.heads(Site::K, l, p.qkv + H * Hd, KV, QKV);
+  p.heads(Site::Q, l, p.qkv, H, QKV);
   L.qkv.backward_input(p.qkv, M, p.normed);  // d ln1 output
-  p.resid(Site::Ln1, l, p.normed, D, D);
-  ops::rmsnorm_backward(t.x_pre, D, L.input_layernorm.data(), eps, M, D, p.normed, D, dx, D, true);
+  norm_backward(l, p, resid_norm(kLn1, L.input_layernorm, p.B, p.T, &t.s_ln1), t.x_pre, D, p.normed, D, dx, D, true);
   p.resid(Site::ResidPre, l, dx, D, D);
 }
 

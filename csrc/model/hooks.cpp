@@ -11,28 +11,44 @@ namespace gemmalens {
 const HookSiteInfo kHookSites[static_cast<int>(Site::Count)] = {
     {Site::Embed, "hook_embed", false},
     {Site::ResidPre, "hook_resid_pre", true},
-    {Site::Ln1, "ln1.hook_normalized", true},
+    {Site::Ln1Scale, "ln1.hook_scale", true},
+    {Site::Ln1Normalized, "ln1.hook_normalized", true},
+    {Site::Ln1Out, "ln1.hook_out", true},
     {Site::Q, "attn.hook_q", true},
     {Site::K, "attn.hook_k", true},
     {Site::V, "attn.hook_v", true},
-    {Site::QNorm, "attn.q_norm.hook_normalized", true},
-    {Site::KNorm, "attn.k_norm.hook_normalized", true},
+    {Site::QNormScale, "attn.q_norm.hook_scale", true},
+    {Site::QNormNormalized, "attn.q_norm.hook_normalized", true},
+    {Site::QNormOut, "attn.q_norm.hook_out", true},
+    {Site::QNormed, "attn.hook_q_normed", true},
+    {Site::KNormScale, "attn.k_norm.hook_scale", true},
+    {Site::KNormNormalized, "attn.k_norm.hook_normalized", true},
+    {Site::KNormOut, "attn.k_norm.hook_out", true},
+    {Site::KNormed, "attn.hook_k_normed", true},
     {Site::RotQ, "attn.hook_rot_q", true},
     {Site::RotK, "attn.hook_rot_k", true},
     {Site::AttnScores, "attn.hook_attn_scores", true},
     {Site::Pattern, "attn.hook_pattern", true},
     {Site::Z, "attn.hook_z", true},
-    {Site::Ln1Post, "ln1_post.hook_normalized", true},
+    {Site::Ln1PostScale, "ln1_post.hook_scale", true},
+    {Site::Ln1PostNormalized, "ln1_post.hook_normalized", true},
+    {Site::Ln1PostOut, "ln1_post.hook_out", true},
     {Site::AttnOut, "hook_attn_out", true},
     {Site::ResidMid, "hook_resid_mid", true},
-    {Site::Ln2, "ln2.hook_normalized", true},
+    {Site::Ln2Scale, "ln2.hook_scale", true},
+    {Site::Ln2Normalized, "ln2.hook_normalized", true},
+    {Site::Ln2Out, "ln2.hook_out", true},
     {Site::MlpPre, "mlp.hook_pre", true},
     {Site::MlpPreLinear, "mlp.hook_pre_linear", true},
     {Site::MlpPost, "mlp.hook_post", true},
-    {Site::Ln2Post, "ln2_post.hook_normalized", true},
+    {Site::Ln2PostScale, "ln2_post.hook_scale", true},
+    {Site::Ln2PostNormalized, "ln2_post.hook_normalized", true},
+    {Site::Ln2PostOut, "ln2_post.hook_out", true},
     {Site::MlpOut, "hook_mlp_out", true},
     {Site::ResidPost, "hook_resid_post", true},
-    {Site::LnFinal, "ln_final.hook_normalized", false},
+    {Site::LnFinalScale, "ln_final.hook_scale", false},
+    {Site::LnFinalNormalized, "ln_final.hook_normalized", false},
+    {Site::LnFinalOut, "ln_final.hook_out", false},
 };
 
 std::vector<std::string> hook_names(int n_layers) {
@@ -40,7 +56,8 @@ std::vector<std::string> hook_names(int n_layers) {
   for (int i = 0; i < n_layers; ++i)
     for (const auto& s : kHookSites)
       if (s.per_layer) out.push_back("blocks." + std::to_string(i) + "." + s.suffix);
-  out.push_back("ln_final.hook_normalized");
+  for (const auto& s : kHookSites)
+    if (!s.per_layer && s.site != Site::Embed) out.push_back(s.suffix);
   return out;
 }
 
@@ -103,6 +120,13 @@ std::vector<char> row_mask(const std::vector<int64_t>& rows, int64_t B) {
   return m;
 }
 
+// Product of the dims up to and including the position axis (the number of position vectors).
+int64_t position_rows(const ActView& v) {
+  int64_t n = 1;
+  for (int d = 0; d <= v.pos_axis; ++d) n *= v.shape[d];
+  return n;
+}
+
 // Product of the dims after the position axis (the "inner" vector a position holds, heads included).
 int64_t inner_size(const ActView& v) {
   int64_t n = 1;
@@ -115,19 +139,39 @@ int64_t inner_index(const ActView& v, const int64_t* idx) {
   return k;
 }
 
-// f(x) for every selected position's vector x[inner] of a [batch, pos, ...] view. Every view the forward pass
-// makes keeps a position's values contiguous (heads then d_head), which this checks.
+// f(x, row) for every selected position's vector x[inner] of the selected batch rows: the axes after the position
+// axis must be contiguous, as in every view the forward pass makes ([batch, pos, ...], [batch, head, pos, d_head],
+// [batch, head, pos, key]). row numbers all the vectors (selected or not) in row-major order of the axes up to the
+// position axis.
 template <class F>
 void for_each_position(const ActView& v, const std::vector<char>& pmask, const std::vector<char>& bmask, const char* what, F&& f) {
   int64_t expect = 1;
   for (int d = static_cast<int>(v.shape.size()) - 1; d > v.pos_axis; --d) {
-    if (v.strides[d] != expect || v.pos_axis != 1)
-      throw ValueError(std::string(what) + " applies to [batch, pos, ...] activations, not " + shape_str(v.shape));
+    if (v.strides[d] != expect)
+      throw ValueError(std::string(what) + " needs the values of one position contiguous, not the view " + shape_str(v.shape));
     expect *= v.shape[d];
   }
-  for (int64_t b = 0; b < v.shape[0]; ++b)
-    for (int64_t t = 0; t < v.shape[1]; ++t)
-      if (pmask[t] && bmask[b]) f(v.data + b * v.strides[0] + t * v.strides[1]);
+  const int64_t rows = position_rows(v);
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t rem = r, off = 0, t = 0, b = 0;
+    for (int d = v.pos_axis; d >= 0; --d) {
+      const int64_t i = rem % v.shape[d];
+      rem /= v.shape[d];
+      off += i * v.strides[d];
+      if (d == v.pos_axis) t = i;
+      if (d == 0) b = i;
+    }
+    if (pmask[t] && bmask[b]) f(v.data + off, r);
+  }
+}
+
+// The head axis of a per-head view: [B, T, heads, Hd] (q, k, v, z, rot_q, ...) or [B, heads, T, X] (q_norm's sites,
+// hook_q_normed, attn_scores, pattern).
+int head_axis(const ActView& v) {
+  if (v.shape.size() != 4 || (v.pos_axis != 1 && v.pos_axis != 2))
+    throw ValueError("interventions.ablate_heads applies to per-head activations ([batch, pos, head, d_head] such as attn.hook_z, "
+                     "or [batch, head, pos, ...] such as attn.hook_pattern), not " + shape_str(v.shape));
+  return v.pos_axis == 1 ? 2 : 1;
 }
 
 void apply(HookAction& a, const ActView& v) {
@@ -177,30 +221,27 @@ void apply(HookAction& a, const ActView& v) {
       });
       break;
     case HookAction::AblateHeads: {
-      // [B, T, heads, Hd] activations (z, q, k, v, ...): head axis 2.
-      if (v.shape.size() != 4 || v.pos_axis != 1)
-        throw ValueError("interventions.ablate_heads applies to per-head activations [batch, pos, head, d_head] (e.g. attn.hook_z), "
-                         "not " + shape_str(v.shape));
-      const int64_t nh = v.shape[2], hd = v.shape[3];
+      const int ha = head_axis(v), xa = 3;  // head and last axis
+      const int64_t nh = v.shape[ha], hd = v.shape[xa];
       std::vector<char> hm(nh, 0);
       for (auto h : a.heads) {
         if (h < 0 || h >= nh) throw ValueError("interventions.ablate_heads: head " + std::to_string(h) + " out of range [0, " + std::to_string(nh) + ")");
         hm[h] = 1;
       }
+      // mean: each ablated head's values averaged over the selected batch rows and positions
       std::vector<double> mean(nh * hd, 0.0);
       if (a.mean) {
-        int64_t cnt = 0;
-        for (int64_t b = 0; b < v.shape[0]; ++b)
-          for (int64_t t = 0; t < v.shape[1]; ++t) {
-            if (!pmask[t] || !bmask[b]) continue;
-            ++cnt;
-            for (int64_t h = 0; h < nh; ++h)
-              for (int64_t d = 0; d < hd; ++d) mean[h * hd + d] += v.data[b * v.strides[0] + t * v.strides[1] + h * v.strides[2] + d * v.strides[3]];
-          }
-        for (auto& m : mean) m /= std::max<int64_t>(cnt, 1);
+        std::vector<int64_t> cnt(nh, 0);
+        v.for_each([&](float& x, const int64_t* idx) {
+          if (!sel(idx)) return;
+          mean[idx[ha] * hd + idx[xa]] += x;
+          if (idx[xa] == 0) ++cnt[idx[ha]];
+        });
+        for (int64_t h = 0; h < nh; ++h)
+          for (int64_t d = 0; d < hd; ++d) mean[h * hd + d] /= std::max<int64_t>(cnt[h], 1);
       }
       v.for_each([&](float& x, const int64_t* idx) {
-        if (sel(idx) && hm[idx[2]]) x = static_cast<float>(mean[idx[2] * hd + idx[3]]);
+        if (sel(idx) && hm[idx[ha]]) x = static_cast<float>(mean[idx[ha] * hd + idx[xa]]);
       });
       break;
     }
@@ -213,7 +254,7 @@ void apply(HookAction& a, const ActView& v) {
       for (float d : a.values) nn += static_cast<double>(d) * d;
       if (nn == 0) throw ValueError("interventions.project_out: the direction is zero");
       // x <- x - (x . d) d / |d|^2, per position
-      for_each_position(v, pmask, bmask, "interventions.project_out", [&](float* x) {
+      for_each_position(v, pmask, bmask, "interventions.project_out", [&](float* x, int64_t) {
         double dot = 0;
         for (int64_t k = 0; k < inner; ++k) dot += static_cast<double>(x[k]) * a.values[k];
         const double c = dot / nn;
@@ -230,9 +271,8 @@ void apply(HookAction& a, const ActView& v) {
         throw ValueError("interventions.ablate_features: the SAE's d_in (" + std::to_string(a.f_enc.size() / std::max<int64_t>(nf, 1)) +
                          ") does not match the activation " + shape_str(v.shape) + " (" + std::to_string(inner) + " per position)");
       std::vector<double> act(nf);
-      a.f_on.assign(static_cast<size_t>(v.shape[0] * T * nf), 0);
-      int64_t row = 0;
-      for_each_position(v, pmask, bmask, "interventions.ablate_features", [&](float* x) {
+      a.f_on.assign(static_cast<size_t>(position_rows(v) * nf), 0);
+      for_each_position(v, pmask, bmask, "interventions.ablate_features", [&](float* x, int64_t row) {
         for (int64_t f = 0; f < nf; ++f) {
           double pre = a.f_b_enc[f];
           for (int64_t j = 0; j < inner; ++j) pre += (static_cast<double>(x[j]) - (a.f_b_dec.empty() ? 0.0 : a.f_b_dec[j])) * a.f_enc[f * inner + j];
@@ -240,7 +280,6 @@ void apply(HookAction& a, const ActView& v) {
           act[f] = on ? pre : 0.0;
           a.f_on[row * nf + f] = on;
         }
-        ++row;
         for (int64_t f = 0; f < nf; ++f)
           if (act[f] != 0.0)
             for (int64_t j = 0; j < inner; ++j) x[j] = static_cast<float>(x[j] - act[f] * a.f_dec[f * inner + j]);
@@ -274,25 +313,23 @@ void apply_vjp(const HookAction& a, const ActView& g) {
       });
       break;
     case HookAction::AblateHeads: {
-      const int64_t nh = g.shape[2], hd = g.shape[3];
+      const int ha = head_axis(g), xa = 3;
+      const int64_t nh = g.shape[ha], hd = g.shape[xa];
       std::vector<char> hm(nh, 0);
       for (auto h : a.heads) hm[h] = 1;
       // zero: no dependence. mean: out = mean over the selected (b, t) of x, so each selected input gets the sum of
       // the selected outputs' gradients / count.
       std::vector<double> sum(nh * hd, 0.0);
-      int64_t cnt = 0;
-      if (a.mean) {
-        for (int64_t b = 0; b < g.shape[0]; ++b)
-          for (int64_t t = 0; t < T; ++t) {
-            if (!pmask[t] || !bmask[b]) continue;
-            ++cnt;
-            for (int64_t h = 0; h < nh; ++h)
-              if (hm[h])
-                for (int64_t d = 0; d < hd; ++d) sum[h * hd + d] += g.data[b * g.strides[0] + t * g.strides[1] + h * g.strides[2] + d * g.strides[3]];
-          }
-      }
+      std::vector<int64_t> cnt(nh, 0);
+      if (a.mean)
+        g.for_each([&](float& x, const int64_t* idx) {
+          if (!sel(idx)) return;
+          sum[idx[ha] * hd + idx[xa]] += x;
+          if (idx[xa] == 0) ++cnt[idx[ha]];
+        });
       g.for_each([&](float& x, const int64_t* idx) {
-        if (sel(idx) && hm[idx[2]]) x = a.mean ? static_cast<float>(sum[idx[2] * hd + idx[3]] / std::max<int64_t>(cnt, 1)) : 0.f;
+        if (sel(idx) && hm[idx[ha]])
+          x = a.mean ? static_cast<float>(sum[idx[ha] * hd + idx[xa]] / std::max<int64_t>(cnt[idx[ha]], 1)) : 0.f;
       });
       break;
     }
@@ -300,7 +337,7 @@ void apply_vjp(const HookAction& a, const ActView& g) {
       const int64_t inner = inner_size(g);
       double nn = 0;
       for (float d : a.values) nn += static_cast<double>(d) * d;
-      for_each_position(g, pmask, bmask, "interventions.project_out", [&](float* x) {
+      for_each_position(g, pmask, bmask, "interventions.project_out", [&](float* x, int64_t) {
         double dot = 0;
         for (int64_t k = 0; k < inner; ++k) dot += static_cast<double>(x[k]) * a.values[k];
         for (int64_t k = 0; k < inner; ++k) x[k] = static_cast<float>(x[k] - dot / nn * a.values[k]);
@@ -309,11 +346,10 @@ void apply_vjp(const HookAction& a, const ActView& g) {
     }
     case HookAction::AblateFeatures: {  // x - sum_f act_f(x) dec_f, act_f = pre_f(x) where on: g - sum_on enc_f (dec_f . g)
       const int64_t inner = inner_size(g), nf = static_cast<int64_t>(a.f_b_enc.size());
-      if (a.f_on.size() != static_cast<size_t>(g.shape[0] * T * nf))
+      if (a.f_on.size() != static_cast<size_t>(position_rows(g) * nf))
         throw InternalError("interventions.ablate_features: its VJP ran before its forward");
-      int64_t row = 0;
       std::vector<double> gin(inner);
-      for_each_position(g, pmask, bmask, "interventions.ablate_features", [&](float* x) {
+      for_each_position(g, pmask, bmask, "interventions.ablate_features", [&](float* x, int64_t row) {
         for (int64_t j = 0; j < inner; ++j) gin[j] = x[j];
         for (int64_t f = 0; f < nf; ++f) {
           if (!a.f_on[row * nf + f]) continue;
@@ -322,7 +358,6 @@ void apply_vjp(const HookAction& a, const ActView& g) {
           for (int64_t j = 0; j < inner; ++j) gin[j] -= dot * a.f_enc[f * inner + j];
         }
         for (int64_t j = 0; j < inner; ++j) x[j] = static_cast<float>(gin[j]);
-        ++row;
       });
       break;
     }

@@ -9,32 +9,57 @@
 
 namespace gemmalens {
 
+// Every RMSNorm has TransformerLens's three sites (as its RMSNorm / TransformerBridge norm components fire them):
+// hook_scale = sqrt(mean(x^2) + eps) [..., 1], hook_normalized = x / scale (before the weight), hook_out =
+// normalized * (1 + w) (what the next step reads). q_norm / k_norm act per head in TransformerLens's layout
+// [B, heads, T, Hd] (as HF applies them, after its transpose), and so do hook_q_normed / hook_k_normed.
 enum class Site : int {
-  Embed,           // hook_embed                      [B, T, D] (after the sqrt(D) scale)
-  ResidPre,        // blocks.i.hook_resid_pre         [B, T, D]
-  Ln1,             // blocks.i.ln1.hook_normalized    [B, T, D]
-  Q,               // blocks.i.attn.hook_q            [B, T, H, Hd]  (projection, before q_norm)
-  K,               // blocks.i.attn.hook_k            [B, T, KV, Hd]
-  V,               // blocks.i.attn.hook_v            [B, T, KV, Hd]
-  QNorm,           // blocks.i.attn.q_norm.hook_normalized [B, T, H, Hd]
-  KNorm,           // blocks.i.attn.k_norm.hook_normalized [B, T, KV, Hd]
-  RotQ,            // blocks.i.attn.hook_rot_q        [B, T, H, Hd]  (after RoPE)
-  RotK,            // blocks.i.attn.hook_rot_k        [B, T, KV, Hd]
-  AttnScores,      // blocks.i.attn.hook_attn_scores  [B, H, T, S]   (S = cached + new keys; masked: -inf)
-  Pattern,         // blocks.i.attn.hook_pattern      [B, H, T, S]   (masked: 0)
-  Z,               // blocks.i.attn.hook_z            [B, T, H, Hd]  (input of o_proj)
-  Ln1Post,         // blocks.i.ln1_post.hook_normalized [B, T, D]
-  AttnOut,         // blocks.i.hook_attn_out          [B, T, D]      (what is added to the residual)
-  ResidMid,        // blocks.i.hook_resid_mid         [B, T, D]
-  Ln2,             // blocks.i.ln2.hook_normalized    [B, T, D]
-  MlpPre,          // blocks.i.mlp.hook_pre           [B, T, F]      (gate pre-activation)
-  MlpPreLinear,    // blocks.i.mlp.hook_pre_linear    [B, T, F]      (up projection)
-  MlpPost,         // blocks.i.mlp.hook_post          [B, T, F]      (gelu(gate) * up)
-  Ln2Post,         // blocks.i.ln2_post.hook_normalized [B, T, D]
-  MlpOut,          // blocks.i.hook_mlp_out           [B, T, D]
-  ResidPost,       // blocks.i.hook_resid_post        [B, T, D]
-  LnFinal,         // ln_final.hook_normalized        [B, T, D]
+  Embed,             // hook_embed                            [B, T, D] (after the sqrt(D) scale)
+  ResidPre,          // blocks.i.hook_resid_pre               [B, T, D]
+  Ln1Scale,          // blocks.i.ln1.hook_scale               [B, T, 1]
+  Ln1Normalized,     // blocks.i.ln1.hook_normalized          [B, T, D]  x / scale
+  Ln1Out,            // blocks.i.ln1.hook_out                 [B, T, D]  normalized * (1 + w): input of q/k/v
+  Q,                 // blocks.i.attn.hook_q                  [B, T, H, Hd]  (projection, before q_norm)
+  K,                 // blocks.i.attn.hook_k                  [B, T, KV, Hd]
+  V,                 // blocks.i.attn.hook_v                  [B, T, KV, Hd]
+  QNormScale,        // blocks.i.attn.q_norm.hook_scale       [B, H, T, 1]
+  QNormNormalized,   // blocks.i.attn.q_norm.hook_normalized  [B, H, T, Hd]
+  QNormOut,          // blocks.i.attn.q_norm.hook_out         [B, H, T, Hd]
+  QNormed,           // blocks.i.attn.hook_q_normed           [B, H, T, Hd]  (q_norm's output, before RoPE)
+  KNormScale,        // blocks.i.attn.k_norm.hook_scale       [B, KV, T, 1]
+  KNormNormalized,   // blocks.i.attn.k_norm.hook_normalized  [B, KV, T, Hd]
+  KNormOut,          // blocks.i.attn.k_norm.hook_out         [B, KV, T, Hd]
+  KNormed,           // blocks.i.attn.hook_k_normed           [B, KV, T, Hd]
+  RotQ,              // blocks.i.attn.hook_rot_q              [B, T, H, Hd]  (after RoPE)
+  RotK,              // blocks.i.attn.hook_rot_k              [B, T, KV, Hd]
+  AttnScores,        // blocks.i.attn.hook_attn_scores        [B, H, T, S]   (S = cached + new keys; masked: -inf)
+  Pattern,           // blocks.i.attn.hook_pattern            [B, H, T, S]   (masked: 0)
+  Z,                 // blocks.i.attn.hook_z                  [B, T, H, Hd]  (input of o_proj)
+  Ln1PostScale,      // blocks.i.ln1_post.hook_scale          [B, T, 1]      (of o_proj's output)
+  Ln1PostNormalized, // blocks.i.ln1_post.hook_normalized     [B, T, D]
+  Ln1PostOut,        // blocks.i.ln1_post.hook_out            [B, T, D]
+  AttnOut,           // blocks.i.hook_attn_out                [B, T, D]      (= ln1_post.hook_out: added to the residual)
+  ResidMid,          // blocks.i.hook_resid_mid               [B, T, D]
+  Ln2Scale,          // blocks.i.ln2.hook_scale               [B, T, 1]
+  Ln2Normalized,     // blocks.i.ln2.hook_normalized          [B, T, D]
+  Ln2Out,            // blocks.i.ln2.hook_out                 [B, T, D]      (input of gate/up)
+  MlpPre,            // blocks.i.mlp.hook_pre                 [B, T, F]      (gate pre-activation)
+  MlpPreLinear,      // blocks.i.mlp.hook_pre_linear          [B, T, F]      (up projection)
+  MlpPost,           // blocks.i.mlp.hook_post                [B, T, F]      (gelu(gate) * up)
+  Ln2PostScale,      // blocks.i.ln2_post.hook_scale          [B, T, 1]      (of down_proj's output)
+  Ln2PostNormalized, // blocks.i.ln2_post.hook_normalized     [B, T, D]
+  Ln2PostOut,        // blocks.i.ln2_post.hook_out            [B, T, D]
+  MlpOut,            // blocks.i.hook_mlp_out                 [B, T, D]      (= ln2_post.hook_out)
+  ResidPost,         // blocks.i.hook_resid_post              [B, T, D]
+  LnFinalScale,      // ln_final.hook_scale                   [B, T, 1]
+  LnFinalNormalized, // ln_final.hook_normalized              [B, T, D]
+  LnFinalOut,        // ln_final.hook_out                     [B, T, D]      (input of the unembedding)
   Count
+};
+
+// The three sites of one norm.
+struct NormSites {
+  Site scale, normalized, out;
 };
 
 struct HookSiteInfo {

@@ -23,6 +23,9 @@ struct LayerTape {
   std::vector<float> x_mid;             // [M, D] resid_mid
   std::vector<float> gate_up;           // [M, 2F]
   std::vector<float> down;              // [M, D] down_proj's output, before post_feedforward_layernorm
+  // The scale each norm divided by (its hook_scale after any edit there), kept where the forward took the split
+  // path (a hook at hook_scale / hook_normalized), empty otherwise: [M] or [M, heads].
+  std::vector<float> s_ln1, s_q, s_k, s_ln1_post, s_ln2, s_ln2_post;
   const float* x_pre = nullptr;         // [M, D] resid_pre (the GradTape's)
   // Scratch of the block's VJP, reused block after block: d of the two post-norms' inputs [M, D], and of the
   // pattern and the scores [B, H, T, T].
@@ -49,6 +52,7 @@ struct Gemma3Model::Pass {
   float* out = nullptr;      // a block's output [M, D]
   float* gate_up = nullptr;  // [M, 2F]
   float* act = nullptr;      // [M, F]
+  float* scale = nullptr;    // [2, M, H] a norm's scales (and, in the reverse pass, their gradients)
   HookSet* hooks = nullptr;   // the sites' actions (the forward's hooks; the reverse pass's gradient hooks)
   bool replay = false;        // the reverse pass running a block again: hooks apply their edits only
   HookSet* vjp = nullptr;     // the reverse pass: the forward's hooks, whose edits' VJPs follow the gradient hooks
@@ -75,6 +79,49 @@ struct Gemma3Model::Pass {
   void heads(Site st, int layer, float* p, int64_t nh, int64_t ld) const {  // [B, T, nh, Hd], row stride ld
     if (on(st, layer)) fire(st, layer, p, {B, T, nh, Hd}, {T * ld, ld, Hd, 1});
   }
+  // The same buffer in TransformerLens's layout for q/k after their norms: [B, nh, T, Hd] (position axis 2).
+  void heads_bhtd(Site st, int layer, float* p, int64_t nh, int64_t ld) const {
+    if (on(st, layer)) fire(st, layer, p, {B, nh, T, Hd}, {T * ld, Hd, ld, 1}, 2);
+  }
 };
+
+// One RMSNorm application and its three hook sites (hooks.h). Rows: token m, head h at x + m * ldx + h * W (nh = 1
+// for the residual stream's norms); the sites see [Bv, Tv, .] or, per_head, [Bv, nh, Tv, .]. kept_scale: where a
+// gradient run's tape keeps the scale the forward divided by (Gemma3Model::norm), null outside gradient runs.
+struct NormCall {
+  NormSites sites;
+  const float* w = nullptr;  // [W] raw weight, applied as (1 + w)
+  int W = 0, nh = 1;
+  bool per_head = false;
+  int Bv = 0, Tv = 0;
+  std::vector<float>* kept_scale = nullptr;
+  int64_t rows() const { return static_cast<int64_t>(Bv) * Tv; }
+};
+
+constexpr NormSites kLn1{Site::Ln1Scale, Site::Ln1Normalized, Site::Ln1Out};
+constexpr NormSites kQNorm{Site::QNormScale, Site::QNormNormalized, Site::QNormOut};
+constexpr NormSites kKNorm{Site::KNormScale, Site::KNormNormalized, Site::KNormOut};
+constexpr NormSites kLn1Post{Site::Ln1PostScale, Site::Ln1PostNormalized, Site::Ln1PostOut};
+constexpr NormSites kLn2{Site::Ln2Scale, Site::Ln2Normalized, Site::Ln2Out};
+constexpr NormSites kLn2Post{Site::Ln2PostScale, Site::Ln2PostNormalized, Site::Ln2PostOut};
+constexpr NormSites kLnFinal{Site::LnFinalScale, Site::LnFinalNormalized, Site::LnFinalOut};
+
+// A norm over the residual stream's rows [B, T, W] / one per head of q or k.
+inline NormCall resid_norm(NormSites s, const std::vector<float>& w, int B, int T, std::vector<float>* keep) {
+  NormCall n;
+  n.sites = s;
+  n.w = w.data();
+  n.W = static_cast<int>(w.size());
+  n.Bv = B;
+  n.Tv = T;
+  n.kept_scale = keep;
+  return n;
+}
+inline NormCall head_norm(NormSites s, const std::vector<float>& w, int nh, int B, int T, std::vector<float>* keep) {
+  NormCall n = resid_norm(s, w, B, T, keep);
+  n.nh = nh;
+  n.per_head = true;
+  return n;
+}
 
 }  // namespace gemmalens

@@ -45,6 +45,40 @@ void rmsnorm_heads_backward(const float* x, int64_t ldx, int nh, int Hd, const f
                            dx + m * ldd + static_cast<int64_t>(h) * Hd, false);
 }
 
+void rms_scale_grad(const float* x, int64_t ldx, int nh, int W, const float* s_used, int64_t M, const float* gn, int64_t ldg,
+                    float* gs) {
+#pragma omp parallel for if (M > 4)
+  for (int64_t m = 0; m < M; ++m)
+    for (int h = 0; h < nh; ++h) {
+      const float* xr = x + m * ldx + static_cast<int64_t>(h) * W;
+      const float* g = gn + m * ldg + static_cast<int64_t>(h) * W;
+      double dot = 0.0;
+      for (int d = 0; d < W; ++d) dot += static_cast<double>(g[d]) * xr[d];
+      const double s = s_used[m * nh + h];
+      gs[m * nh + h] = static_cast<float>(-dot / (s * s));
+    }
+}
+
+void rms_divide_backward(const float* x, int64_t ldx, int nh, int W, float eps, const float* s_used, int64_t M, const float* gn,
+                         int64_t ldg, const float* gs, float* dx, int64_t ldd, bool accumulate) {
+#pragma omp parallel for if (M > 4)
+  for (int64_t m = 0; m < M; ++m)
+    for (int h = 0; h < nh; ++h) {
+      const float* xr = x + m * ldx + static_cast<int64_t>(h) * W;
+      const float* g = gn + m * ldg + static_cast<int64_t>(h) * W;
+      float* o = dx + m * ldd + static_cast<int64_t>(h) * W;
+      double ss = 0.0;
+      for (int d = 0; d < W; ++d) ss += static_cast<double>(xr[d]) * xr[d];
+      const double s = std::sqrt(ss / W + eps);  // the unedited scale, whose gradient gs is
+      const float r = 1.f / s_used[m * nh + h];
+      const float c = static_cast<float>(gs[m * nh + h] / (W * s));
+      for (int d = 0; d < W; ++d) {
+        const float v = g[d] * r + xr[d] * c;
+        o[d] = accumulate ? o[d] + v : v;
+      }
+    }
+}
+
 void gelu_tanh_mul_backward(const float* gate, const float* up, int64_t ld, int64_t M, int F, const float* dout, float* dgate,
                             float* dup, int64_t ldd) {
   const float k0 = 0.7978845608028654f, k1 = 0.044715f;  // sqrt(2 / pi), the tanh approximation's cubic term

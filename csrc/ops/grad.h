@@ -18,6 +18,16 @@ void rmsnorm_backward(const float* x, int64_t ldx, const float* w, float eps, in
 void rmsnorm_heads_backward(const float* x, int64_t ldx, int nh, int Hd, const float* w, float eps, int64_t M, const float* dy,
                             float* dx, int64_t ldd);
 
+// The split norm (ops::rms_scale / rms_divide / rms_gain: s = sqrt(mean(x^2) + eps), n = x / s_used, y = n (1 + w),
+// where s_used is the scale after any edit at hook_scale), in the forward's rows (token m, head h at + m * ld + h * W).
+// gn: the gradient at n (rms_gain of the gradient at y gives it).
+// gs [M * nh] = -sum_j gn_j x_j / s_used^2: the gradient at the scale.
+void rms_scale_grad(const float* x, int64_t ldx, int nh, int W, const float* s_used, int64_t M, const float* gn, int64_t ldg,
+                    float* gs);
+// dx = gn / s_used + gs x / (W s), s recomputed from x (ds/dx = x / (W s)); gs: the gradient at the unedited scale.
+void rms_divide_backward(const float* x, int64_t ldx, int nh, int W, float eps, const float* s_used, int64_t M, const float* gn,
+                         int64_t ldg, const float* gs, float* dx, int64_t ldd, bool accumulate);
+
 // RoPE's VJP is the rotation back: ops::rope_apply(..., inverse = true) (kernels.h).
 
 // out = gelu_tanh(gate) * up: dgate = dout up gelu'(gate), dup = dout gelu(gate), with

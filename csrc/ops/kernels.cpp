@@ -13,12 +13,17 @@ namespace gemmalens::ops {
 
 namespace {
 
-inline void rmsnorm_row(const float* xr, const float* w, float eps, int D, float* yr) {
+// sqrt(mean(x^2) + eps) in f32: the fused norm and the split one (rms_scale) share it, so their outputs agree bit for bit.
+inline float rms_of(const float* xr, float eps, int D) {
   float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
   for (int d = 0; d < D; ++d) ss += xr[d] * xr[d];
+  return std::sqrt(ss / static_cast<float>(D) + eps);
+}
+
+inline void rmsnorm_row(const float* xr, const float* w, float eps, int D, float* yr) {
   // HF Gemma3RMSNorm: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), then * (1.0 + w), all in f32.
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+  const float r = 1.f / rms_of(xr, eps, D);
 #pragma omp simd
   for (int d = 0; d < D; ++d) yr[d] = (xr[d] * r) * (1.f + w[d]);
 }
@@ -33,6 +38,34 @@ void rmsnorm_heads(const float* x, int64_t ldx, int nh, int Hd, const float* w, 
 #pragma omp parallel for if (M > 4)
   for (int64_t m = 0; m < M; ++m)
     for (int h = 0; h < nh; ++h) rmsnorm_row(x + m * ldx + static_cast<int64_t>(h) * Hd, w, eps, Hd, y + (m * nh + h) * Hd);
+}
+
+void rms_scale(const float* x, int64_t ldx, int nh, int W, float eps, int64_t M, float* scale) {
+#pragma omp parallel for if (M > 4)
+  for (int64_t m = 0; m < M; ++m)
+    for (int h = 0; h < nh; ++h) scale[m * nh + h] = rms_of(x + m * ldx + static_cast<int64_t>(h) * W, eps, W);
+}
+
+void rms_divide(const float* x, int64_t ldx, int nh, int W, const float* scale, int64_t M, float* y, int64_t ldy) {
+#pragma omp parallel for if (M > 4)
+  for (int64_t m = 0; m < M; ++m)
+    for (int h = 0; h < nh; ++h) {
+      const float* xr = x + m * ldx + static_cast<int64_t>(h) * W;
+      float* yr = y + m * ldy + static_cast<int64_t>(h) * W;
+      const float r = 1.f / scale[m * nh + h];  // as rmsnorm_row: x * (1 / rms)
+#pragma omp simd
+      for (int d = 0; d < W; ++d) yr[d] = xr[d] * r;
+    }
+}
+
+void rms_gain(float* y, int64_t ldy, int nh, int W, const float* w, int64_t M) {
+#pragma omp parallel for if (M > 4)
+  for (int64_t m = 0; m < M; ++m)
+    for (int h = 0; h < nh; ++h) {
+      float* yr = y + m * ldy + static_cast<int64_t>(h) * W;
+#pragma omp simd
+      for (int d = 0; d < W; ++d) yr[d] *= 1.f + w[d];
+    }
 }
 
 void add_inplace(float* x, const float* y, int64_t n) {

@@ -13,6 +13,16 @@ void rmsnorm(const float* x, int64_t ldx, const float* w, float eps, int64_t M, 
 // Per-head RMSNorm: x token m, head h at x + m * ldx + h * Hd -> y [M, nh, Hd] contiguous; w [Hd].
 void rmsnorm_heads(const float* x, int64_t ldx, int nh, int Hd, const float* w, float eps, int64_t M, float* y);
 
+// RMSNorm in TransformerLens's three steps, for the hook sites inside a norm (hook_scale, hook_normalized, hook_out).
+// Rows r = m * nh + h: token m, head h at x + m * ldx + h * W (nh = 1 for the residual stream's norms). With the
+// scale unedited, rms_divide then rms_gain give rmsnorm's / rmsnorm_heads' output bit for bit.
+// scale [M * nh] = sqrt(mean(x_r^2) + eps)
+void rms_scale(const float* x, int64_t ldx, int nh, int W, float eps, int64_t M, float* scale);
+// y_r = x_r * (1 / scale_r), y rows at y + m * ldy + h * W (y may be x)
+void rms_divide(const float* x, int64_t ldx, int nh, int W, const float* scale, int64_t M, float* y, int64_t ldy);
+// y_r *= (1 + w), w [W]
+void rms_gain(float* y, int64_t ldy, int nh, int W, const float* w, int64_t M);
+
 // x [M, D] += y [M, D]
 void add_inplace(float* x, const float* y, int64_t n);
 

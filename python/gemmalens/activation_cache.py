@@ -49,6 +49,8 @@ class ActivationCache(Mapping):
         self.model = model
 
     def _key(self, key):
+        from .hooks import act_name  # (hooks imports this module)
+
         if isinstance(key, tuple):
             if len(key) not in (2, 3):
                 raise KeyError(f"cache keys are names or (family, layer[, sublayer]) tuples, got {key!r}")
@@ -57,8 +59,11 @@ class ActivationCache(Mapping):
                 layer = int(layer)
                 if -self._table.n_layers <= layer < 0:
                     layer += self._table.n_layers
-            if fam == "normalized" and sub is not None:  # TransformerLens: ("normalized", 3, "ln1")
-                fam, sub = sub, None
+            if isinstance(fam, str) and (fam, layer) not in self._table.by_family:
+                # TransformerLens's key -> name (utils.get_act_name): ("scale", 3, "ln1"), ("normalized", None), ...
+                tl = act_name(fam, layer, sub)
+                if tl in self._table.ids:
+                    return tl
             name = self._table.by_family.get((fam, layer))
             if name is None:
                 raise KeyError(f"no hook {fam!r} at layer {layer}")
@@ -67,8 +72,12 @@ class ActivationCache(Mapping):
                 if _SUBLAYERS.get(sub, sub) != (parts[0] if parts else ""):
                     raise KeyError(f"hook {fam!r} at layer {layer} is {name!r}, not in sublayer {sub!r}")
             return name
-        if key not in self._arrays and (key, None) in self._table.by_family:
-            return self._table.by_family[(key, None)]
+        if key not in self._arrays and isinstance(key, str):
+            if (key, None) in self._table.by_family:
+                return self._table.by_family[(key, None)]
+            tl = act_name(key)  # TransformerLens: cache["normalized"] -> ln_final.hook_normalized
+            if tl in self._table.ids:
+                return tl
         return key
 
     def __getitem__(self, key):
@@ -104,9 +113,9 @@ class ActivationCache(Mapping):
     # ---- the residual stream, as TransformerLens's ActivationCache reads it ----
     #
     # Gemma 3 has no LayerNorm centring and no position embedding: its norms are RMSNorms, x / sqrt(mean(x^2) + eps)
-    # times (1 + w). TransformerLens divides by the `hook_scale` of a norm; gemmalens has no such site and computes
-    # the same scale from the cached input of that norm: ln1 of block l reads blocks.l.hook_resid_pre, ln2
-    # blocks.l.hook_resid_mid, ln_final the last block's hook_resid_post.
+    # times (1 + w). TransformerLens divides by the `hook_scale` of a norm: so does this cache when it holds that
+    # site, else it computes the same scale from the cached input of that norm: ln1 of block l reads
+    # blocks.l.hook_resid_pre, ln2 blocks.l.hook_resid_mid, ln_final the last block's hook_resid_post.
 
     def _layer(self, layer, what):
         """TransformerLens's layer argument: None and -1 mean n_layers (the input of the unembedding)."""
@@ -132,14 +141,17 @@ class ActivationCache(Mapping):
 
     def _ln_scale(self, layer, mlp_input, eps, what):
         """The RMS scale [batch, pos, 1] of the norm that reads the residual stream at `layer` (ln1, or ln2 with
-        mlp_input; ln_final at n_layers): sqrt(mean(x^2) + eps) of its cached input, as the norm computes it."""
+        mlp_input; ln_final at n_layers): its cached hook_scale, else sqrt(mean(x^2) + eps) of its cached input, as
+        the norm computes it."""
         L = self._table.n_layers
         if layer == L:
             name, norm = f"blocks.{L - 1}.hook_resid_post", "ln_final"
         else:
             name, norm = f"blocks.{layer}.hook_{'resid_mid' if mlp_input else 'resid_pre'}", \
                 f"blocks.{layer}.ln{2 if mlp_input else 1}"
-        x = self._need(name, f"{what} (the RMS scale of {norm}, computed from its input)")
+        if norm + ".hook_scale" in self._arrays:
+            return self._arrays[norm + ".hook_scale"]
+        x = self._need(name, f"{what} (the RMS scale of {norm}: its hook_scale, or computed from its input)")
         return np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True) + eps).astype(np.float32)
 
     def apply_ln_to_stack(self, residual_stack, layer=None, mlp_input=False, pos_slice=None, batch_slice=None,
@@ -154,7 +166,7 @@ class ActivationCache(Mapping):
         applied to the stack's batch axis too when has_batch_dim (whether the stack has one). recompute_ln=True with
         the final layer instead runs ln_final on every piece on its own: x / sqrt(mean(x^2) + eps) * (1 + w), its
         own RMS and ln_final's weight, as the model does (on the last residual this gives
-        cache["ln_final.hook_normalized"], which gemmalens takes after the weight). TransformerLens gives the same on
+        cache["ln_final.hook_out"]). TransformerLens gives the same on
         a model whose weights it has not processed (a TransformerBridge without enable_compatibility_mode()); after
         fold_ln its (1 + w) sits in W_U instead. The scale's input must be in the cache; ln_final's weight is read
         from the model (once). Returns np.float32 of the stack's shape (less what an int slice drops).

@@ -18,11 +18,6 @@ from . import interventions
 
 __all__ = ["attribution_patching", "integrated_gradients", "edge_attribution_patching", "top_edges", "EdgeScores"]
 
-# Sites whose activations are [batch, pos, head, d_head]: their scores keep the head axis.
-_PER_HEAD = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_rot_q", "attn.hook_rot_k",
-             "attn.q_norm.hook_normalized", "attn.k_norm.hook_normalized")
-
-
 def attribution_patching(model, clean, corrupted, metric, names=None, attention_mask=None):
     """{hook name: estimated change of ``metric`` when that activation is patched from ``corrupted`` into ``clean``}.
 
@@ -32,7 +27,9 @@ def attribution_patching(model, clean, corrupted, metric, names=None, attention_
     and ``hook_mlp_out``, plus ``attn.hook_z``).
 
     Each score sums (corrupted - clean) * gradient over the activation's last axis: [batch, pos] for the residual
-    stream and other [batch, pos, d] sites, [batch, pos, head] for per-head sites (``attn.hook_z`` ...);
+    stream and other [batch, pos, d] sites (a norm's ``hook_scale`` too), [batch, pos, head] for per-head sites
+    (``attn.hook_z`` ...), [batch, head, pos] for those in TransformerLens's [batch, head, pos, d_head] layout
+    (``attn.q_norm.*``, ``attn.k_norm.*``, ``attn.hook_q_normed`` / ``hook_k_normed``);
     ``attn.hook_attn_scores`` / ``hook_pattern`` keep every entry ([batch, head, query, key]).
     """
     if names is None:
@@ -224,8 +221,8 @@ def edge_attribution_patching(model, clean, corrupted, metric, attention_mask=No
                        cfg.hidden_size)
     eps = float(cfg.rms_norm_eps)
     per_layer = ("hook_resid_pre", "hook_resid_mid", "attn.hook_z", "hook_mlp_out", "attn.hook_q", "attn.hook_k",
-                 "attn.hook_v", "ln2.hook_normalized")
-    names = ["hook_embed", f"blocks.{L - 1}.hook_resid_post", "ln_final.hook_normalized"] + [
+                 "attn.hook_v", "ln2.hook_out")
+    names = ["hook_embed", f"blocks.{L - 1}.hook_resid_post", "ln_final.hook_out"] + [
         f"blocks.{l}.{n}" for l in range(L) for n in per_layer]
     _, cc = model.run_with_cache(clean_t, names_filter=names, attention_mask=attention_mask, incl_bwd=True,
                                  metric=metric, return_type=None)
@@ -268,7 +265,7 @@ def edge_attribution_patching(model, clean, corrupted, metric, attention_mask=No
             up_layer.append(l + 0.0)
         # the MLP: reads resid_mid through ln2, writes hook_mlp_out
         down.append(f"m{l}")
-        down_vec.append(_rmsnorm_vjp(f64(cc[b + "hook_resid_mid"]), ln2, eps, f64(cc[b + "ln2.hook_normalized_grad"])))
+        down_vec.append(_rmsnorm_vjp(f64(cc[b + "hook_resid_mid"]), ln2, eps, f64(cc[b + "ln2.hook_out_grad"])))
         down_layer.append(l + 0.5)
         up.append(f"m{l}")
         up_vec.append(f64(kc[b + "hook_mlp_out"]) - f64(cc[b + "hook_mlp_out"]))
@@ -276,7 +273,7 @@ def edge_attribution_patching(model, clean, corrupted, metric, attention_mask=No
     fin = f64(model._core.export_tensors(["model.norm.weight"])["model.norm.weight"])
     down.append("logits")
     down_vec.append(_rmsnorm_vjp(f64(cc[f"blocks.{L - 1}.hook_resid_post"]), fin, eps,
-                                 f64(cc["ln_final.hook_normalized_grad"])))
+                                 f64(cc["ln_final.hook_out_grad"])))
     down_layer.append(float(L))
     # An attention head of layer l writes after layer l's heads read (so only to later layers and its own MLP); an
     # MLP of layer l writes after everything in layer l has read.

@@ -28,14 +28,50 @@ class HookPoint:
         return f"HookPoint({self.name!r})"
 
 
+_NORM_HOOKS = ("hook_scale", "hook_normalized", "hook_out")
+
+
 def family(name):
-    """'blocks.3.attn.hook_pattern' -> 'pattern'; 'blocks.3.ln1.hook_normalized' -> 'ln1'; 'hook_embed' -> 'embed'."""
+    """'blocks.3.attn.hook_pattern' -> 'pattern'; 'hook_embed' -> 'embed'; a norm's hook_normalized -> the norm
+    ('blocks.3.ln1.hook_normalized' -> 'ln1', 'attn.q_norm.hook_normalized' -> 'q_norm'); its hook_scale / hook_out ->
+    None (reached by TransformerLens's keys: ("scale", 3, "ln1"), see act_name)."""
     parts = name.split(".")
     if parts[0] == "blocks":
         parts = parts[2:]
-    if parts[-1] == "hook_normalized":
-        return parts[-2]
+    if parts[-1] in _NORM_HOOKS and len(parts) > 1:
+        return parts[-2] if parts[-1] == "hook_normalized" else None
     return parts[-1][len("hook_"):]
+
+
+# TransformerLens's get_act_name (transformer_lens.utils), its rules restated: the families that live in attn / mlp.
+_ATTN = ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores", "q_normed", "k_normed")
+_MLP = ("pre", "post", "mid", "pre_linear")
+_ACT_ALIAS = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
+              "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post"}
+_LAYER_TYPE_ALIAS = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
+
+
+def act_name(name, layer=None, layer_type=None):
+    """A TransformerLens activation key -> its full hook name, by TransformerLens's ``utils.get_act_name`` rules:
+    ("resid_post", 3) -> 'blocks.3.hook_resid_post', ("pattern", 5) -> 'blocks.5.attn.hook_pattern',
+    ("normalized", 3, "ln1") -> 'blocks.3.ln1.hook_normalized', ("scale", 3, "ln2") -> 'blocks.3.ln2.hook_scale',
+    "normalized" / "scale" without a layer -> ln_final's. (q_normed / k_normed are placed in attn as well.)"""
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        return name
+    name = _ACT_ALIAS.get(name, name)
+    full = "" if layer is None else f"blocks.{layer}."
+    if name in _ATTN:
+        layer_type = "attn"
+    elif name in _MLP:
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPE_ALIAS:
+        layer_type = _LAYER_TYPE_ALIAS[layer_type]
+    if layer_type:
+        full += f"{layer_type}."
+    full += f"hook_{name}"
+    if name in ("scale", "normalized") and layer is None:
+        full = f"ln_final.{full}"
+    return full
 
 
 class HookTable:
@@ -55,7 +91,9 @@ class HookTable:
         self.by_family = {}
         for n in self.names:
             sid, layer = self.ids[n]
-            self.by_family[(family(n), None if layer < 0 else layer)] = n
+            fam = family(n)
+            if fam is not None:
+                self.by_family[(fam, None if layer < 0 else layer)] = n
 
     def resolve(self, name):
         if name in self.ids:

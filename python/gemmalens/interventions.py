@@ -1,7 +1,16 @@
 """Native interventions: usable wherever a hook function is, applied inside the C++ forward pass without a
-Python call per site. Several at one site apply in order (they compose).
+Python call per site. Several at one site apply in order (they compose). They take part in gradient runs with
+their exact VJPs, and in every step of generate inside ``model.hooks(...)``.
+
+``positions`` (every intervention): indices on the activation's position axis (negative from the end; None: all) --
+axis 1 of [batch, pos, ...] sites, axis 2 of [batch, head, pos, ...] ones (attn_scores, pattern, the q_norm /
+k_norm sites, hook_q_normed / hook_k_normed). A "position's values" are everything after that axis.
 
 >>> model.run_with_hooks(toks, fwd_hooks=[("blocks.6.hook_resid_post", gl.interventions.add(v, scale=4.0))])
+>>> model.run_with_hooks(toks, fwd_hooks=[("blocks.3.attn.hook_z", gl.interventions.ablate_heads([1, 2]))])
+>>> _, clean = model.run_with_cache(clean_toks, names_filter="blocks.5.hook_resid_pre")
+>>> model.run_with_hooks(corrupt_toks, fwd_hooks=[("blocks.5.hook_resid_pre",
+...                      gl.interventions.replace(clean["blocks.5.hook_resid_pre"], positions=[-1]))])
 """
 import copy
 
@@ -111,7 +120,9 @@ class _AblateFeatures(Intervention):
 
 
 def add(vector, scale=1.0, positions=None):
-    """x[..., pos, :] += scale * vector (vector: one value per element of a position, e.g. [d_model])."""
+    """x[:, pos] += scale * vector: vector holds one value per element of a position ([d_model] at the residual
+    stream, [n_heads * d_head] at hook_z, [d_head] at a [batch, head, pos, d_head] site, added to every head).
+    A steering vector; its gradient is the identity."""
     v = np.asarray(vector, dtype=np.float32)
     if not np.all(np.isfinite(v)):
         raise ValueError("interventions.add: the vector has non-finite values")
@@ -125,18 +136,20 @@ def replace(values, positions=None):
 
 
 def scale(s, positions=None):
-    """x *= s."""
+    """x[:, pos] *= s (s a float)."""
     return Intervention("scale", None, positions, s)
 
 
 def zero(positions=None):
-    """x = 0."""
+    """x[:, pos] = 0: zero-ablation (its gradient is zero there)."""
     return Intervention("zero", None, positions)
 
 
 def ablate_heads(heads, mode="zero", positions=None):
-    """On a per-head activation ([batch, pos, head, d_head], e.g. attn.hook_z): set the heads to zero or to
-    their mean over batch and positions ("mean")."""
+    """Ablate attention heads: their values set to zero (mode="zero") or to their mean over the batch and the
+    selected positions (mode="mean"). On per-head activations, [batch, pos, head, d_head] (attn.hook_z, hook_q,
+    hook_v, hook_rot_q, ...) or [batch, head, pos, ...] (hook_pattern, hook_attn_scores, the q_norm / k_norm sites,
+    hook_q_normed); heads: indices on the head axis (key/value heads at hook_k / hook_v)."""
     if mode not in ("zero", "mean"):
         raise ValueError(f"ablate_heads: mode must be 'zero' or 'mean', got {mode!r}")
     heads = [heads] if isinstance(heads, (int, np.integer)) else list(heads)
@@ -146,7 +159,8 @@ def ablate_heads(heads, mode="zero", positions=None):
 
 
 def project_out(direction, positions=None):
-    """x -= (x . d) d / |d|^2 per position: remove a direction."""
+    """x -= (x . d) d / |d|^2 at each selected position: remove a direction (d: one value per element of a
+    position). The projection is its own VJP."""
     d = np.asarray(direction, dtype=np.float32).reshape(-1)
     if not np.any(d):
         raise ValueError("project_out: the direction is zero")

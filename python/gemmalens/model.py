@@ -9,6 +9,7 @@ from .activation_cache import ActivationCache
 from .generation import generate
 from .hooks import HookTable, check_hooks, plan_hookset
 from .sae import Splice
+from .tl import Blocks, TLConfig, absent, layer_weights
 
 
 def _as_tokens(tokens, vocab_size):
@@ -34,6 +35,10 @@ def _as_tokens(tokens, vocab_size):
         bad = lo if lo < 0 else hi
         raise ValueError(f"tokens: id {bad} is out of range [0, vocab_size={vocab_size})")
     return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def _is_text(x):
+    return isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, str) for t in x))
 
 
 def _row_start(attention_mask, shape):
@@ -73,6 +78,7 @@ class Model:
         self._persistent_hooks = []  # [(name | filter, fn)] from model.hooks(...) / add_hook
         self._saes = []  # [(SAE, use_error_term)] spliced into every forward (model.saes(...) / run_with_saes)
         self._ln_final_gain_value = None  # (1 + w) of the final norm, read on first use (_ln_final_gain)
+        self._tl_cfg = None  # model.cfg (TransformerLens's field names), made on first use
         # The ids generate() stops on (unless ignore_eos): an HF folder's generation_config.json when it lists them
         # (as HF's generate does), else config.eos_token_id.
         self.generation_eos = None
@@ -238,13 +244,13 @@ class Model:
         """The final norm's (1 + w) [d_model] as float64, for ActivationCache.apply_ln_to_stack(recompute_ln=True).
         The core hands out weights only all together (export_tensors), so it is read off the norm itself: a
         one-token forward whose last residual is replaced by ones (RMS sqrt(1 + eps)), capturing
-        ln_final.hook_normalized (after the weight). No registered hook or SAE takes part. Read once per model."""
+        ln_final.hook_out (after the weight). No registered hook or SAE takes part. Read once per model."""
         if self._ln_final_gain_value is None:
             cfg = self.config
             L, D = cfg.num_hidden_layers, cfg.hidden_size
             ones = interventions.replace(np.ones((1, 1, D), np.float32))
             hs = plan_hookset(self._hook_table, [(f"blocks.{L - 1}.hook_resid_post", ones)],
-                              captures=["ln_final.hook_normalized"])
+                              captures=["ln_final.hook_out"])
             self._core.forward(np.zeros((1, 1), np.int32), None, None, "none", hs)
             (_, _, normed), = hs.take_captures()
             self._ln_final_gain_value = normed.reshape(D).astype(np.float64) * np.sqrt(1.0 + cfg.rms_norm_eps)
@@ -282,9 +288,123 @@ class Model:
         return (f"gemmalens.Model(layers={c.num_hidden_layers}, d_model={c.hidden_size}, heads={c.num_attention_heads}/"
                 f"{c.num_key_value_heads}, vocab={c.vocab_size}, dtype={self.dtype}, file={os.path.basename(str(self.path)) if self.path else None!r})")
 
-    def to_tokens(self, tokens):
-        """Validate token ids and return them as int32 [batch, pos]."""
-        return _as_tokens(tokens, self.config.vocab_size)
+    # ---- TransformerLens habits: tokens and strings, cfg, weights ----
+
+    def to_tokens(self, input, prepend_bos=True, padding_side="left"):
+        """Text or token ids -> int32 token ids [batch, pos] (TransformerLens's ``to_tokens``, numpy instead of torch).
+
+        input: a str (-> [1, pos]), a list of str (-> [batch, pos], shorter rows padded on the left with the pad id:
+        gemmalens runs left padding; forward / run_with_cache given the same list make the attention mask
+        themselves), or token ids (list, 1-D or 2-D array: validated and returned as [batch, pos]).
+        prepend_bos: prepend ``<bos>`` to text (once; TransformerLens's default for Gemma too)."""
+        if _is_text(input):
+            return self._encode_texts(input, prepend_bos, padding_side)[0]
+        return _as_tokens(input, self.config.vocab_size)
+
+    def _need_tokenizer(self, what):
+        if self.tokenizer is None:
+            raise ValueError(f"{what}: this model has no tokenizer (no tokenizer.model beside the weights); pass token "
+                             "ids, or set model.tokenizer = gl.Tokenizer(path)")
+        return self.tokenizer
+
+    def _encode_texts(self, texts, prepend_bos=True, padding_side="left"):
+        """str | list of str -> (int32 tokens [batch, pos] left-padded, attention_mask or None when no row is
+        padded)."""
+        if padding_side != "left":
+            raise ValueError(f"padding_side={padding_side!r}: gemmalens runs left-padded batches only (each row's "
+                             "tokens at the end, an attention_mask marking the padding); use padding_side='left'")
+        if not isinstance(prepend_bos, (bool, np.bool_)):
+            raise TypeError(f"prepend_bos must be True or False, got {prepend_bos!r}")
+        tok = self._need_tokenizer("to_tokens")
+        rows = [texts] if isinstance(texts, str) else list(texts)
+        ids = [tok.encode(t, add_bos=bool(prepend_bos)) for t in rows]
+        if any(len(r) == 0 for r in ids):
+            raise ValueError("to_tokens: an empty text with prepend_bos=False has no tokens")
+        T = max(len(r) for r in ids)
+        pad = tok.pad_id if tok.pad_id >= 0 else 0
+        out = np.full((len(ids), T), pad, np.int32)
+        mask = np.zeros((len(ids), T), np.int32)
+        for b, r in enumerate(ids):
+            out[b, T - len(r):] = r
+            mask[b, T - len(r):] = 1
+        return _as_tokens(out, self.config.vocab_size), (None if mask.all() else mask)
+
+    def to_str_tokens(self, input, prepend_bos=True):
+        """Each token as its text (TransformerLens's ``to_str_tokens``): a str -> list of str (``['<bos>', 'The',
+        ' capital', ...]``); token ids 1-D, or 2-D with one row -> list of str; a list of str, or ids with several
+        rows -> a list of such lists."""
+        tok = self._need_tokenizer("to_str_tokens")
+        if isinstance(input, str):
+            return [tok.decode([i]) for i in self.to_tokens(input, prepend_bos)[0]]
+        if _is_text(input):
+            return [self.to_str_tokens(t, prepend_bos) for t in input]
+        if isinstance(input, (int, np.integer)) and not isinstance(input, bool):
+            input = [input]
+        toks = _as_tokens(input, self.config.vocab_size)
+        rows = [[tok.decode([i]) for i in row] for row in toks]
+        return rows[0] if np.ndim(input) == 1 or len(rows) == 1 else rows
+
+    def to_string(self, tokens):
+        """Token ids -> text, special tokens written out (TransformerLens's ``to_string``): 1-D ids -> str, 2-D ->
+        list of str."""
+        tok = self._need_tokenizer("to_string")
+        if isinstance(tokens, (int, np.integer)) and not isinstance(tokens, bool):
+            tokens = [tokens]
+        toks = _as_tokens(tokens, self.config.vocab_size)
+        texts = [tok.decode(row) for row in toks]
+        return texts[0] if np.ndim(tokens) == 1 else texts
+
+    def to_single_token(self, string):
+        """The id of a string that is one token (without BOS), as TransformerLens's ``to_single_token``; a string of
+        several tokens is a ValueError naming them."""
+        ids = self._need_tokenizer("to_single_token").encode(string, add_bos=False)
+        if len(ids) != 1:
+            raise ValueError(f"to_single_token: {string!r} is {len(ids)} tokens "
+                             f"{[self.tokenizer.decode([i]) for i in ids]}, not one")
+        return int(ids[0])
+
+    @property
+    def cfg(self):
+        """TransformerLens's config field names (d_model, n_layers, n_heads, d_head, d_mlp, d_vocab, n_ctx,
+        n_key_value_heads, ...): a gemmalens.tl.TLConfig read from ``model.config`` (HF's names)."""
+        if self._tl_cfg is None:
+            self._tl_cfg = TLConfig(self.config, self.dtype, os.path.basename(str(self.path)) if self.path else None)
+        return self._tl_cfg
+
+    @property
+    def blocks(self):
+        """Per-layer weights as TransformerLens names them: ``model.blocks[l].attn.W_Q`` [n_heads, d_model, d_head],
+        ``.attn.W_K`` / ``W_V`` [n_key_value_heads, d_model, d_head], ``.attn.W_O`` [n_heads, d_head, d_model],
+        ``.mlp.W_in`` / ``W_gate`` [d_model, d_mlp], ``.mlp.W_out`` [d_mlp, d_model] (float32 copies)."""
+        return Blocks(self)
+
+    def _stacked(self, kind):
+        return layer_weights(self, [kind], range(self.config.num_hidden_layers))[kind]
+
+    @property
+    def W_E(self):
+        """The embedding [d_vocab, d_model], float32 (without Gemma's sqrt(d_model) scale, which hook_embed
+        includes), as TransformerLens's W_E."""
+        return self._core.export_tensors(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+
+    @property
+    def W_U(self):
+        """The unembedding [d_model, d_vocab]: W_E transposed (Gemma 3 ties them)."""
+        return self.W_E.T
+
+    W_Q = property(lambda self: self._stacked("W_Q"), doc="[n_layers, n_heads, d_model, d_head] float32")
+    W_K = property(lambda self: self._stacked("W_K"), doc="[n_layers, n_key_value_heads, d_model, d_head] float32")
+    W_V = property(lambda self: self._stacked("W_V"), doc="[n_layers, n_key_value_heads, d_model, d_head] float32")
+    W_O = property(lambda self: self._stacked("W_O"), doc="[n_layers, n_heads, d_head, d_model] float32")
+    W_in = property(lambda self: self._stacked("W_in"), doc="[n_layers, d_model, d_mlp] float32 (up_proj)")
+    W_gate = property(lambda self: self._stacked("W_gate"), doc="[n_layers, d_model, d_mlp] float32 (gate_proj)")
+    W_out = property(lambda self: self._stacked("W_out"), doc="[n_layers, d_mlp, d_model] float32 (down_proj)")
+
+    def __getattr__(self, name):
+        err = absent(name)
+        if err is not None:
+            raise err
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def new_cache(self, batch=1, max_seq_len=None):
         """A preallocated KV cache (dtype follows the model). Sliding-window layers keep only
@@ -302,8 +422,15 @@ class Model:
         return self._core.new_cache(int(batch), int(max_seq_len))
 
     def _inputs(self, tokens, attention_mask, cache):
-        """tokens, attention_mask and cache as forward() takes them -> (int32 tokens [batch, pos], row_start)."""
-        toks = self.to_tokens(tokens)
+        """tokens, attention_mask and cache as forward() takes them -> (int32 tokens [batch, pos], row_start). Text
+        (a str or a list of str) is tokenized with BOS, as TransformerLens's forward does; a list of texts of
+        different lengths is left-padded and gets its attention mask here unless one is given."""
+        if _is_text(tokens):
+            toks, mask = self._encode_texts(tokens)
+            if attention_mask is None:
+                attention_mask = mask
+        else:
+            toks = self.to_tokens(tokens)
         if cache is not None and not isinstance(cache, _core.KVCache):
             raise TypeError(f"cache must come from model.new_cache(), got {type(cache).__name__}")
         if attention_mask is None:

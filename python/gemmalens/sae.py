@@ -16,18 +16,23 @@ _SUFFIXES = ("hook_sae_acts_post", "hook_sae_recon", "hook_sae_error")
 
 def _hf_point_to_tl(point):
     """Gemma Scope 2 hf_hook_point -> (TransformerLens hook name, flatten heads)."""
-    m = re.fullmatch(r"(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\.(.+)", point or "")
+    m = re.fullmatch(r"(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)(?:\.(.+))?", point or "")
     if not m:
         raise ValueError(f"SAE hook point {point!r} is not a Gemma 3 layer site (model.layers.L....)")
-    layer, rest = int(m.group(1)), m.group(2)
+    layer, rest = int(m.group(1)), m.group(2) or "output"  # model.layers.L: the layer's output
+    # An HF norm module's output is the norm's weighted output: TransformerLens's hook_out (its hook_normalized is
+    # before the weight). Gemma Scope 2 transcoders read pre_feedforward_layernorm.output = ln2.hook_out.
     table = {
         "output": ("hook_resid_post", False),
         "self_attn.o_proj.input": ("attn.hook_z", True),
         "post_feedforward_layernorm.output": ("hook_mlp_out", False),
-        "pre_feedforward_layernorm.output": ("ln2.hook_normalized", False),
+        "pre_feedforward_layernorm.output": ("ln2.hook_out", False),
+        "pre_feedforward_layernorm.input": ("hook_resid_mid", False),
         "post_attention_layernorm.output": ("hook_attn_out", False),
-        "input_layernorm.output": ("ln1.hook_normalized", False),
+        "input_layernorm.output": ("ln1.hook_out", False),
+        "input_layernorm.input": ("hook_resid_pre", False),
         "mlp.down_proj.input": ("mlp.hook_post", False),
+        "mlp.input": ("ln2.hook_out", False),
     }
     if rest not in table:
         raise ValueError(f"SAE hook point {point!r}: site '{rest}' has no gemmalens hook")
@@ -78,6 +83,25 @@ class SAE:
     # ---- loading ----
     @classmethod
     def load(cls, path, dtype="float32"):
+        """An SAE or transcoder from a local folder -> ``gl.SAE``.
+
+        path: a Gemma Scope 2 folder (``params.safetensors`` + ``config.json``, as in google/gemma-scope-2-*: its
+        ``hf_hook_point_in`` / ``_out`` name HF modules, mapped to hook names: ``model.layers.L.output`` ->
+        ``blocks.L.hook_resid_post``, ``pre_feedforward_layernorm.output`` -> ``blocks.L.ln2.hook_out``, ...) or a
+        SAELens folder (``cfg.json`` + ``sae_weights.safetensors``: jumprelu, standard / relu, topk, and the
+        (jumprelu_)(skip_)transcoder architectures; ``hook_name`` read with TransformerLens's meaning, except that an
+        ``hf_hook_name`` in the cfg, which names the HF module the data was recorded at, wins).
+        dtype: "float32" or "bfloat16" (the encoder / decoder weights' storage; computation is float32).
+
+        The result's ``hook_name`` is where it reads, ``hook_name_out`` where it writes (a transcoder's differs);
+        ``model.run_with_saes(ids, saes=[sae])`` or ``with model.saes([sae]):`` splice it in. Errors: a folder of
+        neither kind, an unsupported architecture or normalisation, a config whose fields disagree with the tensors
+        (ValueError; ``gl.CheckpointError`` for malformed files).
+
+        >>> sae = gl.SAE.load("gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_medium")
+        >>> sae.hook_name
+        'blocks.6.hook_resid_post'
+        """
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"SAE.load: no such directory '{path}'")
@@ -138,14 +162,34 @@ class SAE:
         sae._flatten = flat
         return sae
 
+    # SAELens architectures -> (gemmalens architecture, is a transcoder)
+    _SAELENS_ARCH = {"jumprelu": ("jumprelu", False), "standard": ("relu", False), "relu": ("relu", False),
+                     "topk": ("topk", False), "transcoder": ("relu", True), "skip_transcoder": ("relu", True),
+                     "jumprelu_transcoder": ("jumprelu", True), "jumprelu_skip_transcoder": ("jumprelu", True)}
+
     @classmethod
     def _load_saelens(cls, path, dtype):
+        """A SAELens folder. Where its cfg names the HF module the activations were recorded at (``hf_hook_name``,
+        ``hf_hook_name_out``: SAELens writes them for Gemma Scope 2), that site is read, as the data was trained on
+        it; else ``hook_name`` / ``hook_name_out`` with TransformerLens's meaning (``ln2.hook_normalized`` is before
+        ln2's weight). SAELens names Gemma Scope 2 transcoders' input ``hook_mlp_in`` -- in TransformerLens the MLP
+        branch's input before ln2 -- while they were trained on pre_feedforward_layernorm's output (ln2.hook_out)."""
         cfg = cls._config(os.path.join(path, "cfg.json"))
-        t = cls._tensors(os.path.join(path, "sae_weights.safetensors"), ["W_enc", "b_enc", "threshold", "W_dec", "b_dec"],
-                         ["W_enc", "b_enc", "W_dec", "b_dec"])
-        arch = {"jumprelu": "jumprelu", "standard": "relu", "relu": "relu", "topk": "topk"}.get(str(cfg.get("architecture", "standard")).lower())
-        if arch is None:
-            raise ValueError(f"SAELens architecture {cfg.get('architecture')!r} is not supported")
+        meta = cfg.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise _core.CheckpointError(f"SAELens cfg '{path}': metadata must be a JSON object")
+
+        def field(key, default=None):
+            v = cfg.get(key)
+            return meta.get(key, default) if v is None else v
+
+        t = cls._tensors(os.path.join(path, "sae_weights.safetensors"),
+                         ["W_enc", "b_enc", "threshold", "W_dec", "b_dec", "W_skip"], ["W_enc", "b_enc", "W_dec", "b_dec"])
+        arch_name = str(cfg.get("architecture", "standard")).lower()
+        if arch_name not in cls._SAELENS_ARCH:
+            raise ValueError(f"SAELens architecture {cfg.get('architecture')!r} is not supported (supported: "
+                             f"{', '.join(sorted(cls._SAELENS_ARCH))})")
+        arch, transcoder = cls._SAELENS_ARCH[arch_name]
         norm = cfg.get("normalize_activations", "none") or "none"
         if norm != "none":
             raise ValueError(f"SAELens normalize_activations={norm!r} is not supported (only 'none')")
@@ -154,13 +198,31 @@ class SAE:
                 want = t["W_enc"].shape[0 if key == "d_in" else 1]
                 if int(cfg[key]) != want:
                     raise ValueError(f"SAELens cfg {key}={cfg[key]} but W_enc has shape {tuple(t['W_enc'].shape)}")
-        hook = cfg.get("hook_name") or cfg.get("metadata", {}).get("hook_name")
+        hook, hook_out = field("hook_name"), field("hook_name_out")
+        flat = bool(hook) and hook.endswith("attn.hook_z")
+        hf_in, hf_out = field("hf_hook_name"), field("hf_hook_name_out")
+        if hf_in:  # the site the data was recorded at wins over the TransformerLens name
+            hook, flat = _hf_point_to_tl(hf_in)
+            if hf_out:
+                hook_out = _hf_point_to_tl(hf_out)[0]
         if not hook:
             raise ValueError("SAELens cfg.json has no hook_name")
-        head = cfg.get("hook_head_index", cfg.get("metadata", {}).get("hook_head_index"))
+        head = field("hook_head_index")
         if head is not None:
             raise ValueError(f"SAELens cfg hook_head_index={head}: an SAE on one attention head is not supported")
-        k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k", 0)
+        if hook.endswith(".hook_mlp_in"):
+            raise ValueError(f"SAELens cfg hook_name {hook!r}: in TransformerLens hook_mlp_in is the MLP branch's input "
+                             "before ln2 (= hook_resid_mid), but SAELens gives this name to Gemma Scope 2 transcoders, "
+                             "trained on ln2's output (ln2.hook_out), and this cfg has no hf_hook_name to tell which: set "
+                             "hook_name to 'blocks.L.ln2.hook_out' (the Gemma Scope 2 data) or 'blocks.L.hook_resid_mid'")
+        if transcoder and not hook_out:
+            raise ValueError(f"SAELens architecture {arch_name!r} is a transcoder but cfg.json has no hook_name_out")
+        W_skip = t["W_skip"]
+        if W_skip is not None:
+            if not transcoder:
+                raise ValueError(f"SAELens architecture {arch_name!r} has no skip connection, but the file holds W_skip")
+            W_skip = np.asarray(W_skip).T  # SAELens: x @ W_skip.T, W_skip [d_out, d_in]; gemmalens: x @ W_skip
+        k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k", 0)
         W_enc, b_enc, W_dec = t["W_enc"], t["b_enc"], t["W_dec"]
         if cfg.get("rescale_acts_by_decoder_norm"):
             # SAELens TopKSAE: encode multiplies the pre-activations by ||W_dec[f]|| before the top-k, decode divides
@@ -169,10 +231,10 @@ class SAE:
             n = np.linalg.norm(W_dec.astype(np.float64), axis=1)
             n = np.where(n > 0, n, 1.0)
             W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
-        sae = cls(W_enc, b_enc, W_dec, t["b_dec"], threshold=t["threshold"], architecture=arch, k=k,
+        sae = cls(W_enc, b_enc, W_dec, t["b_dec"], threshold=t["threshold"], W_skip=W_skip, architecture=arch, k=k,
                   apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", False), hook_name=hook,
-                  model_name=cfg.get("model_name") or cfg.get("metadata", {}).get("model_name"), dtype=dtype, cfg=cfg)
-        sae._flatten = hook.endswith("attn.hook_z")
+                  hook_name_out=hook_out if transcoder else None, model_name=field("model_name"), dtype=dtype, cfg=cfg)
+        sae._flatten = flat
         return sae
 
     # ---- computation (native) ----

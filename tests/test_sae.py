@@ -383,3 +383,46 @@ def test_saelens_transcoders_read_the_site_their_cfg_names(small, tmp_path):
     assert rel_err(both["blocks.1.ln2.hook_normalized"], both["blocks.1.ln2.hook_out"]) > 0.1  # the choice matters
     with pytest.raises(ValueError, match="hook_mlp_in"):
         write("bare", hook_name="blocks.1.hook_mlp_in", hook_name_out="blocks.1.hook_mlp_out")
+
+
+_SAE_HUB_CHILD = """
+import json, sys
+import gemmalens as gl
+out = {}
+a = gl.SAE.load("gemmalens-test/tiny-scope", "resid_post/layer_3")
+b = gl.SAE.load("gemmalens-test/tiny-scope/resid_post/layer_3")
+out["hook"], out["same"] = a.hook_name, bool((a.W_enc == b.W_enc).all())
+for bad in [("gemmalens-test/tiny-scope", "resid_post/layer_9"), ("gemmalens-test/not-cached", "x")]:
+    try:
+        gl.SAE.load(*bad)
+    except FileNotFoundError as e:
+        out.setdefault("errors", []).append(str(e))
+print(json.dumps(out))
+"""
+
+
+def test_sae_from_a_hub_repository_offline(tmp_path):
+    """gl.SAE.load("owner/repo", "sub/folder"): only that folder, through huggingface_hub, from an HF cache in HF's
+    layout built by the test (HF_HUB_OFFLINE=1, no network)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(3)
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--gemmalens-test--tiny-scope"
+    snap = repo / "snapshots" / commit
+    save_gemma_scope(str(snap / "resid_post" / "layer_3"), random_sae(rng, 64, 48), "model.layers.3.output")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf_home"))
+    r = subprocess.run([sys.executable, "-c", _SAE_HUB_CHILD], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["hook"] == "blocks.3.hook_resid_post" and out["same"]
+    assert "no folder 'resid_post/layer_9'" in out["errors"][0]
+    assert "could not be fetched" in out["errors"][1] and "HF_HUB_OFFLINE=1" in out["errors"][1]
+    with pytest.raises(TypeError, match="dtype is a keyword"):
+        gl.SAE.load(str(snap / "resid_post" / "layer_3"), 16)

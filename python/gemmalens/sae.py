@@ -40,6 +40,39 @@ def _hf_point_to_tl(point):
     return f"blocks.{layer}.{name}", flat
 
 
+_SAE_FILES = ["params.safetensors", "config.json", "cfg.json", "sae_weights.safetensors"]
+
+
+def _from_hub(path, subfolder):
+    """'owner/repo' + subfolder, or 'owner/repo/sub/folder' -> the folder's local copy in the HF cache."""
+    parts = [p for p in path.replace(os.sep, "/").split("/") if p]
+    if len(parts) < 2 or path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"SAE.load: no such directory '{path}'")
+    repo = "/".join(parts[:2])
+    sub = "/".join(parts[2:] + ([subfolder.strip("/")] if subfolder else []))
+    if not sub:
+        raise FileNotFoundError(f"SAE.load: '{path}' is not a local folder; as a hub repository id it needs the SAE's "
+                                "folder inside it: SAE.load('owner/repo', 'resid_post/layer_6_width_16k_l0_medium')")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise FileNotFoundError(f"SAE.load: '{path}' is not a local folder; to read '{sub}' of the hub repository "
+                                f"'{repo}' install huggingface_hub: pip install 'gemmalens[hub]' (or download the folder "
+                                "and pass its path)") from None
+    try:
+        root = huggingface_hub.snapshot_download(repo, allow_patterns=[f"{sub}/{f}" for f in _SAE_FILES])
+    except Exception as e:  # huggingface_hub's own errors: not found, gated, offline without a cached copy, network
+        raise FileNotFoundError(
+            f"SAE.load: '{sub}' of the hub repository '{repo}' could not be fetched ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); check the id and folder; offline "
+            "(HF_HUB_OFFLINE=1) only the HF cache is read") from None
+    local = os.path.join(root, sub)
+    if not os.path.isdir(local):
+        raise FileNotFoundError(f"SAE.load: the hub repository '{repo}' has no folder '{sub}' with SAE files "
+                                f"({', '.join(_SAE_FILES)})")
+    return local
+
+
 class SAE:
     """A JumpReLU / ReLU / TopK SAE or (affine) transcoder. ``gl.SAE.load(path)`` reads Gemma Scope 2 and SAELens
     folders. hook_name is where it reads (TransformerLens name), hook_name_out where it writes."""
@@ -82,8 +115,8 @@ class SAE:
 
     # ---- loading ----
     @classmethod
-    def load(cls, path, dtype="float32"):
-        """An SAE or transcoder from a local folder -> ``gl.SAE``.
+    def load(cls, path, subfolder=None, dtype="float32"):
+        """An SAE or transcoder from a folder, local or in a Hugging Face hub repository -> ``gl.SAE``.
 
         path: a Gemma Scope 2 folder (``params.safetensors`` + ``config.json``, as in google/gemma-scope-2-*: its
         ``hf_hook_point_in`` / ``_out`` name HF modules, mapped to hook names: ``model.layers.L.output`` ->
@@ -91,6 +124,10 @@ class SAE:
         SAELens folder (``cfg.json`` + ``sae_weights.safetensors``: jumprelu, standard / relu, topk, and the
         (jumprelu_)(skip_)transcoder architectures; ``hook_name`` read with TransformerLens's meaning, except that an
         ``hf_hook_name`` in the cfg, which names the HF module the data was recorded at, wins).
+        A path that is not a local folder is taken as a hub repository id with the folder inside it, either as
+        ``subfolder`` (``gl.SAE.load("google/gemma-scope-2-270m-pt", "resid_post/layer_6_width_16k_l0_medium")``) or
+        after the id (``"google/gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_medium"``): only that folder is
+        fetched into the HF cache by huggingface_hub (gemmalens[hub]); offline (HF_HUB_OFFLINE=1) the cache is read.
         dtype: "float32" or "bfloat16" (the encoder / decoder weights' storage; computation is float32).
 
         The result's ``hook_name`` is where it reads, ``hook_name_out`` where it writes (a transcoder's differs);
@@ -103,6 +140,14 @@ class SAE:
         'blocks.6.hook_resid_post'
         """
         path = os.fspath(path)
+        if subfolder is not None and not isinstance(subfolder, (str, os.PathLike)):
+            raise TypeError(f"SAE.load: subfolder must be a folder name inside the repository, got {subfolder!r} "
+                            "(dtype is a keyword argument: SAE.load(path, dtype='bfloat16'))")
+        if os.path.isdir(path):
+            if subfolder is not None:
+                path = os.path.join(path, os.fspath(subfolder))
+        else:
+            path = _from_hub(path, None if subfolder is None else os.fspath(subfolder))
         if not os.path.isdir(path):
             raise FileNotFoundError(f"SAE.load: no such directory '{path}'")
         if os.path.isfile(os.path.join(path, "params.safetensors")) and os.path.isfile(os.path.join(path, "config.json")):

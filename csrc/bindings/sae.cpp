@@ -61,7 +61,33 @@ void bind_sae(py::module_& m) {
           s.encode_topk(x.data(), x.shape(0), k, idx.mutable_data(), val.mutable_data());
         }
         return py::make_tuple(idx, val);
-      });
+      })
+      .def("decode_vjp",
+           [](const SAE& s, F g) {
+             if (g.ndim() != 2 || g.shape(1) != s.d_out) throw ValueError("SAE.decode_vjp: g must be [n, d_out = " + std::to_string(s.d_out) + "]");
+             py::array_t<float> out({g.shape(0), static_cast<py::ssize_t>(s.d_sae)});
+             py::gil_scoped_release r;
+             s.decode_vjp(g.data(), g.shape(0), out.mutable_data());
+             return out;
+           }, py::arg("g"), "The decoder's VJP: g [n, d_out] -> g W_dec^T [n, d_sae].")
+      .def("encode_vjp",
+           [](const SAE& s, F g) {
+             if (g.ndim() != 2 || g.shape(1) != s.d_sae) throw ValueError("SAE.encode_vjp: g must be [n, d_sae = " + std::to_string(s.d_sae) + "]");
+             py::array_t<float> out({g.shape(0), static_cast<py::ssize_t>(s.d_in)});
+             py::gil_scoped_release r;
+             s.encode_vjp(g.data(), g.shape(0), out.mutable_data());
+             return out;
+           }, py::arg("g"), "The encoder's VJP at the pre-activations: g [n, d_sae] -> g W_enc^T [n, d_in].")
+      .def("weights",
+           [](const SAE& s) {
+             py::array_t<float> we({static_cast<py::ssize_t>(s.d_in), static_cast<py::ssize_t>(s.d_sae)});
+             py::array_t<float> wd({static_cast<py::ssize_t>(s.d_sae), static_cast<py::ssize_t>(s.d_out)});
+             {
+               py::gil_scoped_release r;
+               s.export_weights(we.mutable_data(), wd.mutable_data());
+             }
+             return py::make_tuple(we, wd);
+           }, "(W_enc [d_in, d_sae], W_dec [d_sae, d_out]) as stored, in float32.");
 }
 
 }  // namespace gemmalens

@@ -18,7 +18,8 @@ SAE::Arch SAE::parse_arch(const std::string& name) {
   if (name == "jumprelu") return Arch::JumpReLU;
   if (name == "relu") return Arch::ReLU;
   if (name == "topk") return Arch::TopK;
-  throw ValueError("SAE: unknown architecture '" + name + "'");
+  if (name == "jumprelu_signed") return Arch::JumpReLUSigned;
+  throw ValueError("SAE: unknown architecture '" + name + "' (jumprelu, relu, topk or jumprelu_signed)");
 }
 
 namespace {
@@ -59,7 +60,8 @@ SAE::SAE(const Weights& w, Arch arch_, int k_, bool apply_b_dec, DType dtype) : 
   b_enc_.assign(w.b_enc.data, w.b_enc.data + d_sae);
   b_dec_.assign(w.b_dec.data, w.b_dec.data + d_out);
   if (w.threshold.data) threshold_.assign(w.threshold.data, w.threshold.data + d_sae);
-  if (arch == Arch::JumpReLU && threshold_.empty()) throw ValueError("SAE: jumprelu needs a threshold");
+  if ((arch == Arch::JumpReLU || arch == Arch::JumpReLUSigned) && threshold_.empty())
+    throw ValueError("SAE: jumprelu needs a threshold");
 }
 
 void SAE::activate(float* pre, int64_t M) {
@@ -69,6 +71,8 @@ void SAE::activate(float* pre, int64_t M) {
     for (int j = 0; j < d_sae; ++j) p[j] += b_enc_[j];
     if (arch == Arch::JumpReLU) {
       for (int j = 0; j < d_sae; ++j) p[j] = (p[j] > threshold_[j] && p[j] > 0.f) ? p[j] : 0.f;
+    } else if (arch == Arch::JumpReLUSigned) {  // circuit-tracer: x * (x > threshold)
+      for (int j = 0; j < d_sae; ++j) p[j] = p[j] > threshold_[j] ? p[j] : 0.f;
     } else if (arch == Arch::ReLU) {
       for (int j = 0; j < d_sae; ++j) p[j] = p[j] > 0.f ? p[j] : 0.f;
     } else {  // TopK: the k largest pre-activations, then ReLU; the rest 0
@@ -124,6 +128,20 @@ void SAE::encode_topk(const float* x, int64_t M, int kk, int32_t* idx, float* va
       }
     }
   }
+}
+
+void SAE::decode_vjp(const float* g_out, int64_t M, float* g_acts) const { dec_.backward_input(g_out, M, g_acts); }
+
+void SAE::encode_vjp(const float* g_pre, int64_t M, float* g_x) const { enc_.backward_input(g_pre, M, g_x); }
+
+void SAE::export_weights(float* W_enc, float* W_dec) const {
+  std::vector<float> w(static_cast<size_t>(d_sae) * std::max(d_in, d_out));
+  enc_.to_rowmajor(w.data());  // [d_sae, d_in]
+  auto e = transpose(w.data(), d_sae, d_in);
+  std::copy(e.begin(), e.end(), W_enc);
+  dec_.to_rowmajor(w.data());  // [d_out, d_sae]
+  auto d = transpose(w.data(), d_out, d_sae);
+  std::copy(d.begin(), d.end(), W_dec);
 }
 
 }  // namespace gemmalens

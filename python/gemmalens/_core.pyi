@@ -335,10 +335,22 @@ class SAE:
         ...
     def decode(self, acts: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], x: typing.Any = None) -> numpy.typing.NDArray[numpy.float32]:
         ...
+    def decode_vjp(self, g: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
+        """
+        The decoder's VJP: g [n, d_out] -> g W_dec^T [n, d_sae].
+        """
     def encode(self, arg0: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
         ...
     def encode_topk(self, arg0: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg1: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.int32], numpy.typing.NDArray[numpy.float32]]:
         ...
+    def encode_vjp(self, g: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
+        """
+        The encoder's VJP at the pre-activations: g [n, d_sae] -> g W_enc^T [n, d_in].
+        """
+    def weights(self) -> tuple:
+        """
+        (W_enc [d_in, d_sae], W_dec [d_sae, d_out]) as stored, in float32.
+        """
 def available_memory_bytes() -> int:
     """
     Memory this process may still take: MemAvailable, or the cgroup v2 limit's headroom when lower (0: unknown).

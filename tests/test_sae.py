@@ -426,3 +426,29 @@ def test_sae_from_a_hub_repository_offline(tmp_path):
     assert "could not be fetched" in out["errors"][1] and "HF_HUB_OFFLINE=1" in out["errors"][1]
     with pytest.raises(TypeError, match="dtype is a keyword"):
         gl.SAE.load(str(snap / "resid_post" / "layer_3"), 16)
+
+
+def test_two_saes_in_one_splice(small, tmp_path):
+    """Several SAEs spliced in one call each run with their own hooks (a splice's callbacks once all took the last
+    SAE's hook table: a KeyError, or the wrong SAE's edits)."""
+    rng = np.random.default_rng(10)
+    p1, p2 = random_sae(rng, 64, 80), random_sae(rng, 64, 90)
+    s1 = gl.SAE.load(save_gemma_scope(str(tmp_path / "a"), p1, "model.layers.1.output"))
+    s2 = gl.SAE.load(save_gemma_scope(str(tmp_path / "b"), p2, "model.layers.4.output"))
+    ids = rng.integers(0, 320, (1, 8))
+
+    def zero3(a, hook):
+        a[..., :3] = 0
+
+    got = small.run_with_saes(ids, saes=[s1, s2], fwd_hooks=[("blocks.1.hook_resid_post.hook_sae_acts_post", zero3)])
+
+    def sae1(a, hook):
+        acts = np_encode(a, p1["W_enc"], p1["b_enc"], p1["threshold"])
+        acts[..., :3] = 0
+        return (acts @ p1["W_dec"] + p1["b_dec"]).astype(np.float32)
+
+    def sae2(a, hook):
+        return (np_encode(a, p2["W_enc"], p2["b_enc"], p2["threshold"]) @ p2["W_dec"] + p2["b_dec"]).astype(np.float32)
+
+    ref = small.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_resid_post", sae1), ("blocks.4.hook_resid_post", sae2)])
+    assert rel_err(got, ref) <= 1e-4

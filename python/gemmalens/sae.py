@@ -404,7 +404,7 @@ def splice_hooks(model, saes, use_error_term, sae_hooks, captures, captured=None
                 arr = fn(arr) if grad is not None else _apply_py(fn, arr, n, layer)
             return arr
 
-        def run(x_in, x_out, sae=sae, name=name, rname=rname, ename=ename, stash=stash):
+        def run(x_in, x_out, sae=sae, name=name, rname=rname, ename=ename, stash=stash, edits=edits, apply=apply):
             lead = x_in.shape[:2]
             xi = x_in.reshape(lead[0] * lead[1], -1)
             acts = sae._core.encode(xi)

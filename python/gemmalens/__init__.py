@@ -41,6 +41,7 @@ from .activation_cache import ActivationCache  # noqa: E402
 from . import hooks  # noqa: E402
 from .hooks import HookPoint  # noqa: E402
 from .sae import SAE  # noqa: E402
+from .transcoders import CLT, TranscoderSet, load_transcoders  # noqa: E402
 from . import steering  # noqa: E402
 from . import metrics  # noqa: E402
 from . import attribution  # noqa: E402
@@ -49,5 +50,5 @@ from .harvest import HarvestError, HarvestResult, harvest  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError", "Tokenizer", "interventions",
-           "ActivationCache", "hooks", "HookPoint", "SAE", "steering", "metrics", "attribution",
-           "harvest", "HarvestError", "HarvestResult"]
+           "ActivationCache", "hooks", "HookPoint", "SAE", "TranscoderSet", "CLT", "load_transcoders", "steering",
+           "metrics", "attribution", "harvest", "HarvestError", "HarvestResult"]

@@ -224,7 +224,10 @@ class _Plan:
             if not isinstance(h, str):
                 raise HarvestError(f"hook names must be strings, got {h!r}")
         self.hooks = hooks
-        self.saes = list(saes) if isinstance(saes, (list, tuple)) else ([] if saes is None else [saes])
+        from .transcoders import TranscoderSet
+
+        saes = list(saes) if isinstance(saes, (list, tuple)) else ([] if saes is None else [saes])
+        self.saes = [t for s in saes for t in (s.transcoders if isinstance(s, TranscoderSet) else [s])]
         L = model.config.num_hidden_layers
         layers = [_layer_of(h) for h in hooks]
         self.stop_at_layer = None if any(x is None for x in layers) or max(layers) + 1 >= L else max(layers) + 1
@@ -419,6 +422,8 @@ def _model_identity(model):
 
 
 def _sae_identity(sae):
+    if hasattr(sae, "_identity"):  # a cross-layer transcoder (its weights live natively)
+        return sae._identity()
     h = hashlib.sha256()
     for a in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
         h.update(np.ascontiguousarray(a).tobytes())
@@ -553,7 +558,8 @@ def harvest(model, source, hooks, out_dir, context_size=128, batch_size=None, pr
       them (see ``pack_rows``), with BOS first in each row when ``prepend_bos``.
     hooks: TransformerLens hook names (any number; one pass computes them all and stops after the deepest hooked
       block), including the feature hooks of ``saes`` (spliced with their error term, so every other activation is
-      the model's own), e.g. "blocks.6.hook_resid_post.hook_sae_acts_post". Per-token activations [T, ...] are
+      the model's own), e.g. "blocks.6.hook_resid_post.hook_sae_acts_post" (saes: gl.SAE, gl.TranscoderSet or gl.CLT,
+      whose features are "blocks.L.hook_clt_acts_post"). Per-token activations [T, ...] are
       stored flattened to [T, d] (as SAELens stores hook_z).
     format: "saelens" (a datasets.save_to_disk folder: a column per hook, named exactly the hook, Array2D(context_size,
       d) of ``dtype``, and token_ids; SAELens trains on it with use_cached_activations=True,

@@ -93,9 +93,22 @@ class Intervention:
         return g
 
 
+def _need_sae(sae, what):
+    from .sae import SAE  # (sae imports this module)
+
+    if not isinstance(sae, SAE):
+        raise TypeError(f"{what}: expected a gl.SAE, got {type(sae).__name__}; for a gl.CLT splice it (run_with_saes) "
+                        "and hook blocks.L.hook_clt_acts_post, or add clt.W_dec(L)[feature, j - L] at layer j's "
+                        "hook_mlp_out; for a gl.TranscoderSet use tset[L]")
+
+
 class _AblateFeatures(Intervention):
     def __init__(self, sae, features, positions=None):
         super().__init__("ablate_features", positions=positions)
+        _need_sae(sae, "ablate_features")
+        if sae.architecture == "jumprelu_signed":
+            raise ValueError("ablate_features: a jumprelu_signed SAE (circuit-tracer's JumpReLU, no ReLU) is not "
+                             "supported natively; use run_with_saes with a hook on hook_sae_acts_post")
         if sae.is_transcoder:
             raise ValueError("ablate_features: transcoders read and write different sites; splice them with run_with_saes")
         if sae.architecture == "topk":
@@ -169,6 +182,7 @@ def project_out(direction, positions=None):
 
 def steer(sae, feature, scale=1.0, positions=None):
     """Add scale * W_dec[feature] at the SAE's output site (its ``hook_name_out``)."""
+    _need_sae(sae, "steer")
     if not 0 <= int(feature) < sae.d_sae:
         raise ValueError(f"steer: feature {feature} is out of range [0, {sae.d_sae})")
     it = add(sae.W_dec[int(feature)], scale=scale, positions=positions)

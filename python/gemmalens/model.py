@@ -8,8 +8,9 @@ from . import _core, grad, interventions, metrics
 from .activation_cache import ActivationCache
 from .generation import generate
 from .hooks import HookTable, check_hooks, plan_hookset
-from .sae import Splice
+from .sae import SAE, Splice
 from .tl import Blocks, TLConfig, absent, layer_weights
+from .transcoders import CLT, TranscoderSet
 
 
 def _as_tokens(tokens, vocab_size):
@@ -115,9 +116,14 @@ class Model:
     def saes(self, saes, use_error_term=False):
         """Context manager: splice SAEs / transcoders into every forward and generate inside it. Their feature
         activations are hooks named ``{hook_name}.hook_sae_acts_post`` (also ``.hook_sae_recon`` and, with the
-        error term, ``.hook_sae_error``), visible to run_with_cache and run_with_hooks."""
+        error term, ``.hook_sae_error``), visible to run_with_cache and run_with_hooks. A ``gl.TranscoderSet`` splices
+        each of its transcoders; a ``gl.CLT`` replaces every layer's MLP output, with the feature hooks
+        ``blocks.L.hook_clt_acts_post`` (``_recon``, ``_error``)."""
         saes = list(saes) if isinstance(saes, (list, tuple)) else [saes]
+        saes = [t for s in saes for t in (s.transcoders if isinstance(s, TranscoderSet) else [s])]
         for s in saes:
+            if not isinstance(s, (SAE, CLT)):
+                raise TypeError(f"saes: expected gl.SAE, gl.TranscoderSet or gl.CLT objects, got {type(s).__name__}")
             s.check_model(self)
 
         @contextlib.contextmanager

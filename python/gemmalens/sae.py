@@ -75,7 +75,9 @@ def _from_hub(path, subfolder):
 
 class SAE:
     """A JumpReLU / ReLU / TopK SAE or (affine) transcoder. ``gl.SAE.load(path)`` reads Gemma Scope 2 and SAELens
-    folders. hook_name is where it reads (TransformerLens name), hook_name_out where it writes."""
+    folders. hook_name is where it reads (TransformerLens name), hook_name_out where it writes. architecture:
+    "jumprelu" (relu(pre) * (pre > threshold)), "relu", "topk", or "jumprelu_signed" (circuit-tracer's JumpReLU,
+    pre * (pre > threshold), for its transcoder files: gl.TranscoderSet)."""
 
     def __init__(self, W_enc, b_enc, W_dec, b_dec, threshold=None, W_skip=None, architecture="jumprelu", k=0,
                  apply_b_dec_to_input=False, hook_name=None, hook_name_out=None, model_name=None, dtype="float32",
@@ -392,6 +394,9 @@ def splice_hooks(model, saes, use_error_term, sae_hooks, captures, captured=None
     fwd = []
     for sae in saes:
         sae.check_model(model)
+        if hasattr(sae, "_splice"):  # a cross-layer transcoder (transcoders.CLT) splices itself
+            fwd += sae._splice(use_error_term, sae_hooks, captures, captured, grad)
+            continue
         base = sae.hook_name
         layer = int(base.split(".")[1])
         stash = {}
@@ -485,8 +490,17 @@ def splice_hooks(model, saes, use_error_term, sae_hooks, captures, captured=None
     return fwd, captured
 
 
+def sae_hook_anchors(saes):
+    """The hooks of spliced SAEs / transcoders -> the model hook each follows in forward order: an SAE's
+    {hook_name}.hook_sae_* follow the site it reads; a CLT says for its own (transcoders.CLT.anchors)."""
+    out = {}
+    for s in saes:
+        out.update(s.anchors() if hasattr(s, "anchors") else {f"{s.hook_name}.{suf}": s.hook_name for suf in _SUFFIXES})
+    return out
+
+
 def sae_hook_names(saes):
-    return [f"{s.hook_name}.{suf}" for s in saes for suf in _SUFFIXES]
+    return list(sae_hook_anchors(saes))
 
 
 class Splice:
@@ -497,7 +511,8 @@ class Splice:
     def __init__(self, model, active):
         self.model = model
         self.active = list(active)
-        self.names = sae_hook_names([s for s, _ in self.active])  # {hook_name}.hook_sae_*, in splice order
+        self.anchors = sae_hook_anchors([s for s, _ in self.active])
+        self.names = list(self.anchors)  # {hook_name}.hook_sae_* (and a CLT's blocks.L.hook_clt_*), in splice order
         self.captured = {}
         self.grad = None  # a SpliceGrad in gradient runs (gl.grad)
 
@@ -543,9 +558,13 @@ class Splice:
         return native, sae_bwd
 
     def ordered(self, arrays):
-        """{name: array} -> the same in forward order, each SAE's tensors right after the site it reads."""
+        """{name: array} -> the same in forward order, each SAE's tensors right after the site it reads (a CLT's
+        reconstruction and error after the site it writes)."""
+        after = {}
+        for m, site in self.anchors.items():
+            after.setdefault(site, []).append(m)
         order = []
         for n in self.model._hook_table.names:
             order.append(n)
-            order += [m for m in self.names if m.startswith(n + ".")]
+            order += after.get(n, [])
         return {n: arrays[n] for n in order if n in arrays}

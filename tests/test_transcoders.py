@@ -642,32 +642,47 @@ def test_transcoder_set_splice(small, hf_small, tmp_path):
     assert cache["blocks.3.hook_resid_mid.hook_sae_acts_post"].shape == (1, 9, dt)
 
 
-def test_hf_uris_from_the_hf_cache_offline(tmp_path):
-    """config.yaml's transcoders may be hf://owner/repo/path URIs (circuit-tracer's Gemma Scope 2 configs): fetched
-    through huggingface_hub, here from an HF cache in HF's layout built by the test, with HF_HUB_OFFLINE=1."""
+def test_hub_ids_and_hf_uris_from_the_hf_cache_offline(tmp_path):
+    """config.yaml's transcoders may be hf://owner/repo/path URIs (circuit-tracer's Gemma Scope 2 configs), and the
+    loaders take hub repository ids with the folder inside (circuit-tracer's own references, e.g.
+    mwhanna/gemma-scope-2-270m-pt/clt/...): fetched through huggingface_hub, here from an HF cache in HF's layout built
+    by the test, with HF_HUB_OFFLINE=1."""
     rng = np.random.default_rng(10)
     p = random_clt(rng, 3, 16, 8, skip=True)
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--google--gemma-scope-2-test"
-    write_gs2_clt(str(repo / "snapshots" / commit / "clt" / "w"), p, rng)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    cfg = tmp_path / "config.yaml"
-    write_yaml(str(cfg), {"model_kind": "cross_layer_transcoder", "feature_input_hook": "mlp.hook_in",
-                          "feature_output_hook": "hook_mlp_out",
-                          "transcoders": [f"hf://google/gemma-scope-2-test/clt/w/params_layer_{i}.safetensors"
-                                          for i in range(3)]})
+
+    def repo(name):
+        r = tmp_path / "hub" / f"models--{name.replace('/', '--')}"
+        (r / "refs").mkdir(parents=True)
+        (r / "refs" / "main").write_text(commit)
+        return r / "snapshots" / commit
+
+    write_gs2_clt(str(repo("google/gemma-scope-2-test") / "clt" / "w"), p, rng)
+    cfg = {"model_kind": "cross_layer_transcoder", "feature_input_hook": "mlp.hook_in",
+           "feature_output_hook": "hook_mlp_out",
+           "transcoders": [f"hf://google/gemma-scope-2-test/clt/w/params_layer_{i}.safetensors" for i in range(3)]}
+    write_yaml(str(tmp_path / "config.yaml"), cfg)
+    write_yaml(str(repo("gemmalens-test/ct-configs") / "clt" / "w" / "config.yaml"), cfg)
     x = rng.standard_normal((3, 5, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf_home"))
     child = ("import sys, numpy as np, gemmalens as gl\n"
-             "c = gl.load_transcoders(sys.argv[1])\n"
-             "np.save(sys.argv[3], c(np.load(sys.argv[2])))\n")
-    r = subprocess.run([sys.executable, "-c", child, str(cfg), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                       capture_output=True, text=True, env=env, timeout=300)
+             "x = np.load(sys.argv[2])\n"
+             "ys = [gl.load_transcoders(sys.argv[1])(x), gl.load_transcoders('gemmalens-test/ct-configs/clt/w')(x),\n"
+             "      gl.CLT.load('google/gemma-scope-2-test', 'clt/w')(x)]\n"
+             "np.save(sys.argv[3], np.stack(ys))\n"
+             "try:\n"
+             "    gl.CLT.load('gemmalens-test/not-cached', 'clt/w')\n"
+             "except FileNotFoundError as e:\n"
+             "    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", child, str(tmp_path / "config.yaml"), str(tmp_path / "x.npy"),
+                        str(tmp_path / "y.npy")], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    close(np.load(tmp_path / "y.npy"), np_clt_decode(p, np_clt_encode(p, x, "jumprelu"), x))
+    ref = np_clt_decode(p, np_clt_encode(p, x, "jumprelu"), x)
+    for y in np.load(tmp_path / "y.npy"):
+        close(y, ref)
+    assert "CLT.load: 'clt/w' of the hub repository 'gemmalens-test/not-cached' could not be fetched" in r.stdout
 
 
 def test_clt_weights_pickle_and_harvest(small, tmp_path):

@@ -43,33 +43,35 @@ def _hf_point_to_tl(point):
 _SAE_FILES = ["params.safetensors", "config.json", "cfg.json", "sae_weights.safetensors"]
 
 
-def _from_hub(path, subfolder):
-    """'owner/repo' + subfolder, or 'owner/repo/sub/folder' -> the folder's local copy in the HF cache."""
+def _from_hub(path, subfolder, files=_SAE_FILES, what="SAE.load",
+              example="SAE.load('owner/repo', 'resid_post/layer_6_width_16k_l0_medium')"):
+    """'owner/repo' + subfolder, or 'owner/repo/sub/folder' -> the folder's local copy in the HF cache (only its
+    ``files``, glob patterns; gl.TranscoderSet / gl.CLT.load pass their own)."""
     parts = [p for p in path.replace(os.sep, "/").split("/") if p]
     if len(parts) < 2 or path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"SAE.load: no such directory '{path}'")
+        raise FileNotFoundError(f"{what}: no such directory '{path}'")
     repo = "/".join(parts[:2])
     sub = "/".join(parts[2:] + ([subfolder.strip("/")] if subfolder else []))
     if not sub:
-        raise FileNotFoundError(f"SAE.load: '{path}' is not a local folder; as a hub repository id it needs the SAE's "
-                                "folder inside it: SAE.load('owner/repo', 'resid_post/layer_6_width_16k_l0_medium')")
+        raise FileNotFoundError(f"{what}: '{path}' is not a local folder; as a hub repository id it needs the "
+                                f"folder inside it: {example}")
     try:
         import huggingface_hub
     except ImportError:
-        raise FileNotFoundError(f"SAE.load: '{path}' is not a local folder; to read '{sub}' of the hub repository "
+        raise FileNotFoundError(f"{what}: '{path}' is not a local folder; to read '{sub}' of the hub repository "
                                 f"'{repo}' install huggingface_hub: pip install 'gemmalens[hub]' (or download the folder "
                                 "and pass its path)") from None
     try:
-        root = huggingface_hub.snapshot_download(repo, allow_patterns=[f"{sub}/{f}" for f in _SAE_FILES])
+        root = huggingface_hub.snapshot_download(repo, allow_patterns=[f"{sub}/{f}" for f in files])
     except Exception as e:  # huggingface_hub's own errors: not found, gated, offline without a cached copy, network
         raise FileNotFoundError(
-            f"SAE.load: '{sub}' of the hub repository '{repo}' could not be fetched ({type(e).__name__}: "
+            f"{what}: '{sub}' of the hub repository '{repo}' could not be fetched ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); check the id and folder; offline "
             "(HF_HUB_OFFLINE=1) only the HF cache is read") from None
     local = os.path.join(root, sub)
     if not os.path.isdir(local):
-        raise FileNotFoundError(f"SAE.load: the hub repository '{repo}' has no folder '{sub}' with SAE files "
-                                f"({', '.join(_SAE_FILES)})")
+        raise FileNotFoundError(f"{what}: the hub repository '{repo}' has no folder '{sub}' with "
+                                f"{'SAE files' if what == 'SAE.load' else 'transcoder files'} ({', '.join(files)})")
     return local
 
 

@@ -35,7 +35,7 @@ import re
 import numpy as np
 
 from . import _core
-from .sae import SAE, _SIZES, _Edit, _apply_py, _hf_point_to_tl
+from .sae import SAE, _SIZES, _Edit, _apply_py, _from_hub, _hf_point_to_tl
 
 # circuit-tracer's TransformerLens hook names for Gemma 3 (circuit_tracer/utils/tl_nnsight_mapping.py, Gemma3ForCausalLM)
 # -> gemmalens block hooks: mlp.hook_in is pre_feedforward_layernorm's output (ln2's weighted output, ln2.hook_out),
@@ -125,6 +125,22 @@ def _resolve(entry, base, what):
     return local if os.path.exists(local) else entry
 
 
+_HUB_FILES = ["config.yaml", "config.json", "*.safetensors"]
+
+
+def _local(path, subfolder, what, example):
+    """A local path (file or folder; subfolder joined), else a hub repository id with the folder inside it (as
+    gl.SAE.load takes them): that folder's config.yaml / config.json / *.safetensors from the HF cache, fetched by
+    huggingface_hub (gemmalens[hub]); hf:// entries of its config.yaml are fetched as they are read."""
+    if subfolder is not None and not isinstance(subfolder, (str, os.PathLike)):
+        raise TypeError(f"{what}: subfolder must be a folder name inside the repository, got {subfolder!r} (dtype is a "
+                        f"keyword argument: {what}(path, dtype='bfloat16'))")
+    path = os.fspath(path)
+    if os.path.exists(path):
+        return path if subfolder is None else os.path.join(path, os.fspath(subfolder))
+    return _from_hub(path, None if subfolder is None else os.fspath(subfolder), _HUB_FILES, what, example)
+
+
 def _numbered(folder, pattern):
     """Files folder/pattern with {i} = 0, 1, ... N-1 (refused when the numbers have a gap)."""
     rx = re.compile(re.escape(pattern).replace(r"\{i\}", r"(\d+)") + "$")
@@ -198,16 +214,19 @@ class TranscoderSet:
     """
 
     def __init__(self, transcoders, source=None):
+        """transcoders: gl.SAE transcoders, a list (each at the layer it reads) or {layer: transcoder}."""
+        given = list(transcoders.values()) if isinstance(transcoders, dict) else list(transcoders)
+        for s in given:
+            if not isinstance(s, SAE) or not s.is_transcoder:
+                raise TypeError(f"TranscoderSet: expected gl.SAE transcoders (reading one site, writing another), got "
+                                f"{s!r}")
         if isinstance(transcoders, dict):
             items = sorted(transcoders.items())
         else:
-            items = sorted(((_layer_of(s), s) for s in transcoders), key=lambda it: it[0])
+            items = sorted(((_layer_of(s), s) for s in given), key=lambda it: it[0])
         if not items:
             raise ValueError("TranscoderSet: no transcoders")
         for layer, s in items:
-            if not isinstance(s, SAE) or not s.is_transcoder:
-                raise TypeError(f"TranscoderSet: layer {layer}'s entry must be a gl.SAE transcoder (reads one site, "
-                                f"writes another), got {s!r}")
             if _layer_of(s) != layer:
                 raise ValueError(f"TranscoderSet: the transcoder given for layer {layer} reads {s.hook_name}")
         layers = [layer for layer, _ in items]
@@ -267,23 +286,26 @@ class TranscoderSet:
             s.check_model(model)
 
     @classmethod
-    def load(cls, path, dtype="float32", feature_input_hook=None, feature_output_hook=None):
-        """A transcoder set from local files -> ``gl.TranscoderSet``.
+    def load(cls, path, subfolder=None, dtype="float32", feature_input_hook=None, feature_output_hook=None):
+        """A transcoder set -> ``gl.TranscoderSet``.
 
         path: circuit-tracer's ``config.yaml`` (``model_kind: transcoder_set``) or its folder (``config.yaml`` beside
         ``layer_{i}.safetensors``, or with a ``transcoders:`` list of files, circuit-tracer's or Gemma Scope 2's
         ``params.safetensors``, local or ``hf://``); a folder of ``layer_{i}.safetensors`` without a config (give
         ``feature_input_hook`` / ``feature_output_hook``, circuit-tracer's TransformerLens names); or a list of Gemma
-        Scope 2 transcoder folders (``params.safetensors`` + ``config.json``, read by ``gl.SAE.load``).
+        Scope 2 transcoder folders (``params.safetensors`` + ``config.json``, each read by ``gl.SAE.load``). A path
+        that is not local is a hub repository id with the folder inside it, after the id or as ``subfolder``, as
+        circuit-tracer's own references are (``"mwhanna/gemma-scope-2-270m-pt/transcoder_all/width_16k_l0_small"``).
         dtype: "float32" or "bfloat16" (weights' storage).
 
         >>> tset = gl.TranscoderSet.load("gemma-scope-2-270m-pt-transcoders-ct")     # config.yaml + files
-        >>> tset = gl.TranscoderSet.load([f"gemma-scope-2-270m-pt/transcoder/layer_{i}_width_16k_l0_small"
+        >>> tset = gl.TranscoderSet.load([f"google/gemma-scope-2-270m-pt/transcoder/layer_{i}_width_16k_l0_small"
         ...                               for i in range(18)])
         """
         if isinstance(path, (list, tuple)):
             return cls([SAE.load(p, dtype=dtype) for p in path], source=[os.fspath(p) for p in path])
-        path = os.fspath(path)
+        path = _local(path, subfolder, "TranscoderSet.load",
+                      "TranscoderSet.load('owner/repo', 'transcoder_all/width_16k_l0_small')")
         cfg, base, cfg_path = _config_at(path, feature_input_hook, feature_output_hook, "TranscoderSet.load")
         if cfg.get("model_kind", "transcoder_set") != "transcoder_set":
             raise ValueError(f"TranscoderSet.load: '{cfg_path}' has model_kind {cfg.get('model_kind')!r}; a "
@@ -423,17 +445,20 @@ class CLT:
 
     # ---- loading ----
     @classmethod
-    def load(cls, path, dtype="float32", feature_input_hook=None, feature_output_hook=None):
-        """A cross-layer transcoder from local files -> ``gl.CLT``.
+    def load(cls, path, subfolder=None, dtype="float32", feature_input_hook=None, feature_output_hook=None):
+        """A cross-layer transcoder -> ``gl.CLT``.
 
         path: a circuit-tracer CLT folder (``W_enc_{i}.safetensors`` + ``W_dec_{i}.safetensors``, with a
         ``config.yaml`` naming the hooks or ``feature_input_hook`` / ``feature_output_hook`` given: circuit-tracer's
         TransformerLens names), circuit-tracer's ``config.yaml`` (``model_kind: cross_layer_transcoder``; with a
         ``transcoders:`` list it names Gemma Scope 2 CLT files, local or ``hf://``), or a Gemma Scope 2 CLT folder
         (``params_layer_{i}.safetensors``, e.g. gemma-scope-2-270m-pt/clt/width_262k_l0_medium: it reads ln2.hook_out,
-        writes hook_mlp_out). dtype: "float32" or "bfloat16" (weights' storage).
+        writes hook_mlp_out). A path that is not local is a hub repository id with the folder inside it, after the id or
+        as ``subfolder`` (``gl.CLT.load("google/gemma-scope-2-270m-pt", "clt/width_262k_l0_medium")``; circuit-tracer's
+        ``"mwhanna/gemma-scope-2-270m-pt/clt/width_262k_l0_medium_affine"``, whose config.yaml lists hf:// files).
+        dtype: "float32" or "bfloat16" (weights' storage).
         """
-        path = os.fspath(path)
+        path = _local(path, subfolder, "CLT.load", "CLT.load('google/gemma-scope-2-270m-pt', 'clt/width_262k_l0_medium')")
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.yaml")):
             gs2 = _numbered(path, "params_layer_{i}.safetensors")
             if gs2:
@@ -762,12 +787,13 @@ def _gs2_hooks(folder, feature_input_hook, feature_output_hook):
     return hook_in, hook_out
 
 
-def load_transcoders(path, dtype="float32", feature_input_hook=None, feature_output_hook=None):
+def load_transcoders(path, subfolder=None, dtype="float32", feature_input_hook=None, feature_output_hook=None):
     """circuit-tracer's ``load_transcoders``: a ``config.yaml`` (or its folder) -> ``gl.TranscoderSet`` for
     ``model_kind: transcoder_set``, ``gl.CLT`` for ``cross_layer_transcoder``; a folder of circuit-tracer's CLT files
     or of Gemma Scope 2's ``params_layer_{i}.safetensors`` -> ``gl.CLT``; of ``layer_{i}.safetensors`` ->
-    ``gl.TranscoderSet``."""
-    path = os.fspath(path)
+    ``gl.TranscoderSet``. Local, or a hub repository id with the folder (circuit-tracer's references:
+    ``gl.load_transcoders("mwhanna/gemma-scope-2-270m-pt/clt/width_262k_l0_medium_affine")``)."""
+    path = _local(path, subfolder, "load_transcoders", "load_transcoders('owner/repo', 'clt/width_262k_l0_medium')")
     cfg_path = path if os.path.isfile(path) else os.path.join(path, "config.yaml")
     kind = _yaml(cfg_path).get("model_kind") if os.path.isfile(cfg_path) else None
     if kind is None and os.path.isdir(path):
@@ -776,8 +802,9 @@ def load_transcoders(path, dtype="float32", feature_input_hook=None, feature_out
         elif _numbered(path, "layer_{i}.safetensors"):
             kind = "transcoder_set"
     if kind == "transcoder_set":
-        return TranscoderSet.load(path, dtype, feature_input_hook, feature_output_hook)
+        return TranscoderSet.load(path, dtype=dtype, feature_input_hook=feature_input_hook,
+                                  feature_output_hook=feature_output_hook)
     if kind == "cross_layer_transcoder":
-        return CLT.load(path, dtype, feature_input_hook, feature_output_hook)
+        return CLT.load(path, dtype=dtype, feature_input_hook=feature_input_hook, feature_output_hook=feature_output_hook)
     raise ValueError(f"load_transcoders: '{path}' is neither a circuit-tracer config (model_kind transcoder_set or "
                      f"cross_layer_transcoder; got {kind!r}) nor a folder of transcoder files")

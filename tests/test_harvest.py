@@ -342,7 +342,7 @@ def test_bad_input_refused_and_nothing_left(tiny, tmp_path, case, match):
     assert model.run_with_cache([[2, 5, 6]], names_filter="hook_embed")[1]["hook_embed"].shape == (1, 3, 64)
 
 
-def test_cli_harvest(tiny, tmp_path):
+def test_cli_harvest(tiny, tmp_path, capsys):
     from gemmalens.__main__ import main
 
     d, model = tiny
@@ -367,3 +367,13 @@ def test_cli_harvest(tiny, tmp_path):
     assert main(["harvest", "--model", d, "--hooks", "blocks.99.hook_resid_post", "--texts", str(texts), "--out",
                  str(tmp_path / "cli3"), "--no-progress"]) == 1
     assert not (tmp_path / "cli3").exists()
+
+    # a corpus that is not there: a one-line error naming it, before any model load or folder
+    for args, what in [(["--texts", str(tmp_path / "missing.txt")], "--texts"),
+                       (["--dataset", str(tmp_path / "missing.jsonl")], "--dataset"),
+                       (["--dataset", str(texts)], "not a save_to_disk folder")]:
+        capsys.readouterr()
+        assert main(["harvest", "--model", d, "--hooks", HOOKS[0], *args, "--out", str(tmp_path / "cli4"),
+                     "--no-progress"]) == 1
+        assert what in capsys.readouterr().err
+        assert not (tmp_path / "cli4").exists()

@@ -29,37 +29,47 @@ def test_planned_bytes_match_a_real_load(tmp_path):
         assert abs(planned - m.weight_nbytes) <= 0.02 * m.weight_nbytes, (dtype, weights, planned, m.weight_nbytes)
 
 
-def _sparse_checkpoint(path, n_layers):
-    """An HF folder whose model.safetensors declares a large Gemma 3 but is a sparse file (no disk, no data)."""
-    D, F, H, KV, Hd, V = 2048, 16384, 8, 4, 256, 262144
+def _write_checkpoint(path, D, F, L, H, KV, Hd, V, sparse=False):
+    """An HF folder with a bf16 model.safetensors for these dims: random N(0, 0.02) weights written a tensor at a
+    time, or (sparse) a file that only claims its size (a hole: no disk, no data)."""
     cfg = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=D, intermediate_size=F,
-               num_hidden_layers=n_layers, num_attention_heads=H, num_key_value_heads=KV, head_dim=Hd, vocab_size=V,
-               sliding_window=512, max_position_embeddings=32768, query_pre_attn_scalar=Hd, rms_norm_eps=1e-6,
-               rope_theta=1e6, rope_local_base_freq=1e4)
+               num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KV, head_dim=Hd, vocab_size=V,
+               sliding_window=512, max_position_embeddings=4096, query_pre_attn_scalar=Hd, rms_norm_eps=1e-6)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
-    shapes = {"model.embed_tokens.weight": [V, D], "model.norm.weight": [D]}
-    for i in range(n_layers):
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    for i in range(L):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": [D], p + "self_attn.q_proj.weight": [H * Hd, D],
-                       p + "self_attn.k_proj.weight": [KV * Hd, D], p + "self_attn.v_proj.weight": [KV * Hd, D],
-                       p + "self_attn.q_norm.weight": [Hd], p + "self_attn.k_norm.weight": [Hd],
-                       p + "self_attn.o_proj.weight": [D, H * Hd], p + "post_attention_layernorm.weight": [D],
-                       p + "pre_feedforward_layernorm.weight": [D], p + "mlp.gate_proj.weight": [F, D],
-                       p + "mlp.up_proj.weight": [F, D], p + "mlp.down_proj.weight": [D, F],
-                       p + "post_feedforward_layernorm.weight": [D]})
+        for n, s in [("input_layernorm", (D,)), ("self_attn.q_proj", (H * Hd, D)), ("self_attn.k_proj", (KV * Hd, D)),
+                     ("self_attn.v_proj", (KV * Hd, D)), ("self_attn.q_norm", (Hd,)), ("self_attn.k_norm", (Hd,)),
+                     ("self_attn.o_proj", (D, H * Hd)), ("post_attention_layernorm", (D,)),
+                     ("pre_feedforward_layernorm", (D,)), ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)),
+                     ("mlp.down_proj", (D, F)), ("post_feedforward_layernorm", (D,))]:
+            shapes[p + n + ".weight"] = s
     header, off = {}, 0
     for k, s in shapes.items():
         n = int(np.prod(s)) * 2
-        header[k] = {"dtype": "BF16", "shape": s, "data_offsets": [off, off + n]}
+        header[k] = {"dtype": "BF16", "shape": list(s), "data_offsets": [off, off + n]}
         off += n
     hb = json.dumps(header).encode()
     hb += b" " * (-len(hb) % 8)
     with open(os.path.join(path, "model.safetensors"), "wb") as f:
         f.write(len(hb).to_bytes(8, "little"))
         f.write(hb)
-        f.truncate(8 + len(hb) + off)  # a hole: the file claims its size without taking disk
+        if sparse:
+            f.truncate(8 + len(hb) + off)
+        else:
+            rng = np.random.default_rng(0)
+            for s in shapes.values():
+                a = rng.standard_normal(s, dtype=np.float32) * 0.02
+                f.write((a.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+    return off
+
+
+def _sparse_checkpoint(path, n_layers):
+    """A large Gemma 3 that takes no disk."""
+    _write_checkpoint(path, D=2048, F=16384, L=n_layers, H=8, KV=4, Hd=256, V=262144, sparse=True)
     return gl.Gemma3Config.from_pretrained(path)
 
 
@@ -99,46 +109,12 @@ def test_too_large_refused_before_allocating(tmp_path):
         assert float(msg.split("seconds")[1]) < 10  # refused up front, not after reading the weights
 
 
-def _write_bf16_checkpoint(path, D=1024, F=4096, L=6, H=8, KV=4, Hd=128, V=32768):
-    """A random bf16 HF folder of ~256 MB, written a tensor at a time."""
-    cfg = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=D, intermediate_size=F,
-               num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KV, head_dim=Hd, vocab_size=V,
-               sliding_window=512, max_position_embeddings=4096, query_pre_attn_scalar=Hd, rms_norm_eps=1e-6)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    for i in range(L):
-        p = f"model.layers.{i}."
-        for n, s in [("input_layernorm", (D,)), ("self_attn.q_proj", (H * Hd, D)), ("self_attn.k_proj", (KV * Hd, D)),
-                     ("self_attn.v_proj", (KV * Hd, D)), ("self_attn.q_norm", (Hd,)), ("self_attn.k_norm", (Hd,)),
-                     ("self_attn.o_proj", (D, H * Hd)), ("post_attention_layernorm", (D,)),
-                     ("pre_feedforward_layernorm", (D,)), ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)),
-                     ("mlp.down_proj", (D, F)), ("post_feedforward_layernorm", (D,))]:
-            shapes[p + n + ".weight"] = s
-    header, off = {}, 0
-    for k, s in shapes.items():
-        n = int(np.prod(s)) * 2
-        header[k] = {"dtype": "BF16", "shape": list(s), "data_offsets": [off, off + n]}
-        off += n
-    hb = json.dumps(header).encode()
-    hb += b" " * (-len(hb) % 8)
-    rng = np.random.default_rng(0)
-    with open(os.path.join(path, "model.safetensors"), "wb") as f:
-        f.write(len(hb).to_bytes(8, "little"))
-        f.write(hb)
-        for k, s in shapes.items():
-            a = rng.standard_normal(s, dtype=np.float32) * 0.02
-            f.write((a.view(np.uint32) >> 16).astype(np.uint16).tobytes())
-    return off
-
-
 @pytest.mark.parametrize("dtype,weights", [("bfloat16", "native"), ("bfloat16", "int8"), ("float32", "int4")])
 def test_streaming_load_peak_rss(tmp_path, dtype, weights):
     """A load's peak RSS stays within 1.3x of the weights it ends with: each tensor is read from the mapped file,
     converted, and its pages dropped (a load that kept the file's pages would peak near file + weights)."""
     d = str(tmp_path / "m")
-    file_bytes = _write_bf16_checkpoint(d)
+    file_bytes = _write_checkpoint(d, D=1024, F=4096, L=6, H=8, KV=4, Hd=128, V=32768)  # ~256 MB
     code = textwrap.dedent(f"""
         import gemmalens as gl
         def status(key):

@@ -164,9 +164,9 @@ def _open_dataset(path):
 def _harvest(args):
     if args.texts is not None and not os.path.isfile(args.texts):
         raise FileNotFoundError(f"--texts {args.texts}: no such file")
+    source = _read_texts(args.texts) if args.texts is not None else _open_dataset(args.dataset)  # before the load
     model = gl.load(args.model, dtype=args.model_dtype, weights=args.weights, threads=args.threads,
                     progress=not args.no_progress)
-    source = _read_texts(args.texts) if args.texts is not None else _open_dataset(args.dataset)
     r = gl.harvest(model, source, args.hooks, args.out, context_size=args.context_size, batch_size=args.batch_size,
                    prepend_bos=not args.no_bos, dtype=args.dtype, max_tokens=args.max_tokens, format=args.format,
                    column=args.column, progress=not args.no_progress, engine=args.engine, num_workers=args.workers,

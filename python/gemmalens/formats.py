@@ -511,6 +511,13 @@ def load_orbax(path, dtype, weights="native", progress=None, config=None):
 # ---------------------------------------------------------------- export
 
 
+def bf16_bits(a):
+    """float32 array -> its bfloat16 bit patterns (uint16), rounded to nearest even. Widened to 64 bits first, so
+    that the + 0x7FFF of a NaN with every mantissa bit set cannot wrap around."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
 def write_safetensors(path, tensors, dtype="float32"):
     """{name: float32 array} -> a .safetensors file (F32 or BF16, round-to-nearest-even)."""
     dtype = dtype_name(dtype)
@@ -518,8 +525,7 @@ def write_safetensors(path, tensors, dtype="float32"):
     for name, a in tensors.items():
         a = np.ascontiguousarray(a, dtype=np.float32)
         if dtype == "bfloat16":
-            u = a.view(np.uint32).astype(np.uint64)
-            b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+            b = bf16_bits(a).tobytes()
             dt = "BF16"
         else:
             b, dt = a.tobytes(), "F32"

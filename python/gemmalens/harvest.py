@@ -24,6 +24,8 @@ import warnings
 
 import numpy as np
 
+from .formats import bf16_bits
+
 FORMATS = ("saelens", "safetensors")
 ENGINES = ("local", "ray")
 _DTYPES = {"saelens": ("float32", "float16"), "safetensors": ("float32", "float16", "bfloat16")}
@@ -274,11 +276,6 @@ class _Plan:
 # ---------------------------------------------------------------- writers
 
 
-def _to_bf16_bits(a):
-    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
-
-
 class _SaelensWriter:
     """One Arrow file per shard, as ``datasets.save_to_disk`` writes them; state.json / dataset_info.json at the end
     (as SAELens's CacheActivationsRunner consolidates its shards)."""
@@ -337,7 +334,7 @@ class _SafetensorsWriter:
         tensors = []
         for h, a in acts.items():
             if self.dtype == "bfloat16":
-                tensors.append((h, "BF16", a.shape, _to_bf16_bits(a)))
+                tensors.append((h, "BF16", a.shape, bf16_bits(a)))
             else:
                 tensors.append((h, self._CODES[self.dtype], a.shape, np.ascontiguousarray(a, self.dtype)))
         tensors.append(("token_ids", "I32", tokens.shape, np.ascontiguousarray(tokens, np.int32)))

@@ -379,6 +379,14 @@ class SpliceGrad:
             self.grads[name + "_grad"] = np.array(g, dtype=np.float32, copy=True)
         return g
 
+    def back_through(self, g, name, layer, edits):
+        """arrive(), then back through the forward edits made at `name` (the last one first): the gradient at the
+        tensor's value before those edits."""
+        g = self.arrive(g, name, layer)
+        for e in reversed(edits):
+            g = e.vjp(g)
+        return g
+
 
 def splice_hooks(model, saes, use_error_term, sae_hooks, captures, captured=None, grad=None):
     """Python callbacks implementing the SAEs at their sites.
@@ -446,17 +454,11 @@ def splice_hooks(model, saes, use_error_term, sae_hooks, captures, captured=None
             lead = g_out.shape[:2]
             g = g_out.reshape(*lead, sae.d_out).astype(np.float32)
             if use_error_term:
-                ge = grad.arrive(g, ename, layer)
-                for e in reversed(edits[ename]):
-                    ge = e.vjp(ge)  # the error term is a constant: what reaches it stops here
-            g = grad.arrive(g, rname, layer)
-            for e in reversed(edits[rname]):
-                g = e.vjp(g)
+                grad.back_through(g, ename, layer, edits[ename])  # the error term is a constant: it stops here
+            g = grad.back_through(g, rname, layer, edits[rname])
             g2 = g.reshape(-1, sae.d_out).astype(np.float64)
             ga = (g2 @ sae.W_dec.T.astype(np.float64)).reshape(*lead, sae.d_sae)
-            ga = grad.arrive(ga, name, layer)
-            for e in reversed(edits[name]):
-                ga = e.vjp(ga)
+            ga = grad.back_through(ga, name, layer, edits[name])
             gpre = np.asarray(ga, dtype=np.float64).reshape(-1, sae.d_sae) * stash.pop("on")
             gx = gpre @ sae.W_enc.T.astype(np.float64)
             if sae.W_skip is not None:

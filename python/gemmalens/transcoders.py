@@ -713,12 +713,8 @@ class CLT:
                 def write_vjp(g, a, hook):
                     g3 = g.reshape(*g.shape[:2], d).astype(np.float32)
                     if use_error_term:
-                        ge = grad.arrive(g3, en, i)
-                        for e in reversed(edits[en]):
-                            ge = e.vjp(ge)  # the error term is a constant: what reaches it stops here
-                    gr = grad.arrive(g3, rn, i)
-                    for e in reversed(edits[rn]):
-                        gr = e.vjp(gr)
+                        grad.back_through(g3, en, i, edits[en])  # the error term is a constant: it stops here
+                    gr = grad.back_through(g3, rn, i, edits[rn])
                     st["g"][i] = np.ascontiguousarray(np.asarray(gr, np.float32).reshape(-1, d))
                     return np.zeros_like(g)  # the output does not depend on the MLP's own output
 
@@ -729,9 +725,7 @@ class CLT:
                                            "output (a gemmalens bug)")
                     lead = g.shape[:2]
                     ga = enc.decode_vjp(np.concatenate([st["g"][j] for j in range(i, N)], axis=1))  # [M, d_t]
-                    ga = grad.arrive(ga.reshape(*lead, dt), an, i)
-                    for e in reversed(edits[an]):
-                        ga = e.vjp(ga)
+                    ga = grad.back_through(ga.reshape(*lead, dt), an, i, edits[an])
                     gpre = np.ascontiguousarray(np.asarray(ga, np.float32).reshape(-1, dt) * st["on"].pop(i))
                     gx = enc.encode_vjp(gpre)
                     if self.W_skip is not None:

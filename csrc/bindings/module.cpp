@@ -4,6 +4,7 @@
 
 #include "bindings/bindings.h"
 #include "common.h"
+#include "ops/cpu.h"
 #include "ops/linear.h"
 
 using namespace gemmalens;
@@ -43,6 +44,22 @@ PYBIND11_MODULE(_core, m) {
   bind_testing(m);
   bind_io(m);
   bind_sae(m);
+  // The CPU class, decided here, at import: a bad GEMMALENS_MAX_ISA fails the import with the accepted values.
+  ops::cpu_state();
+  m.def("cpu_info", [] {
+    const ops::CpuState& s = ops::cpu_state();
+    py::dict d;
+    d["class"] = ops::cpu_class_name(s.active);
+    d["detected"] = ops::cpu_class_name(s.detected);
+    d["cap"] = s.cap.empty() ? py::object(py::none()) : py::object(py::str(s.cap));
+    py::list supported;
+    for (ops::CpuClass c : s.supported) supported.append(ops::cpu_class_name(c));
+    d["supported"] = supported;
+    d["onednn_isa"] = s.onednn_isa;
+    d["onednn_user_cap"] = s.onednn_user_cap;
+    for (const auto& [op, path] : ops::cpu_paths()) d[py::str(op)] = path;
+    return d;
+  }, "The CPU class gemmalens runs (after GEMMALENS_MAX_ISA), what the CPU has, and the path each op family takes.");
   m.def("dnnl_version", &ops::dnnl_version);
   m.def("max_threads", &ops::get_max_threads);
 }

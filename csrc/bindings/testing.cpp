@@ -47,12 +47,15 @@ void bind_testing(py::module_& m) {
     if (x.ndim() != 2 || w.ndim() != 2 || w.shape(1) != x.shape(1)) throw ValueError("linear: x [M, K], w [N, K]");
     const WeightQuant q = int4 ? WeightQuant::Int4 : int8 ? WeightQuant::Int8 : WeightQuant::None;
     ops::Linear lin(w.data(), w.shape(0), w.shape(1), parse_dtype(dtype), plain, q);
-    if (q != WeightQuant::None && !lin.is_quantized()) throw ValueError("linear: int8/int4 need AVX-512 VNNI and K % 64 == 0");
+    if (q != WeightQuant::None && !lin.is_quantized()) throw ValueError("linear: int8/int4 need K % 64 == 0");
     py::array_t<float> y({x.shape(0), w.shape(0)});
     lin.forward(x.data(), x.shape(0), y.mutable_data());
     return y;
   }, py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("int8") = false, py::arg("plain") = false, py::arg("int4") = false);
-  t.def("amx_bf16", &ops::amx_bf16, "Whether oneDNN runs bf16 on AMX here (the AMX prefill paths run).");
+  t.def("onednn_matmul_impl", [](int64_t M, int64_t K, int64_t N, const std::string& dtype) {
+    return ops::onednn_matmul_impl(M, K, N, parse_dtype(dtype));
+  }, "The implementation oneDNN picks for an [M, K] x [K, N] matmul in dtype (brg:avx512_core, gemm:jit:f32, ...).");
+  t.def("amx_bf16", &ops::use_amx, "Whether oneDNN runs bf16 on AMX here (the AMX prefill paths run).");
   t.def("quantize", [](FloatArray w, int bits) {
     // The weights as the int8 / int4 mode stores them, dequantised back to f32.
     if (w.ndim() != 2 || w.shape(1) % 64 != 0) throw ValueError("quantize: w [N, K] with K % 64 == 0");

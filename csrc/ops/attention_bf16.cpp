@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "ops/attention.h"
+#include "ops/cpu.h"
 #include "ops/gemv_bf16.h"
 #include "ops/linear.h"
 #include "ops/vmath.h"
@@ -13,7 +14,7 @@
 namespace gemmalens::ops {
 
 bool attention_bf16_matmul(const AttentionArgs& a) {
-  if (!amx_bf16() || a.compute != DType::BF16 || (a.past > 0 && a.cache.dtype != DType::BF16)) return false;
+  if (!use_amx() || a.compute != DType::BF16 || (a.past > 0 && a.cache.dtype != DType::BF16)) return false;
   const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd, group = H / KV;
   constexpr int kQB = 256;  // query positions per block: scores [kQB * group, keys] f32
   std::vector<uint16_t> Qb, Kb, Vb, Pb;

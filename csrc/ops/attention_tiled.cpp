@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "ops/attention.h"
+#include "ops/cpu.h"
 #include "ops/vmath.h"
 
 namespace gemmalens::ops {
@@ -321,9 +322,7 @@ void attention_decode_splitk(const AttentionArgs& a) {
 }
 
 bool attention_tiled_ok(const AttentionArgs& a) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return avx512 && a.Hd % 16 == 0;
+  return use_avx512() && a.Hd % 16 == 0;
 }
 
 }  // namespace gemmalens::ops

@@ -1,23 +1,25 @@
 #include "ops/gemv_bf16.h"
 
 #include "common.h"
+#include "ops/cpu.h"
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 namespace gemmalens::ops {
-
-bool bf16_gemv_supported() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
 
 namespace {
 
 #define GL_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+#define GL_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+// AVX2 + FMA is the build's baseline (-march=x86-64-v3): those kernels need no attribute.
+
+// ---------------------------------------------------------------------------------------------------------------
+// vdpbf16ps (class avx512_bf16 and amx)
 
 GL_BF16 inline __m512i pair_broadcast(const uint16_t* p) {
   int32_t v;
@@ -48,7 +50,7 @@ GL_BF16 void panel64(const uint16_t* wp, int64_t K, const uint16_t* x, int64_t K
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + m * ldy + 16 * j, acc[m][j]);
 }
 
-GL_BF16 void blocked64_impl(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy) {
+GL_BF16 void blocked64_bf16(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy) {
   const int64_t panels = N / 64;
 #pragma omp parallel for schedule(static)
   for (int64_t p = 0; p < panels; ++p) {
@@ -78,7 +80,7 @@ GL_BF16 inline void rows_dot(const uint16_t* w, int64_t K, const uint16_t* x, fl
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-GL_BF16 void rows_impl(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy) {
+GL_BF16 void rows_bf16(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy) {
   const int64_t groups = N / 4;
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
@@ -103,26 +105,278 @@ GL_BF16 void cvt_bf16_avx512(const float* x, uint16_t* y, int64_t n) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Widening (classes without bf16 hardware). A 32-bit lane of the pair layout holds (k even) in its low half and
+// (k odd) in its high half: lane << 16 is the even element as f32, lane & 0xffff0000 the odd one.
+
+// One 64-column panel against MB f32 activation rows (x holds bf16 values), AVX-512: 4 x MB accumulators.
+template <int MB>
+GL_AVX512 void panel64_w512(const uint16_t* wp, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const int64_t KP = K / 2;
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    __m512 we[4], wo[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = _mm512_loadu_si512(wp + kp * 128 + 32 * j);
+      we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      wo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xe = _mm512_set1_ps(x[m * ldx + 2 * kp]), xo = _mm512_set1_ps(x[m * ldx + 2 * kp + 1]);
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(we[j], xe, _mm512_fmadd_ps(wo[j], xo, acc[m][j]));
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + m * ldy + 16 * j, acc[m][j]);
+}
+
+GL_AVX512 void blocked64_w512(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
+  const int64_t panels = N / 64;
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint16_t* wp = w + p * 64 * K;
+    float* yp = y + p * 64;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) panel64_w512<4>(wp, K, x + m * K, K, yp + m * ldy, ldy);
+    switch (M - m) {
+      case 3: panel64_w512<3>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
+      case 2: panel64_w512<2>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
+      case 1: panel64_w512<1>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
+      default: break;
+    }
+  }
+}
+
+// AVX2: NV groups of 8 columns from column c0 of a panel against MB rows (MB * NV <= 8 accumulators of 16 ymm
+// registers). A pass reads whole 64-byte lines (2 groups) of each k-pair; the other passes find the panel in L2.
+template <int MB, int NV>
+void panel_w256(const uint16_t* wp, int64_t K, int c0, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  __m256 acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const int64_t KP = K / 2;
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    const uint16_t* wv = wp + kp * 128 + 2 * c0;
+    for (int v = 0; v < NV; ++v) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wv + 16 * v));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+      for (int m = 0; m < MB; ++m)
+        acc[m][v] = _mm256_fmadd_ps(we, _mm256_broadcast_ss(x + m * ldx + 2 * kp),
+                                    _mm256_fmadd_ps(wo, _mm256_broadcast_ss(x + m * ldx + 2 * kp + 1), acc[m][v]));
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(y + m * ldy + c0 + 8 * v, acc[m][v]);
+}
+
+template <int MB, int NV>
+void panel_w256_all(const uint16_t* wp, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  for (int c0 = 0; c0 < 64; c0 += 8 * NV) panel_w256<MB, NV>(wp, K, c0, x, ldx, y, ldy);
+}
+
+void blocked64_w256(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
+  const int64_t panels = N / 64;
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint16_t* wp = w + p * 64 * K;
+    float* yp = y + p * 64;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) panel_w256_all<4, 2>(wp, K, x + m * K, K, yp + m * ldy, ldy);
+    switch (M - m) {
+      case 3: panel_w256_all<3, 2>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
+      case 2: panel_w256_all<2, 4>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
+      case 1: panel_w256_all<1, 8>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
+      default: break;
+    }
+  }
+}
+
+// R rows of row-major bf16 W against one f32 row x: each 16 (AVX-512) or 8 (AVX2) bf16 zero-extended and shifted.
+template <int R>
+GL_AVX512 inline void rows_dot_w512(const uint16_t* w, int64_t K, const float* x, float* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
+      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), xv, acc[r]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(mk, x + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256i h = _mm256_maskz_loadu_epi16(mk, w + r * K + k);
+      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int R>
+inline void rows_dot_w256(const uint16_t* w, int64_t K, const float* x, float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k));
+      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = hsum256(acc[r]);
+    for (int64_t j = k; j < K; ++j) s += bf16_to_f32(w[r * K + j]) * x[j];
+    out[r] = s;
+  }
+}
+
+template <bool W512>
+void rows_widen(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
+  const int64_t groups = N / 4;
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t n = 4 * g;
+    float out[4];
+    for (int64_t m = 0; m < M; ++m) {
+      if constexpr (W512)
+        rows_dot_w512<4>(w + n * K, K, x + m * K, out);
+      else
+        rows_dot_w256<4>(w + n * K, K, x + m * K, out);
+      std::memcpy(y + m * ldy + n, out, sizeof out);
+    }
+  }
+  for (int64_t n = groups * 4; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      if constexpr (W512)
+        rows_dot_w512<1>(w + n * K, K, x + m * K, y + m * ldy + n);
+      else
+        rows_dot_w256<1>(w + n * K, K, x + m * K, y + m * ldy + n);
+    }
+}
+
+// f32 -> bf16 on AVX2, round to nearest even (u + 0x7fff + lsb, as f32_to_bf16), NaNs quietened.
+void cvt_bf16_avx2(const float* x, uint16_t* y, int64_t n) {
+  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), quiet = _mm256_set1_epi32(0x40);
+  auto cvt8 = [&](const float* p) {
+    const __m256 f = _mm256_loadu_ps(p);
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))), 16);
+    const __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet);
+    return _mm256_blendv_epi8(r, q, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(cvt8(x + i), cvt8(x + i + 8)), 0xd8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), packed);
+  }
+  for (; i < n; ++i) y[i] = f32_to_bf16(x[i]);
+}
+
+// Activations as f32 values of bf16 (widened from the bf16 bits the caller made).
+const float* widen_x(const uint16_t* x, int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(x[i]);
+  return buf.data();
+}
+
 }  // namespace
 
 void f32_to_bf16_n(const float* x, uint16_t* y, int64_t n) {
-  if (bf16_gemv_supported()) {
+  if (bf16_gemv_path() == Bf16GemvPath::Vdpbf16ps)
     cvt_bf16_avx512(x, y, n);
-  } else {
-    for (int64_t i = 0; i < n; ++i) y[i] = f32_to_bf16(x[i]);
+  else
+    cvt_bf16_avx2(x, y, n);
+}
+
+void round_bf16_n(const float* x, float* y, int64_t n) {
+  // bf16 bits in the high half of each f32: the conversion above, then a shift back (in blocks on the stack).
+  uint16_t tmp[256];
+  for (int64_t i0 = 0; i0 < n; i0 += 256) {
+    const int64_t c = std::min<int64_t>(256, n - i0);
+    f32_to_bf16_n(x + i0, tmp, c);
+    for (int64_t i = 0; i < c; ++i) y[i0 + i] = bf16_to_f32(tmp[i]);
   }
 }
 
 void gemv_bf16_blocked64(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy) {
-  if (!bf16_gemv_supported() || N % 64 != 0 || K % 32 != 0 || M < 1 || M > kGemvMaxM)
-    throw InternalError("gemv_bf16_blocked64: unsupported CPU or shape");
-  blocked64_impl(w, N, K, x, M, y, ldy);
+  if (N % 64 != 0 || K % 32 != 0 || M < 1 || M > kGemvMaxM) throw InternalError("gemv_bf16_blocked64: unsupported shape");
+  switch (bf16_gemv_path()) {
+    case Bf16GemvPath::Vdpbf16ps: blocked64_bf16(w, N, K, x, M, y, ldy); break;
+    case Bf16GemvPath::Avx512Widen: blocked64_w512(w, N, K, widen_x(x, M * K), M, y, ldy); break;
+    case Bf16GemvPath::Avx2Widen: blocked64_w256(w, N, K, widen_x(x, M * K), M, y, ldy); break;
+  }
 }
 
+bool gemv_bf16_rows_ok(int64_t K) { return K > 0 && (bf16_gemv_path() != Bf16GemvPath::Vdpbf16ps || K % 32 == 0); }
+
 void gemv_bf16_rows(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy) {
-  if (!bf16_gemv_supported() || K % 32 != 0 || M < 1 || M > kGemvMaxM)
-    throw InternalError("gemv_bf16_rows: unsupported CPU or shape");
-  rows_impl(w, N, K, x, M, y, ldy);
+  if (!gemv_bf16_rows_ok(K) || M < 1 || M > kGemvMaxM) throw InternalError("gemv_bf16_rows: unsupported shape");
+  switch (bf16_gemv_path()) {
+    case Bf16GemvPath::Vdpbf16ps: rows_bf16(w, N, K, x, M, y, ldy); break;
+    case Bf16GemvPath::Avx512Widen: rows_widen<true>(w, N, K, widen_x(x, M * K), M, y, ldy); break;
+    case Bf16GemvPath::Avx2Widen: rows_widen<false>(w, N, K, widen_x(x, M * K), M, y, ldy); break;
+  }
+}
+
+void widen_blocked64_cols(const uint16_t* w, int64_t K, int64_t n0, int64_t nn, float* out) {
+  // Panel p's k-pair row kp (64 pairs, 256 bytes) -> out rows 2 kp and 2 kp + 1, columns [p * 64 - n0, + 64).
+  const int64_t p0 = n0 / 64, np = nn / 64, KP = K / 2;
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t p = 0; p < np; ++p)
+    for (int64_t kp = 0; kp < KP; ++kp) {
+      const uint16_t* src = w + (p0 + p) * 64 * K + kp * 128;
+      float* even = out + (2 * kp) * nn + p * 64;
+      float* odd = even + nn;
+      for (int c = 0; c < 64; c += 8) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * c));
+        _mm256_storeu_ps(even + c, _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)));
+        _mm256_storeu_ps(odd + c, _mm256_castsi256_ps(_mm256_and_si256(raw, hi)));
+      }
+    }
+}
+
+void pack_blocked64(const float* w, int64_t N, int64_t K, uint16_t* out) {
+  const int64_t KP = K / 2;
+#pragma omp parallel
+  {
+    std::vector<uint16_t> row(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      f32_to_bf16_n(w + n * K, row.data(), K);
+      uint16_t* dst = out + (n / 64) * 64 * K + (n % 64) * 2;
+      for (int64_t kp = 0; kp < KP; ++kp) std::memcpy(dst + kp * 128, row.data() + 2 * kp, 4);
+    }
+  }
+}
+
+void widen_rows(const uint16_t* w, int64_t K, int64_t n0, int64_t nn, float* out) {
+#pragma omp parallel for schedule(static) if (nn * K > 65536)
+  for (int64_t n = 0; n < nn; ++n) {
+    const uint16_t* src = w + (n0 + n) * K;
+    float* dst = out + n * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+      _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                    _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))), 16)));
+    for (; k < K; ++k) dst[k] = bf16_to_f32(src[k]);
+  }
 }
 
 }  // namespace gemmalens::ops

@@ -1,6 +1,9 @@
-// Small-M bf16 matmuls (decode: one row per sequence) on AVX512_BF16 `vdpbf16ps`, streaming the weights once.
-// Decode is bound by the bytes of weights read per token; these kernels read each weight byte once per call,
-// in order, from one parallel region, and keep the activation rows (M <= kGemvMaxM) in registers or L1.
+// Small-M bf16 matmuls (decode: one row per sequence), streaming the weights once, and the bf16 <-> f32 conversions
+// the bf16 paths share. Decode is bound by the bytes of weights read per token; these kernels read each weight byte
+// once per call, in order, from one parallel region, and keep the activation rows (M <= kGemvMaxM) in registers or L1.
+// The path follows the CPU class (ops/cpu.h, bf16_gemv_path()): AVX512_BF16 `vdpbf16ps`, or, on CPUs without bf16
+// hardware, the bf16 pairs widened to f32 in registers (a shift and a mask) for FMAs on AVX-512 or AVX2 -- the same
+// products (a product of two bf16 values is exact in f32) summed in f32, odd element first as vdpbf16ps does.
 #pragma once
 #include <cstdint>
 
@@ -8,19 +11,28 @@ namespace gemmalens::ops {
 
 constexpr int64_t kGemvMaxM = 4;  // above it oneDNN wins where AMX is usable (batch-8 decode measured 190 vs 139 tok/s)
 
-// The CPU has AVX512F/BW and AVX512_BF16.
-bool bf16_gemv_supported();
-
-// y[i] = bf16(x[i]), round to nearest even (vcvtneps2bf16 where the CPU has it; like it, the scalar fallback
-// quietens NaNs). Runs on the calling thread.
+// y[i] = bf16(x[i]), round to nearest even (vcvtneps2bf16 where the CPU class has it; like it, the other paths
+// quieten NaNs). Runs on the calling thread.
 void f32_to_bf16_n(const float* x, uint16_t* y, int64_t n);
+// y[i] = x[i] rounded to bf16 precision, kept as f32 (the activations of the widened-f32 bf16 matmuls).
+void round_bf16_n(const float* x, float* y, int64_t n);
 
 // y[m, n] (row stride ldy) = sum_k x[m, k] * W[k, n] for W in oneDNN's "BA16a64b2a" layout of a {K, N} matrix:
 // blocks of 64 columns (outer) by 32 rows of K (inner), each block [16 k-pairs][64 n][2 k] (the VNNI pairing
-// `vdpbf16ps` multiplies). Needs N % 64 == 0, K % 32 == 0, M <= kGemvMaxM. x is [M, K] bf16 bits.
+// `vdpbf16ps` multiplies), so each 64-column panel is [K/2][64][2]. Needs N % 64 == 0, K % 32 == 0,
+// M <= kGemvMaxM. x is [M, K] bf16 bits.
 void gemv_bf16_blocked64(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy);
 
-// The same for row-major W [N, K] (the tied embedding as the LM head). Needs K % 32 == 0.
+// The same for row-major W [N, K] (the tied embedding as the LM head). Needs gemv_bf16_rows_ok(K).
 void gemv_bf16_rows(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy);
+bool gemv_bf16_rows_ok(int64_t K);  // vdpbf16ps: K % 32 == 0; the widening paths take any K
+
+// bf16 weights in the "BA16a64b2a" layout <-> row-major f32 (K % 32 == 0, N % 64 == 0 for the whole matrix).
+// Columns [n0, n0 + nn) (multiples of 64) widened to f32 [K][nn] row-major: a block for the widened-f32 matmul.
+void widen_blocked64_cols(const uint16_t* w, int64_t K, int64_t n0, int64_t nn, float* out);
+// Row-major f32 W [N, K] packed into the layout (round to nearest even), in parallel.
+void pack_blocked64(const float* w, int64_t N, int64_t K, uint16_t* out);
+// Rows [n0, n0 + nn) of row-major bf16 W [N, K] widened to f32 [nn][K].
+void widen_rows(const uint16_t* w, int64_t K, int64_t n0, int64_t nn, float* out);
 
 }  // namespace gemmalens::ops

@@ -1,4 +1,5 @@
 #include "ops/kernels.h"
+#include "ops/cpu.h"
 #include "ops/vmath.h"
 
 #include <omp.h>
@@ -162,8 +163,7 @@ __attribute__((target("avx512f,avx512dq,fma"))) void gelu_row_avx512(const float
 void gelu_tanh_mul(const float* gate, const float* up, int64_t ld, int64_t M, int F, float* out) {
   const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
   const float k1 = 0.044715f;
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-  if (avx512) {
+  if (use_avx512()) {
 #pragma omp parallel for if (M * F > 16384)
     for (int64_t m = 0; m < M; ++m) gelu_row_avx512(gate + m * ld, up + m * ld, F, out + m * static_cast<int64_t>(F));
     return;

@@ -3,8 +3,10 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 
 #include "common.h"
+#include "ops/cpu.h"
 
 namespace gemmalens::ops {
 
@@ -57,8 +59,15 @@ void matmul_f32(const float* A, int64_t M, int64_t K, int64_t lda, const float* 
 // transposed operand is a stride swap), C(m, n) at C[m * ldc + n].
 void matmul_f32_strided(const float* A, int64_t M, int64_t K, int64_t sa_m, int64_t sa_k, const float* B, int64_t N, int64_t sb_k,
                         int64_t sb_n, float* C, int64_t ldc, bool accumulate);
-// oneDNN runs bf16 matmuls on AMX tiles on this machine (picks the AMX prefill paths).
-bool amx_bf16();
+// oneDNN's ISA capped to what class c uses (dnnl::set_max_cpu_isa), before oneDNN's first ISA query; ops/cpu.cpp
+// calls it once when GEMMALENS_MAX_ISA lowers the class.
+void onednn_limit_isa(CpuClass c);
+// The class oneDNN's effective ISA amounts to (its cap, the user's ONEDNN_MAX_CPU_ISA, the CPU), and the ISA's name.
+CpuClass onednn_class();
+std::string onednn_isa();
+// The implementation oneDNN picks for an [M, K] x [K, N] matmul in dtype with weights as a layer stores them
+// ("brg:avx512_core", "gemm:jit:f32", ...): the tests check that a forced class reaches oneDNN too.
+std::string onednn_matmul_impl(int64_t M, int64_t K, int64_t N, DType dtype);
 // Library version string of the linked oneDNN ("3.2.0").
 const char* dnnl_version();
 // Number of threads oneDNN's OpenMP runtime will use for the calling thread.

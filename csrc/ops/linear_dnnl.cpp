@@ -5,6 +5,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <tuple>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <string>
@@ -23,7 +24,8 @@ using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
 
 dnnl::engine& engine() {
-  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
+  // The CPU class is decided (and oneDNN capped to it) before oneDNN's first primitive.
+  static dnnl::engine e = (cpu_state(), dnnl::engine(dnnl::engine::kind::cpu, 0));
   return e;
 }
 
@@ -85,11 +87,27 @@ struct Linear::Impl {
   dnnl::memory::desc w_desc;  // blocked layout chosen by oneDNN
   dnnl::memory weights;
   std::map<std::pair<int64_t, int64_t>, dnnl::matmul> prims;  // (M, ldy) -> primitive
+  // The f32 matmuls of the widened path: (M, ldy, columns of the block) -> primitive and its operands' layouts.
+  struct BlockMatmul {
+    dnnl::matmul prim;
+    dnnl::memory::desc a, b, c;
+  };
+  std::map<std::tuple<int64_t, int64_t, int64_t>, BlockMatmul> block_prims;
   dnnl::stream stream{engine()};
   bool plain = false;
   bool quantized = false;
   bool blocked64 = false;  // bf16 weights in "BA16a64b2a": small M runs gemv_bf16_blocked64
+  bool rows = false;       // weights row-major [N, K] (plain layers; bf16 layers of the widened path the layout cannot take)
+  // bf16 weights computed in f32 (Bf16MatmulPath::WidenedF32): prefill-sized matmuls widen a block of columns at a
+  // time for oneDNN's f32 matmul; oneDNN never sees them as bf16 (its bf16 matmul is missing or slow in the class).
+  bool widened = false;
   QuantWeights qw;
+
+  // y[:, n0 + ...] = x W_block^T for blocks of `block` output columns: fill(n0, nn, buf) writes the block's weights
+  // as f32, [K][nn] row-major (b_kn) or [nn][K] row-major; oneDNN's f32 matmul takes it from there. The f32 copy is
+  // one block (a few MB), never the layer.
+  void forward_f32_blocks(const float* x, int64_t M, int64_t N, int64_t K, float* y, int64_t ldy, int64_t block, bool b_kn,
+                          const std::function<void(int64_t n0, int64_t nn, float* out)>& fill);
 };
 
 namespace {
@@ -104,6 +122,7 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
     auto impl = Impl::make();
     impl->quantized = true;
     impl->plain = plain;
+    impl->rows = true;
     impl->qw = quant_weights(w, N, K, quant_bits(quant));
     impl_ = std::move(impl);
     return;
@@ -111,8 +130,27 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
   auto impl = Impl::make();
   try {
     impl->wdt = dtype == DType::F32 ? dt::f32 : dt::bf16;
+    impl->plain = plain;
     auto& eng = engine();
+    if (impl->wdt == dt::bf16 && bf16_matmul_path() == Bf16MatmulPath::WidenedF32) {
+      // No bf16 matmul of oneDNN's is asked for: the layout is ours, packed here.
+      impl->widened = true;
+      if (!plain && N % 64 == 0 && K % 32 == 0) {
+        impl->blocked64 = true;
+        impl->w_desc = dnnl::memory::desc({K, N}, dt::bf16, tag::BA16a64b2a);
+        impl->weights = dnnl::memory(impl->w_desc, eng);
+        pack_blocked64(w, N, K, static_cast<uint16_t*>(impl->weights.get_data_handle()));
+      } else {
+        impl->rows = true;
+        impl->w_desc = dnnl::memory::desc({K, N}, dt::bf16, tag::ba);
+        impl->weights = dnnl::memory(impl->w_desc, eng);
+        store_plain_rows(impl->weights, impl->wdt, w, 0, N, K);
+      }
+      impl_ = std::move(impl);
+      return;
+    }
     if (plain) {
+      impl->rows = true;
       impl->w_desc = dnnl::memory::desc({K, N}, impl->wdt, tag::ba);
     } else {
       dnnl::memory::desc src_md({kLayoutM, K}, impl->wdt, tag::ab);
@@ -120,7 +158,7 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
       dnnl::memory::desc dst_md({kLayoutM, N}, dt::f32, tag::ab);
       dnnl::matmul::primitive_desc pd(eng, src_md, w_any, dst_md);
       impl->w_desc = pd.weights_desc();
-      if (impl->wdt == dt::bf16 && bf16_gemv_supported() && N % 64 == 0 && K % 32 == 0) {
+      if (impl->wdt == dt::bf16 && N % 64 == 0 && K % 32 == 0) {
         // The layout our small-M kernel reads. It is oneDNN's own choice for bf16 brgemm on AVX-512/AMX; where
         // oneDNN picked another, ask for this one (and keep oneDNN's choice if it cannot take it).
         dnnl::memory::desc b64({K, N}, dt::bf16, tag::BA16a64b2a);
@@ -136,7 +174,6 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
         }
       }
     }
-    impl->plain = plain;
     impl->weights = dnnl::memory(impl->w_desc, eng);
     if (plain) {  // no reorder: write the stored dtype straight into the buffer (no temporary copy)
       store_plain_rows(impl->weights, impl->wdt, w, 0, N, K);
@@ -160,10 +197,58 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
   }
 }
 
-// Sapphire Rapids and later, where the kernel grants the AMX state.
-bool amx_bf16() {
-  static const bool amx = dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core_amx;
-  return amx;
+namespace {
+const char* isa_name(dnnl::cpu_isa isa) {
+  switch (isa) {
+    case dnnl::cpu_isa::sse41: return "sse41";
+    case dnnl::cpu_isa::avx: return "avx";
+    case dnnl::cpu_isa::avx2: return "avx2";
+    case dnnl::cpu_isa::avx2_vnni: return "avx2_vnni";
+    case dnnl::cpu_isa::avx2_vnni_2: return "avx2_vnni_2";
+    case dnnl::cpu_isa::avx512_core: return "avx512_core";
+    case dnnl::cpu_isa::avx512_core_vnni: return "avx512_core_vnni";
+    case dnnl::cpu_isa::avx512_core_bf16: return "avx512_core_bf16";
+    case dnnl::cpu_isa::avx512_core_fp16: return "avx512_core_fp16";
+    case dnnl::cpu_isa::avx512_core_amx: return "avx512_core_amx";
+    case dnnl::cpu_isa::avx512_core_amx_fp16: return "avx512_core_amx_fp16";
+    default: return "other";
+  }
+}
+}  // namespace
+
+void onednn_limit_isa(CpuClass c) {
+  // oneDNN's ISA for each class: its f32 brgemm / gemm and, from avx512_bf16 on, its bf16 brgemm.
+  const dnnl::cpu_isa isa = c == CpuClass::Avx2       ? dnnl::cpu_isa::avx2
+                            : c == CpuClass::Avx2Vnni   ? dnnl::cpu_isa::avx2_vnni
+                            : c == CpuClass::Avx512     ? dnnl::cpu_isa::avx512_core_vnni
+                            : c == CpuClass::Avx512Bf16 ? dnnl::cpu_isa::avx512_core_bf16
+                                                        : dnnl::cpu_isa::isa_default;
+  // Refused only once oneDNN has read its setting (a primitive made before the class was decided: a bug here).
+  if (dnnl::set_max_cpu_isa(isa) != dnnl::status::success)
+    throw InternalError("oneDNN's ISA could not be capped (it was already in use); GEMMALENS_MAX_ISA needs it unset");
+}
+
+CpuClass onednn_class() {
+  const unsigned eff = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  auto has = [eff](dnnl::cpu_isa isa) { return (eff & static_cast<unsigned>(isa)) == static_cast<unsigned>(isa); };
+  if (has(dnnl::cpu_isa::avx512_core_amx)) return CpuClass::Amx;
+  if (has(dnnl::cpu_isa::avx512_core_bf16)) return CpuClass::Avx512Bf16;
+  if (has(dnnl::cpu_isa::avx512_core_vnni)) return CpuClass::Avx512;
+  if (has(dnnl::cpu_isa::avx2_vnni)) return CpuClass::Avx2Vnni;
+  return CpuClass::Avx2;
+}
+
+std::string onednn_isa() { return isa_name(dnnl::get_effective_cpu_isa()); }
+
+std::string onednn_matmul_impl(int64_t M, int64_t K, int64_t N, DType dtype) {
+  const dt d = dtype == DType::F32 ? dt::f32 : dt::bf16;
+  try {
+    dnnl::matmul::primitive_desc pd(engine(), dnnl::memory::desc({M, K}, d, tag::ab), dnnl::memory::desc({K, N}, d, tag::any),
+                                    dnnl::memory::desc({M, N}, dt::f32, tag::ab));
+    return pd.impl_info_str();
+  } catch (const dnnl::error& e) {
+    return std::string("none: ") + e.what();
+  }
 }
 
 Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant quant,
@@ -177,6 +262,7 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
   L.K_ = K;
   auto impl = Impl::make();
   impl->plain = true;
+  impl->rows = true;
   if (quant != WeightQuant::None && quant_supported(K)) {
     impl->quantized = true;
     impl->qw = quant_alloc(N, K, quant_bits(quant));
@@ -190,6 +276,7 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
   }
   try {
     impl->wdt = dtype == DType::F32 ? dt::f32 : dt::bf16;
+    impl->widened = impl->wdt == dt::bf16 && bf16_matmul_path() == Bf16MatmulPath::WidenedF32;
     impl->w_desc = dnnl::memory::desc({K, N}, impl->wdt, tag::ba);
     impl->weights = dnnl::memory(impl->w_desc, engine());
   } catch (const dnnl::error& e) {
@@ -204,11 +291,63 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
   return L;
 }
 
+namespace {
+// Columns per block of the widened-f32 path: about kWidenBlockBytes of f32 weights (a multiple of 64 columns).
+int64_t widen_block_cols(int64_t N, int64_t K) {
+  static const int64_t bytes = [] {
+    const char* e = std::getenv("GEMMALENS_WIDEN_BLOCK_KB");  // tuning only
+    return e ? std::max<int64_t>(64, std::atoll(e)) << 10 : int64_t{2} << 20;
+  }();
+  const int64_t cols = std::max<int64_t>(64, bytes / (4 * K) / 64 * 64);
+  return std::min(cols, N);
+}
+
+// x rounded to bf16 precision as f32, in this thread's buffer: with weights that are bf16 values the f32 matmul
+// then multiplies exactly what a bf16 matmul multiplies (the products are exact in f32), summed in f32.
+const float* bf16_rounded_activations(const float* x, int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  float* const b = buf.data();
+  const int64_t chunk = std::max<int64_t>(4096, (n / omp_get_max_threads() + 15) / 16 * 16);
+#pragma omp parallel for if (n > 65536)
+  for (int64_t i0 = 0; i0 < n; i0 += chunk) round_bf16_n(x + i0, b + i0, std::min(chunk, n - i0));
+  return b;
+}
+}  // namespace
+
+void Linear::Impl::forward_f32_blocks(const float* x, int64_t M, int64_t N, int64_t K, float* y, int64_t ldy, int64_t block,
+                                      bool b_kn, const std::function<void(int64_t n0, int64_t nn, float* out)>& fill) {
+  thread_local std::vector<float> wbuf;  // this thread's block of widened weights, reused by every layer
+  if (wbuf.size() < static_cast<size_t>(std::min(block, N) * K)) wbuf.resize(static_cast<size_t>(std::min(block, N) * K));
+  auto& eng = engine();
+  for (int64_t n0 = 0; n0 < N; n0 += block) {
+    const int64_t nn = std::min(block, N - n0);
+    fill(n0, nn, wbuf.data());
+    try {
+      auto key = std::make_tuple(M, ldy, nn);
+      auto it = block_prims.find(key);
+      if (it == block_prims.end()) {
+        dnnl::memory::desc a_md({M, K}, dt::f32, tag::ab);
+        dnnl::memory::desc b_md({K, nn}, dt::f32, b_kn ? dnnl::memory::dims{nn, 1} : dnnl::memory::dims{1, K});
+        dnnl::memory::desc c_md({M, nn}, dt::f32, dnnl::memory::dims{ldy, 1});
+        dnnl::matmul prim(dnnl::matmul::primitive_desc(eng, a_md, b_md, c_md));
+        it = block_prims.emplace(key, BlockMatmul{prim, a_md, b_md, c_md}).first;
+      }
+      const BlockMatmul& bm = it->second;
+      dnnl::memory a(bm.a, eng, const_cast<float*>(x)), b(bm.b, eng, wbuf.data()), c(bm.c, eng, y + n0);
+      bm.prim.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+      stream.wait();
+    } catch (const dnnl::error& e) {
+      dnnl_failed(e, "oneDNN f32 matmul failed (M=" + std::to_string(M) + ", K=" + std::to_string(K) + ", N=" + std::to_string(nn) + ")");
+    }
+  }
+}
+
 void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   if (!impl_) throw InternalError("Linear::forward on an empty layer");
   if (ldy == 0) ldy = N_;
   if (impl_->quantized) {
-    if (M >= kDequantMinM && !impl_->plain && amx_bf16()) {
+    if (M >= kDequantMinM && !impl_->plain && use_amx()) {
       // In chunks of output rows, so the bf16 copy stays small (a chunk, not the layer).
       constexpr int64_t kChunk = 4096;
       const QuantWeights& qw = impl_->qw;
@@ -241,13 +380,25 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   }
   auto& eng = engine();
   Impl& im = *impl_;
-  if (im.wdt == dt::bf16 && M <= kGemvMaxM && (im.blocked64 || (im.plain && K_ % 32 == 0 && bf16_gemv_supported()))) {
+  if (im.wdt == dt::bf16 && M <= kGemvMaxM && (im.blocked64 || (im.rows && gemv_bf16_rows_ok(K_)))) {
     const uint16_t* xb = bf16_activations(x, M * K_);
     const uint16_t* w = static_cast<const uint16_t*>(im.weights.get_data_handle());
     if (im.blocked64)
       gemv_bf16_blocked64(w, N_, K_, xb, M, y, ldy);
     else
       gemv_bf16_rows(w, N_, K_, xb, M, y, ldy);
+    return;
+  }
+  if (im.widened) {  // bf16 weights, f32 compute: a block of columns widened at a time
+    const uint16_t* w = static_cast<const uint16_t*>(im.weights.get_data_handle());
+    const float* xr = bf16_rounded_activations(x, M * K_);
+    const int64_t K = K_;
+    if (im.blocked64)
+      im.forward_f32_blocks(xr, M, N_, K, y, ldy, widen_block_cols(N_, K), /*b_kn=*/true,
+                            [w, K](int64_t n0, int64_t nn, float* out) { widen_blocked64_cols(w, K, n0, nn, out); });
+    else
+      im.forward_f32_blocks(xr, M, N_, K, y, ldy, widen_block_cols(N_, K), /*b_kn=*/false,
+                            [w, K](int64_t n0, int64_t nn, float* out) { widen_rows(w, K, n0, nn, out); });
     return;
   }
   try {
@@ -284,7 +435,7 @@ void Linear::row(int64_t n, float* out) const {
     quant_row(impl_->qw, n, out);
     return;
   }
-  if (!impl_->plain) throw InternalError("Linear::row on a blocked layer");
+  if (!impl_->rows) throw InternalError("Linear::row on a blocked layer");
   if (impl_->wdt == dt::f32) {
     const float* p = static_cast<const float*>(impl_->weights.get_data_handle()) + n * K_;
     std::copy(p, p + K_, out);
@@ -298,6 +449,18 @@ void Linear::to_rowmajor(float* out) const {
   if (!impl_) throw InternalError("Linear::to_rowmajor on an empty layer");
   if (impl_->quantized) {
     for (int64_t n = 0; n < N_; ++n) quant_row(impl_->qw, n, out + n * K_);
+    return;
+  }
+  if (impl_->blocked64) {  // our own layout ([K/2][64][2] per panel of 64 rows): no oneDNN reorder needed
+    const uint16_t* w = static_cast<const uint16_t*>(impl_->weights.get_data_handle());
+    const int64_t K = K_;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N_; ++n)
+      for (int64_t k = 0; k < K; ++k) out[n * K + k] = bf16_to_f32(w[(n / 64) * 64 * K + (k / 2) * 128 + (n % 64) * 2 + k % 2]);
+    return;
+  }
+  if (impl_->rows) {
+    for (int64_t n = 0; n < N_; ++n) row(n, out + n * K_);
     return;
   }
   try {
@@ -370,17 +533,17 @@ void release_backward_scratch() { std::vector<float>().swap(backward_scratch());
 void Linear::backward_input(const float* dy, int64_t M, float* dx, bool accumulate) const {
   if (!impl_) throw InternalError("Linear::backward_input on an empty layer");
   std::vector<float>& w = backward_scratch();
-  if (!impl_->plain && !impl_->quantized) {  // a layer in oneDNN's blocked layout: back to row-major for the call
+  if (!impl_->rows && !impl_->quantized) {  // a layer in a blocked layout: back to row-major for the call
     if (w.size() < static_cast<size_t>(N_) * K_) w.resize(static_cast<size_t>(N_) * K_);
     to_rowmajor(w.data());
     matmul_f32(dy, M, N_, N_, w.data(), K_, dx, K_, accumulate);
     return;
   }
-  if (impl_->plain && !impl_->quantized && impl_->wdt == dt::f32) {  // row-major f32 already: no copy
+  if (impl_->rows && !impl_->quantized && impl_->wdt == dt::f32) {  // row-major f32 already: no copy
     matmul_f32(dy, M, N_, N_, static_cast<const float*>(impl_->weights.get_data_handle()), K_, dx, K_, accumulate);
     return;
   }
-  // Plain bf16 (the embedding / LM head, up to 262144 rows) or quantised: blocks of rows widened to f32.
+  // Row-major bf16 (the embedding / LM head, up to 262144 rows) or quantised: blocks of rows widened to f32.
   const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 22) / K_);
   if (w.size() < static_cast<size_t>(std::min(rows, N_)) * K_) w.resize(static_cast<size_t>(std::min(rows, N_)) * K_);
   float* const wp = w.data();  // the parallel loop below takes the pointer (thread_local is per thread)

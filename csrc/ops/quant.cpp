@@ -1,4 +1,5 @@
 #include "ops/quant.h"
+#include "ops/cpu.h"
 
 #include <immintrin.h>
 
@@ -10,11 +11,8 @@ namespace gemmalens::ops {
 
 int quant_bits(WeightQuant w) { return w == WeightQuant::Int8 ? 8 : w == WeightQuant::Int4 ? 4 : 0; }
 
-bool quant_supported(int64_t K) {
-  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  return cpu && K % 64 == 0 && K > 0;
-}
+// Every CPU class has a kernel (ops/cpu.h, quant_kernel_path()); only the shape limits it.
+bool quant_supported(int64_t K) { return K % 64 == 0 && K > 0; }
 
 namespace {
 // Round to nearest, ties to even (as std::nearbyint in the default rounding mode) for |x| < 2^22: adding and taking
@@ -210,30 +208,149 @@ GL_VNNI inline void row_kernel(const QuantWeights& w, const XQ& xq, int64_t n, i
   for (int i = 0; i < MB; ++i) y[(m0 + i) * ldy + n] = _mm512_reduce_add_ps(acc[i]);
 }
 
+// Weight rows [n0, n1) against MB activation rows from m0, one kernel per CPU class.
+template <int MB, int BITS>
+GL_VNNI void rows_vnni512(const QuantWeights& w, const XQ& xq, int64_t n0, int64_t n1, int64_t m0, float* y, int64_t ldy) {
+  for (int64_t n = n0; n < n1; ++n) row_kernel<MB, BITS>(w, xq, n, m0, y, ldy);
+}
+
+// The sum of 8 lanes in the order _mm512_reduce_add_ps adds a zmm's halves (lo + hi, then 4, 2, 1 lanes), so the
+// AVX-VNNI kernel, whose lanes hold the VNNI-512 kernel's values, gives its results bit for bit.
+inline float hsum_like512(__m256 lo, __m256 hi) {
+  const __m256 t3 = _mm256_add_ps(hi, lo);
+  const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+  const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, _MM_SHUFFLE(0, 0, 0, 1)));
+}
+
+// The two blocks (32 weights each) of pair p as unsigned bytes, value + offset (128 for int8, 8 for int4).
+template <int BITS>
+inline void load_w256(const uint8_t* row, int64_t p, __m256i& b0, __m256i& b1) {
+  if constexpr (BITS == 8) {
+    b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 64));
+    b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 64 + 32));
+  } else {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32)), m = _mm256_set1_epi8(15);
+    b0 = _mm256_and_si256(b, m);
+    b1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+  }
+}
+
+// AVX-VNNI: the VNNI-512 kernel on ymm, a block per register (lanes 0-7 of the zmm in lo, 8-15 in hi).
+template <int MB, int BITS>
+__attribute__((target("avxvnni"))) void rows_avxvnni(const QuantWeights& w, const XQ& xq, int64_t n0, int64_t n1, int64_t m0,
+                                                      float* y, int64_t ldy) {
+  const int64_t K = w.K, P = K / 64, row_bytes = K * BITS / 8;
+  constexpr int kShift = BITS == 8 ? 4 : 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 lo[MB], hi[MB];
+    for (int i = 0; i < MB; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
+    const uint8_t* wq = w.q.data() + n * row_bytes;
+    const float* wd = w.d.data() + n * (K / 32);
+    for (int64_t p = 0; p < P; ++p) {
+      __m256i w0, w1;
+      load_w256<BITS>(wq, p, w0, w1);
+      const __m256 d0 = _mm256_set1_ps(wd[2 * p]), d1 = _mm256_set1_ps(wd[2 * p + 1]);
+      for (int i = 0; i < MB; ++i) {
+        const int64_t m = m0 + i;
+        const int8_t* xv = xq.q.data() + m * K + p * 64;
+        const int32_t* sum = xq.sum.data() + (m * P + p) * 16;
+        const float* dx = xq.dx.data() + (m * P + p) * 16;
+        __m256i t0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv)));
+        __m256i t1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv + 32)));
+        t0 = _mm256_sub_epi32(t0, _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sum)), kShift));
+        t1 = _mm256_sub_epi32(t1, _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sum + 8)), kShift));
+        lo[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t0), _mm256_mul_ps(d0, _mm256_loadu_ps(dx)), lo[i]);
+        hi[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t1), _mm256_mul_ps(d1, _mm256_loadu_ps(dx + 8)), hi[i]);
+      }
+    }
+    for (int i = 0; i < MB; ++i) y[(m0 + i) * ldy + n] = hsum_like512(lo[i], hi[i]);
+  }
+}
+
+// AVX2: vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16 with saturation, so the int8
+// weights go in as |q| against the activations carrying q's sign (|q| * x <= 127 * 127: a pair stays below 32767);
+// int4 weights go in as q + 8 <= 15 (a pair <= 2 * 15 * 127) with the offset taken away as in the VNNI kernel.
+// vpmaddwd by ones adds the int16 pairs into the same 8 int32 lanes (4 bytes each) vpdpbusd fills.
+template <int MB, int BITS>
+void rows_avx2(const QuantWeights& w, const XQ& xq, int64_t n0, int64_t n1, int64_t m0, float* y, int64_t ldy) {
+  const int64_t K = w.K, P = K / 64, row_bytes = K * BITS / 8;
+  const __m256i ones16 = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 lo[MB], hi[MB];
+    for (int i = 0; i < MB; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
+    const uint8_t* wq = w.q.data() + n * row_bytes;
+    const float* wd = w.d.data() + n * (K / 32);
+    for (int64_t p = 0; p < P; ++p) {
+      __m256i w0, w1;
+      load_w256<BITS>(wq, p, w0, w1);
+      __m256i s0 = w0, s1 = w1;  // int8: the signed values q (stored q + 128); int4: unused
+      if constexpr (BITS == 8) {
+        s0 = _mm256_xor_si256(w0, flip);
+        s1 = _mm256_xor_si256(w1, flip);
+        w0 = _mm256_abs_epi8(s0);
+        w1 = _mm256_abs_epi8(s1);
+      }
+      const __m256 d0 = _mm256_set1_ps(wd[2 * p]), d1 = _mm256_set1_ps(wd[2 * p + 1]);
+      for (int i = 0; i < MB; ++i) {
+        const int64_t m = m0 + i;
+        const int8_t* xv = xq.q.data() + m * K + p * 64;
+        const float* dx = xq.dx.data() + (m * P + p) * 16;
+        __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv)),
+                x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv + 32));
+        if constexpr (BITS == 8) {
+          x0 = _mm256_sign_epi8(x0, s0);
+          x1 = _mm256_sign_epi8(x1, s1);
+        }
+        __m256i t0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, x0), ones16);
+        __m256i t1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, x1), ones16);
+        if constexpr (BITS == 4) {
+          const int32_t* sum = xq.sum.data() + (m * P + p) * 16;
+          t0 = _mm256_sub_epi32(t0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sum)));
+          t1 = _mm256_sub_epi32(t1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sum + 8)));
+        }
+        lo[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t0), _mm256_mul_ps(d0, _mm256_loadu_ps(dx)), lo[i]);
+        hi[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t1), _mm256_mul_ps(d1, _mm256_loadu_ps(dx + 8)), hi[i]);
+      }
+    }
+    for (int i = 0; i < MB; ++i) y[(m0 + i) * ldy + n] = hsum_like512(lo[i], hi[i]);
+  }
+}
+
 // Blocks of kRowsPerBlock weight rows in parallel; each block meets every activation row (in groups of 8 / 4 / 1)
 // while it sits in L1/L2, so a prefill reads the weights from memory once instead of once per group of rows.
 constexpr int64_t kRowsPerBlock = 16;
 
 template <int BITS>
-GL_VNNI void matmul_bits(const QuantWeights& w, const XQ& xq, int64_t M, float* y, int64_t ldy) {
+void matmul_bits(const QuantWeights& w, const XQ& xq, int64_t M, float* y, int64_t ldy) {
   const int64_t N = w.N, nblocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const QuantKernelPath path = quant_kernel_path();
 #pragma omp parallel for schedule(static)
   for (int64_t nb = 0; nb < nblocks; ++nb) {
     const int64_t n0 = nb * kRowsPerBlock, n1 = std::min(N, n0 + kRowsPerBlock);
     int64_t m = 0;
-    for (; m + 8 <= M; m += 8)
-      for (int64_t n = n0; n < n1; ++n) row_kernel<8, BITS>(w, xq, n, m, y, ldy);
-    for (; m + 4 <= M; m += 4)
-      for (int64_t n = n0; n < n1; ++n) row_kernel<4, BITS>(w, xq, n, m, y, ldy);
-    for (; m < M; ++m)
-      for (int64_t n = n0; n < n1; ++n) row_kernel<1, BITS>(w, xq, n, m, y, ldy);
+    switch (path) {
+      case QuantKernelPath::Vnni512:
+        for (; m + 8 <= M; m += 8) rows_vnni512<8, BITS>(w, xq, n0, n1, m, y, ldy);
+        for (; m + 4 <= M; m += 4) rows_vnni512<4, BITS>(w, xq, n0, n1, m, y, ldy);
+        for (; m < M; ++m) rows_vnni512<1, BITS>(w, xq, n0, n1, m, y, ldy);
+        break;
+      case QuantKernelPath::AvxVnni:  // 16 ymm registers: groups of 4 rows (8 accumulators)
+        for (; m + 4 <= M; m += 4) rows_avxvnni<4, BITS>(w, xq, n0, n1, m, y, ldy);
+        for (; m < M; ++m) rows_avxvnni<1, BITS>(w, xq, n0, n1, m, y, ldy);
+        break;
+      case QuantKernelPath::Avx2Maddubs:
+        for (; m + 4 <= M; m += 4) rows_avx2<4, BITS>(w, xq, n0, n1, m, y, ldy);
+        for (; m < M; ++m) rows_avx2<1, BITS>(w, xq, n0, n1, m, y, ldy);
+        break;
+    }
   }
 }
 
 }  // namespace
 
 void quant_matmul(const QuantWeights& w, const float* x, int64_t M, float* y, int64_t ldy) {
-  if (!quant_supported(w.K)) throw InternalError("quantised weights need AVX-512 VNNI and K % 64 == 0");
+  if (!quant_supported(w.K)) throw InternalError("quantised weights need K % 64 == 0");
   thread_local XQ xq;
   quantize_x(x, M, w.K, xq);
   if (w.bits == 8)

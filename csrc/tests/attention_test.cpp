@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "ops/attention.h"
-#include "ops/linear.h"  // amx_bf16(): whether attention_bf16_matmul runs here
+#include "ops/cpu.h"  // use_amx(): whether attention_bf16_matmul runs here
 #include "tests/attention_reference.h"
 #include "tests/test.h"
 
@@ -167,7 +167,7 @@ TEST(attention_bf16_matmul) {
     const Problem p(shapes[i], 80 + static_cast<uint32_t>(i));
     std::vector<float> z(p.z_size(), kNaN), z2(p.z_size(), kNaN);
     attention(p.args(z.data(), DType::BF16));
-    if (amx_bf16()) {
+    if (use_amx()) {
       // Against the reference on bf16-rounded q, k, v: what is left is the bf16 rounding of the probabilities
       // (relative 2^-9 each): measured on these shapes at 0.21-0.25% of the scale (max) and 0.15-0.16% (mean) with
       // oneDNN's bf16 matmul on AVX512_BF16 (same algorithm), as tests/test_ops.py measured on AMX; its bounds.
@@ -201,7 +201,7 @@ TEST(attention_bf16_matmul) {
   CHECK(!attention_bf16_matmul(f32_cache.args(z.data(), DType::BF16)));
   CHECK(!attention_bf16_matmul(f32_cache.args(z.data(), DType::F32)));
   CHECK(std::all_of(z.begin(), z.end(), [](float x) { return std::isnan(x); }));
-  if (!amx_bf16()) SKIP("attention_bf16_matmul itself: oneDNN does not run bf16 matmuls on AMX on this CPU (the dispatcher's f32 fallback was checked)");
+  if (!use_amx()) SKIP("attention_bf16_matmul itself: oneDNN does not run bf16 matmuls on AMX on this CPU (the dispatcher's f32 fallback was checked)");
 }
 
 }  // namespace gemmalens::ops

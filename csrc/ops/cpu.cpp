@@ -1,0 +1,99 @@
+#include "ops/cpu.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+
+#include "common.h"
+#include "ops/linear.h"  // onednn_limit_isa / onednn_isa: oneDNN itself stays in linear_dnnl.cpp
+
+namespace gemmalens::ops {
+
+namespace {
+
+constexpr const char* kNames[kCpuClasses] = {"avx2", "avx2_vnni", "avx512", "avx512_bf16", "amx"};
+
+// What the CPU (and the OS, for the AVX-512 and AMX register state: GCC's checks read XCR0) offers, class by class.
+bool cpu_runs(CpuClass c) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx_vnni = __builtin_cpu_supports("avxvnni");
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512vnni");
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
+  static const bool amx = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                          __builtin_cpu_supports("amx-int8");
+  switch (c) {
+    case CpuClass::Avx2: return avx2;
+    case CpuClass::Avx2Vnni: return avx2 && avx_vnni;
+    case CpuClass::Avx512: return avx2 && avx512;
+    case CpuClass::Avx512Bf16: return avx2 && avx512 && bf16;
+    case CpuClass::Amx: return avx2 && avx512 && bf16 && amx;
+  }
+  return false;
+}
+
+// The highest class the CPU runs that is at most `limit` (classes are not nested: an AVX-512 CPU may lack AVX-VNNI).
+CpuClass highest_at_most(CpuClass limit) {
+  for (int c = static_cast<int>(limit); c > 0; --c)
+    if (cpu_runs(static_cast<CpuClass>(c))) return static_cast<CpuClass>(c);
+  return CpuClass::Avx2;
+}
+
+CpuState decide() {
+  CpuState s;
+  for (int c = 0; c < kCpuClasses; ++c)
+    if (cpu_runs(static_cast<CpuClass>(c))) s.supported.push_back(static_cast<CpuClass>(c));
+  s.detected = highest_at_most(CpuClass::Amx);
+  CpuClass limit = s.detected;
+  if (const char* env = std::getenv("GEMMALENS_MAX_ISA"); env && *env) {
+    s.cap = env;
+    std::string v = env;
+    std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    const auto* it = std::find_if(std::begin(kNames), std::end(kNames), [&](const char* n) { return v == n; });
+    if (it == std::end(kNames))
+      throw ValueError("GEMMALENS_MAX_ISA must be one of avx2, avx2_vnni, avx512, avx512_bf16, amx (the highest CPU "
+                       "class gemmalens may use), got '" + s.cap + "'; unset it to use everything this CPU has (" +
+                       kNames[static_cast<int>(s.detected)] + ")");
+    limit = highest_at_most(std::min(s.detected, static_cast<CpuClass>(it - std::begin(kNames))));
+  }
+  s.onednn_user_cap = std::getenv("ONEDNN_MAX_CPU_ISA") != nullptr || std::getenv("DNNL_MAX_CPU_ISA") != nullptr;
+  // oneDNN reads its cap once, at its first ISA query; nothing in gemmalens queries it before this function runs.
+  // A cap the user gave oneDNN directly stands (and lowers the class below if it is lower).
+  if (limit < s.detected && !s.onednn_user_cap) onednn_limit_isa(limit);
+  s.active = highest_at_most(std::min(limit, onednn_class()));
+  s.onednn_isa = onednn_isa();
+  return s;
+}
+
+}  // namespace
+
+const char* cpu_class_name(CpuClass c) { return kNames[static_cast<int>(c)]; }
+
+const CpuState& cpu_state() {
+  static const CpuState s = decide();
+  return s;
+}
+
+std::vector<std::pair<std::string, std::string>> cpu_paths() {
+  const bool amx = use_amx();
+  const char* quant = quant_kernel_path() == QuantKernelPath::Vnni512  ? "vnni512"
+                      : quant_kernel_path() == QuantKernelPath::AvxVnni ? "avx_vnni"
+                                                                        : "avx2_maddubs";
+  return {
+      {"bf16_matmul", bf16_matmul_path() == Bf16MatmulPath::OneDnn ? (amx ? "onednn_amx" : "onednn_avx512_bf16")
+                                                                   : "widened_f32"},
+      {"decode_bf16", bf16_gemv_path() == Bf16GemvPath::Vdpbf16ps     ? "vdpbf16ps"
+                      : bf16_gemv_path() == Bf16GemvPath::Avx512Widen ? "avx512_widen"
+                                                                      : "avx2_widen"},
+      {"int8", quant},
+      {"int4", quant},
+      {"int8_prefill", amx ? "amx_bf16_dequant" : quant},
+      {"attention", use_avx512() ? "tiled_avx512" : "tiled_avx2"},
+      {"attention_bf16_prefill", amx ? "onednn_amx" : use_avx512() ? "tiled_avx512" : "tiled_avx2"},
+      {"f32_matmul", "onednn"},
+      {"elementwise", use_avx512() ? "avx512" : "avx2"},
+  };
+}
+
+}  // namespace gemmalens::ops

@@ -184,3 +184,50 @@ def test_linear_int8_against_numpy(M):
     assert np.abs(out - x @ w.T).max() <= 0.02 * np.abs(x @ w.T).max()
     with pytest.raises(ValueError, match="K % 64"):
         ops.linear(x[:, :96], w[:, :96], "float32", True)
+
+
+@pytest.mark.parametrize("M", [1, 4, 5, 64, 65, 300])
+def test_linear_paths_across_row_counts(M):
+    """Each matmul path a CPU class takes, by the rows M of a call (gl.cpu_info(): bf16_own_max_rows,
+    int8_prefill_min_rows): decode kernels, gemmalens's own bf16 GEMM, oneDNN (bf16, or f32 on blocks widened from
+    bf16 when the class has no bf16 hardware), the int8 kernels or dequantised weights. 1088 columns of 1024: more than
+    one widened block (~4 MB of f32), and a row-major layer of 1000 columns (the LM head's layout)."""
+    info = __import__("gemmalens").cpu_info()
+    K, N = 1024, 1088
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    ref = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T  # bf16 products, f32 accumulation
+    tol = dict(rtol=1e-5, atol=2e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(ops.linear(x, w, "bfloat16"), ref, **tol)
+    np.testing.assert_allclose(ops.linear(x, w[:1000], "bfloat16", plain=True), ref[:, :1000], **tol)
+    # int8: the kernels multiply int8 activation blocks; the dequantised path the dequantised weights with f32 (or,
+    # with bf16 hardware, bf16) activations
+    wq = ops.quantize(w, 8).astype(np.float64)
+    dequant = info["int8_prefill_min_rows"] is not None and M >= info["int8_prefill_min_rows"]
+    # an activation right at a rounding tie may land on the other int8 level in C++ than in numpy (~1 in 10^4 here):
+    # one level of one activation moves an output by at most dx * max|w|
+    atol = 2e-4
+    if not dequant:
+        qx, dx = q8_blocks(x)
+        qw, dw = q8_blocks(w)
+        ref8 = np.einsum("mbk,nbk,mb,nb->mn", qx, qw, dx[..., 0], dw[..., 0])
+        atol = max(atol, 1.01 * dx.max() * np.abs(wq).max() / np.abs(ref8).max())
+    elif info["int8_prefill"].startswith("dequant_bf16"):
+        ref8 = bf16(x).astype(np.float64) @ bf16(wq.astype(np.float32)).astype(np.float64).T
+    else:
+        assert info["int8_prefill"] == "dequant_f32_onednn"
+        ref8 = x.astype(np.float64) @ wq.T
+    out8 = ops.linear(x, w, "float32", True)
+    np.testing.assert_allclose(out8, ref8, rtol=1e-5, atol=atol * np.abs(ref8).max())
+    assert np.mean(np.abs(out8 - ref8) <= 1e-5 * np.abs(ref8) + 2e-4 * np.abs(ref8).max()) >= 0.995
+    assert np.abs(out8 - x @ w.T).max() <= 0.02 * np.abs(x @ w.T).max()
+    # int4 the same way, against its stored 4-bit blocks
+    w4 = ops.quantize(w, 4).astype(np.float64)
+    if not dequant:
+        ref4 = np.einsum("mbk,nbk,mb->mn", qx, w4.reshape(N, -1, 32), dx[..., 0])
+    elif info["int8_prefill"].startswith("dequant_bf16"):
+        ref4 = bf16(x).astype(np.float64) @ bf16(w4.astype(np.float32)).astype(np.float64).T
+    else:
+        ref4 = x.astype(np.float64) @ w4.T
+    out4 = ops.linear(x, w, "float32", int4=True)
+    np.testing.assert_allclose(out4, ref4, rtol=1e-5, atol=atol * np.abs(ref8).max())  # |w4| <= max|w| as for int8

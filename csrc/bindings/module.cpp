@@ -1,6 +1,7 @@
 // pybind11 module gemmalens._core: thin bindings, one file per bound area (bindings.h); conveniences live in
 // python/gemmalens/. Here: the module, its exception mapping, and the build's versions.
 #include <cstring>
+#include <limits>
 
 #include "bindings/bindings.h"
 #include "common.h"
@@ -58,6 +59,11 @@ PYBIND11_MODULE(_core, m) {
     d["onednn_isa"] = s.onednn_isa;
     d["onednn_user_cap"] = s.onednn_user_cap;
     for (const auto& [op, path] : ops::cpu_paths()) d[py::str(op)] = path;
+    // The row counts where the paths change (matmuls of M rows): bf16 weights take our own kernels up to
+    // bf16_own_max_rows (None: every M), quantised weights the dequantised path from int8_prefill_min_rows (None: never).
+    const int64_t own = ops::bf16_own_max_m(), deq = ops::quant_dequant_min_m(), never = std::numeric_limits<int64_t>::max();
+    d["bf16_own_max_rows"] = own == never ? py::object(py::none()) : py::object(py::int_(own));
+    d["int8_prefill_min_rows"] = deq == never ? py::object(py::none()) : py::object(py::int_(deq));
     return d;
   }, "The CPU class gemmalens runs (after GEMMALENS_MAX_ISA), what the CPU has, and the path each op family takes.");
   m.def("dnnl_version", &ops::dnnl_version);

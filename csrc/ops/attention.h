@@ -3,7 +3,7 @@
 // a key / value row lives (KVRing::offset for the cache, kv_row for cache or chunk).
 //
 // Variants (one dispatcher, attention(), picks among the fast ones; all compute the same function):
-//   attention_tiled.cpp      tiled online softmax (AVX-512) for prefill; split-K over the keys for decode
+//   attention_tiled.cpp      tiled online softmax (AVX-512 / AVX2) for prefill; split-K over the keys for decode
 //   attention_bf16.cpp       prefill as two bf16 matmuls per block of queries (oneDNN on AMX, via ops/linear.h)
 //   attention.cpp            the dispatcher, the direct reference kernel, and the materialised path
 //                            (scores -> softmax -> apply) that the attn_scores / pattern hooks read and edit
@@ -92,7 +92,8 @@ void attention(const AttentionArgs& a);
 // The direct kernel: one query at a time, full softmax. Simple and slow; the numerical reference.
 void attention_reference(const AttentionArgs& a);
 
-// Tiled online-softmax (flash-attention style) kernel; needs AVX-512 and Hd % 16 == 0 (attention_tiled_ok).
+// Tiled online-softmax (flash-attention style) kernel, AVX-512 or AVX2 by the CPU class; needs Hd % 16 == 0
+// (attention_tiled_ok).
 bool attention_tiled_ok(const AttentionArgs& a);
 void attention_tiled(const AttentionArgs& a);
 // Decode (a few queries over many keys): each (row, KV head)'s keys split in chunks that run in parallel, read

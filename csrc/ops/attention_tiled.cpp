@@ -1,7 +1,8 @@
 // The fast attention kernels (the function of attention_reference; only the summation order differs):
-// - attention_tiled: online softmax (the flash-attention recurrence), AVX-512. For each (row b, KV head, block of
-//   queries) the block's query rows (all heads of the group) meet tiles of 64 keys: S = Q K^T on a 4-row x 64-key
-//   register tile, masked online softmax per row, Z += P V on 4-row x 64-dim register tiles. f32 throughout.
+// - attention_tiled: online softmax (the flash-attention recurrence), AVX-512 or AVX2 by the CPU class. For each
+//   (row b, KV head, block of queries) the block's query rows (all heads of the group) meet tiles of 64 keys:
+//   S = Q K^T on 4-row register tiles (64 keys in zmm, 16 in ymm), masked online softmax per row, Z += P V on 4-row
+//   register tiles (64 dims in zmm, 16 in ymm). f32 throughout; the two ISAs differ only in summation order.
 // - attention_decode_splitk: a few queries over many keys, the keys split in chunks that run in parallel.
 #include <immintrin.h>
 #include <omp.h>
@@ -145,9 +146,108 @@ GL_AVX512 void pv_tile(const float* P, const float* corr, int rows, const float*
   }
 }
 
+// --- AVX2 (16 ymm registers): the same three steps on narrower tiles ---
+
+// scores_tile on AVX2: 4 rows x 16 keys (8 accumulators) per pass, 4 passes over the tile's 64 keys.
+void scores_tile_avx2(const float* const* q, int rows, const float* Kt, int64_t ldk, int Hd, float* S) {
+  for (int c0 = 0; c0 < NK; c0 += 16) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      __m256 acc[4][2];
+      for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      const float *q0 = q[r], *q1 = q[r + 1], *q2 = q[r + 2], *q3 = q[r + 3];
+      for (int d = 0; d < Hd; ++d) {
+        const float* kt = Kt + d * ldk + c0;
+        const __m256 k0 = _mm256_loadu_ps(kt), k1 = _mm256_loadu_ps(kt + 8);
+        __m256 b = _mm256_broadcast_ss(q0 + d);
+        acc[0][0] = _mm256_fmadd_ps(b, k0, acc[0][0]); acc[0][1] = _mm256_fmadd_ps(b, k1, acc[0][1]);
+        b = _mm256_broadcast_ss(q1 + d);
+        acc[1][0] = _mm256_fmadd_ps(b, k0, acc[1][0]); acc[1][1] = _mm256_fmadd_ps(b, k1, acc[1][1]);
+        b = _mm256_broadcast_ss(q2 + d);
+        acc[2][0] = _mm256_fmadd_ps(b, k0, acc[2][0]); acc[2][1] = _mm256_fmadd_ps(b, k1, acc[2][1]);
+        b = _mm256_broadcast_ss(q3 + d);
+        acc[3][0] = _mm256_fmadd_ps(b, k0, acc[3][0]); acc[3][1] = _mm256_fmadd_ps(b, k1, acc[3][1]);
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(S + (r + i) * NK + c0, acc[i][0]);
+        _mm256_storeu_ps(S + (r + i) * NK + c0 + 8, acc[i][1]);
+      }
+    }
+    for (; r < rows; ++r) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int d = 0; d < Hd; ++d) {
+        const __m256 b = _mm256_broadcast_ss(q[r] + d);
+        a0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(Kt + d * ldk + c0), a0);
+        a1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(Kt + d * ldk + c0 + 8), a1);
+      }
+      _mm256_storeu_ps(S + r * NK + c0, a0);
+      _mm256_storeu_ps(S + r * NK + c0 + 8, a1);
+    }
+  }
+}
+
+// softmax_tile_row without AVX-512 masks: the same function, one pass for the maximum, one for the exps (the
+// `omp simd` loop vectorises exp_f32).
+float softmax_tile_row_avx2(float* s, int c_lo, int c_hi, float scale, float softcap, float m_prev, float* sum) {
+  float mx = m_prev;
+  for (int c = c_lo; c <= c_hi; ++c) {
+    const float x = softcap > 0.f ? softcap * tanh_f32(s[c] * scale / softcap) : s[c] * scale;
+    s[c] = x;
+    mx = std::max(mx, x);
+  }
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int c = 0; c < NK; ++c) {
+    const float e = exp_f32(s[c] - mx);
+    s[c] = (c < c_lo || c > c_hi) ? 0.f : e;
+    acc += s[c];
+  }
+  *sum = acc;
+  return mx;
+}
+
+// pv_tile on AVX2: 4 rows x 16 dims (8 accumulators) per pass over the keys.
+void pv_tile_avx2(const float* P, const float* corr, int rows, const float* const* v, int nk, int Hd, float* Z) {
+  for (int c0 = 0; c0 < Hd; c0 += 16) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      __m256 acc[4][2];
+      for (int i = 0; i < 4; ++i) {
+        const __m256 cr = _mm256_set1_ps(corr[r + i]);
+        acc[i][0] = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + (r + i) * Hd + c0));
+        acc[i][1] = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + (r + i) * Hd + c0 + 8));
+      }
+      for (int j = 0; j < nk; ++j) {
+        const __m256 v0 = _mm256_loadu_ps(v[j] + c0), v1 = _mm256_loadu_ps(v[j] + c0 + 8);
+        for (int i = 0; i < 4; ++i) {
+          const __m256 p = _mm256_broadcast_ss(P + (r + i) * NK + j);
+          acc[i][0] = _mm256_fmadd_ps(p, v0, acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(p, v1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(Z + (r + i) * Hd + c0, acc[i][0]);
+        _mm256_storeu_ps(Z + (r + i) * Hd + c0 + 8, acc[i][1]);
+      }
+    }
+    for (; r < rows; ++r) {
+      const __m256 cr = _mm256_set1_ps(corr[r]);
+      __m256 a0 = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + r * Hd + c0)), a1 = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + r * Hd + c0 + 8));
+      for (int j = 0; j < nk; ++j) {
+        const __m256 p = _mm256_broadcast_ss(P + r * NK + j);
+        a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v[j] + c0), a0);
+        a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v[j] + c0 + 8), a1);
+      }
+      _mm256_storeu_ps(Z + r * Hd + c0, a0);
+      _mm256_storeu_ps(Z + r * Hd + c0 + 8, a1);
+    }
+  }
+}
+
 }  // namespace
 
 void attention_tiled(const AttentionArgs& a) {
+  const bool w512 = use_avx512();
   const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd;
   const int group = H / KV;
   const int QB = std::max(1, std::min(T, 64 / group));  // query tokens per block: ~64 rows
@@ -214,7 +314,10 @@ void attention_tiled(const AttentionArgs& a) {
           for (int64_t j0 = j_begin; j0 < j_end; j0 += NK) {
             const int nk = static_cast<int>(std::min<int64_t>(NK, j_end - j0));
             for (int jj = 0; jj < nk; ++jj) vrow[jj] = vf + (j0 - s_lo + jj) * Hd;
-            scores_tile(qrow.data(), rows, kt + (j0 - s_lo), ld, Hd, S.data());
+            if (w512)
+              scores_tile(qrow.data(), rows, kt + (j0 - s_lo), ld, Hd, S.data());
+            else
+              scores_tile_avx2(qrow.data(), rows, kt + (j0 - s_lo), ld, Hd, S.data());
             // Masked online softmax, row by row.
             for (int r = 0; r < rows; ++r) {
               float* s = S.data() + static_cast<size_t>(r) * NK;
@@ -226,13 +329,17 @@ void attention_tiled(const AttentionArgs& a) {
               }
               const int c_lo = static_cast<int>(a_lo - j0), c_hi = static_cast<int>(a_hi - j0);
               float sum;
-              const float mx = softmax_tile_row(s, c_lo, c_hi, a.scale, a.softcap, m[r], &sum);
+              const float mx = w512 ? softmax_tile_row(s, c_lo, c_hi, a.scale, a.softcap, m[r], &sum)
+                                    : softmax_tile_row_avx2(s, c_lo, c_hi, a.scale, a.softcap, m[r], &sum);
               const float cr = m[r] == neg_inf ? 0.f : exp_f32(m[r] - mx);
               l[r] = l[r] * cr + sum;
               m[r] = mx;
               corr[r] = cr;
             }
-            pv_tile(S.data(), corr.data(), rows, vrow.data(), nk, Hd, Z.data());
+            if (w512)
+              pv_tile(S.data(), corr.data(), rows, vrow.data(), nk, Hd, Z.data());
+            else
+              pv_tile_avx2(S.data(), corr.data(), rows, vrow.data(), nk, Hd, Z.data());
           }
           for (int r = 0; r < rows; ++r) {
             const int t = t0 + r / group, h = kvh * group + r % group;
@@ -322,7 +429,7 @@ void attention_decode_splitk(const AttentionArgs& a) {
 }
 
 bool attention_tiled_ok(const AttentionArgs& a) {
-  return use_avx512() && a.Hd % 16 == 0;
+  return a.Hd % 16 == 0;  // every CPU class has a kernel (AVX-512 or AVX2)
 }
 
 }  // namespace gemmalens::ops

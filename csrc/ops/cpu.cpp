@@ -76,21 +76,27 @@ const CpuState& cpu_state() {
 }
 
 std::vector<std::pair<std::string, std::string>> cpu_paths() {
-  const bool amx = use_amx();
+  const CpuClass c = cpu_class();
   const char* quant = quant_kernel_path() == QuantKernelPath::Vnni512  ? "vnni512"
                       : quant_kernel_path() == QuantKernelPath::AvxVnni ? "avx_vnni"
                                                                         : "avx2_maddubs";
+  const char* onednn_bf16 = c == CpuClass::Amx ? "onednn_amx" : "onednn_avx512_bf16";
+  const char* own = bf16_gemv_path() == Bf16GemvPath::Vdpbf16ps     ? "vdpbf16ps"
+                    : bf16_gemv_path() == Bf16GemvPath::Avx512Widen ? "avx512_widen"
+                                                                    : "avx2_widen";
+  const char* tiled = use_avx512() ? "tiled_avx512" : "tiled_avx2";
+  // What a 512-token prefill's layer matmuls take (M = 512 is past bf16_own_max_m() except on avx512).
+  const bool own_prefill = bf16_own_max_m() >= 512;
   return {
-      {"bf16_matmul", bf16_matmul_path() == Bf16MatmulPath::OneDnn ? (amx ? "onednn_amx" : "onednn_avx512_bf16")
-                                                                   : "widened_f32"},
-      {"decode_bf16", bf16_gemv_path() == Bf16GemvPath::Vdpbf16ps     ? "vdpbf16ps"
-                      : bf16_gemv_path() == Bf16GemvPath::Avx512Widen ? "avx512_widen"
-                                                                      : "avx2_widen"},
+      {"bf16_matmul", own_prefill ? own : bf16_matmul_path() == Bf16MatmulPath::OneDnn ? onednn_bf16 : "widened_f32_onednn"},
+      {"decode_bf16", own},
       {"int8", quant},
       {"int4", quant},
-      {"int8_prefill", amx ? "amx_bf16_dequant" : quant},
-      {"attention", use_avx512() ? "tiled_avx512" : "tiled_avx2"},
-      {"attention_bf16_prefill", amx ? "onednn_amx" : use_avx512() ? "tiled_avx512" : "tiled_avx2"},
+      {"int8_prefill", quant_dequant_min_m() > 512 ? quant
+                       : bf16_matmul_path() == Bf16MatmulPath::OneDnn ? (c == CpuClass::Amx ? "dequant_bf16_onednn_amx" : "dequant_bf16_onednn")
+                                                                      : "dequant_f32_onednn"},
+      {"attention", tiled},
+      {"attention_bf16_prefill", use_amx() ? "onednn_amx" : tiled},
       {"f32_matmul", "onednn"},
       {"elementwise", use_avx512() ? "avx512" : "avx2"},
   };

@@ -2,6 +2,8 @@
 // one of the path functions below), never the CPU itself, so GEMMALENS_MAX_ISA can force any lower class for tests
 // and benchmarks. README, "CPU classes".
 #pragma once
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -37,13 +39,25 @@ inline CpuClass cpu_class() { return cpu_state().active; }
 
 // --- The path each op family takes in the active class (dispatch and gl.cpu_info() both read these) ---
 
-// bf16 weights, prefill-sized matmuls (M > kGemvMaxM): oneDNN's bf16 brgemm where the class has bf16 hardware
-// (AMX tiles, AVX512_BF16), else f32 compute on weights widened from bf16 a block at a time (linear_dnnl.cpp).
+// bf16 weights in the blocked layout (the layers' matmuls): our own kernels (ops/gemv_bf16.cpp, bf16_gemv_path())
+// take M up to this many rows, measured against the alternative below on each class: AMX tiles win above 4 rows;
+// vdpbf16ps matches oneDNN's AVX512_BF16 brgemm up to 64; the AVX-512 widening kernel matches oneDNN's f32 rate at
+// every M; the AVX2 one up to 64 rows.
+inline int64_t bf16_own_max_m() {
+  switch (cpu_class()) {
+    case CpuClass::Amx: return 4;
+    case CpuClass::Avx512: return std::numeric_limits<int64_t>::max();
+    default: return 64;
+  }
+}
+// bf16 weights past that (and the row-major LM head past 4 rows): oneDNN's bf16 matmul where the class has bf16
+// hardware (AMX tiles, AVX512_BF16), else oneDNN's f32 matmul on a block of columns widened from bf16 at a time
+// (linear_dnnl.cpp): oneDNN 3.2's bf16 matmul without bf16 hardware is missing (AVX2) or ~3-1000x slower (AVX-512).
 enum class Bf16MatmulPath { OneDnn, WidenedF32 };
 inline Bf16MatmulPath bf16_matmul_path() {
   return cpu_class() >= CpuClass::Avx512Bf16 ? Bf16MatmulPath::OneDnn : Bf16MatmulPath::WidenedF32;
 }
-// bf16 weights, decode-sized matmuls (ops/gemv_bf16.cpp): vdpbf16ps, else the pairs widened to f32 for FMAs.
+// bf16 weights, the kernels of ops/gemv_bf16.cpp: vdpbf16ps, else the pairs widened to f32 for FMAs.
 enum class Bf16GemvPath { Vdpbf16ps, Avx512Widen, Avx2Widen };
 inline Bf16GemvPath bf16_gemv_path() {
   const CpuClass c = cpu_class();
@@ -57,6 +71,18 @@ inline QuantKernelPath quant_kernel_path() {
   const CpuClass c = cpu_class();
   return c >= CpuClass::Avx512 ? QuantKernelPath::Vnni512 : c == CpuClass::Avx2Vnni ? QuantKernelPath::AvxVnni
                                                                                    : QuantKernelPath::Avx2Maddubs;
+}
+// Quantised layers run matmuls of this many rows and more on weights dequantised a block at a time for oneDNN
+// (Linear::forward_dequantized: bf16 with bf16 hardware, else f32), where that beats the int8 kernels' per-block
+// scaling (measured on each class, 512 x 640 x 2048: VNNI-512 ~120 GOP/s against ~400 dequantised to bf16 on
+// AVX512_BF16 from 64 rows, ~200 to f32 on AVX-512 from 256 rows; on AVX2 the kernels keep up with oneDNN's f32).
+inline int64_t quant_dequant_min_m() {
+  switch (cpu_class()) {
+    case CpuClass::Amx:
+    case CpuClass::Avx512Bf16: return 64;
+    case CpuClass::Avx512: return 256;
+    default: return std::numeric_limits<int64_t>::max();
+  }
 }
 // The AVX-512 f32 kernels (tiled attention, GELU, bf16 conversion) against their AVX2 versions.
 inline bool use_avx512() { return cpu_class() >= CpuClass::Avx512; }

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -150,8 +151,9 @@ GL_AVX512 void blocked64_w512(const uint16_t* w, int64_t N, int64_t K, const flo
   }
 }
 
-// AVX2: NV groups of 8 columns from column c0 of a panel against MB rows (MB * NV <= 8 accumulators of 16 ymm
-// registers). A pass reads whole 64-byte lines (2 groups) of each k-pair; the other passes find the panel in L2.
+// AVX2: NV groups of 8 columns from column c0 of a panel against MB rows. 16 ymm registers: MB * NV accumulators,
+// 2 * NV widened weights and the row's two broadcasts (MB * NV + 2 * NV + 2 <= 16). A pass reads whole 64-byte
+// lines (2 groups) of each k-pair; the other passes find the panel in L2.
 template <int MB, int NV>
 void panel_w256(const uint16_t* wp, int64_t K, int c0, const float* x, int64_t ldx, float* y, int64_t ldy) {
   __m256 acc[MB][NV];
@@ -161,12 +163,15 @@ void panel_w256(const uint16_t* wp, int64_t K, int c0, const float* x, int64_t l
   const int64_t KP = K / 2;
   for (int64_t kp = 0; kp < KP; ++kp) {
     const uint16_t* wv = wp + kp * 128 + 2 * c0;
+    __m256 we[NV], wo[NV];
     for (int v = 0; v < NV; ++v) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wv + 16 * v));
-      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
-      for (int m = 0; m < MB; ++m)
-        acc[m][v] = _mm256_fmadd_ps(we, _mm256_broadcast_ss(x + m * ldx + 2 * kp),
-                                    _mm256_fmadd_ps(wo, _mm256_broadcast_ss(x + m * ldx + 2 * kp + 1), acc[m][v]));
+      we[v] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+      wo[v] = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m256 xe = _mm256_broadcast_ss(x + m * ldx + 2 * kp), xo = _mm256_broadcast_ss(x + m * ldx + 2 * kp + 1);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(we[v], xe, _mm256_fmadd_ps(wo[v], xo, acc[m][v]));
     }
   }
   for (int m = 0; m < MB; ++m)
@@ -188,8 +193,8 @@ void blocked64_w256(const uint16_t* w, int64_t N, int64_t K, const float* x, int
     for (; m + 4 <= M; m += 4) panel_w256_all<4, 2>(wp, K, x + m * K, K, yp + m * ldy, ldy);
     switch (M - m) {
       case 3: panel_w256_all<3, 2>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
-      case 2: panel_w256_all<2, 4>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
-      case 1: panel_w256_all<1, 8>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
+      case 2: panel_w256_all<2, 2>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
+      case 1: panel_w256_all<1, 4>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
       default: break;
     }
   }
@@ -287,14 +292,6 @@ void cvt_bf16_avx2(const float* x, uint16_t* y, int64_t n) {
   for (; i < n; ++i) y[i] = f32_to_bf16(x[i]);
 }
 
-// Activations as f32 values of bf16 (widened from the bf16 bits the caller made).
-const float* widen_x(const uint16_t* x, int64_t n) {
-  thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(x[i]);
-  return buf.data();
-}
-
 }  // namespace
 
 void f32_to_bf16_n(const float* x, uint16_t* y, int64_t n) {
@@ -315,23 +312,31 @@ void round_bf16_n(const float* x, float* y, int64_t n) {
 }
 
 void gemv_bf16_blocked64(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy) {
-  if (N % 64 != 0 || K % 32 != 0 || M < 1 || M > kGemvMaxM) throw InternalError("gemv_bf16_blocked64: unsupported shape");
-  switch (bf16_gemv_path()) {
-    case Bf16GemvPath::Vdpbf16ps: blocked64_bf16(w, N, K, x, M, y, ldy); break;
-    case Bf16GemvPath::Avx512Widen: blocked64_w512(w, N, K, widen_x(x, M * K), M, y, ldy); break;
-    case Bf16GemvPath::Avx2Widen: blocked64_w256(w, N, K, widen_x(x, M * K), M, y, ldy); break;
-  }
+  if (bf16_gemv_path() != Bf16GemvPath::Vdpbf16ps || N % 64 != 0 || K % 32 != 0 || M < 1 || M > bf16_own_max_m())
+    throw InternalError("gemv_bf16_blocked64: unsupported CPU class or shape");
+  blocked64_bf16(w, N, K, x, M, y, ldy);
 }
 
-bool gemv_bf16_rows_ok(int64_t K) { return K > 0 && (bf16_gemv_path() != Bf16GemvPath::Vdpbf16ps || K % 32 == 0); }
-
 void gemv_bf16_rows(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy) {
-  if (!gemv_bf16_rows_ok(K) || M < 1 || M > kGemvMaxM) throw InternalError("gemv_bf16_rows: unsupported shape");
-  switch (bf16_gemv_path()) {
-    case Bf16GemvPath::Vdpbf16ps: rows_bf16(w, N, K, x, M, y, ldy); break;
-    case Bf16GemvPath::Avx512Widen: rows_widen<true>(w, N, K, widen_x(x, M * K), M, y, ldy); break;
-    case Bf16GemvPath::Avx2Widen: rows_widen<false>(w, N, K, widen_x(x, M * K), M, y, ldy); break;
-  }
+  if (bf16_gemv_path() != Bf16GemvPath::Vdpbf16ps || K % 32 != 0 || M < 1 || M > kGemvMaxM)
+    throw InternalError("gemv_bf16_rows: unsupported CPU class or shape");
+  rows_bf16(w, N, K, x, M, y, ldy);
+}
+
+void gemm_widen_blocked64(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
+  if (N % 64 != 0 || K % 32 != 0 || M < 1 || M > bf16_own_max_m()) throw InternalError("gemm_widen_blocked64: unsupported shape");
+  if (bf16_gemv_path() == Bf16GemvPath::Avx2Widen)
+    blocked64_w256(w, N, K, x, M, y, ldy);
+  else
+    blocked64_w512(w, N, K, x, M, y, ldy);
+}
+
+void gemv_widen_rows(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
+  if (M < 1 || M > kGemvMaxM) throw InternalError("gemv_widen_rows: unsupported shape");
+  if (bf16_gemv_path() == Bf16GemvPath::Avx2Widen)
+    rows_widen<false>(w, N, K, x, M, y, ldy);
+  else
+    rows_widen<true>(w, N, K, x, M, y, ldy);
 }
 
 void widen_blocked64_cols(const uint16_t* w, int64_t K, int64_t n0, int64_t nn, float* out) {

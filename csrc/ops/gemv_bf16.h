@@ -20,12 +20,16 @@ void round_bf16_n(const float* x, float* y, int64_t n);
 // y[m, n] (row stride ldy) = sum_k x[m, k] * W[k, n] for W in oneDNN's "BA16a64b2a" layout of a {K, N} matrix:
 // blocks of 64 columns (outer) by 32 rows of K (inner), each block [16 k-pairs][64 n][2 k] (the VNNI pairing
 // `vdpbf16ps` multiplies), so each 64-column panel is [K/2][64][2]. Needs N % 64 == 0, K % 32 == 0,
-// M <= kGemvMaxM. x is [M, K] bf16 bits.
+// M <= bf16_own_max_m() (ops/cpu.h): rows in groups of 4, each panel staying in L2 meanwhile.
+// vdpbf16ps (class avx512_bf16 and up); x is [M, K] bf16 bits.
 void gemv_bf16_blocked64(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy);
-
-// The same for row-major W [N, K] (the tied embedding as the LM head). Needs gemv_bf16_rows_ok(K).
+// The same for row-major W [N, K] (the tied embedding as the LM head). Needs K % 32 == 0, M <= kGemvMaxM.
 void gemv_bf16_rows(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy);
-bool gemv_bf16_rows_ok(int64_t K);  // vdpbf16ps: K % 32 == 0; the widening paths take any K
+
+// The same two on the widening paths (classes avx2 and avx512: AVX2 or AVX-512 FMAs by the class); x is [M, K] f32
+// holding bf16 values (round_bf16_n), so the products are those of a bf16 matmul. Any K for the rows.
+void gemm_widen_blocked64(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy);
+void gemv_widen_rows(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy);
 
 // bf16 weights in the "BA16a64b2a" layout <-> row-major f32 (K % 32 == 0, N % 64 == 0 for the whole matrix).
 // Columns [n0, n0 + nn) (multiples of 64) widened to f32 [K][nn] row-major: a block for the widened-f32 matmul.

@@ -43,6 +43,7 @@ class Linear {
   void to_rowmajor(float* out) const;
 
  private:
+  void forward_dequantized(const float* x, int64_t M, float* y, int64_t ldy);
   struct Impl;
   std::shared_ptr<Impl> impl_;
   int64_t N_ = 0, K_ = 0;

@@ -41,9 +41,6 @@ std::string dims_str(int64_t N, int64_t K) { return "[" + std::to_string(N) + " 
 // Weights are reordered for this M; other Ms reuse the layout (oneDNN's brgemm handles any M).
 constexpr int64_t kLayoutM = 64;
 
-// Quantised layers run prefill-sized matmuls (M >= this) as bf16 on AMX: the weights dequantised to bf16 for the
-// call, then oneDNN. The VNNI kernel's per-block scaling costs more than AMX's bf16 tiles at this size.
-constexpr int64_t kDequantMinM = 64;
 
 // x [n] f32 as bf16 in this thread's buffer (one buffer shared by every layer: a buffer per layer cost ~80 MB at
 // 512 tokens), converted in parallel when large.
@@ -296,7 +293,7 @@ namespace {
 int64_t widen_block_cols(int64_t N, int64_t K) {
   static const int64_t bytes = [] {
     const char* e = std::getenv("GEMMALENS_WIDEN_BLOCK_KB");  // tuning only
-    return e ? std::max<int64_t>(64, std::atoll(e)) << 10 : int64_t{2} << 20;
+    return e ? std::max<int64_t>(64, std::atoll(e)) << 10 : int64_t{4} << 20;
   }();
   const int64_t cols = std::max<int64_t>(64, bytes / (4 * K) / 64 * 64);
   return std::min(cols, N);
@@ -343,36 +340,48 @@ void Linear::Impl::forward_f32_blocks(const float* x, int64_t M, int64_t N, int6
   }
 }
 
+// Prefill-sized matmuls on quantised weights: the weights dequantised a block at a time for oneDNN's matmul, whose
+// rate the int8 kernels do not reach at this size (measured 2026-11-27, 2 threads of a Zen 5: 512 x 640 x 2048 int8
+// ~110 GOP/s on VNNI-512 against ~250 GFLOP/s f32 and ~500 bf16). With bf16 hardware (AVX512_BF16, AMX) the block
+// is bf16 and so are the activations; without it f32, with f32 activations.
+void Linear::forward_dequantized(const float* x, int64_t M, float* y, int64_t ldy) {
+  const QuantWeights& qw = impl_->qw;
+  const int64_t K = K_;
+  if (bf16_matmul_path() == Bf16MatmulPath::OneDnn) {
+    // In chunks of output rows, so the bf16 copy stays small (a chunk, not the layer).
+    constexpr int64_t kChunk = 4096;
+    thread_local std::vector<uint16_t> wbuf;  // this thread's; the parallel loop gets the plain pointer
+    wbuf.resize(static_cast<size_t>(std::min(N_, kChunk)) * K_);
+    uint16_t* const wb = wbuf.data();
+    const uint16_t* xb = bf16_activations(x, M * K_);
+    for (int64_t n0 = 0; n0 < N_; n0 += kChunk) {
+      const int64_t nn = std::min(kChunk, N_ - n0);
+#pragma omp parallel
+      {
+        std::vector<float> row(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < nn; ++n) {
+          quant_row(qw, n0 + n, row.data());
+          f32_to_bf16_n(row.data(), wb + n * K, K);
+        }
+      }
+      matmul_bf16(xb, M, K, wb, nn, /*b_nk=*/true, y + n0, ldy);
+    }
+    return;
+  }
+  impl_->forward_f32_blocks(x, M, N_, K, y, ldy, widen_block_cols(N_, K), /*b_kn=*/false, [&qw, K](int64_t n0, int64_t nn, float* out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < nn; ++n) quant_row(qw, n0 + n, out + n * K);
+  });
+}
+
 void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   if (!impl_) throw InternalError("Linear::forward on an empty layer");
   if (ldy == 0) ldy = N_;
   if (impl_->quantized) {
-    if (M >= kDequantMinM && !impl_->plain && use_amx()) {
-      // In chunks of output rows, so the bf16 copy stays small (a chunk, not the layer).
-      constexpr int64_t kChunk = 4096;
-      const QuantWeights& qw = impl_->qw;
-      thread_local std::vector<uint16_t> wbuf;  // this thread's; the parallel loop gets the plain pointer
-      wbuf.resize(static_cast<size_t>(std::min(N_, kChunk)) * K_);
-      uint16_t* const wb = wbuf.data();
-      const uint16_t* xb = bf16_activations(x, M * K_);
-      const int64_t K = K_;
-      for (int64_t n0 = 0; n0 < N_; n0 += kChunk) {
-        const int64_t nn = std::min(kChunk, N_ - n0);
-#pragma omp parallel
-        {
-          std::vector<float> row(static_cast<size_t>(K));
-#pragma omp for schedule(static)
-          for (int64_t n = 0; n < nn; ++n) {
-            quant_row(qw, n0 + n, row.data());
-            f32_to_bf16_n(row.data(), wb + n * K, K);
-          }
-        }
-        try {
-          matmul_bf16(xb, M, K, wb, nn, /*b_nk=*/true, y + n0, ldy);
-        } catch (const dnnl::error& e) {
-          dnnl_failed(e, "oneDNN matmul failed (M=" + std::to_string(M) + ")");
-        }
-      }
+    const char* tune = std::getenv("GEMMALENS_INT8_PREFILL");  // tuning only
+    if (M >= quant_dequant_min_m() && !(tune && std::string(tune) == "kernel")) {
+      forward_dequantized(x, M, y, ldy);
       return;
     }
     quant_matmul(impl_->qw, x, M, y, ldy);
@@ -380,18 +389,28 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   }
   auto& eng = engine();
   Impl& im = *impl_;
-  if (im.wdt == dt::bf16 && M <= kGemvMaxM && (im.blocked64 || (im.rows && gemv_bf16_rows_ok(K_)))) {
+  const uint16_t* w16 = im.wdt == dt::bf16 ? static_cast<const uint16_t*>(im.weights.get_data_handle()) : nullptr;
+  const bool own_blocked = im.blocked64 && M <= bf16_own_max_m(), own_rows = im.rows && w16 && M <= kGemvMaxM;
+  if (w16 && !im.widened && (own_blocked || (own_rows && K_ % 32 == 0))) {  // vdpbf16ps
     const uint16_t* xb = bf16_activations(x, M * K_);
-    const uint16_t* w = static_cast<const uint16_t*>(im.weights.get_data_handle());
     if (im.blocked64)
-      gemv_bf16_blocked64(w, N_, K_, xb, M, y, ldy);
+      gemv_bf16_blocked64(w16, N_, K_, xb, M, y, ldy);
     else
-      gemv_bf16_rows(w, N_, K_, xb, M, y, ldy);
+      gemv_bf16_rows(w16, N_, K_, xb, M, y, ldy);
     return;
   }
-  if (im.widened) {  // bf16 weights, f32 compute: a block of columns widened at a time
-    const uint16_t* w = static_cast<const uint16_t*>(im.weights.get_data_handle());
+  if (im.widened) {  // bf16 weights, f32 compute
     const float* xr = bf16_rounded_activations(x, M * K_);
+    if (own_blocked) {
+      gemm_widen_blocked64(w16, N_, K_, xr, M, y, ldy);
+      return;
+    }
+    if (own_rows) {
+      gemv_widen_rows(w16, N_, K_, xr, M, y, ldy);
+      return;
+    }
+    // a block of columns widened at a time for oneDNN's f32 matmul
+    const uint16_t* w = w16;
     const int64_t K = K_;
     if (im.blocked64)
       im.forward_f32_blocks(xr, M, N_, K, y, ldy, widen_block_cols(N_, K), /*b_kn=*/true,

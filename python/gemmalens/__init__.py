@@ -6,8 +6,10 @@
 """
 import ctypes as _ctypes
 
-from . import _threads
+from . import _cpu, _threads
 
+# Before the extension is loaded: a CPU below its x86-64-v3 baseline gets an ImportError, not a SIGILL.
+_cpu.check_baseline()
 # Before oneDNN (and with it libgomp) is loaded: libgomp reads its waiting policy from the environment once.
 _threads.configure()
 
@@ -29,6 +31,7 @@ _preload_dnnl()
 
 from . import _core  # noqa: E402
 from ._core import CheckpointError, Gemma3Config, KVCache  # noqa: E402
+from ._cpu import cpu_info  # noqa: E402
 from .config import _install_config_helpers  # noqa: E402
 
 _install_config_helpers(Gemma3Config)
@@ -51,4 +54,4 @@ from .harvest import HarvestError, HarvestResult, harvest  # noqa: E402
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "Gemma3Config", "KVCache", "CheckpointError", "Tokenizer", "interventions",
            "ActivationCache", "hooks", "HookPoint", "SAE", "TranscoderSet", "CLT", "load_transcoders", "steering",
-           "metrics", "attribution", "harvest", "HarvestError", "HarvestResult"]
+           "metrics", "attribution", "harvest", "HarvestError", "HarvestResult", "cpu_info"]

@@ -4,6 +4,7 @@
     python bench/run.py --quick                # 270m only (the gradient table: 270m and 1b), fewer repeats
     python bench/run.py --quick --only grad    # measure and rewrite one table (or several: --only hooks,grad)
     python bench/run.py --only serve           # gemmalens serve beside llama.cpp's server (bench/serve_load.py)
+    python bench/run.py --only isa             # gemmalens forced to each CPU class beside llama.cpp (bench/isa_bench.py)
 
 Writes the tables to bench/README.md (between the BENCH markers; each table between its own bench:NAME markers, so
 --only replaces just those and stamps them with their own date and command) with the date and machine.
@@ -497,7 +498,7 @@ def bench_sae(path, threads, repeats, T=128, width=16384):
 
 
 # The tables, in the order they appear in bench/README.md; --only picks some of them.
-SECTIONS = ("prefill", "decode", "hooks", "grad", "llama", "scaling", "sae", "threads", "harvest", "serve")
+SECTIONS = ("prefill", "decode", "hooks", "grad", "llama", "scaling", "sae", "threads", "harvest", "serve", "isa")
 GRAD_SIZES = ("270m", "1b")  # the gradient table has both sizes with --quick too
 
 
@@ -597,6 +598,9 @@ def main():
                     help="comma-separated model sizes for every table instead of the defaults (trying things out: "
                          "needs --no-write)")
     ap.add_argument("--no-write", action="store_true", help="print the tables, do not update bench/README.md")
+    ap.add_argument("--llama-build", action="append", default=[], metavar="CLASS=DIR",
+                    help="the isa table: a llama-cpp-python built for CPU class CLASS, installed with pip install "
+                         "--target DIR (default: the installed build for every class)")
     args = ap.parse_args()
     only = None
     if args.only:
@@ -813,6 +817,12 @@ def main():
         import serve_load
 
         text["serve"] = serve_load.section(*serve_load.rows(threads=args.threads, quick=args.quick))
+
+    if want("isa"):  # gemmalens forced to each CPU class beside llama.cpp, real 270M (bench/isa_bench.py)
+        import isa_bench
+
+        builds = dict(a.split("=", 1) for a in args.llama_build)
+        text["isa"] = isa_bench.section(isa_bench.rows(args.threads, args.quick, builds), args.threads)
 
     command = "python bench/run.py" + (" --quick" if args.quick else "") + (f" --only {','.join(only)}" if only else "")
     measured = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "

@@ -1,6 +1,7 @@
 """The C++ unit tests (csrc/tests): every attention variant against a naive double-precision reference (ring caches,
 left padding, windows, GQA, soft-capping, split-K decode), the KV cache's stage / commit / truncate rules, and the
-int8 / int4 block quantisation. CMake builds the `gemmalens_ops_test` target (option GEMMALENS_BUILD_TESTS), then it runs.
+int8 / int4 block quantisation. CMake builds the `gemmalens_ops_test` target (option GEMMALENS_BUILD_TESTS), then it runs
+once per CPU class this machine supports (GEMMALENS_MAX_ISA; README, "CPU classes").
 
 The build goes to build/cpp-tests-<generator> under the repository (GEMMALENS_CPP_TEST_BUILD_DIR overrides it), so a
 rerun only recompiles what changed. CMake runs with the Python running pytest, so CMakeLists.txt finds pybind11,
@@ -56,8 +57,19 @@ def ops_test_binary():
     return build / TARGET
 
 
-def test_cpp_units(ops_test_binary):
-    """Runs every case; on failure the binary's report (file:line, values, the case's parameters) is the message."""
-    out = _run([ops_test_binary], "gemmalens_ops_test", timeout=600)
-    print(out)  # per-case lines, notes and skips (pytest -rP shows them)
-    assert " 0 failed" in out.splitlines()[-1], out
+def _classes():
+    import gemmalens
+
+    return gemmalens.cpu_info()["supported"]
+
+
+@pytest.mark.parametrize("cls", _classes())
+def test_cpp_units(ops_test_binary, cls):
+    """Runs every case under the forced class; on failure the binary's report (file:line, values, the case's
+    parameters) is the message."""
+    env = {**os.environ, "GEMMALENS_MAX_ISA": cls}
+    r = subprocess.run([str(ops_test_binary)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=600, env=env)
+    print(r.stdout)  # per-case lines, notes and skips (pytest -rP shows them)
+    assert r.returncode == 0 and " 0 failed" in r.stdout.splitlines()[-1], r.stdout[-30000:]
+    assert f"CPU class: {cls}\n" in r.stdout

@@ -65,7 +65,7 @@ void bind_testing(py::module_& m) {
     for (int64_t n = 0; n < w.shape(0); ++n) ops::quant_row(q, n, out.mutable_data() + n * w.shape(1));
     return out;
   }, py::arg("w"), py::arg("bits"));
-  t.def("matmul_rate", [](int64_t M, int64_t K, int64_t N, const std::string& dtype, int reps, const std::string& weights) {
+  t.def("matmul_rate", [](int64_t M, int64_t K, int64_t N, const std::string& dtype, int reps, const std::string& weights, bool plain) {
     // Attainable matmul rate: weights prepared once (as a model layer holds them), then `reps` timed calls.
     if (M < 1 || K < 1 || N < 1 || reps < 1) throw ValueError("matmul_rate: M, K, N and reps must be positive");
     const WeightQuant q = parse_weight_quant(weights);
@@ -74,7 +74,7 @@ void bind_testing(py::module_& m) {
     for (auto* buf : {&w, &x})
       for (auto& v : *buf) v = static_cast<float>((s = s * 1664525u + 1013904223u) >> 8) / 16777216.f - 0.5f;
     py::gil_scoped_release r;
-    ops::Linear lin(w.data(), N, K, parse_dtype(dtype), false, q);
+    ops::Linear lin(w.data(), N, K, parse_dtype(dtype), plain, q);
     lin.forward(x.data(), M, y.data());
     double best = 1e30;
     for (int i = 0; i < reps; ++i) {
@@ -84,7 +84,9 @@ void bind_testing(py::module_& m) {
     }
     return 2.0 * M * K * N / best;
   }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("dtype") = "bfloat16", py::arg("reps") = 5, py::arg("weights") = "native",
-     "FLOP/s of x [M, K] @ W^T [K, N] through the model's Linear (best of reps); weights native, int8 or int4.");
+     py::arg("plain") = false,
+     "FLOP/s of x [M, K] @ W^T [K, N] through the model's Linear (best of reps); weights native, int8 or int4; plain: "
+     "row-major weights (the LM head's layout).");
   t.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int64_t window, float scale, float softcap, bool bf16) {
     // q [B, T, H, Hd], k/v [B, T, KV, Hd], no cache, no padding. bf16: as in a bf16 model (bf16 cache), which takes
     // the oneDNN bf16 path for prefill chunks where oneDNN runs bf16 on AMX.

@@ -200,28 +200,39 @@ void blocked64_w256(const uint16_t* w, int64_t N, int64_t K, const float* x, int
   }
 }
 
-// R rows of row-major bf16 W against one f32 row x: each 16 (AVX-512) or 8 (AVX2) bf16 zero-extended and shifted.
+// R rows of row-major bf16 W against one f32 row x. A vector of 2L bf16 (L = 16 lanes on AVX-512, 8 on AVX2) read as
+// L 32-bit lanes gives the even elements (lane << 16) and the odd ones (lane & 0xffff0000) with no shuffle; x is
+// split the same way beforehand (xs: per 2L values, the L even then the L odd ones), so both meet with FMAs.
+template <int L>
+void split_pairs(const float* x, int64_t K, float* xs) {
+  const int64_t body = K / (2 * L) * (2 * L);
+  for (int64_t k0 = 0; k0 < body; k0 += 2 * L)
+    for (int j = 0; j < L; ++j) {
+      xs[k0 + j] = x[k0 + 2 * j];
+      xs[k0 + L + j] = x[k0 + 2 * j + 1];
+    }
+  for (int64_t k = body; k < K; ++k) xs[k] = x[k];  // the tail stays in order (summed one by one)
+}
+
 template <int R>
-GL_AVX512 inline void rows_dot_w512(const uint16_t* w, int64_t K, const float* x, float* out) {
+GL_AVX512 inline void rows_dot_w512(const uint16_t* w, int64_t K, const float* xs, float* out) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const int64_t body = K / 32 * 32;
+  for (int64_t k = 0; k < body; k += 32) {
+    const __m512 xe = _mm512_loadu_ps(xs + k), xo = _mm512_loadu_ps(xs + k + 16);
     for (int r = 0; r < R; ++r) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
-      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), xv, acc[r]);
+      const __m512i v = _mm512_loadu_si512(w + r * K + k);
+      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe,
+                               _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi)), xo, acc[r]));
     }
   }
-  if (k < K) {
-    const __mmask16 mk = static_cast<__mmask16>((1u << (K - k)) - 1);
-    const __m512 xv = _mm512_maskz_loadu_ps(mk, x + k);
-    for (int r = 0; r < R; ++r) {
-      const __m256i h = _mm256_maskz_loadu_epi16(mk, w + r * K + k);
-      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), xv, acc[r]);
-    }
+  for (int r = 0; r < R; ++r) {
+    float s = _mm512_reduce_add_ps(acc[r]);
+    for (int64_t j = body; j < K; ++j) s += bf16_to_f32(w[r * K + j]) * xs[j];
+    out[r] = s;
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 inline float hsum256(__m256 v) {
@@ -232,26 +243,31 @@ inline float hsum256(__m256 v) {
 }
 
 template <int R>
-inline void rows_dot_w256(const uint16_t* w, int64_t K, const float* x, float* out) {
+inline void rows_dot_w256(const uint16_t* w, int64_t K, const float* xs, float* out) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + k);
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const int64_t body = K / 16 * 16;
+  for (int64_t k = 0; k < body; k += 16) {
+    const __m256 xe = _mm256_loadu_ps(xs + k), xo = _mm256_loadu_ps(xs + k + 8);
     for (int r = 0; r < R; ++r) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k));
-      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)), xv, acc[r]);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
+      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe,
+                               _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi)), xo, acc[r]));
     }
   }
   for (int r = 0; r < R; ++r) {
     float s = hsum256(acc[r]);
-    for (int64_t j = k; j < K; ++j) s += bf16_to_f32(w[r * K + j]) * x[j];
+    for (int64_t j = body; j < K; ++j) s += bf16_to_f32(w[r * K + j]) * xs[j];
     out[r] = s;
   }
 }
 
 template <bool W512>
 void rows_widen(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
+  std::vector<float> xs(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m) split_pairs<W512 ? 16 : 8>(x + m * K, K, xs.data() + m * K);
+  const float* xsp = xs.data();
   const int64_t groups = N / 4;
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
@@ -259,18 +275,18 @@ void rows_widen(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t
     float out[4];
     for (int64_t m = 0; m < M; ++m) {
       if constexpr (W512)
-        rows_dot_w512<4>(w + n * K, K, x + m * K, out);
+        rows_dot_w512<4>(w + n * K, K, xsp + m * K, out);
       else
-        rows_dot_w256<4>(w + n * K, K, x + m * K, out);
+        rows_dot_w256<4>(w + n * K, K, xsp + m * K, out);
       std::memcpy(y + m * ldy + n, out, sizeof out);
     }
   }
   for (int64_t n = groups * 4; n < N; ++n)
     for (int64_t m = 0; m < M; ++m) {
       if constexpr (W512)
-        rows_dot_w512<1>(w + n * K, K, x + m * K, y + m * ldy + n);
+        rows_dot_w512<1>(w + n * K, K, xsp + m * K, y + m * ldy + n);
       else
-        rows_dot_w256<1>(w + n * K, K, x + m * K, y + m * ldy + n);
+        rows_dot_w256<1>(w + n * K, K, xsp + m * K, y + m * ldy + n);
     }
 }
 

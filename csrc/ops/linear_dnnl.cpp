@@ -289,14 +289,11 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
 }
 
 namespace {
-// Columns per block of the widened-f32 path: about kWidenBlockBytes of f32 weights (a multiple of 64 columns).
+// Columns per block of the widened-f32 path: about 4 MB of f32 weights, a multiple of 64 columns (from 2 to 8 MB
+// the rate moved within the noise of a shared machine).
 int64_t widen_block_cols(int64_t N, int64_t K) {
-  static const int64_t bytes = [] {
-    const char* e = std::getenv("GEMMALENS_WIDEN_BLOCK_KB");  // tuning only
-    return e ? std::max<int64_t>(64, std::atoll(e)) << 10 : int64_t{4} << 20;
-  }();
-  const int64_t cols = std::max<int64_t>(64, bytes / (4 * K) / 64 * 64);
-  return std::min(cols, N);
+  constexpr int64_t kBytes = int64_t{4} << 20;
+  return std::min(std::max<int64_t>(64, kBytes / (4 * K) / 64 * 64), N);
 }
 
 // x rounded to bf16 precision as f32, in this thread's buffer: with weights that are bf16 values the f32 matmul
@@ -379,8 +376,7 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   if (!impl_) throw InternalError("Linear::forward on an empty layer");
   if (ldy == 0) ldy = N_;
   if (impl_->quantized) {
-    const char* tune = std::getenv("GEMMALENS_INT8_PREFILL");  // tuning only
-    if (M >= quant_dequant_min_m() && !(tune && std::string(tune) == "kernel")) {
+    if (M >= quant_dequant_min_m()) {
       forward_dequantized(x, M, y, ldy);
       return;
     }

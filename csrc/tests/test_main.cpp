@@ -4,6 +4,7 @@
 #include <cstring>
 #include <exception>
 
+#include "ops/cpu.h"
 #include "tests/test.h"
 
 namespace gemmalens::test {
@@ -64,6 +65,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   int passed = 0, failed = 0, skipped = 0;
+  // The kernels' CPU class (GEMMALENS_MAX_ISA forces a lower one; tests/test_cpp_units.py runs each).
+  std::printf("CPU class: %s\n", gemmalens::ops::cpu_class_name(gemmalens::ops::cpu_class()));
   const auto t_all = std::chrono::steady_clock::now();
   for (const Case* c : run) {
     std::printf("[ RUN  ] %s\n", c->name);

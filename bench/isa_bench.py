@@ -1,0 +1,157 @@
+"""Prefill and decode per CPU class: gemmalens forced to each class this CPU supports (GEMMALENS_MAX_ISA; README,
+"CPU classes"), on the real 270M GGUF, beside llama.cpp (llama-cpp-python) on the same file.
+
+    python bench/isa_bench.py [--quick] [--threads N] [--llama CLASS=DIR ...]   # prints the table
+
+Each class runs in its own process (the class is decided once per process). llama.cpp picks its kernels when it is
+compiled, not at run time: by default every row runs the installed llama-cpp-python (the table says which ISA it was
+built for); `--llama avx2=DIR` runs a build made for that class instead, installed with `pip install --target DIR`
+(bench/README.md has the CMake options per class). bench/run.py --only isa calls rows() and section().
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+# gemmalens in a child: f32 and bf16 prefill, then bf16 and int8 (bf16 compute, the CLI's fast mode) prefill and
+# decode. Prefill: median of `repeats` runs of T tokens (last-position logits); decode: n_new steps after a
+# ctx-token prompt, best of `repeats`.
+_OURS = r"""
+import json, statistics, sys, time
+import numpy as np
+import gemmalens as gl
+path, threads, repeats, T, ctx, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+out = {"info": gl.cpu_info()}
+for name, dtype, weights in (("f32", "float32", "native"), ("bf16", "bfloat16", "native"), ("int8", "bfloat16", "int8")):
+    m = gl.load(path, dtype=dtype, weights=weights, threads=threads, progress=False)
+    toks = np.random.default_rng(0).integers(4, 200000, T).tolist()
+    t = m.to_tokens(toks)
+    m.next_token_logits(t)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); m.next_token_logits(t); ts.append(time.perf_counter() - t0)
+    pf = T / statistics.median(ts)
+    dec = None
+    if name != "f32":
+        def run():
+            cache = m.new_cache(max_seq_len=ctx + n_new + 2)
+            m.next_token_logits(m.to_tokens(toks[:ctx]), cache=cache)
+            step = m.to_tokens([toks[0]])
+            m.next_token_logits(step, cache=cache)
+            t0 = time.perf_counter()
+            for _ in range(n_new):
+                m.next_token_logits(step, cache=cache)
+            return time.perf_counter() - t0
+        dec = n_new / min(run() for _ in range(repeats))
+    out[name] = [pf, dec]
+    del m
+print(json.dumps(out))
+"""
+
+# llama.cpp in a child (its crash costs its cells only): prefill of T tokens (median) and decode of n_new tokens after
+# ctx (best), as bench/run.py's llama table measures it, and the ISA its ggml was compiled for.
+_LLAMA = r"""
+import json, statistics, sys, time
+import numpy as np
+import llama_cpp
+from llama_cpp import Llama
+path, threads, repeats, T, ctx, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+toks = np.random.default_rng(0).integers(4, 200000, T).tolist()
+llm = Llama(model_path=path, n_ctx=T + 64, n_batch=T, n_threads=threads, n_threads_batch=threads, verbose=False)
+def pf():
+    llm.reset(); t0 = time.perf_counter(); llm.eval(toks); return time.perf_counter() - t0
+def dec():
+    llm.reset(); llm.eval(toks[:ctx]); t0 = time.perf_counter()
+    for i in range(n_new):
+        llm.eval([toks[i]])
+    return time.perf_counter() - t0
+pf()
+p = T / statistics.median(pf() for _ in range(repeats))
+dec()
+d = n_new / min(dec() for _ in range(repeats))
+info = llama_cpp.llama_print_system_info().decode()
+flags = [f.split("=")[0].strip() for f in info.split("|") if f.strip().endswith("= 1")]
+print(json.dumps({"prefill": p, "decode": d, "isa": " ".join(f for f in flags if f.startswith(("AVX", "AMX")))}))
+"""
+
+
+def _child(code, args, env, timeout=1800):
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"child failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def rows(threads, quick=False, llama_builds=None, classes=None):
+    """[(class, gemmalens results, llama.cpp results or None, which llama.cpp build)] for every class this CPU supports
+    (or `classes`)."""
+    import gemmalens as gl
+    from gemmalens.formats import _resolve_demo
+
+    path = _resolve_demo("gemma3-270m")
+    repeats, T, ctx, n_new = (2, 512, 128, 16) if quick else (3, 512, 128, 32)
+    args = [path, threads, repeats, T, ctx, n_new]
+    llama_builds = llama_builds or {}
+    base = {k: v for k, v in os.environ.items() if k not in ("GEMMALENS_MAX_ISA", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    out, installed = [], None
+    for cls in classes or gl.cpu_info()["supported"]:
+        ours = _child(_OURS, args, dict(base, GEMMALENS_MAX_ISA=cls))
+        assert ours["info"]["class"] == cls, ours["info"]
+        build = llama_builds.get(cls)
+        theirs = None
+        try:
+            if build:
+                env = dict(base, PYTHONPATH=os.pathsep.join([build] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+                theirs = _child(_LLAMA, args, env)
+            else:
+                installed = installed or _child(_LLAMA, args, base)
+                theirs = installed
+        except RuntimeError as e:  # its cells say "-"
+            print(f"llama.cpp ({build or 'installed'}) failed: {e}", flush=True)
+        out.append((cls, ours, theirs, "own build" if build else "installed"))
+        print(f"{cls}: gemmalens f32 prefill {ours['f32'][0]:.0f}, bf16 prefill {ours['bf16'][0]:.0f} decode "
+              f"{ours['bf16'][1]:.1f}, int8 prefill {ours['int8'][0]:.0f} decode {ours['int8'][1]:.1f} tok/s | llama.cpp "
+              + (f"prefill {theirs['prefill']:.0f} decode {theirs['decode']:.1f} ({theirs['isa']})" if theirs else "-"),
+              flush=True)
+    return out
+
+
+def section(table_rows, threads):
+    def r(a, b):
+        return f"**{a / b:.2f}x**" if a and b else "-"
+
+    text = ("### CPU classes (real 270M Q4_K_M GGUF; gemmalens forced to each class with GEMMALENS_MAX_ISA; prefill "
+            "512 tokens, decode at context 128, batch 1, tok/s)\n\n"
+            "| class | bf16 matmuls | int8 kernels | f32 prefill | bf16 prefill | int8 prefill | llama.cpp prefill | "
+            "bf16 / llama.cpp | int8 / llama.cpp | bf16 decode | int8 decode | llama.cpp decode | bf16 / llama.cpp | "
+            "int8 / llama.cpp | llama.cpp build |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for cls, o, t, build in table_rows:
+        i = o["info"]
+        lp, ld = (t["prefill"], t["decode"]) if t else (None, None)
+        text += (f"| {cls} | {i['bf16_matmul']} | {i['int8']} | {o['f32'][0]:.0f} | {o['bf16'][0]:.0f} | "
+                 f"{o['int8'][0]:.0f} | {f'{lp:.0f}' if lp else '-'} | {r(o['bf16'][0], lp)} | {r(o['int8'][0], lp)} | "
+                 f"{o['bf16'][1]:.1f} | {o['int8'][1]:.1f} | {f'{ld:.1f}' if ld else '-'} | {r(o['bf16'][1], ld)} | "
+                 f"{r(o['int8'][1], ld)} | {build + (': ' + t['isa'] if t else '')} |\n")
+    text += (f"\n{threads} threads. gemmalens bf16: bf16 weights (the GGUF dequantised at load), bf16 matmul inputs, f32 "
+             "accumulation; int8: `weights=\"int8\"` with `dtype=\"bfloat16\"` (the CLI's fast mode). llama.cpp "
+             "computes on the file's own Q4_K/Q5_0/Q8_0/Q6_K blocks. Every class runs on this one CPU, forced down: a "
+             "real CPU of a lower class has its own cache sizes and bandwidth. llama.cpp picks its kernels when it is "
+             "compiled; the last column says which build ran and the ISA it was compiled for.\n")
+    return text
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--llama", action="append", default=[], metavar="CLASS=DIR",
+                    help="a llama-cpp-python built for CLASS, installed with pip install --target DIR")
+    args = ap.parse_args()
+    builds = dict(a.split("=", 1) for a in args.llama)
+    print(section(rows(args.threads, args.quick, builds), args.threads))
+
+
+if __name__ == "__main__":
+    main()

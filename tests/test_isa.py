@@ -24,15 +24,15 @@ BELOW_NATIVE = [c for c in SUPPORTED if c != INFO["detected"]]
 ONEDNN_ISA = {"avx2": "avx2", "avx2_vnni": "avx2_vnni", "avx512": "avx512_core_vnni", "avx512_bf16": "avx512_core_bf16"}
 # The path each op family takes in each class (csrc/ops/cpu.h).
 PATHS = {
-    "avx2": {"bf16_matmul": "widened_f32_onednn", "decode_bf16": "avx2_widen", "int8": "avx2_maddubs",
+    "avx2": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "widened_f32_onednn", "decode_bf16": "avx2_widen", "int8": "avx2_maddubs",
              "int8_prefill": "avx2_maddubs", "attention": "tiled_avx2", "elementwise": "avx2"},
-    "avx2_vnni": {"bf16_matmul": "widened_f32_onednn", "decode_bf16": "avx2_widen", "int8": "avx_vnni",
+    "avx2_vnni": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "widened_f32_onednn", "decode_bf16": "avx2_widen", "int8": "avx_vnni",
                   "int8_prefill": "avx_vnni", "attention": "tiled_avx2", "elementwise": "avx2"},
-    "avx512": {"bf16_matmul": "avx512_widen", "decode_bf16": "avx512_widen", "int8": "vnni512",
+    "avx512": {"bf16_matmul": "avx512_widen", "bf16_lm_head": "widened_f32_onednn", "decode_bf16": "avx512_widen", "int8": "vnni512",
                "int8_prefill": "dequant_f32_onednn", "attention": "tiled_avx512", "elementwise": "avx512"},
-    "avx512_bf16": {"bf16_matmul": "onednn_avx512_bf16", "decode_bf16": "vdpbf16ps", "int8": "vnni512",
+    "avx512_bf16": {"bf16_matmul": "onednn_avx512_bf16", "bf16_lm_head": "onednn_avx512_bf16", "decode_bf16": "vdpbf16ps", "int8": "vnni512",
                     "int8_prefill": "dequant_bf16_onednn", "attention": "tiled_avx512", "elementwise": "avx512"},
-    "amx": {"bf16_matmul": "onednn_amx", "decode_bf16": "vdpbf16ps", "int8": "vnni512",
+    "amx": {"bf16_matmul": "onednn_amx", "bf16_lm_head": "onednn_amx", "decode_bf16": "vdpbf16ps", "int8": "vnni512",
             "int8_prefill": "dequant_bf16_onednn_amx", "attention": "tiled_avx512", "attention_bf16_prefill": "onednn_amx",
             "elementwise": "avx512"},
 }
@@ -121,7 +121,7 @@ def test_onednn_cap_from_the_environment_lowers_the_class():
     kernels never ask oneDNN for what it was told not to run (bf16 matmuls on an AVX2 cap)."""
     info = child_info(ONEDNN_MAX_CPU_ISA="AVX2")
     assert info["onednn_user_cap"] and info["onednn_isa"] == "avx2"
-    assert info["class"] == "avx2" and info["bf16_matmul"] == "widened_f32_onednn"
+    assert info["class"] == "avx2" and info["bf16_matmul"] == "avx2_widen"
     r = run_child("import numpy as np, gemmalens as gl; x = np.ones((64, 128), np.float32); "
                   "print(gl._core._testing.linear(x, x, 'bfloat16')[0, 0])", ONEDNN_MAX_CPU_ISA="AVX2")
     assert r.returncode == 0 and float(r.stdout.split()[-1]) == 128.0, r.stderr[-2000:]

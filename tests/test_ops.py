@@ -186,12 +186,13 @@ def test_linear_int8_against_numpy(M):
         ops.linear(x[:, :96], w[:, :96], "float32", True)
 
 
-@pytest.mark.parametrize("M", [1, 4, 5, 64, 65, 300])
+@pytest.mark.parametrize("M", [1, 4, 5, 16, 17, 64, 65, 300])
 def test_linear_paths_across_row_counts(M):
     """Each matmul path a CPU class takes, by the rows M of a call (gl.cpu_info(): bf16_own_max_rows,
-    int8_prefill_min_rows): decode kernels, gemmalens's own bf16 GEMM, oneDNN (bf16, or f32 on blocks widened from
-    bf16 when the class has no bf16 hardware), the int8 kernels or dequantised weights. 1088 columns of 1024: more than
-    one widened block (~4 MB of f32), and a row-major layer of 1000 columns (the LM head's layout)."""
+    int8_prefill_min_rows): decode kernels, gemmalens's own bf16 kernels (registers, or f32 panels past 16 rows on
+    AVX2), oneDNN (bf16, or f32 on blocks widened from bf16 when the class has no bf16 hardware: the row-major LM
+    head's layout past 4 rows, 1000 columns here, and int8 weights dequantised on AVX-512), the int8 kernels.
+    1088 x 1024: more than one widened block (~4 MB of f32), 17 panels of 64 columns, K in 8 slices of 128."""
     info = __import__("gemmalens").cpu_info()
     K, N = 1024, 1088
     x = rng.standard_normal((M, K)).astype(np.float32)

@@ -85,10 +85,12 @@ std::vector<std::pair<std::string, std::string>> cpu_paths() {
                     : bf16_gemv_path() == Bf16GemvPath::Avx512Widen ? "avx512_widen"
                                                                     : "avx2_widen";
   const char* tiled = use_avx512() ? "tiled_avx512" : "tiled_avx2";
-  // What a 512-token prefill's layer matmuls take (M = 512 is past bf16_own_max_m() except on avx512).
+  // What a 512-token prefill's layer matmuls take, and the LM head (row-major) past 4 rows.
   const bool own_prefill = bf16_own_max_m() >= 512;
+  const char* widened = bf16_matmul_path() == Bf16MatmulPath::OneDnn ? onednn_bf16 : "widened_f32_onednn";
   return {
-      {"bf16_matmul", own_prefill ? own : bf16_matmul_path() == Bf16MatmulPath::OneDnn ? onednn_bf16 : "widened_f32_onednn"},
+      {"bf16_matmul", own_prefill ? own : widened},
+      {"bf16_lm_head", widened},
       {"decode_bf16", own},
       {"int8", quant},
       {"int4", quant},

@@ -40,17 +40,17 @@ inline CpuClass cpu_class() { return cpu_state().active; }
 // --- The path each op family takes in the active class (dispatch and gl.cpu_info() both read these) ---
 
 // bf16 weights in the blocked layout (the layers' matmuls): our own kernels (ops/gemv_bf16.cpp, bf16_gemv_path())
-// take M up to this many rows, measured against the alternative below on each class: AMX tiles win above 4 rows;
-// vdpbf16ps matches oneDNN's AVX512_BF16 brgemm up to 64; the AVX-512 widening kernel matches oneDNN's f32 rate at
-// every M; the AVX2 one up to 64 rows.
+// take M up to this many rows, measured against the alternative below on each class (2026-11-27, a Zen 5 and a
+// Sapphire Rapids Xeon): AMX tiles win above 4 rows; vdpbf16ps matches oneDNN's AVX512_BF16 brgemm up to 64; the
+// AVX-512 and AVX2 widening kernels keep up with oneDNN's f32 matmul at every M (the bf16 matmul oneDNN lacks there).
 inline int64_t bf16_own_max_m() {
   switch (cpu_class()) {
     case CpuClass::Amx: return 4;
-    case CpuClass::Avx512: return std::numeric_limits<int64_t>::max();
-    default: return 64;
+    case CpuClass::Avx512Bf16: return 64;
+    default: return std::numeric_limits<int64_t>::max();
   }
 }
-// bf16 weights past that (and the row-major LM head past 4 rows): oneDNN's bf16 matmul where the class has bf16
+// bf16 weights past that, and the row-major LM head past 4 rows: oneDNN's bf16 matmul where the class has bf16
 // hardware (AMX tiles, AVX512_BF16), else oneDNN's f32 matmul on a block of columns widened from bf16 at a time
 // (linear_dnnl.cpp): oneDNN 3.2's bf16 matmul without bf16 hardware is missing (AVX2) or ~3-1000x slower (AVX-512).
 enum class Bf16MatmulPath { OneDnn, WidenedF32 };

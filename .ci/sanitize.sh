@@ -251,4 +251,14 @@ if ((rc != 0)); then
   echo "sanitize.sh: FAILED: pytest exit status $rc (no sanitizer report)" >&2
   exit "$rc"
 fi
+# The AVX2 class's own kernels (widening bf16 GEMM and decode, vpmaddubsw int8/int4, tiled attention) run only where
+# the class is forced: the C++ unit tests and the kernel tests again under GEMMALENS_MAX_ISA=avx2.
+echo "sanitize.sh: the C++ unit tests and tests/test_ops.py under ASan+UBSan with GEMMALENS_MAX_ISA=avx2"
+rc=0
+run_san "$LOGS" env GEMMALENS_MAX_ISA=avx2 "$BUILD/gemmalens_ops_test" || rc=$?
+report_and_fail "gemmalens_ops_test (avx2) exit status $rc"
+if ((rc != 0)); then exit "$rc"; fi
+run_san "$LOGS" env GEMMALENS_MAX_ISA=avx2 python -m pytest -q -p no:cacheprovider -p gemmalens_asan_guard tests/test_ops.py || rc=$?
+report_and_fail "pytest tests/test_ops.py (avx2) exit status $rc"
+if ((rc != 0)); then exit "$rc"; fi
 echo "sanitize.sh: OK (no sanitizer reports; build ${build_s}s, tests ${test_s}s)"

@@ -40,15 +40,12 @@ inline CpuClass cpu_class() { return cpu_state().active; }
 // --- The path each op family takes in the active class (dispatch and gl.cpu_info() both read these) ---
 
 // bf16 weights in the blocked layout (the layers' matmuls): our own kernels (ops/gemv_bf16.cpp, bf16_gemv_path())
-// take M up to this many rows, measured against the alternative below on each class (2026-11-27, a Zen 5 and a
-// Sapphire Rapids Xeon): AMX tiles win above 4 rows; vdpbf16ps matches oneDNN's AVX512_BF16 brgemm up to 64; the
-// AVX-512 and AVX2 widening kernels keep up with oneDNN's f32 matmul at every M (the bf16 matmul oneDNN lacks there).
+// take M up to this many rows. Where the class has bf16 hardware, 4 (decode; oneDNN's AMX tiles win above it, and on
+// AVX512_BF16 our vdpbf16ps kernel only matched oneDNN's brgemm, measured 2026-11-27 on a Zen 5 and a Sapphire
+// Rapids Xeon: oneDNN keeps the rows it had). Without it, every M: oneDNN has no fast bf16 matmul there, and the
+// AVX-512 and AVX2 widening kernels keep up with its f32 matmul at every size.
 inline int64_t bf16_own_max_m() {
-  switch (cpu_class()) {
-    case CpuClass::Amx: return 4;
-    case CpuClass::Avx512Bf16: return 64;
-    default: return std::numeric_limits<int64_t>::max();
-  }
+  return cpu_class() >= CpuClass::Avx512Bf16 ? 4 : std::numeric_limits<int64_t>::max();
 }
 // bf16 weights past that, and the row-major LM head past 4 rows: oneDNN's bf16 matmul where the class has bf16
 // hardware (AMX tiles, AVX512_BF16), else oneDNN's f32 matmul on a block of columns widened from bf16 at a time

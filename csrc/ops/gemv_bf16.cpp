@@ -110,12 +110,17 @@ GL_BF16 void cvt_bf16_avx512(const float* x, uint16_t* y, int64_t n) {
 // Widening (classes without bf16 hardware). A 32-bit lane of the pair layout holds (k even) in its low half and
 // (k odd) in its high half: lane << 16 is the even element as f32, lane & 0xffff0000 the odd one.
 
-// One 64-column panel against MB f32 activation rows (x holds bf16 values), AVX-512: 4 x MB accumulators.
+// One 64-column panel against MB f32 activation rows (x holds bf16 values), AVX-512: 4 x MB accumulators. A row's
+// two FMAs per k-pair depend on each other; with 1 or 2 rows the even and odd products get accumulators of their own
+// (8 or 16 independent chains instead of 4 or 8), summed at the end, so the FMA latency does not bound decode.
 template <int MB>
 GL_AVX512 void panel64_w512(const uint16_t* wp, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  __m512 acc[MB][4];
+  constexpr bool kSplit = MB <= 2;
+  __m512 acc[MB][4], acco[kSplit ? MB : 1][4];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int m = 0; m < (kSplit ? MB : 1); ++m)
+    for (int j = 0; j < 4; ++j) acco[m][j] = _mm512_setzero_ps();
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   const int64_t KP = K / 2;
   for (int64_t kp = 0; kp < KP; ++kp) {
@@ -127,11 +132,19 @@ GL_AVX512 void panel64_w512(const uint16_t* wp, int64_t K, const float* x, int64
     }
     for (int m = 0; m < MB; ++m) {
       const __m512 xe = _mm512_set1_ps(x[m * ldx + 2 * kp]), xo = _mm512_set1_ps(x[m * ldx + 2 * kp + 1]);
-      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(we[j], xe, _mm512_fmadd_ps(wo[j], xo, acc[m][j]));
+      for (int j = 0; j < 4; ++j) {
+        if constexpr (kSplit) {
+          acco[m][j] = _mm512_fmadd_ps(wo[j], xo, acco[m][j]);
+          acc[m][j] = _mm512_fmadd_ps(we[j], xe, acc[m][j]);
+        } else {
+          acc[m][j] = _mm512_fmadd_ps(we[j], xe, _mm512_fmadd_ps(wo[j], xo, acc[m][j]));
+        }
+      }
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + m * ldy + 16 * j, acc[m][j]);
+    for (int j = 0; j < 4; ++j)
+      _mm512_storeu_ps(y + m * ldy + 16 * j, kSplit ? _mm512_add_ps(acc[m][j], acco[kSplit ? m : 0][j]) : acc[m][j]);
 }
 
 GL_AVX512 void blocked64_w512(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
@@ -151,9 +164,9 @@ GL_AVX512 void blocked64_w512(const uint16_t* w, int64_t N, int64_t K, const flo
   }
 }
 
-// AVX2: NV groups of 8 columns from column c0 of a panel against MB rows. 16 ymm registers: MB * NV accumulators,
-// 2 * NV widened weights and the row's two broadcasts (MB * NV + 2 * NV + 2 <= 16). A pass reads whole 64-byte
-// lines (2 groups) of each k-pair; the other passes find the panel in L2.
+// AVX2: NV groups of 8 columns from column c0 of a panel against MB rows: MB * NV <= 8 accumulators (8 independent
+// FMA chains, enough to hide the FMA latency), each group's pair widened once for the MB rows (16 ymm registers).
+// A pass reads whole 64-byte lines (2 groups) of each k-pair; the other passes find the panel in L2.
 template <int MB, int NV>
 void panel_w256(const uint16_t* wp, int64_t K, int c0, const float* x, int64_t ldx, float* y, int64_t ldy) {
   __m256 acc[MB][NV];
@@ -163,15 +176,12 @@ void panel_w256(const uint16_t* wp, int64_t K, int c0, const float* x, int64_t l
   const int64_t KP = K / 2;
   for (int64_t kp = 0; kp < KP; ++kp) {
     const uint16_t* wv = wp + kp * 128 + 2 * c0;
-    __m256 we[NV], wo[NV];
     for (int v = 0; v < NV; ++v) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wv + 16 * v));
-      we[v] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
-      wo[v] = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
-    }
-    for (int m = 0; m < MB; ++m) {
-      const __m256 xe = _mm256_broadcast_ss(x + m * ldx + 2 * kp), xo = _mm256_broadcast_ss(x + m * ldx + 2 * kp + 1);
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(we[v], xe, _mm256_fmadd_ps(wo[v], xo, acc[m][v]));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+      for (int m = 0; m < MB; ++m)
+        acc[m][v] = _mm256_fmadd_ps(we, _mm256_broadcast_ss(x + m * ldx + 2 * kp),
+                                    _mm256_fmadd_ps(wo, _mm256_broadcast_ss(x + m * ldx + 2 * kp + 1), acc[m][v]));
     }
   }
   for (int m = 0; m < MB; ++m)
@@ -193,8 +203,8 @@ void blocked64_w256(const uint16_t* w, int64_t N, int64_t K, const float* x, int
     for (; m + 4 <= M; m += 4) panel_w256_all<4, 2>(wp, K, x + m * K, K, yp + m * ldy, ldy);
     switch (M - m) {
       case 3: panel_w256_all<3, 2>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
-      case 2: panel_w256_all<2, 2>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
-      case 1: panel_w256_all<1, 4>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
+      case 2: panel_w256_all<2, 4>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
+      case 1: panel_w256_all<1, 8>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
       default: break;
     }
   }
@@ -307,16 +317,18 @@ GL_AVX512 inline void rows_dot_w512(const uint16_t* w, int64_t K, const float* x
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   const int64_t body = K / 32 * 32;
+  __m512 acco[R];  // the odd elements' own accumulators: 2R independent FMA chains
+  for (int r = 0; r < R; ++r) acco[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < body; k += 32) {
     const __m512 xe = _mm512_loadu_ps(xs + k), xo = _mm512_loadu_ps(xs + k + 16);
     for (int r = 0; r < R; ++r) {
       const __m512i v = _mm512_loadu_si512(w + r * K + k);
-      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe,
-                               _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi)), xo, acc[r]));
+      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, acc[r]);
+      acco[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi)), xo, acco[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    float s = _mm512_reduce_add_ps(acc[r]);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acco[r]));
     for (int64_t j = body; j < K; ++j) s += bf16_to_f32(w[r * K + j]) * xs[j];
     out[r] = s;
   }
@@ -335,16 +347,18 @@ inline void rows_dot_w256(const uint16_t* w, int64_t K, const float* xs, float* 
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   const int64_t body = K / 16 * 16;
+  __m256 acco[R];  // the odd elements' own accumulators: 2R independent FMA chains
+  for (int r = 0; r < R; ++r) acco[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < body; k += 16) {
     const __m256 xe = _mm256_loadu_ps(xs + k), xo = _mm256_loadu_ps(xs + k + 8);
     for (int r = 0; r < R; ++r) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
-      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe,
-                               _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi)), xo, acc[r]));
+      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, acc[r]);
+      acco[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi)), xo, acco[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    float s = hsum256(acc[r]);
+    float s = hsum256(_mm256_add_ps(acc[r], acco[r]));
     for (int64_t j = body; j < K; ++j) s += bf16_to_f32(w[r * K + j]) * xs[j];
     out[r] = s;
   }
@@ -355,20 +369,21 @@ void rows_widen(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t
   std::vector<float> xs(static_cast<size_t>(M * K));
   for (int64_t m = 0; m < M; ++m) split_pairs<W512 ? 16 : 8>(x + m * K, K, xs.data() + m * K);
   const float* xsp = xs.data();
-  const int64_t groups = N / 4;
+  constexpr int G = 8;  // rows per task
+  const int64_t groups = N / G;
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t n = 4 * g;
-    float out[4];
+    const int64_t n = G * g;
+    float out[G];
     for (int64_t m = 0; m < M; ++m) {
       if constexpr (W512)
-        rows_dot_w512<4>(w + n * K, K, xsp + m * K, out);
+        rows_dot_w512<G>(w + n * K, K, xsp + m * K, out);
       else
-        rows_dot_w256<4>(w + n * K, K, xsp + m * K, out);
+        rows_dot_w256<G>(w + n * K, K, xsp + m * K, out);
       std::memcpy(y + m * ldy + n, out, sizeof out);
     }
   }
-  for (int64_t n = groups * 4; n < N; ++n)
+  for (int64_t n = groups * G; n < N; ++n)
     for (int64_t m = 0; m < M; ++m) {
       if constexpr (W512)
         rows_dot_w512<1>(w + n * K, K, xsp + m * K, y + m * ldy + n);

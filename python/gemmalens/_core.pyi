@@ -355,6 +355,10 @@ def available_memory_bytes() -> int:
     """
     Memory this process may still take: MemAvailable, or the cgroup v2 limit's headroom when lower (0: unknown).
     """
+def cpu_info() -> dict:
+    """
+    The CPU class gemmalens runs (after GEMMALENS_MAX_ISA), what the CPU has, and the path each op family takes.
+    """
 def cross_entropy_grad(logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], targets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], with_grad: bool = True) -> tuple[float, typing.Any]:
     """
     (sum_m w_m CE(logits_m, target_m), its gradient [M, V] or None): the next-token loss's native kernel.

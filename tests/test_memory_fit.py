@@ -109,12 +109,8 @@ def test_too_large_refused_before_allocating(tmp_path):
         assert float(msg.split("seconds")[1]) < 10  # refused up front, not after reading the weights
 
 
-@pytest.mark.parametrize("dtype,weights", [("bfloat16", "native"), ("bfloat16", "int8"), ("float32", "int4")])
-def test_streaming_load_peak_rss(tmp_path, dtype, weights):
-    """A load's peak RSS stays within 1.3x of the weights it ends with: each tensor is read from the mapped file,
-    converted, and its pages dropped (a load that kept the file's pages would peak near file + weights)."""
-    d = str(tmp_path / "m")
-    file_bytes = _write_checkpoint(d, D=1024, F=4096, L=6, H=8, KV=4, Hd=128, V=32768)  # ~256 MB
+def _peak_rss_of_load(path, dtype, weights):
+    """(RSS growth at the load's peak, final weight bytes, the weights mode taken) of gl.load in a fresh process."""
     code = textwrap.dedent(f"""
         import gemmalens as gl
         def status(key):
@@ -123,18 +119,69 @@ def test_streaming_load_peak_rss(tmp_path, dtype, weights):
                     return int(line.split()[1]) * 1024
         base = status("VmRSS:")
         open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
-        m = gl.load({d!r}, dtype={dtype!r}, weights={weights!r}, progress=False)
+        m = gl.load({path!r}, dtype={dtype!r}, weights={weights!r}, progress=False)
         print(base, status("VmHWM:"), m.weight_nbytes, m.weights)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     base, hwm, weights_bytes, mode = out.stdout.split()
-    base, hwm, weights_bytes = int(base), int(hwm), int(weights_bytes)
+    return int(hwm) - int(base), int(weights_bytes), mode
+
+
+@pytest.mark.parametrize("dtype,weights", [("bfloat16", "native"), ("bfloat16", "int8"), ("float32", "int4")])
+def test_streaming_load_peak_rss(tmp_path, dtype, weights):
+    """A load's peak RSS stays within 1.3x of the weights it ends with: each tensor is read from the mapped file,
+    converted, and its pages dropped (a load that kept the file's pages would peak near file + weights)."""
+    d = str(tmp_path / "m")
+    file_bytes = _write_checkpoint(d, D=1024, F=4096, L=6, H=8, KV=4, Hd=128, V=32768)  # ~256 MB
+    grew, weights_bytes, mode = _peak_rss_of_load(d, dtype, weights)
     assert mode == weights  # the quantisation was taken
-    grew = hwm - base
-    # beside the weights a load holds one fused matmul's rows in f32 (gate | up, then the part being read): 3 F D
-    # floats, a few % of a real model (27b: 0.7 GB of 15 GB) but half of this small one's int4 weights
+    # beside the weights a load holds one fused matmul's rows in f32 (gate | up: 2 F D floats; a loader without row
+    # access adds the part being read, 3 F D), a few % of a real model (27b: 0.7 GB of 15 GB) but half of this small
+    # one's int4 weights
     transient = 3 * 4096 * 1024 * 4
     assert grew <= 1.3 * weights_bytes + transient, (grew / 1e6, weights_bytes / 1e6, file_bytes / 1e6)
     assert grew < file_bytes + weights_bytes - transient  # not the file's pages kept beside the weights
+
+
+@pytest.mark.parametrize("dtype,weights", [("bfloat16", "native"), ("bfloat16", "int8")])
+def test_streaming_gguf_load_peak_rss(tmp_path, dtype, weights):
+    """The same streaming for a GGUF (written by the gguf package, Q8_0 projections, F32 norms): each tensor is
+    dequantised from the mapped file and its pages dropped, so the peak stays near the weights, not file + weights."""
+    import torch
+    from types import SimpleNamespace
+
+    from gguf import GGMLQuantizationType
+    from gguf_util import write_gemma3_gguf
+
+    D, F, L, H, KV, Hd, V = 1024, 4096, 6, 8, 4, 128, 32768
+    cfg = SimpleNamespace(max_position_embeddings=4096, hidden_size=D, num_hidden_layers=L, intermediate_size=F,
+                          num_attention_heads=H, num_key_value_heads=KV, head_dim=Hd, rms_norm_eps=1e-6,
+                          sliding_window=512, rope_parameters={"full_attention": {"rope_theta": 1e6}})
+    rng = np.random.default_rng(0)
+    tensors = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        for n, s in [("input_layernorm", (D,)), ("self_attn.q_proj", (H * Hd, D)), ("self_attn.k_proj", (KV * Hd, D)),
+                     ("self_attn.v_proj", (KV * Hd, D)), ("self_attn.q_norm", (Hd,)), ("self_attn.k_norm", (Hd,)),
+                     ("self_attn.o_proj", (D, H * Hd)), ("post_attention_layernorm", (D,)),
+                     ("pre_feedforward_layernorm", (D,)), ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)),
+                     ("mlp.down_proj", (D, F)), ("post_feedforward_layernorm", (D,))]:
+            tensors[p + n + ".weight"] = s
+
+    class Model:  # what write_gemma3_gguf reads of an HF model: its config and its state dict
+        config = cfg
+
+        def state_dict(self):
+            return {name: torch.from_numpy(rng.standard_normal(s, dtype=np.float32) * 0.02) for name, s in tensors.items()}
+
+    model = Model()
+    path = str(tmp_path / "m.gguf")
+    write_gemma3_gguf(path, model, quant=GGMLQuantizationType.Q8_0)
+    file_bytes = os.path.getsize(path)
+    grew, weights_bytes, mode = _peak_rss_of_load(path, dtype, weights)
+    assert mode == weights
+    transient = 3 * F * D * 4  # one fused matmul's rows in f32, as above
+    assert grew <= 1.3 * weights_bytes + transient, (grew / 1e6, weights_bytes / 1e6, file_bytes / 1e6)
+    assert grew < file_bytes + weights_bytes - transient  # the file's pages were not kept

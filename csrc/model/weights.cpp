@@ -189,6 +189,13 @@ Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGette
   const WeightQuant embed_quant = quant == WeightQuant::Int4 ? WeightQuant::Int8 : quant;
   w_.layers.resize(cfg_.num_hidden_layers);
   std::vector<float> fused;  // the rows of a fused Linear gathered so far (row-major f32)
+  int64_t fused_at = 0;      // rows of it gathered
+  // All rows of the Linear a first part opens: the fused ones hold every part (for_each_weight's order).
+  auto fused_rows = [&](WeightRole role, int64_t first_rows) -> int64_t {
+    if (role == WeightRole::QProj) return (static_cast<int64_t>(cfg_.num_attention_heads) + 2 * cfg_.num_key_value_heads) * cfg_.head_dim;
+    if (role == WeightRole::GateProj) return 2 * static_cast<int64_t>(cfg_.intermediate_size);
+    return first_rows;
+  };
   for_each_weight(cfg_, [&](const WeightSpec& w) {
     if (w.role == WeightRole::Embed) {
       const int64_t V = w.shape[0], D = w.shape[1];
@@ -211,17 +218,24 @@ Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGette
       L.*s.norm = get(w.name, w.shape);
       return;
     }
-    std::vector<float> part = get(w.name, w.shape);
-    if (s.first) {
-      fused = std::move(part);
+    const int64_t K = w.shape[1];
+    if (rows) {
+      // Each part read straight into its place among the Linear's rows: one buffer for the whole load, sized once
+      // for its largest Linear, with no per-tensor temporary to zero-fill, copy, or fault in again.
+      if (s.first) {
+        fused_at = 0;
+        const int64_t n = fused_rows(w.role, w.shape[0]) * K;
+        if (static_cast<int64_t>(fused.size()) < n) fused = std::vector<float>(static_cast<size_t>(n));
+      }
+      rows(w.name, w.shape, 0, w.shape[0], fused.data() + fused_at * K);
     } else {
-      fused.insert(fused.end(), part.begin(), part.end());
+      std::vector<float> part = get(w.name, w.shape);
+      if (s.first) fused_at = 0;
+      fused.resize(static_cast<size_t>(fused_at + w.shape[0]) * K);
+      std::copy(part.begin(), part.end(), fused.begin() + fused_at * K);
     }
-    if (s.last) {
-      const int64_t K = w.shape[1];
-      L.*s.linear = ops::Linear(fused.data(), static_cast<int64_t>(fused.size()) / K, K, dtype, false, quant);
-      fused = std::vector<float>();  // freed before the next weight is read
-    }
+    fused_at += w.shape[0];
+    if (s.last) L.*s.linear = ops::Linear(fused.data(), fused_at, K, dtype, false, quant);
   });
   quant_ = w_.embed.is_quantized() ? quant : WeightQuant::None;
 }

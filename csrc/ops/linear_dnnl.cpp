@@ -177,13 +177,21 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
       impl_ = std::move(impl);
       return;
     }
+    if (impl->blocked64) {  // our own layout: packed straight from the f32 rows on every thread (no temporary, no reorder)
+      pack_blocked64(w, N, K, static_cast<uint16_t*>(impl->weights.get_data_handle()));
+      impl_ = std::move(impl);
+      return;
+    }
     // The stored [N, K] row-major matrix is W^T [K, N] in format "ba".
-    std::vector<uint16_t> wbf16;
+    std::unique_ptr<uint16_t[]> wbf16;  // not zero-filled: every element is written below
     void* src_ptr = const_cast<float*>(w);
     if (dtype == DType::BF16) {
-      wbf16.resize(static_cast<size_t>(N) * K);
-      for (size_t i = 0; i < wbf16.size(); ++i) wbf16[i] = f32_to_bf16(w[i]);
-      src_ptr = wbf16.data();
+      const int64_t n = N * K;
+      wbf16.reset(new uint16_t[static_cast<size_t>(n)]);
+      uint16_t* const b = wbf16.get();
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
+      for (int64_t i0 = 0; i0 < n; i0 += 65536) f32_to_bf16_n(w + i0, b + i0, std::min<int64_t>(65536, n - i0));
+      src_ptr = b;
     }
     dnnl::memory user(dnnl::memory::desc({K, N}, impl->wdt, tag::ba), eng, src_ptr);
     dnnl::reorder(user, impl->weights).execute(impl->stream, user, impl->weights);

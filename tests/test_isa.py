@@ -160,3 +160,19 @@ def test_real_model_under_each_class(cls, real_gguf_path):
     """bf16, int8 and int4 on the real 270M within tests/test_real_model.py's stated tolerances (perplexity against
     the same class's float32: bf16 0.5%, int8 3%, int4 6%; greedy top-1 agreement 0.95 / 0.85 / 0.6)."""
     run_pytest_child(cls, ["tests/test_real_model.py", "-k", REAL_TESTS[cls]], timeout=900)
+
+
+def test_int4_quantisation_is_the_same_under_every_class():
+    """The int4 scale search has an AVX2 and an AVX-512 kernel (csrc/ops/quant.cpp) summing each candidate's squared
+    errors in the same order: every class stores the same bytes and scales for the same weights (a weight file
+    quantised on one machine is the one quantised on another)."""
+    code = ("import sys, numpy as np; from gemmalens._core import _testing as t; "
+            "w = np.random.default_rng(0).standard_normal((300, 512)).astype(np.float32); "
+            "w[7, :32] = 0; w[9, 40] = 50; w[11, 64:96] = -1e-30; "
+            "q = np.asarray(t.quantize(w, 4)); sys.stdout.write(q.tobytes().hex())")
+    outs = {}
+    for cls in SUPPORTED:
+        r = run_child(code, GEMMALENS_MAX_ISA=cls)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[cls] = r.stdout
+    assert len(set(outs.values())) == 1, {c: hash(o) for c, o in outs.items()}

@@ -59,6 +59,15 @@ def make(size, out_dir, seed=0):
     h = json.dumps(header).encode()
     h += b" " * ((8 - len(h) % 8) % 8)  # the data section starts 8-byte aligned
     rng = np.random.default_rng(seed)
+    total = sum(int(np.prod(shape)) for _, shape, _ in specs)
+    # Past 15B parameters (27b), drawing every value takes about an hour on 2 cores: each tensor is instead a run of
+    # consecutive values from a pool of 2^28 bf16 draws per std, starting at a random offset (wrapping). The values
+    # repeat with that period, which a load, its memory or its speed cannot tell from fresh draws.
+    pools = {}
+    if total > 15e9:
+        for std in sorted({std for _, _, std in specs}):
+            pools[std] = np.concatenate([_bf16_bytes(rng.standard_normal(1 << 26, dtype=np.float32) * std)
+                                         for _ in range(4)])
     os.makedirs(out_dir, exist_ok=True)
     # Written under another name and renamed when complete: a killed run leaves no model.safetensors that run.py
     # would take for a finished checkpoint.
@@ -67,6 +76,14 @@ def make(size, out_dir, seed=0):
         f.write(len(h).to_bytes(8, "little"))
         f.write(h)
         for name, shape, std in specs:
+            if pools:
+                pool, n = pools[std], int(np.prod(shape))
+                at = int(rng.integers(len(pool)))
+                while n > 0:
+                    k = min(n, len(pool) - at)
+                    f.write(pool[at:at + k].tobytes())
+                    n, at = n - k, 0
+                continue
             if int(np.prod(shape)) <= _CHUNK:
                 f.write(_bf16_bytes(rng.standard_normal(shape, dtype=np.float32) * std).tobytes())
                 continue

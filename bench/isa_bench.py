@@ -22,7 +22,7 @@ import json, statistics, sys, time
 import numpy as np
 import gemmalens as gl
 path, threads, repeats, T, ctx, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-out = {"info": gl.cpu_info()}
+out = {"info": gl.cpu_info(), "bw": gl._core._testing.read_bandwidth(1 << 30, 5)}
 for name, dtype, weights in (("f32", "float32", "native"), ("bf16", "bfloat16", "native"), ("int8", "bfloat16", "int8")):
     m = gl.load(path, dtype=dtype, weights=weights, threads=threads, progress=False)
     toks = np.random.default_rng(0).integers(4, 200000, T).tolist()
@@ -44,7 +44,7 @@ for name, dtype, weights in (("f32", "float32", "native"), ("bf16", "bfloat16", 
                 m.next_token_logits(step, cache=cache)
             return time.perf_counter() - t0
         dec = n_new / min(run() for _ in range(repeats))
-    out[name] = [pf, dec]
+    out[name] = [pf, dec, m.weight_nbytes]
     del m
 print(json.dumps(out))
 """
@@ -122,23 +122,31 @@ def section(table_rows, threads):
     def r(a, b):
         return f"**{a / b:.2f}x**" if a and b else "-"
 
+    def bound(o, mode):  # decode tok/s over read bandwidth / the bytes of weights each token reads (all of them)
+        return f"{o[mode][1] * o[mode][2] / o['bw']:.2f}"
+
     text = ("### CPU classes (real 270M Q4_K_M GGUF; gemmalens forced to each class with GEMMALENS_MAX_ISA; prefill "
             "512 tokens, decode at context 128, batch 1, tok/s)\n\n"
             "| class | bf16 matmuls | int8 kernels | f32 prefill | bf16 prefill | int8 prefill | llama.cpp prefill | "
             "bf16 / llama.cpp | int8 / llama.cpp | bf16 decode | int8 decode | llama.cpp decode | bf16 / llama.cpp | "
-            "int8 / llama.cpp | llama.cpp build |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "int8 / llama.cpp | bf16 / int8 decode of the bandwidth bound | llama.cpp build |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for cls, o, t, build in table_rows:
         i = o["info"]
         lp, ld = (t["prefill"], t["decode"]) if t else (None, None)
         text += (f"| {cls} | {i['bf16_matmul']} | {i['int8']} | {o['f32'][0]:.0f} | {o['bf16'][0]:.0f} | "
                  f"{o['int8'][0]:.0f} | {f'{lp:.0f}' if lp else '-'} | {r(o['bf16'][0], lp)} | {r(o['int8'][0], lp)} | "
                  f"{o['bf16'][1]:.1f} | {o['int8'][1]:.1f} | {f'{ld:.1f}' if ld else '-'} | {r(o['bf16'][1], ld)} | "
-                 f"{r(o['int8'][1], ld)} | {build + (': ' + t['isa'] if t else '')} |\n")
+                 f"{r(o['int8'][1], ld)} | {bound(o, 'bf16')} / {bound(o, 'int8')} | "
+                 f"{build + (': ' + t['isa'] if t else '')} |\n")
     text += (f"\n{threads} threads. gemmalens bf16: bf16 weights (the GGUF dequantised at load), bf16 matmul inputs, f32 "
              "accumulation; int8: `weights=\"int8\"` with `dtype=\"bfloat16\"` (the CLI's fast mode). llama.cpp "
              "computes on the file's own Q4_K/Q5_0/Q8_0/Q6_K blocks. Every class runs on this one CPU, forced down: a "
              "real CPU of a lower class has its own cache sizes and bandwidth. llama.cpp picks its kernels when it is "
-             "compiled; the last column says which build ran and the ISA it was compiled for.\n")
+             "compiled; the last column says which build ran and the ISA it was compiled for. Bandwidth bound: the streaming "
+             "read bandwidth measured in each class's process (`_core._testing.read_bandwidth`, 1 GiB, best of 5) over "
+             "the weights' bytes, every one of which a decode step reads (the layers and the tied embedding as the LM "
+             "head; the KV cache at context 128 is under 1% of them).\n")
     return text
 
 

@@ -29,15 +29,8 @@ def test_planned_bytes_match_a_real_load(tmp_path):
         assert abs(planned - m.weight_nbytes) <= 0.02 * m.weight_nbytes, (dtype, weights, planned, m.weight_nbytes)
 
 
-def _write_checkpoint(path, D, F, L, H, KV, Hd, V, sparse=False):
-    """An HF folder with a bf16 model.safetensors for these dims: random N(0, 0.02) weights written a tensor at a
-    time, or (sparse) a file that only claims its size (a hole: no disk, no data)."""
-    cfg = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=D, intermediate_size=F,
-               num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KV, head_dim=Hd, vocab_size=V,
-               sliding_window=512, max_position_embeddings=4096, query_pre_attn_scalar=Hd, rms_norm_eps=1e-6)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
+def _shapes(D, F, L, H, KV, Hd, V):
+    """{HF name: shape} of every weight of a Gemma 3 with these dims."""
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     for i in range(L):
         p = f"model.layers.{i}."
@@ -47,6 +40,19 @@ def _write_checkpoint(path, D, F, L, H, KV, Hd, V, sparse=False):
                      ("pre_feedforward_layernorm", (D,)), ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)),
                      ("mlp.down_proj", (D, F)), ("post_feedforward_layernorm", (D,))]:
             shapes[p + n + ".weight"] = s
+    return shapes
+
+
+def _write_checkpoint(path, D, F, L, H, KV, Hd, V, sparse=False):
+    """An HF folder with a bf16 model.safetensors for these dims: random N(0, 0.02) weights written a tensor at a
+    time, or (sparse) a file that only claims its size (a hole: no disk, no data)."""
+    cfg = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=D, intermediate_size=F,
+               num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KV, head_dim=Hd, vocab_size=V,
+               sliding_window=512, max_position_embeddings=4096, query_pre_attn_scalar=Hd, rms_norm_eps=1e-6)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    shapes = _shapes(D, F, L, H, KV, Hd, V)
     header, off = {}, 0
     for k, s in shapes.items():
         n = int(np.prod(s)) * 2
@@ -160,15 +166,7 @@ def test_streaming_gguf_load_peak_rss(tmp_path, dtype, weights):
                           num_attention_heads=H, num_key_value_heads=KV, head_dim=Hd, rms_norm_eps=1e-6,
                           sliding_window=512, rope_parameters={"full_attention": {"rope_theta": 1e6}})
     rng = np.random.default_rng(0)
-    tensors = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    for i in range(L):
-        p = f"model.layers.{i}."
-        for n, s in [("input_layernorm", (D,)), ("self_attn.q_proj", (H * Hd, D)), ("self_attn.k_proj", (KV * Hd, D)),
-                     ("self_attn.v_proj", (KV * Hd, D)), ("self_attn.q_norm", (Hd,)), ("self_attn.k_norm", (Hd,)),
-                     ("self_attn.o_proj", (D, H * Hd)), ("post_attention_layernorm", (D,)),
-                     ("pre_feedforward_layernorm", (D,)), ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)),
-                     ("mlp.down_proj", (D, F)), ("post_feedforward_layernorm", (D,))]:
-            tensors[p + n + ".weight"] = s
+    tensors = _shapes(D, F, L, H, KV, Hd, V)
 
     class Model:  # what write_gemma3_gguf reads of an HF model: its config and its state dict
         config = cfg

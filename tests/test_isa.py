@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import gemmalens as gl
@@ -142,6 +143,38 @@ def test_kernels_against_numpy_under_each_class(cls):
     """tests/test_ops.py (every kernel against its numpy reference: matmuls in each dtype and weight mode, decode
     and prefill shapes, attention with windows / GQA / soft-capping, norms, RoPE, GELU) under the forced class."""
     run_pytest_child(cls, ["tests/test_ops.py"], timeout=600)
+
+
+QUANT_BITS_CODE = """
+import hashlib, numpy as np, gemmalens as gl
+t = gl._core._testing
+rng = np.random.default_rng(1)
+w = rng.standard_normal((83, 640)).astype(np.float32)
+out = []
+for M in (1, 2, 5, 8, 13, 70):  # 70: past the dequantised prefill path's threshold where a class has one
+    x = rng.standard_normal((M, 640)).astype(np.float32)
+    out += [hashlib.sha256(t.linear(x, w, "float32", int8=True).tobytes()).hexdigest(),
+            hashlib.sha256(t.linear(x, w, "float32", int4=True).tobytes()).hexdigest()]
+print(gl.cpu_info()["int8_prefill_min_rows"], " ".join(out))
+"""
+
+
+def test_quant_kernels_give_the_same_bits_on_every_class():
+    """The int8 / int4 kernels (csrc/ops/quant.cpp) do the same integer dot products and the same f32 operations in
+    the same order on every class, so their outputs agree to the bit (rows past a class's dequantised prefill
+    threshold take oneDNN instead and are left out)."""
+    runs = {}
+    for cls in SUPPORTED:
+        r = run_child(QUANT_BITS_CODE, GEMMALENS_MAX_ISA=cls)
+        assert r.returncode == 0, r.stderr[-3000:]
+        first, *hashes = r.stdout.split()
+        runs[cls] = (None if first == "None" else int(first), hashes)
+    kernel_only = [i for i, M in enumerate(np.repeat([1, 2, 5, 8, 13, 70], 2))
+                   if all(lim is None or M < lim for lim, _ in runs.values())]
+    assert len(kernel_only) >= 10
+    base = next(iter(runs.values()))[1]
+    for cls, (_, hashes) in runs.items():
+        assert [hashes[i] for i in kernel_only] == [base[i] for i in kernel_only], cls
 
 
 # The real 270M under each class below the native one (the native class is the plain test run). Each class runs what

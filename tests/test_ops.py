@@ -186,6 +186,39 @@ def test_linear_int8_against_numpy(M):
         ops.linear(x[:, :96], w[:, :96], "float32", True)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M", [2, 3, 5, 8, 13])
+def test_linear_quant_batched_rows(M, bits):
+    """The int8 / int4 kernels with several activation rows at once (a decode step of M requests; csrc/ops/quant.cpp:
+    tiles of 16 weight rows, each weight vector used by every row of a group of 8 or 4 and the rest), under whichever
+    CPU class runs (tests/test_isa.py runs this file under each). Against numpy: the int8 activation blocks times the
+    stored weight blocks. N = 50 ends in a partial tile (2 rows: one half-tile of the ymm kernels unused); K = 256 has
+    both nibbles of 4 int4 pairs. Rows at the integer extremes: constant activation blocks (q = +-127 everywhere)
+    against constant weight rows (int8 q = +-127; int4 q = 7 or -8), the largest sums the AVX2 kernels' 16-bit
+    steps see (int8 |q| x pairs: 2 x 127 x 127; int4 8 vectors of pairs (q + 8) x x: 8 x 2 x 15 x 127)."""
+    K, N = 256, 50
+    x = rng.standard_normal((M, K)).astype(np.float32) * rng.uniform(0.01, 100, (M, 1)).astype(np.float32)
+    x[0, 32:64] = 0  # an all-zero activation block
+    x[1] = 1.0  # q = 127 in every block
+    if M > 2:
+        x[2] = -3.0
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    w[0], w[1], w[2] = 0.5, -0.5, np.where(np.arange(K) % 64 < 32, 2.0, -2.0)
+    w[3, :64] = 0  # an all-zero weight pair
+    wq = ops.quantize(w, bits).astype(np.float64)  # the stored blocks, dequantised (d * q)
+    if bits == 4:
+        assert np.all(np.abs(wq[0] / wq[0, 0] - 1) < 1e-6)
+    qx, dx = q8_blocks(x)
+    ref = np.einsum("mbk,nbk,mb->mn", qx, wq.reshape(N, -1, 32), dx[..., 0])
+    kw = dict(int4=True) if bits == 4 else dict(int8=True)
+    out = ops.linear(x, w, "float32", **kw)
+    # f32 products of the two scales and an f32 sum over 8 blocks against float64: ~1e-6 of the terms
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # each row as if it ran alone: the rows of a step do not mix, to the bit
+    for m in range(M):
+        np.testing.assert_array_equal(out[m], ops.linear(x[m:m + 1], w, "float32", **kw)[0])
+
+
 @pytest.mark.parametrize("M", [1, 4, 5, 16, 17, 64, 65, 300])
 def test_linear_paths_across_row_counts(M):
     """Each matmul path a CPU class takes, by the rows M of a call (gl.cpu_info(): bf16_own_max_rows,

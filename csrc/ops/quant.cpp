@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
+#include <type_traits>
 
 namespace gemmalens::ops {
 
@@ -142,31 +144,36 @@ QuantWeights quant_alloc(int64_t N, int64_t K, int bits) {
   r.N = N;
   r.K = K;
   r.bits = bits;
-  r.q.resize(static_cast<size_t>(N) * K * bits / 8);
-  r.d.resize(static_cast<size_t>(N) * (K / 32));
+  // The padding rows of the last tile hold the value 0 (stored 0 + 128, or 8 in both nibbles) with scale 0.
+  const int64_t rows = quant_tiles(N) * kQuantTile;
+  r.q.assign(static_cast<size_t>(rows * K * bits / 8), bits == 8 ? 128 : 0x88);
+  r.d.assign(static_cast<size_t>(rows * (K / 32)), 0.f);
   return r;
 }
 
 void quant_rows(QuantWeights& r, const float* w, int64_t r0, int64_t n) {
-  const int64_t K = r.K, row_bytes = K * r.bits / 8;
+  const int64_t K = r.K, nb = K / 32, tile_bytes = kQuantTile * K * r.bits / 8;
   float (*const q4)(const float*, int*) = cpu_class() >= CpuClass::Avx512 ? quant_block32_q4_avx512 : quant_block32_q4;
-#pragma omp parallel for if (n > 64)
+  // rows in contiguous runs per thread: rows of one tile share cache lines (their bytes interleave)
+#pragma omp parallel for schedule(static) if (n > 64)
   for (int64_t i = 0; i < n; ++i) {
-    uint8_t* dst = r.q.data() + (r0 + i) * row_bytes;
-    float* d = r.d.data() + (r0 + i) * (K / 32);
+    const int64_t row = r0 + i, t = row / kQuantTile, lane = row % kQuantTile;
+    uint8_t* dst = r.q.data() + t * tile_bytes + lane * 4;  // the row's 4 bytes of each 64-byte vector
+    float* d = r.d.data() + t * nb * kQuantTile + lane;
     const float* src = w + i * K;
     if (r.bits == 8) {
-      for (int64_t b = 0; b < K / 32; ++b) {
+      for (int64_t b = 0; b < nb; ++b) {
         int q[32], sum;
-        d[b] = quant_block32(src + b * 32, -127, 127, q, &sum);
-        for (int j = 0; j < 32; ++j) dst[b * 32 + j] = static_cast<uint8_t>(q[j] + 128);
+        d[b * kQuantTile] = quant_block32(src + b * 32, -127, 127, q, &sum);
+        for (int j = 0; j < 32; ++j) dst[(b * 8 + j / 4) * 64 + j % 4] = static_cast<uint8_t>(q[j] + 128);
       }
     } else {
-      for (int64_t p = 0; p < K / 64; ++p) {  // two blocks -> 32 bytes
+      for (int64_t p = 0; p < K / 64; ++p) {  // two blocks -> 8 vectors of 64 bytes
         int lo[32], hi[32];
-        d[2 * p] = q4(src + p * 64, lo);
-        d[2 * p + 1] = q4(src + p * 64 + 32, hi);
-        for (int j = 0; j < 32; ++j) dst[p * 32 + j] = static_cast<uint8_t>((lo[j] + 8) | ((hi[j] + 8) << 4));
+        d[2 * p * kQuantTile] = q4(src + p * 64, lo);
+        d[(2 * p + 1) * kQuantTile] = q4(src + p * 64 + 32, hi);
+        for (int j = 0; j < 32; ++j)
+          dst[p * 512 + (j / 4) * 64 + j % 4] = static_cast<uint8_t>((lo[j] + 8) | ((hi[j] + 8) << 4));
       }
     }
   }
@@ -179,25 +186,32 @@ QuantWeights quant_weights(const float* w, int64_t N, int64_t K, int bits) {
 }
 
 void quant_row(const QuantWeights& w, int64_t n, float* out) {
-  // 8 values at a time on AVX2 (the baseline): bytes zero-extended to int32, the offset taken away, times the scale.
-  const int64_t K = w.K;
-  const float* d = w.d.data() + n * (K / 32);
-  auto put8 = [](const __m128i bytes8, int offset, float scale, float* dst) {
-    const __m256i v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes8), _mm256_set1_epi32(offset));
-    _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(v)));
+  // On AVX2 (the baseline): the row's 4-byte groups sit 64 bytes apart, so one gather of 8 fetches a block of 32
+  // values in order; 8 at a time, bytes zero-extended to int32, the offset taken away, times the scale.
+  const int64_t K = w.K, nb = K / 32, lane = n % kQuantTile;
+  const uint8_t* src = w.q.data() + n / kQuantTile * (kQuantTile * K * w.bits / 8) + lane * 4;
+  const float* d = w.d.data() + n / kQuantTile * nb * kQuantTile + lane;
+  const __m256i idx = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448);
+  auto put32 = [](__m256i bytes, int offset, float scale, float* dst) {
+    const __m128i halves[2] = {_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1)};
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m256i off = _mm256_set1_epi32(offset);
+    for (int j = 0; j < 4; ++j) {
+      const __m128i b8 = j % 2 ? _mm_srli_si128(halves[j / 2], 8) : halves[j / 2];
+      const __m256i v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(b8), off);
+      _mm256_storeu_ps(dst + 8 * j, _mm256_mul_ps(s, _mm256_cvtepi32_ps(v)));
+    }
   };
+  auto gather = [&idx](const uint8_t* p) { return _mm256_i32gather_epi32(reinterpret_cast<const int*>(p), idx, 1); };
   if (w.bits == 8) {
-    const uint8_t* q = w.q.data() + n * K;
-    for (int64_t k = 0; k < K; k += 8) put8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k)), 128, d[k / 32], out + k);
+    for (int64_t b = 0; b < nb; ++b) put32(gather(src + b * 512), 128, d[b * kQuantTile], out + b * 32);
   } else {
-    const uint8_t* q = w.q.data() + n * (K / 2);
-    const __m128i m15 = _mm_set1_epi8(15);
-    for (int64_t p = 0; p < K / 64; ++p)
-      for (int j = 0; j < 32; j += 8) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + p * 32 + j));
-        put8(_mm_and_si128(b, m15), 8, d[2 * p], out + p * 64 + j);
-        put8(_mm_and_si128(_mm_srli_epi16(b, 4), m15), 8, d[2 * p + 1], out + p * 64 + 32 + j);
-      }
+    const __m256i m15 = _mm256_set1_epi8(15);
+    for (int64_t p = 0; p < K / 64; ++p) {
+      const __m256i g = gather(src + p * 512);
+      put32(_mm256_and_si256(g, m15), 8, d[2 * p * kQuantTile], out + p * 64);
+      put32(_mm256_and_si256(_mm256_srli_epi16(g, 4), m15), 8, d[(2 * p + 1) * kQuantTile], out + p * 64 + 32);
+    }
   }
 }
 
@@ -205,207 +219,267 @@ namespace {
 
 #define GL_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")))
 
-// Activation rows quantised: xq [M, K] int8, per pair of blocks (64 values) the lane vectors the kernel needs:
-// sum = sum(xq of the block) in the 8 lanes of each block (vpdpbusd sums (q + offset) * x, offset 128 for int8
-// weights and 8 for int4: the kernel subtracts offset * sum spread over 8 lanes, i.e. (offset / 8) * sum per lane),
-// and dx = the two block scales, 8 lanes each.
+// Activation rows quantised per block of 32 (d = max|x| / 127, as the weights' int8): xq [M, K] int8, and per row
+// and block its scale dx and corr = -offset * sum(xq of the block). The kernels sum (stored weight) * xq, whose
+// stored weight is value + offset (128 for int8 and 8 for int4 on vpdpbusd, 8 for int4 on AVX2; 0 for AVX2's int8,
+// which takes the sign apart instead), so corr brings each block's integer dot product back to value * xq.
 struct XQ {
-  std::vector<int8_t> q;
-  std::vector<int32_t> sum;  // [M, K/64, 16]
-  std::vector<float> dx;     // [M, K/64, 16]
+  std::vector<int8_t> q;      // [M, K]
+  std::vector<int32_t> corr;  // [M, K / 32]
+  std::vector<float> dx;      // [M, K / 32]
 };
 
-void quantize_x(const float* x, int64_t M, int64_t K, XQ& o) {
-  const int64_t P = K / 64;
+void quantize_x(const float* x, int64_t M, int64_t K, int offset, XQ& o) {
+  const int64_t nb = K / 32;
   o.q.resize(static_cast<size_t>(M) * K);
-  o.sum.resize(static_cast<size_t>(M) * P * 16);
-  o.dx.resize(static_cast<size_t>(M) * P * 16);
-#pragma omp parallel for if (M > 4)
+  o.corr.resize(static_cast<size_t>(M) * nb);
+  o.dx.resize(static_cast<size_t>(M) * nb);
+#pragma omp parallel for if (M * K >= (int64_t{1} << 15))  // a decode step's few rows: one thread (ops/kernels.cpp)
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < K / 32; ++b) {
+    for (int64_t b = 0; b < nb; ++b) {
       int q[32], sum;
-      const float d = quant_block32(x + m * K + b * 32, -127, 127, q, &sum);
+      o.dx[m * nb + b] = quant_block32(x + m * K + b * 32, -127, 127, q, &sum);
+      o.corr[m * nb + b] = -offset * sum;
       int8_t* dst = o.q.data() + m * K + b * 32;
       for (int j = 0; j < 32; ++j) dst[j] = static_cast<int8_t>(q[j]);
-      const int64_t p = b / 2, half = (b % 2) * 8;
-      for (int l = 0; l < 8; ++l) {
-        o.sum[(m * P + p) * 16 + half + l] = sum;
-        o.dx[(m * P + p) * 16 + half + l] = d;
-      }
     }
 }
 
-// The 64 unsigned weight bytes (value + offset) of pair-of-blocks p in row n.
+// The kernels. A tile (16 weight rows) against MB activation rows, block by block (32 values): each of the block's
+// 8 weight vectors (4 values of each of the 16 rows) is loaded once and multiplied with 4 int8 values of every
+// activation row in turn, broadcast to all lanes; the lanes are the tile's rows, so a row's accumulator ends as its 16
+// outputs. Per row and block: the exact integer dot product s (plus corr), then acc = fma(float(s), dw * dx, acc), in
+// block order. Every class computes exactly these operations in this order, so all of them give the same bits.
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// vpdpbusd chains per row: a chain's dot products wait on each other (latency ~5 cycles, 2 issue per cycle), so with
+// few rows the block's 8 are spread over several accumulators, summed at the end of the block.
+template <int MB>
+constexpr int kChains = MB <= 2 ? 4 : MB <= 4 ? 2 : 1;
+
+// Weight vector g of block b of a tile as unsigned bytes in the int8 layout (int4: pair b / 2's nibbles).
 template <int BITS>
-GL_VNNI inline __m512i load_w(const uint8_t* row, int64_t p) {
+GL_VNNI inline __m512i block_w512(const uint8_t* tile, int64_t b, int g) {
   if constexpr (BITS == 8) {
-    return _mm512_loadu_si512(row + p * 64);
+    return _mm512_loadu_si512(tile + (b * 8 + g) * 64);
   } else {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32));
-    const __m256i m = _mm256_set1_epi8(15);
-    const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    const __m512i v = _mm512_loadu_si512(tile + (b / 2) * 512 + g * 64);
+    return _mm512_and_si512(b % 2 ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(15));
   }
 }
 
-// Weight row n against MB activation rows from m0: y[m0 + i, n].
+// AVX-512 VNNI: vpdpbusd on zmm, 16 lanes = the whole tile.
 template <int MB, int BITS>
-GL_VNNI inline void row_kernel(const QuantWeights& w, const XQ& xq, int64_t n, int64_t m0, float* y, int64_t ldy) {
-  const int64_t K = w.K, P = K / 64, row_bytes = K * BITS / 8;
-  constexpr int kShift = BITS == 8 ? 4 : 0;  // offset / 8 lanes: 128 / 8 = 16 = 1 << 4; 8 / 8 = 1
+GL_VNNI void tile_vnni512(const QuantWeights& w, const XQ& xq, int64_t t, int64_t m0, float* y, int64_t ldy) {
+  constexpr int C = kChains<MB>;
+  const int64_t K = w.K, nb = K / 32;
+  const uint8_t* tile = w.q.data() + t * kQuantTile * K * BITS / 8;
+  const float* dw = w.d.data() + t * nb * kQuantTile;
+  const uint8_t* next = tile + kQuantTile * K * BITS / 8;
+  const int8_t* x = xq.q.data() + m0 * K;
+  const int32_t* corr = xq.corr.data() + m0 * nb;
+  const float* dx = xq.dx.data() + m0 * nb;
   __m512 acc[MB];
+#pragma GCC unroll 8
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
-  const uint8_t* wq = w.q.data() + n * row_bytes;
-  const float* wd = w.d.data() + n * (K / 32);
-  for (int64_t p = 0; p < P; ++p) {
-    const __m512i wv = load_w<BITS>(wq, p);
-    const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(wd[2 * p]), _mm256_set1_ps(wd[2 * p + 1]), 1);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (m0 == 0)  // the first pass over this tile: ask for the same block of the next tile
+      for (int l = 0; l < BITS; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + b * 64 * BITS + l * 64), _MM_HINT_T0);
+    __m512i s[MB][C];
+#pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
-      const int64_t m = m0 + i;
-      const __m512i xv = _mm512_loadu_si512(xq.q.data() + m * K + p * 64);
-      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-      dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_loadu_si512(xq.sum.data() + (m * P + p) * 16), kShift));
-      const __m512 s = _mm512_mul_ps(dw, _mm512_loadu_ps(xq.dx.data() + (m * P + p) * 16));
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i]);
+      s[i][0] = _mm512_set1_epi32(corr[i * nb + b]);
+#pragma GCC unroll 4
+      for (int c = 1; c < C; ++c) s[i][c] = _mm512_setzero_si512();
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) {
+      const __m512i wv = block_w512<BITS>(tile, b, g);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i)
+        s[i][g % C] = _mm512_dpbusd_epi32(s[i][g % C], wv, _mm512_set1_epi32(load4(x + i * K + b * 32 + 4 * g)));
+    }
+    const __m512 d = _mm512_loadu_ps(dw + b * kQuantTile);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      __m512i si = s[i][0];
+#pragma GCC unroll 4
+      for (int c = 1; c < C; ++c) si = _mm512_add_epi32(si, s[i][c]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(d, _mm512_set1_ps(dx[i * nb + b])), acc[i]);
     }
   }
-  for (int i = 0; i < MB; ++i) y[(m0 + i) * ldy + n] = _mm512_reduce_add_ps(acc[i]);
+  const int64_t n0 = t * kQuantTile, nn = std::min<int64_t>(kQuantTile, w.N - n0);
+  const __mmask16 keep = static_cast<__mmask16>((1u << nn) - 1);
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * ldy + n0, keep, acc[i]);
 }
 
-// Weight rows [n0, n1) against MB activation rows from m0, one kernel per CPU class.
-template <int MB, int BITS>
-GL_VNNI void rows_vnni512(const QuantWeights& w, const XQ& xq, int64_t n0, int64_t n1, int64_t m0, float* y, int64_t ldy) {
-  for (int64_t n = n0; n < n1; ++n) row_kernel<MB, BITS>(w, xq, n, m0, y, ldy);
-}
-
-// The sum of 8 lanes in the order _mm512_reduce_add_ps adds a zmm's halves (lo + hi, then 4, 2, 1 lanes), so the
-// AVX-VNNI kernel, whose lanes hold the VNNI-512 kernel's values, gives its results bit for bit.
-inline float hsum_like512(__m256 lo, __m256 hi) {
-  const __m256 t3 = _mm256_add_ps(hi, lo);
-  const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
-  const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
-  return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, _MM_SHUFFLE(0, 0, 0, 1)));
-}
-
-// The two blocks (32 weights each) of pair p as unsigned bytes, value + offset (128 for int8, 8 for int4).
+// Half h of vector g of block b (rows 8h .. 8h + 7: bytes 32h .. 32h + 31), for the ymm kernels; `half` = tile + 32h.
 template <int BITS>
-inline void load_w256(const uint8_t* row, int64_t p, __m256i& b0, __m256i& b1) {
+inline __m256i block_w256(const uint8_t* half, int64_t b, int g) {
   if constexpr (BITS == 8) {
-    b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 64));
-    b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 64 + 32));
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half + (b * 8 + g) * 64));
   } else {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32)), m = _mm256_set1_epi8(15);
-    b0 = _mm256_and_si256(b, m);
-    b1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half + (b / 2) * 512 + g * 64));
+    return _mm256_and_si256(b % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
   }
 }
 
-// AVX-VNNI: the VNNI-512 kernel on ymm, a block per register (lanes 0-7 of the zmm in lo, 8-15 in hi).
+// 8 outputs of a row (columns n0 .. n0 + 7, fewer at the end of N).
+inline void store8(float* y, __m256 v, int64_t nn) {
+  if (nn >= 8) {
+    _mm256_storeu_ps(y, v);
+  } else if (nn > 0) {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    std::copy(tmp, tmp + nn, y);
+  }
+}
+
+// AVX-VNNI: the VNNI-512 kernel on ymm, half a tile at a time (16 registers: up to 4 rows of 2 chains).
 template <int MB, int BITS>
-__attribute__((target("avxvnni"))) void rows_avxvnni(const QuantWeights& w, const XQ& xq, int64_t n0, int64_t n1, int64_t m0,
-                                                      float* y, int64_t ldy) {
-  const int64_t K = w.K, P = K / 64, row_bytes = K * BITS / 8;
-  constexpr int kShift = BITS == 8 ? 4 : 0;
-  for (int64_t n = n0; n < n1; ++n) {
-    __m256 lo[MB], hi[MB];
-    for (int i = 0; i < MB; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
-    const uint8_t* wq = w.q.data() + n * row_bytes;
-    const float* wd = w.d.data() + n * (K / 32);
-    for (int64_t p = 0; p < P; ++p) {
-      __m256i w0, w1;
-      load_w256<BITS>(wq, p, w0, w1);
-      const __m256 d0 = _mm256_set1_ps(wd[2 * p]), d1 = _mm256_set1_ps(wd[2 * p + 1]);
+__attribute__((target("avxvnni"))) void tile_avxvnni(const QuantWeights& w, const XQ& xq, int64_t t, int64_t m0, float* y,
+                                                      int64_t ldy) {
+  constexpr int C = kChains<MB>;
+  const int64_t K = w.K, nb = K / 32;
+  const uint8_t* tile = w.q.data() + t * kQuantTile * K * BITS / 8;
+  const float* dw = w.d.data() + t * nb * kQuantTile;
+  const uint8_t* next = tile + kQuantTile * K * BITS / 8;
+  const int8_t* x = xq.q.data() + m0 * K;
+  const int32_t* corr = xq.corr.data() + m0 * nb;
+  const float* dx = xq.dx.data() + m0 * nb;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n0 = t * kQuantTile + 8 * h;
+    if (n0 >= w.N) break;
+    __m256 acc[MB];
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      if (m0 == 0 && h == 0)  // the first pass over this tile (both halves share its cache lines): the next tile's block
+        for (int l = 0; l < BITS; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + b * 64 * BITS + l * 64), _MM_HINT_T0);
+      __m256i s[MB][C];
+#pragma GCC unroll 8
       for (int i = 0; i < MB; ++i) {
-        const int64_t m = m0 + i;
-        const int8_t* xv = xq.q.data() + m * K + p * 64;
-        const int32_t* sum = xq.sum.data() + (m * P + p) * 16;
-        const float* dx = xq.dx.data() + (m * P + p) * 16;
-        __m256i t0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv)));
-        __m256i t1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv + 32)));
-        t0 = _mm256_sub_epi32(t0, _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sum)), kShift));
-        t1 = _mm256_sub_epi32(t1, _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sum + 8)), kShift));
-        lo[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t0), _mm256_mul_ps(d0, _mm256_loadu_ps(dx)), lo[i]);
-        hi[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t1), _mm256_mul_ps(d1, _mm256_loadu_ps(dx + 8)), hi[i]);
+        s[i][0] = _mm256_set1_epi32(corr[i * nb + b]);
+#pragma GCC unroll 4
+        for (int c = 1; c < C; ++c) s[i][c] = _mm256_setzero_si256();
+      }
+#pragma GCC unroll 8
+      for (int g = 0; g < 8; ++g) {
+        const __m256i wv = block_w256<BITS>(tile + 32 * h, b, g);
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i)
+          s[i][g % C] = _mm256_dpbusd_avx_epi32(s[i][g % C], wv, _mm256_set1_epi32(load4(x + i * K + b * 32 + 4 * g)));
+      }
+      const __m256 d = _mm256_loadu_ps(dw + b * kQuantTile + 8 * h);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        __m256i si = s[i][0];
+#pragma GCC unroll 4
+        for (int c = 1; c < C; ++c) si = _mm256_add_epi32(si, s[i][c]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_mul_ps(d, _mm256_set1_ps(dx[i * nb + b])), acc[i]);
       }
     }
-    for (int i = 0; i < MB; ++i) y[(m0 + i) * ldy + n] = hsum_like512(lo[i], hi[i]);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) store8(y + (m0 + i) * ldy + n0, acc[i], w.N - n0);
   }
 }
 
-// AVX2: vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16 with saturation, so the int8
-// weights go in as |q| against the activations carrying q's sign (|q| * x <= 127 * 127: a pair stays below 32767);
-// int4 weights go in as q + 8 <= 15 (a pair <= 2 * 15 * 127) with the offset taken away as in the VNNI kernel.
-// vpmaddwd by ones adds the int16 pairs into the same 8 int32 lanes (4 bytes each) vpdpbusd fills.
+// AVX2: vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16 with saturation, then vpmaddwd by
+// ones adds the pairs into the int32 lanes vpdpbusd fills. int8 weights go in as |q| against the activations
+// carrying q's sign (|q| * x <= 127 * 127: a pair stays below 32767). int4 weights go in as q + 8 <= 15: a pair is at
+// most 2 * 15 * 127, so the block's 8 vectors add up in int16 (at most 8 * 3810 = 30480) before one vpmaddwd per
+// block, and corr takes the offset away.
 template <int MB, int BITS>
-void rows_avx2(const QuantWeights& w, const XQ& xq, int64_t n0, int64_t n1, int64_t m0, float* y, int64_t ldy) {
-  const int64_t K = w.K, P = K / 64, row_bytes = K * BITS / 8;
+__attribute__((noinline)) void tile_avx2(const QuantWeights& w, const XQ& xq, int64_t t, int64_t m0, float* y, int64_t ldy) {
+  const int64_t K = w.K, nb = K / 32;
+  const uint8_t* tile = w.q.data() + t * kQuantTile * K * BITS / 8;
+  const float* dw = w.d.data() + t * nb * kQuantTile;
+  const uint8_t* next = tile + kQuantTile * K * BITS / 8;
+  const int8_t* x = xq.q.data() + m0 * K;
+  const int32_t* corr = xq.corr.data() + m0 * nb;
+  const float* dx = xq.dx.data() + m0 * nb;
   const __m256i ones16 = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  for (int64_t n = n0; n < n1; ++n) {
-    __m256 lo[MB], hi[MB];
-    for (int i = 0; i < MB; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
-    const uint8_t* wq = w.q.data() + n * row_bytes;
-    const float* wd = w.d.data() + n * (K / 32);
-    for (int64_t p = 0; p < P; ++p) {
-      __m256i w0, w1;
-      load_w256<BITS>(wq, p, w0, w1);
-      __m256i s0 = w0, s1 = w1;  // int8: the signed values q (stored q + 128); int4: unused
-      if constexpr (BITS == 8) {
-        s0 = _mm256_xor_si256(w0, flip);
-        s1 = _mm256_xor_si256(w1, flip);
-        w0 = _mm256_abs_epi8(s0);
-        w1 = _mm256_abs_epi8(s1);
-      }
-      const __m256 d0 = _mm256_set1_ps(wd[2 * p]), d1 = _mm256_set1_ps(wd[2 * p + 1]);
-      for (int i = 0; i < MB; ++i) {
-        const int64_t m = m0 + i;
-        const int8_t* xv = xq.q.data() + m * K + p * 64;
-        const float* dx = xq.dx.data() + (m * P + p) * 16;
-        __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv)),
-                x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv + 32));
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n0 = t * kQuantTile + 8 * h;
+    if (n0 >= w.N) break;
+    __m256 acc[MB];
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      if (m0 == 0 && h == 0)  // as in tile_avxvnni
+        for (int l = 0; l < BITS; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + b * 64 * BITS + l * 64), _MM_HINT_T0);
+      __m256i s[MB];  // int8: int32 lanes; int4: int16 pairs until the end of the block
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) s[i] = _mm256_setzero_si256();
+#pragma GCC unroll 1  // rolled: unrolled, GCC spilled the accumulators (16 ymm registers)
+      for (int g = 0; g < 8; ++g) {
+        const __m256i wv = block_w256<BITS>(tile + 32 * h, b, g);
         if constexpr (BITS == 8) {
-          x0 = _mm256_sign_epi8(x0, s0);
-          x1 = _mm256_sign_epi8(x1, s1);
+          const __m256i sq = _mm256_xor_si256(wv, flip), aq = _mm256_abs_epi8(sq);
+#pragma GCC unroll 8
+          for (int i = 0; i < MB; ++i) {
+            const __m256i xv = _mm256_sign_epi8(_mm256_set1_epi32(load4(x + i * K + b * 32 + 4 * g)), sq);
+            s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(_mm256_maddubs_epi16(aq, xv), ones16));
+          }
+        } else {
+#pragma GCC unroll 8
+          for (int i = 0; i < MB; ++i)
+            s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(wv, _mm256_set1_epi32(load4(x + i * K + b * 32 + 4 * g))));
         }
-        __m256i t0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, x0), ones16);
-        __m256i t1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, x1), ones16);
-        if constexpr (BITS == 4) {
-          const int32_t* sum = xq.sum.data() + (m * P + p) * 16;
-          t0 = _mm256_sub_epi32(t0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sum)));
-          t1 = _mm256_sub_epi32(t1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sum + 8)));
-        }
-        lo[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t0), _mm256_mul_ps(d0, _mm256_loadu_ps(dx)), lo[i]);
-        hi[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t1), _mm256_mul_ps(d1, _mm256_loadu_ps(dx + 8)), hi[i]);
+      }
+      const __m256 d = _mm256_loadu_ps(dw + b * kQuantTile + 8 * h);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        __m256i si = s[i];
+        if constexpr (BITS == 4) si = _mm256_add_epi32(_mm256_madd_epi16(si, ones16), _mm256_set1_epi32(corr[i * nb + b]));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_mul_ps(d, _mm256_set1_ps(dx[i * nb + b])), acc[i]);
       }
     }
-    for (int i = 0; i < MB; ++i) y[(m0 + i) * ldy + n] = hsum_like512(lo[i], hi[i]);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) store8(y + (m0 + i) * ldy + n0, acc[i], w.N - n0);
   }
 }
 
-// Blocks of kRowsPerBlock weight rows in parallel; each block meets every activation row (in groups of 8 / 4 / 1)
-// while it sits in L1/L2, so a prefill reads the weights from memory once instead of once per group of rows.
-constexpr int64_t kRowsPerBlock = 16;
+// Rows [0, M) in groups of G, the rest (M % G) as one smaller group: f(std::integral_constant<int, rows>, m0).
+template <int MB, int G, class F>
+inline void rest_group(int64_t r, int64_t m, F& f) {
+  if constexpr (MB < G) {
+    if (r == MB)
+      f(std::integral_constant<int, MB>{}, m);
+    else
+      rest_group<MB + 1, G>(r, m, f);
+  }
+}
+template <int G, class F>
+inline void row_groups(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + G <= M; m += G) f(std::integral_constant<int, G>{}, m);
+  rest_group<1, G>(M - m, m, f);
+}
 
+// Each tile meets every activation row (in groups of 8 on zmm, 4 on ymm) while it sits in L1/L2, so a step reads
+// the weights from memory once, whatever the rows.
 template <int BITS>
 void matmul_bits(const QuantWeights& w, const XQ& xq, int64_t M, float* y, int64_t ldy) {
-  const int64_t N = w.N, nblocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t tiles = quant_tiles(w.N);
   const QuantKernelPath path = quant_kernel_path();
 #pragma omp parallel for schedule(static)
-  for (int64_t nb = 0; nb < nblocks; ++nb) {
-    const int64_t n0 = nb * kRowsPerBlock, n1 = std::min(N, n0 + kRowsPerBlock);
-    int64_t m = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
     switch (path) {
       case QuantKernelPath::Vnni512:
-        for (; m + 8 <= M; m += 8) rows_vnni512<8, BITS>(w, xq, n0, n1, m, y, ldy);
-        for (; m + 4 <= M; m += 4) rows_vnni512<4, BITS>(w, xq, n0, n1, m, y, ldy);
-        for (; m < M; ++m) rows_vnni512<1, BITS>(w, xq, n0, n1, m, y, ldy);
+        row_groups<8>(M, [&](auto mb, int64_t m) { tile_vnni512<decltype(mb)::value, BITS>(w, xq, t, m, y, ldy); });
         break;
-      case QuantKernelPath::AvxVnni:  // 16 ymm registers: groups of 4 rows (8 accumulators)
-        for (; m + 4 <= M; m += 4) rows_avxvnni<4, BITS>(w, xq, n0, n1, m, y, ldy);
-        for (; m < M; ++m) rows_avxvnni<1, BITS>(w, xq, n0, n1, m, y, ldy);
+      case QuantKernelPath::AvxVnni:
+        row_groups<4>(M, [&](auto mb, int64_t m) { tile_avxvnni<decltype(mb)::value, BITS>(w, xq, t, m, y, ldy); });
         break;
       case QuantKernelPath::Avx2Maddubs:
-        for (; m + 4 <= M; m += 4) rows_avx2<4, BITS>(w, xq, n0, n1, m, y, ldy);
-        for (; m < M; ++m) rows_avx2<1, BITS>(w, xq, n0, n1, m, y, ldy);
+        row_groups<4>(M, [&](auto mb, int64_t m) { tile_avx2<decltype(mb)::value, BITS>(w, xq, t, m, y, ldy); });
         break;
     }
   }
@@ -415,8 +489,10 @@ void matmul_bits(const QuantWeights& w, const XQ& xq, int64_t M, float* y, int64
 
 void quant_matmul(const QuantWeights& w, const float* x, int64_t M, float* y, int64_t ldy) {
   if (!quant_supported(w.K)) throw InternalError("quantised weights need K % 64 == 0");
+  // the stored weights' offset, taken away through corr (AVX2's int8 kernel takes the sign apart: none)
+  const int offset = w.bits == 4 ? 8 : quant_kernel_path() == QuantKernelPath::Avx2Maddubs ? 0 : 128;
   thread_local XQ xq;
-  quantize_x(x, M, w.K, xq);
+  quantize_x(x, M, w.K, offset, xq);
   if (w.bits == 8)
     matmul_bits<8>(w, xq, M, y, ldy);
   else

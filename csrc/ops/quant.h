@@ -1,7 +1,14 @@
 // Weights kept quantised in memory, blocks of 32 along K with one f32 scale each, symmetric:
 //   int8: q = round(w / d) in [-127, 127], d = max|w| / 127 (like ggml's Q8_0);
 //   int4: q = round(w / d) in [-8, 7],     d = max|w| / 7   (like ggml's Q4_0 without its sign trick).
-// Multiplied with activations quantised on the fly to int8 blocks (d = max|x| / 127) on AVX-512 VNNI (vpdpbusd).
+// Multiplied with activations quantised on the fly to int8 blocks (d = max|x| / 127): exact integer dot products per
+// block (vpdpbusd on AVX-512 VNNI or AVX-VNNI, vpmaddubsw on AVX2), times both block scales, summed in f32.
+//
+// Stored in tiles of kQuantTile = 16 weight rows (N padded up to a multiple of 16 with zero rows), interleaved so
+// that one 64-byte vector holds 4 consecutive values of each of the tile's 16 rows: one vpdpbusd against 4 activation
+// bytes broadcast to every lane sums into the 16 rows' outputs, so a step loads each weight vector once for all its
+// activation rows and needs no horizontal sums (llama.cpp repacks its Q8_0 / Q4_0 blocks for its AVX-512 and ARM
+// kernels in the same spirit: ggml-cpu's repack.cpp).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -11,19 +18,24 @@
 
 namespace gemmalens::ops {
 
+constexpr int64_t kQuantTile = 16;
+inline int64_t quant_tiles(int64_t N) { return (N + kQuantTile - 1) / kQuantTile; }
+
 struct QuantWeights {
   int64_t N = 0, K = 0;  // K % 64 == 0
   int bits = 8;          // 8 or 4
-  // bits 8: [N, K] bytes, value + 128 (vpdpbusd takes the unsigned operand).
-  // bits 4: [N, K / 2] bytes; each group of 64 values (two blocks) is 32 bytes: byte i holds value i + 8 in its
-  //         low nibble and value 32 + i + 8 in its high nibble, so one and + shift give the int8 kernel's layout.
+  // Tile t (rows 16t .. 16t + 15) is 16 * K * bits / 8 bytes from t * 16 * K * bits / 8:
+  // bits 8: [K / 4][16][4] bytes, byte (g, r, j) = value (16t + r, 4g + j) + 128 (vpdpbusd takes the unsigned operand).
+  // bits 4: [K / 64][8][16][4] bytes, byte (p, v, r, j) = value (16t + r, 64p + 4v + j) + 8 in its low nibble and
+  //         value (16t + r, 64p + 32 + 4v + j) + 8 in its high nibble: an and (or a shift and an and) gives the 8
+  //         vectors of block 2p (2p + 1) in the int8 layout.
   std::vector<uint8_t> q;
-  std::vector<float> d;  // [N, K / 32] block scales
+  std::vector<float> d;  // [N / 16][K / 32][16] block scales: d of (16t + r, block b) at (t * K / 32 + b) * 16 + r
   size_t nbytes() const { return q.size() + d.size() * sizeof(float); }
 };
 
 int quant_bits(WeightQuant w);  // 0 (none), 8, 4
-// The CPU has AVX-512 VNNI and K is a multiple of 64.
+// K is a multiple of 64 (every CPU class has the kernels).
 bool quant_supported(int64_t K);
 // w [N, K] row-major f32 -> blocks.
 QuantWeights quant_weights(const float* w, int64_t N, int64_t K, int bits);

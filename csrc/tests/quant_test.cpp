@@ -36,12 +36,14 @@ double block_amax(const float* x) {
   return m;
 }
 
-// The stored integer of weight (n, k), read from the layout quant.h documents.
+// The stored integer of weight (n, k), read from the tiled layout quant.h documents, and its block scale.
 int stored_q(const QuantWeights& q, int64_t n, int64_t k) {
-  if (q.bits == 8) return static_cast<int>(q.q[n * q.K + k]) - 128;
-  const uint8_t byte = q.q[n * (q.K / 2) + (k / 64) * 32 + k % 32];
+  const int64_t t = n / 16, r = n % 16;
+  if (q.bits == 8) return static_cast<int>(q.q[t * 16 * q.K + (k / 4) * 64 + r * 4 + k % 4]) - 128;
+  const uint8_t byte = q.q[t * 8 * q.K + (k / 64) * 512 + (k % 32 / 4) * 64 + r * 4 + k % 4];
   return (k % 64 < 32 ? byte & 15 : byte >> 4) - 8;
 }
+float stored_d(const QuantWeights& q, int64_t n, int64_t blk) { return q.d[((n / 16) * (q.K / 32) + blk) * 16 + n % 16]; }
 
 constexpr int64_t kN = 7, kK = 128;
 
@@ -52,15 +54,21 @@ template <class Check>
 void each_block(int bits, uint32_t seed, Check check) {
   const std::vector<float> w = awkward_rows(kN, kK, seed);
   const QuantWeights q = quant_weights(w.data(), kN, kK, bits);
-  CHECK_EQ(q.q.size(), static_cast<size_t>(kN * kK * bits / 8));
-  CHECK_EQ(q.d.size(), static_cast<size_t>(kN * kK / 32));
+  // whole tiles of 16 rows: 7 rows take one, its 9 padding rows stored as the value 0 with scale 0
+  CHECK_EQ(q.q.size(), static_cast<size_t>(16 * kK * bits / 8));
+  CHECK_EQ(q.d.size(), static_cast<size_t>(16 * kK / 32));
+  for (int64_t n = kN; n < 16; ++n)
+    for (int64_t k = 0; k < kK; ++k) {
+      CHECK_EQ(stored_q(q, n, k), 0);
+      CHECK_EQ(stored_d(q, n, k / 32), 0.f);
+    }
   const int qmin = bits == 8 ? -127 : -8, qmax = bits == 8 ? 127 : 7;
   std::vector<float> out(kK);
   for (int64_t n = 0; n < kN; ++n) {
     quant_row(q, n, out.data());
     for (int64_t blk = 0; blk < kK / 32; ++blk) {
       INFO("bits ", bits, ", row ", n, ", block ", blk);
-      const double d = q.d[n * (kK / 32) + blk];
+      const double d = stored_d(q, n, blk);
       for (int j = 0; j < 32; ++j) {
         const int qi = stored_q(q, n, blk * 32 + j);
         CHECK(qi >= qmin && qi <= qmax);
@@ -137,7 +145,7 @@ TEST(quant_matmul) {
     const QuantWeights q = quant_weights(w.data(), N, K, bits);
     std::vector<float> wd(static_cast<size_t>(N * K));
     for (int64_t n = 0; n < N; ++n) quant_row(q, n, wd.data() + n * K);
-    for (int64_t M : {1, 3, 4, 5, 8, 9, 13}) {
+    for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17}) {
       INFO("bits ", bits, ", M ", M);
       std::vector<float> x(static_cast<size_t>(M * K));
       for (float& v : x) v = normal(rng);
@@ -164,7 +172,7 @@ TEST(quant_matmul) {
               f += wv * xb[j];
               slack += std::fabs(wv) * dx / 2;
             }
-            const double term = static_cast<double>(q.d[n * (K / 32) + blk]) * dx * static_cast<double>(dot);
+            const double term = static_cast<double>(stored_d(q, n, blk)) * dx * static_cast<double>(dot);
             e += term;
             e_abs += std::fabs(term);
           }

@@ -14,6 +14,11 @@ namespace gemmalens::ops {
 
 namespace {
 
+// Row-wise ops run their rows in parallel from this many elements: below it a parallel region (a wake-up of the other
+// threads, which sleep soon on a busy machine: python/gemmalens/_threads.py) costs more than it saves. A decode step's
+// rows (up to 8 x 640 for the 270M) stay on one thread; a prefill's go parallel.
+constexpr int64_t kParallelMinElems = int64_t{1} << 15;
+
 // sqrt(mean(x^2) + eps) in f32: the fused norm and the split one (rms_scale) share it, so their outputs agree bit for bit.
 inline float rms_of(const float* xr, float eps, int D) {
   float ss = 0.f;
@@ -31,24 +36,24 @@ inline void rmsnorm_row(const float* xr, const float* w, float eps, int D, float
 }  // namespace
 
 void rmsnorm(const float* x, int64_t ldx, const float* w, float eps, int64_t M, int D, float* y, int64_t ldy) {
-#pragma omp parallel for if (M > 4)
+#pragma omp parallel for if (M * D >= kParallelMinElems)
   for (int64_t m = 0; m < M; ++m) rmsnorm_row(x + m * ldx, w, eps, D, y + m * ldy);
 }
 
 void rmsnorm_heads(const float* x, int64_t ldx, int nh, int Hd, const float* w, float eps, int64_t M, float* y) {
-#pragma omp parallel for if (M > 4)
+#pragma omp parallel for if (M * nh * Hd >= kParallelMinElems)
   for (int64_t m = 0; m < M; ++m)
     for (int h = 0; h < nh; ++h) rmsnorm_row(x + m * ldx + static_cast<int64_t>(h) * Hd, w, eps, Hd, y + (m * nh + h) * Hd);
 }
 
 void rms_scale(const float* x, int64_t ldx, int nh, int W, float eps, int64_t M, float* scale) {
-#pragma omp parallel for if (M > 4)
+#pragma omp parallel for if (M * nh * W >= kParallelMinElems)
   for (int64_t m = 0; m < M; ++m)
     for (int h = 0; h < nh; ++h) scale[m * nh + h] = rms_of(x + m * ldx + static_cast<int64_t>(h) * W, eps, W);
 }
 
 void rms_divide(const float* x, int64_t ldx, int nh, int W, const float* scale, int64_t M, float* y, int64_t ldy) {
-#pragma omp parallel for if (M > 4)
+#pragma omp parallel for if (M * nh * W >= kParallelMinElems)
   for (int64_t m = 0; m < M; ++m)
     for (int h = 0; h < nh; ++h) {
       const float* xr = x + m * ldx + static_cast<int64_t>(h) * W;
@@ -60,7 +65,7 @@ void rms_divide(const float* x, int64_t ldx, int nh, int W, const float* scale, 
 }
 
 void rms_gain(float* y, int64_t ldy, int nh, int W, const float* w, int64_t M) {
-#pragma omp parallel for if (M > 4)
+#pragma omp parallel for if (M * nh * W >= kParallelMinElems)
   for (int64_t m = 0; m < M; ++m)
     for (int h = 0; h < nh; ++h) {
       float* yr = y + m * ldy + static_cast<int64_t>(h) * W;
@@ -130,7 +135,7 @@ void rope_tables(const int32_t* positions, int64_t M, int Hd, double base, doubl
 void rope_apply(float* x, int64_t M, int nh, int Hd, const float* cos, const float* sin, bool inverse) {
   const int half = Hd / 2;
   const float sg = inverse ? -1.f : 1.f;  // the inverse rotation: sin(-angle)
-#pragma omp parallel for if (M > 4)
+#pragma omp parallel for if (M * nh * Hd >= kParallelMinElems)
   for (int64_t m = 0; m < M; ++m) {
     const float* c = cos + m * half;
     const float* s = sin + m * half;
@@ -168,7 +173,7 @@ void gelu_tanh_mul(const float* gate, const float* up, int64_t ld, int64_t M, in
     for (int64_t m = 0; m < M; ++m) gelu_row_avx512(gate + m * ld, up + m * ld, F, out + m * static_cast<int64_t>(F));
     return;
   }
-#pragma omp parallel for if (M > 1)
+#pragma omp parallel for if (M * F > 16384)
   for (int64_t m = 0; m < M; ++m) {
     const float* g = gate + m * ld;
     const float* u = up + m * ld;

@@ -280,7 +280,9 @@ GL_VNNI void tile_vnni512(const QuantWeights& w, const XQ& xq, int64_t t, int64_
   const int64_t K = w.K, nb = K / 32;
   const uint8_t* tile = w.q.data() + t * kQuantTile * K * BITS / 8;
   const float* dw = w.d.data() + t * nb * kQuantTile;
-  const uint8_t* next = tile + kQuantTile * K * BITS / 8;
+  // the first pass over this tile asks for the next one (the thread's next, schedule(static)), block by block
+  const bool ahead = m0 == 0 && t + 1 < quant_tiles(w.N);
+  const uint8_t* next = ahead ? tile + kQuantTile * K * BITS / 8 : nullptr;
   const int8_t* x = xq.q.data() + m0 * K;
   const int32_t* corr = xq.corr.data() + m0 * nb;
   const float* dx = xq.dx.data() + m0 * nb;
@@ -288,7 +290,7 @@ GL_VNNI void tile_vnni512(const QuantWeights& w, const XQ& xq, int64_t t, int64_
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    if (m0 == 0)  // the first pass over this tile: ask for the same block of the next tile
+    if (ahead)
       for (int l = 0; l < BITS; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + b * 64 * BITS + l * 64), _MM_HINT_T0);
     __m512i s[MB][C];
 #pragma GCC unroll 8
@@ -349,7 +351,9 @@ __attribute__((target("avxvnni"))) void tile_avxvnni(const QuantWeights& w, cons
   const int64_t K = w.K, nb = K / 32;
   const uint8_t* tile = w.q.data() + t * kQuantTile * K * BITS / 8;
   const float* dw = w.d.data() + t * nb * kQuantTile;
-  const uint8_t* next = tile + kQuantTile * K * BITS / 8;
+  // the first pass over this tile asks for the next one (the thread's next, schedule(static)), block by block
+  const bool ahead = m0 == 0 && t + 1 < quant_tiles(w.N);
+  const uint8_t* next = ahead ? tile + kQuantTile * K * BITS / 8 : nullptr;
   const int8_t* x = xq.q.data() + m0 * K;
   const int32_t* corr = xq.corr.data() + m0 * nb;
   const float* dx = xq.dx.data() + m0 * nb;
@@ -360,7 +364,7 @@ __attribute__((target("avxvnni"))) void tile_avxvnni(const QuantWeights& w, cons
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      if (m0 == 0 && h == 0)  // the first pass over this tile (both halves share its cache lines): the next tile's block
+      if (ahead && h == 0)  // both halves read the same cache lines
         for (int l = 0; l < BITS; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + b * 64 * BITS + l * 64), _MM_HINT_T0);
       __m256i s[MB][C];
 #pragma GCC unroll 8
@@ -400,7 +404,9 @@ __attribute__((noinline)) void tile_avx2(const QuantWeights& w, const XQ& xq, in
   const int64_t K = w.K, nb = K / 32;
   const uint8_t* tile = w.q.data() + t * kQuantTile * K * BITS / 8;
   const float* dw = w.d.data() + t * nb * kQuantTile;
-  const uint8_t* next = tile + kQuantTile * K * BITS / 8;
+  // the first pass over this tile asks for the next one (the thread's next, schedule(static)), block by block
+  const bool ahead = m0 == 0 && t + 1 < quant_tiles(w.N);
+  const uint8_t* next = ahead ? tile + kQuantTile * K * BITS / 8 : nullptr;
   const int8_t* x = xq.q.data() + m0 * K;
   const int32_t* corr = xq.corr.data() + m0 * nb;
   const float* dx = xq.dx.data() + m0 * nb;
@@ -412,7 +418,7 @@ __attribute__((noinline)) void tile_avx2(const QuantWeights& w, const XQ& xq, in
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      if (m0 == 0 && h == 0)  // as in tile_avxvnni
+      if (ahead && h == 0)
         for (int l = 0; l < BITS; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + b * 64 * BITS + l * 64), _MM_HINT_T0);
       __m256i s[MB];  // int8: int32 lanes; int4: int16 pairs until the end of the block
 #pragma GCC unroll 8

@@ -172,9 +172,9 @@ def section(rows_, info):
              f"{info['max_tokens']} new tokens each, streamed); total tok/s = all new tokens / wall time. "
              f"{info['threads']} threads for each server. gemmalens: `gemmalens serve --max-batch 8` (requests join "
              "the running batch between decode steps) in the CLI's default mode (bfloat16; int8 weights re-quantised "
-             "from the Q4_K_M blocks) and with `--weights native` (the blocks dequantised to bf16). The int8 decode "
-             "kernel rescales every block of 32 per row, so its cost grows with the rows of a step past 4, while the "
-             "bf16 one stays bound by reading the weights. llama.cpp: `python -m llama_cpp.server --interrupt_requests False` "
+             "from the Q4_K_M blocks) and with `--weights native` (the blocks dequantised to bf16). Both decode kernels "
+             "use each weight vector they load for every row of the step (int8: tiles of 16 weight rows, "
+             "csrc/ops/quant.cpp), so a step of a few rows costs little more than reading the weights. llama.cpp: `python -m llama_cpp.server --interrupt_requests False` "
              "(llama-cpp-python; its server runs one request at a time, so more clients wait longer for their first "
              "token). `python bench/serve_load.py` runs this table alone.\n")
     return text

@@ -35,10 +35,15 @@ def test_bf16_chunked_equals_full(tiny_dir, weights):
     # pass oneDNN's matmuls (and, from 64 positions on an AMX machine, bf16 attention with bf16 probabilities); int8 /
     # int4 modes keep bf16 for the layers whose K is not a multiple of 64, as in this tiny model. The sums run in
     # another order, so an activation now and then rounds to the neighbouring bf16 value. Bound that by what bf16
-    # itself costs against the f32 model (a cache bug costs O(1)), and ask for the same greedy tokens.
+    # itself costs against the f32 model (a cache bug costs O(1)), and ask for the same greedy tokens wherever the
+    # choice is not a tie within that noise: with int8 / int4 activations a last-bit difference in the attention's
+    # sums (decode steps run the split-K decode kernel, the long pass the tiled one) can move an activation to the
+    # neighbouring quantisation step, and on this random tiny model two logits are sometimes closer than that.
     ref32 = gl.load(tiny_dir).forward(ids)
     assert rel_err(got, full) <= rel_err(full, ref32)
-    assert (got.argmax(-1) == full.argmax(-1)).all()
+    top2 = np.sort(full, -1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 2 * np.abs(got - full).max()
+    assert (got.argmax(-1) == full.argmax(-1))[clear].all()
 
 
 def test_padded_batch_with_cache(hf_models):

@@ -34,7 +34,7 @@ inline float score_logit(const AttentionArgs& a, float s) {
 
 void attention(const AttentionArgs& a) {
   // Decode steps (a few new positions) over a long context: split-K over the keys, straight from the cache.
-  if (a.T <= 4 && a.past + a.T > 256 && static_cast<int64_t>(a.B) * a.KV < 2 * omp_get_max_threads() * 4) {
+  if (a.T <= 4 && a.past > 0 && static_cast<int64_t>(a.B) * a.KV < 2 * omp_get_max_threads() * 4) {
     attention_decode_splitk(a);
     return;
   }

@@ -3,7 +3,8 @@
 // a key / value row lives (KVRing::offset for the cache, kv_row for cache or chunk).
 //
 // Variants (one dispatcher, attention(), picks among the fast ones; all compute the same function):
-//   attention_tiled.cpp      tiled online softmax (AVX-512 / AVX2) for prefill; split-K over the keys for decode
+//   attention_tiled.cpp      tiled online softmax (AVX-512 / AVX2) for prefill
+//   attention_decode.cpp     decode steps: split-K over the visible keys, each key read once per KV head
 //   attention_bf16.cpp       prefill as two bf16 matmuls per block of queries (oneDNN on AMX, via ops/linear.h)
 //   attention.cpp            the dispatcher, the direct reference kernel, and the materialised path
 //                            (scores -> softmax -> apply) that the attn_scores / pattern hooks read and edit
@@ -96,8 +97,9 @@ void attention_reference(const AttentionArgs& a);
 // (attention_tiled_ok).
 bool attention_tiled_ok(const AttentionArgs& a);
 void attention_tiled(const AttentionArgs& a);
-// Decode (a few queries over many keys): each (row, KV head)'s keys split in chunks that run in parallel, read
-// straight from the cache, merged with the online-softmax rescaling.
+// Decode (a few queries over many keys): each (row, KV head)'s visible keys split in chunks that run in parallel,
+// read straight from the cache once for all the group's query heads, merged with the online-softmax rescaling
+// (attention_decode.cpp). A sliding layer reads only its window.
 void attention_decode_splitk(const AttentionArgs& a);
 
 // Prefill attention as two bf16 matmuls per block of queries (QK^T, then PV), f32 softmax between them:

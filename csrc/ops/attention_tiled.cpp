@@ -3,7 +3,6 @@
 //   (row b, KV head, block of queries) the block's query rows (all heads of the group) meet tiles of 64 keys:
 //   S = Q K^T on 4-row register tiles (64 keys in zmm, 16 in ymm), masked online softmax per row, Z += P V on 4-row
 //   register tiles (64 dims in zmm, 16 in ymm). f32 throughout; the two ISAs differ only in summation order.
-// - attention_decode_splitk: a few queries over many keys, the keys split in chunks that run in parallel.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -349,83 +348,6 @@ void attention_tiled(const AttentionArgs& a) {
           }
         }
   }
-}
-
-// Decode (a few query positions, many keys): split each (row, KV head)'s key range into chunks that run in
-// parallel, each producing online-softmax partials (max, sum, unnormalised Z) over its keys, read straight from the
-// cache (no transposed copy); the partials are merged with the usual rescaling. Same function as the reference.
-void attention_decode_splitk(const AttentionArgs& a) {
-  const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd;
-  const int group = H / KV;
-  const int rows = group * T;  // query rows per (b, kvh)
-  const int64_t S = a.past + T;
-  const int nthr = omp_get_max_threads();
-  const int64_t chunk = std::max<int64_t>(64, (S + 2 * nthr - 1) / (2 * nthr));
-  const int64_t nchunk = (S + chunk - 1) / chunk;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> pm(static_cast<size_t>(B) * KV * nchunk * rows, neg_inf), pl(pm.size(), 0.f),
-      pz(pm.size() * Hd, 0.f);
-#pragma omp parallel
-  {
-    std::vector<float> s(static_cast<size_t>(chunk));
-#pragma omp for collapse(3) schedule(dynamic, 1)
-    for (int b = 0; b < B; ++b)
-      for (int kvh = 0; kvh < KV; ++kvh)
-        for (int64_t c = 0; c < nchunk; ++c) {
-          const int64_t j0 = c * chunk, j1 = std::min<int64_t>(S, j0 + chunk);
-          for (int r = 0; r < rows; ++r) {
-            const int t = r / group, h = kvh * group + r % group;
-            const SlotRange vis = visible_range(a, b, a.past + t);
-            const int64_t lo = std::max(vis.lo, j0), hi = std::min<int64_t>(vis.hi, j1 - 1);
-            const size_t slot = ((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r;
-            if (lo > hi) continue;
-            const float* q = a.q + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
-            float mx = neg_inf;
-            for (int64_t j = lo; j <= hi; ++j) {
-              const KVRow k = key_row(a, b, kvh, j);
-              float x = (k.f ? dot_f32(q, k.f, Hd) : dot_bf16(q, k.h, Hd)) * a.scale;
-              if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
-              s[j - lo] = x;
-              mx = std::max(mx, x);
-            }
-            float sum = 0.f;
-            float* z = pz.data() + slot * Hd;
-            for (int64_t j = lo; j <= hi; ++j) {
-              const float p = exp_f32(s[j - lo] - mx);
-              sum += p;
-              const KVRow v = value_row(a, b, kvh, j);
-              if (v.f)
-                axpy_f32(p, v.f, z, Hd);
-              else
-                axpy_bf16(p, v.h, z, Hd);
-            }
-            pm[slot] = mx;
-            pl[slot] = sum;
-          }
-        }
-  }
-  // merge the chunks
-#pragma omp parallel for collapse(3)
-  for (int b = 0; b < B; ++b)
-    for (int kvh = 0; kvh < KV; ++kvh)
-      for (int r = 0; r < rows; ++r) {
-        const int t = r / group, h = kvh * group + r % group;
-        float* z = a.z + ((static_cast<int64_t>(b) * T + t) * H + h) * Hd;
-        std::fill(z, z + Hd, 0.f);
-        float m = neg_inf;
-        for (int64_t c = 0; c < nchunk; ++c) m = std::max(m, pm[((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r]);
-        if (m == neg_inf) continue;  // nothing visible (padding)
-        float l = 0.f;
-        for (int64_t c = 0; c < nchunk; ++c) {
-          const size_t slot = ((static_cast<size_t>(b) * KV + kvh) * nchunk + c) * rows + r;
-          if (pm[slot] == neg_inf) continue;
-          const float w = exp_f32(pm[slot] - m);
-          l += w * pl[slot];
-          axpy_f32(w, pz.data() + slot * Hd, z, Hd);
-        }
-        const float inv = 1.f / l;
-        for (int d = 0; d < Hd; ++d) z[d] *= inv;
-      }
 }
 
 bool attention_tiled_ok(const AttentionArgs& a) {

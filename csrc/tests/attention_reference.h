@@ -25,17 +25,19 @@ struct Shape {
   float softcap = 0.f, scale;
   DType cache = DType::F32;
   std::vector<int32_t> row_start;  // empty: no left padding
+  int64_t poison = 0;              // slots [0, poison) hold NaN keys and values (slots no query may read)
 
   Shape(int B_, int T_, int H_, int KV_, int Hd_) : B(B_), T(T_), H(H_), KV(KV_), Hd(Hd_), scale(1.5f / std::sqrt(float(Hd_))) {}
   Shape& cached(int64_t p, int64_t c, DType d) { past = p, cap = c, cache = d; return *this; }
   Shape& sliding(int64_t w) { window = w; return *this; }
   Shape& capped(float c, float s) { softcap = c, scale = s; return *this; }
   Shape& padded(std::vector<int32_t> rs) { row_start = std::move(rs); return *this; }
+  Shape& poisoned(int64_t n) { poison = n; return *this; }
   std::string describe() const {
     std::string rs;
     for (int32_t r : row_start) rs += (rs.empty() ? "" : ",") + std::to_string(r);
     return test::str("B=", B, " T=", T, " H=", H, " KV=", KV, " Hd=", Hd, " past=", past, " cap=", cap, " cache=", dtype_name(cache),
-                     " window=", window, " softcap=", softcap, " scale=", scale, " row_start=[", rs, "]");
+                     " window=", window, " softcap=", softcap, " scale=", scale, " row_start=[", rs, "] poison=", poison);
   }
 };
 
@@ -62,6 +64,9 @@ struct Problem {
     q = randn(static_cast<size_t>(s.B) * s.T * s.H * s.Hd);
     k_all = randn(s.B * S * row);
     v_all = randn(s.B * S * row);
+    // Poisoned slots (far outside every query's window): a kernel that reads one, even to mask it, gets NaN in z.
+    for (int b = 0; b < s.B; ++b)
+      for (auto* all : {&k_all, &v_all}) std::fill_n(all->data() + b * S * row, std::min(s.poison, S) * row, kNaN);
     // Ring positions no slot has reached yet (past < cap) hold NaN: reading one poisons z.
     const size_t ring_n = static_cast<size_t>(s.B) * s.KV * s.cap * s.Hd;
     for (int kv = 0; kv < 2; ++kv) {
@@ -144,6 +149,7 @@ inline Reference reference(const Problem& p, bool bf16_inputs = false) {
           if (!s.row_start.empty() && j < s.row_start[b]) continue;
           if (s.window > 0 && i - j >= s.window) continue;
           if (j < s.past - s.cap) test::fail(__FILE__, __LINE__, test::str("bad test shape: slot ", j, " is visible but the ring no longer holds it"));
+          if (j < s.poison) test::fail(__FILE__, __LINE__, test::str("bad test shape: slot ", j, " is visible but poisoned"));
           const float* k = p.k_all.data() + ((b * S + j) * s.KV + kvh) * s.Hd;
           double dot = 0;
           for (int d = 0; d < s.Hd; ++d) dot += in(q[d]) * in(k[d]);

@@ -134,13 +134,18 @@ TEST(attention_full_cache) {
 }
 
 // Decode steps, T = 1..4 new positions over a long past (the dispatcher takes split-K for these), with the 270M's
-// geometry (H 4, KV 1, Hd 256): a full cache, a wrapped 512-slot ring, left-padded rows, soft-capping. Split-K's
-// chunking depends on the thread count, so it also runs with 1, 3 and 8 threads.
+// geometry (H 4, KV 1, Hd 256): a full cache, a wrapped 512-slot ring, left-padded rows, soft-capping; and other
+// groups and head_dims over bf16 caches (the AVX-512 kernel's permuted order). Split-K's chunking depends on the
+// thread count, so it also runs with 1, 3 and 8 threads.
 TEST(attention_decode) {
   for (int T = 1; T <= 4; ++T) {
     check_variants(Shape(1, T, 4, 1, 256).cached(700, 1024, DType::BF16), 40 + T);
     check_variants(Shape(2, T, 4, 1, 256).cached(1500, 512, DType::F32).sliding(512).padded({0, 300}), 50 + T);
     check_variants(Shape(2, T, 8, 2, 128).cached(300, 1024, DType::F32).capped(5.f, 0.2f).padded({17, 0}), 60 + T);
+    // bf16 caches with other group sizes (query rows per KV head: 2T, 3T, 8T) and head_dims 128 and 64
+    check_variants(Shape(2, T, 8, 4, 128).cached(300, 1024, DType::BF16).padded({17, 0}), 80 + T);
+    check_variants(Shape(1, T, 6, 2, 64).cached(500, 512, DType::BF16).capped(5.f, 0.2f), 85 + T);
+    check_variants(Shape(1, T, 8, 1, 64).cached(900, 128, DType::BF16).sliding(100), 90 + T);
   }
   const int threads = omp_get_max_threads();
   for (int n : {1, 3, 8}) {
@@ -153,6 +158,21 @@ TEST(attention_decode) {
     check_z(p, r, z, kZTol);
   }
   omp_set_num_threads(threads);
+}
+
+// Sliding layers cost O(n x window): every fast variant skips the keys outside the window before computing a score
+// (not by masking). The keys and values of every slot no query sees are NaN here, in a plain cache that still
+// holds them (cap >= past): a kernel that reads one, even to mask its score or weight it by 0, gets NaN in z.
+// Slots up to the window's first visible one are poisoned: not even a tile's worth of slack. Also a prefill chunk
+// far longer than the window (T >> window) with no cache, against the reference.
+TEST(attention_window_skips_outside) {
+  for (DType d : {DType::F32, DType::BF16}) {
+    check_variants(Shape(1, 200, 4, 1, 64).cached(3000, 4096, d).sliding(100).poisoned(3000 - 100 + 1), 101);
+    check_variants(Shape(2, 70, 8, 2, 32).cached(1000, 1100, d).sliding(64).poisoned(1000 - 64 + 1), 102);
+    for (int T = 1; T <= 4; ++T)  // decode steps (split-K) with the 270M's geometry at a long past
+      check_variants(Shape(1, T, 4, 1, 256).cached(5000, 8192, d).sliding(512).poisoned(5000 - 512 + 1), 110 + T);
+  }
+  check_variants(Shape(1, 1200, 4, 1, 64).sliding(48), 120);
 }
 
 // A bf16 model's attention through the dispatcher: prefill of 64+ positions goes to attention_bf16_matmul where

@@ -214,6 +214,11 @@ void bind_model(py::module_& m) {
             py::array_t<float> out;
             if (logits == "all") {
               a.logits_mode = LogitsMode::All;
+              check_fits_memory(uint64_t(4) * B * T * V,
+                                "forward: the logits of every position, a float32 [" + std::to_string(B) + ", " + std::to_string(T) +
+                                    ", " + std::to_string(V) + "] array,",
+                                "next_token_logits() computes the last position's only (generation, the next token); "
+                                "return_type=None skips the logits (hooks still fire); or run a shorter input");
               out = py::array_t<float>({static_cast<int64_t>(B), static_cast<int64_t>(T), V});
             } else if (logits == "last") {
               a.logits_mode = LogitsMode::Last;

@@ -108,6 +108,17 @@ std::vector<int32_t> Gemma3Model::validate(const ForwardArgs& a) const {
     throw ValueError("forward: stop_at_layer = " + std::to_string(a.stop_at_layer) + " exceeds num_hidden_layers = " +
                      std::to_string(c.num_hidden_layers));
   if (a.hooks && a.hooks->n_layers() != c.num_hidden_layers) throw ValueError("forward: the hook set was made for another model");
+  if (a.hooks) {  // the attention scores / pattern hooks materialise [B, H, T, past + T] per hooked layer: O(T^2)
+    bool materialised = false;
+    for (int l = 0; l < c.num_hidden_layers; ++l)
+      materialised = materialised || a.hooks->active(Site::AttnScores, l) || a.hooks->active(Site::Pattern, l);
+    if (materialised)
+      check_fits_memory(uint64_t(8) * B * c.num_attention_heads * T * static_cast<uint64_t>(past + T),
+                        "forward: hook_attn_scores / hook_pattern over " + std::to_string(T) + " positions (" +
+                            std::to_string(past) + " cached) materialise float32 scores and pattern [" + std::to_string(B) + ", " +
+                            std::to_string(c.num_attention_heads) + ", " + std::to_string(T) + ", " + std::to_string(past + T) + "], which",
+                        "hook a shorter input, or feed it in chunks through a KV cache (each chunk's scores are [chunk, cached + chunk])");
+  }
   if (a.tape && (cache || a.stop_at_layer >= 0 || a.logits_mode != LogitsMode::All))
     throw ValueError("forward: a gradient run needs the whole sequence at once: all-position logits, no KV cache, no stop_at_layer");
   return row_start;

@@ -127,6 +127,10 @@ uint64_t planned_weight_bytes(const Gemma3Config& cfg, DType dtype, WeightQuant 
 // Memory this process may still take: /proc/meminfo's MemAvailable, lowered to the cgroup v2 limit's headroom
 // (memory.max - memory.current) when one is set. 0 when unknown.
 uint64_t available_memory_bytes();
+// Refuses a buffer of `bytes` that a pass would allocate when it exceeds available_memory_bytes(), with a
+// ResourceError saying what it is for and `fix` (the alternative is the OOM killer, or minutes of swapping, after a
+// long input). GEMMALENS_NO_MEMORY_CHECK=1 skips it, as it does the weights' check.
+void check_fits_memory(uint64_t bytes, const std::string& what, const std::string& fix);
 
 class Gemma3Model {
  public:

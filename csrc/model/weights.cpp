@@ -154,6 +154,15 @@ uint64_t available_memory_bytes() {
   return avail;
 }
 
+void check_fits_memory(uint64_t bytes, const std::string& what, const std::string& fix) {
+  const char* skip = std::getenv("GEMMALENS_NO_MEMORY_CHECK");
+  if (skip && *skip && std::string(skip) != "0") return;
+  const uint64_t avail = available_memory_bytes();
+  if (avail > 0 && bytes > avail)
+    throw ResourceError(what + " needs " + gb(bytes) + ", more than the " + gb(avail) + " available (MemAvailable, or the "
+                        "cgroup's limit); " + fix + " (GEMMALENS_NO_MEMORY_CHECK=1 skips this check, e.g. to use swap)");
+}
+
 Gemma3Model::Gemma3Model(const Gemma3Config& cfg, DType dtype, const TensorGetter& get, WeightQuant quant, const RowGetter& rows,
                          const TensorChecker& check)
     : cfg_(cfg), dtype_(dtype) {

@@ -1,0 +1,123 @@
+"""Long context: the same weights with every layer global (config.json's layer_types) against HF, KV cache bytes of
+both patterns, decode steps over a long past through the split-K kernel's paths, and the clear errors a long input
+gets instead of an O(T^2) or O(T x vocab) allocation that cannot fit. The kernels themselves (sliding layers skip
+what lies outside the window, decode against the reference at long pasts) are tested in csrc/tests/attention_test.cpp
+(tests/test_cpp_units.py)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import gemmalens as gl
+from conftest import build_hf, hf_logits, rel_err
+
+
+def _all_global_copy(src, dst):
+    """The checkpoint in src with every layer global: the same weights, config.json's layer_types all
+    full_attention (how bench/longctx_bench.py builds its all-global models)."""
+    os.makedirs(dst, exist_ok=True)
+    for f in os.listdir(src):
+        if f != "config.json":
+            shutil.copy(os.path.join(src, f), dst)
+    c = json.load(open(os.path.join(src, "config.json")))
+    c["layer_types"] = ["full_attention"] * c["num_hidden_layers"]
+    json.dump(c, open(os.path.join(dst, "config.json"), "w"))
+    return dst
+
+
+def test_all_global_matches_hf(hf_models, tmp_path):
+    """Every layer global (the tiny model's window is 6; 40 positions): gemmalens equals HF built from the same
+    config.json, and differs from the sliding-window model (the override took effect)."""
+    from transformers import Gemma3ForCausalLM
+
+    _, src = hf_models["mqa_scaled_softcap"]
+    dst = _all_global_copy(src, str(tmp_path / "all-global"))
+    model = gl.load(dst)
+    assert model.config.layer_types == ["full_attention"] * model.config.num_hidden_layers
+    hf = Gemma3ForCausalLM.from_pretrained(dst, attn_implementation="eager").eval()
+    assert hf.config.layer_types == model.config.layer_types
+    ids = np.random.default_rng(3).integers(0, 320, (2, 40))
+    ref = hf_logits(hf, ids)
+    ours = model.forward(ids)
+    # f32 against HF's f32 eager attention: the same bound as tests/test_model_hf.py's
+    assert rel_err(ours, ref) <= 1e-4
+    assert rel_err(gl.load(src).forward(ids), ref) > 1e-2  # the 5:1 model sees less past
+    # and decode steps over the all-global cache: the next-token logits of one forward
+    cache = model.new_cache(batch=2, max_seq_len=48)
+    model.forward(ids[:, :30], cache=cache)
+    steps = np.concatenate([model.forward(ids[:, t:t + 1], cache=cache) for t in range(30, 40)], 1)
+    assert rel_err(steps, ours[:, 30:]) <= 1e-5
+
+
+@pytest.mark.parametrize("size", ["270m", "1b"])
+def test_kv_bytes_at_32k_both_patterns(size):
+    """KV cache bytes at 32768 positions, bf16, batch 1: sliding layers hold `sliding_window` slots, global layers
+    every position; every layer global holds every position everywhere."""
+    cfg = gl.Gemma3Config.preset(size)
+    n = 32768
+    per_pos = 2 * cfg.num_key_value_heads * cfg.head_dim * 2  # k and v, bf16
+    n_full = cfg.layer_types.count("full_attention")
+    sliding = gl.KVCache(cfg, 1, n, "bfloat16")
+    assert sliding.nbytes == per_pos * (n_full * n + (cfg.num_hidden_layers - n_full) * cfg.sliding_window)
+    cfg.layer_types = ["full_attention"] * cfg.num_hidden_layers
+    full = gl.KVCache(cfg, 1, n, "bfloat16")
+    assert full.nbytes == per_pos * cfg.num_hidden_layers * n
+    assert gl.KVCache(cfg, 2, n, "float32").nbytes == 4 * full.nbytes  # batch 2, f32
+    print(f"{size}: KV cache at 32k, bf16: 5:1 {sliding.nbytes / 2**20:.0f} MiB, all global "
+          f"{full.nbytes / 2**20:.0f} MiB ({full.nbytes / sliding.nbytes:.1f}x)")
+
+
+@pytest.fixture(scope="module")
+def hd64_dir(tmp_path_factory):
+    """A tiny model with head_dim 64 (the decode kernel's AVX-512 path needs head_dim % 64 == 0; conftest's models
+    have 16 to 32) and a window of 8."""
+    d = str(tmp_path_factory.mktemp("hd64"))
+    build_hf(d, seed=7, head_dim=64, sliding_window=8, num_attention_heads=4, num_key_value_heads=1)
+    return d
+
+
+def test_decode_over_long_past_equals_one_pass(hd64_dir):
+    """Decode steps after a prompt many windows long (split-K over a global layer's past and a sliding layer's ring)
+    give the logits of one pass over the whole sequence: f32 cache to summation order, bf16 cache (its rows widened
+    in the decode kernel's permuted order) within what bf16 itself costs."""
+    ids = np.random.default_rng(5).integers(0, 320, (1, 300))
+    for dtype in ("float32", "bfloat16"):
+        model = gl.load(hd64_dir, dtype=dtype)
+        full = model.forward(ids)
+        cache = model.new_cache(max_seq_len=320)
+        model.forward(ids[:, :280], cache=cache)
+        steps = np.concatenate([model.forward(ids[:, t:t + 1], cache=cache) for t in range(280, 298)]
+                               + [model.forward(ids[:, 298:300], cache=cache)], 1)  # and a 2-position step
+        if dtype == "float32":
+            assert rel_err(steps, full[:, 280:]) <= 1e-5
+        else:  # as tests/test_cache.py's bf16 case: bounded by the bf16 model's own distance from the f32 one
+            ref32 = gl.load(hd64_dir).forward(ids)[:, 280:]
+            assert rel_err(steps, full[:, 280:]) <= rel_err(full[:, 280:], ref32)
+            assert (steps.argmax(-1) == full[:, 280:].argmax(-1)).all()
+
+
+@pytest.fixture(scope="module")
+def big_vocab_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("big-vocab"))
+    build_hf(d, vocab_size=262144, hidden_size=32, intermediate_size=32, num_hidden_layers=1, head_dim=16,
+             num_attention_heads=2, num_key_value_heads=1)
+    return d
+
+
+def test_long_input_allocations_refused_with_the_fix(big_vocab_dir, tiny_dir):
+    """All-position logits of 2^20 positions x 262144 (1.1 TB) and a pattern hook's [1, 4, 2^20, 2^20] scores are
+    refused before anything is allocated or computed, naming what would fit; next_token_logits of the same input
+    is what generation uses (last position only)."""
+    ids = np.zeros((1, 1 << 20), np.int64)
+    model = gl.load(big_vocab_dir)
+    with pytest.raises(MemoryError, match=r"logits of every position, a float32 \[1, 1048576, 262144\].*next_token_logits"):
+        model.forward(ids, allow_longer=True)
+    with pytest.raises(MemoryError, match="next_token_logits"):
+        model.forward(ids, return_type="loss", allow_longer=True)
+    tiny = gl.load(tiny_dir)
+    with pytest.raises(MemoryError, match=r"hook_attn_scores / hook_pattern over 1048576 positions.*\[1, 4, 1048576, "
+                                          r"1048576\].*KV cache"):
+        tiny.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda a, hook: None)], return_type=None,
+                            allow_longer=True)

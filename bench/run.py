@@ -5,6 +5,7 @@
     python bench/run.py --quick --only grad    # measure and rewrite one table (or several: --only hooks,grad)
     python bench/run.py --only serve           # gemmalens serve beside llama.cpp's server (bench/serve_load.py)
     python bench/run.py --only isa             # gemmalens forced to each CPU class beside llama.cpp (bench/isa_bench.py)
+    python bench/run.py --only longctx         # prefill / decode to 32k, both patterns, peers (bench/longctx_bench.py)
 
 Writes the tables to bench/README.md (between the BENCH markers; each table between its own bench:NAME markers, so
 --only replaces just those and stamps them with their own date and command) with the date and machine.
@@ -498,7 +499,8 @@ def bench_sae(path, threads, repeats, T=128, width=16384):
 
 
 # The tables, in the order they appear in bench/README.md; --only picks some of them.
-SECTIONS = ("prefill", "decode", "hooks", "grad", "llama", "scaling", "sae", "threads", "harvest", "serve", "isa")
+SECTIONS = ("prefill", "decode", "hooks", "grad", "llama", "scaling", "sae", "threads", "harvest", "serve", "isa",
+            "longctx")
 GRAD_SIZES = ("270m", "1b")  # the gradient table has both sizes with --quick too
 
 
@@ -823,6 +825,13 @@ def main():
 
         builds = dict(a.split("=", 1) for a in args.llama_build)
         text["isa"] = isa_bench.section(isa_bench.rows(args.threads, args.quick, builds), args.threads)
+
+    if want("longctx"):  # prefill and decode to 32k tokens, 5:1 and every layer global, beside llama.cpp and HF
+        import longctx_bench
+
+        lc = longctx_bench.rows(args.threads, args.quick, args.sizes.split(",") if args.sizes else None, ckpt)
+        print("wrote", longctx_bench.plot(lc), flush=True)
+        text["longctx"] = longctx_bench.section(lc)
 
     command = "python bench/run.py" + (" --quick" if args.quick else "") + (f" --only {','.join(only)}" if only else "")
     measured = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "

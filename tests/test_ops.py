@@ -265,3 +265,18 @@ def test_linear_paths_across_row_counts(M):
         ref4 = x.astype(np.float64) @ w4.T
     out4 = ops.linear(x, w, "float32", int4=True)
     np.testing.assert_allclose(out4, ref4, rtol=1e-5, atol=atol * np.abs(ref8).max())  # |w4| <= max|w| as for int8
+
+
+def test_attention_seconds():
+    """The bench's attention timer (bench/longctx_bench.py): a positive time for prefill and decode shapes, sliding
+    and global, f32 and bf16 caches; bad arguments refused."""
+    for T, past, window, dtype in ((64, 0, 16, "bfloat16"), (1, 300, 0, "bfloat16"), (2, 300, 64, "float32"),
+                                   (1, 10, 64, "bfloat16")):
+        t = ops.attention_seconds(T, past, 4, 1, 64, window, dtype, 2)
+        assert 0 < t < 1, (T, past, window, dtype, t)
+    with pytest.raises(ValueError, match="H % KV"):
+        ops.attention_seconds(1, 10, 3, 2, 64)
+    with pytest.raises(ValueError, match="T, H, KV, Hd, reps >= 1"):
+        ops.attention_seconds(0, 10, 4, 1, 64)
+    with pytest.raises(ValueError, match="dtype"):
+        ops.attention_seconds(1, 10, 4, 1, 64, 0, "float16")

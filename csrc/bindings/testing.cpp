@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <vector>
 
 #include "bindings/bindings.h"
 #include "ops/attention.h"
@@ -101,6 +103,48 @@ void bind_testing(py::module_& m) {
     ops::attention(a);
     return z;
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("bf16") = false);
+  t.def("attention_seconds", [](int T, int64_t past, int H, int KV, int Hd, int64_t window, const std::string& dtype, int reps) {
+    // Seconds of one attention call (median of reps, after a warm-up) as a layer of a model in `dtype` makes it:
+    // T new positions after `past` cached ones (batch 1), a bf16 cache for a bf16 model, the cache a ring of
+    // `window` slots on a sliding layer (window > 0) and past slots on a global one. Random q, k, v: the time does
+    // not depend on the values. bench/longctx_bench.py times a layer's attention against the context length with it.
+    if (T < 1 || past < 0 || H < 1 || KV < 1 || H % KV != 0 || Hd < 1 || window < 0 || reps < 1)
+      throw ValueError("attention_seconds: T, H, KV, Hd, reps >= 1, H % KV == 0, past, window >= 0");
+    const DType d = parse_dtype(dtype);
+    const int64_t cap = window > 0 ? std::min<int64_t>(window, std::max<int64_t>(past, 1)) : std::max<int64_t>(past, 1);
+    const size_t es = d == DType::F32 ? 4 : 2;
+    std::vector<float> q(static_cast<size_t>(T) * H * Hd), k(static_cast<size_t>(T) * KV * Hd), v(k.size()), z(q.size());
+    std::vector<uint8_t> kc(static_cast<size_t>(KV) * cap * Hd * es), vc(kc.size());
+    uint32_t s = 12345;  // values in [-1, 1): a fixed LCG
+    auto next = [&s] { return static_cast<float>((s = s * 1664525u + 1013904223u) >> 8) / 8388608.f - 1.f; };
+    for (auto* buf : {&q, &k, &v})
+      for (auto& x : *buf) x = next();
+    for (auto* buf : {&kc, &vc})
+      if (d == DType::F32)
+        for (size_t i = 0; i < buf->size() / 4; ++i) reinterpret_cast<float*>(buf->data())[i] = next();
+      else
+        for (size_t i = 0; i < buf->size() / 2; ++i) reinterpret_cast<uint16_t*>(buf->data())[i] = f32_to_bf16(next());
+    ops::AttentionArgs a;
+    a.B = 1, a.T = T, a.H = H, a.KV = KV, a.Hd = Hd;
+    a.q = q.data(), a.k_new = k.data(), a.v_new = v.data(), a.z = z.data();
+    if (past > 0) {
+      a.cache.k = kc.data(), a.cache.v = vc.data(), a.cache.dtype = d, a.cache.KV = KV, a.cache.Hd = Hd, a.cache.cap = cap;
+    }
+    a.past = past, a.window = window, a.scale = 1.f / std::sqrt(static_cast<float>(Hd)), a.compute = d;
+    py::gil_scoped_release r;
+    ops::attention(a);
+    std::vector<double> ts;
+    for (int i = 0; i < reps; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      ops::attention(a);
+      ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(ts.begin(), ts.end());
+    return ts[ts.size() / 2];
+  }, py::arg("T"), py::arg("past"), py::arg("H"), py::arg("KV"), py::arg("Hd"), py::arg("window") = 0,
+     py::arg("dtype") = "bfloat16", py::arg("reps") = 5,
+     "Median seconds of one attention call: T new positions after `past` cached (bf16 cache for bfloat16), a sliding "
+     "layer when window > 0.");
 }
 
 }  // namespace gemmalens

@@ -330,7 +330,6 @@ def section(res):
     at = res["attn"]
     ns = sorted(at["sliding"])
     fit_ns = [n for n in ns if n >= 4 * WINDOW]
-    a, b, r2, quad = linear_fit(fit_ns, [at["sliding"][n] for n in fit_ns])
     text += ("\n#### One layer's prefill attention against the context length n (bf16 model, 4 query heads, 1 KV head, "
              "head_dim 256; `_core._testing.attention_seconds`: the kernel a forward runs, no cache)\n\n"
              f"| n | sliding layer (window {WINDOW}) ms | its query-key pairs | ns per pair | global layer ms | its pairs | "
@@ -343,11 +342,14 @@ def section(res):
     text += (f"\nA query on a sliding layer meets min(i + 1, {WINDOW}) keys, so the layer's work is the sum of those, "
              f"n x {WINDOW} less a ramp up to n = {WINDOW}; its time per query-key pair ranges from "
              f"{min(per_pair):.1f} to {max(per_pair):.1f} ns over n = {ns[0]} .. {ns[-1]} (the global layer's n(n + 1) / 2 "
-             f"pairs, for contrast, grow quadratically). Over n >= {4 * WINDOW} (past the ramp), least squares "
-             f"t = a + b n: a = {a * 1e3:.2f} ms, b = {b * 1e6:.2f} us "
-             f"per position, **R^2 = {r2:.4f}**; a quadratic fit's n^2 term at n = {fit_ns[-1]} is {quad * 100:+.1f}% of "
-             "the time measured there. The tiled kernel starts each block of queries at its first visible key: the keys "
-             "before it are never read, not masked (csrc/tests/attention_test.cpp poisons them with NaN).\n")
+             "pairs, for contrast, grow quadratically).")
+    if len(fit_ns) >= 3:
+        a, b, r2, quad = linear_fit(fit_ns, [at["sliding"][n] for n in fit_ns])
+        text += (f" Over n >= {4 * WINDOW} (past the ramp), least squares t = a + b n: a = {a * 1e3:.2f} ms, "
+                 f"b = {b * 1e6:.2f} us per position, **R^2 = {r2:.4f}**; a quadratic fit's n^2 term at n = {fit_ns[-1]} "
+                 f"is {quad * 100:+.1f}% of the time measured there.")
+    text += (" The tiled kernel starts each block of queries at its first visible key: the keys before it are never "
+             "read, not masked (csrc/tests/attention_test.cpp poisons them with NaN).\n")
     text += ("\n![KV cache memory and prefill time against context, Gemma 3's 5:1 pattern and every layer global]"
              "(longctx.png)\n")
     for e in res["errors"]:

@@ -43,6 +43,7 @@ def test_bf16_chunked_equals_full(tiny_dir, weights):
     assert rel_err(got, full) <= rel_err(full, ref32)
     top2 = np.sort(full, -1)[..., -2:]
     clear = top2[..., 1] - top2[..., 0] > 2 * np.abs(got - full).max()
+    assert clear.mean() >= 0.25  # a good share of clear choices: the check below is not vacuous
     assert (got.argmax(-1) == full.argmax(-1))[clear].all()
 
 

@@ -3,7 +3,8 @@ same weights with every layer global, against llama.cpp (llama-cpp-python, its S
 same weights; KV cache bytes; one sliding layer's attention time against the context length, with a fit; the plot
 bench/longctx.png (KV memory and prefill time against context, both patterns).
 
-    python bench/longctx_bench.py [--quick] [--threads N] [--sizes 270m,1b] [--llama-python PY]   # prints the tables
+    python bench/longctx_bench.py [--quick] [--threads N] [--sizes 270m,1b] [--llama-python PY] [--hf-max N]
+                                  [--global-max N]   # prints the tables
 
 Every measurement runs in a child process (its own peak memory; a crash costs its cells only), with
 GOMP_SPINCOUNT=300 for all three engines (libgomp's default spin costs torch and llama.cpp several times over on a
@@ -228,19 +229,23 @@ def linear_fit(ns, ts):
     return a, b, r2, c * n[-1] ** 2 / t[-1]
 
 
-def rows(threads=2, quick=False, sizes=None, ckpt=None, llama_python=None):
+def rows(threads=2, quick=False, sizes=None, ckpt=None, llama_python=None, hf_max=None, global_max=None):
     """Every measurement of the plan: {"ours": {(size, pattern, weights): child result}, "hf": {(size, ctx): ...},
     "llama": {(size, ctx): ...}, "attn": ..., "plan": ...}."""
     plan = dict(PLAN[quick])
     if sizes:
         plan["sizes"] = tuple(sizes)
     llama_python = llama_python or sys.executable
-    res = {"ours": {}, "hf": {}, "llama": {}, "errors": [], "plan": plan, "threads": threads}
+    res = {"ours": {}, "hf": {}, "llama": {}, "errors": [], "plan": plan, "threads": threads, "not_run": []}
+    if hf_max:
+        res["not_run"].append(f"HF past {hf_max} tokens (--hf-max; its 32k prefill takes 10-25 min per size here)")
+    if global_max:
+        res["not_run"].append(f"the every-layer-global variant past {global_max} tokens (--global-max)")
     print("sliding / global layer attention against n", flush=True)
     res["attn"] = _intkeys(_child(sys.executable, _ATTN, [json.dumps(plan["attn_n"]), 2 if quick else 5], threads))
     for size in plan["sizes"]:
         runs = [("5:1", "native", sorted(set(plan["prefill"]) | set(plan["decode"]))),
-                ("global", "native", list(plan["prefill"])),
+                ("global", "native", [c for c in plan["prefill"] if not global_max or c <= global_max]),
                 ("5:1", "int8", sorted(set(plan["int8"]) | {min(plan["decode"])}))]
         for pattern, weights, ctxs in runs:
             decode_at = [c for c in ctxs if c in plan["decode"] or (pattern == "global" and c == max(ctxs))]
@@ -256,8 +261,9 @@ def rows(threads=2, quick=False, sizes=None, ckpt=None, llama_python=None):
         for ctx in plan["peers"]:
             print(f"HF {size} bf16 sdpa, {ctx} tokens", flush=True)
             try:
-                res["hf"][(size, ctx)] = _child(sys.executable, _HF, [variant(size, "5:1", ckpt), "bfloat16", threads,
-                                                                        ctx, plan["n_new"]], threads)
+                if not (hf_max and ctx > hf_max):
+                    res["hf"][(size, ctx)] = _child(sys.executable, _HF, [variant(size, "5:1", ckpt), "bfloat16",
+                                                                            threads, ctx, plan["n_new"]], threads)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 res["errors"].append(f"HF {size} {ctx}: {e}")
                 print(res["errors"][-1], flush=True)
@@ -280,25 +286,27 @@ def section(res):
     the sliding layer's attention time against n with its fit, and the plot."""
     plan, threads = res["plan"], res["threads"]
     top = max(plan["peers"])
-    kilo = f"{top // 1024}k"
-    text = (f"### Long context (batch 1, {threads} threads; prefill {top} tokens, decode at context {top}; bf16 weights "
+    text = (f"### Long context (batch 1, {threads} threads; prefill of the context, then decode at it; bf16 weights "
             "and KV cache)\n\n"
-            f"| model | engine | prefill {kilo} tok/s | decode at {kilo} tok/s | KV cache at {kilo} MiB | peak RSS MB |\n"
-            "|---|---|---|---|---|---|\n")
+            "| model | context | engine | prefill tok/s | decode tok/s | KV cache MiB | peak RSS MB |\n"
+            "|---|---|---|---|---|---|---|\n")
     for size in plan["sizes"]:
         o = res["ours"].get((size, "5:1", "native"))
         g = res["ours"].get((size, "global", "native"))
         i8 = res["ours"].get((size, "5:1", "int8"))
-        cells = [("gemmalens, 5:1", o), ("gemmalens, int8 weights, 5:1", i8), ("gemmalens, every layer global", g)]
-        for name, r in cells:
-            if r and top in r["prefill"]:
-                text += (f"| {size} | {name} | {top / r['prefill'][top]:.0f} | {_f(r['decode'].get(top))} | "
-                         f"{_f(r['kv_bytes'].get(top, 0) / 2**20 or None, '{:.0f}')} | {r['peak_rss'] / 1e6:.0f} |\n")
-        for name, r in (("llama.cpp (SWA cache, flash attention)", res["llama"].get((size, top))),
-                        ("HF transformers (sdpa)", res["hf"].get((size, top)))):
-            if r:
-                text += (f"| {size} | {name} | {top / r['prefill']:.0f} | {r['decode']:.1f} | "
-                         f"{r['kv_bytes'] / 2**20:.0f} | {r['peak_rss'] / 1e6:.0f} |\n")
+        for ctx in plan["peers"]:
+            cells = [("gemmalens, 5:1", o), ("gemmalens, int8 weights, 5:1", i8), ("gemmalens, every layer global", g)]
+            for name, r in cells:
+                if r and ctx in r["prefill"]:
+                    text += (f"| {size} | {ctx} | {name} | {ctx / r['prefill'][ctx]:.0f} | {_f(r['decode'].get(ctx))} | "
+                             f"{_f(r['kv_bytes'].get(ctx, 0) / 2**20 or None, '{:.0f}')} | {r['peak_rss'] / 1e6:.0f} |\n")
+            for name, r in (("llama.cpp (SWA cache, flash attention)", res["llama"].get((size, ctx))),
+                            ("HF transformers (sdpa)", res["hf"].get((size, ctx)))):
+                if r:
+                    text += (f"| {size} | {ctx} | {name} | {ctx / r['prefill']:.0f} | {r['decode']:.1f} | "
+                             f"{r['kv_bytes'] / 2**20:.0f} | {r['peak_rss'] / 1e6:.0f} |\n")
+    if res.get("not_run"):
+        text += "\nNot run in this run: " + "; ".join(res["not_run"]) + ".\n"
     text += ("\nThe same random weights of the real shapes everywhere: gemmalens and HF read the HF folder, llama.cpp "
              "a BF16 GGUF written from it. gemmalens: `dtype=\"bfloat16\"` (bf16 matmul inputs, bf16 KV cache, f32 "
              "activations and softmax), int8 rows `weights=\"int8\"` with it (the CLI's fast mode); \"every layer "
@@ -400,6 +408,8 @@ def main():
     ap.add_argument("--sizes", help="comma-separated sizes instead of the plan's")
     ap.add_argument("--llama-python", help="the Python whose llama-cpp-python runs llama.cpp (default: this one)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--hf-max", type=int, help="run HF only at peer contexts up to this many tokens")
+    ap.add_argument("--global-max", type=int, help="run the every-layer-global variant only up to this context")
     args = ap.parse_args()
     from make_models import make
 
@@ -409,7 +419,8 @@ def main():
             make(size, p)
         return p
 
-    res = rows(args.threads, args.quick, args.sizes.split(",") if args.sizes else None, ckpt, args.llama_python)
+    res = rows(args.threads, args.quick, args.sizes.split(",") if args.sizes else None, ckpt, args.llama_python,
+               args.hf_max, args.global_max)
     if not args.no_plot:
         print("wrote", plot(res))
     print(section(res))

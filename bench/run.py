@@ -600,6 +600,9 @@ def main():
                     help="comma-separated model sizes for every table instead of the defaults (trying things out: "
                          "needs --no-write)")
     ap.add_argument("--no-write", action="store_true", help="print the tables, do not update bench/README.md")
+    ap.add_argument("--longctx-hf-max", type=int, metavar="N", help="longctx: run HF only up to N tokens")
+    ap.add_argument("--longctx-global-max", type=int, metavar="N",
+                    help="longctx: run the every-layer-global variant only up to N tokens")
     ap.add_argument("--llama-build", action="append", default=[], metavar="CLASS=DIR",
                     help="the isa table: a llama-cpp-python built for CPU class CLASS, installed with pip install "
                          "--target DIR (default: the installed build for every class)")
@@ -829,11 +832,15 @@ def main():
     if want("longctx"):  # prefill and decode to 32k tokens, 5:1 and every layer global, beside llama.cpp and HF
         import longctx_bench
 
-        lc = longctx_bench.rows(args.threads, args.quick, args.sizes.split(",") if args.sizes else None, ckpt)
+        lc = longctx_bench.rows(args.threads, args.quick, args.sizes.split(",") if args.sizes else None, ckpt,
+                                hf_max=args.longctx_hf_max, global_max=args.longctx_global_max)
         print("wrote", longctx_bench.plot(lc), flush=True)
         text["longctx"] = longctx_bench.section(lc)
 
     command = "python bench/run.py" + (" --quick" if args.quick else "") + (f" --only {','.join(only)}" if only else "")
+    command += "".join(f" --llama-build {b}" for b in args.llama_build)
+    command += f" --longctx-hf-max {args.longctx_hf_max}" if args.longctx_hf_max else ""
+    command += f" --longctx-global-max {args.longctx_global_max}" if args.longctx_global_max else ""
     measured = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "
                 f"({os.cpu_count()} cores visible); gemmalens {gemmalens.__version__} (oneDNN "
                 f"{gemmalens._core.dnnl_version()}), transformers {transformers.__version__}, torch {torch.__version__}, "

@@ -280,8 +280,9 @@ void attention_decode_splitk(const AttentionArgs& a) {
               float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
               for (int c2 = 0; c2 < NB; ++c2) {
-                const float e = exp_f32(s[c2] - mx);
-                s[c2] = (c2 < c_lo || c2 > c_hi) ? 0.f : e;
+                const bool out = c2 < c_lo || c2 > c_hi;  // a slot of the block no query sees: not in the sum
+                const float e = exp_f32(out ? -100.f : s[c2] - mx);
+                s[c2] = out ? 0.f : e;
                 sum += s[c2];
               }
               const float cr = m[r] == kNegInf ? 0.f : exp_f32(m[r] - mx);

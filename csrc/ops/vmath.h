@@ -28,7 +28,8 @@ inline float exp_f32(float x) {
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   p = p * r * r + r + 1.f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  // unsigned: a NaN x (n = INT_MIN on x86) must not make the shift undefined; p is NaN then and so is the result
+  const uint32_t e = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &e, 4);
   return p * scale;

@@ -273,19 +273,33 @@ GL_VNNI inline __m512i block_w512(const uint8_t* tile, int64_t b, int g) {
   }
 }
 
+// What every ISA's tile kernel reads for tile t and the activation rows from m0: the tile's weights and scales, the
+// next tile (prefetched by the first pass over this one: the thread's next, schedule(static)), the rows' int8 values,
+// offset corrections and scales.
+struct TileOperands {
+  int64_t K, nb;
+  const uint8_t* tile;
+  const float* dw;
+  bool ahead;
+  const uint8_t* next;
+  const int8_t* x;
+  const int32_t* corr;
+  const float* dx;
+};
+template <int BITS>
+inline TileOperands tile_operands(const QuantWeights& w, const XQ& xq, int64_t t, int64_t m0) {
+  const int64_t K = w.K, nb = K / 32;
+  const uint8_t* tile = w.q.data() + t * kQuantTile * K * BITS / 8;
+  const bool ahead = m0 == 0 && t + 1 < quant_tiles(w.N);
+  return {K, nb, tile, w.d.data() + t * nb * kQuantTile, ahead, ahead ? tile + kQuantTile * K * BITS / 8 : nullptr,
+          xq.q.data() + m0 * K, xq.corr.data() + m0 * nb, xq.dx.data() + m0 * nb};
+}
+
 // AVX-512 VNNI: vpdpbusd on zmm, 16 lanes = the whole tile.
 template <int MB, int BITS>
 GL_VNNI void tile_vnni512(const QuantWeights& w, const XQ& xq, int64_t t, int64_t m0, float* y, int64_t ldy) {
   constexpr int C = kChains<MB>;
-  const int64_t K = w.K, nb = K / 32;
-  const uint8_t* tile = w.q.data() + t * kQuantTile * K * BITS / 8;
-  const float* dw = w.d.data() + t * nb * kQuantTile;
-  // the first pass over this tile asks for the next one (the thread's next, schedule(static)), block by block
-  const bool ahead = m0 == 0 && t + 1 < quant_tiles(w.N);
-  const uint8_t* next = ahead ? tile + kQuantTile * K * BITS / 8 : nullptr;
-  const int8_t* x = xq.q.data() + m0 * K;
-  const int32_t* corr = xq.corr.data() + m0 * nb;
-  const float* dx = xq.dx.data() + m0 * nb;
+  const auto [K, nb, tile, dw, ahead, next, x, corr, dx] = tile_operands<BITS>(w, xq, t, m0);
   __m512 acc[MB];
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
@@ -348,15 +362,7 @@ template <int MB, int BITS>
 __attribute__((target("avxvnni"))) void tile_avxvnni(const QuantWeights& w, const XQ& xq, int64_t t, int64_t m0, float* y,
                                                       int64_t ldy) {
   constexpr int C = kChains<MB>;
-  const int64_t K = w.K, nb = K / 32;
-  const uint8_t* tile = w.q.data() + t * kQuantTile * K * BITS / 8;
-  const float* dw = w.d.data() + t * nb * kQuantTile;
-  // the first pass over this tile asks for the next one (the thread's next, schedule(static)), block by block
-  const bool ahead = m0 == 0 && t + 1 < quant_tiles(w.N);
-  const uint8_t* next = ahead ? tile + kQuantTile * K * BITS / 8 : nullptr;
-  const int8_t* x = xq.q.data() + m0 * K;
-  const int32_t* corr = xq.corr.data() + m0 * nb;
-  const float* dx = xq.dx.data() + m0 * nb;
+  const auto [K, nb, tile, dw, ahead, next, x, corr, dx] = tile_operands<BITS>(w, xq, t, m0);
   for (int h = 0; h < 2; ++h) {
     const int64_t n0 = t * kQuantTile + 8 * h;
     if (n0 >= w.N) break;
@@ -401,15 +407,7 @@ __attribute__((target("avxvnni"))) void tile_avxvnni(const QuantWeights& w, cons
 // block, and corr takes the offset away.
 template <int MB, int BITS>
 __attribute__((noinline)) void tile_avx2(const QuantWeights& w, const XQ& xq, int64_t t, int64_t m0, float* y, int64_t ldy) {
-  const int64_t K = w.K, nb = K / 32;
-  const uint8_t* tile = w.q.data() + t * kQuantTile * K * BITS / 8;
-  const float* dw = w.d.data() + t * nb * kQuantTile;
-  // the first pass over this tile asks for the next one (the thread's next, schedule(static)), block by block
-  const bool ahead = m0 == 0 && t + 1 < quant_tiles(w.N);
-  const uint8_t* next = ahead ? tile + kQuantTile * K * BITS / 8 : nullptr;
-  const int8_t* x = xq.q.data() + m0 * K;
-  const int32_t* corr = xq.corr.data() + m0 * nb;
-  const float* dx = xq.dx.data() + m0 * nb;
+  const auto [K, nb, tile, dw, ahead, next, x, corr, dx] = tile_operands<BITS>(w, xq, t, m0);
   const __m256i ones16 = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int h = 0; h < 2; ++h) {
     const int64_t n0 = t * kQuantTile + 8 * h;

@@ -224,7 +224,7 @@ def test_linear_paths_across_row_counts(M):
     """Each matmul path a CPU class takes, by the rows M of a call (gl.cpu_info(): bf16_own_max_rows,
     int8_prefill_min_rows): decode kernels, gemmalens's own bf16 kernels (registers, or f32 panels past 16 rows on
     AVX2), oneDNN (bf16, or f32 on blocks widened from bf16 when the class has no bf16 hardware: the row-major LM
-    head's layout past 4 rows, 1000 columns here, and int8 weights dequantised on AVX-512), the int8 kernels.
+    head's layout past 4 rows, 1000 columns here, and int8 weights dequantised to bf16 on AMX), the int8 kernels.
     1088 x 1024: more than one widened block (~4 MB of f32), 17 panels of 64 columns, K in 8 slices of 128."""
     info = __import__("gemmalens").cpu_info()
     K, N = 1024, 1088
@@ -234,8 +234,8 @@ def test_linear_paths_across_row_counts(M):
     tol = dict(rtol=1e-5, atol=2e-4 * np.abs(ref).max())
     np.testing.assert_allclose(ops.linear(x, w, "bfloat16"), ref, **tol)
     np.testing.assert_allclose(ops.linear(x, w[:1000], "bfloat16", plain=True), ref[:, :1000], **tol)
-    # int8: the kernels multiply int8 activation blocks; the dequantised path the dequantised weights with f32 (or,
-    # with bf16 hardware, bf16) activations
+    # int8: the kernels multiply int8 activation blocks; the dequantised path (AMX) the dequantised weights with bf16
+    # activations
     wq = ops.quantize(w, 8).astype(np.float64)
     dequant = info["int8_prefill_min_rows"] is not None and M >= info["int8_prefill_min_rows"]
     # an activation right at a rounding tie may land on the other int8 level in C++ than in numpy (~1 in 10^4 here):
@@ -243,14 +243,11 @@ def test_linear_paths_across_row_counts(M):
     atol = 2e-4
     if not dequant:
         qx, dx = q8_blocks(x)
-        qw, dw = q8_blocks(w)
-        ref8 = np.einsum("mbk,nbk,mb,nb->mn", qx, qw, dx[..., 0], dw[..., 0])
+        ref8 = np.einsum("mbk,nbk,mb->mn", qx, wq.reshape(N, -1, 32), dx[..., 0])  # against the stored blocks
         atol = max(atol, 1.01 * dx.max() * np.abs(wq).max() / np.abs(ref8).max())
-    elif info["int8_prefill"].startswith("dequant_bf16"):
-        ref8 = bf16(x).astype(np.float64) @ bf16(wq.astype(np.float32)).astype(np.float64).T
     else:
-        assert info["int8_prefill"] == "dequant_f32_onednn"
-        ref8 = x.astype(np.float64) @ wq.T
+        assert info["int8_prefill"] == "dequant_bf16_onednn_amx"
+        ref8 = bf16(x).astype(np.float64) @ bf16(wq.astype(np.float32)).astype(np.float64).T
     out8 = ops.linear(x, w, "float32", True)
     np.testing.assert_allclose(out8, ref8, rtol=1e-5, atol=atol * np.abs(ref8).max())
     assert np.mean(np.abs(out8 - ref8) <= 1e-5 * np.abs(ref8) + 2e-4 * np.abs(ref8).max()) >= 0.995
@@ -259,10 +256,8 @@ def test_linear_paths_across_row_counts(M):
     w4 = ops.quantize(w, 4).astype(np.float64)
     if not dequant:
         ref4 = np.einsum("mbk,nbk,mb->mn", qx, w4.reshape(N, -1, 32), dx[..., 0])
-    elif info["int8_prefill"].startswith("dequant_bf16"):
-        ref4 = bf16(x).astype(np.float64) @ bf16(w4.astype(np.float32)).astype(np.float64).T
     else:
-        ref4 = x.astype(np.float64) @ w4.T
+        ref4 = bf16(x).astype(np.float64) @ bf16(w4.astype(np.float32)).astype(np.float64).T
     out4 = ops.linear(x, w, "float32", int4=True)
     np.testing.assert_allclose(out4, ref4, rtol=1e-5, atol=atol * np.abs(ref8).max())  # |w4| <= max|w| as for int8
 

@@ -94,9 +94,7 @@ std::vector<std::pair<std::string, std::string>> cpu_paths() {
       {"decode_bf16", own},
       {"int8", quant},
       {"int4", quant},
-      {"int8_prefill", quant_dequant_min_m() > 512 ? quant
-                       : bf16_matmul_path() == Bf16MatmulPath::OneDnn ? (c == CpuClass::Amx ? "dequant_bf16_onednn_amx" : "dequant_bf16_onednn")
-                                                                      : "dequant_f32_onednn"},
+      {"int8_prefill", quant_dequant_min_m() > 512 ? quant : "dequant_bf16_onednn_amx"},
       {"attention", tiled},
       {"attention_bf16_prefill", use_amx() ? "onednn_amx" : tiled},
       {"f32_matmul", "onednn"},

@@ -69,17 +69,14 @@ inline QuantKernelPath quant_kernel_path() {
   return c >= CpuClass::Avx512 ? QuantKernelPath::Vnni512 : c == CpuClass::Avx2Vnni ? QuantKernelPath::AvxVnni
                                                                                    : QuantKernelPath::Avx2Maddubs;
 }
-// Quantised layers run matmuls of this many rows and more on weights dequantised a block at a time for oneDNN
-// (Linear::forward_dequantized: bf16 with bf16 hardware, else f32), where that beats the int8 kernels' per-block
-// scaling (measured on each class, 512 x 640 x 2048: VNNI-512 ~120 GOP/s against ~400 dequantised to bf16 on
-// AVX512_BF16 from 64 rows, ~200 to f32 on AVX-512 from 256 rows; on AVX2 the kernels keep up with oneDNN's f32).
+// Quantised layers run matmuls of this many rows and more on weights dequantised to bf16 a block at a time for
+// oneDNN's AMX matmul (Linear::forward_dequantized), whose tiles outrun the int8 kernels' per-block scaling. Without
+// AMX the int8 kernels (tiles of 16 weight rows, ops/quant.cpp) win at every size: measured 2026-11-27 on a Zen 5,
+// 2 threads, real 270M int8 prefill tok/s at 512 tokens, kernels against dequantised: 2413 / 1279 forced to AVX-512
+// (f32 blocks), 2309 / 1834 on AVX512_BF16 (bf16 blocks), 1730 / 1662 at 2048 tokens; random 1B at 512: 635 / 250
+// and 623 / 449.
 inline int64_t quant_dequant_min_m() {
-  switch (cpu_class()) {
-    case CpuClass::Amx:
-    case CpuClass::Avx512Bf16: return 64;
-    case CpuClass::Avx512: return 256;
-    default: return std::numeric_limits<int64_t>::max();
-  }
+  return cpu_class() == CpuClass::Amx ? 64 : std::numeric_limits<int64_t>::max();
 }
 // The AVX-512 f32 kernels (tiled attention, GELU, bf16 conversion) against their AVX2 versions.
 inline bool use_avx512() { return cpu_class() >= CpuClass::Avx512; }

@@ -345,39 +345,30 @@ void Linear::Impl::forward_f32_blocks(const float* x, int64_t M, int64_t N, int6
   }
 }
 
-// Prefill-sized matmuls on quantised weights: the weights dequantised a block at a time for oneDNN's matmul, whose
-// rate the int8 kernels do not reach at this size (measured 2026-11-27, 2 threads of a Zen 5: 512 x 640 x 2048 int8
-// ~110 GOP/s on VNNI-512 against ~250 GFLOP/s f32 and ~500 bf16). With bf16 hardware (AVX512_BF16, AMX) the block
-// is bf16 and so are the activations; without it f32, with f32 activations.
+// Prefill-sized matmuls on quantised weights where the CPU has AMX (quant_dequant_min_m()): the weights dequantised
+// to bf16 a block at a time for oneDNN's matmul on AMX tiles, with bf16 activations.
 void Linear::forward_dequantized(const float* x, int64_t M, float* y, int64_t ldy) {
   const QuantWeights& qw = impl_->qw;
   const int64_t K = K_;
-  if (bf16_matmul_path() == Bf16MatmulPath::OneDnn) {
-    // In chunks of output rows, so the bf16 copy stays small (a chunk, not the layer).
-    constexpr int64_t kChunk = 4096;
-    thread_local std::vector<uint16_t> wbuf;  // this thread's; the parallel loop gets the plain pointer
-    wbuf.resize(static_cast<size_t>(std::min(N_, kChunk)) * K_);
-    uint16_t* const wb = wbuf.data();
-    const uint16_t* xb = bf16_activations(x, M * K_);
-    for (int64_t n0 = 0; n0 < N_; n0 += kChunk) {
-      const int64_t nn = std::min(kChunk, N_ - n0);
+  // In chunks of output rows, so the bf16 copy stays small (a chunk, not the layer).
+  constexpr int64_t kChunk = 4096;
+  thread_local std::vector<uint16_t> wbuf;  // this thread's; the parallel loop gets the plain pointer
+  wbuf.resize(static_cast<size_t>(std::min(N_, kChunk)) * K_);
+  uint16_t* const wb = wbuf.data();
+  const uint16_t* xb = bf16_activations(x, M * K_);
+  for (int64_t n0 = 0; n0 < N_; n0 += kChunk) {
+    const int64_t nn = std::min(kChunk, N_ - n0);
 #pragma omp parallel
-      {
-        std::vector<float> row(static_cast<size_t>(K));
+    {
+      std::vector<float> row(static_cast<size_t>(K));
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < nn; ++n) {
-          quant_row(qw, n0 + n, row.data());
-          f32_to_bf16_n(row.data(), wb + n * K, K);
-        }
+      for (int64_t n = 0; n < nn; ++n) {
+        quant_row(qw, n0 + n, row.data());
+        f32_to_bf16_n(row.data(), wb + n * K, K);
       }
-      matmul_bf16(xb, M, K, wb, nn, /*b_nk=*/true, y + n0, ldy);
     }
-    return;
+    matmul_bf16(xb, M, K, wb, nn, /*b_nk=*/true, y + n0, ldy);
   }
-  impl_->forward_f32_blocks(x, M, N_, K, y, ldy, widen_block_cols(N_, K), /*b_kn=*/false, [&qw, K](int64_t n0, int64_t nn, float* out) {
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < nn; ++n) quant_row(qw, n0 + n, out + n * K);
-  });
 }
 
 void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {

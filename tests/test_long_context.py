@@ -121,3 +121,78 @@ def test_long_input_allocations_refused_with_the_fix(big_vocab_dir, tiny_dir):
                                           r"1048576\].*KV cache"):
         tiny.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda a, hook: None)], return_type=None,
                             allow_longer=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("which", ["tiny", "hd64"])
+def test_chunked_prefill_equals_one_pass(hf_models, hd64_dir, which, dtype):
+    """A prompt longer than model.prefill_chunk runs as chunks through the KV cache (a temporary one without a cache):
+    the last position's logits and the decode steps after it equal one pass's (prefill_chunk = 0), and HF's; left
+    padding longer than a chunk, cache_rows, and return_type=None too. Hooks, a cache that already holds positions,
+    or per-position outputs keep the one pass (a hook sees the whole input)."""
+    from transformers import Gemma3ForCausalLM
+
+    path = hf_models["mqa_scaled_softcap"][1] if which == "tiny" else hd64_dir
+    model = gl.load(path, dtype=dtype)
+    assert model.prefill_chunk == 2048
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 320, (2, 70))
+    mask = np.ones_like(ids)
+    mask[1, :23] = 0  # row 1: 23 positions of padding, more than one chunk of 16
+
+    def run(chunk, **kw):
+        model.prefill_chunk = chunk
+        cache = model.new_cache(batch=2, max_seq_len=80)
+        first = model.next_token_logits(ids, cache=cache, attention_mask=mask)
+        steps = [first] + [model.next_token_logits(rng_steps[:, t:t + 1], cache=cache) for t in range(4)]
+        return np.stack(steps, 1), cache.seq_len, model.next_token_logits(ids[:1])
+
+    rng_steps = rng.integers(0, 320, (2, 4))
+    one, n_one, nocache_one = run(0)
+    chunked, n_chunked, nocache_chunked = run(16)
+    assert n_one == n_chunked == 74
+    tol = 1e-5 if dtype == "float32" else 2e-3  # bf16: the order of the attention's sums, then bf16 matmul inputs
+    assert rel_err(chunked, one) <= tol
+    assert rel_err(nocache_chunked, nocache_one) <= tol
+    # the independent reference: HF on the same padded batch, last position (f32 only: the bound of test_model_hf)
+    if dtype == "float32":
+        hf = Gemma3ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+        ref = hf_logits(hf, ids, attention_mask=mask)[:, -1]
+        assert rel_err(chunked[:, 0], ref) <= 1e-4
+    # cache_rows: rows 2 and 0 of a batch-3 cache
+    model.prefill_chunk = 16
+    big = model.new_cache(batch=3, max_seq_len=80)
+    got = model.next_token_logits(ids, cache=big, attention_mask=mask, cache_rows=[2, 0])
+    assert rel_err(got, one[:, 0]) <= tol and big.seq_len == 70
+    assert model.forward(ids, return_type=None) is None
+    # hooks: one pass, the hook sees every position
+    seen = []
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, h: seen.append(a.shape))]):
+        model.next_token_logits(ids)
+    assert seen == [(2, 70, model.config.hidden_size)]
+    # a cache holding positions: the rest of the prompt in one pass (a chunk abandoned part-way could not be undone)
+    cache = model.new_cache(batch=2, max_seq_len=80)
+    model.next_token_logits(ids[:, :30], cache=cache, attention_mask=mask[:, :30])
+    rest = model.next_token_logits(ids[:, 30:], cache=cache, attention_mask=mask)
+    assert rel_err(rest, one[:, 0]) <= tol
+
+
+def test_chunked_prefill_checks_the_whole_input_first(tiny_dir):
+    """An input that cannot fit the cache, or holds a bad token id in a later chunk, is refused before the first
+    chunk runs: the cache stays empty and usable; prefill_chunk takes non-negative ints only."""
+    model = gl.load(tiny_dir)
+    model.prefill_chunk = 8
+    cache = model.new_cache(batch=1, max_seq_len=30)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.next_token_logits(np.arange(40)[None] % 300, cache=cache)
+    bad = np.arange(25)[None] % 300
+    bad[0, 20] = 10**6  # in the third chunk
+    with pytest.raises(ValueError, match="out of range"):
+        model.next_token_logits(bad, cache=cache)
+    assert cache.seq_len == 0
+    ok = model.next_token_logits(np.arange(25)[None] % 300, cache=cache)
+    model.prefill_chunk = 0
+    assert rel_err(ok, model.next_token_logits(np.arange(25)[None] % 300)) <= 1e-5
+    for bad_value in (-1, 1.5, "8", True):
+        with pytest.raises(ValueError, match="prefill_chunk"):
+            model.prefill_chunk = bad_value

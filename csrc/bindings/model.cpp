@@ -125,6 +125,7 @@ void bind_model(py::module_& m) {
       .def_property_readonly("weight_nbytes", &Gemma3Model::weight_nbytes)
       .def_property_readonly("weights", [](const Gemma3Model& m) { return weight_quant_name(m.weight_quant()); })
       .def_readwrite("threads", &Gemma3Model::threads)
+      .def_readwrite("prefill_chunk", &Gemma3Model::prefill_chunk)
       .def(
           "export_tensors",
           [](const Gemma3Model& g, py::object names) {

@@ -167,6 +167,55 @@ Gemma3Model::Pass Gemma3Model::prepare(const ForwardArgs& a) {
 void Gemma3Model::forward(const ForwardArgs& a) {
   std::lock_guard<std::mutex> lock(mu_);
   if (threads > 0) ops::set_num_threads(threads);
+  if (chunked(a))
+    forward_chunks(a);
+  else
+    forward_pass(a);
+}
+
+bool Gemma3Model::chunked(const ForwardArgs& a) const {
+  return prefill_chunk > 0 && a.T > prefill_chunk && !a.hooks && !a.tape && a.stop_at_layer < 0 &&
+         (a.logits_mode == LogitsMode::Last || a.logits_mode == LogitsMode::None) && (!a.cache || a.cache->seq_len() == 0);
+}
+
+// A long input (chunked()) as passes of prefill_chunk positions, each appended to the cache as a decoding loop
+// appends its steps: the keys and values a chunk's queries meet are the cache's (bf16-rounded in a bf16 model, as one
+// pass rounds them too), so only the order of the attention's sums differs from one pass. Only into an empty cache:
+// a pass abandoned part-way (an error, Ctrl-C) truncates it back to empty, leaving it as it was.
+void Gemma3Model::forward_chunks(const ForwardArgs& a) {
+  const std::vector<int32_t> row_start = validate(a);  // the whole input, before any chunk runs
+  std::unique_ptr<KVCache> own;
+  KVCache* cache = a.cache;
+  if (!cache) {
+    own = std::make_unique<KVCache>(cfg_, a.B, a.T, dtype_);
+    cache = own.get();
+  }
+  // The first chunk reaches every row's first real token (a pass needs one per row).
+  int64_t first = prefill_chunk;
+  for (int32_t r : row_start) first = std::max<int64_t>(first, static_cast<int64_t>(r) + 1);
+  std::vector<int32_t> tok;
+  try {
+    for (int64_t t0 = 0; t0 < a.T;) {
+      const int64_t n = std::min<int64_t>(t0 == 0 ? first : prefill_chunk, a.T - t0);
+      tok.resize(static_cast<size_t>(a.B) * n);
+      for (int b = 0; b < a.B; ++b)
+        std::memcpy(tok.data() + b * n, a.tokens + static_cast<int64_t>(b) * a.T + t0, sizeof(int32_t) * n);
+      ForwardArgs c = a;
+      c.tokens = tok.data();
+      c.T = static_cast<int>(n);
+      c.row_start = row_start.data();
+      c.cache = cache;
+      c.logits_mode = t0 + n == a.T ? a.logits_mode : LogitsMode::None;
+      forward_pass(c);
+      t0 += n;
+    }
+  } catch (...) {
+    cache->truncate(0);
+    throw;
+  }
+}
+
+void Gemma3Model::forward_pass(const ForwardArgs& a) {
   Pass p = prepare(a);  // validation, positions, RoPE tables, buffers
   const int D = cfg_.hidden_size;
 

@@ -146,6 +146,11 @@ class Gemma3Model {
   DType dtype() const { return dtype_; }
   size_t weight_nbytes() const;
   int threads = 0;  // 0 = OpenMP default
+  // Inputs longer than this many positions that need no per-position output (last-position logits or none; no hooks,
+  // no tape, no stop_at_layer) run as consecutive passes of at most this many positions through the KV cache (a
+  // temporary one when none is given): the same function, with the activations of a chunk instead of the whole
+  // input (a 32k-token prefill of 270m: ~2 GB of them otherwise). 0: never.
+  int64_t prefill_chunk = 2048;
 
   // Thread-safe (one forward at a time per model).
   void forward(const ForwardArgs& args);
@@ -163,6 +168,9 @@ class Gemma3Model {
   struct Pass;
   std::vector<int32_t> validate(const ForwardArgs& a) const;  // throws before anything is touched; row starts
   Pass prepare(const ForwardArgs& a);
+  void forward_pass(const ForwardArgs& a);  // one pass over the whole input (the lock held)
+  bool chunked(const ForwardArgs& a) const;  // whether forward() runs `a` in chunks of prefill_chunk positions
+  void forward_chunks(const ForwardArgs& a);
   void embed(const int32_t* tokens, int64_t M, float* x) const;
   void attention_block(int l, Pass& p);  // x += post_attention_norm(o_proj(attention(input_norm(x))))
   void attend(int l, Pass& p);           // z from q, k, v (and the cache): fast kernel or materialised for hooks

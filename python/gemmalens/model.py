@@ -281,6 +281,21 @@ class Model:
         self._core.threads = n
 
     @property
+    def prefill_chunk(self):
+        """Inputs longer than this many positions whose per-position values nobody asked for (next_token_logits,
+        return_type=None; no hooks, SAEs or gradients; an empty cache or none) run as consecutive passes of at most
+        this many positions through the KV cache (a temporary one without a cache), as a decoding loop would feed them:
+        the same logits, with one chunk's activations in memory instead of the whole input's. Default 2048; 0 turns
+        it off."""
+        return self._core.prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, n):
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"prefill_chunk must be a non-negative int (0: off), got {n!r}")
+        self._core.prefill_chunk = int(n)
+
+    @property
     def weight_nbytes(self):
         return self._core.weight_nbytes
 

@@ -93,6 +93,18 @@ def rows(threads, quick=False, llama_builds=None, classes=None):
     path = _resolve_demo("gemma3-270m")
     repeats, T, ctx, n_new = (2, 512, 128, 16) if quick else (3, 512, 128, 32)
     args = [path, threads, repeats, T, ctx, n_new]
+    # llama.cpp on bf16 weights too (the comparison for gemmalens's bf16 rows: the same bytes per weight): a BF16 GGUF
+    # of the same shapes, random weights (bench/longctx_bench.py writes it; time does not depend on the values)
+    import longctx_bench
+    from make_models import make
+
+    def ckpt(size):
+        p = os.path.join(longctx_bench.WORK, f"random-{size}")
+        if not os.path.exists(os.path.join(p, "model.safetensors")):
+            make(size, p)
+        return p
+
+    bf16_args = [longctx_bench.gguf_of("270m", ckpt)] + args[1:]
     llama_builds = llama_builds or {}
     base = {k: v for k, v in os.environ.items() if k not in ("GEMMALENS_MAX_ISA", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
     out, installed = [], None
@@ -105,15 +117,19 @@ def rows(threads, quick=False, llama_builds=None, classes=None):
             if build:
                 env = dict(base, PYTHONPATH=os.pathsep.join([build] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
                 theirs = _child(_LLAMA, args, env)
+                theirs["bf16"] = _child(_LLAMA, bf16_args, env)
             else:
-                installed = installed or _child(_LLAMA, args, base)
+                if installed is None:
+                    installed = _child(_LLAMA, args, base)
+                    installed["bf16"] = _child(_LLAMA, bf16_args, base)
                 theirs = installed
         except RuntimeError as e:  # its cells say "-"
             print(f"llama.cpp ({build or 'installed'}) failed: {e}", flush=True)
         out.append((cls, ours, theirs, "own build" if build else "installed"))
         print(f"{cls}: gemmalens f32 prefill {ours['f32'][0]:.0f}, bf16 prefill {ours['bf16'][0]:.0f} decode "
               f"{ours['bf16'][1]:.1f}, int8 prefill {ours['int8'][0]:.0f} decode {ours['int8'][1]:.1f} tok/s | llama.cpp "
-              + (f"prefill {theirs['prefill']:.0f} decode {theirs['decode']:.1f} ({theirs['isa']})" if theirs else "-"),
+              + (f"prefill {theirs['prefill']:.0f} decode {theirs['decode']:.1f}, on BF16 prefill "
+                 f"{theirs['bf16']['prefill']:.0f} decode {theirs['bf16']['decode']:.1f} ({theirs['isa']})" if theirs else "-"),
               flush=True)
     return out
 
@@ -129,19 +145,24 @@ def section(table_rows, threads):
             "512 tokens, decode at context 128, batch 1, tok/s)\n\n"
             "| class | bf16 matmuls | int8 kernels | f32 prefill | bf16 prefill | int8 prefill | llama.cpp prefill | "
             "bf16 / llama.cpp | int8 / llama.cpp | bf16 decode | int8 decode | llama.cpp decode | bf16 / llama.cpp | "
-            "int8 / llama.cpp | bf16 / int8 decode of the bandwidth bound | llama.cpp build |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "int8 / llama.cpp | llama.cpp on BF16: prefill / decode | bf16 / llama.cpp on BF16: prefill / decode | "
+            "bf16 / int8 decode of the bandwidth bound | llama.cpp build |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for cls, o, t, build in table_rows:
         i = o["info"]
         lp, ld = (t["prefill"], t["decode"]) if t else (None, None)
+        bp, bd = (t["bf16"]["prefill"], t["bf16"]["decode"]) if t else (None, None)
         text += (f"| {cls} | {i['bf16_matmul']} | {i['int8']} | {o['f32'][0]:.0f} | {o['bf16'][0]:.0f} | "
                  f"{o['int8'][0]:.0f} | {f'{lp:.0f}' if lp else '-'} | {r(o['bf16'][0], lp)} | {r(o['int8'][0], lp)} | "
                  f"{o['bf16'][1]:.1f} | {o['int8'][1]:.1f} | {f'{ld:.1f}' if ld else '-'} | {r(o['bf16'][1], ld)} | "
-                 f"{r(o['int8'][1], ld)} | {bound(o, 'bf16')} / {bound(o, 'int8')} | "
+                 f"{r(o['int8'][1], ld)} | {f'{bp:.0f} / {bd:.1f}' if t else '-'} | "
+                 f"{r(o['bf16'][0], bp)} / {r(o['bf16'][1], bd)} | {bound(o, 'bf16')} / {bound(o, 'int8')} | "
                  f"{build + (': ' + t['isa'] if t else '')} |\n")
     text += (f"\n{threads} threads. gemmalens bf16: bf16 weights (the GGUF dequantised at load), bf16 matmul inputs, f32 "
              "accumulation; int8: `weights=\"int8\"` with `dtype=\"bfloat16\"` (the CLI's fast mode). llama.cpp "
-             "computes on the file's own Q4_K/Q5_0/Q8_0/Q6_K blocks. Every class runs on this one CPU, forced down: a "
+             "computes on the file's own Q4_K/Q5_0/Q8_0/Q6_K blocks (253 MB: ~0.95 bytes per weight, the tied embedding "
+             "at Q8_0, against bf16's 2: a decode step of bf16 weights reads 2.1x the bytes), and, for the bf16 rows' like-for-like peer, on a BF16 GGUF of "
+             "the same shapes (random weights, written by bench/longctx_bench.py; the time does not depend on the values). Every class runs on this one CPU, forced down: a "
              "real CPU of a lower class has its own cache sizes and bandwidth. llama.cpp picks its kernels when it is "
              "compiled; the last column says which build ran and the ISA it was compiled for. Bandwidth bound: the streaming "
              "read bandwidth measured in each class's process (`_core._testing.read_bandwidth`, 1 GiB, best of 5) over "

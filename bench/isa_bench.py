@@ -165,7 +165,7 @@ def section(table_rows, threads):
              "the same shapes (random weights, written by bench/longctx_bench.py; the time does not depend on the values). Every class runs on this one CPU, forced down: a "
              "real CPU of a lower class has its own cache sizes and bandwidth. llama.cpp picks its kernels when it is "
              "compiled; the last column says which build ran and the ISA it was compiled for. Bandwidth bound: the streaming "
-             "read bandwidth measured in each class's process (`_core._testing.read_bandwidth`, 1 GiB, best of 5) over "
+             "read bandwidth measured in each class's process (`_core._testing.read_bandwidth`, 1 GiB on huge pages as the weights, best of 5) over "
              "the weights' bytes, every one of which a decode step reads (the layers and the tied embedding as the LM "
              "head; the KV cache at context 128 is under 1% of them).\n")
     return text

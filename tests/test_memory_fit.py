@@ -183,3 +183,41 @@ def test_streaming_gguf_load_peak_rss(tmp_path, dtype, weights):
     transient = 3 * F * D * 4  # one fused matmul's rows in f32, as above
     assert grew <= 1.3 * weights_bytes + transient, (grew / 1e6, weights_bytes / 1e6, file_bytes / 1e6)
     assert grew < file_bytes + weights_bytes - transient  # the file's pages were not kept
+
+
+HUGE_CODE = r"""
+import json, sys, numpy as np, gemmalens as gl
+def anon_huge():
+    return int([l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0].split()[1]) * 1024
+before = anon_huge()
+cache = gl.KVCache(gl.Gemma3Config.preset("270m"), 1, 16384, "float32")  # 16 MiB of k and of v per global layer
+kv = anon_huge() - before
+m = gl.load(sys.argv[1], dtype=sys.argv[2], progress=False)
+ids = np.arange(40)[None] % 300
+print(json.dumps({"kv": kv, "model": anon_huge() - before - kv, "logits": m.forward(ids).tolist()}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_huge_pages_for_weights_and_kv_cache(tmp_path, dtype):
+    """Weights of 4 MB and more and the KV cache ask for transparent huge pages before they are written (ops/pages.h):
+    with the kernel's THP mode "madvise" (its default) or "always" they get some; GEMMALENS_HUGE_PAGES=0 leaves them
+    on 4 KB pages in "madvise" mode. The logits are the same either way. /sys says which mode this machine runs."""
+    from conftest import build_hf
+
+    build_hf(str(tmp_path), hidden_size=256, intermediate_size=4096, num_hidden_layers=2)  # gate/up 8192 x 256
+    mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read().split("[")[1].split("]")[0]
+    runs = {}
+    for flag in ("1", "0"):
+        env = dict(os.environ, GEMMALENS_HUGE_PAGES=flag)
+        r = subprocess.run([sys.executable, "-c", HUGE_CODE, str(tmp_path), dtype], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[flag] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert runs["1"]["logits"] == runs["0"]["logits"]
+    if mode in ("madvise", "always"):
+        assert runs["1"]["kv"] >= 2 << 21 and runs["1"]["model"] >= 2 << 21, (mode, runs["1"]["kv"], runs["1"]["model"])
+    else:  # "never": the advice changes nothing
+        assert runs["1"]["kv"] == runs["1"]["model"] == 0
+    if mode != "always":
+        assert runs["0"]["kv"] == runs["0"]["model"] == 0

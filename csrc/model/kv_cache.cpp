@@ -1,4 +1,5 @@
 #include "model/kv_cache.h"
+#include "ops/pages.h"
 
 #include <algorithm>
 #include <cstring>
@@ -37,8 +38,8 @@ KVCache::KVCache(const Gemma3Config& cfg, int batch, int64_t max_seq_len, DType 
     l.sliding = cfg.is_sliding(i);
     l.cap = l.sliding ? std::min<int64_t>(cfg.sliding_window, max_seq_len) : max_seq_len;
     const size_t n = static_cast<size_t>(batch) * KV_ * l.cap * Hd_ * es;
-    l.k.assign(n, 0);
-    l.v.assign(n, 0);
+    ops::assign_huge(l.k, n, uint8_t{0});
+    ops::assign_huge(l.v, n, uint8_t{0});
     layers_.push_back(std::move(l));
   }
 }

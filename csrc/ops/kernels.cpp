@@ -1,4 +1,8 @@
 #include "ops/kernels.h"
+#include "ops/pages.h"
+
+#include <cstdlib>
+#include <string>
 #include "ops/cpu.h"
 #include "ops/vmath.h"
 
@@ -84,9 +88,18 @@ void round_bf16_inplace(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
 }
 
+bool huge_pages_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("GEMMALENS_HUGE_PAGES");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
 double measure_read_bandwidth(int64_t nbytes, int reps) {
   const int64_t n = nbytes / 4;
-  std::vector<float> buf(n);
+  std::vector<float> buf;
+  assign_huge(buf, static_cast<size_t>(n), 0.f);  // the pages the weights and the KV cache get
 #pragma omp parallel for
   for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(i & 1023);
   double best = 0;

@@ -2,6 +2,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <functional>
 #include <limits>
 #include <map>
@@ -16,6 +19,7 @@
 #include "ops/vmath.h"
 #include "ops/linear.h"
 #include "ops/quant.h"
+#include "ops/pages.h"
 
 namespace gemmalens::ops {
 
@@ -82,7 +86,25 @@ struct Linear::Impl {
   }
   dt wdt;
   dnnl::memory::desc w_desc;  // blocked layout chosen by oneDNN
-  dnnl::memory weights;
+  dnnl::memory weights;       // over wbuf
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<void, Free> wbuf;
+  // The weights' storage, ours rather than oneDNN's so that a large one starts on a 2 MB boundary and asks for huge
+  // pages before it is written (ops/pages.h); oneDNN's padding of a blocked layout (if any) zeroed.
+  dnnl::memory alloc_weights(const dnnl::memory::desc& d, const dnnl::engine& eng) {
+    const size_t n = std::max<size_t>(d.get_size(), 64);
+    void* p = nullptr;
+    if (posix_memalign(&p, n >= (size_t{4} << 20) ? size_t{1} << 21 : 64, n) != 0)
+      throw ResourceError("could not allocate " + std::to_string(n) + " bytes for a weight: out of memory");
+    wbuf.reset(p);
+    advise_huge_pages(p, n);
+    size_t dense = dnnl::memory::data_type_size(d.get_data_type());
+    for (auto x : d.get_dims()) dense *= static_cast<size_t>(x);
+    if (dense != d.get_size()) std::memset(p, 0, n);
+    return dnnl::memory(d, eng, p);
+  }
   std::map<std::pair<int64_t, int64_t>, dnnl::matmul> prims;  // (M, ldy) -> primitive
   // The f32 matmuls of the widened path: (M, ldy, columns of the block) -> primitive and its operands' layouts.
   struct BlockMatmul {
@@ -135,12 +157,12 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
       if (!plain && N % 64 == 0 && K % 32 == 0) {
         impl->blocked64 = true;
         impl->w_desc = dnnl::memory::desc({K, N}, dt::bf16, tag::BA16a64b2a);
-        impl->weights = dnnl::memory(impl->w_desc, eng);
+        impl->weights = impl->alloc_weights(impl->w_desc, eng);
         pack_blocked64(w, N, K, static_cast<uint16_t*>(impl->weights.get_data_handle()));
       } else {
         impl->rows = true;
         impl->w_desc = dnnl::memory::desc({K, N}, dt::bf16, tag::ba);
-        impl->weights = dnnl::memory(impl->w_desc, eng);
+        impl->weights = impl->alloc_weights(impl->w_desc, eng);
         store_plain_rows(impl->weights, impl->wdt, w, 0, N, K);
       }
       impl_ = std::move(impl);
@@ -171,7 +193,7 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
         }
       }
     }
-    impl->weights = dnnl::memory(impl->w_desc, eng);
+    impl->weights = impl->alloc_weights(impl->w_desc, eng);
     if (plain) {  // no reorder: write the stored dtype straight into the buffer (no temporary copy)
       store_plain_rows(impl->weights, impl->wdt, w, 0, N, K);
       impl_ = std::move(impl);
@@ -283,7 +305,7 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
     impl->wdt = dtype == DType::F32 ? dt::f32 : dt::bf16;
     impl->widened = impl->wdt == dt::bf16 && bf16_matmul_path() == Bf16MatmulPath::WidenedF32;
     impl->w_desc = dnnl::memory::desc({K, N}, impl->wdt, tag::ba);
-    impl->weights = dnnl::memory(impl->w_desc, engine());
+    impl->weights = impl->alloc_weights(impl->w_desc, engine());
   } catch (const dnnl::error& e) {
     dnnl_failed(e, "oneDNN could not allocate a " + dims_str(N, K) + " weight");
   }

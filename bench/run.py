@@ -844,7 +844,7 @@ def main():
     measured = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "
                 f"({os.cpu_count()} cores visible); gemmalens {gemmalens.__version__} (oneDNN "
                 f"{gemmalens._core.dnnl_version()}), transformers {transformers.__version__}, torch {torch.__version__}, "
-                f"transformer_lens {_tl_version()}. Command: `{command}`. Random weights of the real shapes.\n\n")
+                f"transformer_lens {_tl_version()}. Command: `{command}`. Random weights of the real shapes, except where a table names the real 270M GGUF.\n\n")
     head = None
     if only is None:
         head = measured + (f"Machine, measured in the same run: streaming read bandwidth **{bw / 1e9:.1f} GB/s**; oneDNN "

@@ -221,3 +221,16 @@ def test_huge_pages_for_weights_and_kv_cache(tmp_path, dtype):
         assert runs["1"]["kv"] == runs["1"]["model"] == 0
     if mode != "always":
         assert runs["0"]["kv"] == runs["0"]["model"] == 0
+
+
+def test_bad_huge_pages_value_fails_the_import_naming_the_choices():
+    """GEMMALENS_HUGE_PAGES takes 0 or 1 (unset: 1); anything else fails the import instead of being read as on."""
+    for bad in ("off", "no", "2"):
+        r = subprocess.run([sys.executable, "-c", "import gemmalens"], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, GEMMALENS_HUGE_PAGES=bad))
+        assert r.returncode != 0
+        assert "GEMMALENS_HUGE_PAGES must be 0" in r.stderr and f"got '{bad}'" in r.stderr, r.stderr[-2000:]
+    for ok in ("0", "1", ""):
+        r = subprocess.run([sys.executable, "-c", "import gemmalens"], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, GEMMALENS_HUGE_PAGES=ok))
+        assert r.returncode == 0, r.stderr[-2000:]

@@ -6,6 +6,7 @@
 #include "bindings/bindings.h"
 #include "common.h"
 #include "ops/cpu.h"
+#include "ops/pages.h"
 #include "ops/linear.h"
 
 using namespace gemmalens;
@@ -45,8 +46,10 @@ PYBIND11_MODULE(_core, m) {
   bind_testing(m);
   bind_io(m);
   bind_sae(m);
-  // The CPU class, decided here, at import: a bad GEMMALENS_MAX_ISA fails the import with the accepted values.
+  // The CPU class, decided here, at import: a bad GEMMALENS_MAX_ISA fails the import with the accepted values; so
+  // does a bad GEMMALENS_HUGE_PAGES.
   ops::cpu_state();
+  ops::huge_pages_enabled();
   m.def("cpu_info", [] {
     const ops::CpuState& s = ops::cpu_state();
     py::dict d;

@@ -1,17 +1,16 @@
 #include "ops/kernels.h"
-#include "ops/pages.h"
-
-#include <cstdlib>
-#include <string>
 #include "ops/cpu.h"
+#include "ops/pages.h"
 #include "ops/vmath.h"
 
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace gemmalens::ops {
@@ -91,7 +90,11 @@ void round_bf16_inplace(float* x, int64_t n) {
 bool huge_pages_enabled() {
   static const bool on = [] {
     const char* e = std::getenv("GEMMALENS_HUGE_PAGES");
-    return !(e && std::string(e) == "0");
+    const std::string v = e ? e : "";
+    if (v != "" && v != "0" && v != "1")
+      throw ValueError("GEMMALENS_HUGE_PAGES must be 0 (the OS's default pages) or 1 (huge pages for the weights and "
+                       "the KV cache, the default), got '" + v + "'; unset it or set one of those");
+    return v != "0";
   }();
   return on;
 }

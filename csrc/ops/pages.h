@@ -3,7 +3,8 @@
 // hardware prefetchers stop and a TLB miss waits for a page walk. Linux's default THP mode, "madvise", gives 2 MB pages
 // only to ranges that ask (measured 2026-11-27 on a Zen 5, 2 threads: decode attention over a 32k-position bf16 cache
 // 3.6 -> 3.25 ms for 3 layers). A hint only: where THP is off (or "always") nothing changes.
-// GEMMALENS_HUGE_PAGES=0 leaves every buffer on the OS's default pages.
+// GEMMALENS_HUGE_PAGES=0 leaves every buffer on the OS's default pages (1 or unset: huge pages; any other value fails
+// the import, naming these).
 #pragma once
 #include <sys/mman.h>
 
@@ -13,7 +14,7 @@
 
 namespace gemmalens::ops {
 
-bool huge_pages_enabled();  // GEMMALENS_HUGE_PAGES is not "0" (read once)
+bool huge_pages_enabled();  // GEMMALENS_HUGE_PAGES is not "0" (read once; a ValueError for a value not 0 / 1)
 
 // Asks for huge pages over the 2 MB-aligned part of [p, p + n). Call it before the buffer is first written: pages
 // already touched keep their size (the kernel may merge them later, in the background).

@@ -26,16 +26,19 @@ ONEDNN_ISA = {"avx2": "avx2", "avx2_vnni": "avx2_vnni", "avx512": "avx512_core_v
 # The path each op family takes in each class (csrc/ops/cpu.h).
 PATHS = {
     "avx2": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "widened_f32_onednn", "decode_bf16": "avx2_widen", "int8": "avx2_maddubs",
-             "int8_prefill": "avx2_maddubs", "attention": "tiled_avx2", "elementwise": "avx2"},
+             "int8_prefill": "avx2_maddubs", "attention": "tiled_avx2", "attention_decode_bf16": "avx2_loops", "elementwise": "avx2"},
     "avx2_vnni": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "widened_f32_onednn", "decode_bf16": "avx2_widen", "int8": "avx_vnni",
-                  "int8_prefill": "avx_vnni", "attention": "tiled_avx2", "elementwise": "avx2"},
+                  "int8_prefill": "avx_vnni", "attention": "tiled_avx2", "attention_decode_bf16": "avx2_loops",
+                  "elementwise": "avx2"},
     "avx512": {"bf16_matmul": "avx512_widen", "bf16_lm_head": "widened_f32_onednn", "decode_bf16": "avx512_widen", "int8": "vnni512",
-               "int8_prefill": "vnni512", "attention": "tiled_avx512", "elementwise": "avx512"},
+               "int8_prefill": "vnni512", "attention": "tiled_avx512", "attention_decode_bf16": "avx512",
+               "elementwise": "avx512"},
     "avx512_bf16": {"bf16_matmul": "onednn_avx512_bf16", "bf16_lm_head": "onednn_avx512_bf16", "decode_bf16": "vdpbf16ps", "int8": "vnni512",
-                    "int8_prefill": "vnni512", "attention": "tiled_avx512", "elementwise": "avx512"},
+                    "int8_prefill": "vnni512", "attention": "tiled_avx512", "attention_decode_bf16": "vdpbf16ps",
+                    "elementwise": "avx512"},
     "amx": {"bf16_matmul": "onednn_amx", "bf16_lm_head": "onednn_amx", "decode_bf16": "vdpbf16ps", "int8": "vnni512",
             "int8_prefill": "dequant_bf16_onednn_amx", "attention": "tiled_avx512", "attention_bf16_prefill": "onednn_amx",
-            "elementwise": "avx512"},
+            "attention_decode_bf16": "vdpbf16ps", "elementwise": "avx512"},
 }
 
 

@@ -11,6 +11,7 @@
 #include "ops/attention.h"
 #include "ops/kernels.h"
 #include "ops/linear.h"
+#include "ops/pages.h"
 #include "ops/quant.h"
 
 namespace gemmalens {
@@ -89,20 +90,57 @@ void bind_testing(py::module_& m) {
      py::arg("plain") = false,
      "FLOP/s of x [M, K] @ W^T [K, N] through the model's Linear (best of reps); weights native, int8 or int4; plain: "
      "row-major weights (the LM head's layout).");
-  t.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int64_t window, float scale, float softcap, bool bf16) {
-    // q [B, T, H, Hd], k/v [B, T, KV, Hd], no cache, no padding. bf16: as in a bf16 model (bf16 cache), which takes
-    // the oneDNN bf16 path for prefill chunks where oneDNN runs bf16 on AMX.
-    if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) throw ValueError("attention: q [B, T, H, Hd], k/v [B, T, KV, Hd]");
+  t.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int64_t window, float scale, float softcap, bool bf16, int64_t past) {
+    // q [B, T, H, Hd] for positions past .. past + T - 1; k/v [B, past + T, KV, Hd]: the first `past` positions go
+    // to a KV cache (bf16 for a bf16 model, else f32; a ring of `window` slots on a sliding layer, so it wraps once
+    // past > window), the last T are the pass's own. past = 0: no cache (prefill; the oneDNN bf16 path where oneDNN
+    // runs bf16 on AMX); a few new positions over a long past: the decode kernel.
+    if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) throw ValueError("attention: q [B, T, H, Hd], k/v [B, past + T, KV, Hd]");
+    if (past < 0) throw ValueError("attention: past >= 0");
     ops::AttentionArgs a;
     a.B = static_cast<int>(q.shape(0)); a.T = static_cast<int>(q.shape(1)); a.H = static_cast<int>(q.shape(2));
     a.Hd = static_cast<int>(q.shape(3)); a.KV = static_cast<int>(k.shape(2));
-    if (k.shape(0) != a.B || k.shape(1) != a.T || k.shape(3) != a.Hd || a.H % a.KV != 0) throw ValueError("attention: shape mismatch");
+    if (k.shape(0) != a.B || k.shape(1) != past + a.T || k.shape(3) != a.Hd || a.H % a.KV != 0 ||
+        v.shape(0) != k.shape(0) || v.shape(1) != k.shape(1) || v.shape(2) != k.shape(2) || v.shape(3) != k.shape(3))
+      throw ValueError("attention: shape mismatch");
+    const int B = a.B, T = a.T, KV = a.KV, Hd = a.Hd;
+    const int64_t cap = window > 0 ? std::min(window, std::max<int64_t>(past, 1)) : std::max<int64_t>(past, 1);
+    // The new positions' rows, and the cache [B, KV, cap, Hd] holding the last `cap` of the past ones.
+    std::vector<float> kn(static_cast<size_t>(B) * T * KV * Hd), vn(kn.size());
+    std::vector<float> kf(bf16 ? 0 : static_cast<size_t>(B) * KV * cap * Hd), vf(kf.size());
+    std::vector<uint16_t> kh(bf16 ? static_cast<size_t>(B) * KV * cap * Hd : 0), vh(kh.size());
+    a.cache.KV = KV, a.cache.Hd = Hd, a.cache.cap = cap, a.cache.dtype = bf16 ? DType::BF16 : DType::F32;
+    for (int b = 0; b < B; ++b)
+      for (int64_t j = 0; j < past + T; ++j)
+        for (int h = 0; h < KV; ++h) {
+          const size_t src = ((static_cast<size_t>(b) * (past + T) + j) * KV + h) * Hd;
+          if (j >= past) {
+            const size_t dst = ((static_cast<size_t>(b) * T + (j - past)) * KV + h) * Hd;
+            std::copy(k.data() + src, k.data() + src + Hd, kn.data() + dst);
+            std::copy(v.data() + src, v.data() + src + Hd, vn.data() + dst);
+            continue;
+          }
+          const int64_t off = a.cache.offset(b, h, j);
+          for (int d = 0; d < Hd; ++d) {
+            if (bf16)
+              kh[off + d] = f32_to_bf16(k.data()[src + d]), vh[off + d] = f32_to_bf16(v.data()[src + d]);
+            else
+              kf[off + d] = k.data()[src + d], vf[off + d] = v.data()[src + d];
+          }
+        }
+    if (past > 0) {
+      a.cache.k = bf16 ? static_cast<const void*>(kh.data()) : kf.data();
+      a.cache.v = bf16 ? static_cast<const void*>(vh.data()) : vf.data();
+    }
     py::array_t<float> z({q.shape(0), q.shape(1), q.shape(2), q.shape(3)});
-    a.q = q.data(); a.k_new = k.data(); a.v_new = v.data(); a.window = window; a.scale = scale; a.softcap = softcap; a.z = z.mutable_data();
+    a.q = q.data(); a.k_new = kn.data(); a.v_new = vn.data(); a.past = past;
+    a.window = window; a.scale = scale; a.softcap = softcap; a.z = z.mutable_data();
     if (bf16) a.compute = DType::BF16;
+    py::gil_scoped_release r;
     ops::attention(a);
     return z;
-  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("bf16") = false);
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("bf16") = false,
+     py::arg("past") = 0);
   t.def("attention_seconds", [](int T, int64_t past, int H, int KV, int Hd, int64_t window, const std::string& dtype, int reps) {
     // Seconds of one attention call (median of reps, after a warm-up) as a layer of a model in `dtype` makes it:
     // T new positions after `past` cached ones (batch 1), a bf16 cache for a bf16 model, the cache a ring of
@@ -114,7 +152,10 @@ void bind_testing(py::module_& m) {
     const int64_t cap = window > 0 ? std::min<int64_t>(window, std::max<int64_t>(past, 1)) : std::max<int64_t>(past, 1);
     const size_t es = d == DType::F32 ? 4 : 2;
     std::vector<float> q(static_cast<size_t>(T) * H * Hd), k(static_cast<size_t>(T) * KV * Hd), v(k.size()), z(q.size());
-    std::vector<uint8_t> kc(static_cast<size_t>(KV) * cap * Hd * es), vc(kc.size());
+    // The cache on huge pages, as the model's KV cache is (ops/pages.h).
+    std::vector<uint8_t> kc, vc;
+    ops::assign_huge(kc, static_cast<size_t>(KV) * cap * Hd * es, uint8_t{0});
+    ops::assign_huge(vc, kc.size(), uint8_t{0});
     uint32_t s = 12345;  // values in [-1, 1): a fixed LCG
     auto next = [&s] { return static_cast<float>((s = s * 1664525u + 1013904223u) >> 8) / 8388608.f - 1.f; };
     for (auto* buf : {&q, &k, &v})

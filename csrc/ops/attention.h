@@ -87,6 +87,13 @@ inline KVRow kv_row(const AttentionArgs& a, bool value, int b, int kvh, int64_t 
 inline KVRow key_row(const AttentionArgs& a, int b, int kvh, int64_t j) { return kv_row(a, false, b, kvh, j); }
 inline KVRow value_row(const AttentionArgs& a, int b, int kvh, int64_t j) { return kv_row(a, true, b, kvh, j); }
 
+// The kernels a decode step (attention_decode_splitk) takes: vdpbf16ps for a bf16 model over a bf16 cache where
+// the class has it (AVX512_BF16, AMX; q and the probabilities rounded to bf16, as the model's dtype allows), AVX-512
+// f32 FMAs (the cache's bf16 rows widened) for the rest with Hd % 64 == 0 on AVX-512, else loops at the build's
+// AVX2 baseline. gl.cpu_info()["attention_decode"] names the first that a bf16 model gets in the active class.
+enum class AttentionDecodePath { Vdpbf16ps, Avx512, Portable };
+AttentionDecodePath attention_decode_path(const AttentionArgs& a);
+
 // The fastest variant for these arguments on this CPU.
 void attention(const AttentionArgs& a);
 

@@ -28,26 +28,33 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 #define GL_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 
-// Widening bf16 cache rows 32 values at a time by interleaving them with zeros (vpunpcklwd / vpunpckhwd: two
-// instructions for 32 values, where a shift per 16 takes three) leaves them in a fixed order within each group of
-// 32: the low vector holds elements 8L + j, the high one 8L + 4 + j (L the 128-bit lane, j < 4). The kernels work in
-// that order throughout ("permuted"): q is permuted once per chunk, z accumulated permuted and put back once per
-// chunk; a dot product does not care. f32 rows (a step's own keys) are permuted to match with vpermt2ps. With an f32
-// cache (or none) nothing is permuted.
+// Widening bf16 cache rows 32 values at a time as 32-bit words: a word holds element 2m in its low half and 2m + 1
+// in its high half, so a shift left by 16 gives the even elements as f32 and a mask of the high half the odd ones.
+// Two plain integer operations for 32 values, which run beside the FMAs (interleaving with zeros, vpunpck[lh]wd,
+// takes a shuffle unit that Zen 4 / 5 share with an FMA pipe). The kernels work in that order throughout
+// ("permuted": the low vector holds the even elements of a group of 32, the high one the odd): q is permuted once per
+// chunk, z accumulated permuted and put back once per chunk; a dot product does not care. f32 rows (a step's own
+// keys) are permuted to match with vpermt2ps. With an f32 cache (or none) nothing is permuted.
+// The vdpbf16ps kernels (bf16 models on AVX512_BF16) keep z in another order, the one interleaving two value rows
+// word by word leaves (vpunpck[lh]wd): the low vector holds elements 8L + j of a group of 32, the high one
+// 8L + 4 + j (L the 128-bit lane, j < 4).
 struct Perm32 {
   int lo[16], hi[16];  // element of the group of 32 at each position of the low / high vector
-  Perm32() {
-    for (int m = 0; m < 16; ++m) lo[m] = 8 * (m / 4) + m % 4, hi[m] = lo[m] + 4;
+  explicit Perm32(bool interleaved) {
+    for (int m = 0; m < 16; ++m) {
+      lo[m] = interleaved ? 8 * (m / 4) + m % 4 : 2 * m;
+      hi[m] = interleaved ? lo[m] + 4 : 2 * m + 1;
+    }
   }
 };
-const Perm32 kPerm;
+const Perm32 kPerm(false), kPermDp(true);
 
 // Elements d .. d + 31 of a key / value row as two f32 vectors, permuted or not (see above).
 GL_AVX512 inline void load32(const KVRow& r, int d, bool perm, __m512i ilo, __m512i ihi, __m512& lo, __m512& hi) {
   if (r.h) {  // the bf16 cache: only in permuted mode
     const __m512i raw = _mm512_loadu_si512(r.h + d);
-    lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), raw));
-    hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), raw));
+    lo = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    hi = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
     return;
   }
   const __m512 a = _mm512_loadu_ps(r.f + d), b = _mm512_loadu_ps(r.f + d + 16);
@@ -61,6 +68,24 @@ inline void prefetch_row(const KVRow& r, int Hd) {
   if (!p) return;
   const int bytes = Hd * (r.h ? 2 : 4);
   for (int o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
+// out lane L = the sum of v[L]'s 16 lanes, for 16 vectors at once: a tree of shuffles and adds (45 instructions)
+// where 16 horizontal reductions take ~130. Each level adds the two halves of a pair of vectors into one: 256-bit
+// halves, then 128-bit quarters (shuffle_f32x4), then pairs and single lanes within 128 bits (shuffle_ps). Traced
+// through, the tree leaves the sum of its input a[m] in lane L for m = kTree[L]; feeding a[kTree[L]] = v[L] puts
+// v[L]'s sum in lane L.
+GL_AVX512 inline __m512 reduce16(const __m512* v) {
+  constexpr int kTree[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+  __m512 a[16], x[8], y[4], z[2];
+  for (int L = 0; L < 16; ++L) a[kTree[L]] = v[L];
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[i], x[i + 4], 0x88), _mm512_shuffle_f32x4(x[i], x[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    z[i] = _mm512_add_ps(_mm512_shuffle_ps(y[i], y[i + 2], 0x44), _mm512_shuffle_ps(y[i], y[i + 2], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
 }
 
 // S[i][j] = q_i . k_j for NR query rows and NC keys: NR x NC independent accumulators over the head dimension
@@ -79,8 +104,16 @@ GL_AVX512 void scores_block(const float* const* q, const KVRow* k, int Hd, bool 
       for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_fmadd_ps(qhi, khi[j], _mm512_fmadd_ps(qlo, klo[j], acc[i][j]));
     }
   }
-  for (int i = 0; i < NR; ++i)
-    for (int j = 0; j < NC; ++j) S[i * NB + j] = _mm512_reduce_add_ps(acc[i][j]);
+  if constexpr (NR == 4 && NC == 4) {  // the common case: one tree for all 16 sums, a row of 4 per 128 bits
+    const __m512 s = reduce16(&acc[0][0]);
+    _mm_storeu_ps(S, _mm512_extractf32x4_ps(s, 0));
+    _mm_storeu_ps(S + NB, _mm512_extractf32x4_ps(s, 1));
+    _mm_storeu_ps(S + 2 * NB, _mm512_extractf32x4_ps(s, 2));
+    _mm_storeu_ps(S + 3 * NB, _mm512_extractf32x4_ps(s, 3));
+  } else {
+    for (int i = 0; i < NR; ++i)
+      for (int j = 0; j < NC; ++j) S[i * NB + j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
 }
 
 // pf: rows to prefetch, one per key (the first pass over the rows only).
@@ -154,15 +187,127 @@ GL_AVX512 void pv_avx512(const float* P, const float* corr, int rows, const KVRo
   }
 }
 
-// Rows of Hd (a multiple of 32) between the natural and the permuted order.
+// --- bf16 models on AVX512_BF16 (and AMX): vdpbf16ps ---
+// A bf16 model's attention may round q and the probabilities to bf16 (AttentionArgs::compute; as the AMX prefill
+// path does, and as HF's bf16 attention does: q, k, v in bf16, the softmax's output cast to bf16 before P V). Then
+// both products run as vdpbf16ps, which multiplies bf16 pairs exactly and sums them in f32: half the instructions of
+// widening the cache's rows for f32 FMAs, and no widening at all. Q K^T: q rows in bf16 against the key rows as
+// stored, pairs along the head dimension. P V: pairs along the keys: two value rows interleaved word by word
+// (vpunpck[lh]wd) against a broadcast pair of probabilities (p_j, p_j+1), so z comes out in kPermDp's order.
+#define GL_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+
+template <int NR, int NC>
+GL_BF16 void scores_block_dp(const uint16_t* const* q, const KVRow* k, int Hd, float* S) {
+  __m512 acc[NR][NC];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int d = 0; d < Hd; d += 32) {
+    __m512i kv[NC];
+    for (int j = 0; j < NC; ++j) kv[j] = _mm512_loadu_si512(k[j].h + d);
+    for (int i = 0; i < NR; ++i) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q[i] + d);
+      for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], qv, (__m512bh)kv[j]);
+    }
+  }
+  if constexpr (NR == 4 && NC == 4) {
+    const __m512 s = reduce16(&acc[0][0]);
+    _mm_storeu_ps(S, _mm512_extractf32x4_ps(s, 0));
+    _mm_storeu_ps(S + NB, _mm512_extractf32x4_ps(s, 1));
+    _mm_storeu_ps(S + 2 * NB, _mm512_extractf32x4_ps(s, 2));
+    _mm_storeu_ps(S + 3 * NB, _mm512_extractf32x4_ps(s, 3));
+  } else {
+    for (int i = 0; i < NR; ++i)
+      for (int j = 0; j < NC; ++j) S[i * NB + j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
+
+template <int NR>
+GL_BF16 void scores_rows_dp(const uint16_t* const* q, const KVRow* k, const KVRow* pf, int nk, int Hd, float* S) {
+  int c = 0;
+  for (; c + 4 <= nk; c += 4) {
+    if (pf)
+      for (int j = 0; j < 4; ++j) prefetch_row(pf[c + j], Hd);
+    scores_block_dp<NR, 4>(q, k + c, Hd, S + c);
+  }
+  for (; c < nk; ++c) {
+    if (pf) prefetch_row(pf[c], Hd);
+    scores_block_dp<NR, 1>(q, k + c, Hd, S + c);
+  }
+}
+
+// q: the rows in bf16; k: every row bf16 (the step's own rows converted, see block_rows).
+GL_BF16 void scores_dp(const uint16_t* const* q, int rows, const KVRow* k, const KVRow* pf, int nk, int Hd, float* S) {
+  for (int r0 = 0; r0 < rows; r0 += 4) {
+    float* Sr = S + r0 * NB;
+    const KVRow* p = r0 == 0 ? pf : nullptr;
+    switch (std::min(4, rows - r0)) {
+      case 4: scores_rows_dp<4>(q + r0, k, p, nk, Hd, Sr); break;
+      case 3: scores_rows_dp<3>(q + r0, k, p, nk, Hd, Sr); break;
+      case 2: scores_rows_dp<2>(q + r0, k, p, nk, Hd, Sr); break;
+      default: scores_rows_dp<1>(q + r0, k, p, nk, Hd, Sr); break;
+    }
+  }
+}
+
+// Z[i][:] = Z[i][:] * corr[i] + sum_j P[i][j] v_j, P as bf16 pairs (Pp[i * NB / 2 + j / 2] = p_j | p_j+1 << 16, the
+// pair past an odd nk's last key 0), v_j for j < nk rounded up to even with `zero` (a row of Hd zeros).
+template <int NR>
+GL_BF16 void pv_rows_dp(const uint32_t* Pp, const float* corr, const KVRow* v, const KVRow* pf, int nk, int Hd,
+                        const uint16_t* zero, float* Z) {
+  for (int c0 = 0; c0 < Hd; c0 += 64) {
+    __m512 acc[NR][4];
+    for (int i = 0; i < NR; ++i) {
+      const __m512 cr = _mm512_set1_ps(corr[i]);
+      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + i * Hd + c0 + 16 * c));
+    }
+    for (int j = 0; j < nk; j += 2) {
+      if (pf && c0 == 0) prefetch_row(pf[j], Hd), prefetch_row(pf[j + 1], Hd);
+      const uint16_t* r0 = v[j].h + c0;
+      const uint16_t* r1 = j + 1 < nk ? v[j + 1].h + c0 : zero;
+      const __m512i a0 = _mm512_loadu_si512(r0), b0 = _mm512_loadu_si512(r1);
+      const __m512i a1 = _mm512_loadu_si512(r0 + 32), b1 = _mm512_loadu_si512(r1 + 32);
+      const __m512bh vv[4] = {(__m512bh)_mm512_unpacklo_epi16(a0, b0), (__m512bh)_mm512_unpackhi_epi16(a0, b0),
+                              (__m512bh)_mm512_unpacklo_epi16(a1, b1), (__m512bh)_mm512_unpackhi_epi16(a1, b1)};
+      for (int i = 0; i < NR; ++i) {
+        const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pp[i * (NB / 2) + j / 2]));
+        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], vv[c], p);
+      }
+    }
+    for (int i = 0; i < NR; ++i)
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(Z + i * Hd + c0 + 16 * c, acc[i][c]);
+  }
+}
+
+GL_BF16 void pv_dp(const uint32_t* Pp, const float* corr, int rows, const KVRow* v, const KVRow* pf, int nk, int Hd,
+                   const uint16_t* zero, float* Z) {
+  for (int r0 = 0; r0 < rows; r0 += 4) {
+    const uint32_t* Pr = Pp + r0 * (NB / 2);
+    float* Zr = Z + static_cast<size_t>(r0) * Hd;
+    const KVRow* p = r0 == 0 ? pf : nullptr;
+    switch (std::min(4, rows - r0)) {
+      case 4: pv_rows_dp<4>(Pr, corr + r0, v, p, nk, Hd, zero, Zr); break;
+      case 3: pv_rows_dp<3>(Pr, corr + r0, v, p, nk, Hd, zero, Zr); break;
+      case 2: pv_rows_dp<2>(Pr, corr + r0, v, p, nk, Hd, zero, Zr); break;
+      default: pv_rows_dp<1>(Pr, corr + r0, v, p, nk, Hd, zero, Zr); break;
+    }
+  }
+}
+
+// n f32 values to bf16 (round to nearest even), n % 32 == 0: y in natural order.
+GL_BF16 void to_bf16(const float* x, int n, uint16_t* y) {
+  for (int i = 0; i < n; i += 32)
+    _mm512_storeu_si512(y + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
+}
+
+// Rows of Hd (a multiple of 32) between the natural and a permuted order.
 void permute_row(const float* x, int Hd, float* y) {
   for (int g = 0; g < Hd; g += 32)
     for (int m = 0; m < 16; ++m) y[g + m] = x[g + kPerm.lo[m]], y[g + 16 + m] = x[g + kPerm.hi[m]];
 }
-void unpermute_row(float* y, int Hd) {
+void unpermute_row(float* y, int Hd, const Perm32& pm) {
   float t[32];
   for (int g = 0; g < Hd; g += 32) {
-    for (int m = 0; m < 16; ++m) t[kPerm.lo[m]] = y[g + m], t[kPerm.hi[m]] = y[g + 16 + m];
+    for (int m = 0; m < 16; ++m) t[pm.lo[m]] = y[g + m], t[pm.hi[m]] = y[g + 16 + m];
     std::copy(t, t + 32, y + g);
   }
 }
@@ -187,16 +332,70 @@ void pv_portable(const float* P, const float* corr, int rows, const KVRow* v, in
     }
 }
 
+// Key and value rows of slots [j0, j0 + n) for (b, kvh), k[c] / v[c] for slot j0 + c, empty past n up to NB. The
+// ring rule (a division) is applied once per run of consecutive cache slots, the rows of a run a pointer step apart;
+// slot by slot only for the step's own rows (j >= past) and slots the ring no longer holds.
+// kn / vn (or null): the step's own rows in bf16, [B, T, KV, Hd], for the vdpbf16ps kernels.
+void block_rows(const AttentionArgs& a, int b, int kvh, int64_t j0, int n, KVRow* k, KVRow* v, const uint16_t* kn,
+                const uint16_t* vn) {
+  int c = 0;
+  while (c < n) {
+    const int64_t j = j0 + c;
+    k[c] = key_row(a, b, kvh, j);
+    v[c] = value_row(a, b, kvh, j);
+    if (j >= a.past && kn) {
+      const size_t off = ((static_cast<size_t>(b) * a.T + (j - a.past)) * a.KV + kvh) * a.Hd;
+      k[c] = KVRow{nullptr, kn + off};
+      v[c] = KVRow{nullptr, vn + off};
+    }
+    if (j >= a.past || (!k[c].f && !k[c].h)) {
+      ++c;
+      continue;
+    }
+    const int64_t run = std::min<int64_t>({static_cast<int64_t>(n - c), a.cache.cap - j % a.cache.cap, a.past - j});
+    const int Hd = a.Hd;
+    for (int r = 1; r < run; ++r) {
+      KVRow& kr = k[c + r];
+      KVRow& vr = v[c + r];
+      kr.f = k[c].f ? k[c].f + static_cast<size_t>(r) * Hd : nullptr;
+      kr.h = k[c].h ? k[c].h + static_cast<size_t>(r) * Hd : nullptr;
+      vr.f = v[c].f ? v[c].f + static_cast<size_t>(r) * Hd : nullptr;
+      vr.h = v[c].h ? v[c].h + static_cast<size_t>(r) * Hd : nullptr;
+    }
+    c += static_cast<int>(run);
+  }
+  for (; c < NB; ++c) k[c] = v[c] = KVRow{};
+}
+
 }  // namespace
+
+AttentionDecodePath attention_decode_path(const AttentionArgs& a) {
+  if (!use_avx512() || a.Hd % 64 != 0) return AttentionDecodePath::Portable;
+  if (a.compute == DType::BF16 && a.past > 0 && a.cache.dtype == DType::BF16 && cpu_class() >= CpuClass::Avx512Bf16)
+    return AttentionDecodePath::Vdpbf16ps;
+  return AttentionDecodePath::Avx512;
+}
 
 void attention_decode_splitk(const AttentionArgs& a) {
   const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd;
   const int group = H / KV;
   const int rows = group * T;  // query rows per (b, kvh): (position, head of the group)
   const int64_t S = a.past + T;
-  const bool w512 = use_avx512() && Hd % 64 == 0;
-  // The bf16 cache's rows are widened in the permuted order (see Perm32).
-  const bool perm = w512 && a.past > 0 && a.cache.dtype == DType::BF16;
+  const bool w512 = attention_decode_path(a) != AttentionDecodePath::Portable;
+  // A bf16 model with a bf16 cache on a class with vdpbf16ps: the bf16 kernels (q and the probabilities in bf16).
+  const bool dp = attention_decode_path(a) == AttentionDecodePath::Vdpbf16ps;
+  // Else the bf16 cache's rows are widened in the permuted order (see Perm32).
+  const bool perm = !dp && w512 && a.past > 0 && a.cache.dtype == DType::BF16;
+  // The step's own rows in bf16 for the bf16 kernels (a bf16 model's are bf16 values already: exact).
+  std::vector<uint16_t> kn_bf, vn_bf;
+  if (dp) {
+    kn_bf.resize(static_cast<size_t>(B) * T * KV * Hd);
+    vn_bf.resize(kn_bf.size());
+    to_bf16(a.k_new, static_cast<int>(kn_bf.size()), kn_bf.data());
+    to_bf16(a.v_new, static_cast<int>(vn_bf.size()), vn_bf.data());
+  }
+  const uint16_t* kn = dp ? kn_bf.data() : nullptr;
+  const uint16_t* vn = dp ? vn_bf.data() : nullptr;
   // The first slot any query of row b sees (S: none, a row of padding); the chunks cover [first, S) only.
   std::vector<int64_t> first(B, S);
   int64_t n_max = 0;
@@ -218,6 +417,9 @@ void attention_decode_splitk(const AttentionArgs& a) {
   {
     std::vector<float> Sc(static_cast<size_t>(rows) * NB), m(rows), l(rows), corr(rows);
     std::vector<float> qp(perm ? static_cast<size_t>(rows) * Hd : 0);  // q permuted
+    std::vector<uint16_t> qb(dp ? static_cast<size_t>(rows) * Hd : 0), zero(dp ? Hd : 0, 0);  // q in bf16; a zero row
+    std::vector<const uint16_t*> qbrow(rows);
+    std::vector<uint32_t> Pp(dp ? static_cast<size_t>(rows) * NB / 2 : 0);  // probabilities as bf16 pairs
     std::vector<const float*> qrow(rows);
     std::vector<int64_t> lo(rows), hi(rows);
     KVRow krow[NB], vrow[NB], knext[NB], vnext[NB];
@@ -236,27 +438,27 @@ void attention_decode_splitk(const AttentionArgs& a) {
               permute_row(qrow[r], Hd, qp.data() + static_cast<size_t>(r) * Hd);
               qrow[r] = qp.data() + static_cast<size_t>(r) * Hd;
             }
+            if (dp) {
+              to_bf16(qrow[r], Hd, qb.data() + static_cast<size_t>(r) * Hd);
+              qbrow[r] = qb.data() + static_cast<size_t>(r) * Hd;
+            }
             const SlotRange vis = visible_range(a, b, a.past + t);
             lo[r] = vis.lo;
             hi[r] = vis.hi;
             m[r] = kNegInf;
             l[r] = 0.f;
           }
+          // Every slot here is visible to some query of the row, so the ring holds it (the window fits the ring).
+          block_rows(a, b, kvh, j0, static_cast<int>(std::min<int64_t>(NB, j1 - j0)), krow, vrow, kn, vn);
           for (int64_t jb = j0; jb < j1; jb += NB) {
             const int nk = static_cast<int>(std::min<int64_t>(NB, j1 - jb));
-            // Every slot here is visible to some query of the row, so the ring holds it (the window fits the ring).
-            for (int c2 = 0; c2 < nk; ++c2) {
-              krow[c2] = key_row(a, b, kvh, jb + c2);
-              vrow[c2] = value_row(a, b, kvh, jb + c2);
-            }
             // The next block's rows, prefetched while this block's are computed, a row per key (the hardware
             // prefetcher alone left a long decode step well below the streaming bandwidth).
             const int nk_next = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(NB, j1 - jb - NB)));
-            for (int c2 = 0; c2 < NB; ++c2) {
-              knext[c2] = c2 < nk_next ? key_row(a, b, kvh, jb + NB + c2) : KVRow{};
-              vnext[c2] = c2 < nk_next ? value_row(a, b, kvh, jb + NB + c2) : KVRow{};
-            }
-            if (w512)
+            block_rows(a, b, kvh, jb + NB, nk_next, knext, vnext, kn, vn);
+            if (dp)
+              scores_dp(qbrow.data(), rows, krow, knext, nk, Hd, Sc.data());
+            else if (w512)
               scores_avx512(qrow.data(), rows, krow, knext, nk, Hd, perm, Sc.data());
             else
               scores_portable(qrow.data(), rows, krow, nk, Hd, Sc.data());
@@ -270,13 +472,16 @@ void attention_decode_splitk(const AttentionArgs& a) {
                 continue;
               }
               const int c_lo = static_cast<int>(a_lo - jb), c_hi = static_cast<int>(a_hi - jb);
-              float mx = m[r];
-              for (int c2 = c_lo; c2 <= c_hi; ++c2) {
-                float x = s[c2] * a.scale;
-                if (a.softcap > 0.f) x = a.softcap * tanh_f32(x / a.softcap);
-                s[c2] = x;
-                mx = std::max(mx, x);
+              const float scale = a.scale, cap = a.softcap;
+#pragma omp simd
+              for (int c2 = c_lo; c2 <= c_hi; ++c2) s[c2] *= scale;
+              if (cap > 0.f) {
+#pragma omp simd
+                for (int c2 = c_lo; c2 <= c_hi; ++c2) s[c2] = cap * tanh_f32(s[c2] / cap);
               }
+              float mx = m[r];
+#pragma omp simd reduction(max : mx)
+              for (int c2 = c_lo; c2 <= c_hi; ++c2) mx = std::max(mx, s[c2]);
               float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
               for (int c2 = 0; c2 < NB; ++c2) {
@@ -290,20 +495,28 @@ void attention_decode_splitk(const AttentionArgs& a) {
               m[r] = mx;
               corr[r] = cr;
             }
-            if (w512)
+            if (dp) {
+              for (int r = 0; r < rows; ++r)
+                to_bf16(Sc.data() + static_cast<size_t>(r) * NB, NB, reinterpret_cast<uint16_t*>(Pp.data() + static_cast<size_t>(r) * (NB / 2)));
+              pv_dp(Pp.data(), corr.data(), rows, vrow, vnext, nk, Hd, zero.data(), Z);
+            } else if (w512)
               pv_avx512(Sc.data(), corr.data(), rows, vrow, vnext, nk, Hd, perm, Z);
             else
               pv_portable(Sc.data(), corr.data(), rows, vrow, nk, Hd, Z);
+            std::copy(knext, knext + NB, krow);
+            std::copy(vnext, vnext + NB, vrow);
           }
           for (int r = 0; r < rows; ++r) {
             pm[slot0 + r] = m[r];
             pl[slot0 + r] = l[r];
-            if (perm) unpermute_row(Z + static_cast<size_t>(r) * Hd, Hd);
+            if (perm || dp) unpermute_row(Z + static_cast<size_t>(r) * Hd, Hd, dp ? kPermDp : kPerm);
           }
         }
   }
-  // Merge the chunks.
-#pragma omp parallel for collapse(3) if (B * KV * rows > 1)
+  // Merge the chunks: on this thread when that is a few microseconds of work (a batch-1 step: rows x nchunk axpys of
+  // Hd), which waking the other threads for a second parallel region would cost again.
+  const bool merge_parallel = static_cast<int64_t>(B) * KV * rows * nchunk * Hd >= (int64_t{1} << 18);
+#pragma omp parallel for collapse(3) if (merge_parallel)
   for (int b = 0; b < B; ++b)
     for (int kvh = 0; kvh < KV; ++kvh)
       for (int r = 0; r < rows; ++r) {

@@ -1,5 +1,6 @@
 // Decode attention: a few query positions (T <= 4) over many keys, the one attention a long-context decode step
-// runs. The function of attention_reference; only the summation order differs.
+// runs. The function of attention_reference; only the summation order differs (and, for a bf16 model on a class with
+// vdpbf16ps, the rounding of q and the probabilities to bf16: see the vdpbf16ps kernels).
 //
 // Flash-decoding: the keys each (row, KV head) sees, [first, S), are split in chunks that run in parallel; each
 // chunk walks its keys in blocks of NB with the online-softmax recurrence and leaves partials (max, sum,
@@ -7,7 +8,8 @@
 // - every query row of a KV head's group (group x T rows: 4 on 270m / 1b) meets each key and value row in the same
 //   pass, so the cache is read from memory once per step, not once per query head;
 // - the chunks cover only the keys some query sees: a sliding layer reads its window, not the whole past, and its
-//   window is split across the threads like a global layer's keys.
+//   window is split across the threads like a global layer's keys;
+// - the kernels read the cache in an order the memory system streams (prefetching PD keys ahead, P V in sub-blocks).
 #include <immintrin.h>
 #include <omp.h>
 
@@ -62,11 +64,20 @@ GL_AVX512 inline void load32(const KVRow& r, int d, bool perm, __m512i ilo, __m5
   hi = perm ? _mm512_permutex2var_ps(a, ihi, b) : b;
 }
 
-// Brings a row (Hd elements, bf16 or f32; none when both pointers are null) towards L1.
-inline void prefetch_row(const KVRow& r, int Hd) {
-  const char* p = r.h ? reinterpret_cast<const char*>(r.h) : reinterpret_cast<const char*>(r.f);
+// Keys per sub-block of P V, and how far ahead (in keys) both products prefetch. Each pass over a key's row
+// prefetches the same part of the row PD keys ahead, in step with its own loads: a decode step's attention streams
+// the cache from DRAM, and its natural order (4 key rows read side by side 64 bytes at a time for Q K^T; 4 sweeps
+// of 128 bytes per row over a block for P V) is one the hardware prefetchers follow badly. Measured 2026-11-27 on a
+// Zen 5 with a test program that only reads 512-byte rows in those orders: 12 GB/s (4 rows side by side) and 16 GB/s
+// (64 rows in 4 sweeps), against 40 GB/s for a sequential read; 43 and 37-40 GB/s with this prefetch (P V in
+// sub-blocks of 8-16 rows). Software prefetch of a whole block ahead, 8 lines per row at once, did not help.
+constexpr int SB = 16, PD = 16;
+
+// Brings elements [d, d + n) of a row (bf16 or f32; none when both pointers are null) towards L1.
+inline void prefetch_part(const KVRow& r, int d, int n) {
+  const char* p = r.h ? reinterpret_cast<const char*>(r.h + d) : reinterpret_cast<const char*>(r.f ? r.f + d : nullptr);
   if (!p) return;
-  const int bytes = Hd * (r.h ? 2 : 4);
+  const int bytes = n * (r.h ? 2 : 4);
   for (int o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
@@ -90,13 +101,16 @@ GL_AVX512 inline __m512 reduce16(const __m512* v) {
 
 // S[i][j] = q_i . k_j for NR query rows and NC keys: NR x NC independent accumulators over the head dimension
 // (Hd % 32 == 0), each key row loaded and widened once for all NR rows.
+// pf: the NC rows PD keys ahead (or null), prefetched a part per step in step with the loads.
 template <int NR, int NC>
-GL_AVX512 void scores_block(const float* const* q, const KVRow* k, int Hd, bool perm, float* S) {
+GL_AVX512 void scores_block(const float* const* q, const KVRow* k, const KVRow* pf, int Hd, bool perm, float* S) {
   const __m512i ilo = _mm512_loadu_si512(kPerm.lo), ihi = _mm512_loadu_si512(kPerm.hi);
   __m512 acc[NR][NC];
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int d = 0; d < Hd; d += 32) {
+    if (pf)
+      for (int j = 0; j < NC; ++j) prefetch_part(pf[j], d, 32);
     __m512 klo[NC], khi[NC];
     for (int j = 0; j < NC; ++j) load32(k[j], d, perm, ilo, ihi, klo[j], khi[j]);
     for (int i = 0; i < NR; ++i) {
@@ -116,27 +130,20 @@ GL_AVX512 void scores_block(const float* const* q, const KVRow* k, int Hd, bool 
   }
 }
 
-// pf: rows to prefetch, one per key (the first pass over the rows only).
+// pf: prefetch PD keys ahead (the first pass over the rows only).
 template <int NR>
-GL_AVX512 void scores_rows(const float* const* q, const KVRow* k, const KVRow* pf, int nk, int Hd, bool perm, float* S) {
+GL_AVX512 void scores_rows(const float* const* q, const KVRow* k, bool pf, int nk, int Hd, bool perm, float* S) {
   int c = 0;
-  for (; c + 4 <= nk; c += 4) {
-    if (pf)
-      for (int j = 0; j < 4; ++j) prefetch_row(pf[c + j], Hd);
-    scores_block<NR, 4>(q, k + c, Hd, perm, S + c);
-  }
-  for (; c < nk; ++c) {
-    if (pf) prefetch_row(pf[c], Hd);
-    scores_block<NR, 1>(q, k + c, Hd, perm, S + c);
-  }
+  for (; c + 4 <= nk; c += 4) scores_block<NR, 4>(q, k + c, pf ? k + c + PD : nullptr, Hd, perm, S + c);
+  for (; c < nk; ++c) scores_block<NR, 1>(q, k + c, pf ? k + c + PD : nullptr, Hd, perm, S + c);
 }
 
-// S[r][c] = q_r . k_c for `rows` rows (4 at a time) and nk keys.
-GL_AVX512 void scores_avx512(const float* const* q, int rows, const KVRow* k, const KVRow* pf, int nk, int Hd, bool perm,
-                             float* S) {
+// S[r][c] = q_r . k_c for `rows` rows (4 at a time) and nk keys; k: this block's NB rows and the next block's NB
+// (empty past the chunk).
+GL_AVX512 void scores_avx512(const float* const* q, int rows, const KVRow* k, int nk, int Hd, bool perm, float* S) {
   for (int r0 = 0; r0 < rows; r0 += 4) {
     float* Sr = S + r0 * NB;
-    const KVRow* p = r0 == 0 ? pf : nullptr;
+    const bool p = r0 == 0;
     switch (std::min(4, rows - r0)) {
       case 4: scores_rows<4>(q + r0, k, p, nk, Hd, perm, Sr); break;
       case 3: scores_rows<3>(q + r0, k, p, nk, Hd, perm, Sr); break;
@@ -146,38 +153,41 @@ GL_AVX512 void scores_avx512(const float* const* q, int rows, const KVRow* k, co
   }
 }
 
-// Z[i][:] = Z[i][:] * corr[i] + sum_j P[i][j] v_j for NR rows and nk keys (Hd % 64 == 0): slices of 64 dims, NR x 4
-// accumulators, each value row's slice loaded and widened once for all NR rows.
+// Z[i][:] = Z[i][:] * corr[i] + sum_j P[i][j] v_j for NR rows and nk keys (Hd % 64 == 0): sub-blocks of SB keys,
+// each in slices of 64 dims, NR x 4 accumulators, each value row's slice loaded and widened once for all NR rows;
+// v: this block's NB rows and the next block's NB, prefetched PD keys ahead when pf.
 template <int NR>
-GL_AVX512 void pv_rows(const float* P, const float* corr, const KVRow* v, const KVRow* pf, int nk, int Hd, bool perm, float* Z) {
+GL_AVX512 void pv_rows(const float* P, const float* corr, const KVRow* v, bool pf, int nk, int Hd, bool perm, float* Z) {
   const __m512i ilo = _mm512_loadu_si512(kPerm.lo), ihi = _mm512_loadu_si512(kPerm.hi);
-  for (int c0 = 0; c0 < Hd; c0 += 64) {
-    __m512 acc[NR][4];
-    for (int i = 0; i < NR; ++i) {
-      const __m512 cr = _mm512_set1_ps(corr[i]);
-      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + i * Hd + c0 + 16 * c));
-    }
-    for (int j = 0; j < nk; ++j) {
-      if (pf && c0 == 0) prefetch_row(pf[j], Hd);
-      __m512 vv[4];
-      load32(v[j], c0, perm, ilo, ihi, vv[0], vv[1]);
-      load32(v[j], c0 + 32, perm, ilo, ihi, vv[2], vv[3]);
+  for (int j0 = 0; j0 < nk; j0 += SB) {
+    const int j1 = std::min(nk, j0 + SB);
+    for (int c0 = 0; c0 < Hd; c0 += 64) {
+      __m512 acc[NR][4];
       for (int i = 0; i < NR; ++i) {
-        const __m512 p = _mm512_set1_ps(P[i * NB + j]);
-        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
+        const __m512 cr = _mm512_set1_ps(j0 == 0 ? corr[i] : 1.f);
+        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + i * Hd + c0 + 16 * c));
       }
+      for (int j = j0; j < j1; ++j) {
+        if (pf) prefetch_part(v[j + PD], c0, 64);
+        __m512 vv[4];
+        load32(v[j], c0, perm, ilo, ihi, vv[0], vv[1]);
+        load32(v[j], c0 + 32, perm, ilo, ihi, vv[2], vv[3]);
+        for (int i = 0; i < NR; ++i) {
+          const __m512 p = _mm512_set1_ps(P[i * NB + j]);
+          for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
+        }
+      }
+      for (int i = 0; i < NR; ++i)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(Z + i * Hd + c0 + 16 * c, acc[i][c]);
     }
-    for (int i = 0; i < NR; ++i)
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(Z + i * Hd + c0 + 16 * c, acc[i][c]);
   }
 }
 
-GL_AVX512 void pv_avx512(const float* P, const float* corr, int rows, const KVRow* v, const KVRow* pf, int nk, int Hd, bool perm,
-                         float* Z) {
+GL_AVX512 void pv_avx512(const float* P, const float* corr, int rows, const KVRow* v, int nk, int Hd, bool perm, float* Z) {
   for (int r0 = 0; r0 < rows; r0 += 4) {
     const float* Pr = P + r0 * NB;
     float* Zr = Z + static_cast<size_t>(r0) * Hd;
-    const KVRow* p = r0 == 0 ? pf : nullptr;
+    const bool p = r0 == 0;
     switch (std::min(4, rows - r0)) {
       case 4: pv_rows<4>(Pr, corr + r0, v, p, nk, Hd, perm, Zr); break;
       case 3: pv_rows<3>(Pr, corr + r0, v, p, nk, Hd, perm, Zr); break;
@@ -196,12 +206,15 @@ GL_AVX512 void pv_avx512(const float* P, const float* corr, int rows, const KVRo
 // (vpunpck[lh]wd) against a broadcast pair of probabilities (p_j, p_j+1), so z comes out in kPermDp's order.
 #define GL_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
 
+// pf: the NC rows PD keys ahead (or null), a line of each prefetched per step of 32 dims, in step with the loads.
 template <int NR, int NC>
-GL_BF16 void scores_block_dp(const uint16_t* const* q, const KVRow* k, int Hd, float* S) {
+GL_BF16 void scores_block_dp(const uint16_t* const* q, const KVRow* k, const KVRow* pf, int Hd, float* S) {
   __m512 acc[NR][NC];
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int d = 0; d < Hd; d += 32) {
+    if (pf)
+      for (int j = 0; j < NC; ++j) prefetch_part(pf[j], d, 32);
     __m512i kv[NC];
     for (int j = 0; j < NC; ++j) kv[j] = _mm512_loadu_si512(k[j].h + d);
     for (int i = 0; i < NR; ++i) {
@@ -222,24 +235,18 @@ GL_BF16 void scores_block_dp(const uint16_t* const* q, const KVRow* k, int Hd, f
 }
 
 template <int NR>
-GL_BF16 void scores_rows_dp(const uint16_t* const* q, const KVRow* k, const KVRow* pf, int nk, int Hd, float* S) {
+GL_BF16 void scores_rows_dp(const uint16_t* const* q, const KVRow* k, bool pf, int nk, int Hd, float* S) {
   int c = 0;
-  for (; c + 4 <= nk; c += 4) {
-    if (pf)
-      for (int j = 0; j < 4; ++j) prefetch_row(pf[c + j], Hd);
-    scores_block_dp<NR, 4>(q, k + c, Hd, S + c);
-  }
-  for (; c < nk; ++c) {
-    if (pf) prefetch_row(pf[c], Hd);
-    scores_block_dp<NR, 1>(q, k + c, Hd, S + c);
-  }
+  for (; c + 4 <= nk; c += 4) scores_block_dp<NR, 4>(q, k + c, pf ? k + c + PD : nullptr, Hd, S + c);
+  for (; c < nk; ++c) scores_block_dp<NR, 1>(q, k + c, pf ? k + c + PD : nullptr, Hd, S + c);
 }
 
-// q: the rows in bf16; k: every row bf16 (the step's own rows converted, see block_rows).
-GL_BF16 void scores_dp(const uint16_t* const* q, int rows, const KVRow* k, const KVRow* pf, int nk, int Hd, float* S) {
+// q: the rows in bf16; k: every row bf16 (the step's own rows converted, see block_rows), this block's NB and the
+// next block's NB (empty past the chunk): the first pass over them prefetches PD keys ahead.
+GL_BF16 void scores_dp(const uint16_t* const* q, int rows, const KVRow* k, int nk, int Hd, float* S) {
   for (int r0 = 0; r0 < rows; r0 += 4) {
     float* Sr = S + r0 * NB;
-    const KVRow* p = r0 == 0 ? pf : nullptr;
+    const bool p = r0 == 0;
     switch (std::min(4, rows - r0)) {
       case 4: scores_rows_dp<4>(q + r0, k, p, nk, Hd, Sr); break;
       case 3: scores_rows_dp<3>(q + r0, k, p, nk, Hd, Sr); break;
@@ -250,40 +257,45 @@ GL_BF16 void scores_dp(const uint16_t* const* q, int rows, const KVRow* k, const
 }
 
 // Z[i][:] = Z[i][:] * corr[i] + sum_j P[i][j] v_j, P as bf16 pairs (Pp[i * NB / 2 + j / 2] = p_j | p_j+1 << 16, the
-// pair past an odd nk's last key 0), v_j for j < nk rounded up to even with `zero` (a row of Hd zeros).
+// pair past an odd nk's last key 0), v_j for j < nk rounded up to even with `zero` (a row of Hd zeros). As pv_rows:
+// sub-blocks of SB keys in slices of 64 dims, v this block's rows and the next block's, prefetched PD keys ahead.
 template <int NR>
-GL_BF16 void pv_rows_dp(const uint32_t* Pp, const float* corr, const KVRow* v, const KVRow* pf, int nk, int Hd,
+GL_BF16 void pv_rows_dp(const uint32_t* Pp, const float* corr, const KVRow* v, bool pf, int nk, int Hd,
                         const uint16_t* zero, float* Z) {
-  for (int c0 = 0; c0 < Hd; c0 += 64) {
-    __m512 acc[NR][4];
-    for (int i = 0; i < NR; ++i) {
-      const __m512 cr = _mm512_set1_ps(corr[i]);
-      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + i * Hd + c0 + 16 * c));
-    }
-    for (int j = 0; j < nk; j += 2) {
-      if (pf && c0 == 0) prefetch_row(pf[j], Hd), prefetch_row(pf[j + 1], Hd);
-      const uint16_t* r0 = v[j].h + c0;
-      const uint16_t* r1 = j + 1 < nk ? v[j + 1].h + c0 : zero;
-      const __m512i a0 = _mm512_loadu_si512(r0), b0 = _mm512_loadu_si512(r1);
-      const __m512i a1 = _mm512_loadu_si512(r0 + 32), b1 = _mm512_loadu_si512(r1 + 32);
-      const __m512bh vv[4] = {(__m512bh)_mm512_unpacklo_epi16(a0, b0), (__m512bh)_mm512_unpackhi_epi16(a0, b0),
-                              (__m512bh)_mm512_unpacklo_epi16(a1, b1), (__m512bh)_mm512_unpackhi_epi16(a1, b1)};
+  for (int j0 = 0; j0 < nk; j0 += SB) {
+    const int j1 = std::min(nk, j0 + SB);
+    for (int c0 = 0; c0 < Hd; c0 += 64) {
+      __m512 acc[NR][4];
       for (int i = 0; i < NR; ++i) {
-        const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pp[i * (NB / 2) + j / 2]));
-        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], vv[c], p);
+        const __m512 cr = _mm512_set1_ps(j0 == 0 ? corr[i] : 1.f);
+        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + i * Hd + c0 + 16 * c));
       }
+      for (int j = j0; j < j1; j += 2) {
+        if (pf) prefetch_part(v[j + PD], c0, 64), prefetch_part(v[j + PD + 1], c0, 64);
+        const uint16_t* r0 = v[j].h + c0;
+        const uint16_t* r1 = j + 1 < nk ? v[j + 1].h + c0 : zero;
+        const __m512i a0 = _mm512_loadu_si512(r0), b0 = _mm512_loadu_si512(r1);
+        const __m512i a1 = _mm512_loadu_si512(r0 + 32), b1 = _mm512_loadu_si512(r1 + 32);
+        const __m512bh vv[4] = {(__m512bh)_mm512_unpacklo_epi16(a0, b0), (__m512bh)_mm512_unpackhi_epi16(a0, b0),
+                                (__m512bh)_mm512_unpacklo_epi16(a1, b1), (__m512bh)_mm512_unpackhi_epi16(a1, b1)};
+        for (int i = 0; i < NR; ++i) {
+          const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pp[i * (NB / 2) + j / 2]));
+          for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], vv[c], p);
+        }
+      }
+      for (int i = 0; i < NR; ++i)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(Z + i * Hd + c0 + 16 * c, acc[i][c]);
     }
-    for (int i = 0; i < NR; ++i)
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(Z + i * Hd + c0 + 16 * c, acc[i][c]);
   }
 }
 
-GL_BF16 void pv_dp(const uint32_t* Pp, const float* corr, int rows, const KVRow* v, const KVRow* pf, int nk, int Hd,
+// v: this block's NB rows and the next block's NB (empty past the chunk).
+GL_BF16 void pv_dp(const uint32_t* Pp, const float* corr, int rows, const KVRow* v, int nk, int Hd,
                    const uint16_t* zero, float* Z) {
   for (int r0 = 0; r0 < rows; r0 += 4) {
     const uint32_t* Pr = Pp + r0 * (NB / 2);
     float* Zr = Z + static_cast<size_t>(r0) * Hd;
-    const KVRow* p = r0 == 0 ? pf : nullptr;
+    const bool p = r0 == 0;
     switch (std::min(4, rows - r0)) {
       case 4: pv_rows_dp<4>(Pr, corr + r0, v, p, nk, Hd, zero, Zr); break;
       case 3: pv_rows_dp<3>(Pr, corr + r0, v, p, nk, Hd, zero, Zr); break;
@@ -422,7 +434,8 @@ void attention_decode_splitk(const AttentionArgs& a) {
     std::vector<uint32_t> Pp(dp ? static_cast<size_t>(rows) * NB / 2 : 0);  // probabilities as bf16 pairs
     std::vector<const float*> qrow(rows);
     std::vector<int64_t> lo(rows), hi(rows);
-    KVRow krow[NB], vrow[NB], knext[NB], vnext[NB];
+    KVRow kb[2 * NB], vb[2 * NB];  // this block's rows, then the next block's
+    KVRow *krow = kb, *vrow = vb, *knext = kb + NB, *vnext = vb + NB;
 #pragma omp for collapse(3) schedule(dynamic, 1)
     for (int b = 0; b < B; ++b)
       for (int kvh = 0; kvh < KV; ++kvh)
@@ -452,14 +465,13 @@ void attention_decode_splitk(const AttentionArgs& a) {
           block_rows(a, b, kvh, j0, static_cast<int>(std::min<int64_t>(NB, j1 - j0)), krow, vrow, kn, vn);
           for (int64_t jb = j0; jb < j1; jb += NB) {
             const int nk = static_cast<int>(std::min<int64_t>(NB, j1 - jb));
-            // The next block's rows, prefetched while this block's are computed, a row per key (the hardware
-            // prefetcher alone left a long decode step well below the streaming bandwidth).
+            // The next block's rows beside this block's: the kernels prefetch PD keys ahead, into the next block.
             const int nk_next = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(NB, j1 - jb - NB)));
             block_rows(a, b, kvh, jb + NB, nk_next, knext, vnext, kn, vn);
             if (dp)
-              scores_dp(qbrow.data(), rows, krow, knext, nk, Hd, Sc.data());
+              scores_dp(qbrow.data(), rows, krow, nk, Hd, Sc.data());
             else if (w512)
-              scores_avx512(qrow.data(), rows, krow, knext, nk, Hd, perm, Sc.data());
+              scores_avx512(qrow.data(), rows, krow, nk, Hd, perm, Sc.data());
             else
               scores_portable(qrow.data(), rows, krow, nk, Hd, Sc.data());
             // Masked online softmax, row by row: logits scaled (soft-capped), probabilities 0 outside [lo, hi].
@@ -498,9 +510,9 @@ void attention_decode_splitk(const AttentionArgs& a) {
             if (dp) {
               for (int r = 0; r < rows; ++r)
                 to_bf16(Sc.data() + static_cast<size_t>(r) * NB, NB, reinterpret_cast<uint16_t*>(Pp.data() + static_cast<size_t>(r) * (NB / 2)));
-              pv_dp(Pp.data(), corr.data(), rows, vrow, vnext, nk, Hd, zero.data(), Z);
+              pv_dp(Pp.data(), corr.data(), rows, vrow, nk, Hd, zero.data(), Z);
             } else if (w512)
-              pv_avx512(Sc.data(), corr.data(), rows, vrow, vnext, nk, Hd, perm, Z);
+              pv_avx512(Sc.data(), corr.data(), rows, vrow, nk, Hd, perm, Z);
             else
               pv_portable(Sc.data(), corr.data(), rows, vrow, nk, Hd, Z);
             std::copy(knext, knext + NB, krow);

@@ -69,6 +69,11 @@ def gguf_of(size, ckpt):
 
 # gemmalens: for each context, prefill that many random tokens into a fresh cache (median of `repeats` up to 4096
 # tokens, one run above), and where asked decode n_new greedy-shaped steps after it (one token each; median step).
+# Then decode at the shortest and the longest of those contexts again, in blocks of ALT_STEPS steps that alternate
+# between the two caches (ALT_BLOCKS each; a block's first step not counted: it meets caches the other context's
+# block left cold): the ratio of the two step times with the machine's drift shared by both (this VM's bandwidth moves
+# 1.6x from one minute to the next, more than the effect measured).
+ALT_BLOCKS, ALT_STEPS = 7, 6
 _OURS = r"""
 import json, statistics, sys, time
 import numpy as np
@@ -76,13 +81,16 @@ import gemmalens as gl
 path, dtype, weights, threads, ctxs, decode_at, n_new, repeats = sys.argv[1:9]
 threads, n_new, repeats = int(threads), int(n_new), int(repeats)
 ctxs, decode_at = json.loads(ctxs), set(json.loads(decode_at))
-m = gl.load(path, dtype=dtype, weights=weights, threads=threads, max_seq_len=max(ctxs) + n_new + 1, progress=False)
+ALT_BLOCKS, ALT_STEPS = @ALT@
+room = n_new + 1 + ALT_BLOCKS * ALT_STEPS
+m = gl.load(path, dtype=dtype, weights=weights, threads=threads, max_seq_len=max(ctxs) + room, progress=False)
 out = {"prefill": {}, "decode": {}, "kv_bytes": {}}
+kept = {}
 for ctx in ctxs:
     toks = m.to_tokens(np.random.default_rng(ctx).integers(4, 200000, ctx))
     ts = []
     for _ in range(repeats if ctx <= 4096 else 1):
-        cache = m.new_cache(max_seq_len=ctx + n_new + 1)
+        cache = m.new_cache(max_seq_len=ctx + room)
         t0 = time.perf_counter()
         m.next_token_logits(toks, cache=cache)
         ts.append(time.perf_counter() - t0)
@@ -97,11 +105,27 @@ for ctx in ctxs:
             st.append(time.perf_counter() - t0)
         out["decode"][ctx] = 1 / statistics.median(st)
         out["kv_bytes"][ctx] = cache.nbytes
+        if ctx in (min(decode_at), max(decode_at)):
+            kept[ctx] = (cache, step)
     print(f"  {ctx}: prefill {ctx / out['prefill'][ctx]:.0f} tok/s" +
           (f", decode {out['decode'][ctx]:.1f} tok/s" if ctx in out["decode"] else ""), file=sys.stderr, flush=True)
+if len(kept) == 2:
+    st = {c: [] for c in kept}
+    for _ in range(ALT_BLOCKS):
+        for c, (cache, step) in sorted(kept.items()):
+            for j in range(ALT_STEPS):
+                t0 = time.perf_counter()
+                m.next_token_logits(step, cache=cache)
+                if j:
+                    st[c].append(time.perf_counter() - t0)
+    lo, hi = sorted(kept)
+    out["alternated"] = {"short": lo, "long": hi, "short_tok_s": 1 / statistics.median(st[lo]),
+                         "long_tok_s": 1 / statistics.median(st[hi])}
+    print(f"  alternated: ctx {lo} {out['alternated']['short_tok_s']:.1f}, ctx {hi} {out['alternated']['long_tok_s']:.1f} tok/s",
+          file=sys.stderr, flush=True)
 out["peak_rss"] = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
 print(json.dumps(out))
-"""
+""".replace("@ALT@", f"{ALT_BLOCKS}, {ALT_STEPS}")
 
 # HF transformers: Gemma3ForCausalLM from the same folder, bf16, SDPA attention (eager would materialise [T, T]
 # scores per head), one prefill with use_cache=True and logits_to_keep=1, then n_new one-token steps on its cache
@@ -196,7 +220,9 @@ def _child(python, code, args, threads, timeout=7200):
 
 
 def _intkeys(d):
-    return {k: ({int(a): b for a, b in v.items()} if isinstance(v, dict) else v) for k, v in d.items()}
+    """JSON's string keys back to the context lengths they were (keys that are words stay)."""
+    return {k: ({(int(a) if a.isdigit() else a): b for a, b in v.items()} if isinstance(v, dict) else v)
+            for k, v in d.items()}
 
 
 def kv_bytes(size, pattern, ctx):
@@ -319,7 +345,8 @@ def section(res):
     # decode against context
     dec = plan["decode"]
     text += ("\n#### gemmalens decode against context (tok/s)\n\n| model | weights | "
-             + " | ".join(f"ctx {c}" for c in dec) + f" | {dec[-1]} / {dec[0]} |\n|---|---|" + "---|" * (len(dec) + 1) + "\n")
+             + " | ".join(f"ctx {c}" for c in dec) + f" | {dec[-1]} / {dec[0]} | alternated: ctx {dec[0]} / ctx {dec[-1]} "
+             f"| alternated: {dec[-1]} / {dec[0]} |\n|---|---|" + "---|" * (len(dec) + 3) + "\n")
     for size in plan["sizes"]:
         for weights, key in (("bf16", "native"), ("int8", "int8")):
             r = res["ours"].get((size, "5:1", key))
@@ -327,7 +354,13 @@ def section(res):
                 continue
             v = [r["decode"].get(c) for c in dec]
             ratio = f"**{v[-1] / v[0]:.2f}**" if v[0] and v[-1] else "-"
-            text += f"| {size} | {weights} | " + " | ".join(_f(x) for x in v) + f" | {ratio} |\n"
+            alt = r.get("alternated")
+            alt_cells = (f"{alt['short_tok_s']:.1f} / {alt['long_tok_s']:.1f} | **{alt['long_tok_s'] / alt['short_tok_s']:.2f}**"
+                         if alt and alt["short"] == dec[0] and alt["long"] == dec[-1] else "- | -")
+            text += f"| {size} | {weights} | " + " | ".join(_f(x) for x in v) + f" | {ratio} | {alt_cells} |\n"
+    text += (f"\nThe ctx columns measure each context in turn, minutes apart; the alternated columns decode at ctx "
+             f"{dec[0]} and ctx {dec[-1]} again in the same process, in {ALT_BLOCKS} blocks of {ALT_STEPS} steps that "
+             "alternate between the two caches (a block's first step not counted): the machine's drift falls on both.\n")
     # KV bytes, both patterns
     text += (f"\n#### KV cache at {FULL_CTX} positions (bf16, batch 1; `KVCache.nbytes`)\n\n"
              "| model | 5:1 MiB | every layer global MiB | global / 5:1 |\n|---|---|---|---|\n")

@@ -68,12 +68,21 @@ GL_BF16 void blocked64_bf16(const uint16_t* w, int64_t N, int64_t K, const uint1
   }
 }
 
+// The row-major kernels below read R rows side by side, a vector of each at a time: an order the hardware
+// prefetchers follow badly (a test program reading 4-8 rows that way, without arithmetic, got 12-13 GB/s on a Zen 5
+// where a sequential read got 40). So each step also prefetches the same columns of the next R rows (pf: the task's
+// next group, or null), and the memory system sees R + R streams it is asked for ahead of time.
+inline void prefetch_rows(const uint16_t* pf, int R, int64_t K, int64_t k) {
+  for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * K + k), _MM_HINT_T0);
+}
+
 // R consecutive rows of row-major W against one activation row: R accumulators of 16 pair-sums, reduced at the end.
 template <int R>
-GL_BF16 inline void rows_dot(const uint16_t* w, int64_t K, const uint16_t* x, float* out) {
+GL_BF16 inline void rows_dot(const uint16_t* w, int64_t K, const uint16_t* x, float* out, const uint16_t* pf = nullptr) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
+    if (pf) prefetch_rows(pf, R, K, k);
     const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
     for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * K + k), xv);
   }
@@ -85,9 +94,10 @@ GL_BF16 void rows_bf16(const uint16_t* w, int64_t N, int64_t K, const uint16_t* 
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t n = 4 * g;
+    const uint16_t* pf = g + 1 < groups ? w + (n + 4) * K : nullptr;
     float out[4];
     for (int64_t m = 0; m < M; ++m) {  // the 4 rows stay in L1 across m
-      rows_dot<4>(w + n * K, K, x + m * K, out);
+      rows_dot<4>(w + n * K, K, x + m * K, out, m == 0 ? pf : nullptr);
       std::memcpy(y + m * ldy + n, out, sizeof out);
     }
   }
@@ -311,7 +321,7 @@ void split_pairs(const float* x, int64_t K, float* xs) {
 }
 
 template <int R>
-GL_AVX512 inline void rows_dot_w512(const uint16_t* w, int64_t K, const float* xs, float* out) {
+GL_AVX512 inline void rows_dot_w512(const uint16_t* w, int64_t K, const float* xs, float* out, const uint16_t* pf = nullptr) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
@@ -319,6 +329,7 @@ GL_AVX512 inline void rows_dot_w512(const uint16_t* w, int64_t K, const float* x
   __m512 acco[R];  // the odd elements' own accumulators: 2R independent FMA chains
   for (int r = 0; r < R; ++r) acco[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < body; k += 32) {
+    if (pf) prefetch_rows(pf, R, K, k);
     const __m512 xe = _mm512_loadu_ps(xs + k), xo = _mm512_loadu_ps(xs + k + 16);
     for (int r = 0; r < R; ++r) {
       const __m512i v = _mm512_loadu_si512(w + r * K + k);
@@ -341,7 +352,7 @@ inline float hsum256(__m256 v) {
 }
 
 template <int R>
-inline void rows_dot_w256(const uint16_t* w, int64_t K, const float* xs, float* out) {
+inline void rows_dot_w256(const uint16_t* w, int64_t K, const float* xs, float* out, const uint16_t* pf = nullptr) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
@@ -349,6 +360,7 @@ inline void rows_dot_w256(const uint16_t* w, int64_t K, const float* xs, float* 
   __m256 acco[R];  // the odd elements' own accumulators: 2R independent FMA chains
   for (int r = 0; r < R; ++r) acco[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < body; k += 16) {
+    if (pf && k % 32 == 0) prefetch_rows(pf, R, K, k);  // a 64-byte line every other step
     const __m256 xe = _mm256_loadu_ps(xs + k), xo = _mm256_loadu_ps(xs + k + 8);
     for (int r = 0; r < R; ++r) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
@@ -373,12 +385,13 @@ void rows_widen(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t n = G * g;
+    const uint16_t* pf = g + 1 < groups ? w + (n + G) * K : nullptr;
     float out[G];
     for (int64_t m = 0; m < M; ++m) {
       if constexpr (W512)
-        rows_dot_w512<G>(w + n * K, K, xsp + m * K, out);
+        rows_dot_w512<G>(w + n * K, K, xsp + m * K, out, m == 0 ? pf : nullptr);
       else
-        rows_dot_w256<G>(w + n * K, K, xsp + m * K, out);
+        rows_dot_w256<G>(w + n * K, K, xsp + m * K, out, m == 0 ? pf : nullptr);
       std::memcpy(y + m * ldy + n, out, sizeof out);
     }
   }

@@ -231,9 +231,11 @@ def test_linear_int8_against_numpy(M):
     x = rng.standard_normal((M, 192)).astype(np.float32)
     w = rng.standard_normal((70, 192)).astype(np.float32)
     qx, dx = q8_blocks(x)
-    qw, dw = q8_blocks(w)
+    # the stored weight blocks, dequantised (d * q): their scales come from a search and need not be max|w| / 127, so
+    # a plain Q8_0 re-quantisation of w is not the reference (it failed 9 of 630 outputs by 2e-3 for some draws of w)
+    wq = ops.quantize(w, 8).astype(np.float64).reshape(70, 6, 32)
     # integer block dot products scaled by both block scales: what the VNNI kernel computes
-    ref = np.einsum("mbk,nbk,mb,nb->mn", qx, qw, dx[..., 0], dw[..., 0])
+    ref = np.einsum("mbk,nbk,mb->mn", qx, wq, dx[..., 0])
     out = ops.linear(x, w, "float32", True)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
     # and against the exact product: int8 weights and activations cost ~1% here

@@ -79,22 +79,8 @@ def test_linear_bf16_decode_kernel(M, plain):
 
 
 def attention_ref(q, k, v, window, scale, softcap):
-    B, T, H, Hd = q.shape
-    KV = k.shape[2]
-    z = np.zeros_like(q, dtype=np.float64)
-    for b in range(B):
-        for h in range(H):
-            kh = h // (H // KV)
-            s = q[b, :, h].astype(np.float64) @ k[b, :, kh].astype(np.float64).T * scale
-            if softcap:
-                s = softcap * np.tanh(s / softcap)
-            i, j = np.arange(T)[:, None], np.arange(T)[None, :]
-            vis = (j <= i) & ((i - j < window) if window else True)
-            s = np.where(vis, s, -np.inf)
-            p = np.exp(s - s.max(-1, keepdims=True))
-            p /= p.sum(-1, keepdims=True)
-            z[b, :, h] = p @ v[b, :, kh]
-    return z
+    """A prefill's attention (no cache): attention_past_ref with past 0."""
+    return attention_past_ref(q, k, v, 0, window, scale, softcap)
 
 
 @pytest.mark.parametrize("H,KV,Hd", [(4, 1, 32), (4, 2, 16), (8, 2, 24), (2, 2, 64)])
@@ -180,6 +166,19 @@ def test_attention_decode_against_numpy(H, KV, Hd, T, past, window, softcap, cac
     ref_bf = attention_past_ref(bf16(q), k, v, past, window, 0.2, softcap, round_p=True)
     assert np.abs(out - ref_bf).max() <= 6e-3 * np.abs(ref_bf).max()
     assert np.abs(out - ref_bf).mean() <= 4e-3 * np.abs(ref_bf).mean()
+
+
+def test_attention_with_a_past_refuses_bad_shapes():
+    """_testing.attention(past=): k and v must hold the past and the new positions, past >= 0."""
+    q = np.zeros((1, 2, 4, 64), np.float32)
+    kv = np.zeros((1, 10, 1, 64), np.float32)
+    with pytest.raises(ValueError, match="past >= 0"):
+        ops.attention(q, kv, kv, 0, 1.0, 0.0, past=-1)
+    with pytest.raises(ValueError, match="shape mismatch"):  # 10 positions: past 7 + 2 new would be 9
+        ops.attention(q, kv, kv, 0, 1.0, 0.0, past=7)
+    with pytest.raises(ValueError, match="shape mismatch"):  # v shorter than k
+        ops.attention(q, kv, kv[:, :9], 0, 1.0, 0.0, past=8)
+    assert ops.attention(q, kv, kv, 0, 1.0, 0.0, past=8).shape == q.shape
 
 
 def q8_blocks(a):

@@ -19,6 +19,7 @@
 
 #include "ops/attention.h"
 #include "ops/cpu.h"
+#include "ops/row_groups.h"
 #include "ops/vmath.h"
 
 namespace gemmalens::ops {
@@ -99,6 +100,22 @@ GL_AVX512 inline __m512 reduce16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
 }
 
+// S[i * NB + j] = the sum of acc[i][j]'s lanes. 4 x 4 (the common case): one reduce16 tree for all 16 sums, a row of
+// 4 per 128 bits.
+template <int NR, int NC>
+GL_AVX512 inline void store_scores(const __m512 (&acc)[NR][NC], float* S) {
+  if constexpr (NR == 4 && NC == 4) {
+    const __m512 s = reduce16(&acc[0][0]);
+    _mm_storeu_ps(S, _mm512_extractf32x4_ps(s, 0));
+    _mm_storeu_ps(S + NB, _mm512_extractf32x4_ps(s, 1));
+    _mm_storeu_ps(S + 2 * NB, _mm512_extractf32x4_ps(s, 2));
+    _mm_storeu_ps(S + 3 * NB, _mm512_extractf32x4_ps(s, 3));
+  } else {
+    for (int i = 0; i < NR; ++i)
+      for (int j = 0; j < NC; ++j) S[i * NB + j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
+
 // S[i][j] = q_i . k_j for NR query rows and NC keys: NR x NC independent accumulators over the head dimension
 // (Hd % 32 == 0), each key row loaded and widened once for all NR rows.
 // pf: the NC rows PD keys ahead (or null), prefetched a part per step in step with the loads.
@@ -118,16 +135,7 @@ GL_AVX512 void scores_block(const float* const* q, const KVRow* k, const KVRow* 
       for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_fmadd_ps(qhi, khi[j], _mm512_fmadd_ps(qlo, klo[j], acc[i][j]));
     }
   }
-  if constexpr (NR == 4 && NC == 4) {  // the common case: one tree for all 16 sums, a row of 4 per 128 bits
-    const __m512 s = reduce16(&acc[0][0]);
-    _mm_storeu_ps(S, _mm512_extractf32x4_ps(s, 0));
-    _mm_storeu_ps(S + NB, _mm512_extractf32x4_ps(s, 1));
-    _mm_storeu_ps(S + 2 * NB, _mm512_extractf32x4_ps(s, 2));
-    _mm_storeu_ps(S + 3 * NB, _mm512_extractf32x4_ps(s, 3));
-  } else {
-    for (int i = 0; i < NR; ++i)
-      for (int j = 0; j < NC; ++j) S[i * NB + j] = _mm512_reduce_add_ps(acc[i][j]);
-  }
+  store_scores<NR, NC>(acc, S);
 }
 
 // pf: prefetch PD keys ahead (the first pass over the rows only).
@@ -141,16 +149,9 @@ GL_AVX512 void scores_rows(const float* const* q, const KVRow* k, bool pf, int n
 // S[r][c] = q_r . k_c for `rows` rows (4 at a time) and nk keys; k: this block's NB rows and the next block's NB
 // (empty past the chunk).
 GL_AVX512 void scores_avx512(const float* const* q, int rows, const KVRow* k, int nk, int Hd, bool perm, float* S) {
-  for (int r0 = 0; r0 < rows; r0 += 4) {
-    float* Sr = S + r0 * NB;
-    const bool p = r0 == 0;
-    switch (std::min(4, rows - r0)) {
-      case 4: scores_rows<4>(q + r0, k, p, nk, Hd, perm, Sr); break;
-      case 3: scores_rows<3>(q + r0, k, p, nk, Hd, perm, Sr); break;
-      case 2: scores_rows<2>(q + r0, k, p, nk, Hd, perm, Sr); break;
-      default: scores_rows<1>(q + r0, k, p, nk, Hd, perm, Sr); break;
-    }
-  }
+  row_groups<4>(rows, [&](auto nr, int64_t r0) {
+    scores_rows<decltype(nr)::value>(q + r0, k, r0 == 0, nk, Hd, perm, S + r0 * NB);
+  });
 }
 
 // Z[i][:] = Z[i][:] * corr[i] + sum_j P[i][j] v_j for NR rows and nk keys (Hd % 64 == 0): sub-blocks of SB keys,
@@ -184,17 +185,9 @@ GL_AVX512 void pv_rows(const float* P, const float* corr, const KVRow* v, bool p
 }
 
 GL_AVX512 void pv_avx512(const float* P, const float* corr, int rows, const KVRow* v, int nk, int Hd, bool perm, float* Z) {
-  for (int r0 = 0; r0 < rows; r0 += 4) {
-    const float* Pr = P + r0 * NB;
-    float* Zr = Z + static_cast<size_t>(r0) * Hd;
-    const bool p = r0 == 0;
-    switch (std::min(4, rows - r0)) {
-      case 4: pv_rows<4>(Pr, corr + r0, v, p, nk, Hd, perm, Zr); break;
-      case 3: pv_rows<3>(Pr, corr + r0, v, p, nk, Hd, perm, Zr); break;
-      case 2: pv_rows<2>(Pr, corr + r0, v, p, nk, Hd, perm, Zr); break;
-      default: pv_rows<1>(Pr, corr + r0, v, p, nk, Hd, perm, Zr); break;
-    }
-  }
+  row_groups<4>(rows, [&](auto nr, int64_t r0) {
+    pv_rows<decltype(nr)::value>(P + r0 * NB, corr + r0, v, r0 == 0, nk, Hd, perm, Z + r0 * Hd);
+  });
 }
 
 // --- bf16 models on AVX512_BF16 (and AMX): vdpbf16ps ---
@@ -222,16 +215,7 @@ GL_BF16 void scores_block_dp(const uint16_t* const* q, const KVRow* k, const KVR
       for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], qv, (__m512bh)kv[j]);
     }
   }
-  if constexpr (NR == 4 && NC == 4) {
-    const __m512 s = reduce16(&acc[0][0]);
-    _mm_storeu_ps(S, _mm512_extractf32x4_ps(s, 0));
-    _mm_storeu_ps(S + NB, _mm512_extractf32x4_ps(s, 1));
-    _mm_storeu_ps(S + 2 * NB, _mm512_extractf32x4_ps(s, 2));
-    _mm_storeu_ps(S + 3 * NB, _mm512_extractf32x4_ps(s, 3));
-  } else {
-    for (int i = 0; i < NR; ++i)
-      for (int j = 0; j < NC; ++j) S[i * NB + j] = _mm512_reduce_add_ps(acc[i][j]);
-  }
+  store_scores<NR, NC>(acc, S);
 }
 
 template <int NR>
@@ -244,16 +228,9 @@ GL_BF16 void scores_rows_dp(const uint16_t* const* q, const KVRow* k, bool pf, i
 // q: the rows in bf16; k: every row bf16 (the step's own rows converted, see block_rows), this block's NB and the
 // next block's NB (empty past the chunk): the first pass over them prefetches PD keys ahead.
 GL_BF16 void scores_dp(const uint16_t* const* q, int rows, const KVRow* k, int nk, int Hd, float* S) {
-  for (int r0 = 0; r0 < rows; r0 += 4) {
-    float* Sr = S + r0 * NB;
-    const bool p = r0 == 0;
-    switch (std::min(4, rows - r0)) {
-      case 4: scores_rows_dp<4>(q + r0, k, p, nk, Hd, Sr); break;
-      case 3: scores_rows_dp<3>(q + r0, k, p, nk, Hd, Sr); break;
-      case 2: scores_rows_dp<2>(q + r0, k, p, nk, Hd, Sr); break;
-      default: scores_rows_dp<1>(q + r0, k, p, nk, Hd, Sr); break;
-    }
-  }
+  row_groups<4>(rows, [&](auto nr, int64_t r0) {
+    scores_rows_dp<decltype(nr)::value>(q + r0, k, r0 == 0, nk, Hd, S + r0 * NB);
+  });
 }
 
 // Z[i][:] = Z[i][:] * corr[i] + sum_j P[i][j] v_j, P as bf16 pairs (Pp[i * NB / 2 + j / 2] = p_j | p_j+1 << 16, the
@@ -292,17 +269,9 @@ GL_BF16 void pv_rows_dp(const uint32_t* Pp, const float* corr, const KVRow* v, b
 // v: this block's NB rows and the next block's NB (empty past the chunk).
 GL_BF16 void pv_dp(const uint32_t* Pp, const float* corr, int rows, const KVRow* v, int nk, int Hd,
                    const uint16_t* zero, float* Z) {
-  for (int r0 = 0; r0 < rows; r0 += 4) {
-    const uint32_t* Pr = Pp + r0 * (NB / 2);
-    float* Zr = Z + static_cast<size_t>(r0) * Hd;
-    const bool p = r0 == 0;
-    switch (std::min(4, rows - r0)) {
-      case 4: pv_rows_dp<4>(Pr, corr + r0, v, p, nk, Hd, zero, Zr); break;
-      case 3: pv_rows_dp<3>(Pr, corr + r0, v, p, nk, Hd, zero, Zr); break;
-      case 2: pv_rows_dp<2>(Pr, corr + r0, v, p, nk, Hd, zero, Zr); break;
-      default: pv_rows_dp<1>(Pr, corr + r0, v, p, nk, Hd, zero, Zr); break;
-    }
-  }
+  row_groups<4>(rows, [&](auto nr, int64_t r0) {
+    pv_rows_dp<decltype(nr)::value>(Pp + r0 * (NB / 2), corr + r0, v, r0 == 0, nk, Hd, zero, Z + r0 * Hd);
+  });
 }
 
 // n f32 values to bf16 (round to nearest even), n % 32 == 0: y in natural order.

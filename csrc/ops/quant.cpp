@@ -1,6 +1,7 @@
 #include "ops/quant.h"
 #include "ops/pages.h"
 #include "ops/cpu.h"
+#include "ops/row_groups.h"
 
 #include <immintrin.h>
 
@@ -449,23 +450,6 @@ __attribute__((noinline)) void tile_avx2(const QuantWeights& w, const XQ& xq, in
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) store8(y + (m0 + i) * ldy + n0, acc[i], w.N - n0);
   }
-}
-
-// Rows [0, M) in groups of G, the rest (M % G) as one smaller group: f(std::integral_constant<int, rows>, m0).
-template <int MB, int G, class F>
-inline void rest_group(int64_t r, int64_t m, F& f) {
-  if constexpr (MB < G) {
-    if (r == MB)
-      f(std::integral_constant<int, MB>{}, m);
-    else
-      rest_group<MB + 1, G>(r, m, f);
-  }
-}
-template <int G, class F>
-inline void row_groups(int64_t M, F&& f) {
-  int64_t m = 0;
-  for (; m + G <= M; m += G) f(std::integral_constant<int, G>{}, m);
-  rest_group<1, G>(M - m, m, f);
 }
 
 // Each tile meets every activation row (in groups of 8 on zmm, 4 on ymm) while it sits in L1/L2, so a step reads

@@ -69,7 +69,7 @@ GL_AVX512 inline void load32(const KVRow& r, int d, bool perm, __m512i ilo, __m5
 // prefetches the same part of the row PD keys ahead, in step with its own loads: a decode step's attention streams
 // the cache from DRAM, and its natural order (4 key rows read side by side 64 bytes at a time for Q K^T; 4 sweeps
 // of 128 bytes per row over a block for P V) is one the hardware prefetchers follow badly. Measured 2026-11-27 on a
-// Zen 5 with a test program that only reads 512-byte rows in those orders: 12 GB/s (4 rows side by side) and 16 GB/s
+// Zen 5 with a test program that only reads 512-byte rows in those orders: 12 GB/s (4 rows side by side) and 16-21 GB/s
 // (64 rows in 4 sweeps), against 40 GB/s for a sequential read; 43 and 37-40 GB/s with this prefetch (P V in
 // sub-blocks of 8-16 rows). Software prefetch of a whole block ahead, 8 lines per row at once, did not help.
 constexpr int SB = 16, PD = 16;

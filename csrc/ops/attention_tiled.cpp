@@ -12,6 +12,7 @@
 
 #include "ops/attention.h"
 #include "ops/cpu.h"
+#include "ops/row_groups.h"
 #include "ops/vmath.h"
 
 namespace gemmalens::ops {
@@ -159,99 +160,109 @@ GL_AVX512 void pv_tile(const float* P, const float* corr, int rows, const float*
 
 // --- AVX2 (16 ymm registers): the same three steps on narrower tiles ---
 
-// scores_tile on AVX2: 4 rows x 16 keys (8 accumulators) per pass, 4 passes over the tile's 64 keys.
-void scores_tile_avx2(const float* const* q, int rows, const float* Kt, int64_t ldk, int Hd, float* S) {
-  for (int c0 = 0; c0 < NK; c0 += 16) {
-    int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      __m256 acc[4][2];
-      for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-      const float *q0 = q[r], *q1 = q[r + 1], *q2 = q[r + 2], *q3 = q[r + 3];
-      for (int d = 0; d < Hd; ++d) {
-        const float* kt = Kt + d * ldk + c0;
-        const __m256 k0 = _mm256_loadu_ps(kt), k1 = _mm256_loadu_ps(kt + 8);
-        __m256 b = _mm256_broadcast_ss(q0 + d);
-        acc[0][0] = _mm256_fmadd_ps(b, k0, acc[0][0]); acc[0][1] = _mm256_fmadd_ps(b, k1, acc[0][1]);
-        b = _mm256_broadcast_ss(q1 + d);
-        acc[1][0] = _mm256_fmadd_ps(b, k0, acc[1][0]); acc[1][1] = _mm256_fmadd_ps(b, k1, acc[1][1]);
-        b = _mm256_broadcast_ss(q2 + d);
-        acc[2][0] = _mm256_fmadd_ps(b, k0, acc[2][0]); acc[2][1] = _mm256_fmadd_ps(b, k1, acc[2][1]);
-        b = _mm256_broadcast_ss(q3 + d);
-        acc[3][0] = _mm256_fmadd_ps(b, k0, acc[3][0]); acc[3][1] = _mm256_fmadd_ps(b, k1, acc[3][1]);
-      }
-      for (int i = 0; i < 4; ++i) {
-        _mm256_storeu_ps(S + (r + i) * NK + c0, acc[i][0]);
-        _mm256_storeu_ps(S + (r + i) * NK + c0 + 8, acc[i][1]);
-      }
+// scores_tile on AVX2: MR rows x 16 keys (2 MR accumulators) per pass, a pass per 16 of the tile's keys. MR = 6
+// gives 12 accumulators, 2 key registers and a broadcast (15 of 16 ymm), 8 loads per 12 FMAs (4 rows: 6 per 8).
+template <int MR>
+void scores_rows_avx2(const float* const* q, const float* kt, int64_t ldk, int Hd, float* S) {
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int d = 0; d < Hd; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(kt + d * ldk), k1 = _mm256_loadu_ps(kt + d * ldk + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 b = _mm256_broadcast_ss(q[i] + d);
+      acc[i][0] = _mm256_fmadd_ps(b, k0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(b, k1, acc[i][1]);
     }
-    for (; r < rows; ++r) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      for (int d = 0; d < Hd; ++d) {
-        const __m256 b = _mm256_broadcast_ss(q[r] + d);
-        a0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(Kt + d * ldk + c0), a0);
-        a1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(Kt + d * ldk + c0 + 8), a1);
-      }
-      _mm256_storeu_ps(S + r * NK + c0, a0);
-      _mm256_storeu_ps(S + r * NK + c0 + 8, a1);
-    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(S + i * NK, acc[i][0]);
+    _mm256_storeu_ps(S + i * NK + 8, acc[i][1]);
   }
 }
 
-// softmax_tile_row without AVX-512 masks: the same function, one pass for the maximum, one for the exps (the
-// `omp simd` loop vectorises exp_f32).
+// Only the passes that hold one of the tile's nk keys: the tile that reaches the diagonal is often partly empty.
+void scores_tile_avx2(const float* const* q, int rows, const float* Kt, int64_t ldk, int Hd, int nk, float* S) {
+  for (int c0 = 0; c0 < nk; c0 += 16) {
+    row_groups<6>(rows, [&](auto mr, int64_t r) {
+      scores_rows_avx2<decltype(mr)::value>(q + r, Kt + c0, ldk, Hd, S + r * NK + c0);
+    });
+  }
+}
+
+// softmax_tile_row on AVX2: the visible lanes by comparing column indices with [c_lo, c_hi] (no mask registers);
+// exp256 (ops/vmath.h) is exp_f32's polynomial in 8 lanes.
 float softmax_tile_row_avx2(float* s, int c_lo, int c_hi, float scale, float softcap, float m_prev, float* sum) {
-  float mx = m_prev;
-  for (int c = c_lo; c <= c_hi; ++c) {
-    const float x = softcap > 0.f ? softcap * tanh_f32(s[c] * scale / softcap) : s[c] * scale;
-    s[c] = x;
-    mx = std::max(mx, x);
+  if (softcap > 0.f) {  // rare (no released Gemma 3 sets it): scalar
+    float mx = m_prev;
+    for (int c = c_lo; c <= c_hi; ++c) {
+      s[c] = softcap * tanh_f32(s[c] * scale / softcap);
+      mx = std::max(mx, s[c]);
+    }
+    float acc = 0.f;
+    for (int c = 0; c < NK; ++c) {
+      s[c] = (c < c_lo || c > c_hi) ? 0.f : exp_f32(s[c] - mx);
+      acc += s[c];
+    }
+    *sum = acc;
+    return mx;
   }
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int c = 0; c < NK; ++c) {
-    const float e = exp_f32(s[c] - mx);
-    s[c] = (c < c_lo || c > c_hi) ? 0.f : e;
-    acc += s[c];
+  const __m256 sc = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256i lo = _mm256_set1_epi32(c_lo - 1), hi = _mm256_set1_epi32(c_hi + 1);
+  __m256 vis[NK / 8];
+  __m256 vmx = _mm256_set1_ps(m_prev);
+  for (int v = 0; v < NK / 8; ++v) {
+    const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(8 * v), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    vis[v] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(col, lo), _mm256_cmpgt_epi32(hi, col)));
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + 8 * v), sc);
+    _mm256_storeu_ps(s + 8 * v, x);
+    vmx = _mm256_max_ps(vmx, _mm256_blendv_ps(ninf, x, vis[v]));
   }
-  *sum = acc;
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float mx = _mm_cvtss_f32(m4);
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (int v = 0; v < NK / 8; ++v) {
+    const __m256 e = _mm256_and_ps(vis[v], exp256(_mm256_sub_ps(_mm256_loadu_ps(s + 8 * v), m)));
+    _mm256_storeu_ps(s + 8 * v, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  a4 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+  a4 = _mm_add_ss(a4, _mm_movehdup_ps(a4));
+  *sum = _mm_cvtss_f32(a4);
   return mx;
 }
 
-// pv_tile on AVX2: 4 rows x 16 dims (8 accumulators) per pass over the keys.
+// pv_tile on AVX2: MR rows x 16 dims (2 MR accumulators) per pass over the keys; MR = 6 as in scores_rows_avx2.
+template <int MR>
+void pv_rows_avx2(const float* P, const float* corr, const float* const* v, int nk, int Hd, int c0, float* Z) {
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) {
+    const __m256 cr = _mm256_set1_ps(corr[i]);
+    acc[i][0] = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + i * Hd + c0));
+    acc[i][1] = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + i * Hd + c0 + 8));
+  }
+  for (int j = 0; j < nk; ++j) {
+    const __m256 v0 = _mm256_loadu_ps(v[j] + c0), v1 = _mm256_loadu_ps(v[j] + c0 + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 p = _mm256_broadcast_ss(P + i * NK + j);
+      acc[i][0] = _mm256_fmadd_ps(p, v0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(p, v1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(Z + i * Hd + c0, acc[i][0]);
+    _mm256_storeu_ps(Z + i * Hd + c0 + 8, acc[i][1]);
+  }
+}
+
 void pv_tile_avx2(const float* P, const float* corr, int rows, const float* const* v, int nk, int Hd, float* Z) {
   for (int c0 = 0; c0 < Hd; c0 += 16) {
-    int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      __m256 acc[4][2];
-      for (int i = 0; i < 4; ++i) {
-        const __m256 cr = _mm256_set1_ps(corr[r + i]);
-        acc[i][0] = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + (r + i) * Hd + c0));
-        acc[i][1] = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + (r + i) * Hd + c0 + 8));
-      }
-      for (int j = 0; j < nk; ++j) {
-        const __m256 v0 = _mm256_loadu_ps(v[j] + c0), v1 = _mm256_loadu_ps(v[j] + c0 + 8);
-        for (int i = 0; i < 4; ++i) {
-          const __m256 p = _mm256_broadcast_ss(P + (r + i) * NK + j);
-          acc[i][0] = _mm256_fmadd_ps(p, v0, acc[i][0]);
-          acc[i][1] = _mm256_fmadd_ps(p, v1, acc[i][1]);
-        }
-      }
-      for (int i = 0; i < 4; ++i) {
-        _mm256_storeu_ps(Z + (r + i) * Hd + c0, acc[i][0]);
-        _mm256_storeu_ps(Z + (r + i) * Hd + c0 + 8, acc[i][1]);
-      }
-    }
-    for (; r < rows; ++r) {
-      const __m256 cr = _mm256_set1_ps(corr[r]);
-      __m256 a0 = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + r * Hd + c0)), a1 = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + r * Hd + c0 + 8));
-      for (int j = 0; j < nk; ++j) {
-        const __m256 p = _mm256_broadcast_ss(P + r * NK + j);
-        a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v[j] + c0), a0);
-        a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v[j] + c0 + 8), a1);
-      }
-      _mm256_storeu_ps(Z + r * Hd + c0, a0);
-      _mm256_storeu_ps(Z + r * Hd + c0 + 8, a1);
-    }
+    row_groups<6>(rows, [&](auto mr, int64_t r) {
+      pv_rows_avx2<decltype(mr)::value>(P + r * NK, corr + r, v, nk, Hd, c0, Z + r * Hd);
+    });
   }
 }
 
@@ -272,7 +283,16 @@ void attention_tiled(const AttentionArgs& a) {
   for (int b = 0; b < B; ++b) s_lo = std::min(s_lo, visible_range(a, b, a.past).lo);
   const int64_t n = a.past + T - s_lo;
   const int64_t ld = (n + NK - 1) / NK * NK + NK;
-  std::vector<float> Kt(static_cast<size_t>(B) * KV * Hd * ld, 0.f), Vf(static_cast<size_t>(B) * KV * n * Hd);
+  // Kept between calls (a prefill makes one per layer) while they are small: fresh pages every call cost their
+  // page faults and zeroing, ~2% of a 512-token call.
+  // (The parallel regions below reach them through these references: a thread_local named there would be each
+  // worker's own.)
+  thread_local std::vector<float> kt_keep, vf_keep;
+  std::vector<float>& Kt = kt_keep;
+  std::vector<float>& Vf = vf_keep;
+  const size_t kt_size = static_cast<size_t>(B) * KV * Hd * ld, vf_size = static_cast<size_t>(B) * KV * n * Hd;
+  if (Kt.size() < kt_size) Kt.resize(kt_size);
+  if (Vf.size() < vf_size) Vf.resize(vf_size);
   // In blocks of NK keys, so every thread takes part even with one row and one KV head.
   const int64_t nblk = (n + NK - 1) / NK;
 #pragma omp parallel for collapse(3) schedule(static)
@@ -296,6 +316,8 @@ void attention_tiled(const AttentionArgs& a) {
           std::fill(vd, vd + Hd, 0.f);
         }
       }
+      if (blk == nblk - 1)  // the padding columns [n, ld): read by the last tile's scores, then masked
+        for (int d = 0; d < Hd; ++d) std::fill(kt + d * ld + n, kt + (d + 1) * ld, 0.f);
     }
 
 #pragma omp parallel
@@ -306,7 +328,8 @@ void attention_tiled(const AttentionArgs& a) {
 #pragma omp for collapse(3) schedule(dynamic, 1)
     for (int b = 0; b < B; ++b)
       for (int kvh = 0; kvh < KV; ++kvh)
-        for (int qb = 0; qb < nqb; ++qb) {
+        for (int qb_rev = 0; qb_rev < nqb; ++qb_rev) {
+          const int qb = nqb - 1 - qb_rev;  // the longest blocks (the last queries, the most keys) first: balance
           const int t0 = qb * QB, nt = std::min(QB, T - t0), rows = nt * group;
           const float* kt = Kt.data() + (static_cast<size_t>(b) * KV + kvh) * Hd * ld;
           const float* vf = Vf.data() + (static_cast<size_t>(b) * KV + kvh) * n * Hd;
@@ -328,7 +351,7 @@ void attention_tiled(const AttentionArgs& a) {
             if (w512)
               scores_tile(qrow.data(), rows, kt + (j0 - s_lo), ld, Hd, S.data());
             else
-              scores_tile_avx2(qrow.data(), rows, kt + (j0 - s_lo), ld, Hd, S.data());
+              scores_tile_avx2(qrow.data(), rows, kt + (j0 - s_lo), ld, Hd, nk, S.data());
             // Masked online softmax, row by row.
             for (int r = 0; r < rows; ++r) {
               float* s = S.data() + static_cast<size_t>(r) * NK;
@@ -359,6 +382,10 @@ void attention_tiled(const AttentionArgs& a) {
             for (int d = 0; d < Hd; ++d) z[d] = Z[static_cast<size_t>(r) * Hd + d] * inv;
           }
         }
+  }
+  if ((Kt.size() + Vf.size()) * sizeof(float) > (size_t{32} << 20)) {  // a long context's: not kept
+    std::vector<float>().swap(Kt);
+    std::vector<float>().swap(Vf);
   }
 }
 

@@ -57,6 +57,9 @@ struct Gemma3Model::Pass {
   bool replay = false;        // the reverse pass running a block again: hooks apply their edits only
   HookSet* vjp = nullptr;     // the reverse pass: the forward's hooks, whose edits' VJPs follow the gradient hooks
   LayerTape* keep = nullptr;  // set by the reverse pass: the blocks keep what their VJPs need
+  // Set by forward_pass for the last block when only each row's last position reaches anything (the next token's
+  // logits, or none) and no hook or tape reads the others: past its attention the block runs on those B rows.
+  bool last_rows_only = false;
 
   explicit Pass(const ForwardArgs& args) : a(args), hooks(args.hooks) {}
   // The RoPE tables of a layer: sliding layers use the local base, full layers the global one.

@@ -25,12 +25,12 @@ BELOW_NATIVE = [c for c in SUPPORTED if c != INFO["detected"]]
 ONEDNN_ISA = {"avx2": "avx2", "avx2_vnni": "avx2_vnni", "avx512": "avx512_core_vnni", "avx512_bf16": "avx512_core_bf16"}
 # The path each op family takes in each class (csrc/ops/cpu.h).
 PATHS = {
-    "avx2": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "widened_f32_onednn", "decode_bf16": "avx2_widen", "int8": "avx2_maddubs",
+    "avx2": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "avx2_widen", "decode_bf16": "avx2_widen", "int8": "avx2_maddubs",
              "int8_prefill": "avx2_maddubs", "attention": "tiled_avx2", "attention_decode_bf16": "avx2_loops", "elementwise": "avx2"},
-    "avx2_vnni": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "widened_f32_onednn", "decode_bf16": "avx2_widen", "int8": "avx_vnni",
+    "avx2_vnni": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "avx2_widen", "decode_bf16": "avx2_widen", "int8": "avx_vnni",
                   "int8_prefill": "avx_vnni", "attention": "tiled_avx2", "attention_decode_bf16": "avx2_loops",
                   "elementwise": "avx2"},
-    "avx512": {"bf16_matmul": "avx512_widen", "bf16_lm_head": "widened_f32_onednn", "decode_bf16": "avx512_widen", "int8": "vnni512",
+    "avx512": {"bf16_matmul": "avx512_widen", "bf16_lm_head": "avx512_widen", "decode_bf16": "avx512_widen", "int8": "vnni512",
                "int8_prefill": "vnni512", "attention": "tiled_avx512", "attention_decode_bf16": "avx512",
                "elementwise": "avx512"},
     "avx512_bf16": {"bf16_matmul": "onednn_avx512_bf16", "bf16_lm_head": "onednn_avx512_bf16", "decode_bf16": "vdpbf16ps", "int8": "vnni512",

@@ -78,6 +78,29 @@ def test_linear_bf16_decode_kernel(M, plain):
     np.testing.assert_allclose(ops.linear(x, w[:131], "bfloat16", plain=plain), ref[:, :131], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("from_rows", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("N", [192, 131])
+def test_tied_embedding_table(N, dtype, from_rows):
+    """The tied embedding / LM head (a plain Linear): bf16 tables with N % 64 == 0 are kept in the decode kernels'
+    64-row panels (N = 192), others row-major (N = 131, f32). Each layout gives the LM head (M = 1, 3: the decode
+    kernels; 70: the prefill path), the embedding rows, the table back, and dy W, as the stored values do; built at
+    once or, as a model load builds it, from blocks of rows."""
+    K = 320
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    stored = (bf16(w) if dtype == "bfloat16" else w).astype(np.float64)
+    ids = np.array([0, 1, 63, 64, N - 1, 77])
+    dy = rng.standard_normal((5, N)).astype(np.float32)
+    for M in (1, 3, 70):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        y, rows, table, dx = ops.tied_table(w, dtype, x, ids, dy, from_rows)
+        xs = bf16(x).astype(np.float64) if dtype == "bfloat16" else x.astype(np.float64)
+        np.testing.assert_allclose(y, xs @ stored.T, rtol=1e-5, atol=2e-4 * np.abs(xs @ stored.T).max())
+        np.testing.assert_array_equal(rows, stored[ids])
+        np.testing.assert_array_equal(table, stored)
+        np.testing.assert_allclose(dx, dy.astype(np.float64) @ stored, rtol=1e-5, atol=1e-4 * np.abs(dy @ stored).max())
+
+
 def attention_ref(q, k, v, window, scale, softcap):
     """A prefill's attention (no cache): attention_past_ref with past 0."""
     return attention_past_ref(q, k, v, 0, window, scale, softcap)

@@ -55,6 +55,29 @@ void bind_testing(py::module_& m) {
     lin.forward(x.data(), x.shape(0), y.mutable_data());
     return y;
   }, py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("int8") = false, py::arg("plain") = false, py::arg("int4") = false);
+  t.def("tied_table", [](FloatArray w, const std::string& dtype, FloatArray x, py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids,
+                         FloatArray dy, bool from_rows) {
+    // The tied embedding's Linear (plain: row-major, or the bf16 panels where N % 64 == 0 and K % 32 == 0), made as a
+    // model load makes it (from_rows: Linear::plain_from_rows, blocks of rows; else the constructor): its LM head
+    // x W^T, its rows `ids` (the embedding lookup), the whole table back row-major, and dy W (the reverse pass).
+    if (w.ndim() != 2 || x.ndim() != 2 || x.shape(1) != w.shape(1) || dy.ndim() != 2 || dy.shape(1) != w.shape(0))
+      throw ValueError("tied_table: w [N, K], x [M, K], dy [M2, N]");
+    const int64_t N = w.shape(0), K = w.shape(1);
+    for (int64_t i = 0; i < ids.size(); ++i)
+      if (ids.data()[i] < 0 || ids.data()[i] >= N) throw ValueError("tied_table: ids in [0, N)");
+    const float* wp = w.data();
+    ops::Linear lin = from_rows ? ops::Linear::plain_from_rows(N, K, parse_dtype(dtype), WeightQuant::None,
+                                                               [wp, K](int64_t r0, int64_t n, float* out) {
+                                                                 std::copy(wp + r0 * K, wp + (r0 + n) * K, out);
+                                                               })
+                                : ops::Linear(wp, N, K, parse_dtype(dtype), /*plain=*/true);
+    py::array_t<float> y({x.shape(0), N}), rows({ids.size(), K}), table({N, K}), dx({dy.shape(0), K});
+    lin.forward(x.data(), x.shape(0), y.mutable_data());
+    for (int64_t i = 0; i < ids.size(); ++i) lin.row(ids.data()[i], rows.mutable_data() + i * K);
+    lin.to_rowmajor(table.mutable_data());
+    lin.backward_input(dy.data(), dy.shape(0), dx.mutable_data());
+    return py::make_tuple(y, rows, table, dx);
+  }, py::arg("w"), py::arg("dtype"), py::arg("x"), py::arg("ids"), py::arg("dy"), py::arg("from_rows") = false);
   t.def("onednn_matmul_impl", [](int64_t M, int64_t K, int64_t N, const std::string& dtype) {
     return ops::onednn_matmul_impl(M, K, N, parse_dtype(dtype));
   }, "The implementation oneDNN picks for an [M, K] x [K, N] matmul in dtype (brg:avx512_core, gemm:jit:f32, ...).");

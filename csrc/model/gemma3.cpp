@@ -20,27 +20,13 @@ void Gemma3Model::embed(const int32_t* tokens, int64_t M, float* x) const {
   // sqrt(D) is cast to the compute dtype (bf16: 25.25 for D = 640, 34.0 for D = 1152) and so is the product.
   float normalizer = static_cast<float>(std::sqrt(static_cast<double>(D)));
   if (dtype_ == DType::BF16) normalizer = round_bf16(normalizer);
-  if (w_.embed.is_quantized()) {
-#pragma omp parallel for if (M > 8)
-    for (int64_t m = 0; m < M; ++m) {
-      float* xr = x + m * D;
-      w_.embed.row(tokens[m], xr);
-      for (int d = 0; d < D; ++d) xr[d] = dtype_ == DType::BF16 ? round_bf16(xr[d] * normalizer) : xr[d] * normalizer;
-    }
-    return;
-  }
-  const void* table = w_.embed.plain_data();
+  // Linear::row reads any of the table's layouts: quantised blocks, row-major, or the LM head's bf16 panels.
+  const bool bf16 = dtype_ == DType::BF16;
 #pragma omp parallel for if (M > 8)
   for (int64_t m = 0; m < M; ++m) {
-    const int64_t row = static_cast<int64_t>(tokens[m]) * D;
     float* xr = x + m * D;
-    if (dtype_ == DType::F32) {
-      const float* e = static_cast<const float*>(table) + row;
-      for (int d = 0; d < D; ++d) xr[d] = e[d] * normalizer;
-    } else {
-      const uint16_t* e = static_cast<const uint16_t*>(table) + row;
-      for (int d = 0; d < D; ++d) xr[d] = round_bf16(bf16_to_f32(e[d]) * normalizer);
-    }
+    w_.embed.row(tokens[m], xr);
+    for (int d = 0; d < D; ++d) xr[d] = bf16 ? round_bf16(xr[d] * normalizer) : xr[d] * normalizer;
   }
 }
 

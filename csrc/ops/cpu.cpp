@@ -85,12 +85,13 @@ std::vector<std::pair<std::string, std::string>> cpu_paths() {
                     : bf16_gemv_path() == Bf16GemvPath::Avx512Widen ? "avx512_widen"
                                                                     : "avx2_widen";
   const char* tiled = use_avx512() ? "tiled_avx512" : "tiled_avx2";
-  // What a 512-token prefill's layer matmuls take, and the LM head (row-major) past 4 rows.
+  // What a 512-token prefill's layer matmuls take, and the LM head past 4 rows (a vocabulary of a multiple of 64
+  // rows, as every Gemma 3's: the same blocked layout as the layers; another one stays row-major and takes oneDNN).
   const bool own_prefill = bf16_own_max_m() >= 512;
   const char* widened = bf16_matmul_path() == Bf16MatmulPath::OneDnn ? onednn_bf16 : "widened_f32_onednn";
   return {
       {"bf16_matmul", own_prefill ? own : widened},
-      {"bf16_lm_head", widened},
+      {"bf16_lm_head", own_prefill ? own : widened},
       {"decode_bf16", own},
       {"int8", quant},
       {"int4", quant},

@@ -67,8 +67,9 @@ def test_linear_f32_and_bf16(M):
 @pytest.mark.parametrize("plain", [False, True])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
 def test_linear_bf16_decode_kernel(M, plain):
-    """M <= 4 takes the vdpbf16ps kernels (ops/gemv_bf16.cpp: oneDNN's blocked layout, or row-major for the LM
-    head), larger M oneDNN; every one is bf16 products summed in f32."""
+    """M <= 4 takes the vdpbf16ps kernels (ops/gemv_bf16.cpp: oneDNN's blocked layout, which a plain (tied) table
+    of 192 rows takes too, or row-major for a plain one of 131 rows), larger M oneDNN; every one is bf16 products
+    summed in f32."""
     x = rng.standard_normal((M, 320)).astype(np.float32)
     w = rng.standard_normal((192, 320)).astype(np.float32)
     ref = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T
@@ -99,6 +100,20 @@ def test_tied_embedding_table(N, dtype, from_rows):
         np.testing.assert_array_equal(rows, stored[ids])
         np.testing.assert_array_equal(table, stored)
         np.testing.assert_allclose(dx, dy.astype(np.float64) @ stored, rtol=1e-5, atol=1e-4 * np.abs(dy @ stored).max())
+
+
+def test_tied_embedding_table_packed_block_by_block():
+    """A load fills the table 16 MB of f32 rows at a time (Linear::plain_from_rows), rounded to whole 64-row panels:
+    at K = 40960 that is 128 rows, so 192 rows arrive as two blocks, the second one packed into panel 2."""
+    N, K = 192, 40960
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    ids = np.array([0, 127, 128, 191])
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    y, rows, table, _ = ops.tied_table(w, "bfloat16", x, ids, np.zeros((1, N), np.float32), True)
+    np.testing.assert_array_equal(table, bf16(w))
+    np.testing.assert_array_equal(rows, bf16(w)[ids])
+    ref = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
 
 
 def attention_ref(q, k, v, window, scale, softcap):

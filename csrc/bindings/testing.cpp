@@ -112,7 +112,8 @@ void bind_testing(py::module_& m) {
   }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("dtype") = "bfloat16", py::arg("reps") = 5, py::arg("weights") = "native",
      py::arg("plain") = false,
      "FLOP/s of x [M, K] @ W^T [K, N] through the model's Linear (best of reps); weights native, int8 or int4; plain: "
-     "row-major weights (the LM head's layout).");
+     "the tied embedding's Linear (the LM head: bf16 in 64-row panels where N % 64 == 0 and K % 32 == 0, else "
+     "row-major).");
   t.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int64_t window, float scale, float softcap, bool bf16, int64_t past) {
     // q [B, T, H, Hd] for positions past .. past + T - 1; k/v [B, past + T, KV, Hd]: the first `past` positions go
     // to a KV cache (bf16 for a bf16 model, else f32; a ring of `window` slots on a sliding layer, so it wraps once

@@ -292,7 +292,7 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
   check_dims(N, K);
   constexpr int64_t kBlockBytes = 16 << 20;  // f32 rows converted per block
   // (a multiple of 64 rows, so that a block fills whole panels of the blocked layout)
-  const int64_t block = std::max<int64_t>(1, kBlockBytes / (4 * std::max<int64_t>(K, 1))) / 64 * 64 + 64;
+  const int64_t block = (std::max<int64_t>(1, kBlockBytes / (4 * std::max<int64_t>(K, 1))) + 63) / 64 * 64;
   std::vector<float> buf(static_cast<size_t>(std::min(block, N) * K));
   Linear L;
   L.N_ = N;

@@ -27,6 +27,7 @@ namespace gemmalens::ops {
 namespace {
 
 constexpr int NB = 64;  // keys per block: the block's value rows (64 x Hd bf16, 32 KB at Hd 256) stay in L1/L2
+static_assert(NB == 64, "the online softmax runs softmax_row64");
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 #define GL_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
@@ -453,24 +454,8 @@ void attention_decode_splitk(const AttentionArgs& a) {
                 continue;
               }
               const int c_lo = static_cast<int>(a_lo - jb), c_hi = static_cast<int>(a_hi - jb);
-              const float scale = a.scale, cap = a.softcap;
-#pragma omp simd
-              for (int c2 = c_lo; c2 <= c_hi; ++c2) s[c2] *= scale;
-              if (cap > 0.f) {
-#pragma omp simd
-                for (int c2 = c_lo; c2 <= c_hi; ++c2) s[c2] = cap * tanh_f32(s[c2] / cap);
-              }
-              float mx = m[r];
-#pragma omp simd reduction(max : mx)
-              for (int c2 = c_lo; c2 <= c_hi; ++c2) mx = std::max(mx, s[c2]);
-              float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-              for (int c2 = 0; c2 < NB; ++c2) {
-                const bool out = c2 < c_lo || c2 > c_hi;  // a slot of the block no query sees: not in the sum
-                const float e = exp_f32(out ? -100.f : s[c2] - mx);
-                s[c2] = out ? 0.f : e;
-                sum += s[c2];
-              }
+              float sum;  // slots of the block no query sees get 0, not in the sum (ops/vmath.h)
+              const float mx = softmax_row64(s, c_lo, c_hi, a.scale, a.softcap, m[r], &sum);
               const float cr = m[r] == kNegInf ? 0.f : exp_f32(m[r] - mx);
               l[r] = l[r] * cr + sum;
               m[r] = mx;

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "common.h"
 
@@ -79,6 +80,55 @@ inline float tanh_f32(float x) {
 }
 
 // Dot products and axpy over one head (n = head_dim) with f32 or bf16 (cache) operands.
+// One row of 64 attention scores, in place, for the online softmax (AVX2, the baseline every class has): s[c] =
+// exp(x_c - mx) for the visible columns [c_lo, c_hi] (x_c = s[c] * scale, soft-capped when softcap > 0), 0 elsewhere;
+// mx = max(m_prev, max x_c) is returned, *sum = the sum of the exps. The visible lanes come from comparing column
+// indices with [c_lo, c_hi] (no mask registers).
+inline float softmax_row64(float* s, int c_lo, int c_hi, float scale, float softcap, float m_prev, float* sum) {
+  constexpr int NK = 64;
+  if (softcap > 0.f) {  // rare (no released Gemma 3 sets it): scalar
+    float mx = m_prev;
+    for (int c = c_lo; c <= c_hi; ++c) {
+      s[c] = softcap * tanh_f32(s[c] * scale / softcap);
+      mx = std::max(mx, s[c]);
+    }
+    float acc = 0.f;
+    for (int c = 0; c < NK; ++c) {
+      s[c] = (c < c_lo || c > c_hi) ? 0.f : exp_f32(s[c] - mx);
+      acc += s[c];
+    }
+    *sum = acc;
+    return mx;
+  }
+  const __m256 sc = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256i lo = _mm256_set1_epi32(c_lo - 1), hi = _mm256_set1_epi32(c_hi + 1);
+  __m256 vis[NK / 8];
+  __m256 vmx = _mm256_set1_ps(m_prev);
+  for (int v = 0; v < NK / 8; ++v) {
+    const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(8 * v), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    vis[v] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(col, lo), _mm256_cmpgt_epi32(hi, col)));
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + 8 * v), sc);
+    _mm256_storeu_ps(s + 8 * v, x);
+    vmx = _mm256_max_ps(vmx, _mm256_blendv_ps(ninf, x, vis[v]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float mx = _mm_cvtss_f32(m4);
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (int v = 0; v < NK / 8; ++v) {
+    const __m256 e = _mm256_and_ps(vis[v], exp256(_mm256_sub_ps(_mm256_loadu_ps(s + 8 * v), m)));
+    _mm256_storeu_ps(s + 8 * v, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  a4 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+  a4 = _mm_add_ss(a4, _mm_movehdup_ps(a4));
+  *sum = _mm_cvtss_f32(a4);
+  return mx;
+}
+
 inline float dot_f32(const float* a, const float* b, int n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)

@@ -26,45 +26,34 @@ constexpr int NK = 64;  // keys per tile
 
 // S[r][0..NK) = q_r . Kt[:, 0..NK) for `rows` rows (q_r at q[r] with Hd floats). Kt is [Hd][ldk].
 // The head dimension is walked in chunks of KD so the chunk of Kt (KD x NK floats, 16 KB) stays in L1 while every
-// block of 4 rows passes over it; partial sums wait in S between chunks.
+// block of rows passes over it; partial sums wait in S between chunks. Blocks of MR = 6 rows: 24 accumulators, 4 key
+// registers and a broadcast (29 of 32 zmm), 10 loads per 24 FMAs (4 rows: 8 per 16).
 constexpr int KD = 64;
+
+template <int MR>
+GL_AVX512 void scores_rows512(const float* const* q, const float* Kt, int64_t ldk, int d0, int d1, float* S) {
+  __m512 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int c = 0; c < 4; ++c) acc[i][c] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + i * NK + 16 * c);
+  for (int d = d0; d < d1; ++d) {
+    const float* kt = Kt + d * ldk;
+    const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32), k3 = _mm512_loadu_ps(kt + 48);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 b = _mm512_set1_ps(q[i][d]);
+      acc[i][0] = _mm512_fmadd_ps(b, k0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(b, k1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(b, k2, acc[i][2]);
+      acc[i][3] = _mm512_fmadd_ps(b, k3, acc[i][3]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + i * NK + 16 * c, acc[i][c]);
+}
 
 GL_AVX512 void scores_tile(const float* const* q, int rows, const float* Kt, int64_t ldk, int Hd, float* S) {
   for (int d0 = 0; d0 < Hd; d0 += KD) {
     const int d1 = std::min(Hd, d0 + KD);
-    int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      __m512 acc[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int c = 0; c < 4; ++c) acc[i][c] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + (r + i) * NK + 16 * c);
-      const float *q0 = q[r], *q1 = q[r + 1], *q2 = q[r + 2], *q3 = q[r + 3];
-      for (int d = d0; d < d1; ++d) {
-        const float* kt = Kt + d * ldk;
-        const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32), k3 = _mm512_loadu_ps(kt + 48);
-        const __m512 b0 = _mm512_set1_ps(q0[d]), b1 = _mm512_set1_ps(q1[d]), b2 = _mm512_set1_ps(q2[d]), b3 = _mm512_set1_ps(q3[d]);
-        acc[0][0] = _mm512_fmadd_ps(b0, k0, acc[0][0]); acc[0][1] = _mm512_fmadd_ps(b0, k1, acc[0][1]);
-        acc[0][2] = _mm512_fmadd_ps(b0, k2, acc[0][2]); acc[0][3] = _mm512_fmadd_ps(b0, k3, acc[0][3]);
-        acc[1][0] = _mm512_fmadd_ps(b1, k0, acc[1][0]); acc[1][1] = _mm512_fmadd_ps(b1, k1, acc[1][1]);
-        acc[1][2] = _mm512_fmadd_ps(b1, k2, acc[1][2]); acc[1][3] = _mm512_fmadd_ps(b1, k3, acc[1][3]);
-        acc[2][0] = _mm512_fmadd_ps(b2, k0, acc[2][0]); acc[2][1] = _mm512_fmadd_ps(b2, k1, acc[2][1]);
-        acc[2][2] = _mm512_fmadd_ps(b2, k2, acc[2][2]); acc[2][3] = _mm512_fmadd_ps(b2, k3, acc[2][3]);
-        acc[3][0] = _mm512_fmadd_ps(b3, k0, acc[3][0]); acc[3][1] = _mm512_fmadd_ps(b3, k1, acc[3][1]);
-        acc[3][2] = _mm512_fmadd_ps(b3, k2, acc[3][2]); acc[3][3] = _mm512_fmadd_ps(b3, k3, acc[3][3]);
-      }
-      for (int i = 0; i < 4; ++i)
-        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + (r + i) * NK + 16 * c, acc[i][c]);
-    }
-    for (; r < rows; ++r) {
-      __m512 a[4];
-      for (int c = 0; c < 4; ++c) a[c] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + r * NK + 16 * c);
-      const float* qr = q[r];
-      for (int d = d0; d < d1; ++d) {
-        const float* kt = Kt + d * ldk;
-        const __m512 b = _mm512_set1_ps(qr[d]);
-        for (int c = 0; c < 4; ++c) a[c] = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 16 * c), a[c]);
-      }
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + r * NK + 16 * c, a[c]);
-    }
+    row_groups<6>(rows, [&](auto mr, int64_t r) { scores_rows512<decltype(mr)::value>(q + r, Kt, ldk, d0, d1, S + r * NK); });
   }
 }
 
@@ -109,40 +98,34 @@ GL_AVX512 float softmax_tile_row(float* s, int c_lo, int c_hi, float scale, floa
   return mx;
 }
 
-// Z[r][c0 .. c0 + 16 NC) of pv_tile: NC vectors of 16 dims per row, a compile-time count so that the 4 x NC
-// accumulators stay in registers (with a run-time count GCC kept them on the stack: 2.5x the time of scores_tile).
+// Z[r][c0 .. c0 + 16 NC) of pv_tile for MR rows: NC vectors of 16 dims per row, compile-time counts so that the
+// MR x NC accumulators stay in registers (with a run-time count GCC kept them on the stack: 2.5x the time of
+// scores_tile). MR = 6, NC = 4: 24 accumulators, 4 value registers and a broadcast.
+template <int MR, int NC>
+GL_AVX512 void pv_rows512(const float* P, const float* corr, const float* const* v, int nk, int Hd, int c0, float* Z) {
+  __m512 acc[MR][NC];
+  for (int i = 0; i < MR; ++i) {
+    const __m512 cr = _mm512_set1_ps(corr[i]);
+    for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + i * Hd + c0 + 16 * c));
+  }
+  for (int j = 0; j < nk; ++j) {
+    const float* vr = v[j] + c0;
+    __m512 vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = _mm512_loadu_ps(vr + 16 * c);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 p = _mm512_set1_ps(P[i * NK + j]);
+      for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(Z + i * Hd + c0 + 16 * c, acc[i][c]);
+}
+
 template <int NC>
 GL_AVX512 void pv_slice(const float* P, const float* corr, int rows, const float* const* v, int nk, int Hd, int c0, float* Z) {
-  constexpr int nc = NC;
-  int r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    __m512 acc[4][NC];
-    for (int i = 0; i < 4; ++i) {
-      const __m512 cr = _mm512_set1_ps(corr[r + i]);
-      for (int c = 0; c < nc; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + (r + i) * Hd + c0 + 16 * c));
-    }
-    for (int j = 0; j < nk; ++j) {
-      const float* vr = v[j] + c0;
-      __m512 vv[NC];
-      for (int c = 0; c < nc; ++c) vv[c] = _mm512_loadu_ps(vr + 16 * c);
-      for (int i = 0; i < 4; ++i) {
-        const __m512 p = _mm512_set1_ps(P[(r + i) * NK + j]);
-        for (int c = 0; c < nc; ++c) acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
-      }
-    }
-    for (int i = 0; i < 4; ++i)
-      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(Z + (r + i) * Hd + c0 + 16 * c, acc[i][c]);
-  }
-  for (; r < rows; ++r) {
-    __m512 acc[NC];
-    const __m512 cr = _mm512_set1_ps(corr[r]);
-    for (int c = 0; c < nc; ++c) acc[c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + r * Hd + c0 + 16 * c));
-    for (int j = 0; j < nk; ++j) {
-      const __m512 p = _mm512_set1_ps(P[r * NK + j]);
-      for (int c = 0; c < nc; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v[j] + c0 + 16 * c), acc[c]);
-    }
-    for (int c = 0; c < nc; ++c) _mm512_storeu_ps(Z + r * Hd + c0 + 16 * c, acc[c]);
-  }
+  row_groups<6>(rows, [&](auto mr, int64_t r) {
+    pv_rows512<decltype(mr)::value, NC>(P + r * NK, corr + r, v, nk, Hd, c0, Z + r * Hd);
+  });
 }
 
 // Z[r][:] = Z[r][:] * corr[r] + sum_j P[r][j] V[j][:] for `rows` rows, `nk` keys; V rows at v[j] (Hd floats).

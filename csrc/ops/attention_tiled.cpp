@@ -1,7 +1,7 @@
 // The fast attention kernels (the function of attention_reference; only the summation order differs):
 // - attention_tiled: online softmax (the flash-attention recurrence), AVX-512 or AVX2 by the CPU class. For each
 //   (row b, KV head, block of queries) the block's query rows (all heads of the group) meet tiles of 64 keys:
-//   S = Q K^T on 4-row register tiles (64 keys in zmm, 16 in ymm), masked online softmax per row, Z += P V on 4-row
+//   S = Q K^T on 6-row register tiles (64 keys in zmm, 16 in ymm), masked online softmax per row, Z += P V on 6-row
 //   register tiles (64 dims in zmm, 16 in ymm). f32 throughout; the two ISAs differ only in summation order.
 #include <immintrin.h>
 #include <omp.h>

@@ -79,7 +79,6 @@ inline float tanh_f32(float x) {
   return std::copysign(t, x);
 }
 
-// Dot products and axpy over one head (n = head_dim) with f32 or bf16 (cache) operands.
 // One row of 64 attention scores, in place, for the online softmax (AVX2, the baseline every class has): s[c] =
 // exp(x_c - mx) for the visible columns [c_lo, c_hi] (x_c = s[c] * scale, soft-capped when softcap > 0), 0 elsewhere;
 // mx = max(m_prev, max x_c) is returned, *sum = the sum of the exps. The visible lanes come from comparing column
@@ -129,6 +128,7 @@ inline float softmax_row64(float* s, int c_lo, int c_hi, float scale, float soft
   return mx;
 }
 
+// Dot products and axpy over one head (n = head_dim) with f32 or bf16 (cache) operands.
 inline float dot_f32(const float* a, const float* b, int n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)

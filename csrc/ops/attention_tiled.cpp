@@ -59,22 +59,10 @@ GL_AVX512 void scores_tile(const float* const* q, int rows, const float* Kt, int
 
 // One row of a score tile, in place: s[c] = exp(x_c - mx) for the visible columns [c_lo, c_hi] (x_c = s[c] * scale,
 // soft-capped when softcap > 0), 0 elsewhere; mx = max(m_prev, max x_c). Returns mx, *sum = sum of the exps.
-// exp512 (ops/vmath.h) is exp_f32's polynomial in 16 lanes.
+// exp512 (ops/vmath.h) is exp_f32's polynomial in 16 lanes; softmax_row64 (ops/vmath.h, the AVX2 kernel's) is the
+// same function in 8 lanes, and takes the rare soft-capped rows (no released Gemma 3 sets it) on its scalar path.
 GL_AVX512 float softmax_tile_row(float* s, int c_lo, int c_hi, float scale, float softcap, float m_prev, float* sum) {
-  if (softcap > 0.f) {  // rare (no released Gemma 3 sets it): scalar
-    float mx = m_prev;
-    for (int c = c_lo; c <= c_hi; ++c) {
-      s[c] = softcap * tanh_f32(s[c] * scale / softcap);
-      mx = std::max(mx, s[c]);
-    }
-    float acc = 0.f;
-    for (int c = 0; c < NK; ++c) {
-      s[c] = (c < c_lo || c > c_hi) ? 0.f : exp_f32(s[c] - mx);
-      acc += s[c];
-    }
-    *sum = acc;
-    return mx;
-  }
+  if (softcap > 0.f) return softmax_row64(s, c_lo, c_hi, scale, softcap, m_prev, sum);
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 vmx = _mm512_set1_ps(m_prev);
   __mmask16 vis[NK / 16];
@@ -170,11 +158,6 @@ void scores_tile_avx2(const float* const* q, int rows, const float* Kt, int64_t 
       scores_rows_avx2<decltype(mr)::value>(q + r, Kt + c0, ldk, Hd, S + r * NK + c0);
     });
   }
-}
-
-// softmax_tile_row on AVX2: softmax_row64 (ops/vmath.h), shared with the decode kernels.
-inline float softmax_tile_row_avx2(float* s, int c_lo, int c_hi, float scale, float softcap, float m_prev, float* sum) {
-  return softmax_row64(s, c_lo, c_hi, scale, softcap, m_prev, sum);
 }
 
 // pv_tile on AVX2: MR rows x 16 dims (2 MR accumulators) per pass over the keys; MR = 6 as in scores_rows_avx2.
@@ -306,7 +289,7 @@ void attention_tiled(const AttentionArgs& a) {
               const int c_lo = static_cast<int>(a_lo - j0), c_hi = static_cast<int>(a_hi - j0);
               float sum;
               const float mx = w512 ? softmax_tile_row(s, c_lo, c_hi, a.scale, a.softcap, m[r], &sum)
-                                    : softmax_tile_row_avx2(s, c_lo, c_hi, a.scale, a.softcap, m[r], &sum);
+                                    : softmax_row64(s, c_lo, c_hi, a.scale, a.softcap, m[r], &sum);
               const float cr = m[r] == neg_inf ? 0.f : exp_f32(m[r] - mx);
               l[r] = l[r] * cr + sum;
               m[r] = mx;

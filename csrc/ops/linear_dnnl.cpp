@@ -135,6 +135,19 @@ namespace {
 // where row-major rows read side by side ran 20-25% slower (Linear::row gathers a row back from the panels).
 bool tied_blocked64(dt wdt, int64_t N, int64_t K) { return wdt == dt::bf16 && N % 64 == 0 && K % 32 == 0; }
 
+// The small-M kernels' layout of a bf16 [K, N] weight ("BA16a64b2a"), and whether oneDNN's matmul takes it (for the
+// calls of many rows it runs).
+dnnl::memory::desc blocked64_desc(int64_t N, int64_t K) { return dnnl::memory::desc({K, N}, dt::bf16, tag::BA16a64b2a); }
+bool onednn_takes_blocked64(int64_t N, int64_t K) {
+  try {
+    dnnl::matmul::primitive_desc pd(engine(), dnnl::memory::desc({kLayoutM, K}, dt::bf16, tag::ab), blocked64_desc(N, K),
+                                    dnnl::memory::desc({kLayoutM, N}, dt::f32, tag::ab));
+    return true;
+  } catch (const dnnl::error&) {
+    return false;
+  }
+}
+
 void check_dims(int64_t N, int64_t K) {  // a zero dimension reaches a division inside oneDNN's reorder (SIGFPE)
   if (N < 1 || K < 1) throw ValueError("a linear layer needs both dimensions >= 1, got " + dims_str(N, K));
 }
@@ -161,7 +174,7 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
       impl->widened = true;
       if (N % 64 == 0 && K % 32 == 0) {
         impl->blocked64 = true;
-        impl->w_desc = dnnl::memory::desc({K, N}, dt::bf16, tag::BA16a64b2a);
+        impl->w_desc = blocked64_desc(N, K);
         impl->weights = impl->alloc_weights(impl->w_desc, eng);
         pack_blocked64(w, N, K, static_cast<uint16_t*>(impl->weights.get_data_handle()));
       } else {
@@ -185,16 +198,10 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
       if (impl->wdt == dt::bf16 && N % 64 == 0 && K % 32 == 0) {
         // The layout our small-M kernel reads. It is oneDNN's own choice for bf16 brgemm on AVX-512/AMX; where
         // oneDNN picked another, ask for this one (and keep oneDNN's choice if it cannot take it).
-        dnnl::memory::desc b64({K, N}, dt::bf16, tag::BA16a64b2a);
-        if (impl->w_desc == b64) {
+        const dnnl::memory::desc b64 = blocked64_desc(N, K);
+        if (impl->w_desc == b64 || onednn_takes_blocked64(N, K)) {
+          impl->w_desc = b64;
           impl->blocked64 = true;
-        } else {
-          try {
-            dnnl::matmul::primitive_desc pd64(eng, src_md, b64, dst_md);
-            impl->w_desc = b64;
-            impl->blocked64 = true;
-          } catch (const dnnl::error&) {
-          }
         }
       }
       if (plain && !impl->blocked64) {  // row() needs one of the two layouts it reads
@@ -314,19 +321,10 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
   try {
     impl->wdt = dtype == DType::F32 ? dt::f32 : dt::bf16;
     impl->widened = impl->wdt == dt::bf16 && bf16_matmul_path() == Bf16MatmulPath::WidenedF32;
-    impl->blocked64 = tied_blocked64(impl->wdt, N, K);
-    if (impl->blocked64 && !impl->widened) {  // oneDNN must take the layout for its matmuls of many rows
-      dnnl::memory::desc b64({K, N}, dt::bf16, tag::BA16a64b2a);
-      try {
-        dnnl::matmul::primitive_desc pd64(engine(), dnnl::memory::desc({kLayoutM, K}, dt::bf16, tag::ab), b64,
-                                          dnnl::memory::desc({kLayoutM, N}, dt::f32, tag::ab));
-      } catch (const dnnl::error&) {
-        impl->blocked64 = false;
-      }
-    }
+    // (oneDNN must take the layout for its matmuls of many rows, unless the widened path runs them)
+    impl->blocked64 = tied_blocked64(impl->wdt, N, K) && (impl->widened || onednn_takes_blocked64(N, K));
     impl->rows = !impl->blocked64;
-    impl->w_desc = impl->blocked64 ? dnnl::memory::desc({K, N}, dt::bf16, tag::BA16a64b2a)
-                                   : dnnl::memory::desc({K, N}, impl->wdt, tag::ba);
+    impl->w_desc = impl->blocked64 ? blocked64_desc(N, K) : dnnl::memory::desc({K, N}, impl->wdt, tag::ba);
     impl->weights = impl->alloc_weights(impl->w_desc, engine());
   } catch (const dnnl::error& e) {
     dnnl_failed(e, "oneDNN could not allocate a " + dims_str(N, K) + " weight");

@@ -102,6 +102,18 @@ def test_tied_embedding_table(N, dtype, from_rows):
         np.testing.assert_allclose(dx, dy.astype(np.float64) @ stored, rtol=1e-5, atol=1e-4 * np.abs(dy @ stored).max())
 
 
+def test_tied_table_refuses_bad_shapes_and_ids():
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    x, dy = np.zeros((1, 32), np.float32), np.zeros((1, 64), np.float32)
+    with pytest.raises(ValueError, match=r"w \[N, K\], x \[M, K\]"):
+        ops.tied_table(w, "bfloat16", np.zeros((1, 31), np.float32), np.array([0]), dy)
+    with pytest.raises(ValueError, match=r"dy \[M2, N\]"):
+        ops.tied_table(w, "bfloat16", x, np.array([0]), np.zeros((1, 63), np.float32))
+    for bad in (-1, 64):
+        with pytest.raises(ValueError, match=r"ids in \[0, N\)"):
+            ops.tied_table(w, "bfloat16", x, np.array([0, bad]), dy)
+
+
 def test_tied_embedding_table_packed_block_by_block():
     """A load fills the table 16 MB of f32 rows at a time (Linear::plain_from_rows), rounded to whole 64-row panels:
     at K = 40960 that is 128 rows, so 192 rows arrive as two blocks, the second one packed into panel 2."""

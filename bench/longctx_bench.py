@@ -7,8 +7,9 @@ bench/longctx.png (KV memory and prefill time against context, both patterns).
                                   [--global-max N]   # prints the tables
 
 Every measurement runs in a child process (its own peak memory; a crash costs its cells only), with
-GOMP_SPINCOUNT=300 for all three engines (libgomp's default spin costs torch and llama.cpp several times over on a
-busy machine; gemmalens sets it itself: README, "Threads"). bench/run.py --only longctx calls rows(), section() and
+gemmalens's GOMP_SPINCOUNT (gemmalens._threads.SPINCOUNT) for all three engines (libgomp's default spin costs torch
+and llama.cpp several times over on a busy machine; gemmalens sets it itself: README, "Threads"; the table of
+2026-11-27 ran with 300, the count then). bench/run.py --only longctx calls rows(), section() and
 plot().
 """
 import argparse
@@ -208,7 +209,9 @@ print(json.dumps(out))
 
 
 def _child(python, code, args, threads, timeout=7200):
-    env = dict(os.environ, GOMP_SPINCOUNT="300", OMP_NUM_THREADS=str(threads))
+    from gemmalens._threads import SPINCOUNT
+
+    env = dict(os.environ, GOMP_SPINCOUNT=SPINCOUNT, OMP_NUM_THREADS=str(threads))
     r = subprocess.run([python, "-c", code, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        env=env, timeout=timeout)
     for line in r.stderr.splitlines():

@@ -6,7 +6,7 @@ import pytest
 
 # torch loads libgomp before gemmalens can choose its waiting policy (gemmalens/_threads.py): give torch's the same
 # short spin, so that tests on a machine busy with other work neither crawl nor warn.
-os.environ.setdefault("GOMP_SPINCOUNT", "300")
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 torch = pytest.importorskip("torch")  # the test extra installs torch==2.13.0 (CPU)
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask  # noqa: E402

@@ -177,7 +177,8 @@ def section(table_rows, threads):
              "weight bytes per second (every weight byte is read once per token: the layers and the tied embedding as "
              "the LM head; the KV cache at context 128 is under 1% of them) over the streaming read bandwidth measured "
              "just before and just after that run (`_core._testing.read_bandwidth`, 256 MiB on huge pages as the "
-             "weights, best of 3; their mean), the median over the runs.\n")
+             "weights, the best of 3 plain reads and 3 that ask for the lines 2 KB ahead as the decode kernels do; "
+             "their mean), the median over the runs.\n")
     return text
 
 

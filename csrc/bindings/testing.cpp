@@ -27,7 +27,7 @@ void bind_testing(py::module_& m) {
   t.def("read_bandwidth", [](int64_t nbytes, int reps) {
     py::gil_scoped_release r;
     return ops::measure_read_bandwidth(nbytes, reps);
-  }, py::arg("nbytes") = int64_t(1) << 30, py::arg("reps") = 5, "Streaming read bandwidth (bytes/s), all threads.");
+  }, py::arg("nbytes") = int64_t(1) << 30, py::arg("reps") = 5, "Streaming read bandwidth (bytes/s), all threads: the best of reps reads, plain and with lines asked for 2 KB ahead.");
   t.def("gelu_tanh_mul", [](FloatArray g, FloatArray u) {
     if (g.ndim() != 2 || u.ndim() != 2 || g.shape(0) != u.shape(0) || g.shape(1) != u.shape(1)) throw ValueError("gelu_tanh_mul: gate, up [M, F]");
     py::array_t<float> y({g.shape(0), g.shape(1)});

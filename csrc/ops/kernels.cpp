@@ -109,8 +109,8 @@ double measure_read_bandwidth(int64_t nbytes, int reps) {
   double best = 0;
   volatile float sink = 0;
   // Each repetition reads the buffer twice, plainly and asking for the lines 2 KB ahead (_MM_HINT_T0, as the decode
-  // kernels do): the best of either is the rate the weights can stream at. On a Zen 5 the two measured alike; on an
-  // Intel Xeon (2026-11-27, 2 threads) 27.6 and 31.6 GB/s (a core's stream is bound by the misses it has in flight).
+  // kernels do): the best of either is the rate the weights can stream at. On an Intel Xeon (2026-11-27, 2 threads, a
+  // test program of the same loops) 27.6 and 31.6 GB/s: a core's stream is bound by the misses it has in flight.
   for (int r = 0; r < 2 * reps; ++r) {
     const bool ahead = r % 2 == 1;
     const double t0 = omp_get_wtime();

@@ -136,17 +136,16 @@ GL_BF16 void cvt_bf16_avx512(const float* x, uint16_t* y, int64_t n) {
 // Widening (classes without bf16 hardware). A 32-bit lane of the pair layout holds (k even) in its low half and
 // (k odd) in its high half: lane << 16 is the even element as f32, lane & 0xffff0000 the odd one.
 
-// One 64-column panel against MB f32 activation rows (x holds bf16 values), AVX-512: 4 x MB accumulators. A row's
-// two FMAs per k-pair depend on each other; with 1 or 2 rows the even and odd products get accumulators of their own
-// (8 or 16 independent chains instead of 4 or 8), summed at the end, so the FMA latency does not bound decode.
+// One 64-column panel against MB f32 activation rows (x holds bf16 values), AVX-512: 4 x MB accumulators, each
+// taking a k-pair's odd product, then its even one. Every MB sums in this order, so a row's outputs do not depend on
+// the rows beside it (tests/test_continuous_batching.py). One and two rows once had the even and odd products in
+// accumulators of their own (more independent FMA chains), which broke that; with the prefetch, a decode step's
+// chains wait on memory, not on the FMA latency.
 template <int MB>
 GL_AVX512 void panel64_w512(const uint16_t* wp, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  constexpr bool kSplit = MB <= 2;
-  __m512 acc[MB][4], acco[kSplit ? MB : 1][4];
+  __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
-  for (int m = 0; m < (kSplit ? MB : 1); ++m)
-    for (int j = 0; j < 4; ++j) acco[m][j] = _mm512_setzero_ps();
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   const int64_t KP = K / 2;
   for (int64_t kp = 0; kp < KP; ++kp) {
@@ -159,19 +158,11 @@ GL_AVX512 void panel64_w512(const uint16_t* wp, int64_t K, const float* x, int64
     }
     for (int m = 0; m < MB; ++m) {
       const __m512 xe = _mm512_set1_ps(x[m * ldx + 2 * kp]), xo = _mm512_set1_ps(x[m * ldx + 2 * kp + 1]);
-      for (int j = 0; j < 4; ++j) {
-        if constexpr (kSplit) {
-          acco[m][j] = _mm512_fmadd_ps(wo[j], xo, acco[m][j]);
-          acc[m][j] = _mm512_fmadd_ps(we[j], xe, acc[m][j]);
-        } else {
-          acc[m][j] = _mm512_fmadd_ps(we[j], xe, _mm512_fmadd_ps(wo[j], xo, acc[m][j]));
-        }
-      }
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(we[j], xe, _mm512_fmadd_ps(wo[j], xo, acc[m][j]));
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < 4; ++j)
-      _mm512_storeu_ps(y + m * ldy + 16 * j, kSplit ? _mm512_add_ps(acc[m][j], acco[kSplit ? m : 0][j]) : acc[m][j]);
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + m * ldy + 16 * j, acc[m][j]);
 }
 
 GL_AVX512 void blocked64_w512(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {

@@ -114,6 +114,15 @@ def test_tied_table_refuses_bad_shapes_and_ids():
             ops.tied_table(w, "bfloat16", x, np.array([0, bad]), dy)
 
 
+def test_read_bandwidth_refuses_sizes_that_measure_no_memory():
+    """The decode bound's denominator: a positive rate for a real buffer; a buffer under 1 MiB (it would sit in cache,
+    or under 256 bytes read nothing and return 0) or no repetition is a ValueError naming the limits."""
+    assert ops.read_bandwidth(1 << 22, 1) > 0
+    for nbytes, reps in ((0, 1), (100, 1), (-5, 1), (1 << 22, 0)):
+        with pytest.raises(ValueError, match=r"at least 1 MiB .* reps at least 1"):
+            ops.read_bandwidth(nbytes, reps)
+
+
 def test_tied_embedding_table_packed_block_by_block():
     """A load fills the table 16 MB of f32 rows at a time (Linear::plain_from_rows), rounded to whole 64-row panels:
     at K = 40960 that is 128 rows, so 192 rows arrive as two blocks, the second one packed into panel 2."""

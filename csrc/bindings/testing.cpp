@@ -25,6 +25,10 @@ void bind_testing(py::module_& m) {
     return y;
   });
   t.def("read_bandwidth", [](int64_t nbytes, int reps) {
+    // Under 1 MiB the buffer sits in cache (and under 256 bytes no thread reads anything): not a memory bandwidth.
+    if (nbytes < (int64_t{1} << 20) || reps < 1)
+      throw ValueError("read_bandwidth: nbytes must be at least 1 MiB (1048576) and reps at least 1, got nbytes=" +
+                       std::to_string(nbytes) + ", reps=" + std::to_string(reps));
     py::gil_scoped_release r;
     return ops::measure_read_bandwidth(nbytes, reps);
   }, py::arg("nbytes") = int64_t(1) << 30, py::arg("reps") = 5, "Streaming read bandwidth (bytes/s), all threads: the best of reps reads, plain and with lines asked for 2 KB ahead.");

@@ -11,8 +11,8 @@ import warnings
 
 # libgomp's spin iterations before a waiting thread sleeps (its default is 300000; OMP_WAIT_POLICY=passive is 0).
 # 3000: on an Intel Xeon VM (2026-11-27) 300 let the workers of a decode step fall asleep between parallel regions,
-# and waking them cost a third of int8 decode (48 -> 70 tok/s at 3000); busy-loop competitors did not make it lose to
-# one thread (README, "Threads").
+# and waking them cost a third of int8 decode (48 -> 62-68 tok/s at 3000; the CLI 43 -> 64-70); busy-loop
+# competitors did not make it lose to one thread (README, "Threads").
 SPINCOUNT = "3000"
 
 # What configure() found: "set" (gemmalens set GOMP_SPINCOUNT), "user" (the environment already chose a policy),

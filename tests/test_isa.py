@@ -23,6 +23,18 @@ BELOW_NATIVE = [c for c in SUPPORTED if c != INFO["detected"]]
 
 # oneDNN's ISA for each class once gemmalens caps it (csrc/ops/linear_dnnl.cpp, onednn_limit_isa).
 ONEDNN_ISA = {"avx2": "avx2", "avx2_vnni": "avx2_vnni", "avx512": "avx512_core_vnni", "avx512_bf16": "avx512_core_bf16"}
+
+def cpu_vendor():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+# Prefill-sized bf16 matmuls in class avx512_bf16: oneDNN's AVX512_BF16 brgemm, except on an Intel core, where
+# vdpbf16ps runs at half the f32 FMA rate and the AVX-512 widening kernel takes them (cpu.h, bf16_large_m_widened).
+BF16_512 = "avx512_widen" if cpu_vendor() == "GenuineIntel" else "onednn_avx512_bf16"
 # The path each op family takes in each class (csrc/ops/cpu.h).
 PATHS = {
     "avx2": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "avx2_widen", "decode_bf16": "avx2_widen", "int8": "avx2_maddubs",
@@ -33,7 +45,7 @@ PATHS = {
     "avx512": {"bf16_matmul": "avx512_widen", "bf16_lm_head": "avx512_widen", "decode_bf16": "avx512_widen", "int8": "vnni512",
                "int8_prefill": "vnni512", "attention": "tiled_avx512", "attention_decode_bf16": "avx512",
                "elementwise": "avx512"},
-    "avx512_bf16": {"bf16_matmul": "onednn_avx512_bf16", "bf16_lm_head": "onednn_avx512_bf16", "decode_bf16": "vdpbf16ps", "int8": "vnni512",
+    "avx512_bf16": {"bf16_matmul": BF16_512, "bf16_lm_head": BF16_512, "decode_bf16": "vdpbf16ps", "int8": "vnni512",
                     "int8_prefill": "vnni512", "attention": "tiled_avx512", "attention_decode_bf16": "vdpbf16ps",
                     "elementwise": "avx512"},
     "amx": {"bf16_matmul": "onednn_amx", "bf16_lm_head": "onednn_amx", "decode_bf16": "vdpbf16ps", "int8": "vnni512",

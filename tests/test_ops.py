@@ -64,6 +64,20 @@ def test_linear_f32_and_bf16(M):
     np.testing.assert_allclose(ops.linear(x, w, "bfloat16"), ref, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("M", [1, 5, 17, 70])
+def test_bf16_activations_round_to_nearest_even(M):
+    """A bf16 matmul rounds its activations to bf16 first, to nearest with ties to even, on every path (vcvtneps2bf16,
+    or the integer rounding of the classes without it). Against an identity weight each output is one activation as
+    rounded: half of them sit exactly on a tie here (1 + odd multiples of 2^-8, times powers of two)."""
+    K = N = 64
+    ties = (1 + (2 * rng.integers(0, 64, (M, K)) + 1) / 256.0) * 2.0 ** rng.integers(-20, 20, (M, K))
+    x = np.where(rng.random((M, K)) < 0.5, ties, rng.standard_normal((M, K)) * 100).astype(np.float32)
+    x *= np.where(rng.random((M, K)) < 0.5, -1, 1).astype(np.float32)
+    out = ops.linear(x, np.eye(N, K, dtype=np.float32), "bfloat16")
+    np.testing.assert_array_equal(out, bf16(x))
+    assert (bf16(x) != x).mean() > 0.4  # the rounding is exercised, ties among them
+
+
 @pytest.mark.parametrize("plain", [False, True])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
 def test_linear_bf16_decode_kernel(M, plain):
@@ -348,7 +362,13 @@ def test_linear_paths_across_row_counts(M):
     w = rng.standard_normal((N, K)).astype(np.float32)
     ref = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T  # bf16 products, f32 accumulation
     tol = dict(rtol=1e-5, atol=2e-4 * np.abs(ref).max())
-    np.testing.assert_allclose(ops.linear(x, w, "bfloat16"), ref, **tol)
+    out = ops.linear(x, w, "bfloat16")
+    np.testing.assert_allclose(out, ref, **tol)
+    if info["bf16_matmul"].endswith("_widen"):
+        # gemmalens's own kernels sum every row in one order, whatever M and whichever kernel M picks (registers,
+        # f32 panels, vdpbf16ps at decode sizes): a row's outputs are the same bits alone (continuous batching)
+        for m in sorted({0, M // 2, M - 1}):
+            np.testing.assert_array_equal(out[m], ops.linear(x[m:m + 1], w, "bfloat16")[0])
     np.testing.assert_allclose(ops.linear(x, w[:1000], "bfloat16", plain=True), ref[:, :1000], **tol)
     # int8: the kernels multiply int8 activation blocks; the dequantised path (AMX) the dequantised weights with bf16
     # activations

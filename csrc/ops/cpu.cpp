@@ -45,6 +45,7 @@ CpuState decide() {
   for (int c = 0; c < kCpuClasses; ++c)
     if (cpu_runs(static_cast<CpuClass>(c))) s.supported.push_back(static_cast<CpuClass>(c));
   s.detected = highest_at_most(CpuClass::Amx);
+  s.intel = __builtin_cpu_is("intel");
   CpuClass limit = s.detected;
   if (const char* env = std::getenv("GEMMALENS_MAX_ISA"); env && *env) {
     s.cap = env;
@@ -88,7 +89,9 @@ std::vector<std::pair<std::string, std::string>> cpu_paths() {
   // What a 512-token prefill's layer matmuls take, and the LM head past 4 rows (a vocabulary of a multiple of 64
   // rows, as every Gemma 3's: the same blocked layout as the layers; another one stays row-major and takes oneDNN).
   const bool own_prefill = bf16_own_max_m() >= 512;
-  const char* widened = bf16_matmul_path() == Bf16MatmulPath::OneDnn ? onednn_bf16 : "widened_f32_onednn";
+  const char* widened = bf16_large_m_widened()                        ? "avx512_widen"
+                        : bf16_matmul_path() == Bf16MatmulPath::OneDnn ? onednn_bf16
+                                                                       : "widened_f32_onednn";
   return {
       {"bf16_matmul", own_prefill ? own : widened},
       {"bf16_lm_head", own_prefill ? own : widened},

@@ -29,6 +29,7 @@ struct CpuState {
   std::string cap;                     // GEMMALENS_MAX_ISA as given ("" when unset)
   std::string onednn_isa;              // oneDNN's effective ISA once capped ("avx512_core_bf16", ...)
   bool onednn_user_cap = false;        // ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA was set: the user's cap on oneDNN stands
+  bool intel = false;                  // CPUID vendor GenuineIntel (bf16_large_m_widened())
 };
 
 // Decided once, on the first call (before oneDNN's first primitive: linear_dnnl.cpp's engine asks for it first):
@@ -42,8 +43,8 @@ inline CpuClass cpu_class() { return cpu_state().active; }
 // bf16 weights in the blocked layout (the layers' matmuls): our own kernels (ops/gemv_bf16.cpp, bf16_gemv_path())
 // take M up to this many rows. Where the class has bf16 hardware, 4 (decode; oneDNN's AMX tiles win above it, and on
 // AVX512_BF16 our vdpbf16ps kernel only matched oneDNN's brgemm, measured 2026-11-27 on a Zen 5 and a Sapphire
-// Rapids Xeon: oneDNN keeps the rows it had). Without it, every M: oneDNN has no fast bf16 matmul there, and the
-// AVX-512 and AVX2 widening kernels keep up with its f32 matmul at every size.
+// Rapids Xeon: oneDNN keeps the rows it had, except on Intel: bf16_large_m_widened()). Without it, every M: oneDNN
+// has no fast bf16 matmul there, and the AVX-512 and AVX2 widening kernels come within 0.8-1.0 of its f32 matmul.
 inline int64_t bf16_own_max_m() {
   return cpu_class() >= CpuClass::Avx512Bf16 ? 4 : std::numeric_limits<int64_t>::max();
 }
@@ -54,6 +55,14 @@ enum class Bf16MatmulPath { OneDnn, WidenedF32 };
 inline Bf16MatmulPath bf16_matmul_path() {
   return cpu_class() >= CpuClass::Avx512Bf16 ? Bf16MatmulPath::OneDnn : Bf16MatmulPath::WidenedF32;
 }
+// Class avx512_bf16, bf16 weights in the blocked layout, more rows than bf16_own_max_m(): oneDNN's AVX512_BF16
+// brgemm where vdpbf16ps outruns f32 FMAs -- an AMD Zen 5 ran it at 2x its f32 rate (README, "Matmul rates per
+// class") -- but on an Intel core (Cooper Lake; a Sapphire Rapids or later whose OS or hypervisor withholds AMX) it
+// ran at 0.6 of oneDNN's f32 (213 against 316-354 GFLOP/s, 2 threads, 2026-11-27; a 6 x 64 vdpbf16ps register tile
+// in L1 reached 119 GFLOP/s on one core against 204 for the same tile of f32 FMAs), so there those calls take the
+// avx512 class's widening kernel (gemm_widen_blocked64): real 270M bf16 prefill of 512 tokens 957-982 -> 1249-1277
+// tok/s, 0.91-0.93 of f32 (2 threads, 2026-11-27).
+inline bool bf16_large_m_widened() { return cpu_class() == CpuClass::Avx512Bf16 && cpu_state().intel; }
 // bf16 weights, the kernels of ops/gemv_bf16.cpp: vdpbf16ps, else the pairs widened to f32 for FMAs.
 enum class Bf16GemvPath { Vdpbf16ps, Avx512Widen, Avx2Widen };
 inline Bf16GemvPath bf16_gemv_path() {

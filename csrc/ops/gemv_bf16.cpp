@@ -233,9 +233,11 @@ void blocked64_w256(const uint16_t* w, int64_t N, int64_t K, const float* x, int
 // register tiles of 6 rows x 16 columns run over it with FMAs only -- the widening costs one pass per panel and
 // thread instead of one per group of 4 rows, which on 16 ymm registers costs more than it does on AVX-512 (measured
 // 2026-11-27, 512 x 2048 x 640 on 2 threads: ~10-20% above the register-widening kernel, at oneDNN's f32 rate on a
-// Zen 5 and a Sapphire Rapids Xeon; on AVX-512 the register-widening kernel keeps up with this one at every size).
-// Tasks are (panel, block of rows), so a small N still spreads over every thread; consecutive tasks of a thread share
-// the panel, widened once.
+// Zen 5 and a Sapphire Rapids Xeon). On AVX-512 the register-widening kernel keeps up: an AVX-512 version of this one
+// (6 x 64 tiles, x packed per tile) ran the 270M's four shapes at 311-352 GFLOP/s on the Xeon's 2 threads against
+// 340-358 (2026-11-27). The tiles sum each k-pair's odd product, then its even one (panel_w256's order, so the rows
+// of any M agree to the bit; it also ran 5-10% faster than k in order). Tasks are (panel, block of rows), so a small
+// N still spreads over every thread; consecutive tasks of a thread share the panel, widened once.
 constexpr int64_t kPanelRows = 96;  // rows of x per task
 
 // Panel p of the blocked layout ([K/2][64][2] bf16) as f32 [K][64].
@@ -259,14 +261,15 @@ void tile_f32_256(const float* wf, int64_t K, const float* x, int64_t ldx, float
       acc[m][0] = add ? _mm256_loadu_ps(y + m * ldy + c0) : _mm256_setzero_ps();
       acc[m][1] = add ? _mm256_loadu_ps(y + m * ldy + c0 + 8) : _mm256_setzero_ps();
     }
-    for (int64_t k = 0; k < K; ++k) {
-      const __m256 w0 = _mm256_loadu_ps(wf + k * 64 + c0), w1 = _mm256_loadu_ps(wf + k * 64 + c0 + 8);
-      for (int m = 0; m < MR; ++m) {
-        const __m256 xb = _mm256_broadcast_ss(x + m * ldx + k);
-        acc[m][0] = _mm256_fmadd_ps(w0, xb, acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(w1, xb, acc[m][1]);
+    for (int64_t k0 = 0; k0 < K; k0 += 2)
+      for (int64_t k : {k0 + 1, k0}) {  // a pair's odd product, then its even one: panel_w256's order
+        const __m256 w0 = _mm256_loadu_ps(wf + k * 64 + c0), w1 = _mm256_loadu_ps(wf + k * 64 + c0 + 8);
+        for (int m = 0; m < MR; ++m) {
+          const __m256 xb = _mm256_broadcast_ss(x + m * ldx + k);
+          acc[m][0] = _mm256_fmadd_ps(w0, xb, acc[m][0]);
+          acc[m][1] = _mm256_fmadd_ps(w1, xb, acc[m][1]);
+        }
       }
-    }
     for (int m = 0; m < MR; ++m) {
       _mm256_storeu_ps(y + m * ldy + c0, acc[m][0]);
       _mm256_storeu_ps(y + m * ldy + c0 + 8, acc[m][1]);
@@ -432,6 +435,24 @@ void cvt_bf16_avx2(const float* x, uint16_t* y, int64_t n) {
   for (; i < n; ++i) y[i] = f32_to_bf16(x[i]);
 }
 
+// x rounded to bf16 precision, kept as f32, 16 at a time (the rest left): the bits f32_to_bf16_n gives, shifted back
+// up in the register. Returns how many it did.
+GL_BF16 int64_t round_bf16_avx512(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
+    _mm512_storeu_ps(y + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  return i;
+}
+inline __m256 round8_avx2(__m256 f) {  // cvt_bf16_avx2's rounding and NaN, the result kept in the high half
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+  const __m256i q = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));  // a NaN quietened (bit 6 of its bf16)
+  const __m256i v = _mm256_blendv_epi8(r, q, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+  return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
 }  // namespace
 
 void f32_to_bf16_n(const float* x, uint16_t* y, int64_t n) {
@@ -442,12 +463,16 @@ void f32_to_bf16_n(const float* x, uint16_t* y, int64_t n) {
 }
 
 void round_bf16_n(const float* x, float* y, int64_t n) {
-  // bf16 bits in the high half of each f32: the conversion above, then a shift back (in blocks on the stack).
-  uint16_t tmp[256];
-  for (int64_t i0 = 0; i0 < n; i0 += 256) {
-    const int64_t c = std::min<int64_t>(256, n - i0);
-    f32_to_bf16_n(x + i0, tmp, c);
-    for (int64_t i = 0; i < c; ++i) y[i0 + i] = bf16_to_f32(tmp[i]);
+  // bf16 bits in the high half of each f32: f32_to_bf16_n's rounding, kept in the register.
+  int64_t i = 0;
+  if (bf16_gemv_path() == Bf16GemvPath::Vdpbf16ps)
+    i = round_bf16_avx512(x, y, n);
+  else
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, round8_avx2(_mm256_loadu_ps(x + i)));
+  if (i < n) {  // the tail through f32_to_bf16_n itself (vcvtneps2bf16 flushes denormals; the scalar rounding does not)
+    uint16_t tmp[16];
+    f32_to_bf16_n(x + i, tmp, n - i);
+    for (int64_t j = 0; i + j < n; ++j) y[i + j] = bf16_to_f32(tmp[j]);
   }
 }
 
@@ -464,7 +489,8 @@ void gemv_bf16_rows(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, 
 }
 
 void gemm_widen_blocked64(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
-  if (N % 64 != 0 || K % 32 != 0 || M < 1 || M > bf16_own_max_m()) throw InternalError("gemm_widen_blocked64: unsupported shape");
+  if (N % 64 != 0 || K % 32 != 0 || M < 1 || (M > bf16_own_max_m() && !bf16_large_m_widened()))
+    throw InternalError("gemm_widen_blocked64: unsupported shape");
   if (bf16_gemv_path() != Bf16GemvPath::Avx2Widen)
     blocked64_w512(w, N, K, x, M, y, ldy);
   else if (M <= 16)

@@ -26,7 +26,8 @@ void gemv_bf16_blocked64(const uint16_t* w, int64_t N, int64_t K, const uint16_t
 // The same for row-major W [N, K] (the tied embedding as the LM head). Needs K % 32 == 0, M <= kGemvMaxM.
 void gemv_bf16_rows(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, int64_t M, float* y, int64_t ldy);
 
-// The same two on the widening paths (classes avx2 and avx512: AVX2 or AVX-512 FMAs by the class); x is [M, K] f32
+// The same two on the widening paths (classes avx2 and avx512, and avx512_bf16 on Intel past bf16_own_max_m() rows:
+// bf16_large_m_widened(); AVX2 or AVX-512 FMAs by the class); x is [M, K] f32
 // holding bf16 values (round_bf16_n), so the products are those of a bf16 matmul. Any K for the rows.
 void gemm_widen_blocked64(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy);
 void gemv_widen_rows(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy);

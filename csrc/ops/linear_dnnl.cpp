@@ -439,6 +439,10 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
       gemv_bf16_rows(w16, N_, K_, xb, M, y, ldy);
     return;
   }
+  if (w16 && im.blocked64 && !own_blocked && bf16_large_m_widened()) {  // AVX512_BF16 on Intel: f32 FMAs, not oneDNN
+    gemm_widen_blocked64(w16, N_, K_, bf16_rounded_activations(x, M * K_), M, y, ldy);
+    return;
+  }
   if (im.widened) {  // bf16 weights, f32 compute
     const float* xr = bf16_rounded_activations(x, M * K_);
     if (own_blocked) {

@@ -223,6 +223,46 @@ def test_huge_pages_for_weights_and_kv_cache(tmp_path, dtype):
         assert runs["0"]["kv"] == runs["0"]["model"] == 0
 
 
+ARENA_CODE = r"""
+import gc, json, sys, numpy as np, gemmalens as gl
+t = gl._core._testing
+def anon_huge():
+    return int([l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0].split()[1]) * 1024
+c0, before = t.weight_arena_chunks(), anon_huge()
+m = gl.load(sys.argv[1], dtype=sys.argv[2], weights=sys.argv[3], progress=False)
+loaded, huge = t.weight_arena_chunks() - c0, anon_huge() - before
+logits = m.forward(np.arange(40)[None] % 300).tolist()
+del m
+gc.collect()
+print(json.dumps({"loaded": loaded, "after": t.weight_arena_chunks() - c0, "huge": huge, "logits": logits}))
+"""
+
+
+@pytest.mark.parametrize("dtype,weights", [("bfloat16", "native"), ("bfloat16", "int8"), ("float32", "native")])
+def test_small_weights_share_huge_page_chunks(tmp_path, dtype, weights):
+    """Matrices under 16 MiB (every layer of this model: the largest is 1 MiB) go to the weight arena (ops/pages.h):
+    chunks of 2 MB pages shared one after another, where a buffer of their own would get none. With huge pages on
+    (GEMMALENS_HUGE_PAGES unset or 1) the model's weights sit in arena chunks, on 2 MB pages where THP is "madvise" or
+    "always", and freeing the model frees them; off (0), nothing goes to the arena. The logits are the same."""
+    from conftest import build_hf
+
+    build_hf(str(tmp_path), hidden_size=256, intermediate_size=1024, num_hidden_layers=3)
+    mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read().split("[")[1].split("]")[0]
+    runs = {}
+    for flag in ("1", "0"):
+        r = subprocess.run([sys.executable, "-c", ARENA_CODE, str(tmp_path), dtype, weights], capture_output=True,
+                           text=True, env=dict(os.environ, GEMMALENS_HUGE_PAGES=flag), timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[flag] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert runs["1"]["logits"] == runs["0"]["logits"]
+    assert runs["1"]["loaded"] >= 1 and runs["1"]["after"] == 0, runs["1"]
+    assert runs["0"]["loaded"] == runs["0"]["after"] == 0, runs["0"]
+    if mode in ("madvise", "always"):
+        assert runs["1"]["huge"] >= 2 << 20, (mode, runs["1"]["huge"])
+    if mode == "madvise":
+        assert runs["0"]["huge"] == 0, runs["0"]
+
+
 def test_bad_huge_pages_value_fails_the_import_naming_the_choices():
     """GEMMALENS_HUGE_PAGES takes 0 or 1 (unset: 1); anything else fails the import instead of being read as on."""
     for bad in ("off", "no", "2"):

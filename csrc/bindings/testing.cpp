@@ -24,6 +24,8 @@ void bind_testing(py::module_& m) {
     ops::rmsnorm(x.data(), x.shape(1), w.data(), eps, x.shape(0), static_cast<int>(x.shape(1)), y.mutable_data(), x.shape(1));
     return y;
   });
+  t.def("weight_arena_chunks", [] { return ops::weight_arena_chunks(); },
+        "Chunks of the weight arena (ops/pages.h) held now: buffers of weights under 16 MiB share them.");
   t.def("read_bandwidth", [](int64_t nbytes, int reps) {
     // Under 1 MiB the buffer sits in cache (and under 256 bytes no thread reads anything): not a memory bandwidth.
     if (nbytes < (int64_t{1} << 20) || reps < 1)

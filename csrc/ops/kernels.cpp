@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <limits>
 #include <string>
 #include <vector>
@@ -98,6 +100,83 @@ bool huge_pages_enabled() {
     return v != "0";
   }();
   return on;
+}
+
+namespace {
+struct WeightChunk {
+  char* base = nullptr;
+  size_t used = 0;   // bytes handed out from base (bump allocation)
+  int64_t live = 0;  // buffers in it not yet freed
+};
+struct WeightArena {
+  std::mutex mu;
+  std::map<uintptr_t, WeightChunk> chunks;  // by base address
+  WeightChunk* current = nullptr;           // the chunk new buffers go to
+};
+// Never destroyed: a weight freed during the process's exit still finds it.
+WeightArena& arena() {
+  static WeightArena* a = new WeightArena;
+  return *a;
+}
+
+void* aligned_or_throw(size_t align, size_t n) {
+  void* p = nullptr;
+  if (posix_memalign(&p, align, n) != 0)
+    throw ResourceError("could not allocate " + std::to_string(n) + " bytes for a weight: out of memory");
+  return p;
+}
+}  // namespace
+
+void* weight_alloc(size_t n) {
+  constexpr size_t kHuge = size_t{1} << 21;
+  n = (std::max<size_t>(n, 64) + 63) & ~size_t{63};
+  if (n >= kWeightOwnMin || !huge_pages_enabled()) {
+    void* p = aligned_or_throw(n >= (size_t{4} << 20) ? kHuge : 64, n);
+    advise_huge_pages(p, n);
+    return p;
+  }
+  WeightArena& A = arena();
+  std::lock_guard<std::mutex> lock(A.mu);
+  if (!A.current || A.current->used + n > kWeightChunk) {
+    char* base = static_cast<char*>(aligned_or_throw(kHuge, kWeightChunk));
+#ifdef MADV_HUGEPAGE
+    madvise(base, kWeightChunk, MADV_HUGEPAGE);  // best effort, before any byte is written
+#endif
+    A.current = &A.chunks[reinterpret_cast<uintptr_t>(base)];
+    A.current->base = base;
+  }
+  void* p = A.current->base + A.current->used;
+  A.current->used += n;
+  ++A.current->live;
+  return p;
+}
+
+void weight_free(void* p) noexcept {
+  if (!p) return;
+  {
+    WeightArena& A = arena();
+    std::lock_guard<std::mutex> lock(A.mu);
+    auto it = A.chunks.upper_bound(reinterpret_cast<uintptr_t>(p));
+    if (it != A.chunks.begin()) {
+      --it;
+      WeightChunk& c = it->second;
+      if (static_cast<char*>(p) < c.base + kWeightChunk) {
+        if (--c.live == 0) {  // the chunk's last buffer: its memory goes back (the next buffer starts a new one)
+          if (&c == A.current) A.current = nullptr;
+          std::free(c.base);
+          A.chunks.erase(it);
+        }
+        return;
+      }
+    }
+  }
+  std::free(p);  // a buffer of its own
+}
+
+size_t weight_arena_chunks() {
+  WeightArena& A = arena();
+  std::lock_guard<std::mutex> lock(A.mu);
+  return A.chunks.size();
 }
 
 double measure_read_bandwidth(int64_t nbytes, int reps) {

@@ -88,18 +88,15 @@ struct Linear::Impl {
   dnnl::memory::desc w_desc;  // blocked layout chosen by oneDNN
   dnnl::memory weights;       // over wbuf
   struct Free {
-    void operator()(void* p) const { std::free(p); }
+    void operator()(void* p) const { weight_free(p); }
   };
   std::unique_ptr<void, Free> wbuf;
-  // The weights' storage, ours rather than oneDNN's so that a large one starts on a 2 MB boundary and asks for huge
-  // pages before it is written (ops/pages.h); oneDNN's padding of a blocked layout (if any) zeroed.
+  // The weights' storage, ours rather than oneDNN's so that it sits on 2 MB pages, in the weight arena or a buffer of
+  // its own (ops/pages.h, weight_alloc); oneDNN's padding of a blocked layout (if any) zeroed.
   dnnl::memory alloc_weights(const dnnl::memory::desc& d, const dnnl::engine& eng) {
     const size_t n = std::max<size_t>(d.get_size(), 64);
-    void* p = nullptr;
-    if (posix_memalign(&p, n >= (size_t{4} << 20) ? size_t{1} << 21 : 64, n) != 0)
-      throw ResourceError("could not allocate " + std::to_string(n) + " bytes for a weight: out of memory");
+    void* p = weight_alloc(n);
     wbuf.reset(p);
-    advise_huge_pages(p, n);
     size_t dense = dnnl::memory::data_type_size(d.get_data_type());
     for (auto x : d.get_dims()) dense *= static_cast<size_t>(x);
     if (dense != d.get_size()) std::memset(p, 0, n);

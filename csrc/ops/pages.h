@@ -37,4 +37,33 @@ void assign_huge(std::vector<T>& v, size_t n, const T& value) {
   v.assign(n, value);
 }
 
+// The weight arena. A buffer gets 2 MB pages only over whole 2 MB pages of its own range, and a layer's matrices are
+// mostly smaller than that can use (a 270M's: 0.65-5.2 MB), so on their own about a fifth of a bf16 270M's weights
+// and every int8 layer stayed on 4 KB pages. weight_alloc packs buffers under kWeightOwnMin bytes one after another
+// into shared chunks of 2 MB pages (kWeightChunk bytes each, advised before anything is written); a chunk is freed
+// when the last buffer in it is, so a freed model gives its memory back but for what another buffer still holds. Measured 2026-11-27 on an Intel Xeon (2 threads, real 270M bf16 decode at context
+// 128): 49.4-50.5 -> 52.7-54.6 tok/s with every layer matrix on 2 MB pages. GEMMALENS_HUGE_PAGES=0: plain buffers.
+// 64-byte aligned; a ResourceError when the memory is not there. Thread-safe.
+constexpr size_t kWeightChunk = size_t{32} << 20;
+constexpr size_t kWeightOwnMin = size_t{16} << 20;  // larger buffers: 2 MB-aligned of their own, advised as before
+void* weight_alloc(size_t n);
+void weight_free(void* p) noexcept;
+size_t weight_arena_chunks();  // chunks held now (tests)
+
+template <class T>
+struct WeightAllocator {
+  using value_type = T;
+  WeightAllocator() = default;
+  template <class U>
+  WeightAllocator(const WeightAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(weight_alloc(n * sizeof(T))); }
+  void deallocate(T* p, size_t) noexcept { weight_free(p); }
+  template <class U>
+  bool operator==(const WeightAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const WeightAllocator<U>&) const { return false; }
+};
+template <class T>
+using weight_vector = std::vector<T, WeightAllocator<T>>;
+
 }  // namespace gemmalens::ops

@@ -148,8 +148,8 @@ QuantWeights quant_alloc(int64_t N, int64_t K, int bits) {
   r.bits = bits;
   // The padding rows of the last tile hold the value 0 (stored 0 + 128, or 8 in both nibbles) with scale 0.
   const int64_t rows = quant_tiles(N) * kQuantTile;
-  assign_huge(r.q, static_cast<size_t>(rows * K * bits / 8), static_cast<uint8_t>(bits == 8 ? 128 : 0x88));
-  assign_huge(r.d, static_cast<size_t>(rows * (K / 32)), 0.f);
+  r.q.assign(static_cast<size_t>(rows * K * bits / 8), static_cast<uint8_t>(bits == 8 ? 128 : 0x88));
+  r.d.assign(static_cast<size_t>(rows * (K / 32)), 0.f);
   return r;
 }
 

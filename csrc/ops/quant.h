@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common.h"
+#include "ops/pages.h"
 
 namespace gemmalens::ops {
 
@@ -29,8 +30,8 @@ struct QuantWeights {
   // bits 4: [K / 64][8][16][4] bytes, byte (p, v, r, j) = value (16t + r, 64p + 4v + j) + 8 in its low nibble and
   //         value (16t + r, 64p + 32 + 4v + j) + 8 in its high nibble: an and (or a shift and an and) gives the 8
   //         vectors of block 2p (2p + 1) in the int8 layout.
-  std::vector<uint8_t> q;
-  std::vector<float> d;  // [N / 16][K / 32][16] block scales: d of (16t + r, block b) at (t * K / 32 + b) * 16 + r
+  weight_vector<uint8_t> q;  // (both in the weight arena: ops/pages.h)
+  weight_vector<float> d;    // [N / 16][K / 32][16] block scales: d of (16t + r, block b) at (t * K / 32 + b) * 16 + r
   size_t nbytes() const { return q.size() + d.size() * sizeof(float); }
 };
 

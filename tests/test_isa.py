@@ -38,9 +38,9 @@ BF16_512 = "avx512_widen" if cpu_vendor() == "GenuineIntel" else "onednn_avx512_
 # The path each op family takes in each class (csrc/ops/cpu.h).
 PATHS = {
     "avx2": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "avx2_widen", "decode_bf16": "avx2_widen", "int8": "avx2_maddubs",
-             "int8_prefill": "avx2_maddubs", "attention": "tiled_avx2", "attention_decode_bf16": "avx2_loops", "elementwise": "avx2"},
+             "int8_prefill": "avx2_maddubs", "attention": "tiled_avx2", "attention_decode_bf16": "avx2", "elementwise": "avx2"},
     "avx2_vnni": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "avx2_widen", "decode_bf16": "avx2_widen", "int8": "avx_vnni",
-                  "int8_prefill": "avx_vnni", "attention": "tiled_avx2", "attention_decode_bf16": "avx2_loops",
+                  "int8_prefill": "avx_vnni", "attention": "tiled_avx2", "attention_decode_bf16": "avx2",
                   "elementwise": "avx2"},
     "avx512": {"bf16_matmul": "avx512_widen", "bf16_lm_head": "avx512_widen", "decode_bf16": "avx512_widen", "int8": "vnni512",
                "int8_prefill": "vnni512", "attention": "tiled_avx512", "attention_decode_bf16": "avx512",

@@ -209,7 +209,7 @@ def attention_past_ref(q, k, v, past, window, scale, softcap, round_p=False):
     return z
 
 
-@pytest.mark.parametrize("H,KV,Hd", [(4, 1, 256), (8, 2, 64), (4, 4, 128), (6, 2, 96), (16, 2, 32)])
+@pytest.mark.parametrize("H,KV,Hd", [(4, 1, 256), (8, 2, 64), (4, 4, 128), (6, 2, 96), (16, 2, 32), (4, 2, 20)])
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("past,window,softcap", [(900, 0, 0.0), (700, 129, 0.0), (333, 0, 2.0), (64, 0, 0.0)])
 @pytest.mark.parametrize("cache", ["float32", "bfloat16"])
@@ -217,7 +217,8 @@ def test_attention_decode_against_numpy(H, KV, Hd, T, past, window, softcap, cac
     """A decode step (csrc/ops/attention_decode.cpp): T <= 4 new positions over a KV cache of `past` (f32, or bf16 as
     a bf16 model keeps it; a ring of `window` slots that has wrapped on a sliding layer), keys split in chunks across
     the threads and merged. Head dims 256 / 128 / 64 take the AVX-512 kernels where the class has them (f32 FMAs, or
-    vdpbf16ps for the bf16 model; 4 query rows per KV head at once, then the rest), 96 and 32 the portable loops."""
+    vdpbf16ps for the bf16 model; 4 query rows per KV head at once, then the rest), 96 and 32 (and every head dim on
+    an AVX2 class) the AVX2 kernels, 20 (not a multiple of 8) the portable loops."""
     B = 2
     q = rng.standard_normal((B, T, H, Hd)).astype(np.float32)
     k = rng.standard_normal((B, past + T, KV, Hd)).astype(np.float32)

@@ -318,8 +318,9 @@ void pv_portable(const float* P, const float* corr, int rows, const KVRow* v, in
 // classes, and head dims the AVX-512 ones do not take). The portable loops above left ~8% of an int8 270M decode step
 // (context 128, forced to avx2 on an Intel Xeon, 2026-11-27) in attention: each dot product was one chain of
 // dependent FMAs, and each value row's axpy loaded and stored a row of z. Here NC keys' dot products run side by side
-// (NC independent chains), and z is built in registers 64 dims at a time over all the block's values. Each sum keeps
-// the portable loops' order per lane.
+// (NC independent chains), and z is built in registers 64 dims at a time over all the block's values; the values
+// are the portable loops' up to the order of the f32 sums (z's order per element is theirs: corr first, then the keys
+// in order).
 inline __m256 load8_row(const KVRow& r, int d) {  // 8 dims of a key / value row as f32 (a bf16 row widened)
   if (r.f) return _mm256_loadu_ps(r.f + d);
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.h + d));

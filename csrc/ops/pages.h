@@ -41,9 +41,10 @@ void assign_huge(std::vector<T>& v, size_t n, const T& value) {
 // mostly smaller than that can use (a 270M's: 0.65-5.2 MB), so on their own about a fifth of a bf16 270M's weights
 // and every int8 layer stayed on 4 KB pages. weight_alloc packs buffers under kWeightOwnMin bytes one after another
 // into shared chunks of 2 MB pages (kWeightChunk bytes each, advised before anything is written); a chunk is freed
-// when the last buffer in it is, so a freed model gives its memory back but for what another buffer still holds. Measured 2026-11-27 on an Intel Xeon (2 threads, real 270M bf16 decode at context
-// 128): 49.4-50.5 -> 52.7-54.6 tok/s with every layer matrix on 2 MB pages. GEMMALENS_HUGE_PAGES=0: plain buffers.
-// 64-byte aligned; a ResourceError when the memory is not there. Thread-safe.
+// when the last buffer in it is, so a freed model gives its memory back but for what another buffer still holds.
+// Measured 2026-11-27 on an Intel Xeon (2 threads, real 270M decode at context 128): bf16 50.5-51.0 -> 53.1-53.9
+// tok/s, int8 82.5-82.7 -> 91.5-91.6. GEMMALENS_HUGE_PAGES=0: plain buffers. 64-byte aligned; a ResourceError when
+// the memory is not there. Thread-safe.
 constexpr size_t kWeightChunk = size_t{32} << 20;
 constexpr size_t kWeightOwnMin = size_t{16} << 20;  // larger buffers: 2 MB-aligned of their own, advised as before
 void* weight_alloc(size_t n);

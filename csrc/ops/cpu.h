@@ -60,7 +60,7 @@ inline Bf16MatmulPath bf16_matmul_path() {
 // class") -- but on an Intel core (Cooper Lake; a Sapphire Rapids or later whose OS or hypervisor withholds AMX) it
 // ran at 0.6 of oneDNN's f32 (213 against 316-354 GFLOP/s, 2 threads, 2026-11-27; a 6 x 64 vdpbf16ps register tile
 // in L1 reached 119 GFLOP/s on one core against 204 for the same tile of f32 FMAs), so there those calls take the
-// avx512 class's widening kernel (gemm_widen_blocked64): real 270M bf16 prefill of 512 tokens 957-982 -> 1249-1277
+// avx512 class's widening kernel (gemm_widen_blocked64): real 270M bf16 prefill of 512 tokens 953-982 -> 1249-1277
 // tok/s, 0.91-0.93 of f32 (2 threads, 2026-11-27).
 inline bool bf16_large_m_widened() { return cpu_class() == CpuClass::Avx512Bf16 && cpu_state().intel; }
 // bf16 weights, the kernels of ops/gemv_bf16.cpp: vdpbf16ps, else the pairs widened to f32 for FMAs.

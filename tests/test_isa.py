@@ -24,17 +24,16 @@ BELOW_NATIVE = [c for c in SUPPORTED if c != INFO["detected"]]
 # oneDNN's ISA for each class once gemmalens caps it (csrc/ops/linear_dnnl.cpp, onednn_limit_isa).
 ONEDNN_ISA = {"avx2": "avx2", "avx2_vnni": "avx2_vnni", "avx512": "avx512_core_vnni", "avx512_bf16": "avx512_core_bf16"}
 
-def cpu_vendor():
+
+def cpuinfo_field(name):
+    """The first CPU's `name` line of /proc/cpuinfo ("flags", "vendor_id"), its value as a string."""
     with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    return ""
+        return next(ln for ln in f if ln.split(":", 1)[0].strip() == name).split(":", 1)[1].strip()
 
 
 # Prefill-sized bf16 matmuls in class avx512_bf16: oneDNN's AVX512_BF16 brgemm, except on an Intel core, where
 # vdpbf16ps runs at half the f32 FMA rate and the AVX-512 widening kernel takes them (cpu.h, bf16_large_m_widened).
-BF16_512 = "avx512_widen" if cpu_vendor() == "GenuineIntel" else "onednn_avx512_bf16"
+BF16_512 = "avx512_widen" if cpuinfo_field("vendor_id") == "GenuineIntel" else "onednn_avx512_bf16"
 # The path each op family takes in each class (csrc/ops/cpu.h).
 PATHS = {
     "avx2": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "avx2_widen", "decode_bf16": "avx2_widen", "int8": "avx2_maddubs",
@@ -76,8 +75,7 @@ def child_info(**env):
 
 
 def cpuinfo_flags():
-    with open("/proc/cpuinfo") as f:
-        return set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
+    return set(cpuinfo_field("flags").split())
 
 
 def test_detected_classes_match_proc_cpuinfo():

@@ -322,14 +322,7 @@ void pv_portable(const float* P, const float* corr, int rows, const KVRow* v, in
 // are the portable loops' up to the order of the f32 sums (z's order per element is theirs: corr first, then the keys
 // in order).
 inline __m256 load8_row(const KVRow& r, int d) {  // 8 dims of a key / value row as f32 (a bf16 row widened)
-  if (r.f) return _mm256_loadu_ps(r.f + d);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.h + d));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  return r.f ? _mm256_loadu_ps(r.f + d) : widen8_bf16(r.h + d);
 }
 template <int NC>
 void scores_keys_avx2(const float* q, const KVRow* k, int Hd, float* s) {

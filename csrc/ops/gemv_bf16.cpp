@@ -2,6 +2,7 @@
 
 #include "common.h"
 #include "ops/cpu.h"
+#include "ops/vmath.h"
 
 #include <immintrin.h>
 
@@ -357,13 +358,6 @@ GL_AVX512 inline void rows_dot_w512(const uint16_t* w, int64_t K, const float* x
   }
 }
 
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 template <int R>
 inline void rows_dot_w256(const uint16_t* w, int64_t K, const float* xs, float* out, const uint16_t* pf = nullptr) {
   __m256 acc[R];
@@ -382,7 +376,7 @@ inline void rows_dot_w256(const uint16_t* w, int64_t K, const float* xs, float* 
     }
   }
   for (int r = 0; r < R; ++r) {
-    float s = hsum256(_mm256_add_ps(acc[r], acco[r]));
+    float s = hsum8(_mm256_add_ps(acc[r], acco[r]));
     for (int64_t j = body; j < K; ++j) s += bf16_to_f32(w[r * K + j]) * xs[j];
     out[r] = s;
   }
@@ -417,16 +411,19 @@ void rows_widen(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t
     }
 }
 
-// f32 -> bf16 on AVX2, round to nearest even (u + 0x7fff + lsb, as f32_to_bf16), NaNs quietened.
+// f32 -> bf16 rounding on AVX2: round to nearest even (u + 0x7fff + lsb, as f32_to_bf16), NaNs quietened; the bf16
+// bits in the high half of each lane (the f32 value rounded to bf16 precision).
+inline __m256 round8_avx2(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+  const __m256i q = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));  // a NaN quietened (bit 6 of its bf16)
+  const __m256i v = _mm256_blendv_epi8(r, q, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+  return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// f32 -> bf16 on AVX2: round8_avx2's bits, packed to 16 bits.
 void cvt_bf16_avx2(const float* x, uint16_t* y, int64_t n) {
-  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), quiet = _mm256_set1_epi32(0x40);
-  auto cvt8 = [&](const float* p) {
-    const __m256 f = _mm256_loadu_ps(p);
-    const __m256i u = _mm256_castps_si256(f);
-    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))), 16);
-    const __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet);
-    return _mm256_blendv_epi8(r, q, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
-  };
+  auto cvt8 = [](const float* p) { return _mm256_srli_epi32(_mm256_castps_si256(round8_avx2(_mm256_loadu_ps(p))), 16); };
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(cvt8(x + i), cvt8(x + i + 8)), 0xd8);
@@ -444,13 +441,6 @@ GL_BF16 int64_t round_bf16_avx512(const float* x, float* y, int64_t n) {
     _mm512_storeu_ps(y + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
   }
   return i;
-}
-inline __m256 round8_avx2(__m256 f) {  // cvt_bf16_avx2's rounding and NaN, the result kept in the high half
-  const __m256i u = _mm256_castps_si256(f);
-  const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
-  const __m256i q = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));  // a NaN quietened (bit 6 of its bf16)
-  const __m256i v = _mm256_blendv_epi8(r, q, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
-  return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 
 }  // namespace
@@ -546,8 +536,7 @@ void widen_rows(const uint16_t* w, int64_t K, int64_t n0, int64_t nn, float* out
     float* dst = out + n * K;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8)
-      _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(
-                                    _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))), 16)));
+      _mm256_storeu_ps(dst + k, widen8_bf16(src + k));
     for (; k < K; ++k) dst[k] = bf16_to_f32(src[k]);
   }
 }

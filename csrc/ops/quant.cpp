@@ -2,6 +2,7 @@
 #include "ops/pages.h"
 #include "ops/cpu.h"
 #include "ops/row_groups.h"
+#include "ops/vmath.h"
 
 #include <immintrin.h>
 
@@ -55,11 +56,6 @@ inline float q4_vmax(const float* src, float amax) {  // the first value of the 
   for (int j = 0; j < 32; ++j)
     if (std::fabs(src[j]) == amax) return src[j];
   return 0.f;
-}
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 inline float hmax8(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

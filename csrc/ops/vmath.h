@@ -128,6 +128,17 @@ inline float softmax_row64(float* s, int c_lo, int c_hi, float scale, float soft
   return mx;
 }
 
+// The sum of 8 lanes: halves, then pairs, then the last two (one order for every caller, so their sums agree).
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+// 8 bf16 values (p[0..8)) as f32: zero-extended to 32 bits and shifted into the high half.
+inline __m256 widen8_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
 // Dot products and axpy over one head (n = head_dim) with f32 or bf16 (cache) operands.
 inline float dot_f32(const float* a, const float* b, int n) {
   float acc = 0.f;

@@ -263,6 +263,36 @@ def test_small_weights_share_huge_page_chunks(tmp_path, dtype, weights):
         assert runs["0"]["huge"] == 0, runs["0"]
 
 
+ARENA_OOM_CODE = r"""
+import resource, numpy as np, gemmalens as gl
+ops = gl._core._testing
+ops.linear(np.ones((2, 64), np.float32), np.ones((64, 64), np.float32), "bfloat16")  # threads and oneDNN set up
+w, x = np.ones((1024, 1024), np.float32), np.ones((2, 1024), np.float32)
+vmdata = int([l for l in open("/proc/self/status") if l.startswith("VmData")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_DATA, (vmdata + (8 << 20), resource.RLIM_INFINITY))  # no room for a 32 MB chunk
+try:
+    ops.linear(x, w, "bfloat16")
+    print("no error")
+except MemoryError as e:
+    print("MemoryError:", e)
+print("chunks", ops.weight_arena_chunks())
+resource.setrlimit(resource.RLIMIT_DATA, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print("after", float(ops.linear(x, w, "bfloat16")[0, 0]), ops.weight_arena_chunks())
+"""
+
+
+def test_weight_arena_out_of_memory_is_a_memory_error_and_recovers():
+    """A 2 MB bf16 weight needs a new 32 MB arena chunk; where the process may not map one (RLIMIT_DATA in a child),
+    the call is a MemoryError naming the bytes, no chunk is left half made, and once memory is there again the same
+    call works."""
+    r = subprocess.run([sys.executable, "-c", ARENA_OOM_CODE], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, GEMMALENS_HUGE_PAGES="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert f"MemoryError: could not allocate {32 << 20} bytes for a weight: out of memory" in out, out
+    assert "chunks 0" in out and "after 1024.0 0" in out, out
+
+
 def test_bad_huge_pages_value_fails_the_import_naming_the_choices():
     """GEMMALENS_HUGE_PAGES takes 0 or 1 (unset: 1); anything else fails the import instead of being read as on."""
     for bad in ("off", "no", "2"):

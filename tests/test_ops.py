@@ -412,3 +412,25 @@ def test_attention_seconds():
         ops.attention_seconds(0, 10, 4, 1, 64)
     with pytest.raises(ValueError, match="dtype"):
         ops.attention_seconds(1, 10, 4, 1, 64, 0, "float16")
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 100, 4097])
+def test_parallel_steal_runs_every_task_once(n):
+    """ops/steal.h (the int8 / int4 kernels' split of their weight tiles): every task runs exactly once, whatever
+    the count against the threads and the grain of 4."""
+    runs, _ = ops.parallel_steal(n)
+    assert runs.shape == (n,) and (runs == 1).all()
+
+
+def test_parallel_steal_takes_a_slow_threads_share():
+    """A thread that runs slow keeps few of its own tasks: the others take the back halves of its share. The
+    caller's share (the first half with 2 threads) spins 200 microseconds per task when the caller runs it."""
+    threads = ops.omp_max_threads()
+    runs, by = ops.parallel_steal(400, 200.0)
+    assert (runs == 1).all()
+    if threads < 2:  # one thread runs them all
+        assert (by == 0).all()
+        return
+    share = 400 // threads
+    # static shares would leave all of them to the caller (0); the others take all but a few grains of 4
+    assert (by[:share] == 1).sum() >= share // 2

@@ -3,9 +3,14 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <vector>
+
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "bindings/bindings.h"
 #include "ops/attention.h"
@@ -13,6 +18,7 @@
 #include "ops/linear.h"
 #include "ops/pages.h"
 #include "ops/quant.h"
+#include "ops/steal.h"
 
 namespace gemmalens {
 
@@ -24,6 +30,34 @@ void bind_testing(py::module_& m) {
     ops::rmsnorm(x.data(), x.shape(1), w.data(), eps, x.shape(0), static_cast<int>(x.shape(1)), y.mutable_data(), x.shape(1));
     return y;
   });
+  t.def("parallel_steal", [](int64_t n, double slow_us) {
+    if (n < 0 || n > (int64_t{1} << 24)) throw ValueError("parallel_steal: n must be in [0, 2^24]");
+    std::vector<std::atomic<int>> runs(static_cast<size_t>(n));
+    std::vector<int> by(static_cast<size_t>(n), -1);
+    const int64_t first_end = n / std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(std::max<int64_t>(n, 1))));
+    const long caller = syscall(SYS_gettid);
+    {
+      py::gil_scoped_release nogil;
+      ops::parallel_steal(n, [&](int64_t i) {
+        // 0: the calling thread (the team's master); 1: another. By the kernel's thread id: GCC takes
+        // omp_get_thread_num for a const function, and it has been seen to answer one value for every thread here.
+        const bool master = syscall(SYS_gettid) == caller;
+        runs[i].fetch_add(1);
+        by[i] = master ? 0 : 1;
+        if (master && i < first_end) {  // the master's own share runs slow: the others take it
+          const auto t0 = std::chrono::steady_clock::now();
+          while (std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() < slow_us) {
+          }
+        }
+      });
+    }
+    py::array_t<int32_t> r(n), b(n);
+    for (int64_t i = 0; i < n; ++i) r.mutable_data()[i] = runs[i].load(), b.mutable_data()[i] = by[i];
+    return py::make_tuple(r, b);
+  }, py::arg("n"), py::arg("slow_us") = 0.0,
+     "ops/steal.h on tasks 0 .. n-1: (how many times each ran, 0 where the calling thread ran it and 1 where another "
+     "did); the tasks of the caller's own share spin slow_us microseconds each when the caller runs them.");
+  t.def("omp_max_threads", [] { return omp_get_max_threads(); }, "The OpenMP threads a parallel region gets here.");
   t.def("weight_arena_chunks", [] { return ops::weight_arena_chunks(); },
         "Chunks of the weight arena (ops/pages.h) held now: buffers of weights under 16 MiB share them.");
   t.def("read_bandwidth", [](int64_t nbytes, int reps) {

@@ -2,6 +2,7 @@
 #include "ops/pages.h"
 #include "ops/cpu.h"
 #include "ops/row_groups.h"
+#include "ops/steal.h"
 #include "ops/vmath.h"
 
 #include <immintrin.h>
@@ -525,8 +526,7 @@ template <int BITS>
 void matmul_bits(const QuantWeights& w, const XQ& xq, int64_t M, float* y, int64_t ldy) {
   const int64_t tiles = quant_tiles(w.N);
   const QuantKernelPath path = quant_kernel_path();
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) {
+  parallel_steal(tiles, [&](int64_t t) {
     switch (path) {
       case QuantKernelPath::Vnni512:
         row_groups<8>(M, [&](auto mb, int64_t m) { tile_vnni512<decltype(mb)::value, BITS>(w, xq, t, m, y, ldy); });
@@ -538,7 +538,7 @@ void matmul_bits(const QuantWeights& w, const XQ& xq, int64_t M, float* y, int64
         row_groups<4>(M, [&](auto mb, int64_t m) { tile_avx2<decltype(mb)::value, BITS>(w, xq, t, m, y, ldy); });
         break;
     }
-  }
+  });
 }
 
 }  // namespace

@@ -223,6 +223,35 @@ def test_huge_pages_for_weights_and_kv_cache(tmp_path, dtype):
         assert runs["0"]["kv"] == runs["0"]["model"] == 0
 
 
+USED_HEAP_CODE = r"""
+import json, numpy as np, gemmalens as gl
+def anon_huge():
+    return int([l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0].split()[1]) * 1024
+used = np.ones(256 << 20, np.uint8)  # heap pages written on 4 KB pages (no advice), then back to the heap's free list
+del used
+before = anon_huge()
+cache = gl.KVCache(gl.Gemma3Config.preset("270m"), 1, 16384, "float32")  # 16 MiB of k and of v per global layer
+print(json.dumps({"kv": anon_huge() - before}))
+"""
+
+
+def test_kv_cache_gets_huge_pages_on_a_used_heap():
+    """The KV cache's large buffers come from fresh mappings (ops/pages.h: map_pages), not from heap memory that
+    earlier buffers wrote on 4 KB pages, which advice cannot turn into huge pages. The child's allocator takes
+    everything from the heap and keeps what is freed (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), and a 256 MiB
+    array is written and freed first: a cache built on that memory got no huge pages; from map_pages, all of its
+    global layers' 96 MiB are (THP mode "madvise" or "always")."""
+    mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read().split("[")[1].split("]")[0]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 31))
+    r = subprocess.run([sys.executable, "-c", USED_HEAP_CODE], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kv = json.loads(r.stdout.strip().splitlines()[-1])["kv"]
+    if mode in ("madvise", "always"):
+        assert kv >= 96 << 20, (mode, kv)
+    else:
+        assert kv == 0
+
+
 ARENA_CODE = r"""
 import gc, json, sys, numpy as np, gemmalens as gl
 t = gl._core._testing

@@ -8,6 +8,7 @@
 #include "common.h"
 #include "model/config.h"
 #include "ops/attention.h"
+#include "ops/pages.h"
 
 namespace gemmalens {
 
@@ -59,8 +60,8 @@ class KVCache {
   struct Layer {
     int64_t cap = 0;          // slots held: window (sliding) or max_seq_len (full)
     bool sliding = false;
-    std::vector<uint8_t> k;   // [B, KV, cap, Hd] in `dtype`
-    std::vector<uint8_t> v;   // [B, KV, cap, Hd] in `dtype`
+    ops::page_vector<uint8_t> k;  // [B, KV, cap, Hd] in `dtype`
+    ops::page_vector<uint8_t> v;  // [B, KV, cap, Hd] in `dtype`
     // A sliding layer's staged rows wait here (writing the ring would overwrite slots that are still visible):
     // the last `staged` positions of the chunk, [B, staged, KV, Hd] f32 (B: the pass's rows). -1: nothing staged.
     int64_t staged = -1, staged_T = 0;

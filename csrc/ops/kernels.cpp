@@ -111,6 +111,7 @@ struct WeightChunk {
 struct WeightArena {
   std::mutex mu;
   std::map<uintptr_t, WeightChunk> chunks;  // by base address
+  std::map<uintptr_t, size_t> own;          // buffers of their own (kWeightOwnMin bytes and more): their sizes
   WeightChunk* current = nullptr;           // the chunk new buffers go to
 };
 // Never destroyed: a weight freed during the process's exit still finds it.
@@ -125,23 +126,49 @@ void* aligned_or_throw(size_t align, size_t n) {
     throw ResourceError("could not allocate " + std::to_string(n) + " bytes for a weight: out of memory");
   return p;
 }
+constexpr size_t kHugePage = size_t{1} << 21;
+size_t whole_pages(size_t n) { return n > SIZE_MAX - kHugePage ? 0 : (n + kHugePage - 1) & ~(kHugePage - 1); }
 }  // namespace
+
+void* map_pages(size_t n, const char* what) {
+  const size_t len = whole_pages(std::max<size_t>(n, 1));
+  auto fail = [&] { return ResourceError("could not allocate " + std::to_string(n) + " bytes for " + what + ": out of memory"); };
+  if (len == 0 || len > SIZE_MAX - kHugePage) throw fail();
+  // One page more than asked, then the slack before the first 2 MB boundary and after the last page given back.
+  void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) throw fail();
+  const uintptr_t r = reinterpret_cast<uintptr_t>(raw), a = (r + kHugePage - 1) & ~(kHugePage - 1);
+  if (a > r) munmap(raw, a - r);
+  if (r + len + kHugePage > a + len) munmap(reinterpret_cast<void*>(a + len), r + len + kHugePage - (a + len));
+#ifdef MADV_HUGEPAGE
+  if (huge_pages_enabled()) madvise(reinterpret_cast<void*>(a), len, MADV_HUGEPAGE);  // best effort
+#endif
+  return reinterpret_cast<void*>(a);
+}
+
+void unmap_pages(void* p, size_t n) noexcept {
+  if (p) munmap(p, whole_pages(std::max<size_t>(n, 1)));
+}
 
 void* weight_alloc(size_t n) {
   constexpr size_t kHuge = size_t{1} << 21;
   n = (std::max<size_t>(n, 64) + 63) & ~size_t{63};
-  if (n >= kWeightOwnMin || !huge_pages_enabled()) {
-    void* p = aligned_or_throw(n >= (size_t{4} << 20) ? kHuge : 64, n);
-    advise_huge_pages(p, n);
+  if (!huge_pages_enabled()) return aligned_or_throw(n >= (size_t{4} << 20) ? kHuge : 64, n);
+  WeightArena& A = arena();
+  if (n >= kWeightOwnMin) {  // a buffer of its own, fresh pages
+    void* p = map_pages(n, "a weight");
+    try {
+      std::lock_guard<std::mutex> lock(A.mu);
+      A.own[reinterpret_cast<uintptr_t>(p)] = n;
+    } catch (...) {
+      unmap_pages(p, n);
+      throw;
+    }
     return p;
   }
-  WeightArena& A = arena();
   std::lock_guard<std::mutex> lock(A.mu);
   if (!A.current || A.current->used + n > kWeightChunk) {
-    char* base = static_cast<char*>(aligned_or_throw(kHuge, kWeightChunk));
-#ifdef MADV_HUGEPAGE
-    madvise(base, kWeightChunk, MADV_HUGEPAGE);  // best effort, before any byte is written
-#endif
+    char* base = static_cast<char*>(map_pages(kWeightChunk, "a weight"));  // advised before any byte is written
     A.current = &A.chunks[reinterpret_cast<uintptr_t>(base)];
     A.current->base = base;
   }
@@ -163,14 +190,20 @@ void weight_free(void* p) noexcept {
       if (static_cast<char*>(p) < c.base + kWeightChunk) {
         if (--c.live == 0) {  // the chunk's last buffer: its memory goes back (the next buffer starts a new one)
           if (&c == A.current) A.current = nullptr;
-          std::free(c.base);
+          unmap_pages(c.base, kWeightChunk);
           A.chunks.erase(it);
         }
         return;
       }
     }
+    auto own = A.own.find(reinterpret_cast<uintptr_t>(p));
+    if (own != A.own.end()) {  // a buffer of its own
+      unmap_pages(p, own->second);
+      A.own.erase(own);
+      return;
+    }
   }
-  std::free(p);  // a buffer of its own
+  std::free(p);  // GEMMALENS_HUGE_PAGES=0: a plain buffer
 }
 
 size_t weight_arena_chunks() {
@@ -181,7 +214,7 @@ size_t weight_arena_chunks() {
 
 double measure_read_bandwidth(int64_t nbytes, int reps) {
   const int64_t n = nbytes / 4;
-  std::vector<float> buf;
+  page_vector<float> buf;
   assign_huge(buf, static_cast<size_t>(n), 0.f);  // the pages the weights and the KV cache get
 #pragma omp parallel for
   for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(i & 1023);

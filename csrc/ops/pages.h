@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 namespace gemmalens::ops {
@@ -28,10 +29,46 @@ inline void advise_huge_pages(void* p, size_t n) {
 #endif
 }
 
-// v = n copies of value, its storage advised for huge pages before the copies are written.
+// Pages straight from the kernel (mmap): n bytes rounded up to whole 2 MB pages, 2 MB-aligned, zero-filled, advised
+// for huge pages before anything touches them (what advise_huge_pages cannot promise: posix_memalign and std::vector
+// may hand back heap memory that earlier buffers touched, whose 4 KB pages stay 4 KB whatever is advised; a real 270M
+// at 32k context on an Intel Xeon, 2026-11-28, had one of its six 16 MB global-layer KV buffers and 9 of the 64 huge
+// pages of its int8 weight chunks on 4 KB pages that way). A ResourceError naming `what` when the memory is not there.
+void* map_pages(size_t n, const char* what);
+void unmap_pages(void* p, size_t n) noexcept;  // p from map_pages(n)
+constexpr size_t kMapPagesMin = size_t{4} << 20;  // smaller buffers: the heap (a 2 MB page would be mostly slack)
+
+// std::vector storage from map_pages from kMapPagesMin bytes on (the KV cache, the bandwidth probe's buffer).
 template <class T>
-void assign_huge(std::vector<T>& v, size_t n, const T& value) {
-  std::vector<T>().swap(v);
+struct PageAllocator {
+  using value_type = T;
+  PageAllocator() = default;
+  template <class U>
+  PageAllocator(const PageAllocator<U>&) {}
+  T* allocate(size_t n) {
+    if (n > SIZE_MAX / sizeof(T)) throw std::bad_array_new_length();
+    const size_t bytes = n * sizeof(T);
+    return static_cast<T*>(bytes >= kMapPagesMin ? map_pages(bytes, "a buffer") : ::operator new(bytes, std::align_val_t{64}));
+  }
+  void deallocate(T* p, size_t n) noexcept {
+    if (n * sizeof(T) >= kMapPagesMin)
+      unmap_pages(p, n * sizeof(T));
+    else
+      ::operator delete(p, std::align_val_t{64});
+  }
+  template <class U>
+  bool operator==(const PageAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const PageAllocator<U>&) const { return false; }
+};
+template <class T>
+using page_vector = std::vector<T, PageAllocator<T>>;
+
+// v = n copies of value, its storage advised for huge pages before the copies are written (a page_vector's large
+// storage comes fresh from map_pages: all of it on huge pages where THP allows).
+template <class T, class A>
+void assign_huge(std::vector<T, A>& v, size_t n, const T& value) {
+  std::vector<T, A>().swap(v);
   v.reserve(n);
   advise_huge_pages(v.data(), n * sizeof(T));
   v.assign(n, value);

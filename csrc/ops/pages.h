@@ -32,7 +32,7 @@ inline void advise_huge_pages(void* p, size_t n) {
 // Pages straight from the kernel (mmap): n bytes rounded up to whole 2 MB pages, 2 MB-aligned, zero-filled, advised
 // for huge pages before anything touches them (what advise_huge_pages cannot promise: posix_memalign and std::vector
 // may hand back heap memory that earlier buffers touched, whose 4 KB pages stay 4 KB whatever is advised; a real 270M
-// at 32k context on an Intel Xeon, 2026-11-28, had one of its six 16 MB global-layer KV buffers and 9 of the 64 huge
+// at 32k context on an Intel Xeon, 2026-11-27, had one of its six 16 MB global-layer KV buffers and 9 of the 64 huge
 // pages of its int8 weight chunks on 4 KB pages that way). A ResourceError naming `what` when the memory is not there.
 void* map_pages(size_t n, const char* what);
 void unmap_pages(void* p, size_t n) noexcept;  // p from map_pages(n)

@@ -5,7 +5,7 @@
 // kernels' prefetches run ahead within it. But a thread that starts late (an OpenMP worker sees a new region some
 // microseconds after the master enters it) or reads slower than the other finishes later, and the other waits at
 // the barrier. A decode step of the 270M runs ~110 such regions of 20-200 microseconds each: on the Intel Xeon VM of
-// 2026-11-28 (2 threads, real 270M int8 decode at context 128), `perf` put 5-6% of each thread's time in libgomp's
+// 2026-11-27 (2 threads, real 270M int8 decode at context 128), `perf` put 5-6% of each thread's time in libgomp's
 // spin, and the master's share of it (its waits for the worker) went from 5.3% to 1.6% with this split.
 // schedule(dynamic, 4) balances but breaks the streams (83 -> 74-76 tok/s there), guided did nothing.
 //
@@ -16,7 +16,7 @@
 // history (the tasks [next, end) nobody has claimed), so a compare-and-swap that finds the value it read is right.
 // Which thread runs a task changes nothing in its result: the tasks write disjoint outputs.
 //
-// Measured 2026-11-28 on that Xeon, alternating builds (`cls.py` of the closing note: real 270M, int8 weights, decode
+// Measured 2026-11-27 on that Xeon, alternating builds (`cls.py` of the closing note: real 270M, int8 weights, decode
 // at context 128): 78.7-83.3 -> 82.6-85.2 tok/s over four pairs forced to amx and avx512. The bf16 decode panels
 // (64-column panels of 20-80 KB) did not gain (avx2: 48-51 -> 46-49 claiming one panel at a time) and keep
 // schedule(static).

@@ -39,8 +39,8 @@ void bind_testing(py::module_& m) {
     {
       py::gil_scoped_release nogil;
       ops::parallel_steal(n, [&](int64_t i) {
-        // 0: the calling thread (the team's master); 1: another. By the kernel's thread id: GCC takes
-        // omp_get_thread_num for a const function, and it has been seen to answer one value for every thread here.
+        // 0: the calling thread (the team's master); 1: another. By the kernel's thread id: omp_get_thread_num, which
+        // GCC treats as a const function, answered one value for every task in this lambda.
         const bool master = syscall(SYS_gettid) == caller;
         runs[i].fetch_add(1);
         by[i] = master ? 0 : 1;

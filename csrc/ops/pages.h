@@ -38,32 +38,6 @@ void* map_pages(size_t n, const char* what);
 void unmap_pages(void* p, size_t n) noexcept;  // p from map_pages(n)
 constexpr size_t kMapPagesMin = size_t{4} << 20;  // smaller buffers: the heap (a 2 MB page would be mostly slack)
 
-// std::vector storage from map_pages from kMapPagesMin bytes on (the KV cache, the bandwidth probe's buffer).
-template <class T>
-struct PageAllocator {
-  using value_type = T;
-  PageAllocator() = default;
-  template <class U>
-  PageAllocator(const PageAllocator<U>&) {}
-  T* allocate(size_t n) {
-    if (n > SIZE_MAX / sizeof(T)) throw std::bad_array_new_length();
-    const size_t bytes = n * sizeof(T);
-    return static_cast<T*>(bytes >= kMapPagesMin ? map_pages(bytes, "a buffer") : ::operator new(bytes, std::align_val_t{64}));
-  }
-  void deallocate(T* p, size_t n) noexcept {
-    if (n * sizeof(T) >= kMapPagesMin)
-      unmap_pages(p, n * sizeof(T));
-    else
-      ::operator delete(p, std::align_val_t{64});
-  }
-  template <class U>
-  bool operator==(const PageAllocator<U>&) const { return true; }
-  template <class U>
-  bool operator!=(const PageAllocator<U>&) const { return false; }
-};
-template <class T>
-using page_vector = std::vector<T, PageAllocator<T>>;
-
 // v = n copies of value, its storage advised for huge pages before the copies are written (a page_vector's large
 // storage comes fresh from map_pages: all of it on huge pages where THP allows).
 template <class T, class A>
@@ -83,25 +57,46 @@ void assign_huge(std::vector<T, A>& v, size_t n, const T& value) {
 // tok/s, int8 82.5-82.7 -> 91.5-91.6. GEMMALENS_HUGE_PAGES=0: plain buffers. 64-byte aligned; a ResourceError when
 // the memory is not there. Thread-safe.
 constexpr size_t kWeightChunk = size_t{32} << 20;
-constexpr size_t kWeightOwnMin = size_t{16} << 20;  // larger buffers: 2 MB-aligned of their own, advised as before
+constexpr size_t kWeightOwnMin = size_t{16} << 20;  // larger buffers: map_pages of their own
 void* weight_alloc(size_t n);
 void weight_free(void* p) noexcept;
 size_t weight_arena_chunks();  // chunks held now (tests)
 
-template <class T>
-struct WeightAllocator {
+// std::vector storage from an allocate / free pair of byte counts (Pages: static allocate(bytes), free(p, bytes)).
+template <class T, class Pages>
+struct BytesAllocator {
   using value_type = T;
-  WeightAllocator() = default;
+  BytesAllocator() = default;
   template <class U>
-  WeightAllocator(const WeightAllocator<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(weight_alloc(n * sizeof(T))); }
-  void deallocate(T* p, size_t) noexcept { weight_free(p); }
+  BytesAllocator(const BytesAllocator<U, Pages>&) {}
+  T* allocate(size_t n) {
+    if (n > SIZE_MAX / sizeof(T)) throw std::bad_array_new_length();
+    return static_cast<T*>(Pages::allocate(n * sizeof(T)));
+  }
+  void deallocate(T* p, size_t n) noexcept { Pages::free(p, n * sizeof(T)); }
   template <class U>
-  bool operator==(const WeightAllocator<U>&) const { return true; }
+  bool operator==(const BytesAllocator<U, Pages>&) const { return true; }
   template <class U>
-  bool operator!=(const WeightAllocator<U>&) const { return false; }
+  bool operator!=(const BytesAllocator<U, Pages>&) const { return false; }
+};
+
+struct WeightPages {  // the weight arena
+  static void* allocate(size_t n) { return weight_alloc(n); }
+  static void free(void* p, size_t) noexcept { weight_free(p); }
 };
 template <class T>
-using weight_vector = std::vector<T, WeightAllocator<T>>;
+using weight_vector = std::vector<T, BytesAllocator<T, WeightPages>>;
+
+struct MappedPages {  // map_pages from kMapPagesMin bytes on, the heap below (the KV cache, the bandwidth probe)
+  static void* allocate(size_t n) { return n >= kMapPagesMin ? map_pages(n, "a buffer") : ::operator new(n, std::align_val_t{64}); }
+  static void free(void* p, size_t n) noexcept {
+    if (n >= kMapPagesMin)
+      unmap_pages(p, n);
+    else
+      ::operator delete(p, std::align_val_t{64});
+  }
+};
+template <class T>
+using page_vector = std::vector<T, BytesAllocator<T, MappedPages>>;
 
 }  // namespace gemmalens::ops

@@ -322,6 +322,32 @@ def test_weight_arena_out_of_memory_is_a_memory_error_and_recovers():
     assert "chunks 0" in out and "after 1024.0 0" in out, out
 
 
+KV_OOM_CODE = r"""
+import resource, gemmalens as gl
+cfg = gl.Gemma3Config.preset("270m")
+gl.KVCache(cfg, 1, 64, "float32")  # set up
+vmdata = int([l for l in open("/proc/self/status") if l.startswith("VmData")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_DATA, (vmdata + (32 << 20), resource.RLIM_INFINITY))  # no room for 96 MiB more
+try:
+    gl.KVCache(cfg, 1, 16384, "float32")
+    print("no error")
+except MemoryError as e:
+    print("MemoryError:", e)
+resource.setrlimit(resource.RLIMIT_DATA, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print("after", gl.KVCache(cfg, 1, 16384, "float32").max_seq_len)
+"""
+
+
+def test_kv_cache_out_of_memory_is_a_memory_error_naming_the_fix():
+    """A KV cache the process may not map (RLIMIT_DATA in a child; its fresh mappings fail) is a MemoryError naming
+    the cache's size and what to change, not a crash; with memory there again the same cache is made."""
+    r = subprocess.run([sys.executable, "-c", KV_OOM_CODE], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "MemoryError: KV cache for batch 1 and max_seq_len 16384: could not allocate its" in out, out
+    assert "use a smaller batch or max_seq_len" in out and "after 16384" in out, out
+
+
 def test_bad_huge_pages_value_fails_the_import_naming_the_choices():
     """GEMMALENS_HUGE_PAGES takes 0 or 1 (unset: 1); anything else fails the import instead of being read as on."""
     for bad in ("off", "no", "2"):

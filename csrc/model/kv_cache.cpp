@@ -38,8 +38,15 @@ KVCache::KVCache(const Gemma3Config& cfg, int batch, int64_t max_seq_len, DType 
     l.sliding = cfg.is_sliding(i);
     l.cap = l.sliding ? std::min<int64_t>(cfg.sliding_window, max_seq_len) : max_seq_len;
     const size_t n = static_cast<size_t>(batch) * KV_ * l.cap * Hd_ * es;
-    ops::assign_huge(l.k, n, uint8_t{0});
-    ops::assign_huge(l.v, n, uint8_t{0});
+    try {
+      ops::assign_huge(l.k, n, uint8_t{0});
+      ops::assign_huge(l.v, n, uint8_t{0});
+    } catch (const ResourceError&) {  // memory the machine has but this process may not take (limits, other processes)
+      layers_.clear();
+      throw ResourceError("KV cache for batch " + std::to_string(batch) + " and max_seq_len " + std::to_string(max_seq_len) +
+                          ": could not allocate its " + std::to_string(total >> 20) +
+                          " MiB (out of memory); use a smaller batch or max_seq_len, or free memory");
+    }
     layers_.push_back(std::move(l));
   }
 }

@@ -350,6 +350,30 @@ def test_linear_quant_batched_rows(M, bits):
         np.testing.assert_array_equal(out[m], ops.linear(x[m:m + 1], w, "float32", **kw)[0])
 
 
+def test_int8_quantisation_rounds_the_f32_product():
+    """q = round_half_even(x * (1 / d)) with the product rounded to f32 first, as q8_blocks (and ggml's
+    quantize_row_q8_0) compute it: a value whose f32 product is a tie lands on the even level even where the exact
+    product is not a tie (a fused multiply-add rounds the exact one: a Gaussian row's -65.4999989 became -65, not -66,
+    and one output row of test_linear_paths_across_row_counts[4] a level off)."""
+    d = np.float32(1) / np.float32(127)  # a block whose largest magnitude is 1
+    inv = np.float32(1) / d
+    ties = []
+    for k in range(-126, 126):
+        t = np.float32(k + 0.5)
+        c = t / inv
+        for cand in (c, np.nextafter(c, np.float32(-2)), np.nextafter(c, np.float32(2))):
+            if np.float32(cand) * inv == t and float(cand) * float(inv) != float(t):
+                ties.append(np.float32(cand))
+    assert len(ties) >= 62, len(ties)
+    row = np.zeros((1, 64 * ((len(ties) + 62) // 63)), np.float32)
+    for i, v in enumerate(ties):  # each block: 1.0 first (its scale), then up to 31 ties
+        row[0, (i // 31) * 32 + 1 + i % 31] = v
+    row[0, ::32] = 1.0
+    q, dd = q8_blocks(row)
+    stored = ops.quantize(row, 8).reshape(1, -1, 32) / dd
+    np.testing.assert_array_equal(np.rint(stored), q)
+
+
 @pytest.mark.parametrize("M", [1, 4, 5, 16, 17, 64, 65, 300])
 def test_linear_paths_across_row_counts(M):
     """Each matmul path a CPU class takes, by the rows M of a call (gl.cpu_info(): bf16_own_max_rows,

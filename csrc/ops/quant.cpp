@@ -25,8 +25,11 @@ namespace {
 // away 1.5 * 2^23 leaves the integer part in the float's mantissa. Unlike the nearbyint call, it vectorises: the
 // int4 scale search below went from the larger part of an int4 load to a small one.
 inline float round_even(float x) {
-  constexpr float m = 12582912.f;  // not folded: without -ffast-math (x + m) - m is not x to the compiler either
-  return (x + m) - m;
+  // nearbyint in the default rounding mode: half to even, one vroundps. Not the (x + 1.5 * 2^23) - 1.5 * 2^23 trick:
+  // GCC fused the caller's product into that add (an FMA rounds the exact product), and an activation whose f32
+  // product is a tie (-65.5 from -65.4999989) took the other level than round(x * id) of the f32 product, which is
+  // what q8_blocks (tests) and ggml's quantize_row_q8_0 compute.
+  return std::nearbyint(x);
 }
 
 // One block of 32 at `qmax` (127 or 7): d = max|x| / qmax, q = round(x / d) clamped to [qmin, qmax]; returns d

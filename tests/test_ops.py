@@ -458,3 +458,10 @@ def test_parallel_steal_takes_a_slow_threads_share():
     share = 400 // threads
     # static shares would leave all of them to the caller (0); the others take all but a few grains of 4
     assert (by[:share] == 1).sum() >= share // 2
+
+
+def test_parallel_steal_refuses_a_bad_task_count():
+    with pytest.raises(ValueError, match=r"n must be in \[0, 2\^24\]"):
+        ops.parallel_steal(-1)
+    with pytest.raises(ValueError, match=r"n must be in \[0, 2\^24\]"):
+        ops.parallel_steal((1 << 24) + 1)

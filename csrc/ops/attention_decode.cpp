@@ -75,13 +75,25 @@ GL_AVX512 inline void load32(const KVRow& r, int d, bool perm, __m512i ilo, __m5
 // sub-blocks of 8-16 rows). Software prefetch of a whole block ahead, 8 lines per row at once, did not help.
 constexpr int SB = 16, PD = 16;
 
-// Brings elements [d, d + n) of a row (bf16 or f32; none when both pointers are null) towards L1.
+// Brings elements [d, d + n) of a row (bf16 or f32; none when both pointers are null) towards L1 (or to L2: H).
+template <_mm_hint H = _MM_HINT_T0>
 inline void prefetch_part(const KVRow& r, int d, int n) {
   const char* p = r.h ? reinterpret_cast<const char*>(r.h + d) : reinterpret_cast<const char*>(r.f ? r.f + d : nullptr);
   if (!p) return;
   const int bytes = n * (r.h ? 2 : 4);
-  for (int o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+  for (int o = 0; o < bytes; o += 64) _mm_prefetch(p + o, H);
 }
+// Besides, each part of a row is asked into L2 kFarKeys ahead (48 KB of keys at Hd 256), in step with the same
+// loads: the lines asked into L1 are few at a time per core (its fill buffers), the requests into L2 keep more of the
+// stream in flight. The rows that far ahead are resolved like the rest (block_rows: the ring's order, nothing past
+// the chunk), so no line outside the keys read is asked for. Measured 2026-11-28 on an Intel Xeon with AMX (2
+// threads; `_core._testing.attention_seconds(1, 262144, 4, 1, 256, 0, "bfloat16", 10)`, a 256 MB cache, best of 2,
+// alternated with the build before): the vdpbf16ps kernels 20.2 -> 22.7 (64 keys ahead), 23.3-23.7 (80), 23.9-24.4
+// (96), 23.5-24.6 GB/s (128); the int8 270M's decode at context 32768 over context 128, 0.67 / 0.68 -> 0.70 / 0.71.
+// (Software prefetch of a whole block ahead at once, 8 lines per row into L1, did not help: see above.)
+constexpr int kFarKeys = 96;
+static_assert(kFarKeys > PD && kFarKeys <= 2 * NB, "the rows kFarKeys ahead lie in the next two blocks (block_rows)");
+inline void prefetch_far(const KVRow& r, int d, int n) { prefetch_part<_MM_HINT_T1>(r, d, n); }
 
 // out lane L = the sum of v[L]'s 16 lanes, for 16 vectors at once: a tree of shuffles and adds (45 instructions)
 // where 16 horizontal reductions take ~130. Each level adds the two halves of a pair of vectors into one: 256-bit
@@ -119,7 +131,8 @@ GL_AVX512 inline void store_scores(const __m512 (&acc)[NR][NC], float* S) {
 
 // S[i][j] = q_i . k_j for NR query rows and NC keys: NR x NC independent accumulators over the head dimension
 // (Hd % 32 == 0), each key row loaded and widened once for all NR rows.
-// pf: the NC rows PD keys ahead (or null), prefetched a part per step in step with the loads.
+// pf: the NC rows PD keys ahead (or null), prefetched a part per step in step with the loads; pf + NB - PD: the rows
+// NB keys ahead, asked into L2 (prefetch_far).
 template <int NR, int NC>
 GL_AVX512 void scores_block(const float* const* q, const KVRow* k, const KVRow* pf, int Hd, bool perm, float* S) {
   const __m512i ilo = _mm512_loadu_si512(kPerm.lo), ihi = _mm512_loadu_si512(kPerm.hi);
@@ -128,7 +141,7 @@ GL_AVX512 void scores_block(const float* const* q, const KVRow* k, const KVRow* 
     for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int d = 0; d < Hd; d += 32) {
     if (pf)
-      for (int j = 0; j < NC; ++j) prefetch_part(pf[j], d, 32);
+      for (int j = 0; j < NC; ++j) prefetch_part(pf[j], d, 32), prefetch_far(pf[j + kFarKeys - PD], d, 32);
     __m512 klo[NC], khi[NC];
     for (int j = 0; j < NC; ++j) load32(k[j], d, perm, ilo, ihi, klo[j], khi[j]);
     for (int i = 0; i < NR; ++i) {
@@ -147,7 +160,7 @@ GL_AVX512 void scores_rows(const float* const* q, const KVRow* k, bool pf, int n
   for (; c < nk; ++c) scores_block<NR, 1>(q, k + c, pf ? k + c + PD : nullptr, Hd, perm, S + c);
 }
 
-// S[r][c] = q_r . k_c for `rows` rows (4 at a time) and nk keys; k: this block's NB rows and the next block's NB
+// S[r][c] = q_r . k_c for `rows` rows (4 at a time) and nk keys; k: this block's NB rows and the next two blocks'
 // (empty past the chunk).
 GL_AVX512 void scores_avx512(const float* const* q, int rows, const KVRow* k, int nk, int Hd, bool perm, float* S) {
   row_groups<4>(rows, [&](auto nr, int64_t r0) {
@@ -157,7 +170,7 @@ GL_AVX512 void scores_avx512(const float* const* q, int rows, const KVRow* k, in
 
 // Z[i][:] = Z[i][:] * corr[i] + sum_j P[i][j] v_j for NR rows and nk keys (Hd % 64 == 0): sub-blocks of SB keys,
 // each in slices of 64 dims, NR x 4 accumulators, each value row's slice loaded and widened once for all NR rows;
-// v: this block's NB rows and the next block's NB, prefetched PD keys ahead when pf.
+// v: this block's NB rows and the next two blocks', prefetched PD keys ahead (and into L2 kFarKeys ahead) when pf.
 template <int NR>
 GL_AVX512 void pv_rows(const float* P, const float* corr, const KVRow* v, bool pf, int nk, int Hd, bool perm, float* Z) {
   const __m512i ilo = _mm512_loadu_si512(kPerm.lo), ihi = _mm512_loadu_si512(kPerm.hi);
@@ -170,7 +183,7 @@ GL_AVX512 void pv_rows(const float* P, const float* corr, const KVRow* v, bool p
         for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + i * Hd + c0 + 16 * c));
       }
       for (int j = j0; j < j1; ++j) {
-        if (pf) prefetch_part(v[j + PD], c0, 64);
+        if (pf) prefetch_part(v[j + PD], c0, 64), prefetch_far(v[j + kFarKeys], c0, 64);
         __m512 vv[4];
         load32(v[j], c0, perm, ilo, ihi, vv[0], vv[1]);
         load32(v[j], c0 + 32, perm, ilo, ihi, vv[2], vv[3]);
@@ -200,7 +213,8 @@ GL_AVX512 void pv_avx512(const float* P, const float* corr, int rows, const KVRo
 // (vpunpck[lh]wd) against a broadcast pair of probabilities (p_j, p_j+1), so z comes out in kPermDp's order.
 #define GL_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
 
-// pf: the NC rows PD keys ahead (or null), a line of each prefetched per step of 32 dims, in step with the loads.
+// pf: the NC rows PD keys ahead (or null), a line of each prefetched per step of 32 dims, in step with the loads;
+// pf + NB - PD: the rows NB keys ahead, asked into L2.
 template <int NR, int NC>
 GL_BF16 void scores_block_dp(const uint16_t* const* q, const KVRow* k, const KVRow* pf, int Hd, float* S) {
   __m512 acc[NR][NC];
@@ -208,7 +222,7 @@ GL_BF16 void scores_block_dp(const uint16_t* const* q, const KVRow* k, const KVR
     for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int d = 0; d < Hd; d += 32) {
     if (pf)
-      for (int j = 0; j < NC; ++j) prefetch_part(pf[j], d, 32);
+      for (int j = 0; j < NC; ++j) prefetch_part(pf[j], d, 32), prefetch_far(pf[j + kFarKeys - PD], d, 32);
     __m512i kv[NC];
     for (int j = 0; j < NC; ++j) kv[j] = _mm512_loadu_si512(k[j].h + d);
     for (int i = 0; i < NR; ++i) {
@@ -227,7 +241,7 @@ GL_BF16 void scores_rows_dp(const uint16_t* const* q, const KVRow* k, bool pf, i
 }
 
 // q: the rows in bf16; k: every row bf16 (the step's own rows converted, see block_rows), this block's NB and the
-// next block's NB (empty past the chunk): the first pass over them prefetches PD keys ahead.
+// next two blocks' (empty past the chunk): the first pass over them prefetches PD and kFarKeys ahead.
 GL_BF16 void scores_dp(const uint16_t* const* q, int rows, const KVRow* k, int nk, int Hd, float* S) {
   row_groups<4>(rows, [&](auto nr, int64_t r0) {
     scores_rows_dp<decltype(nr)::value>(q + r0, k, r0 == 0, nk, Hd, S + r0 * NB);
@@ -236,7 +250,8 @@ GL_BF16 void scores_dp(const uint16_t* const* q, int rows, const KVRow* k, int n
 
 // Z[i][:] = Z[i][:] * corr[i] + sum_j P[i][j] v_j, P as bf16 pairs (Pp[i * NB / 2 + j / 2] = p_j | p_j+1 << 16, the
 // pair past an odd nk's last key 0), v_j for j < nk rounded up to even with `zero` (a row of Hd zeros). As pv_rows:
-// sub-blocks of SB keys in slices of 64 dims, v this block's rows and the next block's, prefetched PD keys ahead.
+// sub-blocks of SB keys in slices of 64 dims, v this block's rows and the next block's, prefetched PD keys ahead (and
+// into L2 NB ahead).
 template <int NR>
 GL_BF16 void pv_rows_dp(const uint32_t* Pp, const float* corr, const KVRow* v, bool pf, int nk, int Hd,
                         const uint16_t* zero, float* Z) {
@@ -249,7 +264,10 @@ GL_BF16 void pv_rows_dp(const uint32_t* Pp, const float* corr, const KVRow* v, b
         for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_mul_ps(cr, _mm512_loadu_ps(Z + i * Hd + c0 + 16 * c));
       }
       for (int j = j0; j < j1; j += 2) {
-        if (pf) prefetch_part(v[j + PD], c0, 64), prefetch_part(v[j + PD + 1], c0, 64);
+        if (pf) {
+          prefetch_part(v[j + PD], c0, 64), prefetch_part(v[j + PD + 1], c0, 64);
+          prefetch_far(v[j + kFarKeys], c0, 64), prefetch_far(v[j + kFarKeys + 1], c0, 64);
+        }
         const uint16_t* r0 = v[j].h + c0;
         const uint16_t* r1 = j + 1 < nk ? v[j + 1].h + c0 : zero;
         const __m512i a0 = _mm512_loadu_si512(r0), b0 = _mm512_loadu_si512(r1);
@@ -267,7 +285,7 @@ GL_BF16 void pv_rows_dp(const uint32_t* Pp, const float* corr, const KVRow* v, b
   }
 }
 
-// v: this block's NB rows and the next block's NB (empty past the chunk).
+// v: this block's NB rows and the next two blocks' (empty past the chunk).
 GL_BF16 void pv_dp(const uint32_t* Pp, const float* corr, int rows, const KVRow* v, int nk, int Hd,
                    const uint16_t* zero, float* Z) {
   row_groups<4>(rows, [&](auto nr, int64_t r0) {
@@ -451,7 +469,7 @@ void attention_decode_splitk(const AttentionArgs& a) {
     std::vector<uint32_t> Pp(dp ? static_cast<size_t>(rows) * NB / 2 : 0);  // probabilities as bf16 pairs
     std::vector<const float*> qrow(rows);
     std::vector<int64_t> lo(rows), hi(rows);
-    KVRow kb[2 * NB], vb[2 * NB];  // this block's rows, then the next block's
+    KVRow kb[3 * NB], vb[3 * NB];  // this block's rows, then the next two blocks' (the prefetches' targets)
     KVRow *krow = kb, *vrow = vb, *knext = kb + NB, *vnext = vb + NB;
 #pragma omp for collapse(3) schedule(dynamic, 1)
     for (int b = 0; b < B; ++b)
@@ -480,11 +498,14 @@ void attention_decode_splitk(const AttentionArgs& a) {
           }
           // Every slot here is visible to some query of the row, so the ring holds it (the window fits the ring).
           block_rows(a, b, kvh, j0, static_cast<int>(std::min<int64_t>(NB, j1 - j0)), krow, vrow, kn, vn);
+          block_rows(a, b, kvh, j0 + NB, static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(NB, j1 - j0 - NB))), knext,
+                     vnext, kn, vn);
           for (int64_t jb = j0; jb < j1; jb += NB) {
             const int nk = static_cast<int>(std::min<int64_t>(NB, j1 - jb));
-            // The next block's rows beside this block's: the kernels prefetch PD keys ahead, into the next block.
-            const int nk_next = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(NB, j1 - jb - NB)));
-            block_rows(a, b, kvh, jb + NB, nk_next, knext, vnext, kn, vn);
+            // The rows two blocks on beside this block's and the next: the kernels prefetch PD keys ahead (into the
+            // next block) and kFarKeys ahead.
+            const int nk_after = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(NB, j1 - jb - 2 * NB)));
+            block_rows(a, b, kvh, jb + 2 * NB, nk_after, kb + 2 * NB, vb + 2 * NB, kn, vn);
             if (dp)
               scores_dp(qbrow.data(), rows, krow, nk, Hd, Sc.data());
             else if (w512)
@@ -520,8 +541,8 @@ void attention_decode_splitk(const AttentionArgs& a) {
               pv_avx2(Sc.data(), corr.data(), rows, vrow, nk, Hd, Z);
             else
               pv_portable(Sc.data(), corr.data(), rows, vrow, nk, Hd, Z);
-            std::copy(knext, knext + NB, krow);
-            std::copy(vnext, vnext + NB, vrow);
+            std::copy(kb + NB, kb + 3 * NB, kb);
+            std::copy(vb + NB, vb + 3 * NB, vb);
           }
           for (int r = 0; r < rows; ++r) {
             pm[slot0 + r] = m[r];

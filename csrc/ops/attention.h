@@ -89,7 +89,7 @@ inline KVRow value_row(const AttentionArgs& a, int b, int kvh, int64_t j) { retu
 
 // The kernels a decode step (attention_decode_splitk) takes: vdpbf16ps for a bf16 model over a bf16 cache where
 // the class has it (AVX512_BF16, AMX; q and the probabilities rounded to bf16, as the model's dtype allows), AVX-512
-// f32 FMAs (the cache's bf16 rows widened) for the rest with Hd % 64 == 0 on AVX-512, else AVX2 FMAs (Hd % 8 == 0;
+// f32 FMAs (the cache's bf16 rows widened) for the rest with Hd % 64 == 0 on AVX-512, else AVX2 FMAs (Hd % 32 == 0;
 // loops at the build's AVX2 baseline for any other). gl.cpu_info()["attention_decode_bf16"] names the first that a
 // bf16 model gets in the active class.
 enum class AttentionDecodePath { Vdpbf16ps, Avx512, Portable };

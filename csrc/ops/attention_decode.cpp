@@ -332,51 +332,113 @@ void pv_portable(const float* P, const float* corr, int rows, const KVRow* v, in
     }
 }
 
-// The same two on AVX2 (the build's baseline) for Hd % 8 == 0: what runs where no AVX-512 kernel does (the avx2
-// classes, and head dims the AVX-512 ones do not take). The portable loops above left ~8% of an int8 270M decode step
-// (context 128, forced to avx2 on an Intel Xeon, 2026-11-27) in attention: each dot product was one chain of
-// dependent FMAs, and each value row's axpy loaded and stored a row of z. Here NC keys' dot products run side by side
-// (NC independent chains), and z is built in registers 64 dims at a time over all the block's values; the values
-// are the portable loops' up to the order of the f32 sums (z's order per element is theirs: corr first, then the keys
-// in order).
-inline __m256 load8_row(const KVRow& r, int d) {  // 8 dims of a key / value row as f32 (a bf16 row widened)
-  return r.f ? _mm256_loadu_ps(r.f + d) : widen8_bf16(r.h + d);
-}
-template <int NC>
-void scores_keys_avx2(const float* q, const KVRow* k, int Hd, float* s) {
-  __m256 acc[NC];
-  for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
-  for (int d = 0; d < Hd; d += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + d);
-    for (int c = 0; c < NC; ++c) acc[c] = _mm256_fmadd_ps(qv, load8_row(k[c], d), acc[c]);
+// The same two on AVX2 (the build's baseline) for Hd % 32 == 0: what runs where no AVX-512 kernel does (the avx2
+// classes, and head dims the AVX-512 ones do not take). As the AVX-512 kernels, each key / value row is loaded and
+// widened once for every query row of the group (NR x NC accumulators in registers), a bf16 row by the same two
+// integer operations (see Perm32: q and z in kPerm's order), and the rows are prefetched PD keys ahead into L1 and
+// kFarKeys ahead into L2. The kernels before widened each key row once per query row (vpmovzxwd, a shuffle) and had
+// no prefetch: on an Intel Xeon (2026-11-28, forced to avx2, 2 threads), a 256 MB bf16 cache was read at 10 GB/s and
+// the int8 270M decoded at context 32768 at 0.50 of its speed at 128.
+// Half h of the 32 values of a row from g = d - 16 h as two f32 vectors x0, x1; they pair with q and z at g + o0 and
+// g + o1 (half_offsets): in kPerm's order the even and the odd elements of the half (a bf16 row always, an f32 row
+// permuted by shuffles), else (an f32 cache, perm false) the half's two 8s as stored.
+inline void load16_avx2(const KVRow& r, int d, bool perm, __m256& x0, __m256& x1) {
+  if (r.h) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.h + d));
+    x0 = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    x1 = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    return;
   }
-  for (int c = 0; c < NC; ++c) s[c] = hsum8(acc[c]);
+  const __m256 a = _mm256_loadu_ps(r.f + d), b = _mm256_loadu_ps(r.f + d + 8);
+  if (!perm) {
+    x0 = a, x1 = b;
+    return;
+  }
+  // shuffle_ps takes lanes 0, 2 (0x88) or 1, 3 (0xDD) of each 128 bits of a and b: a0 a2 b0 b2 | a4 a6 b4 b6; the
+  // 64-bit permute (0xD8: 0, 2, 1, 3) puts a's pairs before b's.
+  x0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+  x1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
 }
-void scores_avx2(const float* const* q, int rows, const KVRow* k, int nk, int Hd, float* S) {
+inline void half_offsets(int h, bool perm, int& o0, int& o1) {
+  o0 = perm ? 8 * h : 16 * h;
+  o1 = perm ? 16 + 8 * h : 16 * h + 8;
+}
+
+// S[i][j] = q_i . k_j for NR query rows and NC keys; pf: the NC rows PD keys ahead (or null), pf + kFarKeys - PD the
+// rows kFarKeys ahead.
+template <int NR, int NC>
+void scores_block_avx2(const float* const* q, const KVRow* k, const KVRow* pf, int Hd, bool perm, float* S) {
+  __m256 acc[NR][NC];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NC; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int g = 0; g < Hd; g += 32) {
+    if (pf)
+      for (int j = 0; j < NC; ++j) prefetch_part(pf[j], g, 32), prefetch_far(pf[j + kFarKeys - PD], g, 32);
+    for (int h = 0; h < 2; ++h) {
+      int o0, o1;
+      half_offsets(h, perm, o0, o1);
+      __m256 x0[NC], x1[NC];
+      for (int j = 0; j < NC; ++j) load16_avx2(k[j], g + 16 * h, perm, x0[j], x1[j]);
+      for (int i = 0; i < NR; ++i) {
+        const __m256 q0 = _mm256_loadu_ps(q[i] + g + o0), q1 = _mm256_loadu_ps(q[i] + g + o1);
+        for (int j = 0; j < NC; ++j) acc[i][j] = _mm256_fmadd_ps(q1, x1[j], _mm256_fmadd_ps(q0, x0[j], acc[i][j]));
+      }
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NC; ++j) S[i * NB + j] = hsum8(acc[i][j]);
+}
+template <int NR>
+void scores_rows_avx2(const float* const* q, const KVRow* k, bool pf, int nk, int Hd, bool perm, float* S) {
   int c = 0;
-  for (; c + 4 <= nk; c += 4)  // 4 key rows stay in L1 for every query row
-    for (int r = 0; r < rows; ++r) scores_keys_avx2<4>(q[r], k + c, Hd, S + r * NB + c);
-  for (; c < nk; ++c)
-    for (int r = 0; r < rows; ++r) scores_keys_avx2<1>(q[r], k + c, Hd, S + r * NB + c);
+  for (; c + 2 <= nk; c += 2) scores_block_avx2<NR, 2>(q, k + c, pf ? k + c + PD : nullptr, Hd, perm, S + c);
+  for (; c < nk; ++c) scores_block_avx2<NR, 1>(q, k + c, pf ? k + c + PD : nullptr, Hd, perm, S + c);
 }
-template <int NV>  // NV groups of 8 dims from d0
-void pv_dims_avx2(const float* P, float corr, const KVRow* v, int nk, int d0, float* z) {
-  __m256 acc[NV];
-  const __m256 cr = _mm256_set1_ps(corr);
-  for (int i = 0; i < NV; ++i) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(z + d0 + 8 * i), cr);
-  for (int j = 0; j < nk; ++j) {
-    if (P[j] == 0.f) continue;  // as pv_portable: a slot no query sees adds nothing, whatever its values
-    const __m256 p = _mm256_set1_ps(P[j]);
-    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(p, load8_row(v[j], d0 + 8 * i), acc[i]);
+// k: this block's NB rows and the next two blocks' (empty past the chunk).
+void scores_avx2(const float* const* q, int rows, const KVRow* k, int nk, int Hd, bool perm, float* S) {
+  row_groups<4>(rows, [&](auto nr, int64_t r0) {
+    scores_rows_avx2<decltype(nr)::value>(q + r0, k, r0 == 0, nk, Hd, perm, S + r0 * NB);
+  });
+}
+
+// Z[i][:] = Z[i][:] * corr[i] + sum_j P[i][j] v_j for NR rows: sub-blocks of SB keys, each in halves of 32-value
+// groups (NR x 2 accumulators); z's order per element is pv_rows' (corr first, then the keys in order).
+template <int NR>
+void pv_rows_avx2(const float* P, const float* corr, const KVRow* v, bool pf, int nk, int Hd, bool perm, float* Z) {
+  for (int j0 = 0; j0 < nk; j0 += SB) {
+    const int j1 = std::min(nk, j0 + SB);
+    for (int g = 0; g < Hd; g += 32)
+      for (int h = 0; h < 2; ++h) {
+        int o0, o1;
+        half_offsets(h, perm, o0, o1);
+        __m256 acc[NR][2];
+        for (int i = 0; i < NR; ++i) {
+          const __m256 cr = _mm256_set1_ps(j0 == 0 ? corr[i] : 1.f);
+          acc[i][0] = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + i * Hd + g + o0));
+          acc[i][1] = _mm256_mul_ps(cr, _mm256_loadu_ps(Z + i * Hd + g + o1));
+        }
+        for (int j = j0; j < j1; ++j) {
+          if (pf && h == 0) prefetch_part(v[j + PD], g, 32), prefetch_far(v[j + kFarKeys], g, 32);
+          __m256 x0, x1;
+          load16_avx2(v[j], g + 16 * h, perm, x0, x1);
+          for (int i = 0; i < NR; ++i) {
+            const __m256 p = _mm256_set1_ps(P[i * NB + j]);
+            acc[i][0] = _mm256_fmadd_ps(p, x0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(p, x1, acc[i][1]);
+          }
+        }
+        for (int i = 0; i < NR; ++i) {
+          _mm256_storeu_ps(Z + i * Hd + g + o0, acc[i][0]);
+          _mm256_storeu_ps(Z + i * Hd + g + o1, acc[i][1]);
+        }
+      }
   }
-  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(z + d0 + 8 * i, acc[i]);
 }
-void pv_avx2(const float* P, const float* corr, int rows, const KVRow* v, int nk, int Hd, float* Z) {
-  int d0 = 0;
-  for (; d0 + 64 <= Hd; d0 += 64)  // a 64-dim slice of the block's values stays in L1 for every row
-    for (int r = 0; r < rows; ++r) pv_dims_avx2<8>(P + r * NB, corr[r], v, nk, d0, Z + r * Hd);
-  for (; d0 < Hd; d0 += 8)
-    for (int r = 0; r < rows; ++r) pv_dims_avx2<1>(P + r * NB, corr[r], v, nk, d0, Z + r * Hd);
+// v: this block's NB rows and the next two blocks' (empty past the chunk).
+void pv_avx2(const float* P, const float* corr, int rows, const KVRow* v, int nk, int Hd, bool perm, float* Z) {
+  row_groups<4>(rows, [&](auto nr, int64_t r0) {
+    pv_rows_avx2<decltype(nr)::value>(P + r0 * NB, corr + r0, v, r0 == 0, nk, Hd, perm, Z + r0 * Hd);
+  });
 }
 
 // Key and value rows of slots [j0, j0 + n) for (b, kvh), k[c] / v[c] for slot j0 + c, empty past n up to NB. The
@@ -431,8 +493,10 @@ void attention_decode_splitk(const AttentionArgs& a) {
   const bool w512 = attention_decode_path(a) != AttentionDecodePath::Portable;
   // A bf16 model with a bf16 cache on a class with vdpbf16ps: the bf16 kernels (q and the probabilities in bf16).
   const bool dp = attention_decode_path(a) == AttentionDecodePath::Vdpbf16ps;
-  // Else the bf16 cache's rows are widened in the permuted order (see Perm32).
-  const bool perm = !dp && w512 && a.past > 0 && a.cache.dtype == DType::BF16;
+  // The AVX2 kernels where no AVX-512 one runs, for Hd % 32 == 0 (the portable loops for the rest). Both widen the
+  // bf16 cache's rows in the permuted order (see Perm32).
+  const bool avx2 = !w512 && Hd % 32 == 0;
+  const bool perm = !dp && (w512 || avx2) && a.past > 0 && a.cache.dtype == DType::BF16;
   // The step's own rows in bf16 for the bf16 kernels (a bf16 model's are bf16 values already: exact).
   std::vector<uint16_t> kn_bf, vn_bf;
   if (dp) {
@@ -510,8 +574,8 @@ void attention_decode_splitk(const AttentionArgs& a) {
               scores_dp(qbrow.data(), rows, krow, nk, Hd, Sc.data());
             else if (w512)
               scores_avx512(qrow.data(), rows, krow, nk, Hd, perm, Sc.data());
-            else if (Hd % 8 == 0)
-              scores_avx2(qrow.data(), rows, krow, nk, Hd, Sc.data());
+            else if (avx2)
+              scores_avx2(qrow.data(), rows, krow, nk, Hd, perm, Sc.data());
             else
               scores_portable(qrow.data(), rows, krow, nk, Hd, Sc.data());
             // Masked online softmax, row by row: logits scaled (soft-capped), probabilities 0 outside [lo, hi].
@@ -537,8 +601,8 @@ void attention_decode_splitk(const AttentionArgs& a) {
               pv_dp(Pp.data(), corr.data(), rows, vrow, nk, Hd, zero.data(), Z);
             } else if (w512)
               pv_avx512(Sc.data(), corr.data(), rows, vrow, nk, Hd, perm, Z);
-            else if (Hd % 8 == 0)
-              pv_avx2(Sc.data(), corr.data(), rows, vrow, nk, Hd, Z);
+            else if (avx2)
+              pv_avx2(Sc.data(), corr.data(), rows, vrow, nk, Hd, perm, Z);
             else
               pv_portable(Sc.data(), corr.data(), rows, vrow, nk, Hd, Z);
             std::copy(kb + NB, kb + 3 * NB, kb);

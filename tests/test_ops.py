@@ -218,7 +218,7 @@ def test_attention_decode_against_numpy(H, KV, Hd, T, past, window, softcap, cac
     a bf16 model keeps it; a ring of `window` slots that has wrapped on a sliding layer), keys split in chunks across
     the threads and merged. Head dims 256 / 128 / 64 take the AVX-512 kernels where the class has them (f32 FMAs, or
     vdpbf16ps for the bf16 model; 4 query rows per KV head at once, then the rest), 96 and 32 (and every head dim on
-    an AVX2 class) the AVX2 kernels, 20 (not a multiple of 8) the portable loops."""
+    an AVX2 class) the AVX2 kernels, 20 (not a multiple of 32) the portable loops."""
     B = 2
     q = rng.standard_normal((B, T, H, Hd)).astype(np.float32)
     k = rng.standard_normal((B, past + T, KV, Hd)).astype(np.float32)

@@ -131,8 +131,8 @@ GL_AVX512 inline void store_scores(const __m512 (&acc)[NR][NC], float* S) {
 
 // S[i][j] = q_i . k_j for NR query rows and NC keys: NR x NC independent accumulators over the head dimension
 // (Hd % 32 == 0), each key row loaded and widened once for all NR rows.
-// pf: the NC rows PD keys ahead (or null), prefetched a part per step in step with the loads; pf + NB - PD: the rows
-// NB keys ahead, asked into L2 (prefetch_far).
+// pf: the NC rows PD keys ahead (or null), prefetched a part per step in step with the loads; pf + kFarKeys - PD: the
+// rows kFarKeys ahead, asked into L2 (prefetch_far).
 template <int NR, int NC>
 GL_AVX512 void scores_block(const float* const* q, const KVRow* k, const KVRow* pf, int Hd, bool perm, float* S) {
   const __m512i ilo = _mm512_loadu_si512(kPerm.lo), ihi = _mm512_loadu_si512(kPerm.hi);
@@ -214,7 +214,7 @@ GL_AVX512 void pv_avx512(const float* P, const float* corr, int rows, const KVRo
 #define GL_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
 
 // pf: the NC rows PD keys ahead (or null), a line of each prefetched per step of 32 dims, in step with the loads;
-// pf + NB - PD: the rows NB keys ahead, asked into L2.
+// pf + kFarKeys - PD: the rows kFarKeys ahead, asked into L2.
 template <int NR, int NC>
 GL_BF16 void scores_block_dp(const uint16_t* const* q, const KVRow* k, const KVRow* pf, int Hd, float* S) {
   __m512 acc[NR][NC];
@@ -250,8 +250,8 @@ GL_BF16 void scores_dp(const uint16_t* const* q, int rows, const KVRow* k, int n
 
 // Z[i][:] = Z[i][:] * corr[i] + sum_j P[i][j] v_j, P as bf16 pairs (Pp[i * NB / 2 + j / 2] = p_j | p_j+1 << 16, the
 // pair past an odd nk's last key 0), v_j for j < nk rounded up to even with `zero` (a row of Hd zeros). As pv_rows:
-// sub-blocks of SB keys in slices of 64 dims, v this block's rows and the next block's, prefetched PD keys ahead (and
-// into L2 NB ahead).
+// sub-blocks of SB keys in slices of 64 dims, v this block's rows and the next two blocks', prefetched PD keys ahead
+// (and into L2 kFarKeys ahead).
 template <int NR>
 GL_BF16 void pv_rows_dp(const uint32_t* Pp, const float* corr, const KVRow* v, bool pf, int nk, int Hd,
                         const uint16_t* zero, float* Z) {
@@ -339,9 +339,9 @@ void pv_portable(const float* P, const float* corr, int rows, const KVRow* v, in
 // kFarKeys ahead into L2. The kernels before widened each key row once per query row (vpmovzxwd, a shuffle) and had
 // no prefetch: on an Intel Xeon (2026-11-28, forced to avx2, 2 threads), a 256 MB bf16 cache was read at 10 GB/s and
 // the int8 270M decoded at context 32768 at 0.50 of its speed at 128.
-// Half h of the 32 values of a row from g = d - 16 h as two f32 vectors x0, x1; they pair with q and z at g + o0 and
-// g + o1 (half_offsets): in kPerm's order the even and the odd elements of the half (a bf16 row always, an f32 row
-// permuted by shuffles), else (an f32 cache, perm false) the half's two 8s as stored.
+// Values d .. d + 15 of a row (half h of the group of 32 from g = d - 16 h) as two f32 vectors x0, x1, which pair
+// with q and z at g + o0 and g + o1 (half_offsets): in kPerm's order the even and the odd values of the half (a bf16
+// row always, an f32 row permuted by shuffles), else (an f32 cache, perm false) the half's two 8s as stored.
 inline void load16_avx2(const KVRow& r, int d, bool perm, __m256& x0, __m256& x1) {
   if (r.h) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.h + d));

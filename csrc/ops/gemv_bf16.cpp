@@ -33,11 +33,20 @@ GL_BF16 inline __m512i pair_broadcast(const uint16_t* p) {
 // thread's next under schedule(static); a prefetch never faults). On an Intel Xeon (2026-11-27, 2 threads) a
 // vdpbf16ps gemv over the 335 MB LM head went from 22 to 30-31 GB/s with it, and a plain sequential read from 27.6
 // to 31.6 (a core's own misses in flight are what its stream is bound by there; the hardware prefetchers ask for
-// fewer lines ahead). 1-3 KB ahead measured alike; 4 KB and more less.
+// fewer lines ahead). 1-3 KB ahead measured alike; 4 KB and more less. Beside it the lines kPanelFar ahead are asked
+// into L2 (_MM_HINT_T1), which holds more requests in flight than L1's fill buffers: alternated builds on the Xeon
+// (2026-11-28, real 270M bf16 decode at context 128, fraction of the bandwidth bound as bench:isa computes it) amx
+// 0.87-0.90 -> 0.89-0.94 (53-54 -> 56-58 tok/s), avx512 0.87 -> 0.91, avx2 0.83-0.85 -> 0.84-0.85; 3 KB measured
+// between, 5-6 KB less than none.
 constexpr int64_t kPanelPrefetch = 2048;
+constexpr int64_t kPanelFar = 4096;
 inline void prefetch_ahead(const uint16_t* p, int lines) {
   const char* c = reinterpret_cast<const char*>(p) + kPanelPrefetch;
   for (int l = 0; l < lines; ++l) _mm_prefetch(c + 64 * l, _MM_HINT_T0);
+  if constexpr (kPanelFar > 0) {
+    const char* f = reinterpret_cast<const char*>(p) + kPanelFar;
+    for (int l = 0; l < lines; ++l) _mm_prefetch(f + 64 * l, _MM_HINT_T1);
+  }
 }
 
 // One 64-column panel ([K/2][64][2] contiguous) against MB activation rows: 4 x MB accumulators of 16 columns. Every

@@ -35,7 +35,7 @@ namespace gemmalens::ops {
 // matmul ends when its last claim does, so a thread that finds nothing left waits up to one claim of the other's:
 // at 4 tiles that was ~1-8 us per matmul (a quarter to a half of a 2048-deep tile's 128 KB of weights), 73 matmuls a
 // decode step. One tile per claim, alternated builds on the Xeon (2026-11-28, `dec3.py int8 64` of the closing note:
-// real 270M at context 128, fraction of the bandwidth bound): amx 0.82-0.85 -> 0.86-0.91 (90-98 -> 94-105 tok/s),
+// real 270M at context 128, fraction of the bandwidth bound): amx 0.82-0.85 -> 0.86-0.91 (90-99 -> 94-105 tok/s),
 // avx512 0.83-0.88 -> 0.84-0.88, avx2 0.83-0.84 -> 0.84-0.85; 2 tiles in between.
 constexpr uint64_t kStealGrain = 1;
 

@@ -378,8 +378,9 @@ def test_int8_quantisation_rounds_the_f32_product():
 def test_linear_paths_across_row_counts(M):
     """Each matmul path a CPU class takes, by the rows M of a call (gl.cpu_info(): bf16_own_max_rows,
     int8_prefill_min_rows): decode kernels, gemmalens's own bf16 kernels (registers: AVX-512 in groups of 12, 8 and 4
-    rows, so 8, 20 and 300 take each; or f32 panels past 16 rows on AVX2), oneDNN (bf16, or f32 on blocks widened from bf16 when the class has no bf16 hardware: the row-major LM
-    head's layout past 4 rows, 1000 columns here, and int8 weights dequantised to bf16 on AMX), the int8 kernels.
+    rows, so 8, 20 and 300 take each; or f32 panels past 16 rows on AVX2), oneDNN (bf16, or f32 on blocks widened
+    from bf16 when the class has no bf16 hardware: the row-major LM head's layout past 4 rows, 1000 columns here, and
+    int8 weights dequantised to bf16 on AMX), the int8 kernels.
     1088 x 1024: more than one widened block (~4 MB of f32), 17 panels of 64 columns, K in 8 slices of 128."""
     info = gemmalens.cpu_info()
     K, N = 1024, 1088

@@ -284,8 +284,9 @@ void blocked64_w256(const uint16_t* w, int64_t N, int64_t K, const float* x, int
 // 2026-11-27, 512 x 2048 x 640 on 2 threads: ~10-20% above the register-widening kernel, at oneDNN's f32 rate on a
 // Zen 5 and a Sapphire Rapids Xeon). On AVX-512 the register-widening kernel keeps up: an AVX-512 version of this one
 // (6 x 64 tiles, x packed per tile) ran the 270M's four shapes at 311-352 GFLOP/s on the Xeon's 2 threads against
-// 340-358 (2026-11-27), and the register kernel of 12 rows (half_panel_w512) now runs them at 335-387. The tiles sum each k-pair's odd product, then its even one (panel_w256's order, so the rows
-// of any M agree to the bit; it also ran 5-10% faster than k in order). Tasks are (panel, block of rows), so a small
+// 340-358 (2026-11-27), and the register kernel of 12 rows (half_panel_w512) runs them at 335-387 (2026-11-28). The
+// tiles sum each k-pair's odd product, then its even one (panel_w256's order, so the rows of any M agree to the bit;
+// it also ran 5-10% faster than k in order). Tasks are (panel, block of rows), so a small
 // N still spreads over every thread; consecutive tasks of a thread share the panel, widened once.
 constexpr int64_t kPanelRows = 96;  // rows of x per task
 

@@ -287,7 +287,7 @@ constexpr int64_t kQuantPrefetch = 2048;
 // holds few L1 misses in flight (its fill buffers; a profile of int8 decode had most of the kernel's samples on the
 // T0 prefetches waiting for one), and the L2 requests keep more of the stream coming. Alternated builds on the Xeon
 // (2026-11-28, real 270M int8 decode at context 128, fraction of the bandwidth bound as bench:isa computes it):
-// amx 0.78-0.81 -> 0.82-0.87 (86 -> 88-96 tok/s), avx512 0.76-0.79 -> 0.81, avx2_vnni 0.81 -> 0.85-0.86, avx2
+// amx 0.77-0.81 -> 0.82-0.87 (86-89 -> 87-96 tok/s), avx512 0.76-0.79 -> 0.81, avx2_vnni 0.81 -> 0.85-0.86, avx2
 // 0.77-0.79 -> 0.81-0.82; int4 on amx 0.77 -> 0.79-0.82. 3 and 5-6 KB measured alike or less, 8 KB as none.
 constexpr int64_t kQuantFar = 4096;
 // Block b's lines kQuantPrefetch ahead into L1 and kQuantFar ahead into L2 (BITS lines of 64 bytes: a block's).

@@ -2,6 +2,7 @@
 
 #include "common.h"
 #include "ops/cpu.h"
+#include "ops/prefetch.h"
 #include "ops/vmath.h"
 
 #include <immintrin.h>
@@ -29,26 +30,12 @@ GL_BF16 inline __m512i pair_broadcast(const uint16_t* p) {
 }
 
 // The panel kernels below stream each panel once (a decode step's weights come from memory) and ask for the lines
-// kPanelPrefetch bytes ahead of the ones they load (_MM_HINT_T0; past a panel's end that is the next panel, the
-// thread's next under schedule(static); a prefetch never faults). On an Intel Xeon (2026-11-27, 2 threads) a
-// vdpbf16ps gemv over the 335 MB LM head went from 22 to 30-31 GB/s with it, and a plain sequential read from 27.6
-// to 31.6 (a core's own misses in flight are what its stream is bound by there; the hardware prefetchers ask for
-// fewer lines ahead). 1-3 KB ahead measured alike; 4 KB and more less. Beside it the lines kPanelFar ahead are asked
-// into L2 (_MM_HINT_T1), which holds more requests in flight than L1's fill buffers: alternated builds on the Xeon
-// (2026-11-28, real 270M bf16 decode at context 128, fraction of the bandwidth bound as bench:isa computes it) amx
-// 0.87-0.90 -> 0.89-0.94 (53-54 -> 56-58 tok/s), avx512 0.87 -> 0.91, avx2 0.83-0.85 -> 0.84-0.85; 3 KB measured
-// between, 5-6 KB less than none.
-constexpr int64_t kPanelPrefetch = 2048;
-constexpr int64_t kPanelFar = 4096;
-inline void prefetch_ahead(const uint16_t* p, int lines) {
-  const char* c = reinterpret_cast<const char*>(p) + kPanelPrefetch;
-  for (int l = 0; l < lines; ++l) _mm_prefetch(c + 64 * l, _MM_HINT_T0);
-  if constexpr (kPanelFar > 0) {
-    const char* f = reinterpret_cast<const char*>(p) + kPanelFar;
-    for (int l = 0; l < lines; ++l) _mm_prefetch(f + 64 * l, _MM_HINT_T1);
-  }
-}
-
+// ahead of the ones they load (prefetch_stream, ops/prefetch.h; past a panel's end that is the next panel, the
+// thread's next under schedule(static)). On an Intel Xeon (2026-11-27, 2 threads) a vdpbf16ps gemv over the 335 MB
+// LM head went from 22 to 30-31 GB/s with the lines 2 KB ahead into L1 (1-3 KB measured alike; 4 KB and more less).
+// The lines 4 KB ahead into L2 beside it, alternated builds on the Xeon (2026-11-28, real 270M bf16 decode at context
+// 128, fraction of the bandwidth bound as bench:isa computes it): amx 0.87-0.90 -> 0.89-0.94 (53-54 -> 56-58 tok/s),
+// avx512 0.87 -> 0.91, avx2 0.83-0.85 -> 0.84-0.85; 3 KB measured between, 5-6 KB less than none.
 // One 64-column panel ([K/2][64][2] contiguous) against MB activation rows: 4 x MB accumulators of 16 columns. Every
 // MB sums in the same order, so a row's outputs do not depend on the rows beside it (continuous batching's rows are
 // bit-equal to each alone: tests/test_continuous_batching.py). On the Xeon, one row with two accumulator sets (8
@@ -62,7 +49,7 @@ GL_BF16 void panel64(const uint16_t* wp, int64_t K, const uint16_t* x, int64_t K
   const int64_t KP = K / 2;
   for (int64_t kp = 0; kp < KP; ++kp) {
     const uint16_t* wv = wp + kp * 128;
-    prefetch_ahead(wv, 4);
+    prefetch_stream(wv, 4);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wv), w1 = (__m512bh)_mm512_loadu_si512(wv + 32),
                    w2 = (__m512bh)_mm512_loadu_si512(wv + 64), w3 = (__m512bh)_mm512_loadu_si512(wv + 96);
     for (int m = 0; m < MB; ++m) {
@@ -159,7 +146,7 @@ GL_AVX512 void panel64_w512(const uint16_t* wp, int64_t K, const float* x, int64
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   const int64_t KP = K / 2;
   for (int64_t kp = 0; kp < KP; ++kp) {
-    prefetch_ahead(wp + kp * 128, 4);
+    prefetch_stream(wp + kp * 128, 4);
     __m512 we[4], wo[4];
     for (int j = 0; j < 4; ++j) {
       const __m512i v = _mm512_loadu_si512(wp + kp * 128 + 32 * j);
@@ -190,7 +177,7 @@ GL_AVX512 void half_panel_w512(const uint16_t* wp, int64_t K, int h, bool pf, co
   const int64_t KP = K / 2;
   const uint16_t* wh = wp + 64 * h;
   for (int64_t kp = 0; kp < KP; ++kp) {
-    if (pf) prefetch_ahead(wp + kp * 128, 4);
+    if (pf) prefetch_stream(wp + kp * 128, 4);
     const __m512i v0 = _mm512_loadu_si512(wh + kp * 128), v1 = _mm512_loadu_si512(wh + kp * 128 + 32);
     const __m512 we0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16)), wo0 = _mm512_castsi512_ps(_mm512_and_si512(v0, hi));
     const __m512 we1 = _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16)), wo1 = _mm512_castsi512_ps(_mm512_and_si512(v1, hi));
@@ -242,7 +229,7 @@ void panel_w256(const uint16_t* wp, int64_t K, int c0, const float* x, int64_t l
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   const int64_t KP = K / 2;
   for (int64_t kp = 0; kp < KP; ++kp) {
-    if (c0 == 0) prefetch_ahead(wp + kp * 128, 4);  // the first pass over the panel (the others find it in L2)
+    if (c0 == 0) prefetch_stream(wp + kp * 128, 4);  // the first pass over the panel (the others find it in L2)
     const uint16_t* wv = wp + kp * 128 + 2 * c0;
     for (int v = 0; v < NV; ++v) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wv + 16 * v));

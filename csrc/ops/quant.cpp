@@ -1,5 +1,6 @@
 #include "ops/quant.h"
 #include "ops/pages.h"
+#include "ops/prefetch.h"
 #include "ops/cpu.h"
 #include "ops/row_groups.h"
 #include "ops/steal.h"
@@ -275,33 +276,20 @@ GL_VNNI inline __m512i block_w512(const uint8_t* tile, int64_t b, int g) {
   }
 }
 
-// The first pass over a tile (its first group of rows) asks for the weight lines kQuantPrefetch bytes ahead of each
-// block it reads (_MM_HINT_T0; tiles are contiguous, so past a tile's end that is the next tile, the thread's next
-// under schedule(static); a prefetch never faults). The same distance as the bf16 panels (ops/gemv_bf16.cpp). On an
-// Intel Xeon (2026-11-27, real 270M int8 decode at context 128, 2 threads), against asking for the same block of the
-// next tile (a whole tile ahead, 10-40 KB), it took AVX-512 VNNI from 72-75 to 79-84 tok/s and AVX2 from 62-64 to
-// 72, and left AVX-VNNI where it was (69-72); 4 KB ahead gave 73, and asking for the scales' lines too 77-79. int4
-// (2 KB = 8 blocks ahead): 96-98 -> 103-105 tok/s on AVX-512 VNNI, 78-81 -> 88-92 on AVX2.
-constexpr int64_t kQuantPrefetch = 2048;
-// Beside it, the lines kQuantFar ahead are asked into L2 (_MM_HINT_T1), as the bf16 panels do (kPanelFar): a core
-// holds few L1 misses in flight (its fill buffers; a profile of int8 decode had most of the kernel's samples on the
-// T0 prefetches waiting for one), and the L2 requests keep more of the stream coming. Alternated builds on the Xeon
-// (2026-11-28, real 270M int8 decode at context 128, fraction of the bandwidth bound as bench:isa computes it):
-// amx 0.77-0.81 -> 0.82-0.87 (86-89 -> 87-96 tok/s), avx512 0.76-0.79 -> 0.81, avx2_vnni 0.81 -> 0.85-0.86, avx2
-// 0.77-0.79 -> 0.81-0.82; int4 on amx 0.77 -> 0.79-0.82. 3 and 5-6 KB measured alike or less, 8 KB as none.
-constexpr int64_t kQuantFar = 4096;
-// Block b's lines kQuantPrefetch ahead into L1 and kQuantFar ahead into L2 (BITS lines of 64 bytes: a block's).
-template <int BITS>
-inline void prefetch_block(const uint8_t* next, int64_t b) {
-  const char* p = reinterpret_cast<const char*>(next + b * 64 * BITS);
-  for (int l = 0; l < BITS; ++l) _mm_prefetch(p + l * 64, _MM_HINT_T0);
-  if constexpr (kQuantFar > 0)
-    for (int l = 0; l < BITS; ++l) _mm_prefetch(p + (kQuantFar - kQuantPrefetch) + l * 64, _MM_HINT_T1);
-}
+// The first pass over a tile (its first group of rows) asks for the weight lines ahead of each block it reads
+// (prefetch_stream, ops/prefetch.h: tiles are contiguous, so past a tile's end that is the next tile, the thread's
+// next in its share). On an Intel Xeon (2026-11-27, real 270M int8 decode at context 128, 2 threads), 2 KB ahead into
+// L1 against asking for the same block of the next tile (a whole tile ahead, 10-40 KB) took AVX-512 VNNI from 72-75
+// to 79-84 tok/s and AVX2 from 62-64 to 72, and left AVX-VNNI where it was (69-72); 4 KB ahead gave 73, and asking
+// for the scales' lines too 77-79. int4 (2 KB = 8 blocks ahead): 96-98 -> 103-105 tok/s on AVX-512 VNNI, 78-81 ->
+// 88-92 on AVX2. The lines 4 KB ahead into L2 beside it, alternated builds on the Xeon (2026-11-28, fraction of the
+// bandwidth bound as bench:isa computes it): amx 0.77-0.81 -> 0.82-0.87 (86-89 -> 87-96 tok/s), avx512 0.76-0.79 ->
+// 0.81, avx2_vnni 0.81 -> 0.85-0.86, avx2 0.77-0.79 -> 0.81-0.82; int4 on amx 0.77 -> 0.79-0.82. 3 and 5-6 KB
+// measured alike or less, 8 KB as none; the scales' lines too (4-16 blocks ahead, T0 or T1) no better.
 
-// What every ISA's tile kernel reads for tile t and the activation rows from m0: the tile's weights and scales, the
-// address to prefetch from (next: kQuantPrefetch past the tile's start, null after the first pass), the rows' int8
-// values, offset corrections and scales.
+// What every ISA's tile kernel reads for tile t and the activation rows from m0: the tile's weights and scales, where
+// to prefetch from (next: the tile's start on the first pass, block b's lines from next + b * 64 * BITS; null after
+// it), the rows' int8 values, offset corrections and scales.
 struct TileOperands {
   int64_t K, nb;
   const uint8_t* tile;
@@ -317,7 +305,7 @@ inline TileOperands tile_operands(const QuantWeights& w, const XQ& xq, int64_t t
   const int64_t K = w.K, nb = K / 32;
   const uint8_t* tile = w.q.data() + t * kQuantTile * K * BITS / 8;
   const bool ahead = m0 == 0;
-  return {K, nb, tile, w.d.data() + t * nb * kQuantTile, ahead, ahead ? tile + kQuantPrefetch : nullptr,
+  return {K, nb, tile, w.d.data() + t * nb * kQuantTile, ahead, ahead ? tile : nullptr,
           xq.q.data() + m0 * K, xq.corr.data() + m0 * nb, xq.dx.data() + m0 * nb};
 }
 
@@ -330,7 +318,7 @@ GL_VNNI void tile_vnni512(const QuantWeights& w, const XQ& xq, int64_t t, int64_
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    if (ahead) prefetch_block<BITS>(next, b);
+    if (ahead) prefetch_stream(next + b * 64 * BITS, BITS);
     __m512i s[MB][C];
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
@@ -391,7 +379,7 @@ __attribute__((target("avxvnni"))) void tile_avxvnni(const QuantWeights& w, cons
   if constexpr (MB == 1) {  // one row: both halves in one pass (see tile_avx2)
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nb; ++b) {
-      if (ahead) prefetch_block<BITS>(next, b);
+      if (ahead) prefetch_stream(next + b * 64 * BITS, BITS);
       __m256i s[2][C];
       for (int h = 0; h < 2; ++h) {
         s[h][0] = _mm256_set1_epi32(corr[b]);
@@ -422,7 +410,7 @@ __attribute__((target("avxvnni"))) void tile_avxvnni(const QuantWeights& w, cons
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      if (ahead && h == 0) prefetch_block<BITS>(next, b);  // both halves read the same cache lines
+      if (ahead && h == 0) prefetch_stream(next + b * 64 * BITS, BITS);  // both halves read the same cache lines
       __m256i s[MB][C];
 #pragma GCC unroll 8
       for (int i = 0; i < MB; ++i) {
@@ -467,7 +455,7 @@ __attribute__((noinline)) void tile_avx2(const QuantWeights& w, const XQ& xq, in
     // Xeon (2 threads, 2026-11-27): 79.4-80.5 -> 83.1-84.1 tok/s forced to avx2, 83.8-85.1 -> 86.2-86.8 on avx2_vnni.
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nb; ++b) {
-      if (ahead) prefetch_block<BITS>(next, b);
+      if (ahead) prefetch_stream(next + b * 64 * BITS, BITS);
       __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
 #pragma GCC unroll 2
       for (int g = 0; g < 8; ++g) {
@@ -500,7 +488,7 @@ __attribute__((noinline)) void tile_avx2(const QuantWeights& w, const XQ& xq, in
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      if (ahead && h == 0) prefetch_block<BITS>(next, b);
+      if (ahead && h == 0) prefetch_stream(next + b * 64 * BITS, BITS);
       __m256i s[MB];  // int8: int32 lanes; int4: int16 pairs until the end of the block
 #pragma GCC unroll 8
       for (int i = 0; i < MB; ++i) s[i] = _mm256_setzero_si256();

@@ -33,7 +33,11 @@ def cpuinfo_field(name):
 
 # Prefill-sized bf16 matmuls in class avx512_bf16: oneDNN's AVX512_BF16 brgemm, except on an Intel core, where
 # vdpbf16ps runs at half the f32 FMA rate and the AVX-512 widening kernel takes them (cpu.h, bf16_large_m_widened).
-BF16_512 = "avx512_widen" if cpuinfo_field("vendor_id") == "GenuineIntel" else "onednn_avx512_bf16"
+INTEL = cpuinfo_field("vendor_id") == "GenuineIntel"
+BF16_512 = "avx512_widen" if INTEL else "onednn_avx512_bf16"
+# A bf16 model's decode attention in classes avx512_bf16 and amx: vdpbf16ps, but for Intel's half-rate one the
+# avx512 class's kernels (cpu.h, attention_decode_vdpbf16ps).
+DECODE_ATT = "avx512" if INTEL else "vdpbf16ps"
 # The path each op family takes in each class (csrc/ops/cpu.h).
 PATHS = {
     "avx2": {"bf16_matmul": "avx2_widen", "bf16_lm_head": "avx2_widen", "decode_bf16": "avx2_widen", "int8": "avx2_maddubs",
@@ -45,11 +49,11 @@ PATHS = {
                "int8_prefill": "vnni512", "attention": "tiled_avx512", "attention_decode_bf16": "avx512",
                "elementwise": "avx512"},
     "avx512_bf16": {"bf16_matmul": BF16_512, "bf16_lm_head": BF16_512, "decode_bf16": "vdpbf16ps", "int8": "vnni512",
-                    "int8_prefill": "vnni512", "attention": "tiled_avx512", "attention_decode_bf16": "vdpbf16ps",
+                    "int8_prefill": "vnni512", "attention": "tiled_avx512", "attention_decode_bf16": DECODE_ATT,
                     "elementwise": "avx512"},
     "amx": {"bf16_matmul": "onednn_amx", "bf16_lm_head": "onednn_amx", "decode_bf16": "vdpbf16ps", "int8": "vnni512",
             "int8_prefill": "dequant_bf16_onednn_amx", "attention": "tiled_avx512", "attention_bf16_prefill": "onednn_amx",
-            "attention_decode_bf16": "vdpbf16ps", "elementwise": "avx512"},
+            "attention_decode_bf16": DECODE_ATT, "elementwise": "avx512"},
 }
 
 

@@ -217,8 +217,10 @@ def test_attention_decode_against_numpy(H, KV, Hd, T, past, window, softcap, cac
     """A decode step (csrc/ops/attention_decode.cpp): T <= 4 new positions over a KV cache of `past` (f32, or bf16 as
     a bf16 model keeps it; a ring of `window` slots that has wrapped on a sliding layer), keys split in chunks across
     the threads and merged. Head dims 256 / 128 / 64 take the AVX-512 kernels where the class has them (f32 FMAs, or
-    vdpbf16ps for the bf16 model; 4 query rows per KV head at once, then the rest), 96 and 32 (and every head dim on
-    an AVX2 class) the AVX2 kernels, 20 (not a multiple of 32) the portable loops."""
+    vdpbf16ps for the bf16 model where the CPU chooses it; 4 query rows per KV head at once, then the rest), 96 and 32
+    (and every head dim on an AVX2 class) the AVX2 kernels, 20 (not a multiple of 32) the portable loops. Where the
+    class has AVX512_BF16 but the CPU chooses the f32 kernels (Intel: cpu.h, attention_decode_vdpbf16ps), the bf16
+    model's step also runs forced to the vdpbf16ps kernels, so they are tested on every CPU that has them."""
     B = 2
     q = rng.standard_normal((B, T, H, Hd)).astype(np.float32)
     k = rng.standard_normal((B, past + T, KV, Hd)).astype(np.float32)
@@ -226,11 +228,13 @@ def test_attention_decode_against_numpy(H, KV, Hd, T, past, window, softcap, cac
     if cache == "bfloat16":  # a bf16 model's k and v are bf16 values (the cache's rows and the step's own alike)
         k, v = bf16(k), bf16(v)
     out = ops.attention(q, k, v, window, 0.2, softcap, bf16=cache == "bfloat16", past=past)
-    ref = attention_past_ref(q, k, v, past, window, 0.2, softcap)
-    dp = cache == "bfloat16" and Hd % 64 == 0 and gemmalens.cpu_info()["attention_decode_bf16"] == "vdpbf16ps"
+    info = gemmalens.cpu_info()
+    dp = cache == "bfloat16" and Hd % 64 == 0 and info["attention_decode_bf16"] == "vdpbf16ps"
     if not dp:  # f32 products of the rows as stored: the reference to summation order
-        np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5)
-        return
+        np.testing.assert_allclose(out, attention_past_ref(q, k, v, past, window, 0.2, softcap), rtol=0, atol=2e-5)
+        if cache == "float32" or Hd % 64 != 0 or info["class"] not in ("avx512_bf16", "amx"):
+            return
+        out = ops.attention(q, k, v, window, 0.2, softcap, bf16=True, past=past, decode_kernel="vdpbf16ps")
     # vdpbf16ps: q and the probabilities rounded to bf16, as HF's bf16 attention rounds them. Against the reference
     # with that rounding (q in bf16, the normalised probabilities in bf16) the kernel differs only in where it
     # rounds the probabilities (unnormalised, against the running max of its block of keys: the same relative step,
@@ -240,6 +244,29 @@ def test_attention_decode_against_numpy(H, KV, Hd, T, past, window, softcap, cac
     ref_bf = attention_past_ref(bf16(q), k, v, past, window, 0.2, softcap, round_p=True)
     assert np.abs(out - ref_bf).max() <= 6e-3 * np.abs(ref_bf).max()
     assert np.abs(out - ref_bf).mean() <= 4e-3 * np.abs(ref_bf).mean()
+
+
+def test_attention_decode_kernel_choice():
+    """_testing.attention's decode_kernel: "vdpbf16ps" takes those kernels where the class has AVX512_BF16 (and
+    refuses where it has not), "auto" the CPU's choice; a float32 model's step is the same either way."""
+    q = rng.standard_normal((1, 1, 4, 256)).astype(np.float32)
+    kv = bf16(rng.standard_normal((1, 300, 1, 256)).astype(np.float32))
+    with pytest.raises(ValueError, match="decode_kernel is 'auto' or 'vdpbf16ps'"):
+        ops.attention(q, kv, kv, 0, 0.1, 0.0, bf16=True, past=299, decode_kernel="amx")
+    info = gemmalens.cpu_info()
+    f32_auto = ops.attention(q, kv, kv, 0, 0.1, 0.0, past=299)
+    if info["class"] not in ("avx512_bf16", "amx"):
+        with pytest.raises(ValueError, match="needs the avx512_bf16 or amx class"):
+            ops.attention(q, kv, kv, 0, 0.1, 0.0, bf16=True, past=299, decode_kernel="vdpbf16ps")
+        return
+    forced = ops.attention(q, kv, kv, 0, 0.1, 0.0, bf16=True, past=299, decode_kernel="vdpbf16ps")
+    auto = ops.attention(q, kv, kv, 0, 0.1, 0.0, bf16=True, past=299)
+    # The f32 kernels differ from the f32 model's step by summation order only (~4e-7 of the scale: the bf16 cache's
+    # rows are widened in another order); vdpbf16ps rounds q and the probabilities to bf16 (~2.5e-3).
+    err = lambda out: np.abs(out - f32_auto).max() / np.abs(f32_auto).max()  # noqa: E731
+    assert 3e-4 < err(forced) < 1e-2
+    assert (err(auto) < 1e-5) == (info["attention_decode_bf16"] != "vdpbf16ps")
+    np.testing.assert_array_equal(ops.attention(q, kv, kv, 0, 0.1, 0.0, past=299, decode_kernel="vdpbf16ps"), f32_auto)
 
 
 def test_attention_with_a_past_refuses_bad_shapes():

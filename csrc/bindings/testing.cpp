@@ -14,6 +14,7 @@
 
 #include "bindings/bindings.h"
 #include "ops/attention.h"
+#include "ops/cpu.h"
 #include "ops/kernels.h"
 #include "ops/linear.h"
 #include "ops/pages.h"
@@ -154,11 +155,19 @@ void bind_testing(py::module_& m) {
      "FLOP/s of x [M, K] @ W^T [K, N] through the model's Linear (best of reps); weights native, int8 or int4; plain: "
      "the tied embedding's Linear (the LM head: bf16 in 64-row panels where N % 64 == 0 and K % 32 == 0, else "
      "row-major).");
-  t.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int64_t window, float scale, float softcap, bool bf16, int64_t past) {
+  t.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int64_t window, float scale, float softcap, bool bf16, int64_t past,
+                        const std::string& decode_kernel) {
     // q [B, T, H, Hd] for positions past .. past + T - 1; k/v [B, past + T, KV, Hd]: the first `past` positions go
     // to a KV cache (bf16 for a bf16 model, else f32; a ring of `window` slots on a sliding layer, so it wraps once
     // past > window), the last T are the pass's own. past = 0: no cache (prefill; the oneDNN bf16 path where oneDNN
-    // runs bf16 on AMX); a few new positions over a long past: the decode kernel.
+    // runs bf16 on AMX); a few new positions over a long past: the decode kernel. decode_kernel "vdpbf16ps": a bf16
+    // model's decode step takes the vdpbf16ps kernels wherever the class has AVX512_BF16, even where the CPU's
+    // choice is another (ops/cpu.h, attention_decode_vdpbf16ps); "auto": the CPU's choice.
+    if (decode_kernel != "auto" && decode_kernel != "vdpbf16ps")
+      throw ValueError("attention: decode_kernel is 'auto' or 'vdpbf16ps', got '" + decode_kernel + "'");
+    if (decode_kernel == "vdpbf16ps" && ops::cpu_class() < ops::CpuClass::Avx512Bf16)
+      throw ValueError("attention: decode_kernel 'vdpbf16ps' needs the avx512_bf16 or amx class, this process runs " +
+                       std::string(ops::cpu_class_name(ops::cpu_class())));
     if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) throw ValueError("attention: q [B, T, H, Hd], k/v [B, past + T, KV, Hd]");
     if (past < 0) throw ValueError("attention: past >= 0");
     ops::AttentionArgs a;
@@ -200,11 +209,12 @@ void bind_testing(py::module_& m) {
     a.q = q.data(); a.k_new = kn.data(); a.v_new = vn.data(); a.past = past;
     a.window = window; a.scale = scale; a.softcap = softcap; a.z = z.mutable_data();
     if (bf16) a.compute = DType::BF16;
+    if (decode_kernel == "vdpbf16ps") a.decode_kernel = ops::DecodeKernelChoice::Vdpbf16ps;
     py::gil_scoped_release r;
     ops::attention(a);
     return z;
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("bf16") = false,
-     py::arg("past") = 0);
+     py::arg("past") = 0, py::arg("decode_kernel") = "auto");
   t.def("attention_seconds", [](int T, int64_t past, int H, int KV, int Hd, int64_t window, const std::string& dtype, int reps) {
     // Seconds of one attention call (median of reps, after a warm-up) as a layer of a model in `dtype` makes it:
     // T new positions after `past` cached ones (batch 1), a bf16 cache for a bf16 model, the cache a ring of

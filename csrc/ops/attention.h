@@ -37,6 +37,10 @@ struct KVRing {
 // past + T - 1); `cache` holds slots before `past` (empty when past == 0); row_start [B]: first real slot of each
 // row (left padding), null for none. scores = q.k * scale (then softcap if > 0), softmax in f32,
 // z [B, T, H, Hd] = sum p_j v_j. Query rows with no visible key (padding) get z = 0.
+// Which kernels a bf16 model's decode step takes (attention_decode_path): the CPU's choice, or the vdpbf16ps ones
+// wherever the class has AVX512_BF16 (_testing.attention: the tests run that kernel on a CPU that chooses another).
+enum class DecodeKernelChoice { Auto, Vdpbf16ps };
+
 struct AttentionArgs {
   int B = 0, T = 0, H = 0, KV = 0, Hd = 0;
   const float* q = nullptr;
@@ -50,6 +54,7 @@ struct AttentionArgs {
   float softcap = 0.f;
   float* z = nullptr;
   DType compute = DType::F32;  // the model's dtype: bf16 models may round q, k, v and probabilities to bf16
+  DecodeKernelChoice decode_kernel = DecodeKernelChoice::Auto;
 };
 
 // The key slots query slot i of row b sees: [lo, hi] with hi = i; empty (lo > hi) for a padding query.
@@ -88,7 +93,8 @@ inline KVRow key_row(const AttentionArgs& a, int b, int kvh, int64_t j) { return
 inline KVRow value_row(const AttentionArgs& a, int b, int kvh, int64_t j) { return kv_row(a, true, b, kvh, j); }
 
 // The kernels a decode step (attention_decode_splitk) takes: vdpbf16ps for a bf16 model over a bf16 cache where
-// the class has it (AVX512_BF16, AMX; q and the probabilities rounded to bf16, as the model's dtype allows), AVX-512
+// the class has it and it is fast (attention_decode_vdpbf16ps(): AVX512_BF16 or AMX, not on Intel; q and the
+// probabilities rounded to bf16, as the model's dtype allows), AVX-512
 // f32 FMAs (the cache's bf16 rows widened) for the rest with Hd % 64 == 0 on AVX-512, else AVX2 FMAs (Hd % 32 == 0;
 // loops at the build's AVX2 baseline for any other). gl.cpu_info()["attention_decode_bf16"] names the first that a
 // bf16 model gets in the active class.

@@ -1,6 +1,6 @@
 // Decode attention: a few query positions (T <= 4) over many keys, the one attention a long-context decode step
-// runs. The function of attention_reference; only the summation order differs (and, for a bf16 model on a class with
-// vdpbf16ps, the rounding of q and the probabilities to bf16: see the vdpbf16ps kernels).
+// runs. The function of attention_reference; only the summation order differs (and, for a bf16 model where the
+// vdpbf16ps kernels run, the rounding of q and the probabilities to bf16: see them).
 //
 // Flash-decoding: the keys each (row, KV head) sees, [first, S), are split in chunks that run in parallel; each
 // chunk walks its keys in blocks of NB with the online-softmax recurrence and leaves partials (max, sum,
@@ -204,7 +204,7 @@ GL_AVX512 void pv_avx512(const float* P, const float* corr, int rows, const KVRo
   });
 }
 
-// --- bf16 models on AVX512_BF16 (and AMX): vdpbf16ps ---
+// --- bf16 models on AVX512_BF16 (and AMX) but for Intel's (cpu.h, attention_decode_vdpbf16ps): vdpbf16ps ---
 // A bf16 model's attention may round q and the probabilities to bf16 (AttentionArgs::compute; as the AMX prefill
 // path does, and as HF's bf16 attention does: q, k, v in bf16, the softmax's output cast to bf16 before P V). Then
 // both products run as vdpbf16ps, which multiplies bf16 pairs exactly and sums them in f32: half the instructions of
@@ -480,8 +480,9 @@ void block_rows(const AttentionArgs& a, int b, int kvh, int64_t j0, int n, KVRow
 
 AttentionDecodePath attention_decode_path(const AttentionArgs& a) {
   if (!use_avx512() || a.Hd % 64 != 0) return AttentionDecodePath::Portable;
-  if (a.compute == DType::BF16 && a.past > 0 && a.cache.dtype == DType::BF16 && cpu_class() >= CpuClass::Avx512Bf16)
-    return AttentionDecodePath::Vdpbf16ps;
+  const bool dp = a.decode_kernel == DecodeKernelChoice::Vdpbf16ps ? cpu_class() >= CpuClass::Avx512Bf16
+                                                                    : attention_decode_vdpbf16ps();
+  if (a.compute == DType::BF16 && a.past > 0 && a.cache.dtype == DType::BF16 && dp) return AttentionDecodePath::Vdpbf16ps;
   return AttentionDecodePath::Avx512;
 }
 

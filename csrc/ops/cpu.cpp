@@ -100,7 +100,7 @@ std::vector<std::pair<std::string, std::string>> cpu_paths() {
       {"int4", quant},
       {"int8_prefill", quant_dequant_min_m() > 512 ? quant : "dequant_bf16_onednn_amx"},
       {"attention", tiled},
-      {"attention_decode_bf16", c >= CpuClass::Avx512Bf16 ? "vdpbf16ps" : use_avx512() ? "avx512" : "avx2"},
+      {"attention_decode_bf16", attention_decode_vdpbf16ps() ? "vdpbf16ps" : use_avx512() ? "avx512" : "avx2"},
       {"attention_bf16_prefill", use_amx() ? "onednn_amx" : tiled},
       {"f32_matmul", "onednn"},
       {"elementwise", use_avx512() ? "avx512" : "avx2"},

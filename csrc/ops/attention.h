@@ -33,14 +33,14 @@ struct KVRing {
   }
 };
 
-// q [B, T, H, Hd] (after q_norm + RoPE), k_new / v_new [B, T, KV, Hd] for the T new positions (slots past ..
-// past + T - 1); `cache` holds slots before `past` (empty when past == 0); row_start [B]: first real slot of each
-// row (left padding), null for none. scores = q.k * scale (then softcap if > 0), softmax in f32,
-// z [B, T, H, Hd] = sum p_j v_j. Query rows with no visible key (padding) get z = 0.
 // Which kernels a bf16 model's decode step takes (attention_decode_path): the CPU's choice, or the vdpbf16ps ones
 // wherever the class has AVX512_BF16 (_testing.attention: the tests run that kernel on a CPU that chooses another).
 enum class DecodeKernelChoice { Auto, Vdpbf16ps };
 
+// q [B, T, H, Hd] (after q_norm + RoPE), k_new / v_new [B, T, KV, Hd] for the T new positions (slots past ..
+// past + T - 1); `cache` holds slots before `past` (empty when past == 0); row_start [B]: first real slot of each
+// row (left padding), null for none. scores = q.k * scale (then softcap if > 0), softmax in f32,
+// z [B, T, H, Hd] = sum p_j v_j. Query rows with no visible key (padding) get z = 0.
 struct AttentionArgs {
   int B = 0, T = 0, H = 0, KV = 0, Hd = 0;
   const float* q = nullptr;

@@ -74,7 +74,7 @@ inline Bf16GemvPath bf16_gemv_path() {
 // except on Intel, where it runs at half the f32 FMA rate (a dependency-free loop of 12 accumulators on one core of
 // an Intel Xeon with AMX, 2026-11-28: 1.9 G vdpbf16ps/s against 7.6 G 512-bit FMAs/s, ~0.5 against 2 per cycle)
 // and the avx512 class's kernels, which widen the cache's bf16 rows for f32 FMAs, read the cache faster: there,
-// `_core._testing.attention_seconds(1, 262144, 4, 1, 256, 0, "bfloat16")` (a 256 MB cache, 2 threads) 23.8-24.3
+// `_core._testing.attention_seconds(1, 262144, 4, 1, 256, 0, "bfloat16")` (a 256 MB cache, 2 threads) 23.5-24.3
 // against 24.6-26.0 GB/s, 35-37 against 36-41 with the cache in L2 / L3; the int8 270M at context 32768, six
 // alternated pairs of builds: +1% on average (-1.7% to +2.9%), bf16 the same. They keep q and the probabilities in f32.
 inline bool attention_decode_vdpbf16ps() { return cpu_class() >= CpuClass::Avx512Bf16 && !cpu_state().intel; }

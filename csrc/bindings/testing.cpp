@@ -167,7 +167,7 @@ void bind_testing(py::module_& m) {
       throw ValueError("attention: decode_kernel is 'auto' or 'vdpbf16ps', got '" + decode_kernel + "'");
     if (decode_kernel == "vdpbf16ps" && ops::cpu_class() < ops::CpuClass::Avx512Bf16)
       throw ValueError("attention: decode_kernel 'vdpbf16ps' needs the avx512_bf16 or amx class, this process runs " +
-                       std::string(ops::cpu_class_name(ops::cpu_class())));
+                       std::string(ops::cpu_class_name(ops::cpu_class())) + "; pass decode_kernel='auto'");
     if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) throw ValueError("attention: q [B, T, H, Hd], k/v [B, past + T, KV, Hd]");
     if (past < 0) throw ValueError("attention: past >= 0");
     ops::AttentionArgs a;

@@ -29,7 +29,7 @@ struct CpuState {
   std::string cap;                     // GEMMALENS_MAX_ISA as given ("" when unset)
   std::string onednn_isa;              // oneDNN's effective ISA once capped ("avx512_core_bf16", ...)
   bool onednn_user_cap = false;        // ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA was set: the user's cap on oneDNN stands
-  bool intel = false;                  // CPUID vendor GenuineIntel (bf16_large_m_widened())
+  bool intel = false;                  // CPUID vendor GenuineIntel (vdpbf16ps_half_rate())
 };
 
 // Decided once, on the first call (before oneDNN's first primitive: linear_dnnl.cpp's engine asks for it first):
@@ -55,6 +55,11 @@ enum class Bf16MatmulPath { OneDnn, WidenedF32 };
 inline Bf16MatmulPath bf16_matmul_path() {
   return cpu_class() >= CpuClass::Avx512Bf16 ? Bf16MatmulPath::OneDnn : Bf16MatmulPath::WidenedF32;
 }
+// vdpbf16ps (32 bf16 multiply-adds) issues at a quarter of the rate of a 512-bit f32 FMA (16) on Intel cores, so it
+// computes at half their rate: a dependency-free loop of 12 accumulators on one core of an Intel Xeon with AMX
+// (2026-11-28) ran 1.9 G vdpbf16ps/s against 7.6 G FMAs/s (~0.5 against 2 per cycle). On AMD Zen 5 it runs at twice
+// the f32 rate. The rules below that keep f32 FMAs where vdpbf16ps would run read this.
+inline bool vdpbf16ps_half_rate() { return cpu_state().intel; }
 // Class avx512_bf16, bf16 weights in the blocked layout, more rows than bf16_own_max_m(): oneDNN's AVX512_BF16
 // brgemm where vdpbf16ps outruns f32 FMAs -- an AMD Zen 5 ran it at 2x its f32 rate (README, "Matmul rates per
 // class") -- but on an Intel core (Cooper Lake; a Sapphire Rapids or later whose OS or hypervisor withholds AMX) it
@@ -62,7 +67,7 @@ inline Bf16MatmulPath bf16_matmul_path() {
 // in L1 reached 119 GFLOP/s on one core against 204 for the same tile of f32 FMAs), so there those calls take the
 // avx512 class's widening kernel (gemm_widen_blocked64): real 270M bf16 prefill of 512 tokens 953-982 -> 1249-1277
 // tok/s, 0.91-0.93 of f32 (2 threads, 2026-11-27).
-inline bool bf16_large_m_widened() { return cpu_class() == CpuClass::Avx512Bf16 && cpu_state().intel; }
+inline bool bf16_large_m_widened() { return cpu_class() == CpuClass::Avx512Bf16 && vdpbf16ps_half_rate(); }
 // bf16 weights, the kernels of ops/gemv_bf16.cpp: vdpbf16ps, else the pairs widened to f32 for FMAs.
 enum class Bf16GemvPath { Vdpbf16ps, Avx512Widen, Avx2Widen };
 inline Bf16GemvPath bf16_gemv_path() {
@@ -71,13 +76,12 @@ inline Bf16GemvPath bf16_gemv_path() {
                                                                                        : Bf16GemvPath::Avx2Widen;
 }
 // A bf16 model's decode attention over its bf16 cache (ops/attention_decode.cpp): vdpbf16ps where the class has it,
-// except on Intel, where it runs at half the f32 FMA rate (a dependency-free loop of 12 accumulators on one core of
-// an Intel Xeon with AMX, 2026-11-28: 1.9 G vdpbf16ps/s against 7.6 G 512-bit FMAs/s, ~0.5 against 2 per cycle)
-// and the avx512 class's kernels, which widen the cache's bf16 rows for f32 FMAs, read the cache faster: there,
+// except where it runs at half the f32 rate (vdpbf16ps_half_rate: Intel), where the avx512 class's kernels, which
+// widen the cache's bf16 rows for f32 FMAs, read the cache faster: on the Xeon,
 // `_core._testing.attention_seconds(1, 262144, 4, 1, 256, 0, "bfloat16")` (a 256 MB cache, 2 threads) 23.5-24.3
 // against 24.6-26.0 GB/s, 35-37 against 36-41 with the cache in L2 / L3; the int8 270M at context 32768, six
 // alternated pairs of builds: +1% on average (-1.7% to +2.9%), bf16 the same. They keep q and the probabilities in f32.
-inline bool attention_decode_vdpbf16ps() { return cpu_class() >= CpuClass::Avx512Bf16 && !cpu_state().intel; }
+inline bool attention_decode_vdpbf16ps() { return cpu_class() >= CpuClass::Avx512Bf16 && !vdpbf16ps_half_rate(); }
 // int8 / int4 weights against int8 activation blocks (ops/quant.cpp): vpdpbusd on zmm (AVX-512 VNNI) or ymm
 // (AVX-VNNI), else vpmaddubsw + vpmaddwd (AVX2).
 enum class QuantKernelPath { Vnni512, AvxVnni, Avx2Maddubs };

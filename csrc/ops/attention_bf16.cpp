@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "ops/attention.h"
@@ -77,24 +78,31 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
   if (!use_amx() || a.compute != DType::BF16 || (a.past > 0 && a.cache.dtype != DType::BF16)) return false;
   const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd, group = H / KV;
   constexpr int kQB = 256;  // query positions per block: scores [kQB * group, keys] f32
-  std::vector<uint16_t> Qb, Kb, Vb, Pb;
-  std::vector<float> Sc, Zf;
   // The first key any query block of row b sees: keys [J0, past + T) are gathered (and the chunk's own rounded to
   // bf16) once per (row, KV head), not once per query block (at a 32k-token prefill a global layer's 128 blocks
   // each converted up to 32k keys again).
   auto block_lo = [&](int b, int t0) { return std::min(visible_range(a, b, a.past + t0).lo, a.past + t0); };
+  std::vector<int64_t> J0(B, a.past);
+  int64_t SJ_max = 0, S_max = 0;
   for (int b = 0; b < B; ++b) {
-    int64_t J0 = a.past;
-    for (int t0 = 0; t0 < T; t0 += kQB) J0 = std::min(J0, block_lo(b, t0));
-    const int64_t SJ = a.past + T - J0;
-    Kb.resize(static_cast<size_t>(SJ) * Hd);
-    Vb.resize(static_cast<size_t>(SJ) * Hd);
+    for (int t0 = 0; t0 < T; t0 += kQB) J0[b] = std::min(J0[b], block_lo(b, t0));
+    for (int t0 = 0; t0 < T; t0 += kQB) S_max = std::max(S_max, a.past + std::min(T, t0 + kQB) - block_lo(b, t0));
+    SJ_max = std::max(SJ_max, a.past + T - J0[b]);
+  }
+  // Buffers sized once for the call and left uninitialised (every element read is written first): growing vectors
+  // block by block copied the scores (128 MB at 32k keys) and zeroed them, ~5% of a 32k-token prefill.
+  const int64_t rows_max = static_cast<int64_t>(std::min(kQB, T)) * group;
+  const std::unique_ptr<uint16_t[]> Qb(new uint16_t[rows_max * Hd]), Kb(new uint16_t[SJ_max * Hd]),
+      Vb(new uint16_t[SJ_max * Hd]), Pb(new uint16_t[rows_max * S_max]);
+  const std::unique_ptr<float[]> Sc(new float[rows_max * S_max]), Zf(new float[rows_max * Hd]);
+  for (int b = 0; b < B; ++b) {
+    const int64_t SJ = a.past + T - J0[b];
     for (int kvh = 0; kvh < KV; ++kvh) {
 #pragma omp parallel for schedule(static)
       for (int64_t c = 0; c < SJ; ++c) {
-        uint16_t* kd = Kb.data() + c * Hd;
-        uint16_t* vd = Vb.data() + c * Hd;
-        const KVRow k = key_row(a, b, kvh, J0 + c), v = value_row(a, b, kvh, J0 + c);
+        uint16_t* kd = Kb.get() + c * Hd;
+        uint16_t* vd = Vb.get() + c * Hd;
+        const KVRow k = key_row(a, b, kvh, J0[b] + c), v = value_row(a, b, kvh, J0[b] + c);
         if (k.f) {  // this chunk's keys (f32)
           f32_to_bf16_n(k.f, kd, Hd);
           f32_to_bf16_n(v.f, vd, Hd);
@@ -110,28 +118,24 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
         const int nt = std::min(kQB, T - t0), rows = nt * group;
         const int64_t j_lo = block_lo(b, t0), j_hi = a.past + t0 + nt - 1;
         const int64_t S = j_hi - j_lo + 1;
-        const uint16_t* kb = Kb.data() + (j_lo - J0) * Hd;
-        const uint16_t* vb = Vb.data() + (j_lo - J0) * Hd;
-        Qb.resize(static_cast<size_t>(rows) * Hd);
-        Pb.resize(static_cast<size_t>(rows) * S);
-        Sc.resize(static_cast<size_t>(rows) * S);
-        Zf.resize(static_cast<size_t>(rows) * Hd);
+        const uint16_t* kb = Kb.get() + (j_lo - J0[b]) * Hd;
+        const uint16_t* vb = Vb.get() + (j_lo - J0[b]) * Hd;
 #pragma omp parallel for schedule(static)
         for (int r = 0; r < rows; ++r)  // rows in (position, head of the group) order
           f32_to_bf16_n(a.q + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd,
-                        Qb.data() + static_cast<size_t>(r) * Hd, Hd);
-        matmul_bf16(Qb.data(), rows, Hd, kb, S, /*b_nk=*/true, Sc.data(), S);
+                        Qb.get() + static_cast<size_t>(r) * Hd, Hd);
+        matmul_bf16(Qb.get(), rows, Hd, kb, S, /*b_nk=*/true, Sc.get(), S);
         // Scaled (soft-capped), masked, softmaxed and rounded to bf16, a row at a time while it sits in L2.
 #pragma omp parallel for schedule(static)
         for (int r = 0; r < rows; ++r) {
           const SlotRange vis = visible_range(a, b, a.past + t0 + r / group);
-          softmax_row_bf16(Sc.data() + static_cast<size_t>(r) * S, S, vis.lo - j_lo, vis.hi - j_lo, a.scale, a.softcap,
-                           Pb.data() + static_cast<size_t>(r) * S);
+          softmax_row_bf16(Sc.get() + static_cast<size_t>(r) * S, S, vis.lo - j_lo, vis.hi - j_lo, a.scale, a.softcap,
+                           Pb.get() + static_cast<size_t>(r) * S);
         }
-        matmul_bf16(Pb.data(), rows, S, vb, Hd, /*b_nk=*/false, Zf.data(), Hd);
+        matmul_bf16(Pb.get(), rows, S, vb, Hd, /*b_nk=*/false, Zf.get(), Hd);
 #pragma omp parallel for schedule(static)
         for (int r = 0; r < rows; ++r)
-          std::copy_n(Zf.data() + static_cast<size_t>(r) * Hd, Hd,
+          std::copy_n(Zf.get() + static_cast<size_t>(r) * Hd, Hd,
                       a.z + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd);
       }
     }

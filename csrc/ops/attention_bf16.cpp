@@ -1,6 +1,6 @@
 // Prefill attention as two bf16 matmuls per block of queries (QK^T, then PV) with an f32 softmax between them
-// (fused with the scaling, the mask and the rounding of the probabilities, row by row), for CPUs where oneDNN runs
-// bf16 on AMX tiles. The matmuls come from ops/linear.h (oneDNN stays in linear_dnnl.cpp); the visible-key rule and
+// (fused with the scaling, the mask and the rounding of the probabilities, row by row; past 4096 keys, chunks of keys
+// with the online softmax), for CPUs where oneDNN runs bf16 on AMX tiles. The matmuls come from ops/linear.h (oneDNN stays in linear_dnnl.cpp); the visible-key rule and
 // the row lookup from attention.h.
 #include <immintrin.h>
 
@@ -72,12 +72,64 @@ GL_AVX512_BF16 void softmax_row_bf16(float* s, int64_t S, int64_t c_lo, int64_t 
   std::fill(p + c_lo + n, p + S, uint16_t(0));
 }
 
+// The same for one chunk of a longer row, online (the flash-attention recurrence): m_prev the row's running max over
+// the chunks before (-inf: none); returns the new one, m = max(m_prev, max x_c over the visible columns), and writes
+// exp(x_c - m) rounded to bf16 (not normalised: the caller rescales its partial sums by exp(m_prev - m) and divides by
+// the total at the end) and their f32 sum to *sum.
+GL_AVX512_BF16 float softmax_chunk_bf16(float* s, int64_t S, int64_t c_lo, int64_t c_hi, float scale, float softcap,
+                                        float m_prev, float* sum, uint16_t* p) {
+  c_lo = std::max<int64_t>(c_lo, 0);
+  c_hi = std::min<int64_t>(c_hi, S - 1);
+  const int64_t n = std::max<int64_t>(0, c_hi - c_lo + 1);
+  float* x = s + c_lo;
+  __m512 vmx = _mm512_set1_ps(m_prev);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 k = n - c >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - c)) - 1);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + c), sc);
+    if (softcap > 0.f) {  // rare (no released Gemma 3 sets it): scalar
+      alignas(64) float t[16];
+      _mm512_store_ps(t, v);
+      for (int i = 0; i < 16; ++i) t[i] = softcap * tanh_f32(t[i] / softcap);
+      v = _mm512_load_ps(t);
+    }
+    _mm512_mask_storeu_ps(x + c, k, v);
+    vmx = _mm512_mask_max_ps(vmx, k, vmx, v);
+  }
+  const float mx = _mm512_reduce_max_ps(vmx);
+  *sum = 0.f;
+  if (n == 0 || mx == -std::numeric_limits<float>::infinity()) {
+    std::fill(p, p + S, uint16_t(0));
+    return mx;
+  }
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  std::fill(p, p + c_lo, uint16_t(0));
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 k = n - c >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + c), m)));
+    acc = _mm512_add_ps(acc, e);
+    _mm256_mask_storeu_epi16(p + c_lo + c, k, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  std::fill(p + c_lo + n, p + S, uint16_t(0));
+  *sum = _mm512_reduce_add_ps(acc);
+  return mx;
+}
+
 }  // namespace
 
 bool attention_bf16_matmul(const AttentionArgs& a) {
   if (!use_amx() || a.compute != DType::BF16 || (a.past > 0 && a.cache.dtype != DType::BF16)) return false;
   const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd, group = H / KV;
   constexpr int kQB = 256;  // query positions per block: scores [kQB * group, keys] f32
+  // Past kKC keys a block's scores are made and consumed a chunk of kKC keys at a time, with the online softmax
+  // (softmax_chunk_bf16): [1024, 4096] f32 scores (16 MB) instead of [1024, 32768] (128 MB) at a 32k context, which
+  // went through memory between the two matmuls. Blocks of up to kKC keys keep the one-chunk path (the probabilities
+  // normalised before they are rounded to bf16, as HF's bf16 attention does). Measured on the Xeon (2026-11-28,
+  // `_core._testing.attention_seconds(n, 0, 4, 1, 256, 0, "bfloat16", 1)`): a global layer at n = 32768 4594 -> 2838
+  // ms, 16384 1069 -> 760; the 270M's int8 prefill of 32768 tokens 1231 -> 1606 tok/s; chunks of 2048 keys measured
+  // the same or slower (2891-2983 against 2793-2909 ms at 32768).
+  constexpr int64_t kKC = 4096;
   // The first key any query block of row b sees: keys [J0, past + T) are gathered (and the chunk's own rounded to
   // bf16) once per (row, KV head), not once per query block (at a 32k-token prefill a global layer's 128 blocks
   // each converted up to 32k keys again).
@@ -94,8 +146,10 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
   // on the Xeon: 1162 -> 1305 tok/s; 8192 tokens: 2276 -> 2440).
   const int64_t rows_max = static_cast<int64_t>(std::min(kQB, T)) * group;
   const std::unique_ptr<uint16_t[]> Qb(new uint16_t[rows_max * Hd]), Kb(new uint16_t[SJ_max * Hd]),
-      Vb(new uint16_t[SJ_max * Hd]), Pb(new uint16_t[rows_max * S_max]);
-  const std::unique_ptr<float[]> Sc(new float[rows_max * S_max]), Zf(new float[rows_max * Hd]);
+      Vb(new uint16_t[SJ_max * Hd]), Pb(new uint16_t[rows_max * std::min(S_max, kKC)]);
+  const std::unique_ptr<float[]> Sc(new float[rows_max * std::min(S_max, kKC)]), Zf(new float[rows_max * Hd]);
+  const std::unique_ptr<float[]> Za(new float[S_max > kKC ? rows_max * Hd : 0]);  // the chunks' running z
+  std::vector<float> m_run(rows_max), l_run(rows_max), corr(rows_max);
   for (int b = 0; b < B; ++b) {
     const int64_t SJ = a.past + T - J0[b];
     for (int kvh = 0; kvh < KV; ++kvh) {
@@ -125,19 +179,54 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
         for (int r = 0; r < rows; ++r)  // rows in (position, head of the group) order
           f32_to_bf16_n(a.q + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd,
                         Qb.get() + static_cast<size_t>(r) * Hd, Hd);
-        matmul_bf16(Qb.get(), rows, Hd, kb, S, /*b_nk=*/true, Sc.get(), S);
-        // Scaled (soft-capped), masked, softmaxed and rounded to bf16, a row at a time while it sits in L2.
+        if (S <= kKC) {
+          matmul_bf16(Qb.get(), rows, Hd, kb, S, /*b_nk=*/true, Sc.get(), S);
+          // Scaled (soft-capped), masked, softmaxed and rounded to bf16, a row at a time while it sits in L2.
 #pragma omp parallel for schedule(static)
-        for (int r = 0; r < rows; ++r) {
-          const SlotRange vis = visible_range(a, b, a.past + t0 + r / group);
-          softmax_row_bf16(Sc.get() + static_cast<size_t>(r) * S, S, vis.lo - j_lo, vis.hi - j_lo, a.scale, a.softcap,
-                           Pb.get() + static_cast<size_t>(r) * S);
+          for (int r = 0; r < rows; ++r) {
+            const SlotRange vis = visible_range(a, b, a.past + t0 + r / group);
+            softmax_row_bf16(Sc.get() + static_cast<size_t>(r) * S, S, vis.lo - j_lo, vis.hi - j_lo, a.scale, a.softcap,
+                             Pb.get() + static_cast<size_t>(r) * S);
+          }
+          matmul_bf16(Pb.get(), rows, S, vb, Hd, /*b_nk=*/false, Zf.get(), Hd);
+#pragma omp parallel for schedule(static)
+          for (int r = 0; r < rows; ++r)
+            std::copy_n(Zf.get() + static_cast<size_t>(r) * Hd, Hd,
+                        a.z + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd);
+          continue;
         }
-        matmul_bf16(Pb.get(), rows, S, vb, Hd, /*b_nk=*/false, Zf.get(), Hd);
+        std::fill_n(m_run.begin(), rows, -std::numeric_limits<float>::infinity());
+        std::fill_n(l_run.begin(), rows, 0.f);
+        std::fill_n(Za.get(), static_cast<size_t>(rows) * Hd, 0.f);
+        for (int64_t c0 = 0; c0 < S; c0 += kKC) {
+          const int64_t kc = std::min(kKC, S - c0);
+          matmul_bf16(Qb.get(), rows, Hd, kb + c0 * Hd, kc, /*b_nk=*/true, Sc.get(), kc);
 #pragma omp parallel for schedule(static)
-        for (int r = 0; r < rows; ++r)
-          std::copy_n(Zf.get() + static_cast<size_t>(r) * Hd, Hd,
-                      a.z + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd);
+          for (int r = 0; r < rows; ++r) {
+            const SlotRange vis = visible_range(a, b, a.past + t0 + r / group);
+            float sum;
+            const float mx = softmax_chunk_bf16(Sc.get() + static_cast<size_t>(r) * kc, kc, vis.lo - j_lo - c0,
+                                                vis.hi - j_lo - c0, a.scale, a.softcap, m_run[r], &sum,
+                                                Pb.get() + static_cast<size_t>(r) * kc);
+            corr[r] = m_run[r] == -std::numeric_limits<float>::infinity() ? 0.f : exp_f32(m_run[r] - mx);
+            l_run[r] = l_run[r] * corr[r] + sum;
+            m_run[r] = mx;
+          }
+          matmul_bf16(Pb.get(), rows, kc, vb + c0 * Hd, Hd, /*b_nk=*/false, Zf.get(), Hd);
+#pragma omp parallel for schedule(static)
+          for (int r = 0; r < rows; ++r) {
+            float* za = Za.get() + static_cast<size_t>(r) * Hd;
+            const float* zf = Zf.get() + static_cast<size_t>(r) * Hd;
+            for (int d = 0; d < Hd; ++d) za[d] = za[d] * corr[r] + zf[d];
+          }
+        }
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < rows; ++r) {  // padding rows (no visible key): z = 0
+          const float inv = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+          const float* za = Za.get() + static_cast<size_t>(r) * Hd;
+          float* z = a.z + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd;
+          for (int d = 0; d < Hd; ++d) z[d] = za[d] * inv;
+        }
       }
     }
   }

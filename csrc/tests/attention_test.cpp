@@ -181,7 +181,12 @@ TEST(attention_window_skips_outside) {
 TEST(attention_bf16_matmul) {
   const std::vector<Shape> shapes = {Shape(2, 300, 4, 1, 64).sliding(37),  // two 256-query blocks
                                      Shape(1, 80, 8, 2, 32).cached(200, 1024, DType::BF16).capped(2.f, 0.3f),
-                                     Shape(2, 70, 4, 2, 64).cached(100, 48, DType::BF16).sliding(48).padded({0, 120})};
+                                     Shape(2, 70, 4, 2, 64).cached(100, 48, DType::BF16).sliding(48).padded({0, 120}),
+                                     // More than 4096 keys for a block: the chunked online softmax (row 0; row 1, with
+                                     // 150 slots of padding, stays at one chunk), and a window of 4050 that masks part
+                                     // of the first chunk for the later queries
+                                     Shape(2, 100, 4, 1, 64).cached(4100, 4300, DType::BF16).padded({0, 150}),
+                                     Shape(1, 100, 4, 1, 64).cached(5000, 5200, DType::BF16).sliding(4050)};
   for (size_t i = 0; i < shapes.size(); ++i) {
     INFO(shapes[i].describe());
     const Problem p(shapes[i], 80 + static_cast<uint32_t>(i));

@@ -221,8 +221,8 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
           }
         }
 #pragma omp parallel for schedule(static)
-        for (int r = 0; r < rows; ++r) {  // padding rows (no visible key): z = 0
-          const float inv = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+        for (int r = 0; r < rows; ++r) {  // padding rows (no visible key): z = 0 (NaN scores stay NaN)
+          const float inv = l_run[r] == 0.f ? 0.f : 1.f / l_run[r];
           const float* za = Za.get() + static_cast<size_t>(r) * Hd;
           float* z = a.z + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd;
           for (int d = 0; d < Hd; ++d) z[d] = za[d] * inv;

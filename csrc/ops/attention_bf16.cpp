@@ -21,6 +21,31 @@ namespace {
 
 #define GL_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
 
+// Lanes [0, n - c) of a 16-lane step (all 16 from n - c >= 16 on).
+inline __mmask16 tail_mask(int64_t n, int64_t c) {
+  return n - c >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - c)) - 1);
+}
+
+// The first pass over a row's n visible scores x[0, n), in place: x_c *= scale (soft-capped when softcap > 0).
+// Returns max(m0, the largest x_c).
+GL_AVX512_BF16 float scale_and_max(float* x, int64_t n, float scale, float softcap, float m0) {
+  __m512 vmx = _mm512_set1_ps(m0);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 k = tail_mask(n, c);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + c), sc);
+    if (softcap > 0.f) {  // rare (no released Gemma 3 sets it): scalar
+      alignas(64) float t[16];
+      _mm512_store_ps(t, v);
+      for (int i = 0; i < 16; ++i) t[i] = softcap * tanh_f32(t[i] / softcap);
+      v = _mm512_load_ps(t);
+    }
+    _mm512_mask_storeu_ps(x + c, k, v);
+    vmx = _mm512_mask_max_ps(vmx, k, vmx, v);
+  }
+  return _mm512_reduce_max_ps(vmx);
+}
+
 // One row of raw scores s[0, S) (q . k), in place, to probabilities in bf16 at p[0, S): x_c = s[c] * scale
 // (soft-capped when softcap > 0) over the visible columns [c_lo, c_hi], p = softmax(x) there (exp_f32's polynomial,
 // 16 lanes), rounded as f32_to_bf16_n rounds on these CPUs (vcvtneps2bf16: every CPU with AMX has AVX512_BF16); 0
@@ -33,23 +58,7 @@ GL_AVX512_BF16 void softmax_row_bf16(float* s, int64_t S, int64_t c_lo, int64_t 
   c_hi = std::min<int64_t>(c_hi, S - 1);
   const int64_t n = c_hi - c_lo + 1;
   float* x = s + c_lo;
-  __m512 vmx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  if (n > 0) {
-    const __m512 sc = _mm512_set1_ps(scale);
-    for (int64_t c = 0; c < n; c += 16) {
-      const __mmask16 k = n - c >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - c)) - 1);
-      __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + c), sc);
-      if (softcap > 0.f) {  // rare (no released Gemma 3 sets it): scalar
-        alignas(64) float t[16];
-        _mm512_store_ps(t, v);
-        for (int i = 0; i < 16; ++i) t[i] = softcap * tanh_f32(t[i] / softcap);
-        v = _mm512_load_ps(t);
-      }
-      _mm512_mask_storeu_ps(x + c, k, v);
-      vmx = _mm512_mask_max_ps(vmx, k, vmx, v);
-    }
-  }
-  const float mx = _mm512_reduce_max_ps(vmx);
+  const float mx = scale_and_max(x, std::max<int64_t>(n, 0), scale, softcap, -std::numeric_limits<float>::infinity());
   if (mx == -std::numeric_limits<float>::infinity()) {  // (NaN scores stay NaN, as in softmax_rows)
     std::fill(p, p + S, uint16_t(0));
     return;
@@ -57,7 +66,7 @@ GL_AVX512_BF16 void softmax_row_bf16(float* s, int64_t S, int64_t c_lo, int64_t 
   const __m512 m = _mm512_set1_ps(mx);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 k = n - c >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __mmask16 k = tail_mask(n, c);
     const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + c), m)));
     _mm512_mask_storeu_ps(x + c, k, e);
     acc = _mm512_add_ps(acc, e);
@@ -65,7 +74,7 @@ GL_AVX512_BF16 void softmax_row_bf16(float* s, int64_t S, int64_t c_lo, int64_t 
   const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(acc));
   std::fill(p, p + c_lo, uint16_t(0));
   for (int64_t c = 0; c < n; c += 16) {  // normalised and rounded as f32_to_bf16_n rounds on these CPUs
-    const __mmask16 k = n - c >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __mmask16 k = tail_mask(n, c);
     const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + c), inv));
     _mm256_mask_storeu_epi16(p + c_lo + c, k, h);
   }
@@ -82,21 +91,7 @@ GL_AVX512_BF16 float softmax_chunk_bf16(float* s, int64_t S, int64_t c_lo, int64
   c_hi = std::min<int64_t>(c_hi, S - 1);
   const int64_t n = std::max<int64_t>(0, c_hi - c_lo + 1);
   float* x = s + c_lo;
-  __m512 vmx = _mm512_set1_ps(m_prev);
-  const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 k = n - c >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - c)) - 1);
-    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + c), sc);
-    if (softcap > 0.f) {  // rare (no released Gemma 3 sets it): scalar
-      alignas(64) float t[16];
-      _mm512_store_ps(t, v);
-      for (int i = 0; i < 16; ++i) t[i] = softcap * tanh_f32(t[i] / softcap);
-      v = _mm512_load_ps(t);
-    }
-    _mm512_mask_storeu_ps(x + c, k, v);
-    vmx = _mm512_mask_max_ps(vmx, k, vmx, v);
-  }
-  const float mx = _mm512_reduce_max_ps(vmx);
+  const float mx = scale_and_max(x, n, scale, softcap, m_prev);
   *sum = 0.f;
   if (n == 0 || mx == -std::numeric_limits<float>::infinity()) {
     std::fill(p, p + S, uint16_t(0));
@@ -106,7 +101,7 @@ GL_AVX512_BF16 float softmax_chunk_bf16(float* s, int64_t S, int64_t c_lo, int64
   __m512 acc = _mm512_setzero_ps();
   std::fill(p, p + c_lo, uint16_t(0));
   for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 k = n - c >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __mmask16 k = tail_mask(n, c);
     const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + c), m)));
     acc = _mm512_add_ps(acc, e);
     _mm256_mask_storeu_epi16(p + c_lo + c, k, (__m256i)_mm512_cvtneps_pbh(e));

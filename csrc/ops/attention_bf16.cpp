@@ -1,7 +1,7 @@
 // Prefill attention as two bf16 matmuls per block of queries (QK^T, then PV) with an f32 softmax between them
 // (fused with the scaling, the mask and the rounding of the probabilities, row by row; past 4096 keys, chunks of keys
-// with the online softmax), for CPUs where oneDNN runs bf16 on AMX tiles. The matmuls come from ops/linear.h (oneDNN stays in linear_dnnl.cpp); the visible-key rule and
-// the row lookup from attention.h.
+// with the online softmax), for CPUs where oneDNN runs bf16 on AMX tiles. The matmuls come from ops/linear.h (oneDNN
+// stays in linear_dnnl.cpp); the visible-key rule and the row lookup from attention.h.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -53,12 +53,13 @@ GL_AVX512_BF16 float scale_and_max(float* x, int64_t n, float scale, float softc
 // L2 over the three passes. Before, separate loops (scale and mask, softmax_rows, rounding) each went over the whole
 // block of rows in memory: ~45% of a 32k-token prefill of the 270M (int8 weights) on an Intel Xeon with AMX
 // (2026-11-28, 2 threads), which this took from 728 to 1129 tok/s (8192 tokens: 1716 -> 2268).
-GL_AVX512_BF16 void softmax_row_bf16(float* s, int64_t S, int64_t c_lo, int64_t c_hi, float scale, float softcap, uint16_t* p) {
+GL_AVX512_BF16 void softmax_row_bf16(float* s, int64_t S, int64_t c_lo, int64_t c_hi, float scale, float softcap,
+                                     uint16_t* p) {
   c_lo = std::max<int64_t>(c_lo, 0);
   c_hi = std::min<int64_t>(c_hi, S - 1);
-  const int64_t n = c_hi - c_lo + 1;
+  const int64_t n = std::max<int64_t>(0, c_hi - c_lo + 1);
   float* x = s + c_lo;
-  const float mx = scale_and_max(x, std::max<int64_t>(n, 0), scale, softcap, -std::numeric_limits<float>::infinity());
+  const float mx = scale_and_max(x, n, scale, softcap, -std::numeric_limits<float>::infinity());
   if (mx == -std::numeric_limits<float>::infinity()) {  // (NaN scores stay NaN, as in softmax_rows)
     std::fill(p, p + S, uint16_t(0));
     return;

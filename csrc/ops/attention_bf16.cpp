@@ -139,7 +139,7 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
   }
   // Buffers sized once for the call and left uninitialised (every element read is written first): growing vectors
   // block by block copied the scores (128 MB at 32k keys) and zeroed them (the 270M's int8 prefill of 32768 tokens
-  // on the Xeon: 1162 -> 1305 tok/s; 8192 tokens: 2276 -> 2440).
+  // on the Xeon: 1162 -> 1305 tok/s; 8192 tokens: 2265-2293 -> 2405-2476).
   const int64_t rows_max = static_cast<int64_t>(std::min(kQB, T)) * group;
   const std::unique_ptr<uint16_t[]> Qb(new uint16_t[rows_max * Hd]), Kb(new uint16_t[SJ_max * Hd]),
       Vb(new uint16_t[SJ_max * Hd]), Pb(new uint16_t[rows_max * std::min(S_max, kKC)]);

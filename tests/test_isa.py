@@ -162,6 +162,14 @@ def test_kernels_against_numpy_under_each_class(cls):
     run_pytest_child(cls, ["tests/test_ops.py"], timeout=600)
 
 
+@pytest.mark.parametrize("cls", BELOW_NATIVE)
+def test_continuous_batching_under_each_class(cls):
+    """tests/test_continuous_batching.py (each sequence's logits in a batch the same bits as alone, float32 and
+    bfloat16) under each forced class below the native one: every class's matmul, attention and decode kernels sum a
+    row the same way whatever rows run beside it (oneDNN 3.2's f32 gemm on AVX2 did not: README, "CPU classes")."""
+    run_pytest_child(cls, ["tests/test_continuous_batching.py"], timeout=600)
+
+
 QUANT_BITS_CODE = """
 import hashlib, numpy as np, gemmalens as gl
 t = gl._core._testing

@@ -64,6 +64,26 @@ def test_linear_f32_and_bf16(M):
     np.testing.assert_allclose(ops.linear(x, w, "bfloat16"), ref, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("plain", [False, True])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 16, 17, 96, 97, 300])
+def test_linear_f32_across_row_counts(M, plain):
+    """f32 weights by the rows M of a call (gl.cpu_info()["f32_matmul"]): oneDNN's f32 matmul (brgemm from AVX-512
+    on), or on the AVX2 classes gemmalens's own 64-column panels -- up to 4 rows streamed once, register tiles of 6
+    past that (K in slices of 128, rows in blocks of 96), a last panel of 1000 - 960 columns through a scratch. Either
+    way a row's outputs are the same bits alone as beside other rows (continuous batching: oneDNN 3.2's AVX2 gemm
+    broke this for every M > 1). An odd K takes oneDNN on every class."""
+    K, N = 1024, 1000
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    out = ops.linear(x, w, "float32", plain=plain)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w.astype(np.float64).T, rtol=1e-5, atol=2e-4)
+    for m in sorted({0, M // 2, M - 1}):
+        np.testing.assert_array_equal(out[m], ops.linear(x[m:m + 1], w, "float32", plain=plain)[0])
+    xo, wo = x[:, :65], w[:70, :65]
+    np.testing.assert_allclose(ops.linear(xo, wo, "float32", plain=plain), xo.astype(np.float64) @ wo.T, rtol=1e-5,
+                               atol=1e-4)
+
+
 @pytest.mark.parametrize("M", [1, 5, 17, 70])
 def test_bf16_activations_round_to_nearest_even(M):
     """A bf16 matmul rounds its activations to bf16 first, to nearest with ties to even, on every path (vcvtneps2bf16,

@@ -102,7 +102,7 @@ std::vector<std::pair<std::string, std::string>> cpu_paths() {
       {"attention", tiled},
       {"attention_decode_bf16", attention_decode_vdpbf16ps() ? "vdpbf16ps" : use_avx512() ? "avx512" : "avx2"},
       {"attention_bf16_prefill", use_amx() ? "onednn_amx" : tiled},
-      {"f32_matmul", "onednn"},
+      {"f32_matmul", f32_own_panels() ? "avx2_panels" : "onednn"},
       {"elementwise", use_avx512() ? "avx512" : "avx2"},
   };
 }

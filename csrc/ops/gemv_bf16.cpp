@@ -298,13 +298,17 @@ void tile_f32_256(const float* wf, int64_t K, const float* x, int64_t ldx, float
       acc[m][0] = add ? _mm256_loadu_ps(y + m * ldy + c0) : _mm256_setzero_ps();
       acc[m][1] = add ? _mm256_loadu_ps(y + m * ldy + c0 + 8) : _mm256_setzero_ps();
     }
-    for (int64_t k0 = 0; k0 < K; k0 += 2)
-      for (int64_t k : {k0 + 1, k0}) {  // a pair's odd product, then its even one: panel_w256's order
-        const __m256 w0 = _mm256_loadu_ps(wf + k * 64 + c0), w1 = _mm256_loadu_ps(wf + k * 64 + c0 + 8);
+    // Rows 0-2 from xa and 3-5 from xb, each at 0, 1 or 2 row strides: one addressing mode per broadcast.
+    const float* xa = x;
+    const float* xb = x + 3 * ldx;
+    const float* w = wf + c0;
+    for (int64_t k0 = 0; k0 < K; k0 += 2, xa += 2, xb += 2, w += 128)
+      for (int j : {1, 0}) {  // a pair's odd product, then its even one: panel_w256's order
+        const __m256 w0 = _mm256_loadu_ps(w + j * 64), w1 = _mm256_loadu_ps(w + j * 64 + 8);
         for (int m = 0; m < MR; ++m) {
-          const __m256 xb = _mm256_broadcast_ss(x + m * ldx + k);
-          acc[m][0] = _mm256_fmadd_ps(w0, xb, acc[m][0]);
-          acc[m][1] = _mm256_fmadd_ps(w1, xb, acc[m][1]);
+          const __m256 xv = _mm256_broadcast_ss((m < 3 ? xa : xb) + (m % 3) * ldx + j);
+          acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);
+          acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);
         }
       }
     for (int m = 0; m < MR; ++m) {
@@ -318,11 +322,15 @@ void tile_f32_256(const float* wf, int64_t K, const float* x, int64_t ldx, float
 // (kKc x 64 f32 = 32 KB: L1) that every row tile of the block passes over before the next slice.
 constexpr int64_t kKc = 128;
 
-void panel_rows(const float* wf, int64_t K, const float* x, int64_t m0, int64_t m1, float* y, int64_t ldy) {
+// touch: each slice is asked into L1 in address order before its tiles (a panel this thread has not read yet).
+void panel_rows(const float* wf, int64_t K, const float* x, int64_t m0, int64_t m1, float* y, int64_t ldy,
+                bool touch = false) {
   for (int64_t k0 = 0; k0 < K; k0 += kKc) {
     const int64_t kc = std::min(kKc, K - k0);
     const bool add = k0 > 0;
     const float* w = wf + k0 * 64;
+    if (touch)  // the slice asked for line by line, in order (see gemm_panels32)
+      for (int64_t l = 0; l < kc * 64; l += 16) _mm_prefetch(reinterpret_cast<const char*>(w + l), _MM_HINT_T0);
     int64_t m = m0;
     for (; m + 6 <= m1; m += 6) tile_f32_256<6>(w, kc, x + m * K + k0, K, y + m * ldy, ldy, add);
     switch (m1 - m) {
@@ -354,6 +362,36 @@ void gemm_panels_f32(const uint16_t* w, int64_t N, int64_t K, const float* x, in
         panel_rows(wf, K, x, mb * kPanelRows, std::min(M, (mb + 1) * kPanelRows), y + p * 64, ldy);
       }
   }
+}
+
+// f32 weights on the AVX2 classes (f32_own_panels(), ops/cpu.h), stored as 64-column panels [K][64] f32: the
+// panels of gemm_panels_f32 without the widening, so that every M takes kernels of one summation order (each k-pair's
+// odd product, then its even one, k in order, one accumulator per output): a row's outputs are the same bits in a
+// batch of any size as alone. Up to 4 rows (decode), panel_f32_256 streams each panel once, whole 64-byte lines, with
+// the lines ahead asked for; past that, panel_rows' register tiles (faster from 6 rows on: 2026-11-28, forced to
+// avx2, `matmul_rate(M, K, N, "float32")` on the 270M's shapes at M = 6-16 rose from 89-142 to 121-229 GFLOP/s).
+template <int MB, int NV>
+void panel_f32_256(const float* wp, int64_t K, int c0, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  __m256 acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2) {
+    if (c0 == 0) prefetch_stream(wp + k * 64, 8);  // the first pass over the panel (the others find it in L2)
+    const float* we = wp + k * 64 + c0;
+    for (int v = 0; v < NV; ++v) {
+      const __m256 e = _mm256_loadu_ps(we + 8 * v), o = _mm256_loadu_ps(we + 64 + 8 * v);
+      for (int m = 0; m < MB; ++m)
+        acc[m][v] = _mm256_fmadd_ps(e, _mm256_broadcast_ss(x + m * ldx + k),
+                                    _mm256_fmadd_ps(o, _mm256_broadcast_ss(x + m * ldx + k + 1), acc[m][v]));
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(y + m * ldy + c0 + 8 * v, acc[m][v]);
+}
+
+template <int MB, int NV>
+void panel_f32_256_all(const float* wp, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  for (int c0 = 0; c0 < 64; c0 += 8 * NV) panel_f32_256<MB, NV>(wp, K, c0, x, ldx, y, ldy);
 }
 
 // R rows of row-major bf16 W against one f32 row x. A vector of 2L bf16 (L = 16 lanes on AVX-512, 8 on AVX2) read as
@@ -531,6 +569,63 @@ void gemv_widen_rows(const uint16_t* w, int64_t N, int64_t K, const float* x, in
     rows_widen<false>(w, N, K, x, M, y, ldy);
   else
     rows_widen<true>(w, N, K, x, M, y, ldy);
+}
+
+void pack_panels_f32(const float* w, int64_t N, int64_t K, float* out) {
+  const int64_t panels = (N + 63) / 64;
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < panels; ++p) {
+    // Written in address order, read from the panel's 64 rows side by side (a line of each serves 16 k).
+    const int nc = static_cast<int>(std::min<int64_t>(64, N - p * 64));
+    const float* src = w + p * 64 * K;
+    float* dst = out + p * 64 * K;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int c = 0; c < nc; ++c) dst[k * 64 + c] = src[c * K + k];
+      for (int c = nc; c < 64; ++c) dst[k * 64 + c] = 0.f;  // the last panel's columns past N
+    }
+  }
+}
+
+namespace {
+// `rows` rows of x (row stride K) against one f32 panel -> y (row stride ldy, the panel's 64 columns).
+// touch: as panel_rows'.
+void panel32_rows(const float* wp, int64_t K, const float* x, int64_t rows, float* y, int64_t ldy, bool touch) {
+  if (rows > 4) {
+    panel_rows(wp, K, x, 0, rows, y, ldy, touch);
+    return;
+  }
+  int64_t m = 0;
+  for (; m + 4 <= rows; m += 4) panel_f32_256_all<4, 2>(wp, K, x + m * K, K, y + m * ldy, ldy);
+  switch (rows - m) {
+    case 3: panel_f32_256_all<3, 2>(wp, K, x + m * K, K, y + m * ldy, ldy); break;
+    case 2: panel_f32_256_all<2, 4>(wp, K, x + m * K, K, y + m * ldy, ldy); break;
+    case 1: panel_f32_256_all<1, 8>(wp, K, x + m * K, K, y + m * ldy, ldy); break;
+    default: break;
+  }
+}
+}  // namespace
+
+void gemm_panels32(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
+  if (N < 1 || K % 2 != 0 || M < 1) throw InternalError("gemm_panels32: unsupported shape");
+  // Tasks: (panel, block of rows), a thread's consecutive tasks sharing a panel (schedule(static)); up to 16 rows one
+  // block. The first block of a panel asks for each slice of it in address order before the tiles run over it: the
+  // tiles' passes read a slice from memory a line in four at a time, and a 512-token prefill of the real 270M forced to
+  // avx2 ran ~5% below oneDNN's (2 threads, 2026-11-28: 754-781 tok/s in three runs alternated with oneDNN's 759-826;
+  // with the slices asked for, 783-852 in seven).
+  const int64_t panels = (N + 63) / 64, block = M <= 16 ? M : kPanelRows, mblocks = (M + block - 1) / block;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t mb = 0; mb < mblocks; ++mb) {
+      const int64_t m0 = mb * block, m1 = std::min(M, m0 + block), nc = std::min<int64_t>(64, N - p * 64);
+      if (nc == 64) {
+        panel32_rows(w + p * 64 * K, K, x + m0 * K, m1 - m0, y + m0 * ldy + p * 64, ldy, mb == 0);
+        continue;
+      }
+      // The last panel of an N that is not a multiple of 64: its 64 columns into a scratch, nc of them kept.
+      float tmp[kPanelRows * 64];
+      panel32_rows(w + p * 64 * K, K, x + m0 * K, m1 - m0, tmp, 64, mb == 0);
+      for (int64_t m = m0; m < m1; ++m) std::copy(tmp + (m - m0) * 64, tmp + (m - m0) * 64 + nc, y + m * ldy + p * 64);
+    }
 }
 
 void widen_blocked64_cols(const uint16_t* w, int64_t K, int64_t n0, int64_t nn, float* out) {

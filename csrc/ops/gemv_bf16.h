@@ -32,6 +32,12 @@ void gemv_bf16_rows(const uint16_t* w, int64_t N, int64_t K, const uint16_t* x, 
 void gemm_widen_blocked64(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy);
 void gemv_widen_rows(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy);
 
+// f32 weights as 64-column panels ([ceil(N / 64)][K][64] f32, the last panel's columns past N zero), the layout of
+// f32 layers where f32_own_panels() (ops/cpu.h): y [M, N] (row stride ldy) = x [M, K] W^T on AVX2, every M summing
+// each output in the same order (K even). pack_panels_f32 packs row-major f32 W [N, K] into out, in parallel.
+void gemm_panels32(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy);
+void pack_panels_f32(const float* w, int64_t N, int64_t K, float* out);
+
 // bf16 weights in the "BA16a64b2a" layout <-> row-major f32 (K % 32 == 0, N % 64 == 0 for the whole matrix).
 // Columns [n0, n0 + nn) (multiples of 64) widened to f32 [K][nn] row-major: a block for the widened-f32 matmul.
 void widen_blocked64_cols(const uint16_t* w, int64_t K, int64_t n0, int64_t nn, float* out);

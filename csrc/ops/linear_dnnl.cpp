@@ -117,6 +117,9 @@ struct Linear::Impl {
   // bf16 weights computed in f32 (Bf16MatmulPath::WidenedF32): prefill-sized matmuls widen a block of columns at a
   // time for oneDNN's f32 matmul; oneDNN never sees them as bf16 (its bf16 matmul is missing or slow in the class).
   bool widened = false;
+  // f32 weights as 64-column panels [K][64] (f32_own_panels(): the AVX2 classes): every M runs gemm_panels32, whose
+  // rows do not depend on the rows beside them; oneDNN never sees them.
+  bool panels32 = false;
   QuantWeights qw;
 
   // y[:, n0 + ...] = x W_block^T for blocks of `block` output columns: fill(n0, nn, buf) writes the block's weights
@@ -131,6 +134,10 @@ namespace {
 // decode step reads the LM head as 64-row panels, each one contiguous stream, at the speed of a sequential read,
 // where row-major rows read side by side ran 20-25% slower (Linear::row gathers a row back from the panels).
 bool tied_blocked64(dt wdt, int64_t N, int64_t K) { return wdt == dt::bf16 && N % 64 == 0 && K % 32 == 0; }
+// f32 weights where our own panels run every M (the plain ones too: Linear::row gathers a row back).
+bool use_panels32(dt wdt, int64_t K) { return wdt == dt::f32 && f32_own_panels() && K % 2 == 0; }
+// The size of N x K f32 weights in that layout, N rounded up to whole panels (ours; oneDNN only counts the bytes).
+dnnl::memory::desc panels32_desc(int64_t N, int64_t K) { return dnnl::memory::desc({K, (N + 63) / 64 * 64}, dt::f32, tag::ab); }
 
 // The small-M kernels' layout of a bf16 [K, N] weight ("BA16a64b2a"), and whether oneDNN's matmul takes it (for the
 // calls of many rows it runs).
@@ -166,6 +173,14 @@ Linear::Linear(const float* w, int64_t N, int64_t K, DType dtype, bool plain, We
     impl->wdt = dtype == DType::F32 ? dt::f32 : dt::bf16;
     impl->plain = plain;
     auto& eng = engine();
+    if (use_panels32(impl->wdt, K)) {
+      impl->panels32 = true;
+      impl->w_desc = panels32_desc(N, K);
+      impl->weights = impl->alloc_weights(impl->w_desc, eng);
+      pack_panels_f32(w, N, K, static_cast<float*>(impl->weights.get_data_handle()));
+      impl_ = std::move(impl);
+      return;
+    }
     if (impl->wdt == dt::bf16 && bf16_matmul_path() == Bf16MatmulPath::WidenedF32) {
       // No bf16 matmul of oneDNN's is asked for: the layout is ours, packed here (plain ones too: tied_blocked64).
       impl->widened = true;
@@ -320,8 +335,11 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
     impl->widened = impl->wdt == dt::bf16 && bf16_matmul_path() == Bf16MatmulPath::WidenedF32;
     // (oneDNN must take the layout for its matmuls of many rows, unless the widened path runs them)
     impl->blocked64 = tied_blocked64(impl->wdt, N, K) && (impl->widened || onednn_takes_blocked64(N, K));
-    impl->rows = !impl->blocked64;
-    impl->w_desc = impl->blocked64 ? blocked64_desc(N, K) : dnnl::memory::desc({K, N}, impl->wdt, tag::ba);
+    impl->panels32 = use_panels32(impl->wdt, K);
+    impl->rows = !impl->blocked64 && !impl->panels32;
+    impl->w_desc = impl->blocked64   ? blocked64_desc(N, K)
+                   : impl->panels32 ? panels32_desc(N, K)
+                                    : dnnl::memory::desc({K, N}, impl->wdt, tag::ba);
     impl->weights = impl->alloc_weights(impl->w_desc, engine());
   } catch (const dnnl::error& e) {
     dnnl_failed(e, "oneDNN could not allocate a " + dims_str(N, K) + " weight");
@@ -331,6 +349,8 @@ Linear Linear::plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant qu
     fill(r0, n, buf.data());
     if (impl->blocked64)  // r0 is a multiple of 64: the block fills panels r0 / 64 onwards
       pack_blocked64(buf.data(), n, K, static_cast<uint16_t*>(impl->weights.get_data_handle()) + r0 * K);
+    else if (impl->panels32)  // the same for the f32 panels (the last block's last panel padded with zeros)
+      pack_panels_f32(buf.data(), n, K, static_cast<float*>(impl->weights.get_data_handle()) + r0 * K);
     else
       store_plain_rows(impl->weights, impl->wdt, buf.data(), r0, n, K);
   }
@@ -424,6 +444,10 @@ void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
     quant_matmul(impl_->qw, x, M, y, ldy);
     return;
   }
+  if (impl_->panels32) {
+    gemm_panels32(static_cast<const float*>(impl_->weights.get_data_handle()), N_, K_, x, M, y, ldy);
+    return;
+  }
   auto& eng = engine();
   Impl& im = *impl_;
   const uint16_t* w16 = im.wdt == dt::bf16 ? static_cast<const uint16_t*>(im.weights.get_data_handle()) : nullptr;
@@ -503,6 +527,11 @@ void Linear::row(int64_t n, float* out) const {
     }
     return;
   }
+  if (impl_->panels32) {  // panel n / 64, element k of row n at k * 64 + n % 64
+    const float* p = static_cast<const float*>(impl_->weights.get_data_handle()) + (n / 64) * 64 * K_ + n % 64;
+    for (int64_t k = 0; k < K_; ++k) out[k] = p[k * 64];
+    return;
+  }
   if (!impl_->rows) throw InternalError("Linear::row on a blocked layer");
   if (impl_->wdt == dt::f32) {
     const float* p = static_cast<const float*>(impl_->weights.get_data_handle()) + n * K_;
@@ -527,7 +556,8 @@ void Linear::to_rowmajor(float* out) const {
       for (int64_t k = 0; k < K; ++k) out[n * K + k] = bf16_to_f32(w[(n / 64) * 64 * K + (k / 2) * 128 + (n % 64) * 2 + k % 2]);
     return;
   }
-  if (impl_->rows) {
+  if (impl_->rows || impl_->panels32) {
+#pragma omp parallel for schedule(static) if (impl_->panels32)
     for (int64_t n = 0; n < N_; ++n) row(n, out + n * K_);
     return;
   }

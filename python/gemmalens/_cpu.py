@@ -34,7 +34,8 @@ def cpu_info():
     environment set ONEDNN_MAX_CPU_ISA itself), and per op family the path: "bf16_matmul" (bf16 weights, a 512-token
     prefill's matmuls), "bf16_lm_head" (the row-major LM head past 4 rows), "decode_bf16" (bf16 weights, decode steps), "int8" / "int4" (quantised weights, decode),
     "int8_prefill", "attention", "attention_bf16_prefill", "attention_decode_bf16" (a bf16 model's decode steps over
-    its KV cache: "vdpbf16ps", "avx512" or "avx2"), "f32_matmul", "elementwise"; and where the matmul paths
+    its KV cache: "vdpbf16ps", "avx512" or "avx2"), "f32_matmul" (float32 weights: "onednn", or "avx2_panels" on
+    the AVX2 classes), "elementwise"; and where the matmul paths
     change with the rows M of a call: "bf16_own_max_rows" (bf16 weights take gemmalens's own kernels up to this M,
     None for every M) and "int8_prefill_min_rows" (quantised weights take the "int8_prefill" path from this M on,
     None for never).

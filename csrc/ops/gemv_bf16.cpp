@@ -300,7 +300,7 @@ void tile_f32_256(const float* wf, int64_t K, const float* x, int64_t ldx, float
     }
     // Rows 0-2 from xa and 3-5 from xb, each at 0, 1 or 2 row strides: one addressing mode per broadcast.
     const float* xa = x;
-    const float* xb = x + 3 * ldx;
+    const float* xb = MR > 3 ? x + 3 * ldx : x;
     const float* w = wf + c0;
     for (int64_t k0 = 0; k0 < K; k0 += 2, xa += 2, xb += 2, w += 128)
       for (int j : {1, 0}) {  // a pair's odd product, then its even one: panel_w256's order

@@ -219,21 +219,30 @@ GL_AVX512 void blocked64_w512(const uint16_t* w, int64_t N, int64_t K, const flo
 }
 
 // AVX2: NV groups of 8 columns from column c0 of a panel against MB rows: MB * NV <= 8 accumulators (8 independent
-// FMA chains, enough to hide the FMA latency), each group's pair widened once for the MB rows (16 ymm registers).
-// A pass reads whole 64-byte lines (2 groups) of each k-pair; the other passes find the panel in L2.
-template <int MB, int NV>
-void panel_w256(const uint16_t* wp, int64_t K, int c0, const float* x, int64_t ldx, float* y, int64_t ldy) {
+// FMA chains, enough to hide the FMA latency), each group's weights loaded (a bf16 pair widened) once for the MB rows
+// (16 ymm registers). W = uint16_t: a panel of the blocked bf16 layout ([K/2][64][2]); W = float: one of
+// gemm_panels32's f32 panels ([K][64]), the same products in the same order. A pass reads whole 64-byte lines of
+// each k-pair; the other passes find the panel in L2.
+template <typename W, int MB, int NV>
+void panel_w256(const W* wp, int64_t K, int c0, const float* x, int64_t ldx, float* y, int64_t ldy) {
   __m256 acc[MB][NV];
   for (int m = 0; m < MB; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   const int64_t KP = K / 2;
   for (int64_t kp = 0; kp < KP; ++kp) {
-    if (c0 == 0) prefetch_stream(wp + kp * 128, 4);  // the first pass over the panel (the others find it in L2)
-    const uint16_t* wv = wp + kp * 128 + 2 * c0;
+    // the first pass over the panel (the others find it in L2): a k-pair's 4 lines (bf16) or 8 (f32)
+    if (c0 == 0) prefetch_stream(wp + kp * 128, static_cast<int>(128 * sizeof(W) / 64));
     for (int v = 0; v < NV; ++v) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wv + 16 * v));
-      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+      __m256 we, wo;  // the pair's even and odd k
+      if constexpr (sizeof(W) == 2) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + kp * 128 + 2 * c0 + 16 * v));
+        we = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+        wo = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+      } else {
+        we = _mm256_loadu_ps(wp + kp * 128 + c0 + 8 * v);
+        wo = _mm256_loadu_ps(wp + kp * 128 + 64 + c0 + 8 * v);
+      }
       for (int m = 0; m < MB; ++m)
         acc[m][v] = _mm256_fmadd_ps(we, _mm256_broadcast_ss(x + m * ldx + 2 * kp),
                                     _mm256_fmadd_ps(wo, _mm256_broadcast_ss(x + m * ldx + 2 * kp + 1), acc[m][v]));
@@ -243,26 +252,28 @@ void panel_w256(const uint16_t* wp, int64_t K, int c0, const float* x, int64_t l
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(y + m * ldy + c0 + 8 * v, acc[m][v]);
 }
 
-template <int MB, int NV>
-void panel_w256_all(const uint16_t* wp, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  for (int c0 = 0; c0 < 64; c0 += 8 * NV) panel_w256<MB, NV>(wp, K, c0, x, ldx, y, ldy);
+template <typename W, int MB, int NV>
+void panel_w256_all(const W* wp, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  for (int c0 = 0; c0 < 64; c0 += 8 * NV) panel_w256<W, MB, NV>(wp, K, c0, x, ldx, y, ldy);
+}
+
+// `rows` rows of x (row stride K) against one panel, in groups of 4 (then 3, 2, 1) -> y (the panel's 64 columns).
+template <typename W>
+void panel_w256_rows(const W* wp, int64_t K, const float* x, int64_t rows, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= rows; m += 4) panel_w256_all<W, 4, 2>(wp, K, x + m * K, K, y + m * ldy, ldy);
+  switch (rows - m) {
+    case 3: panel_w256_all<W, 3, 2>(wp, K, x + m * K, K, y + m * ldy, ldy); break;
+    case 2: panel_w256_all<W, 2, 4>(wp, K, x + m * K, K, y + m * ldy, ldy); break;
+    case 1: panel_w256_all<W, 1, 8>(wp, K, x + m * K, K, y + m * ldy, ldy); break;
+    default: break;
+  }
 }
 
 void blocked64_w256(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t ldy) {
   const int64_t panels = N / 64;
 #pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < panels; ++p) {
-    const uint16_t* wp = w + p * 64 * K;
-    float* yp = y + p * 64;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) panel_w256_all<4, 2>(wp, K, x + m * K, K, yp + m * ldy, ldy);
-    switch (M - m) {
-      case 3: panel_w256_all<3, 2>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
-      case 2: panel_w256_all<2, 4>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
-      case 1: panel_w256_all<1, 8>(wp, K, x + m * K, K, yp + m * ldy, ldy); break;
-      default: break;
-    }
-  }
+  for (int64_t p = 0; p < panels; ++p) panel_w256_rows(w + p * 64 * K, K, x, M, y + p * 64, ldy);
 }
 
 // AVX2, more than 16 rows: each 64-column panel is widened once into an f32 [K][64] scratch (a thread's own, L2), then
@@ -362,36 +373,6 @@ void gemm_panels_f32(const uint16_t* w, int64_t N, int64_t K, const float* x, in
         panel_rows(wf, K, x, mb * kPanelRows, std::min(M, (mb + 1) * kPanelRows), y + p * 64, ldy);
       }
   }
-}
-
-// f32 weights on the AVX2 classes (f32_own_panels(), ops/cpu.h), stored as 64-column panels [K][64] f32: the
-// panels of gemm_panels_f32 without the widening, so that every M takes kernels of one summation order (each k-pair's
-// odd product, then its even one, k in order, one accumulator per output): a row's outputs are the same bits in a
-// batch of any size as alone. Up to 4 rows (decode), panel_f32_256 streams each panel once, whole 64-byte lines, with
-// the lines ahead asked for; past that, panel_rows' register tiles (faster from 6 rows on: 2026-11-28, forced to
-// avx2, `matmul_rate(M, K, N, "float32")` on the 270M's shapes at M = 6-16 rose from 89-142 to 121-229 GFLOP/s).
-template <int MB, int NV>
-void panel_f32_256(const float* wp, int64_t K, int c0, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  __m256 acc[MB][NV];
-  for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 2) {
-    if (c0 == 0) prefetch_stream(wp + k * 64, 8);  // the first pass over the panel (the others find it in L2)
-    const float* we = wp + k * 64 + c0;
-    for (int v = 0; v < NV; ++v) {
-      const __m256 e = _mm256_loadu_ps(we + 8 * v), o = _mm256_loadu_ps(we + 64 + 8 * v);
-      for (int m = 0; m < MB; ++m)
-        acc[m][v] = _mm256_fmadd_ps(e, _mm256_broadcast_ss(x + m * ldx + k),
-                                    _mm256_fmadd_ps(o, _mm256_broadcast_ss(x + m * ldx + k + 1), acc[m][v]));
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(y + m * ldy + c0 + 8 * v, acc[m][v]);
-}
-
-template <int MB, int NV>
-void panel_f32_256_all(const float* wp, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  for (int c0 = 0; c0 < 64; c0 += 8 * NV) panel_f32_256<MB, NV>(wp, K, c0, x, ldx, y, ldy);
 }
 
 // R rows of row-major bf16 W against one f32 row x. A vector of 2L bf16 (L = 16 lanes on AVX-512, 8 on AVX2) read as
@@ -571,6 +552,12 @@ void gemv_widen_rows(const uint16_t* w, int64_t N, int64_t K, const float* x, in
     rows_widen<true>(w, N, K, x, M, y, ldy);
 }
 
+// f32 weights on the AVX2 classes (f32_own_panels(), ops/cpu.h), stored as 64-column panels [K][64] f32: the
+// panels of gemm_panels_f32 without the widening, so that every M takes kernels of one summation order (each k-pair's
+// odd product, then its even one, k in order, one accumulator per output): a row's outputs are the same bits in a
+// batch of any size as alone. Up to 4 rows (decode), panel_w256 streams each panel once, whole 64-byte lines, with
+// the lines ahead asked for; past that, panel_rows' register tiles (faster from 6 rows on: 2026-11-28, forced to
+// avx2, `matmul_rate(M, K, N, "float32")` on the 270M's shapes at M = 6-16 rose from 89-142 to 121-229 GFLOP/s).
 void pack_panels_f32(const float* w, int64_t N, int64_t K, float* out) {
   const int64_t panels = (N + 63) / 64;
 #pragma omp parallel for schedule(static)
@@ -590,18 +577,10 @@ namespace {
 // `rows` rows of x (row stride K) against one f32 panel -> y (row stride ldy, the panel's 64 columns).
 // touch: as panel_rows'.
 void panel32_rows(const float* wp, int64_t K, const float* x, int64_t rows, float* y, int64_t ldy, bool touch) {
-  if (rows > 4) {
+  if (rows > 4)
     panel_rows(wp, K, x, 0, rows, y, ldy, touch);
-    return;
-  }
-  int64_t m = 0;
-  for (; m + 4 <= rows; m += 4) panel_f32_256_all<4, 2>(wp, K, x + m * K, K, y + m * ldy, ldy);
-  switch (rows - m) {
-    case 3: panel_f32_256_all<3, 2>(wp, K, x + m * K, K, y + m * ldy, ldy); break;
-    case 2: panel_f32_256_all<2, 4>(wp, K, x + m * K, K, y + m * ldy, ldy); break;
-    case 1: panel_f32_256_all<1, 8>(wp, K, x + m * K, K, y + m * ldy, ldy); break;
-    default: break;
-  }
+  else
+    panel_w256_rows(wp, K, x, rows, y, ldy);
 }
 }  // namespace
 

@@ -14,7 +14,8 @@ class Linear {
  public:
   Linear() = default;
   // w [N, K] row-major f32 (HF layout: out_features x in_features). Stored in `dtype`, reordered once
-  // into oneDNN's preferred blocked layout.
+  // into oneDNN's preferred blocked layout, or into gemmalens's 64-column panels where its own kernels run every
+  // call (bf16 without bf16 hardware, f32 on the AVX2 classes: ops/gemv_bf16.h).
   // plain = true keeps w row-major [N, K] (no reorder), so plain_data() can serve other uses
   // (the tied embedding table is both the lookup table and the LM head).
   // quant = Int8 / Int4 keeps the weights as quantised blocks (ops/quant.h) when the CPU and K allow it, else as

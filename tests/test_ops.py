@@ -84,6 +84,17 @@ def test_linear_f32_across_row_counts(M, plain):
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("plain", [False, True])
+def test_linear_without_rows(plain):
+    """An empty batch (M = 0) gives an empty [0, N] result on every path of every class -- f32 (oneDNN or the AVX2
+    panels), bf16, int8, int4 -- as numpy does (the own kernels once refused it as an internal error;
+    tests/test_sae.py's empty batch checks a layer that computes again afterwards)."""
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    for kw in (dict(dtype="float32"), dict(dtype="bfloat16"), dict(int8=True), dict(int4=True)):
+        out = ops.linear(np.zeros((0, 64), np.float32), w, plain=plain, **kw)
+        assert out.shape == (0, 128) and out.dtype == np.float32, kw
+
+
 @pytest.mark.parametrize("M", [1, 5, 17, 70])
 def test_bf16_activations_round_to_nearest_even(M):
     """A bf16 matmul rounds its activations to bf16 first, to nearest with ties to even, on every path (vcvtneps2bf16,

@@ -94,6 +94,26 @@ def test_encode_decode_topk_against_numpy(tmp_path, fmt, arch):
         assert rel_err(a16, ref) < 0.05
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_empty_batch_gives_empty_outputs(dtype):
+    """An SAE fed no activations (a [0, d_in] or [2, 0, d_in] batch: an empty harvest shard, a filter that kept
+    nothing) returns empty outputs of the right shapes, as numpy's matmul does; it used to raise gemmalens's internal
+    error from the matmul kernels (bf16 on every class, f32 on the AVX2 classes)."""
+    rng = np.random.default_rng(5)
+    p = random_sae(rng, 64, 128, skip=True)
+    sae = gl.SAE(**p, architecture="jumprelu", dtype=dtype)
+    for lead in ((0,), (2, 0)):
+        x = np.zeros(lead + (64,), np.float32)
+        assert sae.encode(x).shape == lead + (128,)
+        assert sae(x).shape == lead + (64,)
+        assert sae.decode(np.zeros(lead + (128,), np.float32), x).shape == lead + (64,)
+        idx, val = sae.encode_topk(x, 3)
+        assert idx.shape == val.shape == lead + (3,)
+    x = (rng.standard_normal((4, 64)) * 3).astype(np.float32)  # and the SAE still computes afterwards
+    ref = np_encode(x, p["W_enc"], p["b_enc"], p["threshold"])
+    np.testing.assert_allclose(sae.encode(x), ref, atol=0.03 * np.abs(ref).max())
+
+
 def test_against_saelens_itself(tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
     import torch

@@ -25,8 +25,8 @@ class Linear {
   // Peak memory is the stored weights plus one block, not a whole f32 copy.
   static Linear plain_from_rows(int64_t N, int64_t K, DType dtype, WeightQuant quant,
                                 const std::function<void(int64_t r0, int64_t n, float* out)>& fill);
-  // x [M, K] f32 -> y [M, N] f32 with row stride ldy (0 = N). With bf16 weights x is rounded to bf16
-  // first (bf16 x bf16 products, f32 accumulation). Not thread-safe: one caller at a time.
+  // x [M, K] f32 -> y [M, N] f32 with row stride ldy (0 = N; M = 0 writes nothing). With bf16 weights x is rounded
+  // to bf16 first (bf16 x bf16 products, f32 accumulation). Not thread-safe: one caller at a time.
   void forward(const float* x, int64_t M, float* y, int64_t ldy = 0);
   int64_t out_features() const { return N_; }
   int64_t in_features() const { return K_; }

@@ -435,6 +435,10 @@ void Linear::forward_dequantized(const float* x, int64_t M, float* y, int64_t ld
 
 void Linear::forward(const float* x, int64_t M, float* y, int64_t ldy) {
   if (!impl_) throw InternalError("Linear::forward on an empty layer");
+  if (M < 0) throw InternalError("Linear::forward with M = " + std::to_string(M));
+  // No rows (an empty batch, an SAE fed no activations): nothing to write, on every path (the own kernels' shape
+  // checks, which refuse M = 0, and oneDNN's zero-sized matmul alike).
+  if (M == 0) return;
   if (ldy == 0) ldy = N_;
   if (impl_->quantized) {
     if (M >= quant_dequant_min_m()) {

@@ -171,10 +171,12 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
         const int64_t S = j_hi - j_lo + 1;
         const uint16_t* kb = Kb.get() + (j_lo - J0[b]) * Hd;
         const uint16_t* vb = Vb.get() + (j_lo - J0[b]) * Hd;
+        // Row r's offset in q and z ([B, T, H, Hd]): rows in (position, head of the group) order.
+        const auto head_row = [&](int r) {
+          return ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd;
+        };
 #pragma omp parallel for schedule(static)
-        for (int r = 0; r < rows; ++r)  // rows in (position, head of the group) order
-          f32_to_bf16_n(a.q + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd,
-                        Qb.get() + static_cast<size_t>(r) * Hd, Hd);
+        for (int r = 0; r < rows; ++r) f32_to_bf16_n(a.q + head_row(r), Qb.get() + static_cast<size_t>(r) * Hd, Hd);
         if (S <= kKC) {
           matmul_bf16(Qb.get(), rows, Hd, kb, S, /*b_nk=*/true, Sc.get(), S);
           // Scaled (soft-capped), masked, softmaxed and rounded to bf16, a row at a time while it sits in L2.
@@ -187,8 +189,7 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
           matmul_bf16(Pb.get(), rows, S, vb, Hd, /*b_nk=*/false, Zf.get(), Hd);
 #pragma omp parallel for schedule(static)
           for (int r = 0; r < rows; ++r)
-            std::copy_n(Zf.get() + static_cast<size_t>(r) * Hd, Hd,
-                        a.z + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd);
+            std::copy_n(Zf.get() + static_cast<size_t>(r) * Hd, Hd, a.z + head_row(r));
           continue;
         }
         std::fill_n(m_run.begin(), rows, -std::numeric_limits<float>::infinity());
@@ -220,7 +221,7 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
         for (int r = 0; r < rows; ++r) {  // padding rows (no visible key): z = 0 (NaN scores stay NaN)
           const float inv = l_run[r] == 0.f ? 0.f : 1.f / l_run[r];
           const float* za = Za.get() + static_cast<size_t>(r) * Hd;
-          float* z = a.z + ((static_cast<int64_t>(b) * T + t0 + r / group) * H + kvh * group + r % group) * Hd;
+          float* z = a.z + head_row(r);
           for (int d = 0; d < Hd; ++d) z[d] = za[d] * inv;
         }
       }

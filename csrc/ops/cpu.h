@@ -102,7 +102,7 @@ inline int64_t quant_dequant_min_m() {
 // f32 weights (a float32 model's layers and LM head): oneDNN's f32 matmul, but on the AVX2 classes our own panels
 // (ops/gemv_bf16.cpp, gemm_panels32). oneDNN 3.2 runs its gemm:jit:f32 there, whose sums depend on the row count: on
 // an Intel Xeon forced to avx2 (2026-11-28) every M from 2 to 64 gave rows that differ in the last bits from the same
-// rows alone (up to 2.5e-6 in the logits), so continuous batching's rows were not those of each sequence alone
+// rows alone (up to 2.6e-6 in the logits), so continuous batching's rows were not those of each sequence alone
 // (tests/test_continuous_batching.py). From AVX-512 on it runs brgemm, whose rows agreed for every M measured (1-64).
 inline bool f32_own_panels() { return cpu_class() < CpuClass::Avx512; }
 // The AVX-512 f32 kernels (tiled attention, GELU, bf16 conversion) against their AVX2 versions.

@@ -87,6 +87,107 @@ def test_filters_never_emit_excluded_tokens():
         assert len(drawn) == len(allowed) or len(allowed) > 10
 
 
+def plain_probs(temperature, top_k, top_p, min_p, penalty, logits, seen):
+    """The filters written out directly in numpy (HF's order), one fresh array per step: the reference for
+    SamplingParams, which reuses buffers and sorts only the head of the distribution for top-p."""
+    x = np.asarray(logits, dtype=np.float64).copy()
+    if penalty is not None and seen:
+        idx = np.unique(np.asarray(seen, dtype=np.int64))
+        v = x[idx]
+        x[idx] = np.where(v > 0, v / penalty, v * penalty)
+    x /= temperature
+    if top_k is not None and top_k < x.size:
+        x[x < np.partition(x, -top_k)[-top_k]] = -np.inf
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        n_keep = int(np.searchsorted(np.cumsum(p[order]), top_p, side="left")) + 1
+        p[order[n_keep:]] = 0.0
+        p /= p.sum()
+    if min_p is not None and min_p > 0:
+        p[p < min_p * p.max()] = 0.0
+        p /= p.sum()
+    return p
+
+
+def _rows():
+    rng = np.random.default_rng(3)
+    for n in (50, 1000, 262144):
+        yield n, "normal", rng.standard_normal(n) * 3
+        yield n, "peaked", rng.standard_normal(n) * 12
+        yield n, "flat", rng.standard_normal(n) * 0.05
+        yield n, "ties", np.round(rng.standard_normal(n) * 2)  # many equal logits, at the top-k / top-p edges too
+        masked = rng.standard_normal(n).astype(np.float32) * 4
+        masked[rng.random(n) < 0.3] = -np.inf
+        yield n, "float32 with -inf", masked
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(top_k=40), dict(top_p=0.5), dict(top_p=0.9), dict(top_p=0.999), dict(top_k=64, top_p=0.95),
+    dict(min_p=0.05), dict(top_p=0.9, min_p=0.1), dict(top_k=300, top_p=0.99, min_p=0.01),
+    dict(temperature=0.7, repetition_penalty=1.3), dict(temperature=0.0, repetition_penalty=1.3),
+])
+def test_sampler_equals_plain_numpy_bit_for_bit(kw):
+    # The same distribution to the bit, and the same ids as numpy's Generator.choice(n, p=p) draws from the plain
+    # distribution with the same seed: a seed gives the same text as with the direct version.
+    kw = dict(dict(temperature=1.0), **kw)
+    seen = [1, 5, 7, 40, 5]
+    for n, name, logits in _rows():
+        sp = SamplingParams(seed=11, **kw)
+        ref = (np.eye(1, n, int(np.argmax(plain_probs(1.0, None, None, None, kw.get("repetition_penalty"), logits, seen))))[0]
+               if kw["temperature"] == 0 else
+               plain_probs(kw["temperature"], kw.get("top_k"), kw.get("top_p"), kw.get("min_p"),
+                           kw.get("repetition_penalty"), logits, seen))
+        got = sp.probs(logits, seen=seen)
+        assert np.array_equal(got, ref), (n, name, kw)
+        rng = np.random.default_rng(11)
+        for _ in range(5):
+            want = int(np.argmax(ref)) if kw["temperature"] == 0 else int(rng.choice(n, p=ref))
+            assert sp.sample(logits, seen=seen) == want, (n, name, kw)
+
+
+def test_sampler_filters_match_hf_logits_warpers():
+    # The independent reference: transformers' own processors in generate's order (repetition penalty, then
+    # temperature, top-k, top-p, min-p), softmax of what they leave.
+    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    rng = np.random.default_rng(5)
+    seen = [3, 9, 27]
+    for n, scale in ((1000, 3.0), (262144, 3.0), (262144, 0.3)):
+        logits = rng.standard_normal(n) * scale
+        for kw in (dict(top_k=50), dict(top_p=0.9), dict(top_k=100, top_p=0.8, min_p=0.05), dict(min_p=0.1),
+                   dict(top_p=0.95, repetition_penalty=1.5)):
+            procs = []
+            if kw.get("repetition_penalty"):
+                procs.append(RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"]))
+            procs.append(TemperatureLogitsWarper(0.8))
+            if kw.get("top_k"):
+                procs.append(TopKLogitsWarper(kw["top_k"]))
+            if kw.get("top_p"):
+                procs.append(TopPLogitsWarper(kw["top_p"]))
+            if kw.get("min_p"):
+                procs.append(MinPLogitsWarper(kw["min_p"]))
+            ids = torch.as_tensor([seen])
+            s = torch.as_tensor(logits[None], dtype=torch.float64)
+            for proc in procs:
+                s = proc(ids, s)
+            want = torch.softmax(s, dim=-1)[0].numpy()
+            got = SamplingParams(temperature=0.8, seed=0, **kw).probs(logits, seen=seen)
+            assert np.array_equal(got > 0, want > 0), (n, scale, kw)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_sampler_rejects_non_finite_logits():
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=0)
+    for bad in (np.array([0.0, np.nan, 1.0]), np.array([0.0, np.inf, 1.0])):
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            sp.sample(bad)
+    assert sp.sample(np.array([0.0, 50.0, 1.0])) == 1  # usable afterwards
+    with pytest.raises(ValueError, match="one non-empty row"):
+        sp.sample(np.zeros((2, 3)))
+
+
 def test_temperature_shapes_distribution():
     logits = np.array([2.0, 1.0, 0.0, -1.0])
     for T in (0.5, 1.0, 2.0):

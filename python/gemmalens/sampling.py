@@ -1,4 +1,15 @@
-"""Next-token selection: greedy, temperature, top-k, top-p, min-p, repetition penalty (HF's order and semantics)."""
+"""Next-token selection: greedy, temperature, top-k, top-p, min-p, repetition penalty (HF's order and semantics).
+
+A Gemma 3 vocabulary has 262144 entries, and a decode step of the 270M takes ~11 ms, so the sampler's passes over a
+row count: written plainly in numpy (a fresh float64 temporary per operation, a stable argsort of the whole row for
+top-p, numpy's ``Generator.choice``) one draw took 4 ms with a temperature and 33 ms with top-p. Here every pass
+over the row writes into two buffers the SamplingParams keeps, top-p sorts only the highest probabilities (those
+at or above the k-th largest, k grown until their mass reaches top_p), and the draw searches the cumulative sum of
+the ids that can still be drawn. The values and the draw are the plain version's, bit for bit: the same float64
+operations on the same arrays, and ``Generator.choice(n, p=p)``'s draw (one ``random()`` u, the first id whose
+cumulative probability over the whole row, divided by its last value, exceeds u; the ids left out add exact zeros),
+so a seed gives the same tokens.
+"""
 import numpy as np
 
 
@@ -18,45 +29,115 @@ class SamplingParams:
         self.top_k, self.top_p, self.min_p = top_k, top_p, min_p
         self.repetition_penalty = repetition_penalty
         self.rng = np.random.default_rng(seed)
+        self._x = self._p = None  # float64 work rows, reused from draw to draw
 
     @property
     def greedy(self):
         return self.temperature == 0.0
 
-    def probs(self, logits, seen=None):
-        """Filtered next-token distribution (float64) for one row of logits; `seen`: ids for the penalty."""
-        x = np.asarray(logits, dtype=np.float64).copy()
+    def _penalised(self, logits, seen):
+        """The row as float64 in the first work buffer, the repetition penalty applied."""
+        logits = np.asarray(logits)
+        if logits.ndim != 1 or logits.size == 0:
+            raise ValueError(f"sampling takes one non-empty row of logits, got shape {logits.shape}")
+        if self._x is None or self._x.size != logits.size:
+            self._x, self._p = np.empty(logits.size), np.empty(logits.size)
+        x = self._x
+        np.copyto(x, logits, casting="unsafe")
         if self.repetition_penalty is not None and self.repetition_penalty != 1.0 and seen is not None and len(seen):
             idx = np.unique(np.asarray(seen, dtype=np.int64))
             v = x[idx]
             x[idx] = np.where(v > 0, v / self.repetition_penalty, v * self.repetition_penalty)
+        return x
+
+    def _filtered(self, logits, seen):
+        """The filtered distribution (float64, in the second work buffer: valid until the next call) and the ids it
+        can be nonzero at (ascending), or None where that may be any id."""
+        x = self._penalised(logits, seen)
+        p = self._p
         if self.greedy:
-            p = np.zeros_like(x)
+            p.fill(0.0)
             p[int(np.argmax(x))] = 1.0
-            return p
-        x /= self.temperature
-        if self.top_k is not None and self.top_k < x.size:
-            kth = np.partition(x, -self.top_k)[-self.top_k]
-            x[x < kth] = -np.inf
-        p = np.exp(x - x.max())
-        p /= p.sum()
+            return p, None
+        if self.temperature != 1.0:
+            x /= self.temperature
+        n = x.size
+        support = None
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, refused just below
+            if self.top_k is not None and self.top_k < n:
+                np.copyto(p, x)
+                p.partition(n - self.top_k)
+                kth = p[n - self.top_k]
+                support = np.flatnonzero(x >= kth)  # the top k and any tie with the k-th (NaN compares false)
+                # the others' logits are -inf: exp gives them exact zeros, written directly
+                p.fill(0.0)
+                p[support] = np.exp(x[support] - x.max())
+            else:
+                np.subtract(x, x.max(), out=p)
+                np.exp(p, out=p)
+        total = p.sum()
+        if not np.isfinite(total) or total <= 0:
+            raise ValueError("the logits hold NaN or infinity: no distribution to sample from")
+        p /= total
         if self.top_p is not None and self.top_p < 1.0:
-            order = np.argsort(-p, kind="stable")
-            cum = np.cumsum(p[order])
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
-            n_keep = int(np.searchsorted(cum, self.top_p, side="left")) + 1
-            drop = order[n_keep:]
-            p[drop] = 0.0
-            p /= p.sum()
+            keep = _nucleus(p, self.top_p, support, self._x)
+            vals = p[keep]
+            p.fill(0.0)
+            p[keep] = vals
+            support = np.sort(keep)
+            p[support] /= p.sum()
         if self.min_p is not None and self.min_p > 0:
-            p[p < self.min_p * p.max()] = 0.0
-            p /= p.sum()
-        return p
+            thr = self.min_p * p.max()
+            if support is None:  # the ids at or above the threshold become the support
+                support = np.flatnonzero(p >= thr)
+                vals = p[support]
+                p.fill(0.0)
+                p[support] = vals
+            else:
+                p[support[p[support] < thr]] = 0.0
+            p[support] /= p.sum()
+        return p, support
+
+    def probs(self, logits, seen=None):
+        """Filtered next-token distribution (float64, a new array) for one row of logits; `seen`: ids for the penalty."""
+        return self._filtered(logits, seen)[0].copy()
 
     def sample(self, logits, seen=None):
         if self.greedy and (self.repetition_penalty in (None, 1.0)):
             return int(np.argmax(logits))
-        p = self.probs(logits, seen)
+        p, support = self._filtered(logits, seen)
         if self.greedy:
             return int(np.argmax(p))
-        return int(self.rng.choice(p.size, p=p))
+        # Generator.choice(p.size, p=p): cdf = cumsum(p) / its last value, the first id whose cdf exceeds one
+        # random() draw. Over `support` only: the ids outside it add zeros, so its entries' sums are the same.
+        u = self.rng.random()
+        if support is None:
+            cdf = np.cumsum(p, out=self._x)
+            cdf /= cdf[-1]
+            return int(np.searchsorted(cdf, u, side="right"))
+        cdf = np.cumsum(p[support])
+        cdf /= cdf[-1]
+        return int(support[np.searchsorted(cdf, u, side="right")])
+
+
+def _nucleus(p, top_p, support, scratch):
+    """The ids top-p keeps: the shortest prefix of the ids in order of decreasing p (ties by id) whose mass reaches
+    top_p, at least one. Sorts the k largest (and their ties) only, k grown until their mass reaches top_p: they are
+    the order's first ids, so their running sum is the whole order's. scratch: a float64 row of p's size."""
+    vals = p if support is None else p[support]
+    n = vals.size
+    k = 256
+    while True:
+        if k >= n:
+            cand = np.arange(n)
+        else:
+            part = scratch[:n]
+            np.copyto(part, vals)
+            part.partition(n - k)
+            cand = np.flatnonzero(vals >= part[n - k])  # the k largest and their ties, ascending
+        order = cand[np.argsort(-vals[cand], kind="stable")]  # the stable sort breaks ties by id
+        cum = np.cumsum(vals[order])
+        if k >= n or cum[-1] >= top_p:
+            ids = order[: int(np.searchsorted(cum, top_p, side="left")) + 1]
+            return ids if support is None else support[ids]
+        k *= 8

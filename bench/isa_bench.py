@@ -15,8 +15,10 @@ import subprocess
 import sys
 
 # gemmalens in a child: f32 and bf16 prefill, then bf16 and int8 (bf16 compute, the CLI's fast mode) prefill and
-# decode. Prefill: median of `repeats` runs of T tokens (last-position logits); decode: n_new steps after a
-# ctx-token prompt, best of `repeats`. Each decode run sits between two streaming-bandwidth measurements (256 MiB on
+# decode. Prefill: median of `repeats` runs of T tokens (last-position logits); f32 and bf16 are both loaded and their
+# runs alternate (3 x repeats each, the order swapped every pair), and the median of the pairs' bf16 / f32 speed
+# ratios is reported beside them: the VM's drift falls on both. Decode: n_new steps after a ctx-token prompt, best of
+# `repeats`. Each decode run sits between two streaming-bandwidth measurements (256 MiB on
 # huge pages, best of 3): its fraction of the bandwidth bound is its bytes per second over their mean, so that the
 # machine's drift (this VM's bandwidth moves 1.6x within minutes) falls on both; the median fraction is reported.
 _OURS = r"""
@@ -25,34 +27,46 @@ import numpy as np
 import gemmalens as gl
 path, threads, repeats, T, ctx, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 out = {"info": gl.cpu_info()}
-for name, dtype, weights in (("f32", "float32", "native"), ("bf16", "bfloat16", "native"), ("int8", "bfloat16", "int8")):
-    m = gl.load(path, dtype=dtype, weights=weights, threads=threads, progress=False)
-    toks = np.random.default_rng(0).integers(4, 200000, T).tolist()
+toks = np.random.default_rng(0).integers(4, 200000, T).tolist()
+pair = {n: gl.load(path, dtype=d, weights="native", threads=threads, progress=False) for n, d in (("f32", "float32"), ("bf16", "bfloat16"))}
+pt = {n: m.to_tokens(toks) for n, m in pair.items()}
+for n, m in pair.items():
+    m.next_token_logits(pt[n])
+pts = {"f32": [], "bf16": []}
+for i in range(3 * repeats):
+    for n in (("f32", "bf16") if i % 2 == 0 else ("bf16", "f32")):
+        t0 = time.perf_counter(); pair[n].next_token_logits(pt[n]); pts[n].append(time.perf_counter() - t0)
+out["bf16_over_f32"] = statistics.median(a / b for a, b in zip(pts["f32"], pts["bf16"]))
+out["f32"] = [T / statistics.median(pts["f32"]), None, pair["f32"].weight_nbytes]
+del pair
+for name, weights in (("bf16", "native"), ("int8", "int8")):
+    m = gl.load(path, dtype="bfloat16", weights=weights, threads=threads, progress=False)
     t = m.to_tokens(toks)
     m.next_token_logits(t)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); m.next_token_logits(t); ts.append(time.perf_counter() - t0)
-    pf = T / statistics.median(ts)
-    dec = None
-    if name != "f32":
-        def run():
-            cache = m.new_cache(max_seq_len=ctx + n_new + 2)
-            m.next_token_logits(m.to_tokens(toks[:ctx]), cache=cache)
-            step = m.to_tokens([toks[0]])
-            m.next_token_logits(step, cache=cache)
-            t0 = time.perf_counter()
-            for _ in range(n_new):
-                m.next_token_logits(step, cache=cache)
-            return time.perf_counter() - t0
-        runs, fracs = [], []
+    if name == "bf16":
+        pf = T / statistics.median(pts["bf16"])
+    else:
+        ts = []
         for _ in range(repeats):
-            b0 = gl._core._testing.read_bandwidth(1 << 28, 3)
-            runs.append(run())
-            b1 = gl._core._testing.read_bandwidth(1 << 28, 3)
-            fracs.append(n_new / runs[-1] * m.weight_nbytes / ((b0 + b1) / 2))
-        dec = n_new / min(runs)
-        out[name + "_bound"] = statistics.median(fracs)
+            t0 = time.perf_counter(); m.next_token_logits(t); ts.append(time.perf_counter() - t0)
+        pf = T / statistics.median(ts)
+    def run():
+        cache = m.new_cache(max_seq_len=ctx + n_new + 2)
+        m.next_token_logits(m.to_tokens(toks[:ctx]), cache=cache)
+        step = m.to_tokens([toks[0]])
+        m.next_token_logits(step, cache=cache)
+        t0 = time.perf_counter()
+        for _ in range(n_new):
+            m.next_token_logits(step, cache=cache)
+        return time.perf_counter() - t0
+    runs, fracs = [], []
+    for _ in range(repeats):
+        b0 = gl._core._testing.read_bandwidth(1 << 28, 3)
+        runs.append(run())
+        b1 = gl._core._testing.read_bandwidth(1 << 28, 3)
+        fracs.append(n_new / runs[-1] * m.weight_nbytes / ((b0 + b1) / 2))
+    dec = n_new / min(runs)
+    out[name + "_bound"] = statistics.median(fracs)
     out[name] = [pf, dec, m.weight_nbytes]
     del m
 print(json.dumps(out))
@@ -152,17 +166,18 @@ def section(table_rows, threads):
 
     text = ("### CPU classes (real 270M Q4_K_M GGUF; gemmalens forced to each class with GEMMALENS_MAX_ISA; prefill "
             "512 tokens, decode at context 128, batch 1, tok/s)\n\n"
-            "| class | bf16 matmuls | int8 kernels | f32 prefill | bf16 prefill | int8 prefill | llama.cpp prefill | "
+            "| class | bf16 matmuls | int8 kernels | f32 prefill | bf16 prefill | bf16 / f32 prefill, alternated | "
+            "int8 prefill | llama.cpp prefill | "
             "bf16 / llama.cpp | int8 / llama.cpp | bf16 decode | int8 decode | llama.cpp decode | bf16 / llama.cpp | "
             "int8 / llama.cpp | llama.cpp on BF16: prefill / decode | bf16 / llama.cpp on BF16: prefill / decode | "
             "bf16 / int8 decode of the bandwidth bound | llama.cpp build |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for cls, o, t, build in table_rows:
         i = o["info"]
         lp, ld = (t["prefill"], t["decode"]) if t else (None, None)
         bp, bd = (t["bf16"]["prefill"], t["bf16"]["decode"]) if t else (None, None)
         text += (f"| {cls} | {i['bf16_matmul']} | {i['int8']} | {o['f32'][0]:.0f} | {o['bf16'][0]:.0f} | "
-                 f"{o['int8'][0]:.0f} | {f'{lp:.0f}' if lp else '-'} | {r(o['bf16'][0], lp)} | {r(o['int8'][0], lp)} | "
+                 f"{o['bf16_over_f32']:.3f} | {o['int8'][0]:.0f} | {f'{lp:.0f}' if lp else '-'} | {r(o['bf16'][0], lp)} | {r(o['int8'][0], lp)} | "
                  f"{o['bf16'][1]:.1f} | {o['int8'][1]:.1f} | {f'{ld:.1f}' if ld else '-'} | {r(o['bf16'][1], ld)} | "
                  f"{r(o['int8'][1], ld)} | {f'{bp:.0f} / {bd:.1f}' if t else '-'} | "
                  f"{r(o['bf16'][0], bp)} / {r(o['bf16'][1], bd)} | {bound(o, 'bf16')} / {bound(o, 'int8')} | "
@@ -173,7 +188,8 @@ def section(table_rows, threads):
              "at Q8_0, against bf16's 2: a decode step of bf16 weights reads 2.1x the bytes), and, for the bf16 rows' like-for-like peer, on a BF16 GGUF of "
              "the same shapes (random weights, written by bench/longctx_bench.py; the time does not depend on the values). Every class runs on this one CPU, forced down: a "
              "real CPU of a lower class has its own cache sizes and bandwidth. llama.cpp picks its kernels when it is "
-             "compiled; the last column says which build ran and the ISA it was compiled for. Bandwidth bound: a decode run's "
+             "compiled; the last column says which build ran and the ISA it was compiled for. f32 and bf16 prefill: both models "
+             "loaded in one process, their runs alternated; the ratio column is the median of the pairs' ratios. Bandwidth bound: a decode run's "
              "weight bytes per second (every weight byte is read once per token: the layers and the tied embedding as "
              "the LM head; the KV cache at context 128 is under 1% of them) over the streaming read bandwidth measured "
              "just before and just after that run (`_core._testing.read_bandwidth`, 256 MiB on huge pages as the "

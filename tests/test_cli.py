@@ -67,9 +67,9 @@ def _run(capsys, *argv):
 
 
 def test_cli_temperature_and_seed_sample_as_the_python_api(cli_dir, capsys):
-    """--temperature / --top-k / --top-p / --seed: the same seed gives the same text, other seeds other texts, and
-    each equals gl.load(...).generate with those arguments in the CLI's mode (bf16; an HF folder's weights stay
-    native under --weights auto). Temperature 0 is greedy whatever the seed."""
+    """--temperature / --top-k / --top-p / --min-p / --repetition-penalty / --seed: the same seed gives the same
+    text, other seeds other texts, and each equals gl.load(...).generate with those arguments in the CLI's mode
+    (bf16; an HF folder's weights stay native under --weights auto). Temperature 0 is greedy whatever the seed."""
     api = gl.load(cli_dir, dtype="bfloat16")
     prompt, n = "hello world", 12
     base = ["--model", cli_dir, "--max-new-tokens", str(n)]
@@ -82,7 +82,12 @@ def test_cli_temperature_and_seed_sample_as_the_python_api(cli_dir, capsys):
     assert len(set(texts.values())) >= 3
     filtered, _ = _run(capsys, *base, "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--seed", "3", prompt)
     assert filtered == api.generate(prompt, max_new_tokens=n, temperature=0.7, top_k=5, top_p=0.9, seed=3) + "\n"
+    min_p, _ = _run(capsys, *base, "--temperature", "1.3", "--min-p", "0.2", "--seed", "5", prompt)
+    assert min_p == api.generate(prompt, max_new_tokens=n, temperature=1.3, min_p=0.2, seed=5) + "\n"
     greedy = api.generate(prompt, max_new_tokens=n)
+    penalised, _ = _run(capsys, *base, "--repetition-penalty", "4", prompt)
+    assert penalised == api.generate(prompt, max_new_tokens=n, repetition_penalty=4.0) + "\n"
+    assert penalised != greedy + "\n"  # the greedy text repeats tokens (a tiny random model's does)
     assert greedy + "\n" not in texts.values()
     for seed in ("1", "2"):
         assert _run(capsys, *base, "--seed", seed, prompt)[0] == greedy + "\n"

@@ -30,6 +30,11 @@ def _parser():
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens below this fraction of the most likely one's probability")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="HF's: the logits of tokens already in the prompt or the output divided by it (multiplied "
+                        "when negative); 1 = off")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="bfloat16 (default here): bf16 weights and matmul inputs, f32 activations; float32: the "
@@ -197,7 +202,8 @@ def _generate(args):
     first = None
     n = 0
     for piece in model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True):
+                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed, stream=True):
         if first is None:
             first = time.perf_counter()
         n += 1

@@ -51,25 +51,20 @@ print(json.dumps(out))
 """
 
 
-def plain_sample(rng, logits, temperature, top_k=None, top_p=None, min_p=None):
-    """The filters written directly (gemmalens before 2026-11-28): the reference of tests/test_generation.py."""
-    x = np.asarray(logits, dtype=np.float64).copy()
+def _plain_probs():
+    """tests/sampling_reference.py: the filters written directly (gemmalens before 2026-11-28)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from sampling_reference import plain_probs
+
+    return plain_probs
+
+
+def plain_sample(rng, logits, temperature, top_k=None, top_p=None, min_p=None, plain_probs=None):
+    """A draw through the direct filters (plain_probs) and numpy's Generator.choice."""
+    plain_probs = plain_probs or _plain_probs()
     if temperature == 0:
-        return int(np.argmax(x))
-    x /= temperature
-    if top_k is not None and top_k < x.size:
-        x[x < np.partition(x, -top_k)[-top_k]] = -np.inf
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    if top_p is not None and top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        n_keep = int(np.searchsorted(np.cumsum(p[order]), top_p, side="left")) + 1
-        p[order[n_keep:]] = 0.0
-        p /= p.sum()
-    if min_p is not None and min_p > 0:
-        p[p < min_p * p.max()] = 0.0
-        p /= p.sum()
-    return int(rng.choice(p.size, p=p))
+        return int(np.argmax(np.asarray(logits, dtype=np.float64)))
+    return int(rng.choice(len(logits), p=plain_probs(temperature, top_k, top_p, min_p, None, logits, None)))
 
 
 def main():
@@ -83,6 +78,7 @@ def main():
     from gemmalens.sampling import SamplingParams
 
     path = _resolve_demo("gemma3-270m")
+    plain = _plain_probs()
     rows = {}
     for mode, kw in (("int8", dict(dtype="bfloat16", weights="int8")), ("bf16", dict(dtype="bfloat16"))):
         m = gl.load(path, threads=args.threads, progress=False, **kw)
@@ -97,7 +93,8 @@ def main():
             rows.setdefault(label, {})[mode] = best
             if mode == "int8":
                 sp, rng = SamplingParams(seed=0, **s), np.random.default_rng(0)
-                for name, f in (("ours", lambda: sp.sample(logits)), ("plain", lambda: plain_sample(rng, logits, **s))):
+                for name, f in (("ours", lambda: sp.sample(logits)),
+                                ("plain", lambda: plain_sample(rng, logits, plain_probs=plain, **s))):
                     f()
                     t0 = time.perf_counter()
                     for _ in range(20):

@@ -94,6 +94,17 @@ def test_cli_temperature_and_seed_sample_as_the_python_api(cli_dir, capsys):
         assert _run(capsys, *base, "--temperature", "0", "--seed", seed, prompt)[0] == greedy + "\n"
 
 
+@pytest.mark.parametrize("flag,value,msg", [
+    ("--min-p", "2", "min_p must be in [0, 1]"),
+    ("--repetition-penalty", "0", "repetition_penalty must be > 0"),
+    ("--top-p", "0", "top_p must be in (0, 1]"),
+])
+def test_cli_bad_sampling_values_are_named(cli_dir, capsys, flag, value, msg):
+    capsys.readouterr()
+    assert main(["generate", "--model", cli_dir, "--max-new-tokens", "4", flag, value, "hello"]) == 1
+    assert f"gemmalens: error: {msg}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cli_dtype(cli_dir, capsys, dtype):
     """--dtype picks the compute mode (said by --verbose) and the text is the Python API's in that mode."""

@@ -163,6 +163,18 @@ def test_sampler_rejects_non_finite_logits():
     assert sp.sample(np.array([0.0, 50.0, 1.0])) == 1  # usable afterwards
     with pytest.raises(ValueError, match="one non-empty row"):
         sp.sample(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="one non-empty row"):  # the greedy shortcut checks it too
+        SamplingParams(temperature=0.0).sample(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampler_refuses_seen_ids_outside_the_row(temperature):
+    # A negative id would otherwise penalise a token counted from the end, a too-large one raise an IndexError.
+    sp = SamplingParams(temperature=temperature, repetition_penalty=1.5, seed=0)
+    for seen in ([1, -1], [1, 4]):
+        with pytest.raises(ValueError, match="outside the row's"):
+            sp.sample(np.array([0.0, 1.0, 2.0, 3.0]), seen=seen)
+    assert sp.sample(np.array([0.0, 1.0, 9.0, 3.0]), seen=[0, 3]) in range(4)  # usable afterwards
 
 
 def test_temperature_shapes_distribution():

@@ -37,15 +37,16 @@ class SamplingParams:
 
     def _penalised(self, logits, seen):
         """The row as float64 in the first work buffer, the repetition penalty applied."""
-        logits = np.asarray(logits)
-        if logits.ndim != 1 or logits.size == 0:
-            raise ValueError(f"sampling takes one non-empty row of logits, got shape {logits.shape}")
+        logits = _row(logits)
         if self._x is None or self._x.size != logits.size:
             self._x, self._p = np.empty(logits.size), np.empty(logits.size)
         x = self._x
         np.copyto(x, logits, casting="unsafe")
         if self.repetition_penalty is not None and self.repetition_penalty != 1.0 and seen is not None and len(seen):
             idx = np.unique(np.asarray(seen, dtype=np.int64))
+            if idx[0] < 0 or idx[-1] >= x.size:
+                raise ValueError(f"seen holds token id {idx[0] if idx[0] < 0 else idx[-1]}, outside the row's "
+                                 f"[0, {x.size}): pass the ids of the prompt and of the tokens generated so far")
             v = x[idx]
             x[idx] = np.where(v > 0, v / self.repetition_penalty, v * self.repetition_penalty)
         return x
@@ -80,19 +81,12 @@ class SamplingParams:
             raise ValueError("the logits hold NaN or infinity: no distribution to sample from")
         p /= total
         if self.top_p is not None and self.top_p < 1.0:
-            keep = _nucleus(p, self.top_p, support, self._x)
-            vals = p[keep]
-            p.fill(0.0)
-            p[keep] = vals
-            support = np.sort(keep)
+            support = _keep_only(p, np.sort(_nucleus(p, self.top_p, support, self._x)))
             p[support] /= p.sum()
         if self.min_p is not None and self.min_p > 0:
             thr = self.min_p * p.max()
             if support is None:  # the ids at or above the threshold become the support
-                support = np.flatnonzero(p >= thr)
-                vals = p[support]
-                p.fill(0.0)
-                p[support] = vals
+                support = _keep_only(p, np.flatnonzero(p >= thr))
             else:
                 p[support[p[support] < thr]] = 0.0
             p[support] /= p.sum()
@@ -104,7 +98,7 @@ class SamplingParams:
 
     def sample(self, logits, seen=None):
         if self.greedy and (self.repetition_penalty in (None, 1.0)):
-            return int(np.argmax(logits))
+            return int(np.argmax(_row(logits)))
         p, support = self._filtered(logits, seen)
         if self.greedy:
             return int(np.argmax(p))
@@ -118,6 +112,21 @@ class SamplingParams:
         cdf = np.cumsum(p[support])
         cdf /= cdf[-1]
         return int(support[np.searchsorted(cdf, u, side="right")])
+
+
+def _row(logits):
+    logits = np.asarray(logits)
+    if logits.ndim != 1 or logits.size == 0:
+        raise ValueError(f"sampling takes one non-empty row of logits, got shape {logits.shape}")
+    return logits
+
+
+def _keep_only(p, ids):
+    """p zero outside `ids` (in place); returns ids."""
+    vals = p[ids]
+    p.fill(0.0)
+    p[ids] = vals
+    return ids
 
 
 def _nucleus(p, top_p, support, scratch):

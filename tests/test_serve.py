@@ -88,6 +88,33 @@ def test_models_health_and_greedy_completions_equal_generate(env):
         model.generate("the cat", max_new_tokens=6), model.generate("hello", max_new_tokens=6)]
 
 
+def test_stop_strings_late_in_a_long_generation(env):
+    """Text is kept id by id (Tokenizer.decoder) and a stop string is looked for near the text's new end only: stop
+    strings met after 100+ tokens, across the decoder's settled head, end generate's text and the server's where
+    they first occur in the free text; a stream hands out nothing that the stop string then cuts."""
+    srv, model, _ = env
+    client = srv.openai()
+    n = 160
+    kw = dict(max_new_tokens=n, ignore_eos=True, temperature=1.0, seed=5)  # sampled: a random model's greedy text repeats
+    free = model.generate("the cat", **kw)
+    ids = model.generate(model.tokenizer.encode("the cat"), **kw)
+    assert len(ids) == n and free == model.tokenizer.decode(ids, skip_special_tokens=True)
+    checked = 0
+    # (start, length): short stop strings, and one longer than the decoder's tail of ids, so that it begins inside
+    # the settled head when its last character comes
+    for c, k in ((len(free) // 2, 4), (3 * len(free) // 4, 4), (len(free) - 6, 4), (len(free) // 3, len(free) // 3)):
+        stop = free[c:c + k]
+        want = free[:free.find(stop)]
+        checked += len(want) > len(free) // 3  # a stop string first met late
+        assert model.generate("the cat", stop=[stop], **kw) == want
+        assert "".join(model.generate("the cat", stop=["@@@", stop], stream=True, **kw)) == want
+        for stream in (False, True):
+            r = client.completions.create(model="model", prompt="the cat", max_tokens=n, temperature=1.0, seed=5,
+                                          stop=[stop], stream=stream, extra_body={"ignore_eos": True})
+            assert ("".join(c.choices[0].text for c in r) if stream else r.choices[0].text) == want
+    assert checked >= 2
+
+
 def test_chat_sampling_stop_n_and_logprobs_equal_the_library(env):
     srv, model, _ = env
     client = srv.openai()

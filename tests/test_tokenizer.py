@@ -107,3 +107,73 @@ def test_bad_tokenizer_file(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="SentencePiece"):
         gl.Tokenizer(str(tmp_path / "bad.model"))
+
+
+def _check_incremental(tok, ids, skip, bounded=True):
+    """IncrementalDecoder.push gives tok.decode of every prefix, and its settled head never changes afterwards;
+    bounded: it never decodes more than a tail's worth of ids at once (no fall back to the whole list)."""
+    dec = tok.decoder(skip_special_tokens=skip)
+    longest = []
+    decode = tok.decode
+    dec._tok = type("Counting", (), dict(decode=lambda self, x, s=False: longest.append(len(x)) or decode(x, s),
+                                         vocab_size=tok.vocab_size, _sp=tok._sp))()
+    seen = []
+    for k, i in enumerate(ids):
+        settled, before = dec.settled, dec.text
+        text = dec.push(i)
+        assert text == tok.decode(ids[:k + 1], skip_special_tokens=skip), (k, ids[max(0, k - 20):k + 1])
+        assert text[:settled] == before[:settled]
+        seen.append(text)
+    if bounded:  # a tail that cannot end inside a run of byte pieces: at most 2 TAIL + the longest run
+        run = longest_run = 0
+        for i in ids:
+            run = run + 1 if tok._sp.IsByte(i) else 0
+            longest_run = max(longest_run, run)
+        assert max(longest) <= 2 * dec._TAIL + dec._CONTEXT + longest_run
+    return seen
+
+
+def test_incremental_decoder_equals_decode_of_every_prefix(spm_dir, tmp_path):
+    import numpy as np
+    import sentencepiece as spm
+
+    tok = gl.Tokenizer(str(spm_dir / "tokenizer.model"))
+    byte_ids = [i for i in range(tok.vocab_size) if tok._sp.IsByte(i)]
+    special = sorted(tok._special_ids)
+    rng = np.random.default_rng(0)
+    # real text (multi-byte characters as byte-fallback runs), then random ids: long runs of byte pieces (invalid
+    # and incomplete UTF-8 included) across the points where the settled head moves, special tokens between them
+    text_ids = tok.encode(" ".join(CORPUS) * 3, add_bos=False)
+    for skip in (False, True):
+        _check_incremental(tok, text_ids, skip)
+        for trial in range(12):
+            ids = []
+            while len(ids) < 150:
+                kind = rng.integers(3)
+                if kind == 0:
+                    ids += list(rng.choice(byte_ids, size=int(rng.integers(1, 40))))
+                elif kind == 1:
+                    ids += [int(rng.choice(special))]
+                else:
+                    ids += list(rng.integers(0, tok.vocab_size, size=int(rng.integers(1, 20))))
+            _check_incremental(tok, [int(i) for i in ids], skip)
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decoder().push(tok.vocab_size)
+    # a tokenizer that strips the leading space of the text's first piece (add_dummy_prefix): the tail's context
+    # keeps the result exact
+    (tmp_path / "c.txt").write_text("\n".join(CORPUS[:8] * 20))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "dp"), vocab_size=600,
+                                   model_type="bpe", byte_fallback=True, add_dummy_prefix=True, minloglevel=2)
+    tok2 = gl.Tokenizer(str(tmp_path / "dp.model"))
+    ids2 = tok2.encode(" ".join(CORPUS[:8]) * 3, add_bos=False)
+    assert tok2.decode(ids2[:1]) != tok2.id_to_piece(ids2[0]).replace("\u2581", " ")  # it does strip
+    _check_incremental(tok2, ids2, True)
+
+
+def test_incremental_decoder_on_the_real_tokenizer(real_gguf_path):
+    """The real 270M's tokenizer (262144 pieces): its own greedy continuation and a stretch of multi-byte text."""
+    model = gl.load(real_gguf_path, dtype="bfloat16", weights="int8")
+    tok = model.tokenizer
+    ids = model.generate(tok.encode("A short story about a robot: "), max_new_tokens=120, ignore_eos=True)
+    ids = [int(i) for i in ids] + tok.encode("café 東京 😀🚀 ∑∫√ €" * 4, add_bos=False)
+    _check_incremental(tok, ids, True)

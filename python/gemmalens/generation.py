@@ -90,7 +90,7 @@ def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_
         raise ValueError("stream=True takes a single prompt")
     gen = _run(model, req, max_new_tokens, params, stop_ids, stop_strs)
     if stream:
-        return _stream(model, req, gen)
+        return _stream(model, req, gen, stop_strs)
     outs = None
     for outs in gen:
         pass
@@ -105,17 +105,33 @@ def _finish(model, req, out):
     return np.asarray(ids, dtype=np.int64)
 
 
-def _stream(model, req, gen):
+def safe_end(text, sent, stop_strs):
+    """How much of a running sequence's text can be handed out (generate's stream, gemmalens serve): not a piece ending inside a multi-byte character
+    (byte-fallback tokens decode to U+FFFD until the character is complete), nor a tail that may begin a stop string."""
+    end = len(text)
+    while end > sent and text[end - 1] == "\ufffd":
+        end -= 1
+    for stop in stop_strs:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text.endswith(stop[:k], 0, end):
+                end -= k
+                break
+    return max(end, sent)
+
+
+def _stream(model, req, gen, stop_strs):
     sent = 0
     emitted_ids = 0
     text = None
     for outs in gen:
         ids, text = outs[0]
         if req.text:
-            # hold back a piece that ends inside a multi-byte character (byte-fallback tokens)
-            if text is not None and len(text) > sent and not text.endswith("\ufffd"):
-                yield text[sent:]
-                sent = len(text)
+            # hold back a piece that ends inside a multi-byte character (byte-fallback tokens) or may begin a stop
+            # string (the next token may complete it, and the text is then cut before it)
+            end = safe_end(text, sent, stop_strs)
+            if end > sent:
+                yield text[sent:end]
+                sent = end
         else:
             for t in ids[emitted_ids:]:
                 yield t
@@ -141,11 +157,16 @@ def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
     # 4b/12b/27b: 262208 rows, 262144 pieces); those rows are never sampled then. Ids out keep every row, as HF.
     n_text = len(tok) if tok is not None and (req.text or stop_strs) else None
 
-    def update_text(b):
-        if req.text or stop_strs:
-            texts[b] = tok.decode(new[b], skip_special_tokens=True)
+    # each row's text kept up to date id by id (decoding the whole row per step cost O(n) a step)
+    decoders = [tok.decoder(skip_special_tokens=True) if req.text or stop_strs else None for _ in range(B)]
+
+    def update_text(b, t):
+        dec = decoders[b]
+        if dec is not None:
+            settled = dec.settled  # text[:settled] was searched at earlier steps and does not change
+            texts[b] = dec.push(t)
             for s in stop_strs:
-                k = texts[b].find(s)
+                k = texts[b].find(s, max(0, settled - len(s) + 1))
                 if k >= 0:
                     texts[b] = texts[b][:k]
                     done[b] = True
@@ -174,7 +195,7 @@ def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
                     new[b].append(t)  # ids out: the stop token is returned, as HF does
                 continue
             new[b].append(t)
-            update_text(b)
+            update_text(b, t)
         yield [(new[b], texts[b]) for b in range(B)]
         if all(done) or step == max_new_tokens - 1:
             return

@@ -101,6 +101,11 @@ class Tokenizer:
             out.append(self._sp.DecodeIds(run))
         return "".join(out)
 
+    def decoder(self, skip_special_tokens=False):
+        """An :class:`IncrementalDecoder`: ``decode(ids)`` of a growing list of ids, kept up to date one id at a time
+        at a cost that does not grow with the list (what streaming generation and ``gemmalens serve`` need)."""
+        return IncrementalDecoder(self, skip_special_tokens)
+
     def serialized_proto(self):
         """The SentencePiece ModelProto bytes (what a tokenizer.model file holds)."""
         return self._sp.serialized_model_proto()
@@ -229,3 +234,71 @@ class Tokenizer:
         ns.remove_extra_whitespaces = False
         ns.escape_whitespaces = True
         return cls(model_proto=m.SerializeToString())
+
+
+class IncrementalDecoder:
+    """``tok.decode(ids, skip_special_tokens)`` of ids pushed one at a time, without decoding the whole list per id.
+
+    >>> dec = tok.decoder(skip_special_tokens=True)
+    >>> for i in ids:
+    ...     text = dec.push(i)      # == tok.decode(ids[:k + 1], skip_special_tokens=True)
+
+    Decoding every id's whole prefix costs O(n) per id (0.4 ms at 2000 ids on the 270M's tokenizer), so a long
+    generation spent O(n^2) in it. Here the text is kept as a settled head, ``decode(ids[:k])``, plus the decode of the
+    last ids; the head moves forward in steps while the tail is kept a few ids long. SentencePiece writes each piece's
+    text in turn ("▁" as a space), except that a run of byte pieces (<0xE2><0x82><0xAC>) becomes one UTF-8 string,
+    U+FFFD where it is incomplete, so the head only ever ends after a piece that is not a byte piece. Each tail is
+    decoded with a few settled ids before it as context (what HF's and vLLM's incremental detokenisers do:
+    "prefix_offset"), and the context's own text is cut from its front; where the tail's text does not begin with the
+    context's (a tokenizer that rewrites across pieces), the whole list is decoded instead, so the result is always
+    ``decode(ids)``.
+
+    ``settled``: the length of the text's part no later id can change (a stop string's search can start near it).
+    """
+
+    _CONTEXT = 4   # settled ids decoded before the tail for context
+    _TAIL = 16     # the head moves on when the tail holds twice this many ids
+
+    def __init__(self, tokenizer, skip_special_tokens=False):
+        self._tok = tokenizer
+        self._skip = bool(skip_special_tokens)
+        self.ids = []
+        self.text = ""
+        self._k = 0          # the head is decode(ids[:k])
+        self._head = ""
+
+    @property
+    def settled(self):
+        return len(self._head)
+
+    def _tail_text(self, end):
+        """decode(ids[:end]) - decode(ids[:k]) for end >= k, or None where that cannot be had from the tail alone."""
+        s = max(0, self._k - self._CONTEXT)
+        ctx = self._tok.decode(self.ids[s:self._k], self._skip)
+        tail = self._tok.decode(self.ids[s:end], self._skip)
+        if s == 0 and self._k == 0:
+            return tail
+        return tail[len(ctx):] if tail.startswith(ctx) else None
+
+    def push(self, i):
+        """Appends id i; returns the decode of every id pushed so far."""
+        i = int(i)
+        if i < 0 or i >= self._tok.vocab_size:
+            raise ValueError(f"decode: token id {i} is out of range [0, {self._tok.vocab_size})")
+        self.ids.append(i)
+        n = len(self.ids)
+        if n - self._k >= 2 * self._TAIL:
+            # move the head to n - TAIL, or back to the nearest point after a piece that is not a byte piece
+            k = n - self._TAIL
+            while k > self._k and self._tok._sp.IsByte(self.ids[k - 1]):
+                k -= 1
+            if k > self._k:
+                part = self._tail_text(k)
+                if part is None:
+                    self._head = self._tok.decode(self.ids[:k], self._skip)
+                else:
+                    self._head += part
+                self._k = k
+        part = self._tail_text(n)
+        self.text = self._head + part if part is not None else self._tok.decode(self.ids, self._skip)
+        return self.text

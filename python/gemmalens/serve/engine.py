@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from ..generation import safe_end
 from ..hooks import build_hookset
 from ..sampling import SamplingParams
 
@@ -34,6 +35,7 @@ class Sequence:
         self.sampled = []                    # every sampled id (a stop id included): generate(ids)'s output
         self.new = []                        # the ids whose text is the output (a stop id excluded)
         self.text = ""                       # their text, cut at a stop string
+        self.decoder = None                  # the tokenizer's IncrementalDecoder of new (made at the first id)
         self.sent = 0                        # characters of text already handed out
         self.pending = []                    # logprob entries not yet handed out
         self.row = None                      # batch cache row while running
@@ -321,15 +323,18 @@ class Engine:
             s.new.append(t)
             if req.logprobs is not None:
                 s.pending.append(_logprob_entry(logits, t, req.logprobs))
-            s.text = tok.decode(s.new, skip_special_tokens=True)
+            if s.decoder is None:
+                s.decoder = tok.decoder(skip_special_tokens=True)
+            settled = s.decoder.settled  # s.text[:settled] was searched at earlier steps and does not change
+            s.text = s.decoder.push(t)
             for stop in req.stop_strs:
-                k = s.text.find(stop)
+                k = s.text.find(stop, max(0, settled - len(stop) + 1))
                 if k >= 0:
                     s.text = s.text[:k]
                     s.finish = "stop"
         if s.finish is None and len(s.sampled) >= req.max_tokens:
             s.finish = "length"
-        end = len(s.text) if s.finish else _safe_end(s.text, s.sent, req.stop_strs)
+        end = len(s.text) if s.finish else safe_end(s.text, s.sent, req.stop_strs)
         if end > s.sent or s.pending or s.finish:
             event = {"type": "delta", "index": s.index, "text": s.text[s.sent:end], "logprobs": s.pending}
             s.sent = max(s.sent, end)
@@ -342,20 +347,6 @@ class Engine:
             req.unfinished -= 1
             if req.unfinished == 0:
                 req.emit({"type": "done"})
-
-
-def _safe_end(text, sent, stop_strs):
-    """How much of a running sequence's text can be handed out: not a piece ending inside a multi-byte character
-    (byte-fallback tokens decode to U+FFFD until the character is complete), nor a tail that may begin a stop string."""
-    end = len(text)
-    while end > sent and text[end - 1] == "\ufffd":
-        end -= 1
-    for stop in stop_strs:
-        for k in range(min(len(stop) - 1, end), 0, -1):
-            if text.endswith(stop[:k], 0, end):
-                end -= k
-                break
-    return max(end, sent)
 
 
 def _logprob_entry(logits, t, top):

@@ -99,6 +99,9 @@ def test_stop_strings_late_in_a_long_generation(env):
     free = model.generate("the cat", **kw)
     ids = model.generate(model.tokenizer.encode("the cat"), **kw)
     assert len(ids) == n and free == model.tokenizer.decode(ids, skip_special_tokens=True)
+    # the first sampled id a stop id: no text at all, streamed or not
+    assert model.generate("the cat", stop=[int(ids[0])], **kw) == ""
+    assert list(model.generate("the cat", stop=[int(ids[0])], stream=True, **kw)) == []
     checked = 0
     # (start, length): short stop strings, and one longer than the decoder's tail of ids, so that it begins inside
     # the settled head when its last character comes

@@ -106,8 +106,9 @@ def _finish(model, req, out):
 
 
 def safe_end(text, sent, stop_strs):
-    """How much of a running sequence's text can be handed out (generate's stream, gemmalens serve): not a piece ending inside a multi-byte character
-    (byte-fallback tokens decode to U+FFFD until the character is complete), nor a tail that may begin a stop string."""
+    """How much of a running sequence's text can be handed out (generate's stream, gemmalens serve): not a piece
+    ending inside a multi-byte character (byte-fallback tokens decode to U+FFFD until the character is complete), nor a
+    tail that may begin a stop string."""
     end = len(text)
     while end > sent and text[end - 1] == "\ufffd":
         end -= 1
@@ -150,7 +151,7 @@ def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
         toks[b, T - len(r):] = r
         mask[b, T - len(r):] = 1
     new = [[] for _ in range(B)]
-    texts = [None] * B
+    texts = ["" if req.text or stop_strs else None for _ in range(B)]  # "": a row whose first id is a stop id
     done = [False] * B
     tok = model.tokenizer
     # Text out needs ids the tokenizer can decode: a model may have more embedding rows than tokenizer pieces (HF's

@@ -50,7 +50,7 @@ PATHS = {
                "elementwise": "avx512"},
     "avx512_bf16": {"bf16_matmul": BF16_512, "bf16_lm_head": BF16_512, "decode_bf16": "vdpbf16ps", "int8": "vnni512",
                     "int8_prefill": "vnni512", "attention": "tiled_avx512", "attention_decode_bf16": DECODE_ATT,
-                    "elementwise": "avx512"},
+                    "attention_bf16_prefill": "tiled_avx512" if INTEL else "onednn_avx512_bf16", "elementwise": "avx512"},
     "amx": {"bf16_matmul": "onednn_amx", "bf16_lm_head": "onednn_amx", "decode_bf16": "vdpbf16ps", "int8": "vnni512",
             "int8_prefill": "dequant_bf16_onednn_amx", "attention": "tiled_avx512", "attention_bf16_prefill": "onednn_amx",
             "attention_decode_bf16": DECODE_ATT, "elementwise": "avx512"},

@@ -151,10 +151,11 @@ def test_chunked_prefill_equals_one_pass(hf_models, hd64_dir, which, dtype):
     one, n_one, nocache_one = run(0)
     chunked, n_chunked, nocache_chunked = run(16)
     assert n_one == n_chunked == 74
-    # bf16: the order of the attention's sums, then bf16 matmul inputs. On AMX the one pass's 70 positions take the bf16
-    # attention matmuls (q and the probabilities rounded to bf16 as HF's bf16 run does; README, "CPU classes") and the
-    # chunks of 16 the f32 attention kernel: ~1% apart in these random models (a misplaced position is O(1))
-    amx_attention = gl.cpu_info()["attention_bf16_prefill"] == "onednn_amx"
+    # bf16: the order of the attention's sums, then bf16 matmul inputs. On AMX (and AMD's AVX512_BF16) the one pass's 70
+    # positions take the bf16 attention matmuls (q and the probabilities rounded to bf16 as HF's bf16 run does; README,
+    # "CPU classes") and the chunks of 16 the f32 attention kernel: ~1% apart in these random models (a misplaced
+    # position is O(1))
+    amx_attention = gl.cpu_info()["attention_bf16_prefill"] in ("onednn_amx", "onednn_avx512_bf16")
     tol = 1e-5 if dtype == "float32" else 3e-2 if amx_attention else 2e-3
     assert rel_err(chunked, one) <= tol
     assert rel_err(nocache_chunked, nocache_one) <= tol

@@ -201,15 +201,15 @@ def test_attention(H, KV, Hd, window, softcap):
 @pytest.mark.parametrize("H,KV,Hd", [(4, 1, 32), (8, 2, 24), (2, 2, 64)])
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (37, 0.0), (300, 2.0)])
 def test_attention_bf16_model(H, KV, Hd, window, softcap):
-    """A bf16 model's prefill attention (on an AMX machine: two oneDNN bf16 matmuls with the probabilities rounded to
-    bf16; elsewhere the f32 tiled kernel): the reference on bf16-rounded q, k, v, within bf16's rounding of the
+    """A bf16 model's prefill attention (on AMX and AMD's AVX512_BF16: two oneDNN bf16 matmuls with the probabilities
+    rounded to bf16; elsewhere the f32 tiled kernel): the reference on bf16-rounded q, k, v, within bf16's rounding of the
     probabilities. T = 600 spans three 256-query blocks, B = 2 rows."""
     B, T = 2, 600
     q = rng.standard_normal((B, T, H, Hd)).astype(np.float32)
     k = rng.standard_normal((B, T, KV, Hd)).astype(np.float32)
     v = rng.standard_normal((B, T, KV, Hd)).astype(np.float32)
     out = ops.attention(q, k, v, window, 0.3, softcap, bf16=True)
-    if ops.amx_bf16():  # measured: max 0.2%, mean 0.16% of the scale (the bf16 probabilities)
+    if ops.bf16_attention_matmul():  # measured: max 0.2%, mean 0.16% of the scale (the bf16 probabilities)
         ref = attention_ref(bf16(q), bf16(k), bf16(v), window, 0.3, softcap)
         assert np.abs(out - ref).max() <= 1e-2 * np.abs(ref).max()
         assert np.abs(out - ref).mean() <= 3e-3 * np.abs(ref).mean()

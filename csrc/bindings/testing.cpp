@@ -122,7 +122,8 @@ void bind_testing(py::module_& m) {
   t.def("onednn_matmul_impl", [](int64_t M, int64_t K, int64_t N, const std::string& dtype) {
     return ops::onednn_matmul_impl(M, K, N, parse_dtype(dtype));
   }, "The implementation oneDNN picks for an [M, K] x [K, N] matmul in dtype (brg:avx512_core, gemm:jit:f32, ...).");
-  t.def("amx_bf16", &ops::use_amx, "Whether oneDNN runs bf16 on AMX here (the AMX prefill paths run).");
+  t.def("bf16_attention_matmul", &ops::attention_prefill_bf16_matmul,
+        "Whether a bf16 model's prefill attention runs as oneDNN bf16 matmuls here (AMX, or AVX512_BF16 on AMD).");
   t.def("quantize", [](FloatArray w, int bits) {
     // The weights as the int8 / int4 mode stores them, dequantised back to f32.
     if (w.ndim() != 2 || w.shape(1) % 64 != 0) throw ValueError("quantize: w [N, K] with K % 64 == 0");

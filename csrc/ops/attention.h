@@ -5,7 +5,7 @@
 // Variants (one dispatcher, attention(), picks among the fast ones; all compute the same function):
 //   attention_tiled.cpp      tiled online softmax (AVX-512 / AVX2) for prefill
 //   attention_decode.cpp     decode steps: split-K over the visible keys, each key read once per KV head
-//   attention_bf16.cpp       prefill as two bf16 matmuls per block of queries (oneDNN on AMX, via ops/linear.h)
+//   attention_bf16.cpp       prefill as two bf16 matmuls per block of queries (oneDNN on AMX or AMD's AVX512_BF16)
 //   attention.cpp            the dispatcher, the direct reference kernel, and the materialised path
 //                            (scores -> softmax -> apply) that the attn_scores / pattern hooks read and edit
 #pragma once
@@ -118,7 +118,8 @@ void attention_decode_splitk(const AttentionArgs& a);
 
 // Prefill attention as two bf16 matmuls per block of queries (QK^T, then PV), f32 softmax between them:
 // q, k, v and the probabilities rounded to bf16 (as every matmul input of a bf16 model), f32 accumulation.
-// Returns false (and does nothing) unless bf16 matmuls run on AMX here (elsewhere the f32 tiled kernel is faster).
+// Returns false (and does nothing) unless attention_prefill_bf16_matmul() (ops/cpu.h: AMX, or AVX512_BF16 on AMD;
+// elsewhere the f32 tiled kernel is faster).
 bool attention_bf16_matmul(const AttentionArgs& a);
 
 // The attention with its intermediate tensors materialised (for the scores / pattern hooks), S = past + T:

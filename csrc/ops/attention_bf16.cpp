@@ -1,7 +1,8 @@
 // Prefill attention as two bf16 matmuls per block of queries (QK^T, then PV) with an f32 softmax between them
 // (fused with the scaling, the mask and the rounding of the probabilities, row by row; past 4096 keys, chunks of keys
-// with the online softmax), for CPUs where oneDNN runs bf16 on AMX tiles. The matmuls come from ops/linear.h (oneDNN
-// stays in linear_dnnl.cpp); the visible-key rule and the row lookup from attention.h.
+// with the online softmax), for CPUs where oneDNN's bf16 matmul outruns f32 FMAs (attention_prefill_bf16_matmul: AMX
+// tiles, or AVX512_BF16 on AMD). The matmuls come from ops/linear.h (oneDNN stays in linear_dnnl.cpp); the visible-key
+// rule and the row lookup from attention.h.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -48,10 +49,10 @@ GL_AVX512_BF16 float scale_and_max(float* x, int64_t n, float scale, float softc
 
 // One row of raw scores s[0, S) (q . k), in place, to probabilities in bf16 at p[0, S): x_c = s[c] * scale
 // (soft-capped when softcap > 0) over the visible columns [c_lo, c_hi], p = softmax(x) there (exp_f32's polynomial,
-// 16 lanes), rounded as f32_to_bf16_n rounds on these CPUs (vcvtneps2bf16: every CPU with AMX has AVX512_BF16); 0
-// outside them, and everywhere when none is visible (a padding row). The row (S floats, 128 KB at 32k keys) stays in
-// L2 over the three passes. Before, separate loops (scale and mask, softmax_rows, rounding) each went over the whole
-// block of rows in memory: ~45% of a 32k-token prefill of the 270M (int8 weights) on an Intel Xeon with AMX
+// 16 lanes), rounded as f32_to_bf16_n rounds on these CPUs (vcvtneps2bf16: AVX512_BF16, which every CPU with AMX
+// has); 0 outside them, and everywhere when none is visible (a padding row). The row (S floats, 128 KB at 32k keys)
+// stays in L2 over the three passes. Before, separate loops (scale and mask, softmax_rows, rounding) each went over the
+// whole block of rows in memory: ~45% of a 32k-token prefill of the 270M (int8 weights) on an Intel Xeon with AMX
 // (2026-11-28, 2 threads), which this took from 728 to 1129 tok/s (8192 tokens: 1716 -> 2268).
 GL_AVX512_BF16 void softmax_row_bf16(float* s, int64_t S, int64_t c_lo, int64_t c_hi, float scale, float softcap,
                                      uint16_t* p) {
@@ -115,7 +116,8 @@ GL_AVX512_BF16 float softmax_chunk_bf16(float* s, int64_t S, int64_t c_lo, int64
 }  // namespace
 
 bool attention_bf16_matmul(const AttentionArgs& a) {
-  if (!use_amx() || a.compute != DType::BF16 || (a.past > 0 && a.cache.dtype != DType::BF16)) return false;
+  if (!attention_prefill_bf16_matmul() || a.compute != DType::BF16 || (a.past > 0 && a.cache.dtype != DType::BF16))
+    return false;
   const int B = a.B, T = a.T, H = a.H, KV = a.KV, Hd = a.Hd, group = H / KV;
   constexpr int kQB = 256;  // query positions per block: scores [kQB * group, keys] f32
   // Past kKC keys a block's scores are made and consumed a chunk of kKC keys at a time, with the online softmax

@@ -101,7 +101,8 @@ std::vector<std::pair<std::string, std::string>> cpu_paths() {
       {"int8_prefill", quant_dequant_min_m() > 512 ? quant : "dequant_bf16_onednn_amx"},
       {"attention", tiled},
       {"attention_decode_bf16", attention_decode_vdpbf16ps() ? "vdpbf16ps" : use_avx512() ? "avx512" : "avx2"},
-      {"attention_bf16_prefill", use_amx() ? "onednn_amx" : tiled},
+      {"attention_bf16_prefill",
+       use_amx() ? "onednn_amx" : attention_prefill_bf16_matmul() ? "onednn_avx512_bf16" : tiled},
       {"f32_matmul", f32_own_panels() ? "avx2_panels" : "onednn"},
       {"elementwise", use_avx512() ? "avx512" : "avx2"},
   };

@@ -109,6 +109,17 @@ inline bool f32_own_panels() { return cpu_class() < CpuClass::Avx512; }
 inline bool use_avx512() { return cpu_class() >= CpuClass::Avx512; }
 // oneDNN runs bf16 on AMX tiles: the AMX prefill paths (bf16 attention matmuls, int8 prefill through bf16).
 inline bool use_amx() { return cpu_class() >= CpuClass::Amx; }
+// A bf16 model's prefill attention as two oneDNN bf16 matmuls per block of queries (ops/attention_bf16.cpp; q and the
+// probabilities rounded to bf16): on AMX, and on AVX512_BF16 where vdpbf16ps runs at twice the f32 FMA rate (AMD),
+// where oneDNN's AVX512_BF16 brgemm outruns the f32 tiled kernel. Measured 2026-11-28 on an AMD EPYC Zen 4, 2 threads
+// (`_core._testing.attention_seconds(n, 0, 4, 1, 256, window, "bfloat16", 2)`, the 270M's geometry): a global layer
+// at n = 2048 / 8192 / 32768 48.5-50.3 / 788-838 / 13210 ms -> 31.4-34.0 / 411-425 / 6559, a sliding one (window
+// 512) at 8192 / 32768 99.5-104 / 447 -> 66-69 / 280; a random-weight 270M's bf16 prefill of 512 / 2048 / 8192
+// tokens 1515-1612 / 1313-1354 / 1036-1045 -> 1536-1699 / 1498-1534 / 1273-1311 tok/s. On Intel without AMX
+// (vdpbf16ps at half the f32 rate) the f32 tiled kernel stays.
+inline bool attention_prefill_bf16_matmul() {
+  return use_amx() || (cpu_class() >= CpuClass::Avx512Bf16 && !vdpbf16ps_half_rate());
+}
 
 // (op family, path) for gl.cpu_info(), in the active class.
 std::vector<std::pair<std::string, std::string>> cpu_paths();

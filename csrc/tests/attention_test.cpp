@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "ops/attention.h"
-#include "ops/cpu.h"  // use_amx(): whether attention_bf16_matmul runs here
+#include "ops/cpu.h"  // attention_prefill_bf16_matmul(): whether attention_bf16_matmul runs here
 #include "tests/attention_reference.h"
 #include "tests/test.h"
 
@@ -176,8 +176,8 @@ TEST(attention_window_skips_outside) {
 }
 
 // A bf16 model's attention through the dispatcher: prefill of 64+ positions goes to attention_bf16_matmul where
-// oneDNN runs bf16 on AMX (q, k, v and the probabilities rounded to bf16), else to the f32 kernels.
-// attention_bf16_matmul itself runs only on AMX; elsewhere it must return false and leave z alone.
+// oneDNN's bf16 matmul is fast (AMX, AVX512_BF16 on AMD: attention_prefill_bf16_matmul; q, k, v and the probabilities
+// rounded to bf16), else to the f32 kernels. Elsewhere attention_bf16_matmul must return false and leave z alone.
 TEST(attention_bf16_matmul) {
   const std::vector<Shape> shapes = {Shape(2, 300, 4, 1, 64).sliding(37),  // two 256-query blocks
                                      Shape(1, 80, 8, 2, 32).cached(200, 1024, DType::BF16).capped(2.f, 0.3f),
@@ -192,7 +192,7 @@ TEST(attention_bf16_matmul) {
     const Problem p(shapes[i], 80 + static_cast<uint32_t>(i));
     std::vector<float> z(p.z_size(), kNaN), z2(p.z_size(), kNaN);
     attention(p.args(z.data(), DType::BF16));
-    if (use_amx()) {
+    if (attention_prefill_bf16_matmul()) {
       // Against the reference on bf16-rounded q, k, v: what is left is the bf16 rounding of the probabilities
       // (relative 2^-9 each): measured on these shapes at 0.21-0.25% of the scale (max) and 0.15-0.16% (mean) with
       // oneDNN's bf16 matmul on AVX512_BF16 (same algorithm), as tests/test_ops.py measured on AMX; its bounds.
@@ -226,7 +226,9 @@ TEST(attention_bf16_matmul) {
   CHECK(!attention_bf16_matmul(f32_cache.args(z.data(), DType::BF16)));
   CHECK(!attention_bf16_matmul(f32_cache.args(z.data(), DType::F32)));
   CHECK(std::all_of(z.begin(), z.end(), [](float x) { return std::isnan(x); }));
-  if (!use_amx()) SKIP("attention_bf16_matmul itself: oneDNN does not run bf16 matmuls on AMX on this CPU (the dispatcher's f32 fallback was checked)");
+  if (!attention_prefill_bf16_matmul())
+    SKIP("attention_bf16_matmul itself: not on this CPU class (AMX, or AVX512_BF16 on AMD); the dispatcher's f32 "
+         "fallback was checked");
 }
 
 }  // namespace gemmalens::ops

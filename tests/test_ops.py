@@ -202,8 +202,8 @@ def test_attention(H, KV, Hd, window, softcap):
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (37, 0.0), (300, 2.0)])
 def test_attention_bf16_model(H, KV, Hd, window, softcap):
     """A bf16 model's prefill attention (on AMX and AMD's AVX512_BF16: two oneDNN bf16 matmuls with the probabilities
-    rounded to bf16; elsewhere the f32 tiled kernel): the reference on bf16-rounded q, k, v, within bf16's rounding of the
-    probabilities. T = 600 spans three 256-query blocks, B = 2 rows."""
+    rounded to bf16; elsewhere the f32 tiled kernel): the reference on bf16-rounded q, k, v, within bf16's rounding of
+    the probabilities. T = 600 spans three 256-query blocks, B = 2 rows."""
     B, T = 2, 600
     q = rng.standard_normal((B, T, H, Hd)).astype(np.float32)
     k = rng.standard_normal((B, T, KV, Hd)).astype(np.float32)

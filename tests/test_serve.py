@@ -136,6 +136,13 @@ def test_chat_sampling_stop_n_and_logprobs_equal_the_library(env):
     got = {c.index: c.text for c in r.choices}
     assert got[0] == model.generate("the cat", **kw)
     assert got[1] == model.generate("the cat", **dict(kw, seed=6))
+    # six sampled choices in one step batch: their rows are drawn on the engine's sampling threads, each with its own
+    # generator, so each equals generate with its own seed
+    kw6 = dict(temperature=1.0, min_p=0.02, repetition_penalty=1.2, seed=11, max_new_tokens=24, ignore_eos=True)
+    r = client.completions.create(model="model", prompt="hello world", max_tokens=24, temperature=1.0, seed=11, n=6,
+                                  extra_body={"min_p": 0.02, "repetition_penalty": 1.2, "ignore_eos": True})
+    got = {c.index: c.text for c in r.choices}
+    assert [got[j] for j in range(6)] == [model.generate("hello world", **dict(kw6, seed=11 + j)) for j in range(6)]
     r = client.completions.create(model="model", prompt="the cat", max_tokens=14, temperature=0.7, seed=3,
                                   extra_body={"min_p": 0.05, "repetition_penalty": 1.3})
     assert r.choices[0].text == model.generate("the cat", temperature=0.7, seed=3, min_p=0.05, repetition_penalty=1.3,

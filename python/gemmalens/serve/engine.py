@@ -13,7 +13,9 @@ the cache holds 2 * max_seq_len slots, so that a sequence joining beside the lon
 that gives back the slots before the earliest row).
 """
 import collections
+import concurrent.futures
 import itertools
+import os
 import queue
 import threading
 import time
@@ -93,6 +95,8 @@ class Engine:
         self._free = list(range(self.max_batch))
         self._hs_key, self._hs = None, None     # the batch's HookSet, kept while the running set is unchanged
         self._closing = False
+        # Sampled rows of a step are drawn on these threads (Engine._sample_all); made at the first such step.
+        self._sampling_pool = None
         self.stats = dict(decode_steps=0, prefills=0, finished=0, cancelled=0, steps_after_cancel_max=0, errors=0,
                           peak_running=0, busy=None)
         self._thread = threading.Thread(target=self._loop, name="gemmalens-engine", daemon=True)
@@ -117,6 +121,8 @@ class Engine:
         self._closing = True
         self._inbox.put(("wake", None))
         self._thread.join(timeout=30)
+        if self._sampling_pool is not None:
+            self._sampling_pool.shutdown(wait=False)
 
     @property
     def running(self):
@@ -293,9 +299,45 @@ class Engine:
         logits = self.model._core.forward(toks, None, self.cache, "last", self._batch_hookset(), allow_longer=True,
                                           cache_rows=rows)
         self.stats["decode_steps"] += 1
-        for i, s in enumerate(seqs):
-            self._accept(s, logits[i])
+        for i, (s, t) in enumerate(zip(seqs, self._sample_all(seqs, logits))):
+            self._accept(s, logits[i], t)
         self._retire()
+
+    def _sample(self, s, logits):
+        row = logits
+        if self._vocab < row.shape[-1]:
+            # text out, as generate's: rows past the tokenizer's pieces (HF's 4b+ checkpoints pad the embedding) have
+            # no text and are never sampled
+            row = row.copy()
+            row[self._vocab:] = -np.inf
+        return s.params.sample(row, seen=s.prompt + s.new)
+
+    def _sample_all(self, seqs, logits):
+        """Each sequence's next id. The sampled rows (not greedy) of a step with several are shared between this
+        thread and up to cores - 1 others: a draw is a handful of numpy passes over the vocabulary (1.3-1.8 ms at
+        262144 ids), which release the GIL, and the model's own threads are idle meanwhile. Each sequence samples with
+        its own SamplingParams (own generator, own work rows), so the ids are the ones drawn row after row."""
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        cores = min(len(os.sched_getaffinity(0)), 8)
+        n = min(len(sampled), cores)  # threads for this step, this one included
+        if n < 2:
+            return [self._sample(s, logits[i]) for i, s in enumerate(seqs)]
+        if self._sampling_pool is None:
+            self._sampling_pool = concurrent.futures.ThreadPoolExecutor(cores - 1,
+                                                                        thread_name_prefix="gemmalens-sample")
+
+        def share(k):  # every n-th sampled row from the k-th
+            return [(i, self._sample(seqs[i], logits[i])) for i in sampled[k::n]]
+
+        futures = [self._sampling_pool.submit(share, k) for k in range(1, n)]
+        try:
+            mine = share(0)
+        finally:
+            concurrent.futures.wait(futures)  # all done before an error (if any) is raised here
+        got = dict(mine)
+        for f in futures:
+            got.update(f.result())
+        return [got[i] if i in got else self._sample(s, logits[i]) for i, s in enumerate(seqs)]
 
     def _retire(self):
         keep = []
@@ -306,16 +348,12 @@ class Engine:
                 self._release(s)
         self._running = keep
 
-    def _accept(self, s, logits):
-        """One sampled token for sequence s, as generation._run does it; hands out what can be said."""
+    def _accept(self, s, logits, t=None):
+        """One sampled token for sequence s (t, or drawn from logits here), as generation._run does it; hands out what
+        can be said."""
         req, tok = s.req, self.model.tokenizer
-        row = logits
-        if self._vocab < row.shape[-1]:
-            # text out, as generate's: rows past the tokenizer's pieces (HF's 4b+ checkpoints pad the embedding) have
-            # no text and are never sampled
-            row = row.copy()
-            row[self._vocab:] = -np.inf
-        t = s.params.sample(row, seen=s.prompt + s.new)
+        if t is None:
+            t = self._sample(s, logits)
         s.sampled.append(t)
         if t in req.stop_ids:
             s.finish = "stop"

@@ -159,6 +159,10 @@ def test_incremental_decoder_equals_decode_of_every_prefix(spm_dir, tmp_path):
             _check_incremental(tok, [int(i) for i in ids], skip)
     with pytest.raises(ValueError, match="out of range"):
         tok.decoder().push(tok.vocab_size)
+    for bad in ("5", 5.0, None, [5]):  # one id, an int (numpy's ints pass: the rows of generate's arrays)
+        with pytest.raises(TypeError, match="one token id"):
+            tok.decoder().push(bad)
+    assert tok.decoder().push(np.int64(text_ids[0])) == tok.decode(text_ids[:1])
     # a tokenizer that strips the leading space of the text's first piece (add_dummy_prefix): the tail's context
     # keeps the result exact
     (tmp_path / "c.txt").write_text("\n".join(CORPUS[:8] * 20))

@@ -120,6 +120,20 @@ def safe_end(text, sent, stop_strs):
     return max(end, sent)
 
 
+def push_text(decoder, t, stop_strs):
+    """Id t pushed to a sequence's Tokenizer.decoder: (its text, cut before the first stop string, and whether one
+    was met). The part of the text that earlier pushes settled was searched then, so each stop string is looked for
+    from where it could still begin (generate and gemmalens serve)."""
+    settled = decoder.settled
+    text = decoder.push(t)
+    stopped = False
+    for s in stop_strs:
+        k = text.find(s, max(0, settled - len(s) + 1))
+        if k >= 0:
+            text, stopped = text[:k], True
+    return text, stopped
+
+
 def _stream(model, req, gen, stop_strs):
     sent = 0
     emitted_ids = 0
@@ -162,15 +176,9 @@ def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
     decoders = [tok.decoder(skip_special_tokens=True) if req.text or stop_strs else None for _ in range(B)]
 
     def update_text(b, t):
-        dec = decoders[b]
-        if dec is not None:
-            settled = dec.settled  # text[:settled] was searched at earlier steps and does not change
-            texts[b] = dec.push(t)
-            for s in stop_strs:
-                k = texts[b].find(s, max(0, settled - len(s) + 1))
-                if k >= 0:
-                    texts[b] = texts[b][:k]
-                    done[b] = True
+        if decoders[b] is not None:
+            texts[b], stopped = push_text(decoders[b], t, stop_strs)
+            done[b] = done[b] or stopped
 
     if max_new_tokens == 0:
         yield [(new[b], "" if req.text else None) for b in range(B)]

@@ -1,5 +1,6 @@
 """SentencePiece tokenizer with Gemma's conventions (BOS once, special tokens parsed in text, chat turns)."""
 import math
+import numbers
 import os
 import re
 
@@ -266,6 +267,7 @@ class IncrementalDecoder:
         self.text = ""
         self._k = 0          # the head is decode(ids[:k])
         self._head = ""
+        self._ctx = ""       # decode(ids[max(0, k - CONTEXT):k]): the tail's context, decoded when the head moves
 
     @property
     def settled(self):
@@ -273,15 +275,13 @@ class IncrementalDecoder:
 
     def _tail_text(self, end):
         """decode(ids[:end]) - decode(ids[:k]) for end >= k, or None where that cannot be had from the tail alone."""
-        s = max(0, self._k - self._CONTEXT)
-        ctx = self._tok.decode(self.ids[s:self._k], self._skip)
-        tail = self._tok.decode(self.ids[s:end], self._skip)
-        if s == 0 and self._k == 0:
-            return tail
-        return tail[len(ctx):] if tail.startswith(ctx) else None
+        tail = self._tok.decode(self.ids[max(0, self._k - self._CONTEXT):end], self._skip)
+        return tail[len(self._ctx):] if tail.startswith(self._ctx) else None
 
     def push(self, i):
         """Appends id i; returns the decode of every id pushed so far."""
+        if not isinstance(i, numbers.Integral):
+            raise TypeError(f"push takes one token id (an int), got {type(i).__name__}")
         i = int(i)
         if i < 0 or i >= self._tok.vocab_size:
             raise ValueError(f"decode: token id {i} is out of range [0, {self._tok.vocab_size})")
@@ -299,6 +299,7 @@ class IncrementalDecoder:
                 else:
                     self._head += part
                 self._k = k
+                self._ctx = self._tok.decode(self.ids[max(0, k - self._CONTEXT):k], self._skip)
         part = self._tail_text(n)
         self.text = self._head + part if part is not None else self._tok.decode(self.ids, self._skip)
         return self.text

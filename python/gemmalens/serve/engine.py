@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from ..generation import safe_end
+from ..generation import push_text, safe_end
 from ..hooks import build_hookset
 from ..sampling import SamplingParams
 
@@ -363,13 +363,9 @@ class Engine:
                 s.pending.append(_logprob_entry(logits, t, req.logprobs))
             if s.decoder is None:
                 s.decoder = tok.decoder(skip_special_tokens=True)
-            settled = s.decoder.settled  # s.text[:settled] was searched at earlier steps and does not change
-            s.text = s.decoder.push(t)
-            for stop in req.stop_strs:
-                k = s.text.find(stop, max(0, settled - len(stop) + 1))
-                if k >= 0:
-                    s.text = s.text[:k]
-                    s.finish = "stop"
+            s.text, stopped = push_text(s.decoder, t, req.stop_strs)
+            if stopped:
+                s.finish = "stop"
         if s.finish is None and len(s.sampled) >= req.max_tokens:
             s.finish = "length"
         end = len(s.text) if s.finish else safe_end(s.text, s.sent, req.stop_strs)

@@ -314,8 +314,8 @@ class Engine:
 
     def _sample_all(self, seqs, logits):
         """Each sequence's next id. The sampled rows (not greedy) of a step with several are shared between this
-        thread and up to cores - 1 others: a draw is a handful of numpy passes over the vocabulary (1.3-1.8 ms at
-        262144 ids), which release the GIL, and the model's own threads are idle meanwhile. Each sequence samples with
+        thread and up to cores - 1 others: a draw is a handful of numpy passes over the vocabulary (1.2-1.7 ms at
+        262144 ids, bench/README.md), which release the GIL, and the model's own threads are idle meanwhile. Each sequence samples with
         its own SamplingParams (own generator, own work rows), so the ids are the ones drawn row after row."""
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         cores = min(len(os.sched_getaffinity(0)), 8)

@@ -2,10 +2,11 @@
 same streaming clients: total tokens/s with 1, 4 and 8 concurrent clients, and the time to the first token under that
 load. Also a section of bench/run.py (`--only serve`).
 
-    python bench/serve_load.py [--quick] [--threads N]
+    python bench/serve_load.py [--quick] [--threads N] [--temperature T] [--requests N] [--servers auto,native,llama]
 
 Each client sends its requests one after another (POST /v1/completions, stream: true, greedy, a different prompt of
-~60 tokens each time so that no server reuses a cached prefix) and times the first non-empty text chunk. Every request
+~60 tokens each time so that no server reuses a cached prefix; greedy, or sampled at --temperature with seed 1) and times
+the first non-empty text chunk. Every request
 generates exactly max_tokens tokens: gemmalens with its `ignore_eos` extension, llama.cpp with a logit bias of -100 on
 the end-of-sequence ids (1, 106). gemmalens runs the CLI's default mode (bfloat16, int8 weights from the Q4_K_M file) and bf16 weights
 (--weights native), llama.cpp the file's own blocks. llama_cpp.server runs one request at a time (its lock; `--interrupt_requests False`,
@@ -84,6 +85,9 @@ def servers(gguf, threads, log_dir):
             ("llama.cpp server", llama, {"logit_bias": {"1": -100, "106": -100}})]
 
 
+SERVERS = ("auto", "native", "llama")  # servers()'s entries, in order, as --servers names them
+
+
 def _one(client, url, k, max_tokens, extra):
     body = {"model": "m", "prompt": f"({k}) {BASE}", "max_tokens": max_tokens, "temperature": 0, "stream": True,
             **extra}
@@ -137,8 +141,8 @@ def load(url, clients, per_client, max_tokens, extra):
             ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))])
 
 
-def rows(gguf=None, threads=None, quick=False, log_dir=None):
-    """[(server, clients, tok/s, TTFT median, TTFT p90)] for 1, 4 and 8 clients on each server."""
+def rows(gguf=None, threads=None, quick=False, log_dir=None, temperature=0.0, per_client=None, which=SERVERS):
+    """[(server, clients, tok/s, TTFT median, TTFT p90)] for 1, 4 and 8 clients on each server named in `which`."""
     if gguf is None:
         from gemmalens.formats import _resolve_demo
 
@@ -146,9 +150,17 @@ def rows(gguf=None, threads=None, quick=False, log_dir=None):
     threads = threads or len(os.sched_getaffinity(0))
     log_dir = log_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "_work")
     os.makedirs(log_dir, exist_ok=True)
-    per_client, max_tokens = (2, 32) if quick else (4, 64)
+    unknown = set(which) - set(SERVERS)
+    if unknown:
+        raise ValueError(f"unknown server(s) {sorted(unknown)}: choose from {', '.join(SERVERS)}")
+    max_tokens = 32 if quick else 64
+    per_client = per_client or (2 if quick else 4)
+    sampling = {"temperature": temperature, "seed": 1} if temperature > 0 else {}
     out = []
-    for name, start, extra in servers(gguf, threads, log_dir):
+    for key, (name, start, extra) in zip(SERVERS, servers(gguf, threads, log_dir)):
+        if key not in which:
+            continue
+        extra = {**extra, **sampling}
         proc, url = start()
         try:
             load(url, 1, 1, 8, extra)  # warm-up
@@ -158,7 +170,7 @@ def rows(gguf=None, threads=None, quick=False, log_dir=None):
                 print(f"{name}: {clients} clients {tps:.1f} tok/s, TTFT median {med:.3f} s, p90 {p90:.3f} s", flush=True)
         finally:
             _stop(proc)
-    return out, dict(threads=threads, per_client=per_client, max_tokens=max_tokens)
+    return out, dict(threads=threads, per_client=per_client, max_tokens=max_tokens, temperature=temperature)
 
 
 def section(rows_, info):
@@ -168,7 +180,8 @@ def section(rows_, info):
     one = {name: tps for name, c, tps, _, _ in rows_ if c == 1}
     for name, c, tps, med, p90 in rows_:
         text += f"| {name} | {c} | {tps:.1f} | {tps / one[name]:.2f}x | {med:.3f} | {p90:.3f} |\n"
-    text += (f"\nEach client sends {info['per_client']} requests in turn (greedy, a different ~60-token prompt each, "
+    how = f"temperature {info['temperature']:g}, seed 1" if info.get("temperature") else "greedy"
+    text += (f"\nEach client sends {info['per_client']} requests in turn ({how}, a different ~60-token prompt each, "
              f"{info['max_tokens']} new tokens each, streamed); total tok/s = all new tokens / wall time. "
              f"{info['threads']} threads for each server. gemmalens: `gemmalens serve --max-batch 8` (requests join "
              "the running batch between decode steps) in the CLI's default mode (bfloat16; int8 weights re-quantised "
@@ -185,8 +198,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="2 requests of 32 tokens per client (else 4 of 64)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gguf", default=None, help="default: the demo Gemma 3 270M Q4_K_M")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature, seed 1 (default: greedy)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per client (default 4, --quick 2)")
+    ap.add_argument("--servers", default=",".join(SERVERS),
+                    help="which servers, comma-separated from: " + ", ".join(SERVERS) + " (default: all)")
     args = ap.parse_args()
-    r, info = rows(args.gguf, args.threads, args.quick)
+    which = [w.strip() for w in args.servers.split(",") if w.strip()]
+    r, info = rows(args.gguf, args.threads, args.quick, temperature=args.temperature, per_client=args.requests,
+                   which=which)
     print("\n" + section(r, info))
 
 

@@ -535,3 +535,57 @@ def test_engine_never_samples_ids_past_the_tokenizer(spm_dir, tmp_path):  # noqa
     text = "".join(ev["text"] for ev in events if ev["type"] == "delta")
     assert text == want
     assert all(i < len(tok) for ev in events if "token_ids" in ev for i in ev["token_ids"])
+
+
+def test_engine_step_of_greedy_and_sampled_rows_equals_generate(env):
+    """Greedy and sampled rows in the same decode steps (the sampled ones shared between the engine thread, which
+    accepts each of its rows as soon as it is drawn, and the sampling pool): each request's streamed pieces add up to
+    model.generate's text, a stop string and logprobs included, and every request ends with one "done"."""
+    import threading
+
+    from gemmalens.serve.engine import Engine, GenerationRequest
+
+    _, model, _ = env
+    tok = model.tokenizer
+    free = model.generate("the cat", max_new_tokens=20, ignore_eos=True)
+    stop = free[6:9]
+    specs = [  # (prompt, n, sampling, seed, stop strings, logprobs, generate's kwargs for choice j)
+        ("hello world", 3, dict(temperature=1.0, top_p=0.9), 21, [], None,
+         lambda j: dict(temperature=1.0, top_p=0.9, seed=21 + j)),
+        ("the cat", 1, dict(temperature=0.0), None, [stop], None, lambda j: dict(stop=[stop])),
+        ("a dog ran", 2, dict(temperature=0.8, min_p=0.05), 4, [], 2,
+         lambda j: dict(temperature=0.8, min_p=0.05, seed=4 + j)),
+        ("once upon", 1, dict(temperature=0.0), None, [], None, lambda j: {}),
+    ]
+    events = [[] for _ in specs]
+    done = [threading.Event() for _ in specs]
+
+    def emitter(k):
+        def emit(ev):
+            events[k].append(ev)
+            if ev["type"] in ("done", "error"):
+                done[k].set()
+        return emit
+
+    eng = Engine(model, max_batch=8, max_seq_len=64)
+    try:
+        for k, (prompt, n, sampling, seed, stops, lp, _) in enumerate(specs):
+            eng.submit(GenerationRequest([tok.encode(prompt)], n, 20, sampling, seed, set(), stops, [], lp,
+                                         emitter(k)))
+        for d in done:
+            assert d.wait(120)
+        assert eng.stats["peak_running"] >= 5
+    finally:
+        eng.close()
+    for k, (prompt, n, _, _, stops, lp, kw) in enumerate(specs):
+        evs = events[k]
+        assert [e["type"] for e in evs].count("done") == 1 and evs[-1]["type"] == "done", evs[-3:]
+        assert not [e for e in evs if e["type"] == "error"]
+        for j in range(n):
+            mine = [e for e in evs if e["type"] == "delta" and e["index"] == j]
+            text = "".join(e["text"] for e in mine)
+            assert text == model.generate(prompt, max_new_tokens=20, ignore_eos=True, **kw(j)), (k, j)
+            if lp is not None:
+                entries = [x for e in mine for x in e["logprobs"]]
+                assert [x[0] for x in entries] == mine[-1]["token_ids"] and all(len(x[2]) == lp for x in entries)
+    assert stop not in "".join(e["text"] for e in events[1] if e["type"] == "delta")

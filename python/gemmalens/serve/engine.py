@@ -95,7 +95,7 @@ class Engine:
         self._free = list(range(self.max_batch))
         self._hs_key, self._hs = None, None     # the batch's HookSet, kept while the running set is unchanged
         self._closing = False
-        # Sampled rows of a step are drawn on these threads (Engine._sample_all); made at the first such step.
+        # Sampled rows of a step are drawn on these threads (Engine._sample_accept); made at the first such step.
         self._sampling_pool = None
         self.stats = dict(decode_steps=0, prefills=0, finished=0, cancelled=0, steps_after_cancel_max=0, errors=0,
                           peak_running=0, busy=None)
@@ -299,8 +299,7 @@ class Engine:
         logits = self.model._core.forward(toks, None, self.cache, "last", self._batch_hookset(), allow_longer=True,
                                           cache_rows=rows)
         self.stats["decode_steps"] += 1
-        for i, (s, t) in enumerate(zip(seqs, self._sample_all(seqs, logits))):
-            self._accept(s, logits[i], t)
+        self._sample_accept(seqs, logits)
         self._retire()
 
     def _sample(self, s, logits):
@@ -312,16 +311,22 @@ class Engine:
             row[self._vocab:] = -np.inf
         return s.params.sample(row, seen=s.prompt + s.new)
 
-    def _sample_all(self, seqs, logits):
-        """Each sequence's next id. The sampled rows (not greedy) of a step with several are shared between this
-        thread and up to cores - 1 others: a draw is a handful of numpy passes over the vocabulary (1.2-1.7 ms at
-        262144 ids, bench/README.md), which release the GIL, and the model's own threads are idle meanwhile. Each sequence samples with
-        its own SamplingParams (own generator, own work rows), so the ids are the ones drawn row after row."""
+    def _sample_accept(self, seqs, logits):
+        """Each sequence's next id, accepted (its text handed out) as soon as it is drawn. The sampled rows (not greedy)
+        of a step with several are shared between this thread and up to cores - 1 others: a draw is a handful of numpy
+        passes over the vocabulary (1.2-1.7 ms at 262144 ids, bench/README.md), which release the GIL, and the
+        model's own threads are idle meanwhile. Each sequence samples with its own SamplingParams (own generator, own
+        work rows), so the ids are the ones drawn row after row. This thread accepts each of its rows right after
+        drawing it: the server's event loop sends those tokens while the draws go on, rather than all of them at once
+        as the next step's forward takes every core (drawing every row first and accepting after put the median time to
+        the first token of 4 sampled streams at 0.11 s against 0.04-0.07; bench/README.md)."""
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         cores = min(len(os.sched_getaffinity(0)), 8)
         n = min(len(sampled), cores)  # threads for this step, this one included
         if n < 2:
-            return [self._sample(s, logits[i]) for i, s in enumerate(seqs)]
+            for i, s in enumerate(seqs):
+                self._accept(s, logits[i])
+            return
         if self._sampling_pool is None:
             self._sampling_pool = concurrent.futures.ThreadPoolExecutor(cores - 1,
                                                                         thread_name_prefix="gemmalens-sample")
@@ -330,14 +335,16 @@ class Engine:
             return [(i, self._sample(seqs[i], logits[i])) for i in sampled[k::n]]
 
         futures = [self._sampling_pool.submit(share, k) for k in range(1, n)]
+        theirs = {i for k in range(1, n) for i in sampled[k::n]}
         try:
-            mine = share(0)
+            for i, s in enumerate(seqs):
+                if i not in theirs:
+                    self._accept(s, logits[i])
         finally:
             concurrent.futures.wait(futures)  # all done before an error (if any) is raised here
-        got = dict(mine)
         for f in futures:
-            got.update(f.result())
-        return [got[i] if i in got else self._sample(s, logits[i]) for i, s in enumerate(seqs)]
+            for i, t in f.result():
+                self._accept(seqs[i], logits[i], t)
 
     def _retire(self):
         keep = []

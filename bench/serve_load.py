@@ -4,9 +4,9 @@ load. Also a section of bench/run.py (`--only serve`).
 
     python bench/serve_load.py [--quick] [--threads N] [--temperature T] [--requests N] [--servers auto,native,llama]
 
-Each client sends its requests one after another (POST /v1/completions, stream: true, greedy, a different prompt of
-~60 tokens each time so that no server reuses a cached prefix; greedy, or sampled at --temperature with seed 1) and times
-the first non-empty text chunk. Every request
+Each client sends its requests one after another (POST /v1/completions, stream: true, greedy or sampled at
+--temperature with seed 1, a different prompt of ~60 tokens each time so that no server reuses a cached prefix) and
+times the first non-empty text chunk. Every request
 generates exactly max_tokens tokens: gemmalens with its `ignore_eos` extension, llama.cpp with a logit bias of -100 on
 the end-of-sequence ids (1, 106). gemmalens runs the CLI's default mode (bfloat16, int8 weights from the Q4_K_M file) and bf16 weights
 (--weights native), llama.cpp the file's own blocks. llama_cpp.server runs one request at a time (its lock; `--interrupt_requests False`,

@@ -1,4 +1,4 @@
-"""The command line: --version, the fast mode by default, --verbose saying which mode runs, and --temperature /
+"""The command line: --version, info, the fast mode by default, --verbose saying which mode runs, and --temperature /
 --seed / --dtype / --chat against the Python API."""
 import json
 import shutil
@@ -24,6 +24,30 @@ def test_version():
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == f"gemmalens {gl.__version__} (oneDNN {gl._core.dnnl_version()})"
     assert gl.__version__ == "0.1.0"
+
+
+def test_info_reports_the_class_paths_and_rates(capsys):
+    """gemmalens info: the version, the class and every path of gl.cpu_info(); --json is one object with the same
+    values; --rates measures a bandwidth and three matmul rates; a forced class shows in a child process."""
+    import os
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    info = gl.cpu_info()
+    assert out.startswith(f"gemmalens {gl.__version__} (oneDNN {gl._core.dnnl_version()})")
+    assert f"class: {info['class']} (this CPU: {info['detected']};" in out
+    for k in ("bf16_matmul", "decode_bf16", "int8", "int8_prefill", "attention", "attention_decode_bf16"):
+        assert f"{k}={info[k]}" in out
+    assert main(["info", "--json", "--rates"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert {k: d[k] for k in info} == info and d["threads"] >= 1 and d["cores"] == len(os.sched_getaffinity(0))
+    assert d["read_bandwidth"] > 1e8 and set(d["matmul_rates"]) == {"float32", "bfloat16", "int8"}
+    assert all(v > 1e8 for v in d["matmul_rates"].values())
+    r = _cli("info", "--json", env=dict(os.environ, GEMMALENS_MAX_ISA="avx2"))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["class"] == "avx2" and d["cap"] == "avx2" and d["detected"] == info["detected"]
+    assert d["decode_bf16"] == "avx2_widen" and d["int8"] == "avx2_maddubs"
 
 
 def test_generate_defaults_to_the_fast_mode(capsys):

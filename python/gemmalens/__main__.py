@@ -1,5 +1,5 @@
 """Command line: ``gemmalens generate [--model PATH] "prompt"``, ``gemmalens harvest``, ``gemmalens serve``,
-``gemmalens client`` (also ``python -m gemmalens``)."""
+``gemmalens client``, ``gemmalens info`` (also ``python -m gemmalens``)."""
 import argparse
 import os
 import sys
@@ -78,6 +78,15 @@ def _serve_parsers(sub):
     s.add_argument("--max-body", type=int, default=16 << 20, help="largest request body in bytes (default 16 MiB; 413 past it)")
     s.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: from --model)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    i = sub.add_parser("info", help="this machine's CPU class, the kernels chosen there and the threads (for a bug "
+                                    "report); --rates measures its speeds",
+                       description="Print what gemmalens runs on this machine: the version, the CPU, its class (the "
+                                   "highest it supports, or GEMMALENS_MAX_ISA's cap), the kernel path of each op family "
+                                   "(gl.cpu_info()) and the threads. --rates also measures the streaming read bandwidth "
+                                   "(a decode step reads every weight byte once: tok/s <= bandwidth / weight bytes) and "
+                                   "the matmul rates of a 512-token prefill (a second or two).")
+    i.add_argument("--rates", action="store_true", help="also measure memory bandwidth and matmul rates (a second or two)")
+    i.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     c = sub.add_parser("client", help="stream a completion or chat answer from a running gemmalens serve",
                        description="Stream a completion (--completion TEXT) or a chat answer (--chat TEXT) from a "
                                    "gemmalens serve (or any OpenAI-compatible server) to the terminal.")
@@ -107,6 +116,62 @@ def _client(args):
     client.run(args.url, completion=args.completion, chat=args.chat, max_tokens=args.max_tokens,
                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                api_key=args.api_key or os.environ.get("GEMMALENS_API_KEY") or None)
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def info(rates=False):
+    """What `gemmalens info` prints, as a dict: versions, CPU, class and paths (gl.cpu_info()), threads; with rates,
+    the streaming read bandwidth (bytes/s) and the matmul rates (FLOP/s) of a 512 x 640 x 2048 product per weight
+    type, through the model's own Linear (the kernels a prefill runs)."""
+    import numpy as np
+
+    from . import _core
+
+    out = {"gemmalens": gl.__version__, "onednn": _core.dnnl_version(), "python": sys.version.split()[0],
+           "numpy": np.__version__, "cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)),
+           "threads": _core._testing.omp_max_threads(), **gl.cpu_info()}
+    if rates:
+        t = _core._testing
+        out["read_bandwidth"] = t.read_bandwidth(256 << 20, 3)
+        out["matmul_rates"] = {name: max(t.matmul_rate(512, 640, 2048, dtype, 3, weights) for _ in range(2))
+                               for name, dtype, weights in (("float32", "float32", "native"),
+                                                            ("bfloat16", "bfloat16", "native"),
+                                                            ("int8", "bfloat16", "int8"))}
+    return out
+
+
+def _info(args):
+    d = info(args.rates)
+    if args.json:
+        import json
+
+        print(json.dumps(d))
+        return
+    print(f"gemmalens {d['gemmalens']} (oneDNN {d['onednn']}), Python {d['python']}, numpy {d['numpy']}")
+    print(f"CPU: {d['cpu']}; {d['cores']} cores available, {d['threads']} threads")
+    cap = f"capped by GEMMALENS_MAX_ISA={d['cap']}" if d["cap"] else "GEMMALENS_MAX_ISA not set"
+    print(f"class: {d['class']} (this CPU: {d['detected']}; {cap}; can be forced to {', '.join(d['supported'])})")
+    print(f"oneDNN ISA: {d['onednn_isa']}" + (" (ONEDNN_MAX_CPU_ISA set)" if d["onednn_user_cap"] else ""))
+    skip = {"gemmalens", "onednn", "python", "numpy", "cpu", "cores", "threads", "class", "detected", "cap",
+            "supported", "onednn_isa", "onednn_user_cap", "read_bandwidth", "matmul_rates"}
+    print("paths: " + ", ".join(f"{k}={v}" for k, v in d.items() if k not in skip))
+    if args.rates:
+        print(f"streaming read bandwidth: {d['read_bandwidth'] / 1e9:.1f} GB/s (a decode step reads every weight byte "
+              "once: tok/s <= this / the model's weight_nbytes)")
+        print("matmul rates, 512 x 640 x 2048: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s"
+                                                             for k, v in d["matmul_rates"].items()))
 
 
 def _harvest_parser(sub):
@@ -230,6 +295,8 @@ def main(argv=None):
             _serve(args)
         elif args.command == "client":
             _client(args)
+        elif args.command == "info":
+            _info(args)
     except KeyboardInterrupt:
         return 130
     except (OSError, ValueError, TypeError, RuntimeError, ImportError) as e:

@@ -48,7 +48,20 @@ def _parser():
                    help="print the mode (dtype, weights, threads), load time and prefill/decode speed to stderr")
     _harvest_parser(sub)
     _serve_parsers(sub)
+    _info_parser(sub)
     return p
+
+
+def _info_parser(sub):
+    i = sub.add_parser("info", help="this machine's CPU class, the kernels chosen there and the threads (for a bug "
+                                    "report); --rates measures its speeds",
+                       description="Print what gemmalens runs on this machine: the version, the CPU, its class (the "
+                                   "highest it supports, or GEMMALENS_MAX_ISA's cap), the kernel path of each op family "
+                                   "(gl.cpu_info()) and the threads. --rates also measures the streaming read bandwidth "
+                                   "(a decode step reads every weight byte once: tok/s <= bandwidth / weight bytes) and "
+                                   "the matmul rates of a 512-token prefill (a second or two).")
+    i.add_argument("--rates", action="store_true", help="also measure memory bandwidth and matmul rates (a second or two)")
+    i.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
 
 
 def _serve_parsers(sub):
@@ -78,15 +91,6 @@ def _serve_parsers(sub):
     s.add_argument("--max-body", type=int, default=16 << 20, help="largest request body in bytes (default 16 MiB; 413 past it)")
     s.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: from --model)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
-    i = sub.add_parser("info", help="this machine's CPU class, the kernels chosen there and the threads (for a bug "
-                                    "report); --rates measures its speeds",
-                       description="Print what gemmalens runs on this machine: the version, the CPU, its class (the "
-                                   "highest it supports, or GEMMALENS_MAX_ISA's cap), the kernel path of each op family "
-                                   "(gl.cpu_info()) and the threads. --rates also measures the streaming read bandwidth "
-                                   "(a decode step reads every weight byte once: tok/s <= bandwidth / weight bytes) and "
-                                   "the matmul rates of a 512-token prefill (a second or two).")
-    i.add_argument("--rates", action="store_true", help="also measure memory bandwidth and matmul rates (a second or two)")
-    i.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     c = sub.add_parser("client", help="stream a completion or chat answer from a running gemmalens serve",
                        description="Stream a completion (--completion TEXT) or a chat answer (--chat TEXT) from a "
                                    "gemmalens serve (or any OpenAI-compatible server) to the terminal.")

@@ -95,7 +95,9 @@ class Engine:
         self._free = list(range(self.max_batch))
         self._hs_key, self._hs = None, None     # the batch's HookSet, kept while the running set is unchanged
         self._closing = False
-        # Sampled rows of a step are drawn on these threads (Engine._sample_accept); made at the first such step.
+        # Sampled rows of a step are drawn on this thread and up to _sample_threads - 1 of the pool's
+        # (Engine._sample_accept); the pool is made at the first step that shares its rows.
+        self._sample_threads = min(len(os.sched_getaffinity(0)), 8)
         self._sampling_pool = None
         self.stats = dict(decode_steps=0, prefills=0, finished=0, cancelled=0, steps_after_cancel_max=0, errors=0,
                           peak_running=0, busy=None)
@@ -313,22 +315,17 @@ class Engine:
 
     def _sample_accept(self, seqs, logits):
         """Each sequence's next id, accepted (its text handed out) as soon as it is drawn. The sampled rows (not greedy)
-        of a step with several are shared between this thread and up to cores - 1 others: a draw is a handful of numpy
-        passes over the vocabulary (1.2-1.7 ms at 262144 ids, bench/README.md), which release the GIL, and the
-        model's own threads are idle meanwhile. Each sequence samples with its own SamplingParams (own generator, own
-        work rows), so the ids are the ones drawn row after row. This thread accepts each of its rows right after
-        drawing it: the server's event loop sends those tokens while the draws go on, rather than all of them at once
-        as the next step's forward takes every core (drawing every row first and accepting after put the median time to
-        the first token of 4 sampled streams at 0.11 s against 0.04-0.07; bench/README.md)."""
+        of a step with several are shared between this thread and up to _sample_threads - 1 others (cores, at most 8): a
+        draw is a handful of numpy passes over the vocabulary (1.2-1.7 ms at 262144 ids, bench/README.md), which release
+        the GIL, and the model's own threads are idle meanwhile. Each sequence samples with its own SamplingParams (own
+        generator, own work rows), so the ids are the ones drawn row after row. This thread accepts each of its rows
+        right after drawing it: the server's event loop sends those tokens while the draws go on, rather than all of
+        them at once as the next step's forward takes every core (drawing every row first and accepting after put the
+        median time to the first token of 4 sampled streams at 0.11 s against 0.04-0.07; bench/README.md)."""
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        cores = min(len(os.sched_getaffinity(0)), 8)
-        n = min(len(sampled), cores)  # threads for this step, this one included
-        if n < 2:
-            for i, s in enumerate(seqs):
-                self._accept(s, logits[i])
-            return
-        if self._sampling_pool is None:
-            self._sampling_pool = concurrent.futures.ThreadPoolExecutor(cores - 1,
+        n = min(len(sampled), self._sample_threads)  # threads for this step, this one included
+        if n > 1 and self._sampling_pool is None:
+            self._sampling_pool = concurrent.futures.ThreadPoolExecutor(self._sample_threads - 1,
                                                                         thread_name_prefix="gemmalens-sample")
 
         def share(k):  # every n-th sampled row from the k-th

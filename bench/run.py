@@ -19,7 +19,6 @@ import argparse
 import datetime
 import gc
 import os
-import platform
 import re
 import statistics
 import sys
@@ -30,16 +29,6 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(HERE, "_work")
 sys.path.insert(0, HERE)
-
-
-def cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timings(fn, repeats):
@@ -841,6 +830,8 @@ def main():
     command += "".join(f" --llama-build {b}" for b in args.llama_build)
     command += f" --longctx-hf-max {args.longctx_hf_max}" if args.longctx_hf_max else ""
     command += f" --longctx-global-max {args.longctx_global_max}" if args.longctx_global_max else ""
+    from gemmalens._cpu import cpu_name
+
     measured = (f"Measured {datetime.date.today().isoformat()} on {cpu_name()}, {args.threads} threads "
                 f"({os.cpu_count()} cores visible); gemmalens {gemmalens.__version__} (oneDNN "
                 f"{gemmalens._core.dnnl_version()}), transformers {transformers.__version__}, torch {torch.__version__}, "

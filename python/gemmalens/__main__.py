@@ -122,19 +122,6 @@ def _client(args):
                api_key=args.api_key or os.environ.get("GEMMALENS_API_KEY") or None)
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def info(rates=False):
     """What `gemmalens info` prints, as a dict: versions, CPU, class and paths (gl.cpu_info()), threads; with rates,
     the streaming read bandwidth (bytes/s) and the matmul rates (FLOP/s) of a 512 x 640 x 2048 product per weight
@@ -142,9 +129,10 @@ def info(rates=False):
     import numpy as np
 
     from . import _core
+    from ._cpu import cpu_name
 
     out = {"gemmalens": gl.__version__, "onednn": _core.dnnl_version(), "python": sys.version.split()[0],
-           "numpy": np.__version__, "cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)),
+           "numpy": np.__version__, "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
            "threads": _core._testing.omp_max_threads(), **gl.cpu_info()}
     if rates:
         t = _core._testing
@@ -168,9 +156,8 @@ def _info(args):
     cap = f"capped by GEMMALENS_MAX_ISA={d['cap']}" if d["cap"] else "GEMMALENS_MAX_ISA not set"
     print(f"class: {d['class']} (this CPU: {d['detected']}; {cap}; can be forced to {', '.join(d['supported'])})")
     print(f"oneDNN ISA: {d['onednn_isa']}" + (" (ONEDNN_MAX_CPU_ISA set)" if d["onednn_user_cap"] else ""))
-    skip = {"gemmalens", "onednn", "python", "numpy", "cpu", "cores", "threads", "class", "detected", "cap",
-            "supported", "onednn_isa", "onednn_user_cap", "read_bandwidth", "matmul_rates"}
-    print("paths: " + ", ".join(f"{k}={v}" for k, v in d.items() if k not in skip))
+    said = {"class", "detected", "cap", "supported", "onednn_isa", "onednn_user_cap"}  # on the lines above
+    print("paths: " + ", ".join(f"{k}={d[k]}" for k in gl.cpu_info() if k not in said))
     if args.rates:
         print(f"streaming read bandwidth: {d['read_bandwidth'] / 1e9:.1f} GB/s (a decode step reads every weight byte "
               "once: tok/s <= this / the model's weight_nbytes)")

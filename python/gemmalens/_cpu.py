@@ -5,6 +5,21 @@
 CLASSES = ("avx2", "avx2_vnni", "avx512", "avx512_bf16", "amx")
 
 
+def cpu_name():
+    """The CPU's model name (/proc/cpuinfo on Linux, else what the platform module says): `gemmalens info` and the
+    benchmarks' "Measured ... on" lines."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def check_baseline():
     """The extension is built for x86-64-v3 (AVX2, FMA, F16C): on an older CPU its first AVX2 instruction would kill
     the interpreter (SIGILL). Refuse to load it instead, naming what is missing. Linux only (/proc/cpuinfo)."""

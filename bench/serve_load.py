@@ -143,6 +143,14 @@ def load(url, clients, per_client, max_tokens, extra):
 
 def rows(gguf=None, threads=None, quick=False, log_dir=None, temperature=0.0, per_client=None, which=SERVERS):
     """[(server, clients, tok/s, TTFT median, TTFT p90)] for 1, 4 and 8 clients on each server named in `which`."""
+    unknown = set(which) - set(SERVERS)
+    if unknown or not which:
+        raise ValueError(f"unknown server(s) {sorted(unknown)}: choose one or more of {', '.join(SERVERS)}" if unknown
+                         else f"no server to run: choose one or more of {', '.join(SERVERS)}")
+    if per_client is not None and per_client < 1:
+        raise ValueError(f"requests per client must be at least 1, got {per_client}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if gguf is None:
         from gemmalens.formats import _resolve_demo
 
@@ -150,11 +158,8 @@ def rows(gguf=None, threads=None, quick=False, log_dir=None, temperature=0.0, pe
     threads = threads or len(os.sched_getaffinity(0))
     log_dir = log_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "_work")
     os.makedirs(log_dir, exist_ok=True)
-    unknown = set(which) - set(SERVERS)
-    if unknown:
-        raise ValueError(f"unknown server(s) {sorted(unknown)}: choose from {', '.join(SERVERS)}")
     max_tokens = 32 if quick else 64
-    per_client = per_client or (2 if quick else 4)
+    per_client = per_client if per_client is not None else (2 if quick else 4)
     sampling = {"temperature": temperature, "seed": 1} if temperature > 0 else {}
     out = []
     for key, (name, start, extra) in zip(SERVERS, servers(gguf, threads, log_dir)):

@@ -589,3 +589,18 @@ def test_engine_step_of_greedy_and_sampled_rows_equals_generate(env):
                 entries = [x for e in mine for x in e["logprobs"]]
                 assert [x[0] for x in entries] == mine[-1]["token_ids"] and all(len(x[2]) == lp for x in entries)
     assert stop not in "".join(e["text"] for e in events[1] if e["type"] == "delta")
+
+
+def test_serve_load_bench_refuses_bad_options():
+    """bench/serve_load.py: an unknown or empty server list, fewer than one request per client and a negative or NaN
+    temperature are refused, naming the fix, before any server starts."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import serve_load
+
+    for kw, msg in ((dict(which=["auto", "llamma"]), r"unknown server\(s\) \['llamma'\]: choose one or more of auto"),
+                    (dict(which=[]), "no server to run"),
+                    (dict(per_client=0), "at least 1, got 0"),
+                    (dict(temperature=-1.0), "temperature must be >= 0"),
+                    (dict(temperature=float("nan")), "temperature must be >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            serve_load.rows(gguf="unused.gguf", threads=1, **kw)

@@ -733,13 +733,13 @@ def main():
         for label, gpath in gguf_models:
             for th in thread_counts:
                 last = None
-                for dtype, weights in (("bfloat16", "native"), ("float32", "int8"), ("float32", "int4")):
+                for dtype, weights in (("bfloat16", "native"), ("bfloat16", "int8"), ("bfloat16", "int4")):
                     r = bench_llama_cpp(gpath, dtype, th, repeats, weights=weights, with_llama=last is None)
                     if last is None:
                         last = r
                     else:
                         r = r[:2] + last[2:]  # the same llama.cpp run
-                    tag = "bf16" if weights == "native" else f"{weights} (f32 compute)"
+                    tag = "bf16" if weights == "native" else f"{weights} (bf16 compute)"
                     llama_rows.append((label, th, tag) + r)
                     print(f"{label} {th} threads gemmalens({dtype}) prefill {r[0]:.1f} decode {r[1]:.1f} | llama.cpp "
                           f"prefill {r[2] or float('nan'):.1f} decode {r[3] or float('nan'):.1f}", flush=True)
@@ -753,10 +753,10 @@ def main():
         t += ("\nbf16 rows: gemmalens dequantises the GGUF at load to bf16; llama.cpp computes on the file's own blocks "
               "(Q4_K/Q5_0/Q8_0/Q6_K: ~3-4x fewer bytes per decoded token). int8 rows: gemmalens re-quantises the weights "
               "at load to int8 blocks of 32 (`weights=\"int8\"`), int4 rows to 4-bit layer blocks with an int8 LM head "
-              "(`weights=\"int4\"`, accuracy in the top-level README); decode runs them on VNNI with int8 activations, "
-              "prefill on a machine with AMX dequantises them a chunk at a time to bf16 for oneDNN's AMX matmul. On the "
-              "BF16 file both are lossier than llama.cpp's BF16 arithmetic, so those rows compare speed at different "
-              "precision.\n")
+              "(`weights=\"int4\"`, accuracy in the top-level README), both with `dtype=\"bfloat16\"` (the CLI's fast "
+              "mode); prefill and decode multiply them with activations quantised to int8 blocks (VNNI, or `vpmaddubsw` "
+              "on AVX2; the CPU-class table below runs each class). On the BF16 file both are lossier than llama.cpp's "
+              "BF16 arithmetic, so those rows compare speed at different precision.\n")
         text["llama"] = t
 
     if want("scaling"):
@@ -837,14 +837,16 @@ def main():
                 f"{gemmalens._core.dnnl_version()}), transformers {transformers.__version__}, torch {torch.__version__}, "
                 f"transformer_lens {_tl_version()}. Command: `{command}`. Random weights of the real shapes, except where a table names the real 270M GGUF.\n\n")
     head = None
+    machine = "" if bw is None else (
+        f"Machine, measured in the same run: streaming read bandwidth **{bw / 1e9:.1f} GB/s**; oneDNN matmul "
+        f"512x2048x2048 f32 **{flops['float32'] / 1e9:.0f} GFLOP/s**, bf16 **{flops['bfloat16'] / 1e9:.0f} GFLOP/s**.\n\n")
     if only is None:
-        head = measured + (f"Machine, measured in the same run: streaming read bandwidth **{bw / 1e9:.1f} GB/s**; oneDNN "
-                           f"matmul 512x2048x2048 f32 **{flops['float32'] / 1e9:.0f} GFLOP/s**, bf16 "
-                           f"**{flops['bfloat16'] / 1e9:.0f} GFLOP/s**.\n\n")
-    else:  # a table measured on its own says when and where, below its title
+        head = measured + machine
+    else:  # a table measured on its own says when and where, below its title (prefill and decode: with the machine's
+        # limits, which their fractions divide by)
         for name in only:
             title, rest = text[name].split("\n\n", 1)
-            text[name] = f"{title}\n\n{measured}{rest}"
+            text[name] = f"{title}\n\n{measured}{machine if name in ('prefill', 'decode') else ''}{rest}"
     print("\n" + (head or "") + "\n".join(text[n] for n in SECTIONS if n in text))
     if not args.no_write:
         write_readme(head, text, only)

@@ -79,7 +79,8 @@ _OURS = r"""
 import json, statistics, sys, time
 import numpy as np
 import gemmalens as gl
-path, dtype, weights, threads, ctxs, decode_at, n_new, repeats = sys.argv[1:9]
+path, dtype, weights, threads, ctxs, decode_at, n_new, repeats, kv_dtype = sys.argv[1:10]
+kv_dtype = None if kv_dtype == "model" else kv_dtype
 threads, n_new, repeats = int(threads), int(n_new), int(repeats)
 ctxs, decode_at = json.loads(ctxs), set(json.loads(decode_at))
 ALT_BLOCKS, ALT_STEPS = @ALT@
@@ -91,7 +92,7 @@ for ctx in ctxs:
     toks = m.to_tokens(np.random.default_rng(ctx).integers(4, 200000, ctx))
     ts = []
     for _ in range(repeats if ctx <= 4096 else 1):
-        cache = m.new_cache(max_seq_len=ctx + room)
+        cache = m.new_cache(max_seq_len=ctx + room, kv_dtype=kv_dtype)
         t0 = time.perf_counter()
         m.next_token_logits(toks, cache=cache)
         ts.append(time.perf_counter() - t0)
@@ -273,17 +274,20 @@ def rows(threads=2, quick=False, sizes=None, ckpt=None, llama_python=None, hf_ma
     print("sliding / global layer attention against n", flush=True)
     res["attn"] = _intkeys(_child(sys.executable, _ATTN, [json.dumps(plan["attn_n"]), 2 if quick else 5], threads))
     for size in plan["sizes"]:
-        runs = [("5:1", "native", sorted(set(plan["prefill"]) | set(plan["decode"]))),
-                ("global", "native", [c for c in plan["prefill"] if not global_max or c <= global_max]),
-                ("5:1", "int8", sorted(set(plan["int8"]) | {min(plan["decode"])}))]
-        for pattern, weights, ctxs in runs:
+        int8_ctxs = sorted(set(plan["int8"]) | {min(plan["decode"])})
+        runs = [("5:1", "native", sorted(set(plan["prefill"]) | set(plan["decode"])), "model"),
+                ("global", "native", [c for c in plan["prefill"] if not global_max or c <= global_max], "model"),
+                ("5:1", "int8", int8_ctxs, "model"),
+                ("5:1", "int8", int8_ctxs, "int8")]  # and an int8 KV cache (kv_dtype="int8")
+        for pattern, weights, ctxs, kv in runs:
             decode_at = [c for c in ctxs if c in plan["decode"] or (pattern == "global" and c == max(ctxs))]
-            print(f"gemmalens {size} {pattern} bf16{'' if weights == 'native' else ' + int8 weights'}", flush=True)
+            print(f"gemmalens {size} {pattern} bf16{'' if weights == 'native' else ' + int8 weights'}"
+                  f"{' + int8 KV cache' if kv == 'int8' else ''}", flush=True)
             try:
                 r = _child(sys.executable, _OURS, [variant(size, pattern, ckpt), "bfloat16", weights, threads,
                                                    json.dumps(ctxs), json.dumps(decode_at), plan["n_new"],
-                                                   2 if quick else 3], threads)
-                res["ours"][(size, pattern, weights)] = _intkeys(r)
+                                                   2 if quick else 3, kv], threads)
+                res["ours"][(size, pattern, weights if kv == "model" else f"{weights}+kv8")] = _intkeys(r)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 res["errors"].append(f"gemmalens {size} {pattern} {weights}: {e}")
                 print(res["errors"][-1], flush=True)
@@ -323,8 +327,10 @@ def section(res):
         o = res["ours"].get((size, "5:1", "native"))
         g = res["ours"].get((size, "global", "native"))
         i8 = res["ours"].get((size, "5:1", "int8"))
+        kv8 = res["ours"].get((size, "5:1", "int8+kv8"))
         for ctx in plan["peers"]:
-            cells = [("gemmalens, 5:1", o), ("gemmalens, int8 weights, 5:1", i8), ("gemmalens, every layer global", g)]
+            cells = [("gemmalens, 5:1", o), ("gemmalens, int8 weights, 5:1", i8),
+                     ("gemmalens, int8 weights + int8 KV cache, 5:1", kv8), ("gemmalens, every layer global", g)]
             for name, r in cells:
                 if r and ctx in r["prefill"]:
                     text += (f"| {size} | {ctx} | {name} | {ctx / r['prefill'][ctx]:.0f} | {_f(r['decode'].get(ctx))} | "
@@ -338,7 +344,8 @@ def section(res):
         text += "\nNot run in this run: " + "; ".join(res["not_run"]) + ".\n"
     text += ("\nThe same random weights of the real shapes everywhere: gemmalens and HF read the HF folder, llama.cpp "
              "a BF16 GGUF written from it. gemmalens: `dtype=\"bfloat16\"` (bf16 matmul inputs, bf16 KV cache, f32 "
-             "activations and softmax), int8 rows `weights=\"int8\"` with it (the CLI's fast mode); \"every layer "
+             "activations and softmax), int8 rows `weights=\"int8\"` with it (the CLI's fast mode), \"int8 KV cache\" "
+             "also `new_cache(kv_dtype=\"int8\")` (int8 blocks of 32 with a scale each, 1.125 bytes a value); \"every layer "
              "global\" is the same folder with config.json's `layer_types` all `full_attention`. HF: `torch_dtype="
              "bfloat16`, `attn_implementation=\"sdpa\"` (eager would materialise [T, T] scores per head), "
              "`logits_to_keep=1`, its DynamicCache (sliding layers keep their window). llama.cpp: llama-cpp-python, "
@@ -351,7 +358,7 @@ def section(res):
              + " | ".join(f"ctx {c}" for c in dec) + f" | {dec[-1]} / {dec[0]} | alternated: ctx {dec[0]} / ctx {dec[-1]} "
              f"| alternated: {dec[-1]} / {dec[0]} |\n|---|---|" + "---|" * (len(dec) + 3) + "\n")
     for size in plan["sizes"]:
-        for weights, key in (("bf16", "native"), ("int8", "int8")):
+        for weights, key in (("bf16", "native"), ("int8", "int8"), ("int8, int8 KV cache", "int8+kv8")):
             r = res["ours"].get((size, "5:1", key))
             if not r:
                 continue

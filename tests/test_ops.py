@@ -243,7 +243,7 @@ def attention_past_ref(q, k, v, past, window, scale, softcap, round_p=False):
 @pytest.mark.parametrize("H,KV,Hd", [(4, 1, 256), (8, 2, 64), (4, 4, 128), (6, 2, 96), (16, 2, 32), (4, 2, 20)])
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("past,window,softcap", [(900, 0, 0.0), (700, 129, 0.0), (333, 0, 2.0), (64, 0, 0.0)])
-@pytest.mark.parametrize("cache", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cache", ["float32", "bfloat16", "int8", "int8 bf16"])
 def test_attention_decode_against_numpy(H, KV, Hd, T, past, window, softcap, cache):
     """A decode step (csrc/ops/attention_decode.cpp): T <= 4 new positions over a KV cache of `past` (f32, or bf16 as
     a bf16 model keeps it; a ring of `window` slots that has wrapped on a sliding layer), keys split in chunks across
@@ -251,13 +251,26 @@ def test_attention_decode_against_numpy(H, KV, Hd, T, past, window, softcap, cac
     vdpbf16ps for the bf16 model where the CPU chooses it; 4 query rows per KV head at once, then the rest), 96 and 32
     (and every head dim on an AVX2 class) the AVX2 kernels, 20 (not a multiple of 32) the portable loops. Where the
     class has AVX512_BF16 but the CPU chooses the f32 kernels (Intel: cpu.h, attention_decode_vdpbf16ps), the bf16
-    model's step also runs forced to the vdpbf16ps kernels, so they are tested on every CPU that has them."""
+    model's step also runs forced to the vdpbf16ps kernels, so they are tested on every CPU that has them.
+    "int8" (a float32 model's) and "int8 bf16" (a bf16 model's): an int8 KV cache (kv_dtype="int8"), whose rows the
+    same f32 kernels (AVX-512, AVX2, portable) read, never vdpbf16ps; the reference reads the past as numpy's
+    quantise-dequantise of it (kv_int8_ref) and the step's own rows exactly."""
     B = 2
     q = rng.standard_normal((B, T, H, Hd)).astype(np.float32)
     k = rng.standard_normal((B, past + T, KV, Hd)).astype(np.float32)
     v = rng.standard_normal((B, past + T, KV, Hd)).astype(np.float32)
-    if cache == "bfloat16":  # a bf16 model's k and v are bf16 values (the cache's rows and the step's own alike)
+    if cache in ("bfloat16", "int8 bf16"):  # a bf16 model's k and v are bf16 values (the cache's rows and the step's own alike)
         k, v = bf16(k), bf16(v)
+    if cache.startswith("int8") and Hd % 32:  # refused: the cache's blocks are 32 values
+        with pytest.raises(ValueError, match="kv_int8 needs Hd % 32 == 0"):
+            ops.attention(q, k, v, window, 0.2, softcap, bf16=cache == "int8 bf16", past=past, kv_int8=True)
+        return
+    if cache.startswith("int8"):
+        out = ops.attention(q, k, v, window, 0.2, softcap, bf16=cache == "int8 bf16", past=past, kv_int8=True)
+        kq, vq = k.copy(), v.copy()
+        kq[:, :past], vq[:, :past] = kv_int8_ref(k[:, :past]), kv_int8_ref(v[:, :past])
+        np.testing.assert_allclose(out, attention_past_ref(q, kq, vq, past, window, 0.2, softcap), rtol=0, atol=2e-5)
+        return
     out = ops.attention(q, k, v, window, 0.2, softcap, bf16=cache == "bfloat16", past=past)
     info = gemmalens.cpu_info()
     dp = cache == "bfloat16" and Hd % 64 == 0 and info["attention_decode_bf16"] == "vdpbf16ps"
@@ -275,6 +288,43 @@ def test_attention_decode_against_numpy(H, KV, Hd, T, past, window, softcap, cac
     ref_bf = attention_past_ref(bf16(q), k, v, past, window, 0.2, softcap, round_p=True)
     assert np.abs(out - ref_bf).max() <= 6e-3 * np.abs(ref_bf).max()
     assert np.abs(out - ref_bf).mean() <= 4e-3 * np.abs(ref_bf).mean()
+
+
+def kv_int8_ref(x):
+    """An int8 KV cache's rows as numpy computes them: per block of 32 values d = max|x| / 127 (float32), q = x / d
+    rounded to nearest (even on ties), read back as q * d."""
+    blocks = x.reshape(x.shape[:-1] + (x.shape[-1] // 32, 32)).astype(np.float32)
+    d = np.abs(blocks).max(-1, keepdims=True) / np.float32(127)
+    q = np.clip(np.round(np.divide(blocks, d, out=np.zeros_like(blocks), where=d > 0)), -127, 127)
+    return (q * d).astype(np.float32).reshape(x.shape)
+
+
+@pytest.mark.parametrize("H,KV,Hd", [(4, 1, 256), (8, 2, 64), (6, 2, 96)])
+@pytest.mark.parametrize("bf16_model", [False, True])
+@pytest.mark.parametrize("past,window", [(300, 0), (200, 129)])
+def test_attention_over_an_int8_cache_against_numpy(H, KV, Hd, bf16_model, past, window):
+    """A chunk of 70 positions after an int8 KV cache (a prefill continued, or a prompt after a system prompt's
+    cache): the tiled kernel, or for a bf16 model on AMX / AMD's AVX512_BF16 the two bf16 matmuls (the cache's
+    values rounded to bf16 there, as the chunk's are), against numpy on the dequantised past; and the materialised
+    path the attn_scores / pattern hooks take reads the same values (tests/test_hooks.py runs it through a model)."""
+    B, T = 2, 70
+    q = rng.standard_normal((B, T, H, Hd)).astype(np.float32)
+    k = rng.standard_normal((B, past + T, KV, Hd)).astype(np.float32)
+    v = rng.standard_normal((B, past + T, KV, Hd)).astype(np.float32)
+    if bf16_model:
+        k, v = bf16(k), bf16(v)
+    out = ops.attention(q, k, v, window, 0.2, 0.0, bf16=bf16_model, past=past, kv_int8=True)
+    kq, vq = k.copy(), v.copy()
+    kq[:, :past], vq[:, :past] = kv_int8_ref(k[:, :past]), kv_int8_ref(v[:, :past])
+    if bf16_model and ops.bf16_attention_matmul():  # q, the dequantised past and the probabilities in bf16
+        ref = attention_past_ref(bf16(q), bf16(kq), vq, past, window, 0.2, 0.0, round_p=True)
+        assert np.abs(out - ref).max() <= 1e-2 * np.abs(ref).max()
+        assert np.abs(out - ref).mean() <= 3e-3 * np.abs(ref).mean()
+    else:
+        np.testing.assert_allclose(out, attention_past_ref(q, kq, vq, past, window, 0.2, 0.0), rtol=0, atol=2e-5)
+    # an int8 cache differs from the exact past by the quantisation's error: visibly, but little
+    exact = attention_past_ref(q, k, v, past, window, 0.2, 0.0)
+    assert 1e-4 < np.abs(out - exact).max() / np.abs(exact).max() < 0.05
 
 
 def test_attention_decode_kernel_choice():

@@ -604,3 +604,40 @@ def test_serve_load_bench_refuses_bad_options():
                     (dict(temperature=float("nan")), "temperature must be >= 0")):
         with pytest.raises(ValueError, match=msg):
             serve_load.rows(gguf="unused.gguf", threads=1, **kw)
+
+
+def test_engine_with_an_int8_cache_equals_generate_with_one(env):
+    """Engine(kv_dtype="int8") (gemmalens serve --kv-dtype int8): its batch cache and each prompt's prefill cache
+    hold int8 rows, and greedy requests decoded together give model.generate(kv_dtype="int8")'s text."""
+    import threading
+
+    from gemmalens.serve.engine import Engine, GenerationRequest
+
+    _, model, _ = env
+    tok = model.tokenizer
+    prompts = ["hello world", "the cat sat on", "once upon a time there"]
+    events = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+
+    def emitter(k):
+        def emit(ev):
+            events[k].append(ev)
+            if ev["type"] in ("done", "error"):
+                done[k].set()
+        return emit
+
+    eng = Engine(model, max_batch=4, max_seq_len=64, kv_dtype="int8")
+    try:
+        assert eng.cache.kv_dtype == "int8"
+        for k, prompt in enumerate(prompts):
+            eng.submit(GenerationRequest([tok.encode(prompt)], 1, 16, dict(temperature=0.0), None, set(), [], [], None,
+                                         emitter(k)))
+        for d in done:
+            assert d.wait(120)
+    finally:
+        eng.close()
+    for k, prompt in enumerate(prompts):
+        text = "".join(e["text"] for e in events[k] if e["type"] == "delta")
+        assert text == model.generate(prompt, max_new_tokens=16, ignore_eos=True, kv_dtype="int8"), k
+    with pytest.raises(ValueError, match="kv_dtype must be None .* or 'int8'"):
+        Engine(model, max_batch=1, max_seq_len=8, kv_dtype="int4")

@@ -23,6 +23,20 @@ struct PyHookSet : HookSet {
   std::vector<py::object> callbacks;
 };
 
+// `kv_dtype=` of a KV cache: None or the model's dtype (its keys and values as the model computes them), or "int8"
+// (true). Anything else: a ValueError naming the choices.
+inline bool parse_kv_dtype(const py::object& kv, DType model) {
+  if (kv.is_none()) return false;
+  std::string s = "a " + std::string(py::str(kv.get_type().attr("__name__")));
+  if (py::isinstance<py::str>(kv)) {
+    s = kv.cast<std::string>();
+    if (s == "int8") return true;
+    if (s == dtype_name(model)) return false;
+    s = "'" + s + "'";
+  }
+  throw ValueError("kv_dtype must be None (the model's dtype, " + std::string(dtype_name(model)) + ") or 'int8', got " + s);
+}
+
 void bind_config(py::module_& m);   // Gemma3Config
 void bind_model(py::module_& m);    // Model, KVCache
 void bind_hooks(py::module_& m);    // HookSet, hook names and sites

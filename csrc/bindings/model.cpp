@@ -43,22 +43,29 @@ void bind_cache(py::module_& m) {
   py::class_<KVCache>(m, "KVCache",
                       "A preallocated key/value cache for incremental decoding (model.new_cache(batch, max_seq_len)). "
                       "Sliding-window layers keep their last sliding_window positions in ring buffers, full-attention "
-                      "layers max_seq_len; its dtype follows the model's. forward / next_token_logits / generate append "
+                      "layers max_seq_len; its dtype follows the model's, or is int8 (new_cache(kv_dtype='int8')). forward / "
+                      "next_token_logits / generate append "
                       "to it (positions continue from seq_len); it is refused by a model of another geometry.\n\n"
                       ">>> cache = model.new_cache(batch=1)\n"
                       ">>> model.forward(ids, cache=cache)                   # prefill\n"
                       ">>> step = model.next_token_logits([818], cache=cache)  # one decode step")
-      .def(py::init([](const Gemma3Config& cfg, int batch, int64_t max_seq_len, const std::string& dtype) {
+      .def(py::init([](const Gemma3Config& cfg, int batch, int64_t max_seq_len, const std::string& dtype,
+                       const py::object& kv_dtype) {
              cfg.validate();
-             return std::make_unique<KVCache>(cfg, batch, max_seq_len, parse_dtype(dtype));
+             const DType d = parse_dtype(dtype);
+             return std::make_unique<KVCache>(cfg, batch, max_seq_len, d, parse_kv_dtype(kv_dtype, d));
            }),
            py::arg("config"), py::arg("batch"), py::arg("max_seq_len"), py::arg("dtype") = "float32",
+           py::arg("kv_dtype") = py::none(),
            "Usually made by Model.new_cache(); standalone for sizing.")
       .def_property_readonly("batch", &KVCache::batch, "Rows it was made for.")
       .def_property_readonly("max_seq_len", &KVCache::max_seq_len, "The most positions it can hold.")
       .def_property_readonly("seq_len", &KVCache::seq_len, "Positions held so far (the next token's position).")
       .def_property_readonly("nbytes", &KVCache::nbytes, "Bytes of its key/value buffers.")
-      .def_property_readonly("dtype", [](const KVCache& c) { return dtype_name(c.dtype()); }, "float32 or bfloat16.")
+      .def_property_readonly("dtype", [](const KVCache& c) { return dtype_name(c.dtype()); },
+                             "The model's dtype (float32 or bfloat16), which passes over it compute in.")
+      .def_property_readonly("kv_dtype", [](const KVCache& c) { return c.int8() ? "int8" : dtype_name(c.dtype()); },
+                             "How it holds keys and values: the model's dtype, or int8 (blocks of 32 with a scale each).")
       .def_property_readonly("row_start", &KVCache::row_start, "Left-padding count of each row.")
       .def("truncate", &KVCache::truncate, py::arg("n"),
            "Forget every position from n on (seq_len becomes n): back up to a shared prefix and decode again. A "
@@ -170,10 +177,10 @@ void bind_model(py::module_& m) {
           py::arg("x"))
       .def(
           "new_cache",
-          [](const Gemma3Model& g, int batch, int64_t max_seq_len) {
-            return std::make_unique<KVCache>(g.config(), batch, max_seq_len, g.dtype());
+          [](const Gemma3Model& g, int batch, int64_t max_seq_len, const py::object& kv_dtype) {
+            return std::make_unique<KVCache>(g.config(), batch, max_seq_len, g.dtype(), parse_kv_dtype(kv_dtype, g.dtype()));
           },
-          py::arg("batch"), py::arg("max_seq_len"))
+          py::arg("batch"), py::arg("max_seq_len"), py::arg("kv_dtype") = py::none())
       .def(
           "forward",
           [](Gemma3Model& g, const py::array& tokens, const py::object& row_start, KVCache* cache, const std::string& logits,

@@ -157,13 +157,14 @@ void bind_testing(py::module_& m) {
      "the tied embedding's Linear (the LM head: bf16 in 64-row panels where N % 64 == 0 and K % 32 == 0, else "
      "row-major).");
   t.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int64_t window, float scale, float softcap, bool bf16, int64_t past,
-                        const std::string& decode_kernel) {
+                        const std::string& decode_kernel, bool kv_int8) {
     // q [B, T, H, Hd] for positions past .. past + T - 1; k/v [B, past + T, KV, Hd]: the first `past` positions go
     // to a KV cache (bf16 for a bf16 model, else f32; a ring of `window` slots on a sliding layer, so it wraps once
     // past > window), the last T are the pass's own. past = 0: no cache (prefill; the oneDNN bf16 path where oneDNN
     // runs bf16 on AMX); a few new positions over a long past: the decode kernel. decode_kernel "vdpbf16ps": a bf16
     // model's decode step takes the vdpbf16ps kernels wherever the class has AVX512_BF16, even where the CPU's
-    // choice is another (ops/cpu.h, attention_decode_vdpbf16ps); "auto": the CPU's choice.
+    // choice is another (ops/cpu.h, attention_decode_vdpbf16ps); "auto": the CPU's choice. kv_int8: the cache holds
+    // the past positions as an int8 KV cache does (blocks of 32 with a scale each; needs Hd % 32 == 0).
     if (decode_kernel != "auto" && decode_kernel != "vdpbf16ps")
       throw ValueError("attention: decode_kernel is 'auto' or 'vdpbf16ps', got '" + decode_kernel + "'");
     if (decode_kernel == "vdpbf16ps" && ops::cpu_class() < ops::CpuClass::Avx512Bf16)
@@ -183,7 +184,12 @@ void bind_testing(py::module_& m) {
     std::vector<float> kn(static_cast<size_t>(B) * T * KV * Hd), vn(kn.size());
     std::vector<float> kf(bf16 ? 0 : static_cast<size_t>(B) * KV * cap * Hd), vf(kf.size());
     std::vector<uint16_t> kh(bf16 ? static_cast<size_t>(B) * KV * cap * Hd : 0), vh(kh.size());
+    if (kv_int8 && Hd % ops::kKVBlock != 0) throw ValueError("attention: kv_int8 needs Hd % 32 == 0");
+    // int8 rows: float storage for alignment (the scales), kv_int8_row_bytes(Hd) bytes a row
+    std::vector<float> k8(kv_int8 ? static_cast<size_t>(B) * KV * cap * ops::kv_int8_row_bytes(Hd) / 4 : 0), v8(k8.size());
+    if (kv_int8) kf.clear(), vf.clear(), kh.clear(), vh.clear();
     a.cache.KV = KV, a.cache.Hd = Hd, a.cache.cap = cap, a.cache.dtype = bf16 ? DType::BF16 : DType::F32;
+    a.cache.int8 = kv_int8;
     for (int b = 0; b < B; ++b)
       for (int64_t j = 0; j < past + T; ++j)
         for (int h = 0; h < KV; ++h) {
@@ -195,6 +201,11 @@ void bind_testing(py::module_& m) {
             continue;
           }
           const int64_t off = a.cache.offset(b, h, j);
+          if (kv_int8) {
+            ops::kv_int8_quantize(k.data() + src, Hd, reinterpret_cast<int8_t*>(k8.data()) + off);
+            ops::kv_int8_quantize(v.data() + src, Hd, reinterpret_cast<int8_t*>(v8.data()) + off);
+            continue;
+          }
           for (int d = 0; d < Hd; ++d) {
             if (bf16)
               kh[off + d] = f32_to_bf16(k.data()[src + d]), vh[off + d] = f32_to_bf16(v.data()[src + d]);
@@ -203,8 +214,8 @@ void bind_testing(py::module_& m) {
           }
         }
     if (past > 0) {
-      a.cache.k = bf16 ? static_cast<const void*>(kh.data()) : kf.data();
-      a.cache.v = bf16 ? static_cast<const void*>(vh.data()) : vf.data();
+      a.cache.k = kv_int8 ? static_cast<const void*>(k8.data()) : bf16 ? static_cast<const void*>(kh.data()) : kf.data();
+      a.cache.v = kv_int8 ? static_cast<const void*>(v8.data()) : bf16 ? static_cast<const void*>(vh.data()) : vf.data();
     }
     py::array_t<float> z({q.shape(0), q.shape(1), q.shape(2), q.shape(3)});
     a.q = q.data(); a.k_new = kn.data(); a.v_new = vn.data(); a.past = past;
@@ -215,7 +226,7 @@ void bind_testing(py::module_& m) {
     ops::attention(a);
     return z;
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("bf16") = false,
-     py::arg("past") = 0, py::arg("decode_kernel") = "auto");
+     py::arg("past") = 0, py::arg("decode_kernel") = "auto", py::arg("kv_int8") = false);
   t.def("attention_seconds", [](int T, int64_t past, int H, int KV, int Hd, int64_t window, const std::string& dtype, int reps) {
     // Seconds of one attention call (median of reps, after a warm-up) as a layer of a model in `dtype` makes it:
     // T new positions after `past` cached ones (batch 1), a bf16 cache for a bf16 model, the cache a ring of

@@ -8,13 +8,16 @@
 
 namespace gemmalens {
 
-KVCache::KVCache(const Gemma3Config& cfg, int batch, int64_t max_seq_len, DType dtype)
+KVCache::KVCache(const Gemma3Config& cfg, int batch, int64_t max_seq_len, DType dtype, bool int8)
     : batch_(batch), KV_(cfg.num_key_value_heads), Hd_(cfg.head_dim), window_(cfg.sliding_window), max_seq_len_(max_seq_len),
-      dtype_(dtype) {
+      dtype_(dtype), int8_(int8) {
   cfg.validate();
   if (batch <= 0) throw ValueError("KV cache: batch must be > 0, got " + std::to_string(batch));
   if (max_seq_len <= 0) throw ValueError("KV cache: max_seq_len must be > 0, got " + std::to_string(max_seq_len));
-  const size_t es = dtype == DType::F32 ? 4 : 2;
+  if (int8 && Hd_ % ops::kKVBlock != 0)
+    throw ValueError("KV cache: kv_dtype 'int8' needs head_dim to be a multiple of 32 (this model's is " + std::to_string(Hd_) +
+                     "); use kv_dtype=None (the model's dtype)");
+  const size_t es = row_bytes();  // per slot, KV head and row
   // The whole size first, overflow-checked, and refused when it exceeds the machine's memory (the alternative is
   // the OOM killer, or minutes of swapping, after a typo in batch or max_seq_len).
   uint64_t total = 0;
@@ -22,8 +25,7 @@ KVCache::KVCache(const Gemma3Config& cfg, int batch, int64_t max_seq_len, DType 
     const uint64_t cap = cfg.is_sliding(i) ? std::min<int64_t>(cfg.sliding_window, max_seq_len) : max_seq_len;
     uint64_t n = 2 * es;
     if (__builtin_mul_overflow(n, static_cast<uint64_t>(batch), &n) || __builtin_mul_overflow(n, static_cast<uint64_t>(KV_), &n) ||
-        __builtin_mul_overflow(n, cap, &n) || __builtin_mul_overflow(n, static_cast<uint64_t>(Hd_), &n) ||
-        __builtin_add_overflow(total, n, &total))
+        __builtin_mul_overflow(n, cap, &n) || __builtin_add_overflow(total, n, &total))
       total = UINT64_MAX;
   }
   const uint64_t phys = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
@@ -37,7 +39,7 @@ KVCache::KVCache(const Gemma3Config& cfg, int batch, int64_t max_seq_len, DType 
     Layer l;
     l.sliding = cfg.is_sliding(i);
     l.cap = l.sliding ? std::min<int64_t>(cfg.sliding_window, max_seq_len) : max_seq_len;
-    const size_t n = static_cast<size_t>(batch) * KV_ * l.cap * Hd_ * es;
+    const size_t n = static_cast<size_t>(batch) * KV_ * l.cap * es;
     try {
       ops::assign_huge(l.k, n, uint8_t{0});
       ops::assign_huge(l.v, n, uint8_t{0});
@@ -72,6 +74,7 @@ ops::KVRing KVCache::view(int l, const int32_t* rows) const {
   r.k = L.k.data();
   r.v = L.v.data();
   r.dtype = dtype_;
+  r.int8 = int8_;
   r.KV = KV_;
   r.Hd = Hd_;
   r.cap = L.cap;
@@ -100,7 +103,10 @@ void KVCache::write(Layer& L, const ops::KVRing& ring, int B, const float* k, co
         const float* ks = k + ((b * T + t) * KV_ + h) * Hd_;
         const float* vs = v + ((b * T + t) * KV_ + h) * Hd_;
         const int64_t off = ring.offset(b, h, first_slot + (t - t0));
-        if (dtype_ == DType::F32) {
+        if (int8_) {
+          ops::kv_int8_quantize(ks, Hd_, reinterpret_cast<int8_t*>(L.k.data()) + off);
+          ops::kv_int8_quantize(vs, Hd_, reinterpret_cast<int8_t*>(L.v.data()) + off);
+        } else if (dtype_ == DType::F32) {
           std::copy(ks, ks + Hd_, reinterpret_cast<float*>(L.k.data()) + off);
           std::copy(vs, vs + Hd_, reinterpret_cast<float*>(L.v.data()) + off);
         } else {
@@ -174,9 +180,10 @@ void KVCache::place_row(int row, const KVCache& src, int src_row) {
   if (row < 0 || row >= batch_) throw ValueError("place_row: row " + std::to_string(row) + " is out of range [0, " + std::to_string(batch_) + ")");
   if (src_row < 0 || src_row >= src.batch_)
     throw ValueError("place_row: src_row " + std::to_string(src_row) + " is out of range [0, " + std::to_string(src.batch_) + ")");
-  bool same = src.layers_.size() == layers_.size() && src.KV_ == KV_ && src.Hd_ == Hd_ && src.window_ == window_ && src.dtype_ == dtype_;
+  bool same = src.layers_.size() == layers_.size() && src.KV_ == KV_ && src.Hd_ == Hd_ && src.window_ == window_ && src.dtype_ == dtype_ &&
+              src.int8_ == int8_;
   for (size_t i = 0; same && i < layers_.size(); ++i) same = src.layers_[i].sliding == layers_[i].sliding;
-  if (!same) throw ValueError("place_row: the source cache was made for another model or dtype");
+  if (!same) throw ValueError("place_row: the source cache was made for another model, dtype or kv_dtype");
   if (&src == this) throw ValueError("place_row: the source must be another cache (copy() this one first)");
   if (!src.row_valid(src_row)) throw ValueError("place_row: source row " + std::to_string(src_row) + " is not valid (it missed positions)");
   const int64_t src_start = src.row_start_[src_row];
@@ -185,7 +192,7 @@ void KVCache::place_row(int row, const KVCache& src, int src_row) {
     throw ValueError("place_row: the source holds " + std::to_string(src.seq_len_) + " positions, more than this cache's seq_len = " +
                      std::to_string(seq_len_) + "; shift() this cache first to make room");
   const int64_t off = seq_len_ - src.seq_len_;  // source slot s -> slot s + off
-  const size_t es = elem_size(), bytes = es * Hd_;
+  const size_t es = int8_ ? 1 : row_bytes() / Hd_, bytes = row_bytes();  // offset() counts bytes (int8) or values
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& Ls = src.layers_[i];
     Layer& Ld = layers_[i];
@@ -212,7 +219,7 @@ void KVCache::shift(int64_t d) {
     if (valid_[r] && row_start_[r] < seq_len_ && row_start_[r] + d < 0)
       throw ValueError("KV cache shift(" + std::to_string(d) + "): row " + std::to_string(r) + " starts at slot " +
                        std::to_string(row_start_[r]) + "; its sequence cannot move before slot 0");
-  const size_t es = elem_size(), bytes = es * Hd_;
+  const size_t es = int8_ ? 1 : row_bytes() / Hd_, bytes = row_bytes();  // offset() counts bytes (int8) or values
   std::vector<uint8_t> tmp;
   for (size_t i = 0; i < layers_.size(); ++i) {
     Layer& L = layers_[i];

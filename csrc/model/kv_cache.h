@@ -14,12 +14,15 @@ namespace gemmalens {
 
 class KVCache {
  public:
-  KVCache(const Gemma3Config& cfg, int batch, int64_t max_seq_len, DType dtype);
+  // int8: keys and values held as int8 blocks of 32 with an f32 scale each (ops/attention.h, kv_int8_quantize: 1.125
+  // bytes a value against bf16's 2), for a model of either dtype; needs head_dim % 32 == 0.
+  KVCache(const Gemma3Config& cfg, int batch, int64_t max_seq_len, DType dtype, bool int8 = false);
 
   int batch() const { return batch_; }
   int64_t max_seq_len() const { return max_seq_len_; }
   int64_t seq_len() const { return seq_len_; }
-  DType dtype() const { return dtype_; }
+  DType dtype() const { return dtype_; }  // the model's dtype (what a pass over it must compute in)
+  bool int8() const { return int8_; }
   const std::vector<int32_t>& row_start() const { return row_start_; }
   size_t nbytes() const;
   // Whether this cache has the geometry of a model with config c (layer count, sliding pattern, window, KV heads,
@@ -60,8 +63,8 @@ class KVCache {
   struct Layer {
     int64_t cap = 0;          // slots held: window (sliding) or max_seq_len (full)
     bool sliding = false;
-    ops::page_vector<uint8_t> k;  // [B, KV, cap, Hd] in `dtype`
-    ops::page_vector<uint8_t> v;  // [B, KV, cap, Hd] in `dtype`
+    ops::page_vector<uint8_t> k;  // [B, KV, cap] rows of row_bytes()
+    ops::page_vector<uint8_t> v;
     // A sliding layer's staged rows wait here (writing the ring would overwrite slots that are still visible):
     // the last `staged` positions of the chunk, [B, staged, KV, Hd] f32 (B: the pass's rows). -1: nothing staged.
     int64_t staged = -1, staged_T = 0;
@@ -74,11 +77,15 @@ class KVCache {
              int64_t first_slot);
   // The rows argument of stage() / commit(), checked: in range and distinct.
   void check_rows(const int32_t* rows, int B) const;
-  size_t elem_size() const { return dtype_ == DType::F32 ? 4 : 2; }
+  // Bytes of one slot's row (Hd values): f32, bf16, or int8 values and their scales.
+  size_t row_bytes() const {
+    return int8_ ? static_cast<size_t>(ops::kv_int8_row_bytes(Hd_)) : static_cast<size_t>(Hd_) * (dtype_ == DType::F32 ? 4 : 2);
+  }
 
   int batch_, KV_, Hd_, window_;
   int64_t max_seq_len_, seq_len_ = 0;
   DType dtype_;
+  bool int8_;
   std::vector<int32_t> row_start_;  // [B] first real slot of each row (left padding)
   std::vector<char> valid_;         // [B] row_valid()
   std::vector<Layer> layers_;

@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -16,14 +17,23 @@ namespace gemmalens::ops {
 namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// q . k for a key row from the chunk / f32 cache (f) or the bf16 cache (h).
-inline float dot_row(const float* q, const KVRow& k, int Hd) { return k.f ? dot_f32(q, k.f, Hd) : dot_bf16(q, k.h, Hd); }
+// q . k for a key row from the chunk / f32 cache (f), the bf16 cache (h) or the int8 cache (q, per block of 32).
+inline float dot_row(const float* q, const KVRow& k, int Hd) {
+  if (k.q) {
+    float acc = 0.f;
+    for (int g = 0; g < Hd; g += kKVBlock) acc += dot_i8(q + g, k.q + g, kKVBlock) * k.s[g / kKVBlock];
+    return acc;
+  }
+  return k.f ? dot_f32(q, k.f, Hd) : dot_bf16(q, k.h, Hd);
+}
 // z += w * v for a value row (absent rows contribute nothing).
 inline void axpy_row(float w, const KVRow& v, float* z, int Hd) {
   if (v.f)
     axpy_f32(w, v.f, z, Hd);
   else if (v.h)
     axpy_bf16(w, v.h, z, Hd);
+  else if (v.q)
+    for (int g = 0; g < Hd; g += kKVBlock) axpy_i8(w * v.s[g / kKVBlock], v.q + g, z + g, kKVBlock);
 }
 // A raw score -> the logit softmax sees: scaled, then soft-capped when the config asks.
 inline float score_logit(const AttentionArgs& a, float s) {
@@ -31,6 +41,30 @@ inline float score_logit(const AttentionArgs& a, float s) {
   return a.softcap > 0.f ? a.softcap * tanh_f32(s / a.softcap) : s;
 }
 }  // namespace
+
+void kv_int8_quantize(const float* x, int Hd, int8_t* q) {
+  float* scales = reinterpret_cast<float*>(q + Hd);
+  for (int g = 0; g < Hd; g += kKVBlock) {
+    float amax = 0.f;
+    bool finite = true;
+    for (int i = 0; i < kKVBlock; ++i) {
+      finite = finite && std::isfinite(x[g + i]);
+      amax = std::max(amax, std::fabs(x[g + i]));
+    }
+    if (!finite) {
+      // a NaN or inf in the block (an intervention's, say) stays visible downstream: the block reads back as NaN
+      for (int i = 0; i < kKVBlock; ++i) q[g + i] = 0;
+      scales[g / kKVBlock] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float d = amax / 127.f;
+    scales[g / kKVBlock] = d;
+    for (int i = 0; i < kKVBlock; ++i) {
+      const float t = d > 0.f ? std::nearbyint(x[g + i] / d) : 0.f;
+      q[g + i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, t)));
+    }
+  }
+}
 
 void attention(const AttentionArgs& a) {
   // Decode steps (a few new positions) over a long context: split-K over the keys, straight from the cache.
@@ -92,8 +126,13 @@ void attention_scores(const AttentionArgs& a, float* scores) {
 #pragma omp parallel for
       for (int64_t j = 0; j < S; ++j) {
         const KVRow k = key_row(a, b, kvh, j);
-        held[j] = (k.f || k.h) ? 1 : 0;
-        for (int d = 0; d < a.Hd; ++d) Kt[d * S + j] = k.f ? k.f[d] : (k.h ? bf16_to_f32(k.h[d]) : 0.f);
+        held[j] = k.held() ? 1 : 0;
+        float row[512];
+        const bool small = a.Hd <= 512;
+        std::vector<float> big(small ? 0 : a.Hd);
+        float* kr = small ? row : big.data();
+        kv_row_f32(k, a.Hd, kr);
+        for (int d = 0; d < a.Hd; ++d) Kt[d * S + j] = kr[d];
       }
 #pragma omp parallel for collapse(2) schedule(dynamic, 8)  // causal rows: later queries see more keys
       for (int g = 0; g < group; ++g)

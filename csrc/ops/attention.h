@@ -16,20 +16,33 @@
 
 namespace gemmalens::ops {
 
-// One layer of a KV cache as the attention reads it: k and v [rows, KV, cap, Hd] in `dtype`; slot s lives at
-// s % cap (a ring when cap is the sliding window, plain storage when cap = max_seq_len). Row b of a pass is the
-// cache's row rows[b] when `rows` is set (a pass over some of the cache's rows: continuous batching), else row b.
+// An int8 KV cache (KVCache with kv_dtype "int8") holds each key / value row of Hd values (Hd % 32 == 0) as Hd int8
+// values q followed by Hd / 32 f32 scales d, one per block of 32 (value = q * d, d = max|x| / 127 over the block, q =
+// x / d rounded to nearest, even on ties: ggml's Q8_0 rule, with an f32 scale where ggml keeps an f16 one): 1.125
+// bytes per value against bf16's 2.
+constexpr int kKVBlock = 32;
+inline int64_t kv_int8_row_bytes(int Hd) { return Hd + Hd / kKVBlock * static_cast<int64_t>(sizeof(float)); }
+// x [Hd] -> the row's int8 values and scales (q [Hd], then the scales at q + Hd).
+void kv_int8_quantize(const float* x, int Hd, int8_t* q);
+
+// One layer of a KV cache as the attention reads it: k and v [rows, KV, cap, Hd] in `dtype` (int8: rows of
+// kv_int8_row_bytes(Hd) bytes, see above; `dtype` is then the model's); slot s lives at s % cap (a ring when cap is
+// the sliding window, plain storage when cap = max_seq_len). Row b of a pass is the cache's row rows[b] when `rows`
+// is set (a pass over some of the cache's rows: continuous batching), else row b.
 struct KVRing {
   const void* k = nullptr;
   const void* v = nullptr;
   DType dtype = DType::F32;
+  bool int8 = false;
   int KV = 0, Hd = 0;
   int64_t cap = 0;
   const int32_t* rows = nullptr;  // [B] or null
-  // Element offset of slot s of row b, KV head kvh: the ring rule, for readers and the cache's writer alike.
+  // A slot's row length in elements of its storage (int8: bytes).
+  int64_t stride() const { return int8 ? kv_int8_row_bytes(Hd) : Hd; }
+  // Offset (in those elements) of slot s of row b, KV head kvh: the ring rule, for readers and the cache's writer.
   int64_t offset(int b, int kvh, int64_t s) const {
     const int64_t r = rows ? rows[b] : b;
-    return ((r * KV + kvh) * cap + s % cap) * Hd;
+    return ((r * KV + kvh) * cap + s % cap) * stride();
   }
 };
 
@@ -68,11 +81,15 @@ inline SlotRange visible_range(const AttentionArgs& a, int b, int64_t i) {
   return {lo, i};
 }
 
-// Key or value row of slot j for (b, kvh): from the new chunk (f32) or the cache (f32 or bf16); both null when
-// the ring no longer holds the slot (never for a visible slot: the window fits the ring).
+// Key or value row of slot j for (b, kvh): from the new chunk (f32) or the cache (f32, bf16, or int8 values q with
+// their block scales s); all null when the ring no longer holds the slot (never for a visible slot: the window fits
+// the ring).
 struct KVRow {
   const float* f = nullptr;
   const uint16_t* h = nullptr;
+  const int8_t* q = nullptr;
+  const float* s = nullptr;  // q's scales: value d is q[d] * s[d / 32]
+  bool held() const { return f || h || q; }
 };
 inline KVRow kv_row(const AttentionArgs& a, bool value, int b, int kvh, int64_t j) {
   KVRow r;
@@ -83,11 +100,26 @@ inline KVRow kv_row(const AttentionArgs& a, bool value, int b, int kvh, int64_t 
   const void* ring = value ? a.cache.v : a.cache.k;
   if (!ring || j < a.past - a.cache.cap) return r;
   const int64_t off = a.cache.offset(b, kvh, j);
-  if (a.cache.dtype == DType::F32)
+  if (a.cache.int8) {
+    r.q = static_cast<const int8_t*>(ring) + off;
+    r.s = reinterpret_cast<const float*>(r.q + a.Hd);  // 4-byte aligned: Hd and the row length are multiples of 4
+  } else if (a.cache.dtype == DType::F32)
     r.f = static_cast<const float*>(ring) + off;
   else
     r.h = static_cast<const uint16_t*>(ring) + off;
   return r;
+}
+// A row of any storage as Hd f32 values (an absent row: zeros).
+inline void kv_row_f32(const KVRow& r, int Hd, float* out) {
+  if (r.f) {
+    std::copy(r.f, r.f + Hd, out);
+  } else if (r.h) {
+    for (int d = 0; d < Hd; ++d) out[d] = bf16_to_f32(r.h[d]);
+  } else if (r.q) {
+    for (int d = 0; d < Hd; ++d) out[d] = static_cast<float>(r.q[d]) * r.s[d / kKVBlock];
+  } else {
+    std::fill(out, out + Hd, 0.f);
+  }
 }
 inline KVRow key_row(const AttentionArgs& a, int b, int kvh, int64_t j) { return kv_row(a, false, b, kvh, j); }
 inline KVRow value_row(const AttentionArgs& a, int b, int kvh, int64_t j) { return kv_row(a, true, b, kvh, j); }

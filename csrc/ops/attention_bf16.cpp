@@ -151,20 +151,29 @@ bool attention_bf16_matmul(const AttentionArgs& a) {
   for (int b = 0; b < B; ++b) {
     const int64_t SJ = a.past + T - J0[b];
     for (int kvh = 0; kvh < KV; ++kvh) {
-#pragma omp parallel for schedule(static)
-      for (int64_t c = 0; c < SJ; ++c) {
-        uint16_t* kd = Kb.get() + c * Hd;
-        uint16_t* vd = Vb.get() + c * Hd;
-        const KVRow k = key_row(a, b, kvh, J0[b] + c), v = value_row(a, b, kvh, J0[b] + c);
-        if (k.f) {  // this chunk's keys (f32)
-          f32_to_bf16_n(k.f, kd, Hd);
-          f32_to_bf16_n(v.f, vd, Hd);
-        } else if (k.h) {  // the bf16 cache
-          std::copy_n(k.h, Hd, kd);
-          std::copy_n(v.h, Hd, vd);
-        } else {  // the ring no longer holds it (never visible: the window fits the ring)
-          std::fill_n(kd, Hd, uint16_t(0));
-          std::fill_n(vd, Hd, uint16_t(0));
+#pragma omp parallel
+      {
+        std::vector<float> row(a.cache.int8 ? Hd : 0);  // an int8 cache row's values
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < SJ; ++c) {
+          uint16_t* kd = Kb.get() + c * Hd;
+          uint16_t* vd = Vb.get() + c * Hd;
+          const KVRow k = key_row(a, b, kvh, J0[b] + c), v = value_row(a, b, kvh, J0[b] + c);
+          if (k.f) {  // this chunk's keys (f32)
+            f32_to_bf16_n(k.f, kd, Hd);
+            f32_to_bf16_n(v.f, vd, Hd);
+          } else if (k.h) {  // the bf16 cache
+            std::copy_n(k.h, Hd, kd);
+            std::copy_n(v.h, Hd, vd);
+          } else if (k.q) {  // the int8 cache: its values rounded to bf16, as a bf16 model's matmul inputs are
+            kv_row_f32(k, Hd, row.data());
+            f32_to_bf16_n(row.data(), kd, Hd);
+            kv_row_f32(v, Hd, row.data());
+            f32_to_bf16_n(row.data(), vd, Hd);
+          } else {  // the ring no longer holds it (never visible: the window fits the ring)
+            std::fill_n(kd, Hd, uint16_t(0));
+            std::fill_n(vd, Hd, uint16_t(0));
+          }
         }
       }
       for (int t0 = 0; t0 < T; t0 += kQB) {

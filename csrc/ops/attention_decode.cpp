@@ -55,6 +55,12 @@ const Perm32 kPerm(false), kPermDp(true);
 
 // Elements d .. d + 31 of a key / value row as two f32 vectors, permuted or not (see above).
 GL_AVX512 inline void load32(const KVRow& r, int d, bool perm, __m512i ilo, __m512i ihi, __m512& lo, __m512& hi) {
+  if (r.q) {  // the int8 cache (never permuted): one block of 32, sign-extended, converted, times its scale
+    const __m512 sc = _mm512_set1_ps(r.s[d / kKVBlock]);
+    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.q + d)))), sc);
+    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.q + d + 16)))), sc);
+    return;
+  }
   if (r.h) {  // the bf16 cache: only in permuted mode
     const __m512i raw = _mm512_loadu_si512(r.h + d);
     lo = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
@@ -78,6 +84,11 @@ constexpr int SB = 16, PD = 16;
 // Brings elements [d, d + n) of a row (bf16 or f32; none when both pointers are null) towards L1 (or to L2: H).
 template <_mm_hint H = _MM_HINT_T0>
 inline void prefetch_part(const KVRow& r, int d, int n) {
+  if (r.q) {  // the int8 cache: the part's values and its scale (at the row's end)
+    for (int o = 0; o < n; o += 64) _mm_prefetch(reinterpret_cast<const char*>(r.q + d + o), H);
+    _mm_prefetch(reinterpret_cast<const char*>(r.s + d / kKVBlock), H);
+    return;
+  }
   const char* p = r.h ? reinterpret_cast<const char*>(r.h + d) : reinterpret_cast<const char*>(r.f ? r.f + d : nullptr);
   if (!p) return;
   const int bytes = n * (r.h ? 2 : 4);
@@ -316,7 +327,15 @@ void unpermute_row(float* y, int Hd, const Perm32& pm) {
 // outer, rows inner, so a key / value row is read from memory once and from L1 for the other rows.
 void scores_portable(const float* const* q, int rows, const KVRow* k, int nk, int Hd, float* S) {
   for (int c = 0; c < nk; ++c)
-    for (int r = 0; r < rows; ++r) S[r * NB + c] = k[c].f ? dot_f32(q[r], k[c].f, Hd) : dot_bf16(q[r], k[c].h, Hd);
+    for (int r = 0; r < rows; ++r) {
+      if (k[c].q) {
+        float acc = 0.f;
+        for (int g = 0; g < Hd; g += kKVBlock) acc += dot_i8(q[r] + g, k[c].q + g, kKVBlock) * k[c].s[g / kKVBlock];
+        S[r * NB + c] = acc;
+      } else {
+        S[r * NB + c] = k[c].f ? dot_f32(q[r], k[c].f, Hd) : dot_bf16(q[r], k[c].h, Hd);
+      }
+    }
 }
 void pv_portable(const float* P, const float* corr, int rows, const KVRow* v, int nk, int Hd, float* Z) {
   for (int r = 0; r < rows; ++r)
@@ -327,6 +346,8 @@ void pv_portable(const float* P, const float* corr, int rows, const KVRow* v, in
       if (p == 0.f) continue;
       if (v[j].f)
         axpy_f32(p, v[j].f, Z + r * Hd, Hd);
+      else if (v[j].q)
+        for (int g = 0; g < Hd; g += kKVBlock) axpy_i8(p * v[j].s[g / kKVBlock], v[j].q + g, Z + r * Hd + g, kKVBlock);
       else
         axpy_bf16(p, v[j].h, Z + r * Hd, Hd);
     }
@@ -343,6 +364,12 @@ void pv_portable(const float* P, const float* corr, int rows, const KVRow* v, in
 // with q and z at g + o0 and g + o1 (half_offsets): in kPerm's order the even and the odd values of the half (a bf16
 // row always, an f32 row permuted by shuffles), else (an f32 cache, perm false) the half's two 8s as stored.
 inline void load16_avx2(const KVRow& r, int d, bool perm, __m256& x0, __m256& x1) {
+  if (r.q) {  // the int8 cache (never permuted): half a block, times its scale
+    const __m256 sc = _mm256_set1_ps(r.s[d / kKVBlock]);
+    x0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.q + d)))), sc);
+    x1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.q + d + 8)))), sc);
+    return;
+  }
   if (r.h) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.h + d));
     x0 = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
@@ -457,19 +484,24 @@ void block_rows(const AttentionArgs& a, int b, int kvh, int64_t j0, int n, KVRow
       k[c] = KVRow{nullptr, kn + off};
       v[c] = KVRow{nullptr, vn + off};
     }
-    if (j >= a.past || (!k[c].f && !k[c].h)) {
+    if (j >= a.past || !k[c].held()) {
       ++c;
       continue;
     }
     const int64_t run = std::min<int64_t>({static_cast<int64_t>(n - c), a.cache.cap - j % a.cache.cap, a.past - j});
     const int Hd = a.Hd;
+    const size_t st = static_cast<size_t>(a.cache.stride());  // a slot's row: Hd values, or an int8 row's bytes
     for (int r = 1; r < run; ++r) {
       KVRow& kr = k[c + r];
       KVRow& vr = v[c + r];
-      kr.f = k[c].f ? k[c].f + static_cast<size_t>(r) * Hd : nullptr;
-      kr.h = k[c].h ? k[c].h + static_cast<size_t>(r) * Hd : nullptr;
-      vr.f = v[c].f ? v[c].f + static_cast<size_t>(r) * Hd : nullptr;
-      vr.h = v[c].h ? v[c].h + static_cast<size_t>(r) * Hd : nullptr;
+      kr.f = k[c].f ? k[c].f + r * st : nullptr;
+      kr.h = k[c].h ? k[c].h + r * st : nullptr;
+      vr.f = v[c].f ? v[c].f + r * st : nullptr;
+      vr.h = v[c].h ? v[c].h + r * st : nullptr;
+      kr.q = k[c].q ? k[c].q + r * st : nullptr;
+      vr.q = v[c].q ? v[c].q + r * st : nullptr;
+      kr.s = kr.q ? reinterpret_cast<const float*>(kr.q + Hd) : nullptr;
+      vr.s = vr.q ? reinterpret_cast<const float*>(vr.q + Hd) : nullptr;
     }
     c += static_cast<int>(run);
   }
@@ -482,7 +514,8 @@ AttentionDecodePath attention_decode_path(const AttentionArgs& a) {
   if (!use_avx512() || a.Hd % 64 != 0) return AttentionDecodePath::Portable;
   const bool dp = a.decode_kernel == DecodeKernelChoice::Vdpbf16ps ? cpu_class() >= CpuClass::Avx512Bf16
                                                                     : attention_decode_vdpbf16ps();
-  if (a.compute == DType::BF16 && a.past > 0 && a.cache.dtype == DType::BF16 && dp) return AttentionDecodePath::Vdpbf16ps;
+  if (a.compute == DType::BF16 && a.past > 0 && a.cache.dtype == DType::BF16 && !a.cache.int8 && dp)
+    return AttentionDecodePath::Vdpbf16ps;
   return AttentionDecodePath::Avx512;
 }
 
@@ -497,7 +530,7 @@ void attention_decode_splitk(const AttentionArgs& a) {
   // The AVX2 kernels where no AVX-512 one runs, for Hd % 32 == 0 (the portable loops for the rest). Both widen the
   // bf16 cache's rows in the permuted order (see Perm32).
   const bool avx2 = !w512 && Hd % 32 == 0;
-  const bool perm = !dp && (w512 || avx2) && a.past > 0 && a.cache.dtype == DType::BF16;
+  const bool perm = !dp && (w512 || avx2) && a.past > 0 && a.cache.dtype == DType::BF16 && !a.cache.int8;
   // The step's own rows in bf16 for the bf16 kernels (a bf16 model's are bf16 values already: exact).
   std::vector<uint16_t> kn_bf, vn_bf;
   if (dp) {

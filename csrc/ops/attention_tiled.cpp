@@ -237,6 +237,9 @@ void attention_tiled(const AttentionArgs& a) {
             kt[d * ld + c] = bf16_to_f32(k.h[d]);
             vd[d] = bf16_to_f32(v.h[d]);
           }
+        } else if (k.q) {  // the int8 cache
+          for (int d = 0; d < Hd; ++d) kt[d * ld + c] = static_cast<float>(k.q[d]) * k.s[d / kKVBlock];
+          kv_row_f32(v, Hd, vd);
         } else {  // not held by the ring (never visible: the window fits the ring)
           std::fill(vd, vd + Hd, 0.f);
         }

@@ -160,5 +160,16 @@ inline void axpy_bf16(float p, const uint16_t* v, float* z, int n) {
 #pragma omp simd
   for (int i = 0; i < n; ++i) z[i] += p * bf16_to_f32(v[i]);
 }
+// The int8 cache's rows, a block of one scale at a time (the caller multiplies by the scale).
+inline float dot_i8(const float* a, const int8_t* b, int n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += a[i] * static_cast<float>(b[i]);
+  return acc;
+}
+inline void axpy_i8(float p, const int8_t* v, float* z, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) z[i] += p * static_cast<float>(v[i]);
+}
 
 }  // namespace gemmalens::ops

@@ -26,7 +26,33 @@ Gemma3Config two_layers(int KV, int Hd, int window) {
   return c;
 }
 
-constexpr int kB = 2, kKV = 2, kHd = 8, kWindow = 4;
+constexpr int kB = 2, kKV = 2, kHd = 32, kWindow = 4;
+
+// The caches the storage tests run on: f32, bf16, and int8 (blocks of 32, a scale each; a float32 model's).
+struct Kind {
+  DType dt;
+  bool int8;
+};
+const Kind kKinds[] = {{DType::F32, false}, {DType::BF16, false}, {DType::F32, true}};
+const char* kind_name(const Kind& k) { return k.int8 ? "int8" : dtype_name(k.dt); }
+
+// Element d of the row the ring holds at element (int8: byte) offset `off`.
+float read(const KVCache& c, const void* base, int64_t off, int d) {
+  if (c.int8()) {
+    const int8_t* q = static_cast<const int8_t*>(base) + off;
+    return static_cast<float>(q[d]) * reinterpret_cast<const float*>(q + kHd)[d / ops::kKVBlock];
+  }
+  return c.dtype() == DType::F32 ? static_cast<const float*>(base)[off + d] : bf16_to_f32(static_cast<const uint16_t*>(base)[off + d]);
+}
+// What a cache of c's kind reads back for element d of the row x [kHd]: x[d], rounded to bf16, or quantised.
+float stored(const KVCache& c, const float* x, int d) {
+  if (c.int8()) {
+    alignas(4) int8_t q[kHd + kHd / ops::kKVBlock * 4];
+    ops::kv_int8_quantize(x, kHd, q);
+    return static_cast<float>(q[d]) * reinterpret_cast<const float*>(q + kHd)[d / ops::kKVBlock];
+  }
+  return c.dtype() == DType::F32 ? x[d] : round_bf16(x[d]);
+}
 constexpr int64_t kMaxSeq = 16;
 
 // The value a pass of generation `gen` gives K (kv 0) or V (kv 1) of layer l, row b, slot s, head h, element d:
@@ -64,14 +90,12 @@ void check_view(const KVCache& c, int l, const std::vector<int>& gen, int64_t sk
   for (int64_t s = std::max<int64_t>(0, c.seq_len() - r.cap + skip); s < c.seq_len(); ++s)
     for (int kv = 0; kv < 2; ++kv)
       for (int b = 0; b < kB; ++b)
-        for (int h = 0; h < kKV; ++h)
-          for (int d = 0; d < kHd; ++d) {
-            const int64_t off = r.offset(b, h, s) + d;
-            const void* base = kv ? r.v : r.k;
-            const float got = c.dtype() == DType::F32 ? static_cast<const float*>(base)[off] : bf16_to_f32(static_cast<const uint16_t*>(base)[off]);
-            const float want = value(gen[s], l, kv, b, s, h, d);
-            if (got != (c.dtype() == DType::F32 ? want : round_bf16(want)) && bad++ == 0) first_bad = s;
-          }
+        for (int h = 0; h < kKV; ++h) {
+          float want[kHd];
+          for (int d = 0; d < kHd; ++d) want[d] = value(gen[s], l, kv, b, s, h, d);
+          for (int d = 0; d < kHd; ++d)
+            if (read(c, kv ? r.v : r.k, r.offset(b, h, s), d) != stored(c, want, d) && bad++ == 0) first_bad = s;
+        }
   if (bad) test::fail(__FILE__, __LINE__, test::str("layer ", l, ": ", bad, " values of the held slots differ from what was committed, first at slot ",
                                                      first_bad, " (seq_len ", c.seq_len(), ", want generation ", gen[first_bad], ")"));
 }
@@ -81,9 +105,10 @@ void check_view(const KVCache& c, int l, const std::vector<int>& gen, int64_t sk
 // Chunks of 3, 1, 6 (longer than the 4-slot ring), 1, 2 positions: after every commit seq_len grows and both
 // layers hold their last cap slots where offset() says; row_start is the first commit's.
 TEST(kv_cache_commit) {
-  for (DType dt : {DType::F32, DType::BF16}) {
-    INFO("cache dtype ", dtype_name(dt));
-    KVCache c(two_layers(kKV, kHd, kWindow), kB, kMaxSeq, dt);
+  for (const Kind& kind : kKinds) {
+    INFO("cache ", kind_name(kind));
+    const DType dt = kind.dt;
+    KVCache c(two_layers(kKV, kHd, kWindow), kB, kMaxSeq, dt, kind.int8);
     std::vector<int> gen;
     int g = 0;
     for (int64_t T : {3, 1, 6, 1, 2}) {
@@ -103,9 +128,10 @@ TEST(kv_cache_commit) {
 // whether it staged every layer or only the first; the next pass stages anew. commit() of layers that were not
 // staged for that T is refused before anything changes; so is a pass past max_seq_len.
 TEST(kv_cache_abandoned_pass) {
-  for (DType dt : {DType::F32, DType::BF16}) {
-    INFO("cache dtype ", dtype_name(dt));
-    KVCache c(two_layers(kKV, kHd, kWindow), kB, kMaxSeq, dt);
+  for (const Kind& kind : kKinds) {
+    INFO("cache ", kind_name(kind));
+    const DType dt = kind.dt;
+    KVCache c(two_layers(kKV, kHd, kWindow), kB, kMaxSeq, dt, kind.int8);
     CHECK_THROWS(c.commit(1, {0, 0}), InternalError);  // nothing staged yet
     pass(c, 1, 5, true);
     std::vector<int> gen(5, 1);
@@ -141,9 +167,10 @@ TEST(kv_cache_abandoned_pass) {
 // truncate(n) keeps the first n slots: refused past seq_len, and for a ring that no longer holds the window before n;
 // the next pass continues from n. truncate(0) forgets row_start. copy() is deep.
 TEST(kv_cache_truncate_copy) {
-  for (DType dt : {DType::F32, DType::BF16}) {
-    INFO("cache dtype ", dtype_name(dt));
-    KVCache c(two_layers(kKV, kHd, kWindow), kB, kMaxSeq, dt);
+  for (const Kind& kind : kKinds) {
+    INFO("cache ", kind_name(kind));
+    const DType dt = kind.dt;
+    KVCache c(two_layers(kKV, kHd, kWindow), kB, kMaxSeq, dt, kind.int8);
     pass(c, 1, 5, true, 2, {1, 0});
     pass(c, 2, 6, true);  // slots 5..10; the ring holds 7..10
     std::vector<int> gen(5, 1);
@@ -227,9 +254,7 @@ namespace {
 // What cache row `row` of layer l holds at slot s, K (kv 0) or V (kv 1), head h, element d (a bf16 cache: rounded).
 float held(const KVCache& c, int l, int kv, int row, int64_t s, int h, int d) {
   const ops::KVRing r = c.view(l);
-  const int64_t off = r.offset(row, h, s) + d;
-  const void* base = kv ? r.v : r.k;
-  return c.dtype() == DType::F32 ? static_cast<const float*>(base)[off] : bf16_to_f32(static_cast<const uint16_t*>(base)[off]);
+  return read(c, kv ? r.v : r.k, r.offset(row, h, s), d);
 }
 
 // Cache row `row` holds, at slots [lo, seq_len) that its layers still hold, value(gen, l, kv, b, s - off, h, d): the
@@ -240,12 +265,13 @@ void check_row(const KVCache& c, int row, int64_t lo, int64_t off, int b, int ge
     const int64_t cap = c.view(l).cap;
     for (int64_t s = std::max(lo, c.seq_len() - cap); s < c.seq_len(); ++s)
       for (int kv = 0; kv < 2; ++kv)
-        for (int h = 0; h < kKV; ++h)
-          for (int d = 0; d < kHd; ++d) {
-            const int64_t src = s - off;
-            const float want = value(src < gen_split ? gen_of_slot_lo : gen_hi, l, kv, b, src, h, d);
-            if (held(c, l, kv, row, s, h, d) != (c.dtype() == DType::F32 ? want : round_bf16(want)) && bad++ == 0) first_bad = s;
-          }
+        for (int h = 0; h < kKV; ++h) {
+          const int64_t src = s - off;
+          float want[kHd];
+          for (int d = 0; d < kHd; ++d) want[d] = value(src < gen_split ? gen_of_slot_lo : gen_hi, l, kv, b, src, h, d);
+          for (int d = 0; d < kHd; ++d)
+            if (held(c, l, kv, row, s, h, d) != stored(c, want, d) && bad++ == 0) first_bad = s;
+        }
   }
   if (bad) test::fail(__FILE__, __LINE__, test::str("cache row ", row, ": ", bad, " values differ, first at slot ", first_bad));
 }
@@ -255,9 +281,10 @@ void check_row(const KVCache& c, int row, int64_t lo, int64_t off, int b, int ge
 // A pass over some of the cache's rows (continuous batching): pass row b goes to cache row rows[b], the rows left
 // out stop being valid; row_start is recorded for the rows of the first pass.
 TEST(kv_cache_rows) {
-  for (DType dt : {DType::F32, DType::BF16}) {
-    INFO("cache dtype ", dtype_name(dt));
-    KVCache c(two_layers(kKV, kHd, kWindow), 3, kMaxSeq, dt);
+  for (const Kind& kind : kKinds) {
+    INFO("cache ", kind_name(kind));
+    const DType dt = kind.dt;
+    KVCache c(two_layers(kKV, kHd, kWindow), 3, kMaxSeq, dt, kind.int8);
     const int32_t rows[2] = {2, 0};  // pass row 0 -> cache row 2, pass row 1 -> cache row 0
     int64_t first = 0;
     int gen = 0;
@@ -284,12 +311,13 @@ TEST(kv_cache_rows) {
 // place_row puts a sequence prefilled in its own cache into a row, ending at seq_len (its ring tail included);
 // shift moves every valid row's slots, both ways; the bounds are refused.
 TEST(kv_cache_place_row_shift) {
-  for (DType dt : {DType::F32, DType::BF16}) {
-    INFO("cache dtype ", dtype_name(dt));
-    KVCache src(two_layers(kKV, kHd, kWindow), kB, kMaxSeq, dt);
+  for (const Kind& kind : kKinds) {
+    INFO("cache ", kind_name(kind));
+    const DType dt = kind.dt;
+    KVCache src(two_layers(kKV, kHd, kWindow), kB, kMaxSeq, dt, kind.int8);
     pass(src, 1, 3, true, 2, {0, 2});  // row 1 is left-padded by 2
     pass(src, 2, 4, true);             // 7 slots; the ring holds 3..6
-    KVCache c(two_layers(kKV, kHd, kWindow), 3, kMaxSeq, dt);
+    KVCache c(two_layers(kKV, kHd, kWindow), 3, kMaxSeq, dt, kind.int8);
     CHECK_THROWS(c.place_row(0, src, 0), ValueError);  // src (7 slots) is longer than c's sequence (0)
     c.shift(9);                                         // an empty cache: seq_len 9, no row holds anything yet
     CHECK_EQ(c.seq_len(), 9);
@@ -313,8 +341,11 @@ TEST(kv_cache_place_row_shift) {
     CHECK_THROWS(c.place_row(3, src, 0), ValueError);
     CHECK_THROWS(c.place_row(0, src, 2), ValueError);
     CHECK_THROWS(c.place_row(0, c, 0), ValueError);
-    KVCache other(two_layers(kKV, kHd, kWindow + 1), 1, kMaxSeq, dt);
+    KVCache other(two_layers(kKV, kHd, kWindow + 1), 1, kMaxSeq, dt, kind.int8);
     CHECK_THROWS(c.place_row(2, other, 0), ValueError);
+    KVCache other_kind(two_layers(kKV, kHd, kWindow), kB, kMaxSeq, dt, !kind.int8);  // the same model, int8 or not
+    pass(other_kind, 1, 3, true);
+    CHECK_THROWS(c.place_row(2, other_kind, 0), ValueError);
     CHECK_EQ(c.seq_len(), 12);
     check_row(c, 0, 5, 5, 0, 1, 3, 2);
   }

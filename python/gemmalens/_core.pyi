@@ -188,13 +188,13 @@ class HookSet:
         ...
 class KVCache:
     """
-    A preallocated key/value cache for incremental decoding (model.new_cache(batch, max_seq_len)). Sliding-window layers keep their last sliding_window positions in ring buffers, full-attention layers max_seq_len; its dtype follows the model's. forward / next_token_logits / generate append to it (positions continue from seq_len); it is refused by a model of another geometry.
+    A preallocated key/value cache for incremental decoding (model.new_cache(batch, max_seq_len)). Sliding-window layers keep their last sliding_window positions in ring buffers, full-attention layers max_seq_len; its dtype follows the model's, or is int8 (new_cache(kv_dtype='int8')). forward / next_token_logits / generate append to it (positions continue from seq_len); it is refused by a model of another geometry.
     
     >>> cache = model.new_cache(batch=1)
     >>> model.forward(ids, cache=cache)                   # prefill
     >>> step = model.next_token_logits([818], cache=cache)  # one decode step
     """
-    def __init__(self, config: Gemma3Config, batch: typing.SupportsInt | typing.SupportsIndex, max_seq_len: typing.SupportsInt | typing.SupportsIndex, dtype: str = 'float32') -> None:
+    def __init__(self, config: Gemma3Config, batch: typing.SupportsInt | typing.SupportsIndex, max_seq_len: typing.SupportsInt | typing.SupportsIndex, dtype: str = 'float32', kv_dtype: typing.Any = None) -> None:
         """
         Usually made by Model.new_cache(); standalone for sizing.
         """
@@ -226,7 +226,12 @@ class KVCache:
     @property
     def dtype(self) -> str:
         """
-        float32 or bfloat16.
+        The model's dtype (float32 or bfloat16), which passes over it compute in.
+        """
+    @property
+    def kv_dtype(self) -> str:
+        """
+        How it holds keys and values: the model's dtype, or int8 (blocks of 32 with a scale each).
         """
     @property
     def max_seq_len(self) -> int:
@@ -271,7 +276,7 @@ class Model:
         """
         tokens: int32 [batch, pos] C-contiguous; row_start: int32 [batch] left-padding counts or None; tape: keep what backward() needs; cache_rows: int32 [batch], the cache row of each row (some of the cache's rows), or None.
         """
-    def new_cache(self, batch: typing.SupportsInt | typing.SupportsIndex, max_seq_len: typing.SupportsInt | typing.SupportsIndex) -> KVCache:
+    def new_cache(self, batch: typing.SupportsInt | typing.SupportsIndex, max_seq_len: typing.SupportsInt | typing.SupportsIndex, kv_dtype: typing.Any = None) -> KVCache:
         ...
     def unembed(self, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
         ...

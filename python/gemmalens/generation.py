@@ -76,7 +76,7 @@ def _stop_lists(model, stop, ignore_eos):
 
 
 def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, min_p=None,
-             repetition_penalty=None, seed=None, stop=None, ignore_eos=False, stream=False):
+             repetition_penalty=None, seed=None, stop=None, ignore_eos=False, stream=False, kv_dtype=None):
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
@@ -88,7 +88,9 @@ def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, top_
                          f"{model.max_seq_len}; shorten the prompt, lower max_new_tokens or load with a larger max_seq_len")
     if stream and req.batched:
         raise ValueError("stream=True takes a single prompt")
-    gen = _run(model, req, max_new_tokens, params, stop_ids, stop_strs)
+    if kv_dtype is not None and kv_dtype not in ("int8", model.dtype):
+        raise ValueError(f"kv_dtype must be None (the model's dtype, {model.dtype}) or 'int8', got {kv_dtype!r}")
+    gen = _run(model, req, max_new_tokens, params, stop_ids, stop_strs, kv_dtype)
     if stream:
         return _stream(model, req, gen, stop_strs)
     outs = None
@@ -155,7 +157,7 @@ def _stream(model, req, gen, stop_strs):
         yield text[sent:]
 
 
-def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
+def _run(model, req, max_new_tokens, params, stop_ids, stop_strs, kv_dtype=None):
     """Yields, after every step, [(new_ids, text_or_None)] per row."""
     B = len(req.ids)
     T = max(len(r) for r in req.ids)
@@ -183,7 +185,7 @@ def _run(model, req, max_new_tokens, params, stop_ids, stop_strs):
     if max_new_tokens == 0:
         yield [(new[b], "" if req.text else None) for b in range(B)]
         return
-    cache = model.new_cache(batch=B, max_seq_len=T + max_new_tokens)
+    cache = model.new_cache(batch=B, max_seq_len=T + max_new_tokens, kv_dtype=kv_dtype)
     # hooks from `with model.hooks(...)` and SAEs from `with model.saes(...)` fire on the prompt and on every step
     logits = model.next_token_logits(toks, cache=cache, attention_mask=None if mask.all() else mask)
     for step in range(max_new_tokens):

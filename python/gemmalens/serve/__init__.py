@@ -30,8 +30,9 @@ def parse_sae_args(items):
 
 
 def build(model="gemma3-270m", dtype="bfloat16", weights="auto", threads=None, max_batch=8, max_seq_len=None,
-          api_key=None, saes=(), max_body=16 << 20, model_name=None, progress=None):
-    """Load the model and SAEs and make the application: (ASGI app, ServerContext). saes: [(name, folder)]."""
+          api_key=None, saes=(), max_body=16 << 20, model_name=None, progress=None, kv_dtype=None):
+    """Load the model and SAEs and make the application: (ASGI app, ServerContext). saes: [(name, folder)];
+    kv_dtype: the batch KV cache's (None: the model's dtype; "int8")."""
     _need_serve_extra()
     import gemmalens as gl
 
@@ -49,7 +50,7 @@ def build(model="gemma3-270m", dtype="bfloat16", weights="auto", threads=None, m
         loaded[name] = sae
     if max_seq_len is None:
         max_seq_len = min(m.max_seq_len, 4096)
-    engine = Engine(m, max_batch=max_batch, max_seq_len=max_seq_len)
+    engine = Engine(m, max_batch=max_batch, max_seq_len=max_seq_len, kv_dtype=kv_dtype)
     if model_name is None:
         model_name = model if not os.path.exists(str(model)) else os.path.basename(os.path.normpath(str(model)))
     ctx = ServerContext(m, engine, loaded, model_id=model_name, api_key=api_key, max_body=max_body)

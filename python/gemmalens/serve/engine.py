@@ -75,7 +75,7 @@ class GenerationRequest:
 class Engine:
     """Runs generation requests with continuous batching, and other model calls between steps, on one thread."""
 
-    def __init__(self, model, max_batch=8, max_seq_len=None):
+    def __init__(self, model, max_batch=8, max_seq_len=None, kv_dtype=None):
         if model.tokenizer is None:
             raise ValueError("gemmalens serve needs a tokenizer (tokenizer.model beside the weights, or a GGUF with one)")
         self.model = model
@@ -88,7 +88,8 @@ class Engine:
                              f"max_position_embeddings), got {max_seq_len}")
         self.cap = 2 * self.max_seq_len
         self._vocab = len(model.tokenizer)
-        self.cache = model._core.new_cache(self.max_batch, self.cap)
+        self.kv_dtype = kv_dtype
+        self.cache = model._core.new_cache(self.max_batch, self.cap, kv_dtype)
         self._inbox = queue.Queue()
         self._waiting = collections.deque()
         self._running = []                      # Sequences, in row order of the batch
@@ -258,7 +259,7 @@ class Engine:
             self.stats["busy"] = "prefill"
             try:
                 hs = build_hookset(model._hook_table, model.config.num_hidden_layers, req.steering)
-                tmp = core.new_cache(1, len(s.prompt))
+                tmp = core.new_cache(1, len(s.prompt), self.kv_dtype)
                 logits = core.forward(np.asarray([s.prompt], np.int32), None, tmp, "last", hs)
             except (ValueError, TypeError) as e:
                 self._fail(req, str(e), 400)

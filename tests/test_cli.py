@@ -129,6 +129,17 @@ def test_cli_bad_sampling_values_are_named(cli_dir, capsys, flag, value, msg):
     assert f"gemmalens: error: {msg}" in capsys.readouterr().err
 
 
+def test_cli_kv_dtype_int8(cli_dir, capsys):
+    """--kv-dtype int8: the text of generate(kv_dtype="int8") in the CLI's mode, said by --verbose; other values are
+    refused by argparse."""
+    out, err = _run(capsys, "--model", cli_dir, "--max-new-tokens", "12", "--kv-dtype", "int8", "--verbose", "the cat")
+    assert "KV cache int8" in err
+    assert out == gl.load(cli_dir, dtype="bfloat16").generate("the cat", max_new_tokens=12, kv_dtype="int8") + "\n"
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", cli_dir, "--kv-dtype", "q4_0", "hi"])
+    assert "invalid choice: 'q4_0'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cli_dtype(cli_dir, capsys, dtype):
     """--dtype picks the compute mode (said by --verbose) and the text is the Python API's in that mode."""

@@ -249,7 +249,8 @@ def _generate(args):
         raise ValueError(f"'{args.model}' has no tokenizer (tokenizer.model beside the weights); the CLI needs one")
     if args.verbose:
         print(f"[gemmalens] {model.path}: dtype {model.dtype}, weights {model.weights}"
-              f"{' (--weights auto)' if args.weights == 'auto' else ''}, {model._core.threads} threads", file=sys.stderr)
+              f"{' (--weights auto)' if args.weights == 'auto' else ''}, {model._core.threads} threads, KV cache "
+              f"{args.kv_dtype or model.dtype}", file=sys.stderr)
     prompt = args.prompt
     if args.chat:
         if model.tokenizer.chat_template is None:

@@ -537,14 +537,17 @@ def test_attention_seconds():
     and global, f32 and bf16 caches; bad arguments refused."""
     for T, past, window, dtype in ((64, 0, 16, "bfloat16"), (1, 300, 0, "bfloat16"), (2, 300, 64, "float32"),
                                    (1, 10, 64, "bfloat16")):
-        t = ops.attention_seconds(T, past, 4, 1, 64, window, dtype, 2)
-        assert 0 < t < 1, (T, past, window, dtype, t)
+        for kv_int8 in (False, True):
+            t = ops.attention_seconds(T, past, 4, 1, 64, window, dtype, 2, kv_int8)
+            assert 0 < t < 1, (T, past, window, dtype, kv_int8, t)
     with pytest.raises(ValueError, match="H % KV"):
         ops.attention_seconds(1, 10, 3, 2, 64)
     with pytest.raises(ValueError, match="T, H, KV, Hd, reps >= 1"):
         ops.attention_seconds(0, 10, 4, 1, 64)
     with pytest.raises(ValueError, match="dtype"):
         ops.attention_seconds(1, 10, 4, 1, 64, 0, "float16")
+    with pytest.raises(ValueError, match="kv_int8 needs Hd % 32 == 0"):
+        ops.attention_seconds(1, 10, 4, 1, 48, 0, "bfloat16", 2, True)
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 100, 4097])

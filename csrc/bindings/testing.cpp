@@ -227,7 +227,8 @@ void bind_testing(py::module_& m) {
     return z;
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("bf16") = false,
      py::arg("past") = 0, py::arg("decode_kernel") = "auto", py::arg("kv_int8") = false);
-  t.def("attention_seconds", [](int T, int64_t past, int H, int KV, int Hd, int64_t window, const std::string& dtype, int reps) {
+  t.def("attention_seconds", [](int T, int64_t past, int H, int KV, int Hd, int64_t window, const std::string& dtype, int reps,
+                                bool kv_int8) {
     // Seconds of one attention call (median of reps, after a warm-up) as a layer of a model in `dtype` makes it:
     // T new positions after `past` cached ones (batch 1), a bf16 cache for a bf16 model, the cache a ring of
     // `window` slots on a sliding layer (window > 0) and past slots on a global one. Random q, k, v: the time does
@@ -235,19 +236,26 @@ void bind_testing(py::module_& m) {
     if (T < 1 || past < 0 || H < 1 || KV < 1 || H % KV != 0 || Hd < 1 || window < 0 || reps < 1)
       throw ValueError("attention_seconds: T, H, KV, Hd, reps >= 1, H % KV == 0, past, window >= 0");
     const DType d = parse_dtype(dtype);
+    if (kv_int8 && Hd % ops::kKVBlock != 0) throw ValueError("attention_seconds: kv_int8 needs Hd % 32 == 0");
     const int64_t cap = window > 0 ? std::min<int64_t>(window, std::max<int64_t>(past, 1)) : std::max<int64_t>(past, 1);
-    const size_t es = d == DType::F32 ? 4 : 2;
+    const size_t row = kv_int8 ? static_cast<size_t>(ops::kv_int8_row_bytes(Hd)) : static_cast<size_t>(Hd) * (d == DType::F32 ? 4 : 2);
     std::vector<float> q(static_cast<size_t>(T) * H * Hd), k(static_cast<size_t>(T) * KV * Hd), v(k.size()), z(q.size());
     // The cache on huge pages, as the model's KV cache is (ops/pages.h).
     std::vector<uint8_t> kc, vc;
-    ops::assign_huge(kc, static_cast<size_t>(KV) * cap * Hd * es, uint8_t{0});
+    ops::assign_huge(kc, static_cast<size_t>(KV) * cap * row, uint8_t{0});
     ops::assign_huge(vc, kc.size(), uint8_t{0});
     uint32_t s = 12345;  // values in [-1, 1): a fixed LCG
     auto next = [&s] { return static_cast<float>((s = s * 1664525u + 1013904223u) >> 8) / 8388608.f - 1.f; };
     for (auto* buf : {&q, &k, &v})
       for (auto& x : *buf) x = next();
     for (auto* buf : {&kc, &vc})
-      if (d == DType::F32)
+      if (kv_int8) {
+        std::vector<float> x(Hd);
+        for (size_t r = 0; r < buf->size() / row; ++r) {
+          for (auto& e : x) e = next();
+          ops::kv_int8_quantize(x.data(), Hd, reinterpret_cast<int8_t*>(buf->data() + r * row));
+        }
+      } else if (d == DType::F32)
         for (size_t i = 0; i < buf->size() / 4; ++i) reinterpret_cast<float*>(buf->data())[i] = next();
       else
         for (size_t i = 0; i < buf->size() / 2; ++i) reinterpret_cast<uint16_t*>(buf->data())[i] = f32_to_bf16(next());
@@ -256,6 +264,7 @@ void bind_testing(py::module_& m) {
     a.q = q.data(), a.k_new = k.data(), a.v_new = v.data(), a.z = z.data();
     if (past > 0) {
       a.cache.k = kc.data(), a.cache.v = vc.data(), a.cache.dtype = d, a.cache.KV = KV, a.cache.Hd = Hd, a.cache.cap = cap;
+      a.cache.int8 = kv_int8;
     }
     a.past = past, a.window = window, a.scale = 1.f / std::sqrt(static_cast<float>(Hd)), a.compute = d;
     py::gil_scoped_release r;
@@ -269,9 +278,9 @@ void bind_testing(py::module_& m) {
     std::sort(ts.begin(), ts.end());
     return ts[ts.size() / 2];
   }, py::arg("T"), py::arg("past"), py::arg("H"), py::arg("KV"), py::arg("Hd"), py::arg("window") = 0,
-     py::arg("dtype") = "bfloat16", py::arg("reps") = 5,
-     "Median seconds of one attention call: T new positions after `past` cached (bf16 cache for bfloat16), a sliding "
-     "layer when window > 0.");
+     py::arg("dtype") = "bfloat16", py::arg("reps") = 5, py::arg("kv_int8") = false,
+     "Median seconds of one attention call: T new positions after `past` cached (bf16 cache for bfloat16; kv_int8: an "
+     "int8 cache), a sliding layer when window > 0.");
 }
 
 }  // namespace gemmalens

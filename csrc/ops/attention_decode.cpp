@@ -81,9 +81,12 @@ GL_AVX512 inline void load32(const KVRow& r, int d, bool perm, __m512i ilo, __m5
 // sub-blocks of 8-16 rows). Software prefetch of a whole block ahead, 8 lines per row at once, did not help.
 constexpr int SB = 16, PD = 16;
 
-// Brings elements [d, d + n) of a row (bf16 or f32; none when both pointers are null) towards L1 (or to L2: H).
+// Brings elements [d, d + n) of a row (f32, bf16 or int8 with its scale; none when the row is absent) towards L1
+// (or to L2: H). Always inlined: out of line, GCC 12 finds a function of nothing but prefetches free of side effects
+// and deletes every call to it (with the int8 branch it stopped inlining this, and the decode kernels lost their
+// prefetches: a 256 MB bf16 cache read at 13 instead of 34-40 GB/s, `attention_seconds` on the Zen 4).
 template <_mm_hint H = _MM_HINT_T0>
-inline void prefetch_part(const KVRow& r, int d, int n) {
+__attribute__((always_inline)) inline void prefetch_part(const KVRow& r, int d, int n) {
   if (r.q) {  // the int8 cache: the part's values and its scale (at the row's end)
     for (int o = 0; o < n; o += 64) _mm_prefetch(reinterpret_cast<const char*>(r.q + d + o), H);
     _mm_prefetch(reinterpret_cast<const char*>(r.s + d / kKVBlock), H);
@@ -104,7 +107,7 @@ inline void prefetch_part(const KVRow& r, int d, int n) {
 // (Software prefetch of a whole block ahead at once, 8 lines per row into L1, did not help: see above.)
 constexpr int kFarKeys = 96;
 static_assert(kFarKeys > PD && kFarKeys <= 2 * NB, "the rows kFarKeys ahead lie in the next two blocks (block_rows)");
-inline void prefetch_far(const KVRow& r, int d, int n) { prefetch_part<_MM_HINT_T1>(r, d, n); }
+__attribute__((always_inline)) inline void prefetch_far(const KVRow& r, int d, int n) { prefetch_part<_MM_HINT_T1>(r, d, n); }
 
 // out lane L = the sum of v[L]'s 16 lanes, for 16 vectors at once: a tree of shuffles and adds (45 instructions)
 // where 16 horizontal reductions take ~130. Each level adds the two halves of a pair of vectors into one: 256-bit

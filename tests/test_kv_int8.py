@@ -139,3 +139,20 @@ def test_int8_cache_under_the_pattern_hooks(model):
         got = model.next_token_logits([[ids[19]]], cache=hooked)
     assert len(seen) == 2 * L and seen[-1][-1] == 20  # one query over all 20 positions
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_int8_cache_keeps_a_nan_visible(model):
+    """A key an intervention made NaN reads back as NaN from an int8 cache (its block's scale is NaN), as it does
+    from the exact cache: the next step's logits are NaN with either, not a silently finite answer."""
+    ids = _ids(8, seed=7)
+
+    def poison(a, hook):
+        a = a.copy()
+        a[:, 3] = np.nan
+        return a
+
+    for kv in (None, "int8"):
+        c = model.new_cache(batch=1, max_seq_len=16, kv_dtype=kv)
+        with model.hooks(fwd_hooks=[("blocks.5.attn.hook_k", poison)]):  # layer 5: global, sees position 3
+            model.next_token_logits([ids[:6]], cache=c)
+        assert np.isnan(model.next_token_logits([[ids[6]]], cache=c)).all(), kv

@@ -46,7 +46,7 @@ def _parser():
     g.add_argument("--threads", type=int, default=None, help="worker threads (default: every core this process may use)")
     g.add_argument("--kv-dtype", default=None, choices=["int8"],
                    help="int8: keep the KV cache in int8 blocks of 32 (llama.cpp's q8_0 cache type: 0.56x a bf16 "
-                        "cache's bytes; faster decode at long context, logits within its rounding); default: --dtype")
+                        "cache's memory, at about its speed; logits within its rounding); default: --dtype")
     g.add_argument("--verbose", action="store_true",
                    help="print the mode (dtype, weights, threads), load time and prefill/decode speed to stderr")
     _harvest_parser(sub)

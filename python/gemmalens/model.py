@@ -433,9 +433,9 @@ class Model:
         8192) unless given to gl.load).
 
         kv_dtype: None (the model's dtype) or "int8": keys and values in int8 blocks of 32 with an f32 scale each
-        (llama.cpp's q8_0 cache type): 0.56x a bf16 cache's bytes (0.28x float32's), so a long context decodes
-        faster where reading the cache bounds a step. Lossy: attention reads the quantised past (each step's own
-        key and value exactly), so logits move by about the quantisation's error (README, "Long context")."""
+        (llama.cpp's q8_0 cache type): 0.56x a bf16 cache's memory (0.28x float32's) for long contexts and large
+        batches, decoding at about the bf16 cache's speed. Lossy: attention reads the quantised past (each step's
+        own key and value exactly), so logits move by about the quantisation's error (README, "Long context")."""
         if max_seq_len is None:
             max_seq_len = self.max_seq_len
         if not isinstance(batch, (int, np.integer)) or batch < 1:

@@ -537,12 +537,27 @@ def test_engine_never_samples_ids_past_the_tokenizer(spm_dir, tmp_path):  # noqa
     assert all(i < len(tok) for ev in events if "token_ids" in ev for i in ev["token_ids"])
 
 
+def _engine_events(n):
+    """For n Engine requests: (each one's events, an Event set at its "done" or "error", emitter(k) -> its emit)."""
+    import threading
+
+    events = [[] for _ in range(n)]
+    done = [threading.Event() for _ in range(n)]
+
+    def emitter(k):
+        def emit(ev):
+            events[k].append(ev)
+            if ev["type"] in ("done", "error"):
+                done[k].set()
+        return emit
+
+    return events, done, emitter
+
+
 def test_engine_step_of_greedy_and_sampled_rows_equals_generate(env):
     """Greedy and sampled rows in the same decode steps (the sampled ones shared between the engine thread, which
     accepts each of its rows as soon as it is drawn, and the sampling pool): each request's streamed pieces add up to
     model.generate's text, a stop string and logprobs included, and every request ends with one "done"."""
-    import threading
-
     from gemmalens.serve.engine import Engine, GenerationRequest
 
     _, model, _ = env
@@ -557,16 +572,7 @@ def test_engine_step_of_greedy_and_sampled_rows_equals_generate(env):
          lambda j: dict(temperature=0.8, min_p=0.05, seed=4 + j)),
         ("once upon", 1, dict(temperature=0.0), None, [], None, lambda j: {}),
     ]
-    events = [[] for _ in specs]
-    done = [threading.Event() for _ in specs]
-
-    def emitter(k):
-        def emit(ev):
-            events[k].append(ev)
-            if ev["type"] in ("done", "error"):
-                done[k].set()
-        return emit
-
+    events, done, emitter = _engine_events(len(specs))
     eng = Engine(model, max_batch=8, max_seq_len=64)
     try:
         for k, (prompt, n, sampling, seed, stops, lp, _) in enumerate(specs):
@@ -609,23 +615,12 @@ def test_serve_load_bench_refuses_bad_options():
 def test_engine_with_an_int8_cache_equals_generate_with_one(env):
     """Engine(kv_dtype="int8") (gemmalens serve --kv-dtype int8): its batch cache and each prompt's prefill cache
     hold int8 rows, and greedy requests decoded together give model.generate(kv_dtype="int8")'s text."""
-    import threading
-
     from gemmalens.serve.engine import Engine, GenerationRequest
 
     _, model, _ = env
     tok = model.tokenizer
     prompts = ["hello world", "the cat sat on", "once upon a time there"]
-    events = [[] for _ in prompts]
-    done = [threading.Event() for _ in prompts]
-
-    def emitter(k):
-        def emit(ev):
-            events[k].append(ev)
-            if ev["type"] in ("done", "error"):
-                done[k].set()
-        return emit
-
+    events, done, emitter = _engine_events(len(prompts))
     eng = Engine(model, max_batch=4, max_seq_len=64, kv_dtype="int8")
     try:
         assert eng.cache.kv_dtype == "int8"

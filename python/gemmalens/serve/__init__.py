@@ -68,7 +68,8 @@ def run(host="127.0.0.1", port=8000, log_level="warning", **kw):
         print(f"gemmalens serve: note: '{ctx.model_id}' carries no chat template (a base model?); "
               "/v1/chat/completions writes Gemma's turn format anyway", file=sys.stderr)
     print(f"gemmalens serve: {ctx.model_id} ({m.dtype}, weights {m.weights}, max batch {ctx.engine.max_batch}, "
-          f"max_seq_len {ctx.engine.max_seq_len}{', API key required' if ctx.api_key else ''}"
+          f"max_seq_len {ctx.engine.max_seq_len}, KV cache {ctx.engine.cache.kv_dtype}"
+          f"{', API key required' if ctx.api_key else ''}"
           f"{', SAEs ' + ', '.join(ctx.saes) if ctx.saes else ''}) on http://{host}:{port}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5)

@@ -182,12 +182,11 @@ void bind_testing(py::module_& m) {
     const int64_t cap = window > 0 ? std::min(window, std::max<int64_t>(past, 1)) : std::max<int64_t>(past, 1);
     // The new positions' rows, and the cache [B, KV, cap, Hd] holding the last `cap` of the past ones.
     std::vector<float> kn(static_cast<size_t>(B) * T * KV * Hd), vn(kn.size());
-    std::vector<float> kf(bf16 ? 0 : static_cast<size_t>(B) * KV * cap * Hd), vf(kf.size());
-    std::vector<uint16_t> kh(bf16 ? static_cast<size_t>(B) * KV * cap * Hd : 0), vh(kh.size());
+    std::vector<float> kf(bf16 || kv_int8 ? 0 : static_cast<size_t>(B) * KV * cap * Hd), vf(kf.size());
+    std::vector<uint16_t> kh(bf16 && !kv_int8 ? static_cast<size_t>(B) * KV * cap * Hd : 0), vh(kh.size());
     if (kv_int8 && Hd % ops::kKVBlock != 0) throw ValueError("attention: kv_int8 needs Hd % 32 == 0");
     // int8 rows: float storage for alignment (the scales), kv_int8_row_bytes(Hd) bytes a row
     std::vector<float> k8(kv_int8 ? static_cast<size_t>(B) * KV * cap * ops::kv_int8_row_bytes(Hd) / 4 : 0), v8(k8.size());
-    if (kv_int8) kf.clear(), vf.clear(), kh.clear(), vh.clear();
     a.cache.KV = KV, a.cache.Hd = Hd, a.cache.cap = cap, a.cache.dtype = bf16 ? DType::BF16 : DType::F32;
     a.cache.int8 = kv_int8;
     for (int b = 0; b < B; ++b)

@@ -192,7 +192,7 @@ void KVCache::place_row(int row, const KVCache& src, int src_row) {
     throw ValueError("place_row: the source holds " + std::to_string(src.seq_len_) + " positions, more than this cache's seq_len = " +
                      std::to_string(seq_len_) + "; shift() this cache first to make room");
   const int64_t off = seq_len_ - src.seq_len_;  // source slot s -> slot s + off
-  const size_t es = int8_ ? 1 : row_bytes() / Hd_, bytes = row_bytes();  // offset() counts bytes (int8) or values
+  const size_t es = offset_unit(), bytes = row_bytes();
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& Ls = src.layers_[i];
     Layer& Ld = layers_[i];
@@ -219,7 +219,7 @@ void KVCache::shift(int64_t d) {
     if (valid_[r] && row_start_[r] < seq_len_ && row_start_[r] + d < 0)
       throw ValueError("KV cache shift(" + std::to_string(d) + "): row " + std::to_string(r) + " starts at slot " +
                        std::to_string(row_start_[r]) + "; its sequence cannot move before slot 0");
-  const size_t es = int8_ ? 1 : row_bytes() / Hd_, bytes = row_bytes();  // offset() counts bytes (int8) or values
+  const size_t es = offset_unit(), bytes = row_bytes();
   std::vector<uint8_t> tmp;
   for (size_t i = 0; i < layers_.size(); ++i) {
     Layer& L = layers_[i];

@@ -77,6 +77,8 @@ class KVCache {
              int64_t first_slot);
   // The rows argument of stage() / commit(), checked: in range and distinct.
   void check_rows(const int32_t* rows, int B) const;
+  // Bytes of one unit of ops::KVRing::offset(): a value (f32, bf16), or a byte of an int8 row.
+  size_t offset_unit() const { return int8_ ? 1 : (dtype_ == DType::F32 ? 4 : 2); }
   // Bytes of one slot's row (Hd values): f32, bf16, or int8 values and their scales.
   size_t row_bytes() const {
     return int8_ ? static_cast<size_t>(ops::kv_int8_row_bytes(Hd_)) : static_cast<size_t>(Hd_) * (dtype_ == DType::F32 ? 4 : 2);

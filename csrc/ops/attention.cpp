@@ -17,24 +17,6 @@ namespace gemmalens::ops {
 namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// q . k for a key row from the chunk / f32 cache (f), the bf16 cache (h) or the int8 cache (q, per block of 32).
-inline float dot_row(const float* q, const KVRow& k, int Hd) {
-  if (k.q) {
-    float acc = 0.f;
-    for (int g = 0; g < Hd; g += kKVBlock) acc += dot_i8(q + g, k.q + g, kKVBlock) * k.s[g / kKVBlock];
-    return acc;
-  }
-  return k.f ? dot_f32(q, k.f, Hd) : dot_bf16(q, k.h, Hd);
-}
-// z += w * v for a value row (absent rows contribute nothing).
-inline void axpy_row(float w, const KVRow& v, float* z, int Hd) {
-  if (v.f)
-    axpy_f32(w, v.f, z, Hd);
-  else if (v.h)
-    axpy_bf16(w, v.h, z, Hd);
-  else if (v.q)
-    for (int g = 0; g < Hd; g += kKVBlock) axpy_i8(w * v.s[g / kKVBlock], v.q + g, z + g, kKVBlock);
-}
 // A raw score -> the logit softmax sees: scaled, then soft-capped when the config asks.
 inline float score_logit(const AttentionArgs& a, float s) {
   s *= a.scale;
@@ -97,7 +79,7 @@ void attention_reference(const AttentionArgs& a) {
           const int64_t n = vis.hi - vis.lo + 1;
           float mx = kNegInf;
           for (int64_t j = vis.lo; j <= vis.hi; ++j) {
-            const float s = score_logit(a, dot_row(q, key_row(a, b, kvh, j), Hd));
+            const float s = score_logit(a, kv_dot(q, key_row(a, b, kvh, j), Hd));
             p[j - vis.lo] = s;
             mx = std::max(mx, s);
           }
@@ -109,7 +91,7 @@ void attention_reference(const AttentionArgs& a) {
             sum += pp[r];
           }
           const float inv = 1.f / sum;
-          for (int64_t j = vis.lo; j <= vis.hi; ++j) axpy_row(p[j - vis.lo] * inv, value_row(a, b, kvh, j), z, Hd);
+          for (int64_t j = vis.lo; j <= vis.hi; ++j) kv_axpy(p[j - vis.lo] * inv, value_row(a, b, kvh, j), z, Hd);
         }
   }
 }
@@ -123,16 +105,16 @@ void attention_scores(const AttentionArgs& a, float* scores) {
   std::vector<char> held(S);
   for (int b = 0; b < a.B; ++b)
     for (int kvh = 0; kvh < a.KV; ++kvh) {
-#pragma omp parallel for
-      for (int64_t j = 0; j < S; ++j) {
-        const KVRow k = key_row(a, b, kvh, j);
-        held[j] = k.held() ? 1 : 0;
-        float row[512];
-        const bool small = a.Hd <= 512;
-        std::vector<float> big(small ? 0 : a.Hd);
-        float* kr = small ? row : big.data();
-        kv_row_f32(k, a.Hd, kr);
-        for (int d = 0; d < a.Hd; ++d) Kt[d * S + j] = kr[d];
+#pragma omp parallel
+      {
+        std::vector<float> kr(a.Hd);  // a key row as f32
+#pragma omp for
+        for (int64_t j = 0; j < S; ++j) {
+          const KVRow k = key_row(a, b, kvh, j);
+          held[j] = k.held() ? 1 : 0;
+          kv_row_f32(k, a.Hd, kr.data());
+          for (int d = 0; d < a.Hd; ++d) Kt[d * S + j] = kr[d];
+        }
       }
 #pragma omp parallel for collapse(2) schedule(dynamic, 8)  // causal rows: later queries see more keys
       for (int g = 0; g < group; ++g)
@@ -185,7 +167,7 @@ void attention_apply(const AttentionArgs& a, const float* pattern, float* z) {
         float* zr = z + ((static_cast<int64_t>(b) * a.T + t) * a.H + h) * a.Hd;
         std::fill(zr, zr + a.Hd, 0.f);
         for (int64_t j = 0; j < S; ++j)
-          if (p[j] != 0.f) axpy_row(p[j], value_row(a, b, h / group, j), zr, a.Hd);
+          if (p[j] != 0.f) kv_axpy(p[j], value_row(a, b, h / group, j), zr, a.Hd);
       }
 }
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "ops/vmath.h"
 
 namespace gemmalens::ops {
 
@@ -120,6 +121,24 @@ inline void kv_row_f32(const KVRow& r, int Hd, float* out) {
   } else {
     std::fill(out, out + Hd, 0.f);
   }
+}
+// q . k for a key row of any storage (the int8 cache's a block of 32 at a time, times its scale).
+inline float kv_dot(const float* q, const KVRow& k, int Hd) {
+  if (k.q) {
+    float acc = 0.f;
+    for (int g = 0; g < Hd; g += kKVBlock) acc += dot_i8(q + g, k.q + g, kKVBlock) * k.s[g / kKVBlock];
+    return acc;
+  }
+  return k.f ? dot_f32(q, k.f, Hd) : dot_bf16(q, k.h, Hd);
+}
+// z += w * v for a value row of any storage (an absent row contributes nothing).
+inline void kv_axpy(float w, const KVRow& v, float* z, int Hd) {
+  if (v.f)
+    axpy_f32(w, v.f, z, Hd);
+  else if (v.h)
+    axpy_bf16(w, v.h, z, Hd);
+  else if (v.q)
+    for (int g = 0; g < Hd; g += kKVBlock) axpy_i8(w * v.s[g / kKVBlock], v.q + g, z + g, kKVBlock);
 }
 inline KVRow key_row(const AttentionArgs& a, int b, int kvh, int64_t j) { return kv_row(a, false, b, kvh, j); }
 inline KVRow value_row(const AttentionArgs& a, int b, int kvh, int64_t j) { return kv_row(a, true, b, kvh, j); }

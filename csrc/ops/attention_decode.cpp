@@ -330,15 +330,7 @@ void unpermute_row(float* y, int Hd, const Perm32& pm) {
 // outer, rows inner, so a key / value row is read from memory once and from L1 for the other rows.
 void scores_portable(const float* const* q, int rows, const KVRow* k, int nk, int Hd, float* S) {
   for (int c = 0; c < nk; ++c)
-    for (int r = 0; r < rows; ++r) {
-      if (k[c].q) {
-        float acc = 0.f;
-        for (int g = 0; g < Hd; g += kKVBlock) acc += dot_i8(q[r] + g, k[c].q + g, kKVBlock) * k[c].s[g / kKVBlock];
-        S[r * NB + c] = acc;
-      } else {
-        S[r * NB + c] = k[c].f ? dot_f32(q[r], k[c].f, Hd) : dot_bf16(q[r], k[c].h, Hd);
-      }
-    }
+    for (int r = 0; r < rows; ++r) S[r * NB + c] = kv_dot(q[r], k[c], Hd);
 }
 void pv_portable(const float* P, const float* corr, int rows, const KVRow* v, int nk, int Hd, float* Z) {
   for (int r = 0; r < rows; ++r)
@@ -346,13 +338,7 @@ void pv_portable(const float* P, const float* corr, int rows, const KVRow* v, in
   for (int j = 0; j < nk; ++j)
     for (int r = 0; r < rows; ++r) {
       const float p = P[r * NB + j];
-      if (p == 0.f) continue;
-      if (v[j].f)
-        axpy_f32(p, v[j].f, Z + r * Hd, Hd);
-      else if (v[j].q)
-        for (int g = 0; g < Hd; g += kKVBlock) axpy_i8(p * v[j].s[g / kKVBlock], v[j].q + g, Z + r * Hd + g, kKVBlock);
-      else
-        axpy_bf16(p, v[j].h, Z + r * Hd, Hd);
+      if (p != 0.f) kv_axpy(p, v[j], Z + r * Hd, Hd);
     }
 }
 

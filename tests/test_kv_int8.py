@@ -108,6 +108,11 @@ def test_kv_dtype_refusals(model):
     q8.shift(3)
     with pytest.raises(ValueError, match="another model, dtype or kv_dtype"):
         q8.place_row(0, exact)
+    # the standalone cache (for sizing) takes and refuses the same
+    sized = gl.KVCache(model.config, 1, 8, model.dtype, kv_dtype="int8")
+    assert sized.kv_dtype == "int8" and sized.nbytes == model.new_cache(batch=1, max_seq_len=8, kv_dtype="int8").nbytes
+    with pytest.raises(ValueError, match="kv_dtype must be None .* or 'int8', got 'fp8'"):
+        gl.KVCache(model.config, 1, 8, model.dtype, kv_dtype="fp8")
     # the model stays usable
     assert model.new_cache(batch=1, max_seq_len=8, kv_dtype="int8").kv_dtype == "int8"
 
